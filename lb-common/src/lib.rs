@@ -1,0 +1,204 @@
+//! Every type that crosses the kernel boundary, and nothing else.
+//!
+//! Rules (see ARCHITECTURE.md): `#[repr(C)]`, `Copy`, explicit `_pad` fields that are
+//! always zeroed, no `bool`/`Option`/enums, and a compile-time size assertion per type.
+//! Addresses and ports are stored in network byte order, exactly as they appear in the
+//! packet, so the datapath never swaps bytes.
+#![no_std]
+
+/// IP protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Map names (as the kernel and `bpftool map show` print them, at most 15 bytes).
+pub const MAP_FRONTENDS: &str = "LB_FRONTENDS";
+pub const MAP_SLOTS: &str = "LB_SLOTS";
+pub const MAP_BACKENDS: &str = "LB_BACKENDS";
+pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
+pub const MAP_COUNTERS: &str = "LB_COUNTERS";
+
+/// Program names.
+pub const PROG_TC_POD: &str = "lb_tc_pod";
+
+/// Default map sizes (overridable at load time).
+pub const DEFAULT_MAX_FRONTENDS: u32 = 65_536;
+pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
+/// One slot per (frontend, ready backend) pair.
+pub const DEFAULT_MAX_SLOTS: u32 = 262_144;
+pub const DEFAULT_MAX_CONNTRACK: u32 = 524_288;
+
+/// A Service frontend: ClusterIP (or later NodePort/LB IP) + port + protocol.
+/// Key of `LB_FRONTENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// L4 port, network byte order.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `LB_FRONTENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// Identifies this frontend's backend slots in `LB_SLOTS` and its conntrack entries.
+    pub service_id: u32,
+    /// Number of ready backends: slots `1..=count` of `LB_SLOTS` are valid.
+    /// 0 means "no ready backend": the datapath refuses the connection.
+    pub count: u32,
+    /// `FRONTEND_F_*` bits; reserved for affinity, NodePort, Maglev.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of `LB_SLOTS`: the `slot`-th ready backend of a frontend (1-based).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// Value of `LB_SLOTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub backend_id: u32,
+}
+
+/// Value of `LB_BACKENDS` (key: backend id, `u32`). A backend stays in this map as long
+/// as any Service lists it, ready or not, so established connections to a backend that
+/// turned not-ready keep working; only `LB_SLOTS` decides who gets new connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// L4 port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// `BACKEND_F_*` bits; reserved.
+    pub flags: u8,
+}
+
+/// Conntrack direction, part of the key.
+/// A forward entry is keyed by the client's packet as sent (client -> frontend).
+pub const CT_DIR_FORWARD: u8 = 0;
+/// A reply entry is keyed by the backend's reply as sent (backend -> client).
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Key of `LB_CONNTRACK` (an LRU hash).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// `CT_DIR_FORWARD` or `CT_DIR_REPLY`.
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// Conntrack states (TCP flags seen so far are kept in `tcp_flags`).
+pub const CT_STATE_NEW: u8 = 0;
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+pub const CT_STATE_CLOSING: u8 = 2;
+
+/// Value of `LB_CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` of the last packet that refreshed the entry (refreshed at most
+    /// once a second per entry to keep cache lines quiet).
+    pub last_seen_ns: u64,
+    /// Forward entry: the backend's address; reply entry: the frontend's address.
+    pub nat_addr: u32,
+    /// Forward entry: the backend's port; reply entry: the frontend's port.
+    pub nat_port: u16,
+    /// `CT_STATE_*`.
+    pub state: u8,
+    /// Union of the TCP flags seen in this direction.
+    pub tcp_flags: u8,
+    /// Backend chosen for this flow (forward entry), checked on every packet so a deleted
+    /// backend makes the flow pick a new one.
+    pub backend_id: u32,
+    /// Frontend's `service_id` when the entry was made.
+    pub service_id: u32,
+}
+
+/// Indexes of the per-CPU `LB_COUNTERS` array.
+pub mod counter {
+    /// A new flow to a frontend got a backend and was translated.
+    pub const NEW_FLOW: u32 = 0;
+    /// A packet of a known flow was translated to its backend.
+    pub const TRANSLATED: u32 = 1;
+    /// A reply was reverse-translated to the frontend's address.
+    pub const REVERSE_TRANSLATED: u32 = 2;
+    /// A packet not for the dataplane passed untouched.
+    pub const PASSED: u32 = 3;
+    /// A connection to a frontend without a ready backend was refused (TCP RST / ICMP).
+    pub const REFUSED_NO_BACKEND: u32 = 4;
+    /// A packet whose IPv4 or L4 header is malformed or truncated was passed untouched:
+    /// its port cannot be read, so it matches no frontend and is never rewritten.
+    pub const PASSED_MALFORMED: u32 = 5;
+    /// A non-first IP fragment was passed untouched (it carries no L4 header).
+    pub const PASSED_FRAGMENT: u32 = 6;
+    /// The first fragment of a fragmented datagram to a frontend was dropped
+    /// (no fragment tracking yet).
+    pub const DROP_FRAGMENT: u32 = 7;
+    /// A packet to a frontend without a ready backend that we do not answer (a TCP RST,
+    /// or a packet with IP options that we do not echo in an ICMP error).
+    pub const DROP_NO_BACKEND: u32 = 8;
+    /// A conntrack entry could not be created.
+    pub const DROP_CT_FULL: u32 = 9;
+    /// A packet could not be rewritten (a helper failed).
+    pub const DROP_REWRITE_FAILED: u32 = 10;
+    /// A known flow's backend was deleted; a new backend was picked.
+    pub const BACKEND_RESELECTED: u32 = 11;
+    /// Number of counters (size of `LB_COUNTERS`).
+    pub const COUNT: u32 = 12;
+
+    /// Names for the CLI and metrics, in index order.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "new_flow",
+        "translated",
+        "reverse_translated",
+        "passed",
+        "refused_no_backend",
+        "passed_malformed",
+        "passed_fragment",
+        "drop_fragment",
+        "drop_no_backend",
+        "drop_ct_full",
+        "drop_rewrite_failed",
+        "backend_reselected",
+    ];
+}
+
+const _: () = assert!(core::mem::size_of::<FrontendKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Frontend>() == 16);
+const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Slot>() == 4);
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all these are #[repr(C)], Copy, have no implicit padding (sizes asserted
+    // above) and every bit pattern is valid.
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Slot {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+}

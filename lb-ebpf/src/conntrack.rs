@@ -1,0 +1,166 @@
+//! Connection tracking. Each translated flow has two entries in the LRU map:
+//! - forward, keyed by the client's packet (client -> frontend): which backend;
+//! - reply, keyed by the backend's reply (backend -> client): which frontend to restore.
+use lb_common::{
+    CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_NEW,
+};
+
+use crate::{
+    maps::LB_CONNTRACK,
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// Entries are refreshed at most this often, so established flows do not write a shared
+/// cache line on every packet.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
+}
+
+/// Key of the forward entry for a client's packet.
+#[inline(always)]
+pub fn forward_key(pkt: &Packet) -> CtKey {
+    CtKey {
+        src_addr: pkt.src,
+        dst_addr: pkt.dst,
+        src_port: pkt.sport,
+        dst_port: pkt.dport,
+        proto: pkt.proto,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
+    }
+}
+
+/// Key of the reply entry for a packet as it arrives (backend -> client).
+#[inline(always)]
+pub fn reply_key(pkt: &Packet) -> CtKey {
+    CtKey {
+        src_addr: pkt.src,
+        dst_addr: pkt.dst,
+        src_port: pkt.sport,
+        dst_port: pkt.dport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
+    LB_CONNTRACK.get_ptr_mut(key)
+}
+
+/// A pure SYN (no ACK) opens a new connection: if it meets a closing entry (the client
+/// reuses a port), the flow starts over with a fresh backend choice.
+#[inline(always)]
+pub fn is_new_connection_attempt(pkt: &Packet, entry: &CtValue) -> bool {
+    pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && entry.state == CT_STATE_CLOSING
+}
+
+/// Records TCP flags and refreshes `last_seen` at most once per `REFRESH_NS`.
+/// Returns true when the entry was refreshed (the caller then also checks the reply entry).
+#[inline(always)]
+pub fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) -> bool {
+    // SAFETY: pointer from a successful map lookup; racing writers only ever store whole
+    // scalars, which the datapath tolerates.
+    let e = unsafe { &mut *entry };
+    let flags = e.tcp_flags | pkt.tcp_flags;
+    let state = next_state(e.state, pkt.tcp_flags);
+    let refresh = now.wrapping_sub(e.last_seen_ns) > REFRESH_NS;
+    if flags != e.tcp_flags || state != e.state {
+        e.tcp_flags = flags;
+        e.state = state;
+    }
+    if refresh {
+        e.last_seen_ns = now;
+    }
+    refresh
+}
+
+#[inline(always)]
+fn next_state(state: u8, tcp_flags: u8) -> u8 {
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        CT_STATE_CLOSING
+    } else if state == CT_STATE_NEW && tcp_flags & TCP_ACK != 0 {
+        CT_STATE_ESTABLISHED
+    } else {
+        state
+    }
+}
+
+/// Creates the forward and reply entries of a new flow. The reply entry is written first,
+/// so that a forward entry never exists without its reply.
+#[inline(always)]
+pub fn create(
+    pkt: &Packet,
+    backend_id: u32,
+    service_id: u32,
+    backend_addr: u32,
+    backend_port: u16,
+    now: u64,
+) -> Result<(), ()> {
+    let reply = CtKey {
+        src_addr: backend_addr,
+        dst_addr: pkt.src,
+        src_port: backend_port,
+        dst_port: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let reply_value = CtValue {
+        last_seen_ns: now,
+        nat_addr: pkt.dst,
+        nat_port: pkt.dport,
+        state: CT_STATE_NEW,
+        tcp_flags: 0,
+        backend_id,
+        service_id,
+    };
+    LB_CONNTRACK.insert(&reply, &reply_value, 0).map_err(|_| ())?;
+    let forward_value = CtValue {
+        last_seen_ns: now,
+        nat_addr: backend_addr,
+        nat_port: backend_port,
+        state: next_state(CT_STATE_NEW, pkt.tcp_flags),
+        tcp_flags: pkt.tcp_flags,
+        backend_id,
+        service_id,
+    };
+    LB_CONNTRACK
+        .insert(&forward_key(pkt), &forward_value, 0)
+        .map_err(|_| ())
+}
+
+/// Re-creates the reply entry of a live forward entry if the LRU evicted it.
+#[inline(always)]
+pub fn ensure_reply(pkt: &Packet, fwd: &CtValue, now: u64) {
+    let reply = CtKey {
+        src_addr: fwd.nat_addr,
+        dst_addr: pkt.src,
+        src_port: fwd.nat_port,
+        dst_port: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    if let Some(entry) = LB_CONNTRACK.get_ptr_mut(&reply) {
+        // SAFETY: pointer from a successful lookup.
+        unsafe { (*entry).last_seen_ns = now };
+        return;
+    }
+    let value = CtValue {
+        last_seen_ns: now,
+        nat_addr: pkt.dst,
+        nat_port: pkt.dport,
+        state: fwd.state,
+        tcp_flags: 0,
+        backend_id: fwd.backend_id,
+        service_id: fwd.service_id,
+    };
+    let _ = LB_CONNTRACK.insert(&reply, &value, 0);
+}

@@ -1,0 +1,31 @@
+//! Program entry points only. Each calls into `lb::process_*`, which reads top to bottom
+//! as the algorithm; the steps live in their own files:
+//! `parse` (headers) -> `service` (frontend lookup + backend selection) -> `conntrack`
+//! -> `nat` (rewrite + checksums), and `refuse` (RST / ICMP for a Service without backends).
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod counters;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod refuse;
+mod service;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// tc ingress of the host side of a pod's veth (and any node interface a pod's traffic
+/// enters by): translates packets to Service frontends and reverse-translates replies.
+#[classifier]
+pub fn lb_tc_pod(ctx: TcContext) -> i32 {
+    lb::process_tc(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: eBPF programs cannot panic; the verifier rejects any path that could get here.
+    unsafe { core::hint::unreachable_unchecked() }
+}

@@ -1,0 +1,37 @@
+//! The maps. Sizes here are only defaults: userspace sets the real ones at load time
+//! (`--max-frontends`, ...), and pins every map under the project's bpffs folder.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, Slot, SlotKey,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
+};
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+/// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
+#[btf_map]
+pub static LB_FRONTENDS: HashMap<FrontendKey, Frontend, { DEFAULT_MAX_FRONTENDS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// (service id, slot 1..=count) -> backend id: the ready backends of each frontend.
+#[btf_map]
+pub static LB_SLOTS: HashMap<SlotKey, Slot, { DEFAULT_MAX_SLOTS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// Backend id -> backend address and port (ready or not).
+#[btf_map]
+pub static LB_BACKENDS: HashMap<u32, Backend, { DEFAULT_MAX_BACKENDS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// Connection tracking: a forward and a reply entry per translated flow.
+#[btf_map]
+pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU decision counters, indexed by `lb_common::counter::*`.
+#[btf_map]
+pub static LB_COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();

@@ -1,0 +1,183 @@
+//! Header parsing. Every header access goes through `ptr_at`, which bounds-checks
+//! against `data_end`; nothing here writes to the packet.
+//!
+//! Rules for bad input (documented in ARCHITECTURE.md):
+//! - not IPv4: passed, not counted as malformed (ARP, IPv6, ...);
+//! - IPv4 header truncated, IHL < 5, version != 4, total length shorter than the header:
+//!   passed untouched, counted `passed_malformed` (the kernel's IP stack validates it);
+//! - L4 header truncated (shorter than 20 bytes of TCP, TCP data offset < 5, or 8 bytes
+//!   of UDP): passed untouched, counted `passed_malformed`: its port cannot be read, so it
+//!   can match no frontend and is never rewritten;
+//! - a non-first fragment: passed, counted `passed_fragment` (no L4 header to match);
+//!   a first fragment that matches a frontend is dropped, counted `drop_fragment`.
+use core::mem::size_of;
+
+use lb_common::{PROTO_TCP, PROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPV4_MIN_HLEN: usize = 20;
+pub const TCP_MIN_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+
+/// Offsets of fields inside the IPv4 header.
+pub const IP_CSUM_OFF: usize = 10;
+pub const IP_SRC_OFF: usize = 12;
+pub const IP_DST_OFF: usize = 16;
+/// Offsets inside the TCP / UDP headers.
+pub const L4_SPORT_OFF: usize = 0;
+pub const L4_DPORT_OFF: usize = 2;
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// What the datapath needs to know about a packet. Addresses and ports are in network
+/// byte order, as in the packet.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    /// Offset of the L4 header (14 + IHL * 4: IP options are skipped, not rejected).
+    pub l4_off: usize,
+    /// Offset of the IPv4 header.
+    pub l3_off: usize,
+    pub ihl_bytes: usize,
+    /// IPv4 total length.
+    pub tot_len: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// Offset of the TCP/UDP checksum field, relative to `l4_off`.
+    pub csum_off: usize,
+    /// This is the first fragment of a fragmented datagram.
+    pub first_fragment: bool,
+}
+
+pub enum Parsed {
+    /// Not IPv4, or IPv4 but neither TCP nor UDP: nothing for us.
+    Other,
+    /// A broken IPv4 or L4 header: passed untouched, counted.
+    Malformed,
+    /// A fragment after the first: no L4 header.
+    LaterFragment,
+    Packet(Packet),
+}
+
+/// The parts of a program context that parsing needs: tc and XDP both provide them.
+pub trait PacketData {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+}
+
+impl PacketData for aya_ebpf::programs::TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        aya_ebpf::programs::TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        aya_ebpf::programs::TcContext::data_end(self)
+    }
+}
+
+/// A bounds-checked pointer to a `T` at `offset` bytes into the packet.
+#[inline(always)]
+pub fn ptr_at<T, C: PacketData>(ctx: &C, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy, C: PacketData>(ctx: &C, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at checked that the whole T lies inside the packet; packet data has no
+    // alignment guarantee, hence read_unaligned.
+    ptr_at::<T, C>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+}
+
+#[inline(always)]
+pub fn parse_ipv4<C: PacketData>(ctx: &C) -> Parsed {
+    let Some(ethertype) = read::<u16, C>(ctx, 12) else {
+        return Parsed::Other;
+    };
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return Parsed::Other;
+    }
+    let l3_off = ETH_HLEN;
+    let Some(ver_ihl) = read::<u8, C>(ctx, l3_off) else {
+        return Parsed::Malformed;
+    };
+    if ver_ihl >> 4 != 4 {
+        return Parsed::Malformed;
+    }
+    let ihl_bytes = ((ver_ihl & 0x0f) as usize) * 4;
+    if ihl_bytes < IPV4_MIN_HLEN {
+        return Parsed::Malformed;
+    }
+    // The fixed part of the header must be there.
+    let Some(hdr) = read::<[u32; 5], C>(ctx, l3_off) else {
+        return Parsed::Malformed;
+    };
+    // hdr words are in memory order: read the bytes explicitly to stay endian-independent.
+    let b = |i: usize| -> u8 { (hdr[i / 4].to_ne_bytes())[i % 4] };
+    let tot_len = u16::from_be_bytes([b(2), b(3)]);
+    if (tot_len as usize) < ihl_bytes {
+        return Parsed::Malformed;
+    }
+    let frag = u16::from_be_bytes([b(6), b(7)]);
+    let more_fragments = frag & 0x2000 != 0;
+    let frag_offset = frag & 0x1fff;
+    let proto = b(9);
+    let src = hdr[3];
+    let dst = hdr[4];
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Parsed::Other;
+    }
+    if frag_offset != 0 {
+        return Parsed::LaterFragment;
+    }
+    let l4_off = l3_off + ihl_bytes;
+    // The options (if any) must be inside the packet too.
+    if ptr_at::<u8, C>(ctx, l4_off - 1).is_none() {
+        return Parsed::Malformed;
+    }
+    let Some(ports) = read::<[u16; 2], C>(ctx, l4_off) else {
+        return Parsed::Malformed;
+    };
+    let (tcp_flags, csum_off) = if proto == PROTO_TCP {
+        let Some(tcp) = read::<[u8; TCP_MIN_HLEN], C>(ctx, l4_off) else {
+            return Parsed::Malformed;
+        };
+        if (tcp[12] >> 4) < 5 {
+            return Parsed::Malformed;
+        }
+        (tcp[13], TCP_CSUM_OFF)
+    } else {
+        if read::<[u8; UDP_HLEN], C>(ctx, l4_off).is_none() {
+            return Parsed::Malformed;
+        }
+        (0, UDP_CSUM_OFF)
+    };
+    Parsed::Packet(Packet {
+        l3_off,
+        l4_off,
+        ihl_bytes,
+        tot_len,
+        proto,
+        tcp_flags,
+        src,
+        dst,
+        sport: ports[0],
+        dport: ports[1],
+        csum_off,
+        first_fragment: more_fragments,
+    })
+}

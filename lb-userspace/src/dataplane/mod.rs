@@ -1,0 +1,170 @@
+//! The dataplane writer: keeps the kernel maps equal to the desired state by applying
+//! the diff computed in `plan`, never a flush. A mirror of what was written avoids
+//! re-reading the maps on every sync; it is seeded from the maps at start, so an agent
+//! restarted on pinned maps continues where the last one stopped.
+pub mod plan;
+
+use std::path::Path;
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, Slot, SlotKey, MAP_BACKENDS,
+    MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_SLOTS,
+};
+pub use plan::{MapState, Op};
+
+use crate::{model::DesiredState, Error, Result};
+
+/// Handles on the five maps.
+pub struct Maps {
+    pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub slots: HashMap<MapData, SlotKey, Slot>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+fn map_err(name: &str, e: impl std::fmt::Display) -> Error {
+    Error::Map(format!("{name}: {e}"))
+}
+
+impl Maps {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| map_err(name, "not in the eBPF object"))
+        };
+        let (f, s, b, c, n) = (
+            take(MAP_FRONTENDS)?,
+            take(MAP_SLOTS)?,
+            take(MAP_BACKENDS)?,
+            take(MAP_CONNTRACK)?,
+            take(MAP_COUNTERS)?,
+        );
+        Self::from_maps(f, s, b, c, n)
+    }
+
+    /// Opens the maps a running (or stopped, pins kept) agent pinned under `dir`.
+    pub fn from_pins(dir: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| {
+                map_err(
+                    name,
+                    format!("cannot open {}: {e} (is the agent running with --pin-dir {}?)", path.display(), dir.display()),
+                )
+            })?;
+            Map::from_map_data(data).map_err(|e| map_err(name, e))
+        };
+        Self::from_maps(
+            open(MAP_FRONTENDS)?,
+            open(MAP_SLOTS)?,
+            open(MAP_BACKENDS)?,
+            open(MAP_CONNTRACK)?,
+            open(MAP_COUNTERS)?,
+        )
+    }
+
+    fn from_maps(f: Map, s: Map, b: Map, c: Map, n: Map) -> Result<Self> {
+        Ok(Self {
+            frontends: HashMap::try_from(f).map_err(|e| map_err(MAP_FRONTENDS, e))?,
+            slots: HashMap::try_from(s).map_err(|e| map_err(MAP_SLOTS, e))?,
+            backends: HashMap::try_from(b).map_err(|e| map_err(MAP_BACKENDS, e))?,
+            conntrack: HashMap::try_from(c).map_err(|e| map_err(MAP_CONNTRACK, e))?,
+            counters: PerCpuArray::try_from(n).map_err(|e| map_err(MAP_COUNTERS, e))?,
+        })
+    }
+
+    /// Reads the service maps (not conntrack) into a mirror.
+    pub fn read_state(&self) -> Result<MapState> {
+        let mut st = MapState::default();
+        for kv in self.frontends.iter() {
+            let (k, v) = kv.map_err(|e| map_err(MAP_FRONTENDS, e))?;
+            st.frontends.insert(k, v);
+        }
+        for kv in self.slots.iter() {
+            let (k, v) = kv.map_err(|e| map_err(MAP_SLOTS, e))?;
+            st.slots.insert(k, v.backend_id);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv.map_err(|e| map_err(MAP_BACKENDS, e))?;
+            st.backends.insert(k, v);
+        }
+        Ok(st)
+    }
+
+    fn apply_one(&mut self, op: &Op) -> std::result::Result<(), String> {
+        let r = match op {
+            Op::PutBackend(id, b) => self.backends.insert(id, b, 0),
+            Op::PutSlot(k, id) => self.slots.insert(k, Slot { backend_id: *id }, 0),
+            Op::PutFrontend(k, f) => self.frontends.insert(k, f, 0),
+            Op::DelSlot(k) => self.slots.remove(k),
+            Op::DelFrontend(k) => self.frontends.remove(k),
+            Op::DelBackend(id) => self.backends.remove(id),
+        };
+        r.map_err(|e| format!("{op:?}: {e}"))
+    }
+
+    /// Sums of the per-CPU counters, in `counter::NAMES` order.
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut out = Vec::new();
+        for (i, name) in counter::NAMES.iter().enumerate() {
+            let values = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(|e| map_err(MAP_COUNTERS, e))?;
+            out.push((*name, values.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// All conntrack entries (for the CLI).
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        self.conntrack
+            .iter()
+            .map(|kv| kv.map_err(|e| map_err(MAP_CONNTRACK, e)))
+            .collect()
+    }
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub ops: usize,
+    pub errors: Vec<String>,
+}
+
+/// Maps plus the mirror of their content.
+pub struct Dataplane {
+    pub maps: Maps,
+    mirror: MapState,
+}
+
+impl Dataplane {
+    pub fn new(maps: Maps) -> Result<Self> {
+        let mirror = maps.read_state()?;
+        Ok(Self { maps, mirror })
+    }
+
+    pub fn state(&self) -> &MapState {
+        &self.mirror
+    }
+
+    /// Applies the diff between the maps and `desired`. A failed op is reported and
+    /// skipped (the mirror keeps what the kernel really has), and the next sync retries it.
+    pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
+        let ops = plan::plan(&self.mirror, desired);
+        let mut report = SyncReport {
+            ops: ops.len(),
+            errors: Vec::new(),
+        };
+        for op in &ops {
+            match self.maps.apply_one(op) {
+                Ok(()) => self.mirror.apply(op),
+                Err(e) => report.errors.push(e),
+            }
+        }
+        report
+    }
+}

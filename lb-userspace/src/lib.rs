@@ -1,0 +1,31 @@
+//! lb: a Kubernetes Service load balancer whose dataplane runs in eBPF.
+//!
+//! Data flows one way: a source (`config` file, or the Kubernetes watch) fills the
+//! `model`, which yields the desired map entries; `dataplane` diffs them against the maps
+//! and applies the difference; `loader` loads, pins and attaches the programs; `show`
+//! prints what is in the maps.
+pub mod config;
+pub mod dataplane;
+pub mod demo;
+pub mod loader;
+pub mod model;
+pub mod netns;
+pub mod run;
+pub mod sandbox;
+pub mod show;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("map: {0}")]
+    Map(String),
+    #[error("load: {0}")]
+    Load(String),
+    #[error("attach: {0}")]
+    Attach(String),
+    #[error("sandbox: {0}")]
+    Sandbox(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,322 @@
+//! Loading, pinning and attaching. Everything lives under one bpffs folder (default
+//! `/sys/fs/bpf/lb`):
+//!
+//! ```text
+//! /sys/fs/bpf/lb/LB_FRONTENDS  LB_SLOTS  LB_BACKENDS  LB_CONNTRACK  LB_COUNTERS   maps
+//! /sys/fs/bpf/lb/lb_tc_pod                                                       program
+//! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                                        tcx links
+//! ```
+//!
+//! Maps are re-used when pinned, so a restarted agent keeps services and conntrack.
+//! Links are pinned as soon as they are made, so the datapath keeps running if the agent
+//! dies; a restarted agent swaps its freshly loaded program into the pinned links
+//! atomically (`bpf_link_update`), so no packet meets an interface without a program.
+use std::{
+    collections::BTreeMap,
+    ffi::CStr,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
+    MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_SLOTS, PROG_TC_POD,
+};
+use tracing::{info, warn};
+
+use crate::{dataplane::Maps, Error, Result};
+
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded so one binary deploys.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub pin_dir: PathBuf,
+    pub max_frontends: u32,
+    pub max_backends: u32,
+    pub max_slots: u32,
+    pub max_conntrack: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            pin_dir: DEFAULT_PIN_DIR.into(),
+            max_frontends: DEFAULT_MAX_FRONTENDS,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            max_slots: DEFAULT_MAX_SLOTS,
+            max_conntrack: DEFAULT_MAX_CONNTRACK,
+        }
+    }
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` if `dir` is under it and nothing is mounted there yet.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(root) || is_bpffs(root) {
+        return Ok(());
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(Error::Load(format!(
+            "mounting bpffs on /sys/fs/bpf failed: {} (mount it yourself: mount -t bpf bpf /sys/fs/bpf)",
+            std::io::Error::last_os_error()
+        )));
+    }
+    info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}
+
+fn is_bpffs(p: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Interfaces of the current network namespace: (name, ifindex).
+pub fn interfaces() -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zeroed entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
+            out.push((name, (*p).if_index));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// The loaded programs and their attachments.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    /// Attached interfaces: name -> ifindex.
+    attached: BTreeMap<String, u32>,
+}
+
+impl Datapath {
+    /// Loads the object, re-using pinned maps (or creating and pinning them), and pins the
+    /// program. Returns the datapath and its maps.
+    pub fn load(opts: &LoadOptions) -> Result<(Self, Maps)> {
+        ensure_bpffs(&opts.pin_dir)?;
+        fs::create_dir_all(opts.pin_dir.join("links")).map_err(|e| {
+            Error::Load(format!("cannot create pin folder {}: {e}", opts.pin_dir.display()))
+        })?;
+        let pins: Vec<(&str, PathBuf)> = [MAP_FRONTENDS, MAP_SLOTS, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS]
+            .into_iter()
+            .map(|m| (m, opts.pin_dir.join(m)))
+            .collect();
+        let reused = pins.iter().filter(|(_, p)| p.exists()).count();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .map_max_entries(MAP_FRONTENDS, opts.max_frontends)
+            .map_max_entries(MAP_SLOTS, opts.max_slots)
+            .map_max_entries(MAP_BACKENDS, opts.max_backends)
+            .map_max_entries(MAP_CONNTRACK, opts.max_conntrack);
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|e| Error::Load(format!("loading the eBPF object failed: {e}")))?;
+        if reused > 0 {
+            info!(pin_dir = %opts.pin_dir.display(), reused, "re-using pinned maps");
+        }
+        let maps = Maps::take(&mut ebpf)?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC_POD)
+            .ok_or_else(|| Error::Load(format!("program {PROG_TC_POD} not in the object")))?
+            .try_into()
+            .map_err(|e| Error::Load(format!("{PROG_TC_POD}: {e}")))?;
+        prog.load()
+            .map_err(|e| Error::Load(format!("the verifier rejected {PROG_TC_POD}: {e:#}")))?;
+        let prog_pin = opts.pin_dir.join(PROG_TC_POD);
+        let _ = fs::remove_file(&prog_pin);
+        prog.pin(&prog_pin)
+            .map_err(|e| Error::Load(format!("pinning {}: {e}", prog_pin.display())))?;
+        Ok((
+            Self {
+                ebpf,
+                pin_dir: opts.pin_dir.clone(),
+                attached: BTreeMap::new(),
+            },
+            maps,
+        ))
+    }
+
+    fn program(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(PROG_TC_POD)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load")
+    }
+
+    fn link_pin(&self, ifname: &str, ifindex: u32) -> PathBuf {
+        self.pin_dir.join("links").join(format!("{ifname}@{ifindex}"))
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
+    }
+
+    /// Attaches the tc program on `ifname`'s ingress. If a pinned link from an earlier
+    /// agent exists for this very interface, the new program replaces the old one in it
+    /// atomically; otherwise a new tcx link is made and pinned.
+    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        let pin = self.link_pin(ifname, ifindex);
+        let replaced = if pin.exists() {
+            match Self::open_pinned(&pin) {
+                Ok(link) => {
+                    let id = self.program().attach_to_link(link).map_err(|e| {
+                        Error::Attach(format!("{ifname}: replacing the program in {}: {e}", pin.display()))
+                    })?;
+                    // The pin keeps the link; our fd may go.
+                    let _ = self.program().take_link(id);
+                    true
+                }
+                Err(e) => {
+                    warn!(%ifname, "stale link pin {}: {e}; attaching anew", pin.display());
+                    let _ = fs::remove_file(&pin);
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        if !replaced {
+            let id = self
+                .program()
+                .attach(ifname, TcAttachType::Ingress)
+                .map_err(|e| Error::Attach(format!("tc ingress on {ifname}: {e}")))?;
+            let link = self
+                .program()
+                .take_link(id)
+                .map_err(|e| Error::Attach(format!("{ifname}: {e}")))?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e| Error::Attach(format!("{ifname}: not a tcx link: {e}")))?;
+            fd.pin(&pin)
+                .map_err(|e| Error::Attach(format!("{ifname}: pinning link {}: {e}", pin.display())))?;
+        }
+        info!(%ifname, ifindex, replaced, "attached tc program");
+        self.attached.insert(ifname.to_string(), ifindex);
+        Ok(())
+    }
+
+    fn open_pinned(pin: &Path) -> Result<SchedClassifierLink> {
+        let pinned = PinnedLink::from_pin(pin).map_err(|e| Error::Attach(e.to_string()))?;
+        let fd: FdLink = pinned.into();
+        SchedClassifierLink::try_from(fd).map_err(|e| Error::Attach(e.to_string()))
+    }
+
+    /// Attaches to every interface matching `patterns` that is not attached yet, and
+    /// forgets interfaces that disappeared (the kernel drops their links with them).
+    /// Returns the names of newly attached interfaces; failures are logged and retried
+    /// on the next call.
+    pub fn sync_interfaces(&mut self, patterns: &[glob::Pattern]) -> Vec<String> {
+        let present: BTreeMap<String, u32> = interfaces()
+            .into_iter()
+            .filter(|(name, _)| patterns.iter().any(|p| p.matches(name)))
+            .collect();
+        let gone: Vec<(String, u32)> = self
+            .attached
+            .iter()
+            .filter(|(n, i)| present.get(*n) != Some(i))
+            .map(|(n, i)| (n.clone(), *i))
+            .collect();
+        for (name, index) in gone {
+            let _ = fs::remove_file(self.link_pin(&name, index));
+            self.attached.remove(&name);
+            info!(ifname = %name, "interface gone");
+        }
+        let mut added = Vec::new();
+        for (name, index) in present {
+            if self.attached.contains_key(&name) {
+                continue;
+            }
+            match self.attach(&name, index) {
+                Ok(()) => added.push(name),
+                Err(e) => warn!("{e}"),
+            }
+        }
+        added
+    }
+
+    /// Removes link pins of interfaces that no longer exist (left by an agent that died).
+    pub fn prune_stale_link_pins(&self) {
+        let present: BTreeMap<String, u32> = interfaces().into_iter().collect();
+        let Ok(dir) = fs::read_dir(self.pin_dir.join("links")) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let live = name
+                .rsplit_once('@')
+                .and_then(|(n, i)| Some((n.to_string(), i.parse::<u32>().ok()?)))
+                .is_some_and(|(n, i)| present.get(&n) == Some(&i));
+            if !live {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Stops the agent. With `keep_pinned` the datapath keeps running (maps, program and
+    /// links stay pinned) for the next agent; otherwise everything is detached and unpinned.
+    pub fn shutdown(mut self, keep_pinned: bool) -> Result<()> {
+        if keep_pinned {
+            info!(pin_dir = %self.pin_dir.display(), "exiting; datapath stays pinned");
+            return Ok(());
+        }
+        let attached: Vec<(String, u32)> = std::mem::take(&mut self.attached).into_iter().collect();
+        for (name, index) in attached {
+            let _ = fs::remove_file(self.link_pin(&name, index));
+        }
+        remove_pins(&self.pin_dir)?;
+        info!(pin_dir = %self.pin_dir.display(), "detached and unpinned");
+        Ok(())
+    }
+}
+
+/// Removes every pin the agent makes under `dir`, and the folder. Links whose pin goes
+/// away are detached once no fd holds them.
+pub fn remove_pins(dir: &Path) -> Result<()> {
+    if let Ok(links) = fs::read_dir(dir.join("links")) {
+        for entry in links.flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let _ = fs::remove_dir(dir.join("links"));
+    for name in [MAP_FRONTENDS, MAP_SLOTS, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, PROG_TC_POD] {
+        let _ = fs::remove_file(dir.join(name));
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Load(format!("removing {}: {e}", dir.display()))),
+    }
+}

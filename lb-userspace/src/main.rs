@@ -1,0 +1,128 @@
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use lb_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS};
+use lb_userspace::{
+    config, demo, loader::{LoadOptions, DEFAULT_PIN_DIR}, netns, run, show,
+};
+
+/// Kubernetes Service load balancer with an eBPF dataplane.
+#[derive(Parser)]
+#[command(name = "lb", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct MapArgs {
+    /// bpffs folder for the maps, program and links.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Size of the frontend map (Service IP:port:protocol).
+    #[arg(long, default_value_t = DEFAULT_MAX_FRONTENDS)]
+    max_frontends: u32,
+    /// Size of the backend map.
+    #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Size of the slot map (one entry per ready backend of each frontend).
+    #[arg(long, default_value_t = DEFAULT_MAX_SLOTS)]
+    max_slots: u32,
+    /// Size of the conntrack LRU map (two entries per flow).
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNTRACK)]
+    max_conntrack: u32,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Standalone agent: apply a Services/EndpointSlices file and follow its changes.
+    Run {
+        /// YAML file with services and endpointSlices (see examples/services.yaml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Interfaces to attach to: names or globs, comma-separated or repeated ("lxc*").
+        #[arg(long, required = true)]
+        interfaces: Vec<String>,
+        /// Keep maps, program and links pinned on exit, for a restart without loss.
+        #[arg(long)]
+        keep_pinned: bool,
+        /// Enter this network namespace (from `ip netns add`) first.
+        #[arg(long)]
+        netns: Option<String>,
+        /// How often to check the file and the interfaces, in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        poll_ms: u64,
+        #[command(flatten)]
+        maps: MapArgs,
+    },
+    /// Validate a config file and print the frontends it yields.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show what is in the maps.
+    Show {
+        #[arg(value_enum, default_value = "all")]
+        what: show::What,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// The demo: a sandbox of network namespaces, three backends, requests to a ClusterIP.
+    Demo {
+        #[arg(long, default_value_t = 12)]
+        requests: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: lb_userspace::Result<()> = match cli.command {
+        Cmd::Run { config, interfaces, keep_pinned, netns: ns, poll_ms, maps } => (|| {
+            if let Some(ns) = &ns {
+                netns::enter(ns)?;
+            }
+            let opts = run::RunOptions {
+                config,
+                interfaces,
+                keep_pinned,
+                poll: Duration::from_millis(poll_ms),
+                load: LoadOptions {
+                    pin_dir: maps.pin_dir,
+                    max_frontends: maps.max_frontends,
+                    max_backends: maps.max_backends,
+                    max_slots: maps.max_slots,
+                    max_conntrack: maps.max_conntrack,
+                },
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| lb_userspace::Error::Load(e.to_string()))?;
+            rt.block_on(run::run(opts))
+        })(),
+        Cmd::Check { config: path } => config::load(&path).map(|cfg| {
+            let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices);
+            for (fe, spec) in &st.frontends {
+                let active: Vec<String> = spec.active.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect();
+                println!("{fe:<24} {:<28} ready: {}", spec.service, active.join(" "));
+            }
+        }),
+        Cmd::Show { what, pin_dir } => show::render(&pin_dir, what).map(|s| print!("{s}")),
+        Cmd::Demo { requests } => demo::run_demo(requests),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

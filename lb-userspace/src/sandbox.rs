@@ -1,0 +1,330 @@
+//! A one-node cluster made of network namespaces, for the demo and the end-to-end tests:
+//! a "node" namespace and one namespace per pod, joined by veth pairs and routed the way
+//! a CNI does it (cilium / calico style): each pod has a /32 address and a default route
+//! via a link-local gateway; the node has a /32 route per pod on the pod's `lxc-*` veth.
+//! Neighbour entries are static, so no ARP is involved. The node has no route out of the
+//! sandbox: a packet the dataplane misses dies there.
+//!
+//! Everything it makes (namespaces, processes, pins, files) goes away on drop, also when
+//! a test fails.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use crate::{Error, Result};
+
+/// MAC of every host-side veth (as calico and cilium do).
+pub const HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
+/// The pods' default gateway (link-local, answered by the static neighbour entry).
+pub const GATEWAY: &str = "169.254.1.1";
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    /// Network namespace name.
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The host side of the pod's veth, in the node namespace.
+    pub host_if: String,
+}
+
+pub struct Sandbox {
+    pub prefix: String,
+    /// The node's network namespace.
+    pub node: String,
+    pub pods: Vec<Pod>,
+    /// Scratch folder for configs and logs.
+    pub workdir: PathBuf,
+    /// bpffs folder for this sandbox's agent.
+    pub pin_dir: PathBuf,
+    children: Mutex<Vec<Child>>,
+    next_ip: u8,
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .map_err(|e| Error::Sandbox(format!("{cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Sandbox(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<Output> {
+    run(Command::new("ip").args(args))
+}
+
+/// Fails with a clear message if a program the sandbox needs is missing.
+pub fn require_tools(tools: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            !std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Sandbox(format!(
+            "missing programs: {} (run `cargo xtask setup`)",
+            missing.join(", ")
+        )))
+    }
+}
+
+/// Deletes namespaces left by a sandbox with this prefix that was killed before its drop.
+pub fn clean_prefix(prefix: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if !name.is_empty() && name.starts_with(prefix) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+}
+
+impl Sandbox {
+    /// Makes the node and the given pods. `prefix` must be unique on the machine (tests
+    /// use their name and the process id) and short: namespace names derive from it.
+    pub fn create(prefix: &str, pods: &[&str]) -> Result<Self> {
+        require_tools(&["ip"])?;
+        clean_prefix(prefix);
+        let workdir = std::env::temp_dir().join(format!("{prefix}-work"));
+        let _ = std::fs::remove_dir_all(&workdir);
+        std::fs::create_dir_all(&workdir)
+            .map_err(|e| Error::Sandbox(format!("{}: {e}", workdir.display())))?;
+        let mut sb = Sandbox {
+            prefix: prefix.to_string(),
+            node: format!("{prefix}-node"),
+            pods: Vec::new(),
+            workdir,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
+            children: Mutex::new(Vec::new()),
+            next_ip: 11,
+        };
+        ip(&["netns", "add", &sb.node])?;
+        let node = sb.node.clone();
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            run(Command::new("ip").args(["netns", "exec", &node, "sysctl", "-qw", &format!("{k}={v}")]))?;
+        }
+        ip(&["-n", &node, "link", "set", "lo", "up"])?;
+        for p in pods {
+            sb.add_pod(p)?;
+        }
+        Ok(sb)
+    }
+
+    /// Adds a pod (also after the agent started: it must pick up the new interface).
+    pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        let idx = self.next_ip;
+        self.next_ip += 1;
+        let ip_addr = Ipv4Addr::new(10, 244, 0, idx);
+        let netns = format!("{}-{name}", self.prefix);
+        let mut host_if = format!("lxc-{name}");
+        host_if.truncate(15);
+        let pod_mac = format!("02:00:0a:f4:00:{idx:02x}");
+        let node = self.node.clone();
+        ip(&["netns", "add", &netns])?;
+        ip(&[
+            "-n", &node, "link", "add", &host_if, "address", HOST_MAC, "type", "veth", "peer", "name", "eth0",
+            "address", &pod_mac, "netns", &netns,
+        ])?;
+        let cidr = format!("{ip_addr}/32");
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "addr", "add", &cidr, "dev", "eth0"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &netns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+        ip(&["-n", &netns, "route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+        ip(&["-n", &netns, "neigh", "replace", GATEWAY, "lladdr", HOST_MAC, "dev", "eth0", "nud", "permanent"])?;
+        ip(&["-n", &node, "link", "set", &host_if, "up"])?;
+        ip(&["-n", &node, "route", "add", &cidr, "dev", &host_if])?;
+        ip(&[
+            "-n", &node, "neigh", "replace", &ip_addr.to_string(), "lladdr", &pod_mac, "dev", &host_if, "nud",
+            "permanent",
+        ])?;
+        let pod = Pod {
+            name: name.to_string(),
+            netns,
+            ip: ip_addr,
+            host_if,
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// A command run inside a namespace.
+    pub fn cmd(&self, netns: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", netns]).args(args);
+        c
+    }
+
+    /// Runs a command in a namespace to completion; fails on a non-zero exit.
+    pub fn exec(&self, netns: &str, args: &[&str]) -> Result<Output> {
+        run(&mut self.cmd(netns, args))
+    }
+
+    /// Starts a long-running process; it is killed when the sandbox is dropped.
+    /// Its output goes to `<workdir>/<log>`.
+    pub fn spawn(&self, mut cmd: Command, log: &str) -> Result<u32> {
+        let path = self.workdir.join(log);
+        let f = std::fs::File::create(&path).map_err(|e| Error::Sandbox(format!("{}: {e}", path.display())))?;
+        let f2 = f.try_clone().map_err(|e| Error::Sandbox(e.to_string()))?;
+        cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
+        let child = cmd.spawn().map_err(|e| Error::Sandbox(format!("{cmd:?}: {e}")))?;
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        Ok(pid)
+    }
+
+    /// Sends `sig` to a spawned process and waits (up to 10 s) for it to exit.
+    pub fn stop(&self, pid: u32, sig: i32) -> Result<Option<std::process::ExitStatus>> {
+        let mut children = self.children.lock().unwrap();
+        let Some(pos) = children.iter().position(|c| c.id() == pid) else {
+            return Ok(None);
+        };
+        let mut child = children.remove(pos);
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait().map_err(|e| Error::Sandbox(e.to_string()))? {
+                return Ok(Some(st));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Ok(child.wait().ok());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Reads a log written by a spawned process.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.workdir.join(name)).unwrap_or_default()
+    }
+
+    /// Writes an nginx config answering every request with the pod's name, and starts it.
+    pub fn start_nginx(&self, pod: &str, port: u16) -> Result<u32> {
+        let p = self.pod(pod).clone();
+        let dir = self.workdir.join(format!("nginx-{pod}"));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Sandbox(e.to_string()))?;
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{\n    listen {port};\n    location / {{ return 200 \"{pod}\\n\"; }}\n  }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).map_err(|e| Error::Sandbox(e.to_string()))?;
+        let pid = self.spawn(
+            self.cmd(&p.netns, &["nginx", "-c", &path.display().to_string()]),
+            &format!("nginx-{pod}.log"),
+        )?;
+        self.wait_listening(&p.netns, port, "tcp")?;
+        Ok(pid)
+    }
+
+    /// Starts a UDP server that answers every datagram with the pod's name.
+    pub fn start_udp_echo(&self, pod: &str, port: u16) -> Result<u32> {
+        let p = self.pod(pod).clone();
+        let listen = format!("UDP4-RECVFROM:{port},reuseaddr,fork");
+        let reply = format!("SYSTEM:echo {pod}");
+        let pid = self.spawn(self.cmd(&p.netns, &["socat", &listen, &reply]), &format!("udp-{pod}.log"))?;
+        self.wait_listening(&p.netns, port, "udp")?;
+        Ok(pid)
+    }
+
+    /// Starts an iperf3 server.
+    pub fn start_iperf3(&self, pod: &str, port: u16) -> Result<u32> {
+        let p = self.pod(pod).clone();
+        let pid = self.spawn(
+            self.cmd(&p.netns, &["iperf3", "-s", "-p", &port.to_string()]),
+            &format!("iperf3-{pod}-{port}.log"),
+        )?;
+        self.wait_listening(&p.netns, port, "tcp")?;
+        Ok(pid)
+    }
+
+    /// Waits until something listens on `port` in `netns`.
+    pub fn wait_listening(&self, netns: &str, port: u16, proto: &str) -> Result<()> {
+        let flag = if proto == "udp" { "-uln" } else { "-tln" };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(out) = self.cmd(netns, &["ss", flag]).output() {
+                let text = String::from_utf8_lossy(&out.stdout);
+                if text.lines().any(|l| l.split_whitespace().any(|w| w.ends_with(&format!(":{port}")))) {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(Error::Sandbox(format!("nothing listens on {proto} port {port} in {netns}")))
+    }
+
+    /// Names of the interfaces the agent should attach to (the pods' host sides).
+    pub fn interface_glob(&self) -> &'static str {
+        "lxc-*"
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.workdir.join(name)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let mut children = std::mem::take(&mut *self.children.lock().unwrap());
+        for c in &children {
+            // SAFETY: signalling our own children.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for c in &mut children {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for p in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", &p.netns]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.node]).status();
+        clean_prefix(&format!("{}-", self.prefix));
+        let _ = crate::loader::remove_pins(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.workdir);
+    }
+}

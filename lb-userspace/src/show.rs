@@ -1,0 +1,113 @@
+//! `lb show`: what is in the maps, read from the pins (works while the agent runs, and
+//! after it exited with `--keep-pinned`).
+use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+
+use lb_common::{CtValue, CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED};
+
+use crate::{
+    dataplane::{
+        plan::{backend_addr, frontend_addr},
+        Maps,
+    },
+    model::Protocol,
+    Result,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum What {
+    Services,
+    Backends,
+    Conntrack,
+    Counters,
+    All,
+}
+
+pub fn render(pin_dir: &Path, what: What) -> Result<String> {
+    let maps = Maps::from_pins(pin_dir)?;
+    let mut out = String::new();
+    let all = what == What::All;
+    if all || what == What::Services {
+        services(&maps, &mut out)?;
+    }
+    if all || what == What::Backends {
+        backends(&maps, &mut out)?;
+    }
+    if all || what == What::Conntrack {
+        conntrack(&maps, &mut out)?;
+    }
+    if all || what == What::Counters {
+        counters(&maps, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn services(maps: &Maps, out: &mut String) -> Result<()> {
+    let st = maps.read_state()?;
+    let mut fes: Vec<_> = st.frontends.iter().collect();
+    fes.sort_by_key(|(k, _)| frontend_addr(k));
+    let _ = writeln!(out, "{:<24} {:>6} {:>5}  BACKENDS (ready, in slot order)", "FRONTEND", "ID", "READY");
+    for (k, f) in fes {
+        let list: Vec<String> = st
+            .slot_list(f)
+            .iter()
+            .map(|id| match st.backends.get(id) {
+                Some(b) => format!("{}:{}", Ipv4Addr::from(u32::from_be(b.addr)), u16::from_be(b.port)),
+                None => format!("#{id}?"),
+            })
+            .collect();
+        let fa = frontend_addr(k);
+        let _ = writeln!(out, "{:<24} {:>6} {:>5}  {}", fa.to_string(), f.service_id, f.count, list.join(" "));
+    }
+    let _ = writeln!(out);
+    Ok(())
+}
+
+fn backends(maps: &Maps, out: &mut String) -> Result<()> {
+    let st = maps.read_state()?;
+    let mut bs: Vec<_> = st.backends.iter().collect();
+    bs.sort_by_key(|(id, _)| **id);
+    let _ = writeln!(out, "{:>6}  BACKEND", "ID");
+    for (id, b) in bs {
+        let _ = writeln!(out, "{id:>6}  {}", backend_addr(b));
+    }
+    let _ = writeln!(out);
+    Ok(())
+}
+
+fn state_name(v: &CtValue) -> &'static str {
+    match v.state {
+        CT_STATE_ESTABLISHED => "established",
+        CT_STATE_CLOSING => "closing",
+        _ => "new",
+    }
+}
+
+fn conntrack(maps: &Maps, out: &mut String) -> Result<()> {
+    let mut entries = maps.conntrack_entries()?;
+    entries.sort_by_key(|(k, _)| (k.dir, k.src_addr, k.src_port, k.dst_addr, k.dst_port));
+    let _ = writeln!(out, "DIR      PROTO  SOURCE                 DESTINATION            NAT                    BACKEND  STATE");
+    for (k, v) in entries {
+        let ep = |a: u32, p: u16| format!("{}:{}", Ipv4Addr::from(u32::from_be(a)), u16::from_be(p));
+        let proto = Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string());
+        let dir = if k.dir == CT_DIR_FORWARD { "forward" } else { "reply" };
+        let _ = writeln!(
+            out,
+            "{dir:<8} {proto:<6} {:<22} {:<22} {:<22} {:>7}  {}",
+            ep(k.src_addr, k.src_port),
+            ep(k.dst_addr, k.dst_port),
+            ep(v.nat_addr, v.nat_port),
+            v.backend_id,
+            state_name(&v)
+        );
+    }
+    let _ = writeln!(out);
+    Ok(())
+}
+
+fn counters(maps: &Maps, out: &mut String) -> Result<()> {
+    let _ = writeln!(out, "{:<22} {:>14}", "COUNTER", "PACKETS");
+    for (name, v) in maps.counters()? {
+        let _ = writeln!(out, "{name:<22} {v:>14}");
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! Developer commands: `cargo xtask <setup|build-ebpf|build|test|demo|clean-sandboxes>`.
+//! Every command runs the set-up steps it needs first (idempotent and quick when done),
+//! so a newcomer never has to remember them.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests, the demo and the benchmarks use.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iperf3",
+    "socat",
+    "curl",
+    "nginx-light",
+    "bpftool",
+    "procps",
+    "iptables",
+    "nftables",
+];
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (Debian packages, rust-src, bpf-linker), mount bpffs.
+    Setup,
+    /// Build the eBPF object (nightly, bpfel-unknown-none, bpf-linker).
+    BuildEbpf,
+    /// Build the eBPF object and the `lb` binary that embeds it.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit, kernel (BPF_PROG_TEST_RUN) and end-to-end (namespaces).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// The demo: a sandbox with a client and three backends behind a ClusterIP.
+    Demo {
+        #[arg(long, default_value_t = 12)]
+        requests: usize,
+    },
+    /// Remove namespaces and pins left by killed test or demo runs.
+    CleanSandboxes,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let st = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+fn setup_apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing Debian packages: {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let s = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+        .context("the nightly toolchain is needed for the eBPF crate (rustup toolchain install nightly)")?;
+    Ok(PathBuf::from(s.trim()))
+}
+
+fn setup_rust_src() -> Result<()> {
+    let sysroot = nightly_sysroot()?;
+    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false)
+}
+
+/// bpf-linker linked against the nightly toolchain's own libLLVM: Debian's LLVM is too old
+/// for rustc's bitcode, and the default features want a newer LLVM than rustc ships.
+fn setup_bpf_linker() -> Result<()> {
+    if bpf_linker_ok() {
+        return Ok(());
+    }
+    let sysroot = nightly_sysroot()?;
+    let lib = sysroot.join("lib");
+    let libllvm = std::fs::read_dir(&lib)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", lib.display()))?;
+    let major = libllvm
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let prefix = home().join(".cache/lb-ebpf/llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    for name in ["libLLVM.so".to_string(), libllvm.clone()] {
+        let link = prefix.join("lib").join(&name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&libllvm), &link)?;
+    }
+    eprintln!("building bpf-linker {BPF_LINKER_VERSION} against {libllvm} (a few minutes, once)");
+    run(Command::new("cargo")
+        .args(["+stable", "install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn setup_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+        return Ok(());
+    }
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+fn setup() -> Result<()> {
+    setup_apt()?;
+    setup_rust_src()?;
+    setup_bpf_linker()?;
+    setup_bpffs()?;
+    Ok(())
+}
+
+/// The eBPF toolchain only (what a build needs).
+fn setup_build() -> Result<()> {
+    setup_rust_src()?;
+    setup_bpf_linker()
+}
+
+pub fn ebpf_object() -> PathBuf {
+    root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
+}
+
+fn build_ebpf() -> Result<()> {
+    setup_build()?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["+nightly", "build", "--package", "lb-ebpf", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/ebpf"])
+        // bpf-linker emits BTF (typed maps for the loader and `bpftool map dump`).
+        .env("CARGO_ENCODED_RUSTFLAGS", ["-C", "debuginfo=2", "-C", "link-arg=--btf"].join("\x1f"))
+        .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTFLAGS"))?;
+    eprintln!("eBPF object: {}", ebpf_object().display());
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    build_ebpf()?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root()).args(["build", "--package", "lb-userspace"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn clean_sandboxes() -> Result<()> {
+    let list = output(Command::new("ip").args(["netns", "list"])).unwrap_or_default();
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name.starts_with("lbt") || name.starts_with("lbdemo") || name.starts_with("lbbench") {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in dir.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("lbt") || n.starts_with("lbdemo") || n.starts_with("lbbench") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup()?;
+    build_ebpf()?;
+    clean_sandboxes()?;
+    // Kernel and end-to-end tests share kernel state (namespaces, bpffs): one at a time.
+    let result = run(Command::new("cargo")
+        .current_dir(root())
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .arg("--")
+        .arg("--test-threads=1")
+        .args(args));
+    clean_sandboxes()?;
+    result
+}
+
+fn demo(requests: usize) -> Result<()> {
+    setup()?;
+    build(false)?;
+    run(Command::new(root().join("target/debug/lb"))
+        .args(["demo", "--requests", &requests.to_string()]))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if !have("cargo") {
+        bail!("cargo not on PATH");
+    }
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Build { release } => build(release),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo { requests } => demo(requests),
+        Cmd::CleanSandboxes => clean_sandboxes(),
+    }
+}
