@@ -168,7 +168,8 @@ impl Datapath {
         ))
     }
 
-    fn program(&mut self) -> &mut SchedClassifier {
+    /// The loaded tc program (the kernel tests run it through BPF_PROG_TEST_RUN).
+    pub fn program(&mut self) -> &mut SchedClassifier {
         self.ebpf
             .program_mut(PROG_TC_POD)
             .expect("checked at load")

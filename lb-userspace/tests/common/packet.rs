@@ -1,0 +1,208 @@
+//! Crafting packets for the kernel tests, and checking them with an independent RFC 1071
+//! checksum (a valid header or segment sums to 0xffff).
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0x0a, 0xf4, 0, 0x0b];
+pub const HOST_MAC: [u8; 6] = [0xee; 6];
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const RST: u8 = 0x04;
+pub const FIN: u8 = 0x01;
+
+/// One's-complement sum of 16-bit words.
+pub fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        acc += u16::from_be_bytes([c[0], c[1]]) as u32;
+    }
+    if let [last] = chunks.remainder() {
+        acc += (*last as u32) << 8;
+    }
+    acc
+}
+
+pub fn fold(mut acc: u32) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+pub fn checksum(data: &[u8], acc: u32) -> u16 {
+    !fold(sum16(data, acc))
+}
+
+fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
+    let mut p = Vec::new();
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[0, proto]);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    sum16(&p, 0)
+}
+
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub payload: Vec<u8>,
+    /// IP options (a multiple of 4 bytes).
+    pub ip_options: Vec<u8>,
+    /// Leave the UDP checksum 0 ("no checksum").
+    pub udp_no_checksum: bool,
+    /// IP flags+fragment offset field.
+    pub frag: u16,
+}
+
+impl Spec {
+    pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Self {
+        Spec {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            sport,
+            dport,
+            proto: TCP,
+            tcp_flags: flags,
+            seq: 1_000_000,
+            ack: if flags & ACK != 0 { 2_000_000 } else { 0 },
+            payload: Vec::new(),
+            ip_options: Vec::new(),
+            udp_no_checksum: false,
+            frag: 0x4000,
+        }
+    }
+
+    pub fn udp(src: &str, sport: u16, dst: &str, dport: u16, payload: &[u8]) -> Self {
+        Spec {
+            proto: UDP,
+            payload: payload.to_vec(),
+            tcp_flags: 0,
+            ack: 0,
+            ..Spec::tcp(src, sport, dst, dport, 0)
+        }
+    }
+
+    /// Ethernet + IPv4 (+ options) + TCP/UDP + payload, with correct checksums.
+    pub fn build(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.sport.to_be_bytes());
+        l4.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == TCP {
+            l4.extend_from_slice(&self.seq.to_be_bytes());
+            l4.extend_from_slice(&self.ack.to_be_bytes());
+            l4.extend_from_slice(&[5 << 4, self.tcp_flags]);
+            l4.extend_from_slice(&64240u16.to_be_bytes());
+            l4.extend_from_slice(&[0, 0, 0, 0]); // csum, urg
+        } else {
+            l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(&self.payload);
+        if !(self.proto == UDP && self.udp_no_checksum) {
+            let c = checksum(&l4, pseudo(self.src, self.dst, self.proto, l4.len()));
+            let off = if self.proto == TCP { 16 } else { 6 };
+            let c = if c == 0 && self.proto == UDP { 0xffff } else { c };
+            l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        let ihl = 5 + self.ip_options.len() / 4;
+        let mut ip = vec![0x40 | ihl as u8, 0];
+        ip.extend_from_slice(&((ihl * 4 + l4.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&0x1234u16.to_be_bytes());
+        ip.extend_from_slice(&self.frag.to_be_bytes());
+        ip.extend_from_slice(&[64, self.proto, 0, 0]);
+        ip.extend_from_slice(&self.src.octets());
+        ip.extend_from_slice(&self.dst.octets());
+        ip.extend_from_slice(&self.ip_options);
+        let c = checksum(&ip, 0);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut pkt = Vec::new();
+        pkt.extend_from_slice(&HOST_MAC);
+        pkt.extend_from_slice(&CLIENT_MAC);
+        pkt.extend_from_slice(&0x0800u16.to_be_bytes());
+        pkt.extend_from_slice(&ip);
+        pkt.extend_from_slice(&l4);
+        pkt
+    }
+}
+
+/// A parsed view of an output packet.
+#[derive(Debug)]
+pub struct View {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub ihl: usize,
+    pub l4: Vec<u8>,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pub fn view(pkt: &[u8]) -> View {
+    let ip = &pkt[14..];
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let l4 = ip[ihl..tot].to_vec();
+    View {
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        proto: ip[9],
+        ihl,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        l4,
+    }
+}
+
+/// Asserts that the IPv4 header checksum and the TCP/UDP/ICMP checksum are right.
+pub fn assert_checksums(pkt: &[u8]) {
+    let ip = &pkt[14..];
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    assert_eq!(fold(sum16(&ip[..ihl], 0)), 0xffff, "IPv4 header checksum is wrong");
+    let v = view(pkt);
+    match v.proto {
+        TCP => assert_eq!(
+            fold(sum16(&v.l4, pseudo(v.src, v.dst, TCP, v.l4.len()))),
+            0xffff,
+            "TCP checksum is wrong"
+        ),
+        UDP => {
+            if v.l4[6..8] != [0, 0] {
+                assert_eq!(
+                    fold(sum16(&v.l4, pseudo(v.src, v.dst, UDP, v.l4.len()))),
+                    0xffff,
+                    "UDP checksum is wrong"
+                )
+            }
+        }
+        ICMP => assert_eq!(fold(sum16(&v.l4, 0)), 0xffff, "ICMP checksum is wrong"),
+        p => panic!("unexpected protocol {p}"),
+    }
+}
+
+/// `pkt` with its destination (or source) rewritten and checksums recomputed from
+/// scratch: what a correct DNAT (or reverse NAT) must produce, byte for byte.
+pub fn rewritten(spec: &Spec, dst: Option<(&str, u16)>, src: Option<(&str, u16)>) -> Vec<u8> {
+    let mut s = spec.clone();
+    if let Some((a, p)) = dst {
+        s.dst = a.parse().unwrap();
+        s.dport = p;
+    }
+    if let Some((a, p)) = src {
+        s.src = a.parse().unwrap();
+        s.sport = p;
+    }
+    s.build()
+}
