@@ -1,0 +1,383 @@
+//! End-to-end: a node and pods as network namespaces, the real `lb run` agent, and real
+//! programs (curl, nginx, socat, iperf3) sending TCP and UDP through a ClusterIP. We
+//! assert what the clients actually received. Needs root; run one at a time.
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use lb_userspace::{
+    dataplane::Maps,
+    demo::{spawn_agent, wait_agent_ready},
+    netns,
+    sandbox::Sandbox,
+};
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+const WEB: &str = "10.96.0.10";
+const IPERF: &str = "10.96.0.20";
+const EMPTY: &str = "10.96.0.30";
+const BACKENDS: [&str; 3] = ["backend-1", "backend-2", "backend-3"];
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+fn backend_ip(name: &str) -> String {
+    // Sandbox::create gives .11 to the first pod (client), then .12, .13, .14.
+    match name {
+        "backend-1" => "10.244.0.12",
+        "backend-2" => "10.244.0.13",
+        "backend-3" => "10.244.0.14",
+        other => panic!("{other}"),
+    }
+    .to_string()
+}
+
+/// web (TCP 80 -> 8080, UDP 53 -> 5353) on the given backends with readiness;
+/// iperf (5201) on `iperf` backends; empty (80/TCP, 53/UDP) with no endpoints.
+fn config(web: &[(&str, bool)], iperf: &[&str]) -> String {
+    let eps = |list: Vec<(String, bool)>| -> String {
+        list.iter()
+            .map(|(a, r)| format!("      - addresses: [\"{a}\"]\n        conditions: {{ready: {r}}}\n"))
+            .collect()
+    };
+    let web_eps = eps(web.iter().map(|(n, r)| (backend_ip(n), *r)).collect());
+    let iperf_eps = eps(iperf.iter().map(|n| (backend_ip(n), true)).collect());
+    format!(
+        "services:
+  - name: web
+    clusterIP: {WEB}
+    ports:
+      - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
+      - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
+  - name: iperf
+    clusterIP: {IPERF}
+    ports:
+      - {{name: iperf, port: 5201, protocol: TCP}}
+  - name: empty
+    clusterIP: {EMPTY}
+    ports:
+      - {{name: http, port: 80, protocol: TCP}}
+      - {{name: dns, port: 53, protocol: UDP}}
+endpointSlices:
+  - name: web-1
+    serviceName: web
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+      - {{name: dns, port: 5353, protocol: UDP}}
+    endpoints:
+{web_eps}  - name: iperf-1
+    serviceName: iperf
+    ports:
+      - {{name: iperf, port: 5201, protocol: TCP}}
+    endpoints:
+{iperf_eps}"
+    )
+}
+
+const FRONTENDS: usize = 5;
+
+struct Env {
+    sb: Sandbox,
+    config: PathBuf,
+    agent: u32,
+}
+
+impl Env {
+    /// A client and three backends running nginx (8080), a UDP responder (5353) and
+    /// iperf3 (5201); the agent runs on `cfg`.
+    fn new(cfg: &str, agent_args: &[&str]) -> Env {
+        let prefix = format!("lbt{}{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::SeqCst));
+        let sb = Sandbox::create(&prefix, &["client", "backend-1", "backend-2", "backend-3"]).unwrap();
+        for b in BACKENDS {
+            sb.start_nginx(b, 8080).unwrap();
+            sb.start_udp_echo(b, 5353).unwrap();
+            sb.start_iperf3(b, 5201).unwrap();
+        }
+        let config = sb.path("services.yaml");
+        std::fs::write(&config, cfg).unwrap();
+        let agent = spawn_agent(&sb, Path::new(LB), &config, agent_args).unwrap();
+        wait_agent_ready(&sb, FRONTENDS, 4, Duration::from_secs(30)).unwrap();
+        Env { sb, config, agent }
+    }
+
+    fn client(&self) -> String {
+        self.sb.pod("client").netns.clone()
+    }
+
+    /// One HTTP request on a new connection; Ok(body) or Err(curl exit code).
+    fn curl(&self, ip: &str) -> Result<String, i32> {
+        let url = format!("http://{ip}/");
+        let out = self
+            .sb
+            .cmd(&self.client(), &["curl", "-s", "--max-time", "3", &url])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(out.status.code().unwrap_or(-1))
+        }
+    }
+
+    /// Rewrites the config and waits until the maps show `ready` backends for web:80.
+    fn update(&self, cfg: &str, web_ready: u32) {
+        std::fs::write(&self.config, cfg).unwrap();
+        self.wait_web_ready(web_ready);
+    }
+
+    fn wait_web_ready(&self, web_ready: u32) {
+        wait_until(Duration::from_secs(10), "the agent to apply the new file", || {
+            let maps = Maps::from_pins(self.sb.pin_dir()).ok()?;
+            let st = maps.read_state().ok()?;
+            let key = lb_common::FrontendKey {
+                addr: u32::from(WEB.parse::<std::net::Ipv4Addr>().unwrap()).to_be(),
+                port: 80u16.to_be(),
+                proto: lb_common::PROTO_TCP,
+                _pad: 0,
+            };
+            (st.frontends.get(&key)?.count == web_ready).then_some(())
+        });
+    }
+
+    fn agent_log(&self) -> String {
+        self.sb.log("agent.log")
+    }
+
+    /// Runs `f` with a socket API inside the client's namespace.
+    fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        netns::run_in(&self.client(), f).unwrap()
+    }
+
+    /// Starts iperf3 in the client against `ip` for `secs` seconds, JSON to a log.
+    fn start_iperf3(&self, ip: &str, secs: u32, log: &str) -> u32 {
+        let cmd = self.sb.cmd(
+            &self.client(),
+            &["iperf3", "-c", ip, "-p", "5201", "-t", &secs.to_string(), "-i", "0.5", "-J"],
+        );
+        self.sb.spawn(cmd, log).unwrap()
+    }
+
+    /// Waits for an iperf3 client to finish; returns per-interval bits/s and the total.
+    fn iperf3_result(&self, pid: u32, log: &str) -> (Vec<f64>, f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // SAFETY: probing our own child with signal 0.
+            let alive = unsafe { libc::kill(pid as i32, 0) } == 0
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z");
+            if !alive || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.sb.stop(pid, libc::SIGTERM).unwrap();
+        let text = self.sb.log(log);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("iperf3 output ({e}): {text}"));
+        assert!(v.get("error").is_none(), "iperf3 failed: {}", v["error"]);
+        let intervals = v["intervals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap())
+            .collect();
+        (intervals, v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap())
+    }
+}
+
+fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn all_ready() -> String {
+    config(&[("backend-1", true), ("backend-2", true), ("backend-3", true)], &["backend-3"])
+}
+
+#[test]
+fn http_through_the_cluster_ip_reaches_every_ready_backend() {
+    let env = Env::new(&all_ready(), &[]);
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..30 {
+        let who = env.curl(WEB).unwrap_or_else(|code| panic!("curl failed with exit {code}\n{}", env.agent_log()));
+        *seen.entry(who).or_default() += 1;
+    }
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), BACKENDS.to_vec(), "{seen:?}");
+}
+
+#[test]
+fn udp_through_the_cluster_ip_is_answered_from_the_service_address() {
+    let env = Env::new(&all_ready(), &[]);
+    let answers: Vec<(SocketAddr, String)> = env.in_client(|| {
+        (0..24)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.send_to(b"who?", "10.96.0.10:53").unwrap();
+                let mut buf = [0u8; 64];
+                let (n, from) = s.recv_from(&mut buf).expect("an answer");
+                (from, String::from_utf8_lossy(&buf[..n]).trim().to_string())
+            })
+            .collect()
+    });
+    let mut seen = BTreeMap::new();
+    for (from, who) in answers {
+        assert_eq!(from, "10.96.0.10:53".parse().unwrap(), "the client only ever sees the Service");
+        *seen.entry(who).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+fn http_get(s: &mut TcpStream) -> String {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("backend-") || !String::from_utf8_lossy(&got).ends_with('\n') {
+        let n = s.read(&mut buf).expect("response on the kept-alive connection");
+        assert!(n > 0, "connection closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    text.lines().last().unwrap().trim().to_string()
+}
+
+#[test]
+fn a_backend_set_not_ready_gets_no_new_connections_but_keeps_established_ones() {
+    let env = Env::new(&all_ready(), &[]);
+    let mut conn = env.in_client(|| {
+        let s = TcpStream::connect_timeout(&"10.96.0.10:80".parse().unwrap(), Duration::from_secs(3)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    });
+    let first = http_get(&mut conn);
+    let ready: Vec<(&str, bool)> = BACKENDS.iter().map(|b| (*b, *b != first)).collect();
+    env.update(&config(&ready, &["backend-3"]), 2);
+    for _ in 0..20 {
+        let who = env.curl(WEB).expect("new connections still work");
+        assert_ne!(who, first, "{first} is not ready and must get no new connection");
+    }
+    assert_eq!(http_get(&mut conn), first, "the established connection continues");
+}
+
+#[test]
+fn changing_the_file_does_not_interrupt_a_running_iperf3_stream() {
+    let env = Env::new(&all_ready(), &[]);
+    let pid = env.start_iperf3(IPERF, 5, "iperf-client.json");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Remove a web backend and add a second iperf backend (new connections only).
+    env.update(&config(&[("backend-1", true), ("backend-2", true)], &["backend-3", "backend-2"]), 2);
+    let (intervals, total) = env.iperf3_result(pid, "iperf-client.json");
+    assert!(intervals.len() >= 9, "{intervals:?}");
+    assert!(intervals.iter().all(|bps| *bps > 0.0), "an interval without traffic: {intervals:?}");
+    assert!(total > 0.0);
+}
+
+#[test]
+fn an_agent_restart_with_pins_kept_does_not_interrupt_a_tcp_stream() {
+    let env = Env::new(&all_ready(), &["--keep-pinned"]);
+    let pid = env.start_iperf3(IPERF, 5, "iperf-client.json");
+    std::thread::sleep(Duration::from_millis(1000));
+    let status = env.sb.stop(env.agent, libc::SIGTERM).unwrap().expect("agent exited");
+    assert!(status.success(), "{}", env.agent_log());
+    assert!(env.sb.pin_dir().join("LB_CONNTRACK").exists(), "maps stay pinned");
+    std::thread::sleep(Duration::from_millis(1000)); // no agent at all for a second
+    let again = spawn_agent(&env.sb, Path::new(LB), &env.config, &["--keep-pinned"]).unwrap();
+    let (intervals, _) = env.iperf3_result(pid, "iperf-client.json");
+    assert!(intervals.iter().all(|bps| *bps > 0.0), "an interval without traffic: {intervals:?}");
+    wait_until(Duration::from_secs(10), "the new agent to attach", || {
+        env.agent_log().contains("replaced=true").then_some(())
+    });
+    let log = env.agent_log();
+    assert!(log.contains("re-using pinned maps"), "{log}");
+    assert!(env.curl(WEB).is_ok());
+    env.sb.stop(again, libc::SIGTERM).unwrap();
+}
+
+#[test]
+fn a_service_without_backends_refuses_at_once() {
+    let env = Env::new(&all_ready(), &[]);
+    let t = Instant::now();
+    assert_eq!(env.curl(EMPTY), Err(7), "curl: connection refused");
+    assert!(t.elapsed() < Duration::from_secs(2), "refused, not timed out");
+    let err = env.in_client(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.connect("10.96.0.30:53").unwrap();
+        s.send(b"anyone?").unwrap();
+        let mut buf = [0u8; 16];
+        s.recv(&mut buf).unwrap_err()
+    });
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}
+
+#[test]
+fn a_pod_created_after_the_agent_started_gets_the_program() {
+    let mut env = Env::new(&all_ready(), &[]);
+    let late = env.sb.add_pod("late").unwrap();
+    wait_until(Duration::from_secs(10), "the agent to attach to lxc-late", || {
+        std::fs::read_dir(env.sb.pin_dir().join("links"))
+            .ok()?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("lxc-late@"))
+            .then_some(())
+    });
+    let out = env
+        .sb
+        .cmd(&late.netns, &["curl", "-s", "--max-time", "3", "http://10.96.0.10/"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", env.agent_log());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("backend-"));
+}
+
+#[test]
+fn a_malformed_file_is_rejected_and_the_running_state_stays() {
+    let env = Env::new(&all_ready(), &[]);
+    std::fs::write(&env.config, "services:\n  - name: web\n    clusterIP: 10.96.0.999\n    ports: []\n").unwrap();
+    wait_until(Duration::from_secs(10), "the agent to report the bad file", || {
+        env.agent_log().contains("line 3").then_some(())
+    });
+    assert!(env.agent_log().contains("keeping the running state"));
+    env.wait_web_ready(3);
+    assert!(env.curl(WEB).is_ok());
+}
+
+#[test]
+fn exit_without_keep_pinned_detaches_and_unpins_everything() {
+    let env = Env::new(&all_ready(), &[]);
+    assert!(env.curl(WEB).is_ok());
+    let status = env.sb.stop(env.agent, libc::SIGTERM).unwrap().unwrap();
+    assert!(status.success(), "{}", env.agent_log());
+    assert!(!env.sb.pin_dir().exists(), "pins removed");
+    assert!(env.curl(WEB).is_err(), "no dataplane: the ClusterIP is not reachable any more");
+    let out = env.sb.exec(&env.sb.node, &["bpftool", "net", "show"]).unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("lb_tc_pod"), "no program left attached");
+}
+
+/// Not an assertion on speed (the machine is shared): prints both figures for the
+/// record and checks that both paths carry traffic.
+#[test]
+fn iperf3_through_the_cluster_ip_beside_the_pod_ip() {
+    let env = Env::new(&all_ready(), &[]);
+    let mut rows = Vec::new();
+    for round in 0..2 {
+        for (label, ip) in [("pod IP", "10.244.0.14"), ("ClusterIP", IPERF)] {
+            let log = format!("iperf-{round}-{label}.json").replace(' ', "-");
+            let pid = env.start_iperf3(ip, 3, &log);
+            let (_, total) = env.iperf3_result(pid, &log);
+            assert!(total > 0.0);
+            rows.push(format!("{label:<10} {:>8.2} Gbit/s", total / 1e9));
+        }
+    }
+    eprintln!("iperf3, client pod -> backend-3, 3 s each, interleaved:\n{}", rows.join("\n"));
+}
