@@ -121,7 +121,9 @@ pub fn create(
         backend_id,
         service_id,
     };
-    LB_CONNTRACK.insert(&reply, &reply_value, 0).map_err(|_| ())?;
+    LB_CONNTRACK
+        .insert(&reply, &reply_value, 0)
+        .map_err(|_| ())?;
     let forward_value = CtValue {
         last_seen_ns: now,
         nat_addr: backend_addr,

@@ -102,7 +102,13 @@ fn to_frontend(ctx: &TcContext, pkt: &Packet, frontend: &Frontend) -> Verdict {
                     if conntrack::touch(entry, pkt, now) {
                         conntrack::ensure_reply(pkt, &known, now);
                     }
-                    return translate(ctx, pkt, known.nat_addr, known.nat_port, counter::TRANSLATED);
+                    return translate(
+                        ctx,
+                        pkt,
+                        known.nat_addr,
+                        known.nat_port,
+                        counter::TRANSLATED,
+                    );
                 }
                 // The backend was deleted (not merely made not-ready): pick a new one.
                 _ => count(counter::BACKEND_RESELECTED),
@@ -113,8 +119,15 @@ fn to_frontend(ctx: &TcContext, pkt: &Packet, frontend: &Frontend) -> Verdict {
     let Some((backend_id, backend)) = service::select_backend(pkt, frontend) else {
         return refuse::refuse(ctx, pkt);
     };
-    if conntrack::create(pkt, backend_id, frontend.service_id, backend.addr, backend.port, now)
-        .is_err()
+    if conntrack::create(
+        pkt,
+        backend_id,
+        frontend.service_id,
+        backend.addr,
+        backend.port,
+        now,
+    )
+    .is_err()
     {
         count(counter::DROP_CT_FULL);
         return Verdict::Drop;

@@ -6,16 +6,20 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, Slot, SlotKey,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
+    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, Slot, SlotKey, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
 #[btf_map]
-pub static LB_FRONTENDS: HashMap<FrontendKey, Frontend, { DEFAULT_MAX_FRONTENDS as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static LB_FRONTENDS: HashMap<
+    FrontendKey,
+    Frontend,
+    { DEFAULT_MAX_FRONTENDS as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 /// (service id, slot 1..=count) -> backend id: the ready backends of each frontend.
 #[btf_map]

@@ -15,7 +15,9 @@ use lb_common::{counter, PROTO_TCP};
 use crate::{
     counters::count,
     lb::Verdict,
-    parse::{Packet, ETH_HLEN, IPV4_MIN_HLEN, TCP_ACK, TCP_FIN, TCP_MIN_HLEN, TCP_RST, TCP_SYN, UDP_HLEN},
+    parse::{
+        Packet, ETH_HLEN, IPV4_MIN_HLEN, TCP_ACK, TCP_FIN, TCP_MIN_HLEN, TCP_RST, TCP_SYN, UDP_HLEN,
+    },
 };
 
 const PROTO_ICMP: u8 = 1;
@@ -201,7 +203,8 @@ fn build_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     let ip = ip_header(pkt.dst, pkt.src, PROTO_TCP, IPV4_MIN_HLEN as u16 + tcp_len);
 
     ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN + IPV4_MIN_HLEN, &rst, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN + IPV4_MIN_HLEN, &rst, 0)
+        .map_err(|_| ())?;
     let new_len = (ETH_HLEN + IPV4_MIN_HLEN + TCP_MIN_HLEN) as u32;
     // SAFETY: helper on our own skb; packet pointers are re-derived by later loads.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb as *mut _, new_len, 0) } != 0 {
@@ -227,14 +230,21 @@ fn build_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     };
     let sum = csum_add(&orig_l4, csum_add(&orig_ip, csum_add(&icmp, 0)));
     icmp.csum = fold(sum);
-    let ip = ip_header(pkt.dst, pkt.src, PROTO_ICMP, IPV4_MIN_HLEN as u16 + icmp_len);
+    let ip = ip_header(
+        pkt.dst,
+        pkt.src,
+        PROTO_ICMP,
+        IPV4_MIN_HLEN as u16 + icmp_len,
+    );
 
     // [eth][ip][udp...] -> [eth][ip][28 bytes of room][udp...]
     let room = (IPV4_MIN_HLEN + 8) as i32;
     ctx.adjust_room(room, BPF_ADJ_ROOM_NET, 0).map_err(|_| ())?;
     ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN + IPV4_MIN_HLEN, &icmp, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN + IPV4_MIN_HLEN + 8, &orig_ip, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN + IPV4_MIN_HLEN, &icmp, 0)
+        .map_err(|_| ())?;
+    ctx.store(ETH_HLEN + IPV4_MIN_HLEN + 8, &orig_ip, 0)
+        .map_err(|_| ())?;
     // The original UDP header already sits right after, where adjust_room left it.
     let new_len = (ETH_HLEN + IPV4_MIN_HLEN) as u32 + icmp_len as u32;
     // SAFETY: helper on our own skb.

@@ -34,7 +34,10 @@ mod tests {
     #[test]
     fn example_and_demo_configs_are_valid() {
         for (name, text) in [
-            ("examples/services.yaml", include_str!("../../examples/services.yaml")),
+            (
+                "examples/services.yaml",
+                include_str!("../../examples/services.yaml"),
+            ),
             ("demo.yaml", crate::demo::DEMO_CONFIG),
         ] {
             let cfg = parse(name, text).unwrap();
@@ -44,7 +47,8 @@ mod tests {
 
     #[test]
     fn syntax_errors_name_the_line() {
-        let text = "services:\n  - name: web\n    clusterIP: 10.96.0.300\n    ports: [{port: 80}]\n";
+        let text =
+            "services:\n  - name: web\n    clusterIP: 10.96.0.300\n    ports: [{port: 80}]\n";
         let e = parse("f.yaml", text).unwrap_err().to_string();
         assert!(e.contains("f.yaml: line 3"), "{e}");
         assert!(e.contains("invalid IPv4 address"), "{e}");
@@ -52,9 +56,12 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_protocols_are_rejected() {
-        let e = parse("f", "services:\n  - name: web\n    clusterIp: 10.96.0.1\n    ports: []\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse(
+            "f",
+            "services:\n  - name: web\n    clusterIp: 10.96.0.1\n    ports: []\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("unknown field `clusterIp`"), "{e}");
         let e = parse(
             "f",

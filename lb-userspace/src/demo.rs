@@ -28,28 +28,58 @@ fn interrupted() -> Result<()> {
 }
 
 /// Starts `lb run` for a sandbox, in its node namespace, on `config`.
-pub fn spawn_agent(sb: &Sandbox, lb: &std::path::Path, config: &std::path::Path, extra: &[&str]) -> Result<u32> {
+pub fn spawn_agent(
+    sb: &Sandbox,
+    lb: &std::path::Path,
+    config: &std::path::Path,
+    extra: &[&str],
+) -> Result<u32> {
     let mut cmd = Command::new(lb);
-    cmd.args(["run", "--netns", &sb.node, "--interfaces", sb.interface_glob()])
-        .arg("--config")
-        .arg(config)
-        .arg("--pin-dir")
-        .arg(sb.pin_dir())
-        .args(["--poll-ms", "100"])
-        // Small maps: the sandbox has a handful of services.
-        .args(["--max-frontends", "1024", "--max-backends", "4096", "--max-slots", "4096", "--max-conntrack", "65536"])
-        .args(extra)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+    cmd.args([
+        "run",
+        "--netns",
+        &sb.node,
+        "--interfaces",
+        sb.interface_glob(),
+    ])
+    .arg("--config")
+    .arg(config)
+    .arg("--pin-dir")
+    .arg(sb.pin_dir())
+    .args(["--poll-ms", "100"])
+    // Small maps: the sandbox has a handful of services.
+    .args([
+        "--max-frontends",
+        "1024",
+        "--max-backends",
+        "4096",
+        "--max-slots",
+        "4096",
+        "--max-conntrack",
+        "65536",
+    ])
+    .args(extra)
+    .env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
     sb.spawn(cmd, "agent.log")
 }
 
 /// Waits until the agent's pinned maps hold `frontends` frontends and it attached to
 /// `links` interfaces.
-pub fn wait_agent_ready(sb: &Sandbox, frontends: usize, links: usize, timeout: Duration) -> Result<()> {
+pub fn wait_agent_ready(
+    sb: &Sandbox,
+    frontends: usize,
+    links: usize,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         interrupted()?;
-        let n_links = std::fs::read_dir(sb.pin_dir().join("links")).map(|d| d.count()).unwrap_or(0);
+        let n_links = std::fs::read_dir(sb.pin_dir().join("links"))
+            .map(|d| d.count())
+            .unwrap_or(0);
         if let Ok(maps) = Maps::from_pins(sb.pin_dir()) {
             if let Ok(st) = maps.read_state() {
                 if st.frontends.len() == frontends && n_links >= links {
@@ -75,10 +105,15 @@ pub fn run_demo(requests: usize) -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as usize);
     }
     let lb = std::env::current_exe().map_err(|e| Error::Sandbox(e.to_string()))?;
-    println!("== creating the sandbox: a node, a client pod and three backend pods (network namespaces)");
+    println!(
+        "== creating the sandbox: a node, a client pod and three backend pods (network namespaces)"
+    );
     let sb = Sandbox::create("lbdemo", &["client", "backend-1", "backend-2", "backend-3"])?;
     for p in &sb.pods {
-        println!("   pod {:<10} {:<12} netns {:<20} veth {}", p.name, p.ip, p.netns, p.host_if);
+        println!(
+            "   pod {:<10} {:<12} netns {:<20} veth {}",
+            p.name, p.ip, p.netns, p.host_if
+        );
     }
     for b in ["backend-1", "backend-2", "backend-3"] {
         sb.start_nginx(b, 8080)?;
@@ -97,7 +132,9 @@ pub fn run_demo(requests: usize) -> Result<()> {
     let url = format!("http://{DEMO_CLUSTER_IP}/");
     for i in 1..=requests {
         interrupted()?;
-        let out = sb.cmd(&client, &["curl", "-s", "--max-time", "3", &url]).output();
+        let out = sb
+            .cmd(&client, &["curl", "-s", "--max-time", "3", &url])
+            .output();
         let who = match out {
             Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
             Ok(o) => format!("FAILED (curl exit {})", o.status.code().unwrap_or(-1)),
@@ -116,7 +153,9 @@ pub fn run_demo(requests: usize) -> Result<()> {
     drop(sb);
     let failed = counts.keys().filter(|k| k.starts_with("FAILED")).count();
     if failed > 0 || counts.len() < 3 {
-        return Err(Error::Sandbox(format!("the demo did not see all three backends answer: {counts:?}")));
+        return Err(Error::Sandbox(format!(
+            "the demo did not see all three backends answer: {counts:?}"
+        )));
     }
     println!("done: every backend answered; all requests went through the ClusterIP");
     Ok(())

@@ -70,7 +70,15 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
     let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         return Err(Error::Load(format!(
             "mounting bpffs on /sys/fs/bpf failed: {} (mount it yourself: mount -t bpf bpf /sys/fs/bpf)",
@@ -124,12 +132,21 @@ impl Datapath {
     pub fn load(opts: &LoadOptions) -> Result<(Self, Maps)> {
         ensure_bpffs(&opts.pin_dir)?;
         fs::create_dir_all(opts.pin_dir.join("links")).map_err(|e| {
-            Error::Load(format!("cannot create pin folder {}: {e}", opts.pin_dir.display()))
+            Error::Load(format!(
+                "cannot create pin folder {}: {e}",
+                opts.pin_dir.display()
+            ))
         })?;
-        let pins: Vec<(&str, PathBuf)> = [MAP_FRONTENDS, MAP_SLOTS, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS]
-            .into_iter()
-            .map(|m| (m, opts.pin_dir.join(m)))
-            .collect();
+        let pins: Vec<(&str, PathBuf)> = [
+            MAP_FRONTENDS,
+            MAP_SLOTS,
+            MAP_BACKENDS,
+            MAP_CONNTRACK,
+            MAP_COUNTERS,
+        ]
+        .into_iter()
+        .map(|m| (m, opts.pin_dir.join(m)))
+        .collect();
         let reused = pins.iter().filter(|(_, p)| p.exists()).count();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
@@ -178,7 +195,9 @@ impl Datapath {
     }
 
     fn link_pin(&self, ifname: &str, ifindex: u32) -> PathBuf {
-        self.pin_dir.join("links").join(format!("{ifname}@{ifindex}"))
+        self.pin_dir
+            .join("links")
+            .join(format!("{ifname}@{ifindex}"))
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
@@ -194,7 +213,10 @@ impl Datapath {
             match Self::open_pinned(&pin) {
                 Ok(link) => {
                     let id = self.program().attach_to_link(link).map_err(|e| {
-                        Error::Attach(format!("{ifname}: replacing the program in {}: {e}", pin.display()))
+                        Error::Attach(format!(
+                            "{ifname}: replacing the program in {}: {e}",
+                            pin.display()
+                        ))
                     })?;
                     // The pin keeps the link; our fd may go.
                     let _ = self.program().take_link(id);
@@ -221,8 +243,9 @@ impl Datapath {
             let fd: FdLink = link
                 .try_into()
                 .map_err(|e| Error::Attach(format!("{ifname}: not a tcx link: {e}")))?;
-            fd.pin(&pin)
-                .map_err(|e| Error::Attach(format!("{ifname}: pinning link {}: {e}", pin.display())))?;
+            fd.pin(&pin).map_err(|e| {
+                Error::Attach(format!("{ifname}: pinning link {}: {e}", pin.display()))
+            })?;
         }
         info!(%ifname, ifindex, replaced, "attached tc program");
         self.attached.insert(ifname.to_string(), ifindex);
@@ -312,7 +335,14 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         }
     }
     let _ = fs::remove_dir(dir.join("links"));
-    for name in [MAP_FRONTENDS, MAP_SLOTS, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, PROG_TC_POD] {
+    for name in [
+        MAP_FRONTENDS,
+        MAP_SLOTS,
+        MAP_BACKENDS,
+        MAP_CONNTRACK,
+        MAP_COUNTERS,
+        PROG_TC_POD,
+    ] {
         let _ = fs::remove_file(dir.join(name));
     }
     match fs::remove_dir(dir) {

@@ -1,9 +1,13 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use lb_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS};
+use lb_common::{
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
+};
 use lb_userspace::{
-    config, demo, loader::{LoadOptions, DEFAULT_PIN_DIR}, netns, run, show,
+    config, demo,
+    loader::{LoadOptions, DEFAULT_PIN_DIR},
+    netns, run, show,
 };
 
 /// Kubernetes Service load balancer with an eBPF dataplane.
@@ -85,7 +89,14 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result: lb_userspace::Result<()> = match cli.command {
-        Cmd::Run { config, interfaces, keep_pinned, netns: ns, poll_ms, maps } => (|| {
+        Cmd::Run {
+            config,
+            interfaces,
+            keep_pinned,
+            netns: ns,
+            poll_ms,
+            maps,
+        } => (|| {
             if let Some(ns) = &ns {
                 netns::enter(ns)?;
             }
@@ -112,7 +123,11 @@ fn main() -> ExitCode {
         Cmd::Check { config: path } => config::load(&path).map(|cfg| {
             let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices);
             for (fe, spec) in &st.frontends {
-                let active: Vec<String> = spec.active.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect();
+                let active: Vec<String> = spec
+                    .active
+                    .iter()
+                    .map(|b| format!("{}:{}", b.ip, b.port))
+                    .collect();
                 println!("{fe:<24} {:<28} ready: {}", spec.service, active.join(" "));
             }
         }),

@@ -11,7 +11,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 /// L4 protocol of a Service port, spelled as in Kubernetes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub enum Protocol {
     #[default]
     #[serde(rename = "TCP")]
@@ -270,7 +272,9 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), Invalid> {
     for e in &slice.endpoints {
         for a in &e.addresses {
             if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
-                return Err(bad(format!("endpoint address {a} is not a unicast address")));
+                return Err(bad(format!(
+                    "endpoint address {a} is not a unicast address"
+                )));
             }
         }
     }
@@ -285,7 +289,12 @@ pub fn validate_config(cfg: &Config) -> Result<(), Invalid> {
     for svc in &cfg.services {
         validate_service(svc)?;
         if !names.insert((svc.namespace.as_str(), svc.name.as_str())) {
-            return Err(invalid("Service", &svc.namespace, &svc.name, "defined twice"));
+            return Err(invalid(
+                "Service",
+                &svc.namespace,
+                &svc.name,
+                "defined twice",
+            ));
         }
         for p in &svc.ports {
             let fe = FrontendAddr {
@@ -307,7 +316,12 @@ pub fn validate_config(cfg: &Config) -> Result<(), Invalid> {
     for slice in &cfg.endpoint_slices {
         validate_slice(slice)?;
         if !slices.insert((slice.namespace.as_str(), slice.name.as_str())) {
-            return Err(invalid("EndpointSlice", &slice.namespace, &slice.name, "defined twice"));
+            return Err(invalid(
+                "EndpointSlice",
+                &slice.namespace,
+                &slice.name,
+                "defined twice",
+            ));
         }
     }
     Ok(())
@@ -443,7 +457,12 @@ mod tests {
         }
     }
 
-    fn slice(name: &str, service: &str, ports: &[(&str, u16, Protocol)], eps: Vec<Endpoint>) -> EndpointSlice {
+    fn slice(
+        name: &str,
+        service: &str,
+        ports: &[(&str, u16, Protocol)],
+        eps: Vec<Endpoint>,
+    ) -> EndpointSlice {
         EndpointSlice {
             name: name.into(),
             namespace: "default".into(),
@@ -470,18 +489,42 @@ mod tests {
 
     #[test]
     fn target_port_comes_from_the_slice_port_matched_by_name() {
-        let s = svc("web", "10.96.0.10", &[("http", 80, Protocol::Tcp), ("metrics", 9090, Protocol::Tcp)]);
+        let s = svc(
+            "web",
+            "10.96.0.10",
+            &[
+                ("http", 80, Protocol::Tcp),
+                ("metrics", 9090, Protocol::Tcp),
+            ],
+        );
         let sl = slice(
             "web-1",
             "web",
-            &[("http", 8080, Protocol::Tcp), ("metrics", 9100, Protocol::Tcp)],
+            &[
+                ("http", 8080, Protocol::Tcp),
+                ("metrics", 9100, Protocol::Tcp),
+            ],
             vec![ep("10.244.0.2", Some(true), None, None)],
         );
         let st = desired_state(&[s], &[sl]);
-        let http = &st.frontends[&FrontendAddr { ip: ip("10.96.0.10"), port: 80, proto: Protocol::Tcp }];
-        assert_eq!(http.active.iter().copied().collect::<Vec<_>>(), vec![b("10.244.0.2", 8080)]);
-        let m = &st.frontends[&FrontendAddr { ip: ip("10.96.0.10"), port: 9090, proto: Protocol::Tcp }];
-        assert_eq!(m.active.iter().copied().collect::<Vec<_>>(), vec![b("10.244.0.2", 9100)]);
+        let http = &st.frontends[&FrontendAddr {
+            ip: ip("10.96.0.10"),
+            port: 80,
+            proto: Protocol::Tcp,
+        }];
+        assert_eq!(
+            http.active.iter().copied().collect::<Vec<_>>(),
+            vec![b("10.244.0.2", 8080)]
+        );
+        let m = &st.frontends[&FrontendAddr {
+            ip: ip("10.96.0.10"),
+            port: 9090,
+            proto: Protocol::Tcp,
+        }];
+        assert_eq!(
+            m.active.iter().copied().collect::<Vec<_>>(),
+            vec![b("10.244.0.2", 9100)]
+        );
     }
 
     #[test]
@@ -509,21 +552,42 @@ mod tests {
         let s = svc("web", "10.96.0.10", &[("", 80, Protocol::Tcp)]);
         let term = ep("10.244.0.3", Some(false), Some(true), Some(true));
         let gone = ep("10.244.0.5", Some(false), Some(false), Some(true));
-        let with_ready = slice("a", "web", &[("", 80, Protocol::Tcp)], vec![ep("10.244.0.2", Some(true), None, None), term.clone()]);
-        let st = desired_state(&[s.clone()], &[with_ready]);
+        let with_ready = slice(
+            "a",
+            "web",
+            &[("", 80, Protocol::Tcp)],
+            vec![ep("10.244.0.2", Some(true), None, None), term.clone()],
+        );
+        let st = desired_state(std::slice::from_ref(&s), &[with_ready]);
         assert_eq!(st.frontends.values().next().unwrap().active.len(), 1);
         let only_term = slice("a", "web", &[("", 80, Protocol::Tcp)], vec![term, gone]);
         let st = desired_state(&[s], &[only_term]);
         let f = st.frontends.values().next().unwrap();
-        assert_eq!(f.active.iter().copied().collect::<Vec<_>>(), vec![b("10.244.0.3", 80)]);
+        assert_eq!(
+            f.active.iter().copied().collect::<Vec<_>>(),
+            vec![b("10.244.0.3", 80)]
+        );
     }
 
     #[test]
     fn endpoints_from_several_slices_are_merged_and_deduplicated() {
         let s = svc("web", "10.96.0.10", &[("", 80, Protocol::Tcp)]);
         let p = &[("", 8080, Protocol::Tcp)];
-        let a = slice("a", "web", p, vec![ep("10.244.0.2", Some(true), None, None)]);
-        let c = slice("c", "web", p, vec![ep("10.244.0.2", Some(true), None, None), ep("10.244.0.3", None, None, None)]);
+        let a = slice(
+            "a",
+            "web",
+            p,
+            vec![ep("10.244.0.2", Some(true), None, None)],
+        );
+        let c = slice(
+            "c",
+            "web",
+            p,
+            vec![
+                ep("10.244.0.2", Some(true), None, None),
+                ep("10.244.0.3", None, None, None),
+            ],
+        );
         let other = slice("o", "other", p, vec![ep("10.244.0.9", None, None, None)]);
         let st = desired_state(&[s], &[a, c, other]);
         let f = st.frontends.values().next().unwrap();
@@ -533,16 +597,27 @@ mod tests {
 
     #[test]
     fn udp_port_matches_only_udp_slice_ports() {
-        let s = svc("dns", "10.96.0.53", &[("dns", 53, Protocol::Udp), ("dns-tcp", 53, Protocol::Tcp)]);
+        let s = svc(
+            "dns",
+            "10.96.0.53",
+            &[("dns", 53, Protocol::Udp), ("dns-tcp", 53, Protocol::Tcp)],
+        );
         let sl = slice(
             "dns-1",
             "dns",
-            &[("dns", 5353, Protocol::Udp), ("dns-tcp", 5354, Protocol::Tcp)],
+            &[
+                ("dns", 5353, Protocol::Udp),
+                ("dns-tcp", 5354, Protocol::Tcp),
+            ],
             vec![ep("10.244.0.2", None, None, None)],
         );
         let st = desired_state(&[s], &[sl]);
         assert_eq!(st.frontends.len(), 2);
-        let udp = &st.frontends[&FrontendAddr { ip: ip("10.96.0.53"), port: 53, proto: Protocol::Udp }];
+        let udp = &st.frontends[&FrontendAddr {
+            ip: ip("10.96.0.53"),
+            port: 53,
+            proto: Protocol::Udp,
+        }];
         let got: Vec<_> = udp.active.iter().map(|b| (b.port, b.proto)).collect();
         assert_eq!(got, vec![(5353, Protocol::Udp)]);
     }
@@ -558,15 +633,31 @@ mod tests {
     #[test]
     fn validation_names_the_object_and_the_reason() {
         let mut cfg = Config {
-            services: vec![svc("a", "10.96.0.10", &[("", 80, Protocol::Tcp)]), svc("b", "10.96.0.10", &[("", 80, Protocol::Tcp)])],
+            services: vec![
+                svc("a", "10.96.0.10", &[("", 80, Protocol::Tcp)]),
+                svc("b", "10.96.0.10", &[("", 80, Protocol::Tcp)]),
+            ],
             endpoint_slices: vec![],
         };
         let e = validate_config(&cfg).unwrap_err();
-        assert_eq!(e.to_string(), "Service default/b: frontend 10.96.0.10:80/TCP is already used by Service default/a");
+        assert_eq!(
+            e.to_string(),
+            "Service default/b: frontend 10.96.0.10:80/TCP is already used by Service default/a"
+        );
         cfg.services[1].cluster_ip = ip("0.0.0.0");
-        assert!(validate_config(&cfg).unwrap_err().to_string().contains("cannot be a Service address"));
-        cfg.services[1] = svc("b", "10.96.0.11", &[("", 80, Protocol::Tcp), ("x", 81, Protocol::Tcp)]);
-        assert!(validate_config(&cfg).unwrap_err().reason.contains("needs a name"));
+        assert!(validate_config(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot be a Service address"));
+        cfg.services[1] = svc(
+            "b",
+            "10.96.0.11",
+            &[("", 80, Protocol::Tcp), ("x", 81, Protocol::Tcp)],
+        );
+        assert!(validate_config(&cfg)
+            .unwrap_err()
+            .reason
+            .contains("needs a name"));
         cfg.services[1] = svc("b", "10.96.0.11", &[("", 0, Protocol::Tcp)]);
         assert!(validate_config(&cfg).unwrap_err().reason.contains("port 0"));
         cfg.services[1] = svc("b", "10.96.0.11", &[("", 81, Protocol::Tcp)]);

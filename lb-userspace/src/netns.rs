@@ -9,8 +9,9 @@ use crate::{Error, Result};
 /// inherit it; call it before starting a runtime so every worker thread is inside.
 pub fn enter(name: &str) -> Result<()> {
     let path = Path::new("/run/netns").join(name);
-    let f = File::open(&path)
-        .map_err(|e| Error::Sandbox(format!("network namespace {name}: {}: {e}", path.display())))?;
+    let f = File::open(&path).map_err(|e| {
+        Error::Sandbox(format!("network namespace {name}: {}: {e}", path.display()))
+    })?;
     // SAFETY: f is an open netns file descriptor.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(Error::Sandbox(format!(

@@ -29,8 +29,51 @@ pub fn compile_globs(globs: &[String]) -> Result<Vec<glob::Pattern>> {
         .iter()
         .flat_map(|g| g.split(','))
         .filter(|g| !g.is_empty())
-        .map(|g| glob::Pattern::new(g).map_err(|e| Error::Config(format!("interface glob {g:?}: {e}"))))
+        .map(|g| {
+            glob::Pattern::new(g).map_err(|e| Error::Config(format!("interface glob {g:?}: {e}")))
+        })
         .collect()
+}
+
+/// `compile_globs`, refusing an empty list (an agent that attaches nowhere is a mistake).
+pub fn interface_patterns(globs: &[String]) -> Result<Vec<glob::Pattern>> {
+    let patterns = compile_globs(globs)?;
+    if patterns.is_empty() {
+        return Err(Error::Config(
+            "--interfaces: give at least one name or glob".into(),
+        ));
+    }
+    Ok(patterns)
+}
+
+/// Loads (or re-uses) the datapath and wraps its maps in a writer seeded from them.
+/// Shared by `lb run` and `lb agent`.
+pub fn load_datapath(load: &LoadOptions) -> Result<(Datapath, Dataplane)> {
+    let (datapath, maps) = Datapath::load(load)?;
+    let plane = Dataplane::new(maps)?;
+    Ok((datapath, plane))
+}
+
+/// First attachment, once the maps hold the state: removes link pins of interfaces that
+/// are gone, then attaches to every matching interface.
+pub fn start_attaching(datapath: &mut Datapath, patterns: &[glob::Pattern]) {
+    datapath.prune_stale_link_pins();
+    datapath.sync_interfaces(patterns);
+    info!(interfaces = ?datapath.attached().collect::<Vec<_>>(), "running");
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::Load(format!("SIGTERM handler: {e}")))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| Error::Load(format!("SIGINT handler: {e}")))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 fn apply(plane: &mut Dataplane, cfg: &Config) {
@@ -49,25 +92,19 @@ fn apply(plane: &mut Dataplane, cfg: &Config) {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
-    let patterns = compile_globs(&opts.interfaces)?;
-    if patterns.is_empty() {
-        return Err(Error::Config("--interfaces: give at least one name or glob".into()));
-    }
+    let patterns = interface_patterns(&opts.interfaces)?;
     let mut last_text = std::fs::read(&opts.config)
         .map_err(|e| Error::Config(format!("{}: cannot read: {e}", opts.config.display())))?;
     let cfg = config::load(&opts.config)?;
 
-    let (mut datapath, maps) = Datapath::load(&opts.load)?;
-    let mut plane = Dataplane::new(maps)?;
+    let (mut datapath, mut plane) = load_datapath(&opts.load)?;
     // Maps first, then attach: a new interface never sees a half-filled service table.
     apply(&mut plane, &cfg);
-    datapath.prune_stale_link_pins();
-    datapath.sync_interfaces(&patterns);
-    info!(interfaces = ?datapath.attached().collect::<Vec<_>>(), "running");
+    start_attaching(&mut datapath, &patterns);
 
     let mut tick = tokio::time::interval(opts.poll);
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Load(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::Load(e.to_string()))?;
+    let shutdown = shutdown_signal()?;
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -84,8 +121,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 }
                 datapath.sync_interfaces(&patterns);
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = &mut shutdown => break,
         }
     }
     drop(plane);

@@ -121,7 +121,14 @@ impl Sandbox {
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
         ] {
-            run(Command::new("ip").args(["netns", "exec", &node, "sysctl", "-qw", &format!("{k}={v}")]))?;
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &node,
+                "sysctl",
+                "-qw",
+                &format!("{k}={v}"),
+            ]))?;
         }
         ip(&["-n", &node, "link", "set", "lo", "up"])?;
         for p in pods {
@@ -142,20 +149,45 @@ impl Sandbox {
         let node = self.node.clone();
         ip(&["netns", "add", &netns])?;
         ip(&[
-            "-n", &node, "link", "add", &host_if, "address", HOST_MAC, "type", "veth", "peer", "name", "eth0",
-            "address", &pod_mac, "netns", &netns,
+            "-n", &node, "link", "add", &host_if, "address", HOST_MAC, "type", "veth", "peer",
+            "name", "eth0", "address", &pod_mac, "netns", &netns,
         ])?;
         let cidr = format!("{ip_addr}/32");
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         ip(&["-n", &netns, "addr", "add", &cidr, "dev", "eth0"])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &netns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
-        ip(&["-n", &netns, "route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
-        ip(&["-n", &netns, "neigh", "replace", GATEWAY, "lladdr", HOST_MAC, "dev", "eth0", "nud", "permanent"])?;
+        ip(&[
+            "-n", &netns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
+        ])?;
+        ip(&[
+            "-n", &netns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "neigh",
+            "replace",
+            GATEWAY,
+            "lladdr",
+            HOST_MAC,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
         ip(&["-n", &node, "link", "set", &host_if, "up"])?;
         ip(&["-n", &node, "route", "add", &cidr, "dev", &host_if])?;
         ip(&[
-            "-n", &node, "neigh", "replace", &ip_addr.to_string(), "lladdr", &pod_mac, "dev", &host_if, "nud",
+            "-n",
+            &node,
+            "neigh",
+            "replace",
+            &ip_addr.to_string(),
+            "lladdr",
+            &pod_mac,
+            "dev",
+            &host_if,
+            "nud",
             "permanent",
         ])?;
         let pod = Pod {
@@ -191,10 +223,13 @@ impl Sandbox {
     /// Its output goes to `<workdir>/<log>`.
     pub fn spawn(&self, mut cmd: Command, log: &str) -> Result<u32> {
         let path = self.workdir.join(log);
-        let f = std::fs::File::create(&path).map_err(|e| Error::Sandbox(format!("{}: {e}", path.display())))?;
+        let f = std::fs::File::create(&path)
+            .map_err(|e| Error::Sandbox(format!("{}: {e}", path.display())))?;
         let f2 = f.try_clone().map_err(|e| Error::Sandbox(e.to_string()))?;
         cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
-        let child = cmd.spawn().map_err(|e| Error::Sandbox(format!("{cmd:?}: {e}")))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Sandbox(format!("{cmd:?}: {e}")))?;
         let pid = child.id();
         self.children.lock().unwrap().push(child);
         Ok(pid)
@@ -211,7 +246,10 @@ impl Sandbox {
         unsafe { libc::kill(pid as i32, sig) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(st) = child.try_wait().map_err(|e| Error::Sandbox(e.to_string()))? {
+            if let Some(st) = child
+                .try_wait()
+                .map_err(|e| Error::Sandbox(e.to_string()))?
+            {
                 return Ok(Some(st));
             }
             if Instant::now() > deadline {
@@ -255,7 +293,10 @@ impl Sandbox {
         let p = self.pod(pod).clone();
         let listen = format!("UDP4-RECVFROM:{port},reuseaddr,fork");
         let reply = format!("SYSTEM:echo {pod}");
-        let pid = self.spawn(self.cmd(&p.netns, &["socat", &listen, &reply]), &format!("udp-{pod}.log"))?;
+        let pid = self.spawn(
+            self.cmd(&p.netns, &["socat", &listen, &reply]),
+            &format!("udp-{pod}.log"),
+        )?;
         self.wait_listening(&p.netns, port, "udp")?;
         Ok(pid)
     }
@@ -278,13 +319,18 @@ impl Sandbox {
         while Instant::now() < deadline {
             if let Ok(out) = self.cmd(netns, &["ss", flag]).output() {
                 let text = String::from_utf8_lossy(&out.stdout);
-                if text.lines().any(|l| l.split_whitespace().any(|w| w.ends_with(&format!(":{port}")))) {
+                if text.lines().any(|l| {
+                    l.split_whitespace()
+                        .any(|w| w.ends_with(&format!(":{port}")))
+                }) {
                     return Ok(());
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(Error::Sandbox(format!("nothing listens on {proto} port {port} in {netns}")))
+        Err(Error::Sandbox(format!(
+            "nothing listens on {proto} port {port} in {netns}"
+        )))
     }
 
     /// Names of the interfaces the agent should attach to (the pods' host sides).
@@ -322,7 +368,9 @@ impl Drop for Sandbox {
         for p in &self.pods {
             let _ = Command::new("ip").args(["netns", "del", &p.netns]).status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.node]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.node])
+            .status();
         clean_prefix(&format!("{}-", self.prefix));
         let _ = crate::loader::remove_pins(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.workdir);

@@ -45,18 +45,33 @@ fn services(maps: &Maps, out: &mut String) -> Result<()> {
     let st = maps.read_state()?;
     let mut fes: Vec<_> = st.frontends.iter().collect();
     fes.sort_by_key(|(k, _)| frontend_addr(k));
-    let _ = writeln!(out, "{:<24} {:>6} {:>5}  BACKENDS (ready, in slot order)", "FRONTEND", "ID", "READY");
+    let _ = writeln!(
+        out,
+        "{:<24} {:>6} {:>5}  BACKENDS (ready, in slot order)",
+        "FRONTEND", "ID", "READY"
+    );
     for (k, f) in fes {
         let list: Vec<String> = st
             .slot_list(f)
             .iter()
             .map(|id| match st.backends.get(id) {
-                Some(b) => format!("{}:{}", Ipv4Addr::from(u32::from_be(b.addr)), u16::from_be(b.port)),
+                Some(b) => format!(
+                    "{}:{}",
+                    Ipv4Addr::from(u32::from_be(b.addr)),
+                    u16::from_be(b.port)
+                ),
                 None => format!("#{id}?"),
             })
             .collect();
         let fa = frontend_addr(k);
-        let _ = writeln!(out, "{:<24} {:>6} {:>5}  {}", fa.to_string(), f.service_id, f.count, list.join(" "));
+        let _ = writeln!(
+            out,
+            "{:<24} {:>6} {:>5}  {}",
+            fa.to_string(),
+            f.service_id,
+            f.count,
+            list.join(" ")
+        );
     }
     let _ = writeln!(out);
     Ok(())
@@ -87,9 +102,16 @@ fn conntrack(maps: &Maps, out: &mut String) -> Result<()> {
     entries.sort_by_key(|(k, _)| (k.dir, k.src_addr, k.src_port, k.dst_addr, k.dst_port));
     let _ = writeln!(out, "DIR      PROTO  SOURCE                 DESTINATION            NAT                    BACKEND  STATE");
     for (k, v) in entries {
-        let ep = |a: u32, p: u16| format!("{}:{}", Ipv4Addr::from(u32::from_be(a)), u16::from_be(p));
-        let proto = Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string());
-        let dir = if k.dir == CT_DIR_FORWARD { "forward" } else { "reply" };
+        let ep =
+            |a: u32, p: u16| format!("{}:{}", Ipv4Addr::from(u32::from_be(a)), u16::from_be(p));
+        let proto = Protocol::from_number(k.proto)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| k.proto.to_string());
+        let dir = if k.dir == CT_DIR_FORWARD {
+            "forward"
+        } else {
+            "reply"
+        };
         let _ = writeln!(
             out,
             "{dir:<8} {proto:<6} {:<22} {:<22} {:<22} {:>7}  {}",

@@ -43,7 +43,9 @@ fn backend_ip(name: &str) -> String {
 fn config(web: &[(&str, bool)], iperf: &[&str]) -> String {
     let eps = |list: Vec<(String, bool)>| -> String {
         list.iter()
-            .map(|(a, r)| format!("      - addresses: [\"{a}\"]\n        conditions: {{ready: {r}}}\n"))
+            .map(|(a, r)| {
+                format!("      - addresses: [\"{a}\"]\n        conditions: {{ready: {r}}}\n")
+            })
             .collect()
     };
     let web_eps = eps(web.iter().map(|(n, r)| (backend_ip(n), *r)).collect());
@@ -92,8 +94,13 @@ impl Env {
     /// A client and three backends running nginx (8080), a UDP responder (5353) and
     /// iperf3 (5201); the agent runs on `cfg`.
     fn new(cfg: &str, agent_args: &[&str]) -> Env {
-        let prefix = format!("lbt{}{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::SeqCst));
-        let sb = Sandbox::create(&prefix, &["client", "backend-1", "backend-2", "backend-3"]).unwrap();
+        let prefix = format!(
+            "lbt{}{}",
+            std::process::id() % 100_000,
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let sb =
+            Sandbox::create(&prefix, &["client", "backend-1", "backend-2", "backend-3"]).unwrap();
         for b in BACKENDS {
             sb.start_nginx(b, 8080).unwrap();
             sb.start_udp_echo(b, 5353).unwrap();
@@ -132,17 +139,21 @@ impl Env {
     }
 
     fn wait_web_ready(&self, web_ready: u32) {
-        wait_until(Duration::from_secs(10), "the agent to apply the new file", || {
-            let maps = Maps::from_pins(self.sb.pin_dir()).ok()?;
-            let st = maps.read_state().ok()?;
-            let key = lb_common::FrontendKey {
-                addr: u32::from(WEB.parse::<std::net::Ipv4Addr>().unwrap()).to_be(),
-                port: 80u16.to_be(),
-                proto: lb_common::PROTO_TCP,
-                _pad: 0,
-            };
-            (st.frontends.get(&key)?.count == web_ready).then_some(())
-        });
+        wait_until(
+            Duration::from_secs(10),
+            "the agent to apply the new file",
+            || {
+                let maps = Maps::from_pins(self.sb.pin_dir()).ok()?;
+                let st = maps.read_state().ok()?;
+                let key = lb_common::FrontendKey {
+                    addr: u32::from(WEB.parse::<std::net::Ipv4Addr>().unwrap()).to_be(),
+                    port: 80u16.to_be(),
+                    proto: lb_common::PROTO_TCP,
+                    _pad: 0,
+                };
+                (st.frontends.get(&key)?.count == web_ready).then_some(())
+            },
+        );
     }
 
     fn agent_log(&self) -> String {
@@ -158,7 +169,18 @@ impl Env {
     fn start_iperf3(&self, ip: &str, secs: u32, log: &str) -> u32 {
         let cmd = self.sb.cmd(
             &self.client(),
-            &["iperf3", "-c", ip, "-p", "5201", "-t", &secs.to_string(), "-i", "0.5", "-J"],
+            &[
+                "iperf3",
+                "-c",
+                ip,
+                "-p",
+                "5201",
+                "-t",
+                &secs.to_string(),
+                "-i",
+                "0.5",
+                "-J",
+            ],
         );
         self.sb.spawn(cmd, log).unwrap()
     }
@@ -169,7 +191,9 @@ impl Env {
         loop {
             // SAFETY: probing our own child with signal 0.
             let alive = unsafe { libc::kill(pid as i32, 0) } == 0
-                && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z");
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z");
             if !alive || Instant::now() > deadline {
                 break;
             }
@@ -177,7 +201,8 @@ impl Env {
         }
         self.sb.stop(pid, libc::SIGTERM).unwrap();
         let text = self.sb.log(log);
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("iperf3 output ({e}): {text}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("iperf3 output ({e}): {text}"));
         assert!(v.get("error").is_none(), "iperf3 failed: {}", v["error"]);
         let intervals = v["intervals"]
             .as_array()
@@ -185,7 +210,12 @@ impl Env {
             .iter()
             .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap())
             .collect();
-        (intervals, v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap())
+        (
+            intervals,
+            v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap(),
+        )
     }
 }
 
@@ -201,7 +231,14 @@ fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>
 }
 
 fn all_ready() -> String {
-    config(&[("backend-1", true), ("backend-2", true), ("backend-3", true)], &["backend-3"])
+    config(
+        &[
+            ("backend-1", true),
+            ("backend-2", true),
+            ("backend-3", true),
+        ],
+        &["backend-3"],
+    )
 }
 
 #[test]
@@ -209,10 +246,16 @@ fn http_through_the_cluster_ip_reaches_every_ready_backend() {
     let env = Env::new(&all_ready(), &[]);
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..30 {
-        let who = env.curl(WEB).unwrap_or_else(|code| panic!("curl failed with exit {code}\n{}", env.agent_log()));
+        let who = env
+            .curl(WEB)
+            .unwrap_or_else(|code| panic!("curl failed with exit {code}\n{}", env.agent_log()));
         *seen.entry(who).or_default() += 1;
     }
-    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), BACKENDS.to_vec(), "{seen:?}");
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        BACKENDS.to_vec(),
+        "{seen:?}"
+    );
 }
 
 #[test]
@@ -232,7 +275,11 @@ fn udp_through_the_cluster_ip_is_answered_from_the_service_address() {
     });
     let mut seen = BTreeMap::new();
     for (from, who) in answers {
-        assert_eq!(from, "10.96.0.10:53".parse().unwrap(), "the client only ever sees the Service");
+        assert_eq!(
+            from,
+            "10.96.0.10:53".parse().unwrap(),
+            "the client only ever sees the Service"
+        );
         *seen.entry(who).or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
@@ -242,8 +289,12 @@ fn http_get(s: &mut TcpStream) -> String {
     s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
     let mut buf = vec![0u8; 4096];
     let mut got = Vec::new();
-    while !String::from_utf8_lossy(&got).contains("backend-") || !String::from_utf8_lossy(&got).ends_with('\n') {
-        let n = s.read(&mut buf).expect("response on the kept-alive connection");
+    while !String::from_utf8_lossy(&got).contains("backend-")
+        || !String::from_utf8_lossy(&got).ends_with('\n')
+    {
+        let n = s
+            .read(&mut buf)
+            .expect("response on the kept-alive connection");
         assert!(n > 0, "connection closed");
         got.extend_from_slice(&buf[..n]);
     }
@@ -255,7 +306,9 @@ fn http_get(s: &mut TcpStream) -> String {
 fn a_backend_set_not_ready_gets_no_new_connections_but_keeps_established_ones() {
     let env = Env::new(&all_ready(), &[]);
     let mut conn = env.in_client(|| {
-        let s = TcpStream::connect_timeout(&"10.96.0.10:80".parse().unwrap(), Duration::from_secs(3)).unwrap();
+        let s =
+            TcpStream::connect_timeout(&"10.96.0.10:80".parse().unwrap(), Duration::from_secs(3))
+                .unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s
     });
@@ -264,9 +317,16 @@ fn a_backend_set_not_ready_gets_no_new_connections_but_keeps_established_ones() 
     env.update(&config(&ready, &["backend-3"]), 2);
     for _ in 0..20 {
         let who = env.curl(WEB).expect("new connections still work");
-        assert_ne!(who, first, "{first} is not ready and must get no new connection");
+        assert_ne!(
+            who, first,
+            "{first} is not ready and must get no new connection"
+        );
     }
-    assert_eq!(http_get(&mut conn), first, "the established connection continues");
+    assert_eq!(
+        http_get(&mut conn),
+        first,
+        "the established connection continues"
+    );
 }
 
 #[test]
@@ -275,10 +335,19 @@ fn changing_the_file_does_not_interrupt_a_running_iperf3_stream() {
     let pid = env.start_iperf3(IPERF, 5, "iperf-client.json");
     std::thread::sleep(Duration::from_millis(1500));
     // Remove a web backend and add a second iperf backend (new connections only).
-    env.update(&config(&[("backend-1", true), ("backend-2", true)], &["backend-3", "backend-2"]), 2);
+    env.update(
+        &config(
+            &[("backend-1", true), ("backend-2", true)],
+            &["backend-3", "backend-2"],
+        ),
+        2,
+    );
     let (intervals, total) = env.iperf3_result(pid, "iperf-client.json");
     assert!(intervals.len() >= 9, "{intervals:?}");
-    assert!(intervals.iter().all(|bps| *bps > 0.0), "an interval without traffic: {intervals:?}");
+    assert!(
+        intervals.iter().all(|bps| *bps > 0.0),
+        "an interval without traffic: {intervals:?}"
+    );
     assert!(total > 0.0);
 }
 
@@ -287,13 +356,23 @@ fn an_agent_restart_with_pins_kept_does_not_interrupt_a_tcp_stream() {
     let env = Env::new(&all_ready(), &["--keep-pinned"]);
     let pid = env.start_iperf3(IPERF, 5, "iperf-client.json");
     std::thread::sleep(Duration::from_millis(1000));
-    let status = env.sb.stop(env.agent, libc::SIGTERM).unwrap().expect("agent exited");
+    let status = env
+        .sb
+        .stop(env.agent, libc::SIGTERM)
+        .unwrap()
+        .expect("agent exited");
     assert!(status.success(), "{}", env.agent_log());
-    assert!(env.sb.pin_dir().join("LB_CONNTRACK").exists(), "maps stay pinned");
+    assert!(
+        env.sb.pin_dir().join("LB_CONNTRACK").exists(),
+        "maps stay pinned"
+    );
     std::thread::sleep(Duration::from_millis(1000)); // no agent at all for a second
     let again = spawn_agent(&env.sb, Path::new(LB), &env.config, &["--keep-pinned"]).unwrap();
     let (intervals, _) = env.iperf3_result(pid, "iperf-client.json");
-    assert!(intervals.iter().all(|bps| *bps > 0.0), "an interval without traffic: {intervals:?}");
+    assert!(
+        intervals.iter().all(|bps| *bps > 0.0),
+        "an interval without traffic: {intervals:?}"
+    );
     wait_until(Duration::from_secs(10), "the new agent to attach", || {
         env.agent_log().contains("replaced=true").then_some(())
     });
@@ -308,7 +387,10 @@ fn a_service_without_backends_refuses_at_once() {
     let env = Env::new(&all_ready(), &[]);
     let t = Instant::now();
     assert_eq!(env.curl(EMPTY), Err(7), "curl: connection refused");
-    assert!(t.elapsed() < Duration::from_secs(2), "refused, not timed out");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "refused, not timed out"
+    );
     let err = env.in_client(|| {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
@@ -324,16 +406,23 @@ fn a_service_without_backends_refuses_at_once() {
 fn a_pod_created_after_the_agent_started_gets_the_program() {
     let mut env = Env::new(&all_ready(), &[]);
     let late = env.sb.add_pod("late").unwrap();
-    wait_until(Duration::from_secs(10), "the agent to attach to lxc-late", || {
-        std::fs::read_dir(env.sb.pin_dir().join("links"))
-            .ok()?
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("lxc-late@"))
-            .then_some(())
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the agent to attach to lxc-late",
+        || {
+            std::fs::read_dir(env.sb.pin_dir().join("links"))
+                .ok()?
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("lxc-late@"))
+                .then_some(())
+        },
+    );
     let out = env
         .sb
-        .cmd(&late.netns, &["curl", "-s", "--max-time", "3", "http://10.96.0.10/"])
+        .cmd(
+            &late.netns,
+            &["curl", "-s", "--max-time", "3", "http://10.96.0.10/"],
+        )
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", env.agent_log());
@@ -343,10 +432,16 @@ fn a_pod_created_after_the_agent_started_gets_the_program() {
 #[test]
 fn a_malformed_file_is_rejected_and_the_running_state_stays() {
     let env = Env::new(&all_ready(), &[]);
-    std::fs::write(&env.config, "services:\n  - name: web\n    clusterIP: 10.96.0.999\n    ports: []\n").unwrap();
-    wait_until(Duration::from_secs(10), "the agent to report the bad file", || {
-        env.agent_log().contains("line 3").then_some(())
-    });
+    std::fs::write(
+        &env.config,
+        "services:\n  - name: web\n    clusterIP: 10.96.0.999\n    ports: []\n",
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the agent to report the bad file",
+        || env.agent_log().contains("line 3").then_some(()),
+    );
     assert!(env.agent_log().contains("keeping the running state"));
     env.wait_web_ready(3);
     assert!(env.curl(WEB).is_ok());
@@ -359,9 +454,18 @@ fn exit_without_keep_pinned_detaches_and_unpins_everything() {
     let status = env.sb.stop(env.agent, libc::SIGTERM).unwrap().unwrap();
     assert!(status.success(), "{}", env.agent_log());
     assert!(!env.sb.pin_dir().exists(), "pins removed");
-    assert!(env.curl(WEB).is_err(), "no dataplane: the ClusterIP is not reachable any more");
-    let out = env.sb.exec(&env.sb.node, &["bpftool", "net", "show"]).unwrap();
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("lb_tc_pod"), "no program left attached");
+    assert!(
+        env.curl(WEB).is_err(),
+        "no dataplane: the ClusterIP is not reachable any more"
+    );
+    let out = env
+        .sb
+        .exec(&env.sb.node, &["bpftool", "net", "show"])
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("lb_tc_pod"),
+        "no program left attached"
+    );
 }
 
 /// Not an assertion on speed (the machine is shared): prints both figures for the
@@ -379,5 +483,8 @@ fn iperf3_through_the_cluster_ip_beside_the_pod_ip() {
             rows.push(format!("{label:<10} {:>8.2} Gbit/s", total / 1e9));
         }
     }
-    eprintln!("iperf3, client pod -> backend-3, 3 s each, interleaved:\n{}", rows.join("\n"));
+    eprintln!(
+        "iperf3, client pod -> backend-3, 3 s each, interleaved:\n{}",
+        rows.join("\n")
+    );
 }

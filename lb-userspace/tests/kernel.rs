@@ -82,13 +82,16 @@ impl Kernel {
 
     fn sync(&mut self, cfg: &str) {
         let c = config::parse("test", cfg).unwrap();
-        let report = self.plane.sync(&desired_state(&c.services, &c.endpoint_slices));
+        let report = self
+            .plane
+            .sync(&desired_state(&c.services, &c.endpoint_slices));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 
     /// Runs the program on `pkt`: (verdict, output bytes).
     fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
-        self.try_run(pkt).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {pkt:02x?}: {e}"))
+        self.try_run(pkt)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {pkt:02x?}: {e}"))
     }
 
     fn try_run(&mut self, pkt: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
@@ -130,7 +133,11 @@ fn tcp_syn_to_a_service_is_translated_to_the_backend_and_target_port() {
     let (verdict, out) = k.run(&syn.build());
     assert_eq!(verdict, TC_ACT_OK);
     assert_checksums(&out);
-    assert_eq!(out, rewritten(&syn, Some((B1, 8080)), None), "only daddr, dport and checksums change");
+    assert_eq!(
+        out,
+        rewritten(&syn, Some((B1, 8080)), None),
+        "only daddr, dport and checksums change"
+    );
     assert_eq!(k.counter("new_flow"), 1);
 }
 
@@ -172,7 +179,11 @@ fn udp_checksum_zero_stays_zero() {
     assert_eq!(verdict, TC_ACT_OK);
     let v = view(&out);
     assert_eq!((v.dst.to_string().as_str(), v.dport), (B1, 5353));
-    assert_eq!(&v.l4[6..8], &[0, 0], "a UDP checksum of 0 means none and must stay 0");
+    assert_eq!(
+        &v.l4[6..8],
+        &[0, 0],
+        "a UDP checksum of 0 means none and must stay 0"
+    );
     assert_checksums(&out);
     let mut expected = q.clone();
     expected.dst = B1.parse().unwrap();
@@ -198,9 +209,9 @@ fn ip_options_are_skipped_and_kept() {
 fn packets_not_to_a_service_pass_untouched() {
     let mut k = one_backend();
     for pkt in [
-        Spec::tcp(CLIENT, 40003, B1, 8080, SYN).build(),      // straight to a pod
-        Spec::tcp(CLIENT, 40003, VIP, 443, SYN).build(),      // service IP, unknown port
-        Spec::udp(CLIENT, 40003, VIP, 80, b"x").build(),      // service port, wrong protocol
+        Spec::tcp(CLIENT, 40003, B1, 8080, SYN).build(), // straight to a pod
+        Spec::tcp(CLIENT, 40003, VIP, 443, SYN).build(), // service IP, unknown port
+        Spec::udp(CLIENT, 40003, VIP, 80, b"x").build(), // service port, wrong protocol
     ] {
         assert_eq!(k.run(&pkt), (TC_ACT_OK, pkt.clone()));
     }
@@ -266,7 +277,10 @@ fn tcp_to_a_service_without_backends_gets_a_reset() {
     let mut syn = Spec::tcp(CLIENT, 40005, VIP, 81, SYN);
     syn.payload = b"data".to_vec(); // SYN with data (TFO): ack covers it
     let (verdict, out) = k.run(&syn.build());
-    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the interface it came in");
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "sent back out of the interface it came in"
+    );
     assert_eq!(out.len(), 14 + 20 + 20);
     assert_eq!(&out[0..6], &CLIENT_MAC, "back to the client");
     assert_eq!(&out[6..12], &HOST_MAC);
@@ -276,7 +290,11 @@ fn tcp_to_a_service_without_backends_gets_a_reset() {
     assert_eq!((v.dst.to_string(), v.dport), (CLIENT.to_string(), 40005));
     assert_eq!(v.l4[13], RST | ACK);
     assert_eq!(u32::from_be_bytes(v.l4[4..8].try_into().unwrap()), 0, "seq");
-    assert_eq!(u32::from_be_bytes(v.l4[8..12].try_into().unwrap()), syn.seq + 1 + 4, "ack = seq + SYN + data");
+    assert_eq!(
+        u32::from_be_bytes(v.l4[8..12].try_into().unwrap()),
+        syn.seq + 1 + 4,
+        "ack = seq + SYN + data"
+    );
     assert_eq!(k.counter("refused_no_backend"), 1);
 
     // A segment with ACK gets RST with seq = its ack; a RST is never answered.
@@ -302,9 +320,20 @@ fn udp_to_a_service_without_backends_gets_port_unreachable() {
     assert_checksums(&out);
     let v = view(&out);
     assert_eq!(v.proto, ICMP);
-    assert_eq!((v.src.to_string(), v.dst.to_string()), (VIP.to_string(), CLIENT.to_string()));
-    assert_eq!(&v.l4[0..2], &[3, 3], "destination unreachable / port unreachable");
-    assert_eq!(&v.l4[8..], &input[14..14 + 20 + 8], "quotes the IP header and 8 bytes of UDP");
+    assert_eq!(
+        (v.src.to_string(), v.dst.to_string()),
+        (VIP.to_string(), CLIENT.to_string())
+    );
+    assert_eq!(
+        &v.l4[0..2],
+        &[3, 3],
+        "destination unreachable / port unreachable"
+    );
+    assert_eq!(
+        &v.l4[8..],
+        &input[14..14 + 20 + 8],
+        "quotes the IP header and 8 bytes of UDP"
+    );
     assert_eq!(k.counter("refused_no_backend"), 1);
 }
 
@@ -321,7 +350,10 @@ fn an_established_flow_keeps_its_backend_while_backends_come_and_go() {
     k.sync(&config_with(&[(&chosen.to_string(), true), (B3, true)]));
     let (_, out) = k.run(&ack.build());
     assert_eq!(view(&out).dst, chosen);
-    assert_eq!(out, rewritten(&ack, Some((&chosen.to_string(), 8080)), None));
+    assert_eq!(
+        out,
+        rewritten(&ack, Some((&chosen.to_string(), 8080)), None)
+    );
     assert_ne!(chosen.to_string(), other);
     assert_eq!(k.counter("translated"), 2);
 }
@@ -334,10 +366,18 @@ fn a_not_ready_backend_keeps_its_flows_but_gets_no_new_ones() {
     let still = if chosen == B1 { B2 } else { B1 };
     k.sync(&config_with(&[(&chosen, false), (still, true)]));
     let ack = Spec::tcp(CLIENT, 40020, VIP, 80, ACK);
-    assert_eq!(view(&k.run(&ack.build()).1).dst.to_string(), chosen, "established flow continues");
+    assert_eq!(
+        view(&k.run(&ack.build()).1).dst.to_string(),
+        chosen,
+        "established flow continues"
+    );
     for port in 41000..41040 {
         let out = k.run(&Spec::tcp(CLIENT, port, VIP, 80, SYN).build()).1;
-        assert_eq!(view(&out).dst.to_string(), still, "new flows avoid the not-ready backend");
+        assert_eq!(
+            view(&out).dst.to_string(),
+            still,
+            "new flows avoid the not-ready backend"
+        );
     }
 }
 

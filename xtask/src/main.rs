@@ -57,11 +57,16 @@ enum Cmd {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into())
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -113,7 +118,9 @@ fn setup_apt() -> Result<()> {
 
 fn nightly_sysroot() -> Result<PathBuf> {
     let s = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
-        .context("the nightly toolchain is needed for the eBPF crate (rustup toolchain install nightly)")?;
+        .context(
+            "the nightly toolchain is needed for the eBPF crate (rustup toolchain install nightly)",
+        )?;
     Ok(PathBuf::from(s.trim()))
 }
 
@@ -129,7 +136,9 @@ fn bpf_linker_ok() -> bool {
     Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
         .unwrap_or(false)
 }
 
@@ -161,14 +170,28 @@ fn setup_bpf_linker() -> Result<()> {
     }
     eprintln!("building bpf-linker {BPF_LINKER_VERSION} against {libllvm} (a few minutes, once)");
     run(Command::new("cargo")
-        .args(["+stable", "install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            "+stable",
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .env("LLVM_PREFIX", &prefix))
 }
 
 fn setup_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         return Ok(());
     }
     run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
@@ -200,7 +223,10 @@ fn build_ebpf() -> Result<()> {
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .args(["--target-dir", "target/ebpf"])
         // bpf-linker emits BTF (typed maps for the loader and `bpftool map dump`).
-        .env("CARGO_ENCODED_RUSTFLAGS", ["-C", "debuginfo=2", "-C", "link-arg=--btf"].join("\x1f"))
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            ["-C", "debuginfo=2", "-C", "link-arg=--btf"].join("\x1f"),
+        )
         .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
@@ -212,7 +238,8 @@ fn build_ebpf() -> Result<()> {
 fn build(release: bool) -> Result<()> {
     build_ebpf()?;
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root()).args(["build", "--package", "lb-userspace"]);
+    cmd.current_dir(root())
+        .args(["build", "--package", "lb-userspace"]);
     if release {
         cmd.arg("--release");
     }
@@ -245,7 +272,7 @@ fn test(args: &[String]) -> Result<()> {
     // Kernel and end-to-end tests share kernel state (namespaces, bpffs): one at a time.
     let result = run(Command::new("cargo")
         .current_dir(root())
-        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(["test", "--no-fail-fast"])
         .arg("--")
         .arg("--test-threads=1")
         .args(args));
@@ -256,8 +283,11 @@ fn test(args: &[String]) -> Result<()> {
 fn demo(requests: usize) -> Result<()> {
     setup()?;
     build(false)?;
-    run(Command::new(root().join("target/debug/lb"))
-        .args(["demo", "--requests", &requests.to_string()]))
+    run(Command::new(root().join("target/debug/lb")).args([
+        "demo",
+        "--requests",
+        &requests.to_string(),
+    ]))
 }
 
 fn main() -> Result<()> {

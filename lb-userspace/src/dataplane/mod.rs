@@ -52,7 +52,11 @@ impl Maps {
             let data = MapData::from_pin(&path).map_err(|e| {
                 map_err(
                     name,
-                    format!("cannot open {}: {e} (is the agent running with --pin-dir {}?)", path.display(), dir.display()),
+                    format!(
+                        "cannot open {}: {e} (is the agent running with --pin-dir {}?)",
+                        path.display(),
+                        dir.display()
+                    ),
                 )
             })?;
             Map::from_map_data(data).map_err(|e| map_err(name, e))

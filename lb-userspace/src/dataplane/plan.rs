@@ -236,7 +236,10 @@ pub fn plan(current: &MapState, desired: &DesiredState) -> Vec<Op> {
         .slots
         .keys()
         .filter(|k| !live_ids.contains(&k.service_id) && !gone_ids.contains(&k.service_id))
-        .filter(|k| !ops.iter().any(|op| matches!(op, Op::PutSlot(p, _) if p == *k)))
+        .filter(|k| {
+            !ops.iter()
+                .any(|op| matches!(op, Op::PutSlot(p, _) if p == *k))
+        })
         .copied()
         .collect();
     orphan.sort();
@@ -327,8 +330,14 @@ mod tests {
 
     #[test]
     fn adding_a_backend_touches_only_its_own_entries() {
-        let (s, _) = applied(&MapState::default(), &state(&[(fe(10, 80), &[2, 3], &[]), (fe(11, 80), &[7], &[])]));
-        let (s2, ops) = applied(&s, &state(&[(fe(10, 80), &[2, 3, 4], &[]), (fe(11, 80), &[7], &[])]));
+        let (s, _) = applied(
+            &MapState::default(),
+            &state(&[(fe(10, 80), &[2, 3], &[]), (fe(11, 80), &[7], &[])]),
+        );
+        let (s2, ops) = applied(
+            &s,
+            &state(&[(fe(10, 80), &[2, 3, 4], &[]), (fe(11, 80), &[7], &[])]),
+        );
         assert_eq!(ops.len(), 3, "{ops:?}");
         assert!(matches!(ops[0], Op::PutBackend(_, b) if b == backend_value(&be(4))));
         assert!(matches!(ops[1], Op::PutSlot(k, _) if k.slot == 3));
@@ -342,7 +351,10 @@ mod tests {
 
     #[test]
     fn removing_a_backend_moves_at_most_one_slot() {
-        let (s, _) = applied(&MapState::default(), &state(&[(fe(10, 80), &[2, 3, 4, 5], &[])]));
+        let (s, _) = applied(
+            &MapState::default(),
+            &state(&[(fe(10, 80), &[2, 3, 4, 5], &[])]),
+        );
         let (s2, ops) = applied(&s, &state(&[(fe(10, 80), &[2, 4, 5], &[])]));
         // slot of 3 := 5, count 4 -> 3, delete slot 4, delete backend 3.
         assert_eq!(ops.len(), 4, "{ops:?}");
@@ -357,19 +369,35 @@ mod tests {
     fn not_ready_backend_leaves_slots_but_stays_in_backends() {
         let (s, _) = applied(&MapState::default(), &state(&[(fe(10, 80), &[2, 3], &[])]));
         let (s2, ops) = applied(&s, &state(&[(fe(10, 80), &[2], &[3])]));
-        assert!(!ops.iter().any(|o| matches!(o, Op::DelBackend(_))), "{ops:?}");
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::DelBackend(_))),
+            "{ops:?}"
+        );
         assert_eq!(resolve(&s2, &fe(10, 80)), [be(2)].into());
         assert!(s2.backends.values().any(|b| *b == backend_value(&be(3))));
     }
 
     #[test]
     fn deleting_a_frontend_removes_it_before_its_slots_and_frees_backends() {
-        let (s, _) = applied(&MapState::default(), &state(&[(fe(10, 80), &[2], &[]), (fe(11, 80), &[2, 3], &[])]));
+        let (s, _) = applied(
+            &MapState::default(),
+            &state(&[(fe(10, 80), &[2], &[]), (fe(11, 80), &[2, 3], &[])]),
+        );
         let (s2, ops) = applied(&s, &state(&[(fe(10, 80), &[2], &[])]));
-        let del_fe = ops.iter().position(|o| matches!(o, Op::DelFrontend(_))).unwrap();
-        let first_del_slot = ops.iter().position(|o| matches!(o, Op::DelSlot(_))).unwrap();
+        let del_fe = ops
+            .iter()
+            .position(|o| matches!(o, Op::DelFrontend(_)))
+            .unwrap();
+        let first_del_slot = ops
+            .iter()
+            .position(|o| matches!(o, Op::DelSlot(_)))
+            .unwrap();
         assert!(del_fe < first_del_slot);
-        assert_eq!(s2.backends.len(), 1, "backend 2 is still used by 10:80, 3 is gone");
+        assert_eq!(
+            s2.backends.len(),
+            1,
+            "backend 2 is still used by 10:80, 3 is gone"
+        );
         assert_eq!(s2.slots.len(), 1);
         assert_eq!(s2.frontends.len(), 1);
     }
@@ -385,21 +413,43 @@ mod tests {
     #[test]
     fn orphan_slots_from_an_interrupted_update_are_removed() {
         let (mut s, _) = applied(&MapState::default(), &state(&[(fe(10, 80), &[2], &[])]));
-        s.slots.insert(SlotKey { service_id: 99, slot: 1 }, 1);
+        s.slots.insert(
+            SlotKey {
+                service_id: 99,
+                slot: 1,
+            },
+            1,
+        );
         let sid = s.frontends.values().next().unwrap().service_id;
-        s.slots.insert(SlotKey { service_id: sid, slot: 5 }, 1);
+        s.slots.insert(
+            SlotKey {
+                service_id: sid,
+                slot: 5,
+            },
+            1,
+        );
         let (s2, _) = applied(&s, &state(&[(fe(10, 80), &[2], &[])]));
         assert_eq!(s2.slots.len(), 1);
     }
 
     #[test]
     fn ids_are_reused_lowest_first() {
-        let (s, _) = applied(&MapState::default(), &state(&[(fe(10, 80), &[2, 3], &[]), (fe(11, 80), &[4], &[])]));
+        let (s, _) = applied(
+            &MapState::default(),
+            &state(&[(fe(10, 80), &[2, 3], &[]), (fe(11, 80), &[4], &[])]),
+        );
         let (s2, _) = applied(&s, &state(&[(fe(11, 80), &[4], &[])]));
-        let (s3, _) = applied(&s2, &state(&[(fe(11, 80), &[4], &[]), (fe(12, 80), &[5], &[])]));
+        let (s3, _) = applied(
+            &s2,
+            &state(&[(fe(11, 80), &[4], &[]), (fe(12, 80), &[5], &[])]),
+        );
         let ids: BTreeSet<u32> = s3.frontends.values().map(|f| f.service_id).collect();
         assert_eq!(ids, [1, 2].into());
         let bids: BTreeSet<u32> = s3.backends.keys().copied().collect();
-        assert_eq!(bids, [1, 3].into(), "backend 4 kept id 3; backend 5 took freed id 1");
+        assert_eq!(
+            bids,
+            [1, 3].into(),
+            "backend 4 kept id 3; backend 5 took freed id 1"
+        );
     }
 }

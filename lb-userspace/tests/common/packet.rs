@@ -114,7 +114,11 @@ impl Spec {
         if !(self.proto == UDP && self.udp_no_checksum) {
             let c = checksum(&l4, pseudo(self.src, self.dst, self.proto, l4.len()));
             let off = if self.proto == TCP { 16 } else { 6 };
-            let c = if c == 0 && self.proto == UDP { 0xffff } else { c };
+            let c = if c == 0 && self.proto == UDP {
+                0xffff
+            } else {
+                c
+            };
             l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
         }
         let ihl = 5 + self.ip_options.len() / 4;
@@ -170,7 +174,11 @@ pub fn view(pkt: &[u8]) -> View {
 pub fn assert_checksums(pkt: &[u8]) {
     let ip = &pkt[14..];
     let ihl = (ip[0] & 0x0f) as usize * 4;
-    assert_eq!(fold(sum16(&ip[..ihl], 0)), 0xffff, "IPv4 header checksum is wrong");
+    assert_eq!(
+        fold(sum16(&ip[..ihl], 0)),
+        0xffff,
+        "IPv4 header checksum is wrong"
+    );
     let v = view(pkt);
     match v.proto {
         TCP => assert_eq!(
