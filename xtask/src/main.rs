@@ -265,19 +265,47 @@ fn clean_sandboxes() -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, echoing its output, and ends with one summary line over every test
+/// binary ("tests: N passed, M failed"), so CI reads the whole run, not the last binary.
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     build_ebpf()?;
     clean_sandboxes()?;
     // Kernel and end-to-end tests share kernel state (namespaces, bpffs): one at a time.
-    let result = run(Command::new("cargo")
-        .current_dir(root())
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root())
         .args(["test", "--no-fail-fast"])
         .arg("--")
         .arg("--test-threads=1")
-        .args(args));
+        .args(args)
+        .stdout(std::process::Stdio::piped());
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd.spawn().context("starting cargo test")?;
+    let stdout = child.stdout.take().expect("piped");
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += num("passed");
+            failed += num("failed");
+        }
+    }
+    let status = child.wait()?;
     clean_sandboxes()?;
-    result
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
 
 fn demo(requests: usize) -> Result<()> {
