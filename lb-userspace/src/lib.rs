@@ -7,6 +7,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod demo;
+pub mod k8s;
 pub mod loader;
 pub mod model;
 pub mod netns;

@@ -5,7 +5,7 @@ use lb_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
 };
 use lb_userspace::{
-    config, demo,
+    config, demo, k8s,
     loader::{LoadOptions, DEFAULT_PIN_DIR},
     netns, run, show,
 };
@@ -59,6 +59,39 @@ enum Cmd {
         #[command(flatten)]
         maps: MapArgs,
     },
+    /// Kubernetes agent: watch Services, EndpointSlices and this node; keep the maps in sync.
+    Agent {
+        /// Kubeconfig file (default: the in-cluster configuration of the pod).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name, from the downward API (spec.nodeName).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Program Services labelled service.kubernetes.io/service-proxy-name=<this>;
+        /// without it, Services carrying that label are left to their proxy.
+        #[arg(long)]
+        proxy_name: Option<String>,
+        /// Interfaces to attach to: names or globs, comma-separated or repeated ("lxc*").
+        #[arg(long, required = true)]
+        interfaces: Vec<String>,
+        /// Keep maps, program and links pinned on exit, for a restart without loss.
+        #[arg(long)]
+        keep_pinned: bool,
+        /// Enter this network namespace (from `ip netns add`) first.
+        #[arg(long)]
+        netns: Option<String>,
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, default_value = k8s::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+        /// After the first event of a burst, wait this long for more before syncing.
+        #[arg(long, default_value_t = k8s::DEFAULT_DEBOUNCE.as_millis() as u64)]
+        debounce_ms: u64,
+        /// How often to check the interfaces, in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        poll_ms: u64,
+        #[command(flatten)]
+        maps: MapArgs,
+    },
     /// Validate a config file and print the frontends it yields.
     Check {
         #[arg(long)]
@@ -76,6 +109,26 @@ enum Cmd {
         #[arg(long, default_value_t = 12)]
         requests: usize,
     },
+}
+
+impl MapArgs {
+    fn load_options(self) -> LoadOptions {
+        LoadOptions {
+            pin_dir: self.pin_dir,
+            max_frontends: self.max_frontends,
+            max_backends: self.max_backends,
+            max_slots: self.max_slots,
+            max_conntrack: self.max_conntrack,
+        }
+    }
+}
+
+fn runtime() -> lb_userspace::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| lb_userspace::Error::Load(format!("starting the async runtime: {e}")))
 }
 
 fn main() -> ExitCode {
@@ -105,20 +158,37 @@ fn main() -> ExitCode {
                 interfaces,
                 keep_pinned,
                 poll: Duration::from_millis(poll_ms),
-                load: LoadOptions {
-                    pin_dir: maps.pin_dir,
-                    max_frontends: maps.max_frontends,
-                    max_backends: maps.max_backends,
-                    max_slots: maps.max_slots,
-                    max_conntrack: maps.max_conntrack,
-                },
+                load: maps.load_options(),
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .map_err(|e| lb_userspace::Error::Load(e.to_string()))?;
-            rt.block_on(run::run(opts))
+            runtime()?.block_on(run::run(opts))
+        })(),
+        Cmd::Agent {
+            kubeconfig,
+            node_name,
+            proxy_name,
+            interfaces,
+            keep_pinned,
+            netns: ns,
+            listen,
+            debounce_ms,
+            poll_ms,
+            maps,
+        } => (|| {
+            if let Some(ns) = &ns {
+                netns::enter(ns)?;
+            }
+            let opts = k8s::AgentOptions {
+                kubeconfig,
+                node_name,
+                proxy_name,
+                interfaces,
+                load: maps.load_options(),
+                keep_pinned,
+                listen,
+                debounce: Duration::from_millis(debounce_ms),
+                poll: Duration::from_millis(poll_ms),
+            };
+            runtime()?.block_on(k8s::run(opts))
         })(),
         Cmd::Check { config: path } => config::load(&path).map(|cfg| {
             let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices);

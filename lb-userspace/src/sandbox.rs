@@ -42,6 +42,9 @@ pub struct Sandbox {
     /// bpffs folder for this sandbox's agent.
     pub pin_dir: PathBuf,
     children: Mutex<Vec<Child>>,
+    /// Threads serving in pods (UDP responders), stopped on drop.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     next_ip: u8,
 }
 
@@ -112,6 +115,8 @@ impl Sandbox {
             workdir,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
             children: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+            stop: Default::default(),
             next_ip: 11,
         };
         ip(&["netns", "add", &sb.node])?;
@@ -288,17 +293,43 @@ impl Sandbox {
         Ok(pid)
     }
 
-    /// Starts a UDP server that answers every datagram with the pod's name.
-    pub fn start_udp_echo(&self, pod: &str, port: u16) -> Result<u32> {
+    /// Starts a UDP server in the pod that answers every datagram with the pod's name,
+    /// from the port it was sent to. (A thread with a socket in the pod's namespace:
+    /// `socat UDP-RECVFROM,fork` loses datagrams that arrive while it forks.)
+    pub fn start_udp_echo(&self, pod: &str, port: u16) -> Result<()> {
         let p = self.pod(pod).clone();
-        let listen = format!("UDP4-RECVFROM:{port},reuseaddr,fork");
-        let reply = format!("SYSTEM:echo {pod}");
-        let pid = self.spawn(
-            self.cmd(&p.netns, &["socat", &listen, &reply]),
-            &format!("udp-{pod}.log"),
-        )?;
-        self.wait_listening(&p.netns, port, "udp")?;
-        Ok(pid)
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = self.stop.clone();
+        let name = p.name.clone();
+        let handle = std::thread::spawn(move || {
+            let bound = crate::netns::enter(&p.netns).and_then(|()| {
+                let s = std::net::UdpSocket::bind(("0.0.0.0", port))
+                    .map_err(|e| Error::Sandbox(format!("udp {port} in {}: {e}", p.netns)))?;
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .map_err(|e| Error::Sandbox(e.to_string()))?;
+                Ok(s)
+            });
+            let sock = match bound {
+                Ok(s) => {
+                    let _ = tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let reply = format!("{name}\n");
+            let mut buf = [0u8; 2048];
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(reply.as_bytes(), from);
+                }
+            }
+        });
+        self.threads.lock().unwrap().push(handle);
+        rx.recv()
+            .map_err(|_| Error::Sandbox("udp responder thread died".into()))?
     }
 
     /// Starts an iperf3 server.
@@ -349,6 +380,10 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in std::mem::take(&mut *self.threads.lock().unwrap()) {
+            let _ = t.join();
+        }
         let mut children = std::mem::take(&mut *self.children.lock().unwrap());
         for c in &children {
             // SAFETY: signalling our own children.

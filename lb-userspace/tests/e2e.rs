@@ -1,6 +1,7 @@
 //! End-to-end: a node and pods as network namespaces, the real `lb run` agent, and real
-//! programs (curl, nginx, socat, iperf3) sending TCP and UDP through a ClusterIP. We
-//! assert what the clients actually received. Needs root; run one at a time.
+//! programs (curl, nginx, iperf3, and a UDP responder in each pod) sending TCP and UDP
+//! through a ClusterIP. We assert what the clients actually received. Needs root; run
+//! one at a time.
 mod common;
 
 use std::{

@@ -1,0 +1,63 @@
+//! The agent's HTTP endpoints: `/healthz` (liveness), `/readyz` (ready after the first
+//! full sync of all three watches) and `/metrics` (Prometheus text format).
+use std::{future::Future, sync::Arc};
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use super::{controller::Health, metrics};
+use crate::{Error, Result};
+
+#[derive(Clone)]
+struct AppState {
+    health: Health,
+    registry: Arc<Registry>,
+}
+
+pub fn router(health: Health, registry: Registry) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(AppState {
+            health,
+            registry: Arc::new(registry),
+        })
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if s.health.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the first full sync of Services, EndpointSlices and this node\n")
+    }
+}
+
+async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        metrics::render(&s.registry),
+    )
+}
+
+/// Binds the listen address (so a bad flag fails at start, not later).
+pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        Error::Config(format!(
+            "--listen {addr}: cannot bind the HTTP server: {e} (pick a free port)"
+        ))
+    })
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Config(format!("HTTP server failed: {e}")))
+}

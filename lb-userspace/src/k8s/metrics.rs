@@ -1,0 +1,189 @@
+//! The agent's Prometheus metrics. Gauges and histograms are updated by the controller;
+//! the dataplane's per-CPU packet counters are read from the maps at scrape time.
+use std::{
+    fmt::Write as _,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+use crate::dataplane::Dataplane;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+/// Every metric the agent exports (cheap to clone: handles are shared).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub services: Gauge,
+    pub frontends: Gauge,
+    pub backends: Gauge,
+    pub syncs: Counter,
+    pub sync_duration: Histogram,
+    pub network_programming_duration: Histogram,
+    pub map_operations: Counter,
+    pub map_update_errors: Counter,
+    pub skipped_service_ports: Family<ReasonLabel, Counter>,
+    pub skipped_endpoint_slices: Family<ReasonLabel, Counter>,
+    pub rejected_objects: Family<KindLabel, Counter>,
+    pub watch_errors: Family<KindLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            services: Gauge::default(),
+            frontends: Gauge::default(),
+            backends: Gauge::default(),
+            syncs: Counter::default(),
+            // 100 us .. ~3 s.
+            sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            // 1 ms .. ~65 s, as kube-proxy's network programming buckets span.
+            network_programming_duration: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            map_operations: Counter::default(),
+            map_update_errors: Counter::default(),
+            skipped_service_ports: Family::default(),
+            skipped_endpoint_slices: Family::default(),
+            rejected_objects: Family::default(),
+            watch_errors: Family::default(),
+        }
+    }
+}
+
+/// The dataplane's counters, read on each scrape.
+struct DataplaneCounters(Arc<Mutex<Dataplane>>);
+
+impl std::fmt::Debug for DataplaneCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataplaneCounters")
+    }
+}
+
+impl Collector for DataplaneCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counters = {
+            let plane = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            plane.maps.counters()
+        };
+        // A failed read leaves the family out of this scrape (and is logged) rather than
+        // failing the whole scrape.
+        let counters = match counters {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("reading the dataplane counters for /metrics failed: {e}");
+                return Ok(());
+            }
+        };
+        let mut family = encoder.encode_descriptor(
+            "lb_dataplane_packets",
+            "Packets per datapath decision, summed over CPUs (LB_COUNTERS)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (name, value) in counters {
+            let labels = KindLabel {
+                kind: name.to_string(),
+            };
+            let metric = family.encode_family(&labels)?;
+            ConstCounter::new(value).encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric, and the dataplane counters if `plane` is given.
+    pub fn registry(&self, plane: Option<Arc<Mutex<Dataplane>>>) -> Registry {
+        let mut r = Registry::default();
+        r.register(
+            "lb_services",
+            "Services programmed in the dataplane",
+            self.services.clone(),
+        );
+        r.register(
+            "lb_frontends",
+            "Frontends (Service IP, port, protocol) in the dataplane",
+            self.frontends.clone(),
+        );
+        r.register(
+            "lb_backends",
+            "Distinct backends in the dataplane",
+            self.backends.clone(),
+        );
+        r.register(
+            "lb_syncs",
+            "Syncs of the desired state to the maps",
+            self.syncs.clone(),
+        );
+        r.register(
+            "lb_sync_duration_seconds",
+            "Time to compute the desired state and apply the diff to the maps",
+            self.sync_duration.clone(),
+        );
+        r.register(
+            "lb_network_programming_duration_seconds",
+            "Time from an EndpointSlice change (endpoints.kubernetes.io/last-change-trigger-time) to the maps",
+            self.network_programming_duration.clone(),
+        );
+        r.register(
+            "lb_map_operations",
+            "Map updates and deletes applied",
+            self.map_operations.clone(),
+        );
+        r.register(
+            "lb_map_update_errors",
+            "Map updates or deletes the kernel refused",
+            self.map_update_errors.clone(),
+        );
+        r.register(
+            "lb_skipped_service_ports",
+            "Service ports left out of the dataplane (SCTP, IPv6), counted per object version",
+            self.skipped_service_ports.clone(),
+        );
+        r.register(
+            "lb_skipped_endpoint_slices",
+            "EndpointSlices or addresses left out (IPv6, FQDN), counted per object version",
+            self.skipped_endpoint_slices.clone(),
+        );
+        r.register(
+            "lb_rejected_objects",
+            "Malformed objects rejected, per object version",
+            self.rejected_objects.clone(),
+        );
+        r.register(
+            "lb_watch_errors",
+            "Errors of the Kubernetes watches (each is retried with backoff)",
+            self.watch_errors.clone(),
+        );
+        if let Some(plane) = plane {
+            r.register_collector(Box::new(DataplaneCounters(plane)));
+        }
+        r
+    }
+}
+
+/// Renders a registry in the Prometheus text format (version 0.0.4).
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+        let _ = writeln!(out, "# encoding failed: {e}");
+    }
+    out
+}

@@ -1,0 +1,804 @@
+//! Kubernetes objects -> model objects, with kube-proxy's rules for what a proxy programs.
+//! Pure: no client, no maps. Each object is translated on its own, so a malformed one is
+//! rejected (with its namespace/name and the reason) and every other keeps working.
+//!
+//! Services: headless (`clusterIP: None`), ExternalName, not yet allocated (no clusterIP),
+//! and those labelled `service.kubernetes.io/service-proxy-name` with another proxy's name
+//! are ignored. SCTP ports and IPv6-only Services are skipped (the dataplane is IPv4
+//! TCP/UDP); a dual-stack Service is programmed on its IPv4 address.
+//!
+//! EndpointSlices: only those labelled `kubernetes.io/service-name`, of address type
+//! IPv4. Ports without a port number are dropped (as kube-proxy does), SCTP ports too.
+use std::net::{IpAddr, Ipv4Addr};
+
+use k8s_openapi::{
+    api::{core::v1 as core, discovery::v1 as discovery},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use crate::model::{
+    self, Conditions, Endpoint, EndpointPort, EndpointSlice, Invalid, Protocol, Service,
+    ServicePort, TargetPort,
+};
+
+/// Label naming the Service an EndpointSlice belongs to.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Label that hands a Service to an alternative proxy.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Annotation the EndpointSlice controller sets to the time of the change that caused
+/// the slice's last update (source of the network programming latency).
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Why part of an object was left out of the dataplane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SkipReason {
+    /// SCTP: the dataplane handles TCP and UDP only.
+    Sctp,
+    /// IPv6: the dataplane is IPv4 only.
+    Ipv6,
+    /// An FQDN EndpointSlice (kube-proxy ignores those too).
+    Fqdn,
+}
+
+impl SkipReason {
+    /// Metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipReason::Sctp => "sctp",
+            SkipReason::Ipv6 => "ipv6",
+            SkipReason::Fqdn => "fqdn",
+        }
+    }
+}
+
+/// One part left out: a Service port, a whole slice, or an endpoint address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skip {
+    pub reason: SkipReason,
+    /// What was skipped, for the log line ("port dns/53/SCTP").
+    pub what: String,
+}
+
+/// What becomes of one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome<T> {
+    /// Programmed (possibly with parts skipped, see `Translated::skipped`).
+    Use(T),
+    /// Not for this proxy; the reason is for debug logs.
+    Ignore(String),
+    /// Malformed: left out, with the reason.
+    Reject(Invalid),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Translated<T> {
+    pub outcome: Outcome<T>,
+    pub skipped: Vec<Skip>,
+}
+
+impl<T> Translated<T> {
+    fn ignore(reason: impl Into<String>, skipped: Vec<Skip>) -> Self {
+        Self {
+            outcome: Outcome::Ignore(reason.into()),
+            skipped,
+        }
+    }
+
+    fn reject(e: Invalid) -> Self {
+        Self {
+            outcome: Outcome::Reject(e),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// The model object, if the outcome is `Use`.
+    pub fn used(&self) -> Option<&T> {
+        match &self.outcome {
+            Outcome::Use(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// Translation settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// This proxy's name for `service.kubernetes.io/service-proxy-name`; with `None`,
+    /// every Service carrying that label belongs to another proxy.
+    pub proxy_name: Option<String>,
+}
+
+fn namespace_and_name(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn reject<T>(kind: &'static str, namespace: &str, name: &str, reason: String) -> Translated<T> {
+    Translated::reject(Invalid {
+        kind,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        reason,
+    })
+}
+
+/// A protocol as spelled in the API; `Ok(None)` for SCTP.
+fn protocol(p: Option<&str>) -> Result<Option<Protocol>, String> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Some(Protocol::Tcp)),
+        "UDP" => Ok(Some(Protocol::Udp)),
+        "SCTP" => Ok(None),
+        other => Err(format!(
+            "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
+        )),
+    }
+}
+
+fn port_number(what: &str, p: i32) -> Result<u16, String> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{what}: port {p} is out of range 1-65535"))
+}
+
+/// The IPv4 address this proxy programs for a Service: clusterIP if IPv4, else the IPv4
+/// entry of clusterIPs (dual-stack). `Ok(None)` when the Service is IPv6 only.
+fn cluster_ipv4(spec: &core::ServiceSpec) -> Result<Option<Ipv4Addr>, String> {
+    let primary = spec.cluster_ip.as_deref().unwrap_or_default();
+    let all = std::iter::once(primary).chain(spec.cluster_ips.iter().flatten().map(String::as_str));
+    let mut saw_v6 = false;
+    for s in all.filter(|s| !s.is_empty()) {
+        match s.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => return Ok(Some(ip)),
+            Ok(IpAddr::V6(_)) => saw_v6 = true,
+            Err(_) => return Err(format!("clusterIP {s:?} is not an IP address")),
+        }
+    }
+    if saw_v6 {
+        Ok(None)
+    } else {
+        Err("clusterIP is empty".into())
+    }
+}
+
+/// Translates one Service.
+pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
+    let (namespace, name) = namespace_and_name(&svc.metadata);
+    let labels = svc.metadata.labels.as_ref();
+    if let Some(owner) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)) {
+        if rules.proxy_name.as_deref() != Some(owner.as_str()) {
+            return Translated::ignore(
+                format!("handled by proxy {owner:?} ({LABEL_SERVICE_PROXY_NAME})"),
+                vec![],
+            );
+        }
+    }
+    let Some(spec) = &svc.spec else {
+        return reject("Service", &namespace, &name, "has no spec".into());
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Translated::ignore("type ExternalName", vec![]);
+    }
+    match spec.cluster_ip.as_deref() {
+        Some("None") => return Translated::ignore("headless (clusterIP None)", vec![]),
+        None | Some("") => return Translated::ignore("no clusterIP allocated yet", vec![]),
+        Some(_) => {}
+    }
+    let ports_in = spec.ports.as_deref().unwrap_or_default();
+    let mut skipped = Vec::new();
+    let cluster_ip = match cluster_ipv4(spec) {
+        Ok(Some(ip)) => ip,
+        Ok(None) => {
+            for p in ports_in {
+                skipped.push(Skip {
+                    reason: SkipReason::Ipv6,
+                    what: format!(
+                        "port {}/{} (IPv6 clusterIP {})",
+                        p.port,
+                        p.protocol.as_deref().unwrap_or("TCP"),
+                        spec.cluster_ip.as_deref().unwrap_or_default()
+                    ),
+                });
+            }
+            return Translated::ignore("IPv6 only: the dataplane is IPv4", skipped);
+        }
+        Err(reason) => return reject("Service", &namespace, &name, reason),
+    };
+    let mut ports = Vec::new();
+    for p in ports_in {
+        let label = p.name.clone().unwrap_or_default();
+        let proto = match protocol(p.protocol.as_deref()) {
+            Ok(Some(proto)) => proto,
+            Ok(None) => {
+                skipped.push(Skip {
+                    reason: SkipReason::Sctp,
+                    what: format!("port {label:?} {}/SCTP", p.port),
+                });
+                continue;
+            }
+            Err(reason) => {
+                return reject(
+                    "Service",
+                    &namespace,
+                    &name,
+                    format!("port {label:?}: {reason}"),
+                )
+            }
+        };
+        let port = match port_number(&format!("port {label:?}"), p.port) {
+            Ok(port) => port,
+            Err(reason) => return reject("Service", &namespace, &name, reason),
+        };
+        let target_port = match &p.target_port {
+            None => None,
+            Some(IntOrString::Int(t)) => {
+                match port_number(&format!("port {label:?} targetPort"), *t) {
+                    Ok(t) => Some(TargetPort::Number(t)),
+                    Err(reason) => return reject("Service", &namespace, &name, reason),
+                }
+            }
+            Some(IntOrString::String(s)) => Some(TargetPort::Name(s.clone())),
+        };
+        ports.push(ServicePort {
+            name: label,
+            port,
+            target_port,
+            protocol: proto,
+        });
+    }
+    if ports.is_empty() && !skipped.is_empty() {
+        return Translated::ignore("no TCP or UDP port", skipped);
+    }
+    let out = Service {
+        name,
+        namespace,
+        cluster_ip,
+        ports,
+    };
+    match model::validate_service(&out) {
+        Ok(()) => Translated {
+            outcome: Outcome::Use(out),
+            skipped,
+        },
+        Err(e) => Translated::reject(e),
+    }
+}
+
+/// Translates one EndpointSlice.
+pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSlice> {
+    let (namespace, name) = namespace_and_name(&slice.metadata);
+    let Some(service_name) = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_NAME))
+    else {
+        return Translated::ignore(format!("no {LABEL_SERVICE_NAME} label"), vec![]);
+    };
+    let skip_whole =
+        |reason, what: String| Translated::ignore(what.clone(), vec![Skip { reason, what }]);
+    match slice.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" => return skip_whole(SkipReason::Ipv6, "addressType IPv6".into()),
+        "FQDN" => return skip_whole(SkipReason::Fqdn, "addressType FQDN".into()),
+        other => {
+            return reject(
+                "EndpointSlice",
+                &namespace,
+                &name,
+                format!("unknown addressType {other:?}"),
+            );
+        }
+    }
+    let mut skipped = Vec::new();
+    let mut ports = Vec::new();
+    for p in slice.ports.iter().flatten() {
+        let label = p.name.clone().unwrap_or_default();
+        // kube-proxy drops ports without a number: they cannot be translated to.
+        let Some(number) = p.port else { continue };
+        let protocol = match protocol(p.protocol.as_deref()) {
+            Ok(Some(proto)) => proto,
+            // The Service side logs and counts the SCTP port; nothing matches it here.
+            Ok(None) => continue,
+            Err(reason) => {
+                return reject(
+                    "EndpointSlice",
+                    &namespace,
+                    &name,
+                    format!("port {label:?}: {reason}"),
+                )
+            }
+        };
+        let port = match port_number(&format!("port {label:?}"), number) {
+            Ok(port) => port,
+            Err(reason) => return reject("EndpointSlice", &namespace, &name, reason),
+        };
+        ports.push(EndpointPort {
+            name: label,
+            port,
+            protocol,
+        });
+    }
+    let mut endpoints = Vec::new();
+    for ep in &slice.endpoints {
+        let mut addresses = Vec::new();
+        for a in &ep.addresses {
+            match a.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => addresses.push(ip),
+                Ok(IpAddr::V6(_)) => skipped.push(Skip {
+                    reason: SkipReason::Ipv6,
+                    what: format!("endpoint address {a}"),
+                }),
+                Err(_) => {
+                    return reject(
+                        "EndpointSlice",
+                        &namespace,
+                        &name,
+                        format!("endpoint address {a:?} is not an IP address"),
+                    );
+                }
+            }
+        }
+        if addresses.is_empty() {
+            continue;
+        }
+        let c = ep.conditions.clone().unwrap_or_default();
+        endpoints.push(Endpoint {
+            addresses,
+            conditions: Conditions {
+                ready: c.ready,
+                serving: c.serving,
+                terminating: c.terminating,
+            },
+        });
+    }
+    let out = EndpointSlice {
+        name,
+        namespace,
+        service_name: service_name.clone(),
+        ports,
+        endpoints,
+    };
+    match model::validate_slice(&out) {
+        Ok(()) => Translated {
+            outcome: Outcome::Use(out),
+            skipped,
+        },
+        Err(e) => Translated::reject(e),
+    }
+}
+
+/// The slice's `endpoints.kubernetes.io/last-change-trigger-time`, if set and valid.
+pub fn trigger_time(slice: &discovery::EndpointSlice) -> Option<jiff::Timestamp> {
+    slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_TRIGGER_TIME)?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{desired_state, BackendAddr, DesiredState, FrontendAddr};
+
+    fn k8s_svc(v: serde_json::Value) -> core::Service {
+        serde_json::from_value(v).expect("test Service JSON")
+    }
+
+    fn k8s_slice(v: serde_json::Value) -> discovery::EndpointSlice {
+        serde_json::from_value(v).expect("test EndpointSlice JSON")
+    }
+
+    fn web(spec: serde_json::Value) -> core::Service {
+        k8s_svc(json!({"metadata": {"name": "web", "namespace": "shop"}, "spec": spec}))
+    }
+
+    fn slice(
+        name: &str,
+        service: &str,
+        ports: serde_json::Value,
+        endpoints: serde_json::Value,
+    ) -> discovery::EndpointSlice {
+        k8s_slice(json!({
+            "metadata": {"name": name, "namespace": "shop", "labels": {LABEL_SERVICE_NAME: service}},
+            "addressType": "IPv4",
+            "ports": ports,
+            "endpoints": endpoints,
+        }))
+    }
+
+    fn used<T: Clone + std::fmt::Debug>(t: &Translated<T>) -> T {
+        t.used()
+            .cloned()
+            .unwrap_or_else(|| panic!("expected Use, got {t:?}"))
+    }
+
+    /// Translate everything (as the controller does) and compute the desired state.
+    fn state(
+        services: &[core::Service],
+        slices: &[discovery::EndpointSlice],
+        rules: &Rules,
+    ) -> DesiredState {
+        let svcs: Vec<Service> = services
+            .iter()
+            .filter_map(|s| service(s, rules).used().cloned())
+            .collect();
+        let sls: Vec<EndpointSlice> = slices
+            .iter()
+            .filter_map(|s| endpoint_slice(s).used().cloned())
+            .collect();
+        desired_state(&svcs, &sls)
+    }
+
+    /// frontend -> active backends, as strings.
+    fn active(st: &DesiredState) -> Vec<(String, Vec<String>)> {
+        st.frontends
+            .iter()
+            .map(|(fe, spec)| {
+                (
+                    fe.to_string(),
+                    spec.active.iter().map(BackendAddr::to_string).collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn pairs(v: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+        v.iter()
+            .map(|(f, bs)| (f.to_string(), bs.iter().map(|b| b.to_string()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn every_port_is_programmed_and_matched_by_name() {
+        let svc = web(json!({"clusterIP": "10.96.0.10", "ports": [
+            {"name": "http", "port": 80, "targetPort": "web"},
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+        ]}));
+        let s = used(&service(&svc, &Rules::default()));
+        assert_eq!(s.ports[0].target_port, Some(TargetPort::Name("web".into())));
+        assert_eq!(s.ports[1].protocol, Protocol::Udp);
+        let sl = slice(
+            "web-a",
+            "web",
+            json!([{"name": "http", "port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"}]),
+            json!([{"addresses": ["10.244.1.2"]}]),
+        );
+        let st = state(&[svc], &[sl], &Rules::default());
+        assert_eq!(
+            active(&st),
+            pairs(&[
+                ("10.96.0.10:53/UDP", &["10.244.1.2:5353/UDP"]),
+                ("10.96.0.10:80/TCP", &["10.244.1.2:8080/TCP"]),
+            ])
+        );
+    }
+
+    #[test]
+    fn headless_external_name_and_unallocated_services_are_ignored() {
+        for spec in [
+            json!({"clusterIP": "None", "ports": [{"port": 80}]}),
+            json!({"type": "ExternalName", "externalName": "example.com"}),
+            json!({"ports": [{"port": 80}]}),
+        ] {
+            let t = service(&web(spec.clone()), &Rules::default());
+            assert!(matches!(t.outcome, Outcome::Ignore(_)), "{spec}: {t:?}");
+            assert!(t.skipped.is_empty());
+        }
+    }
+
+    #[test]
+    fn service_proxy_name_label_hands_the_service_to_the_named_proxy() {
+        let svc = k8s_svc(json!({
+            "metadata": {"name": "web", "namespace": "shop", "labels": {LABEL_SERVICE_PROXY_NAME: "lb"}},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
+        }));
+        assert!(matches!(
+            service(&svc, &Rules::default()).outcome,
+            Outcome::Ignore(_)
+        ));
+        let other = Rules {
+            proxy_name: Some("other".into()),
+        };
+        assert!(matches!(service(&svc, &other).outcome, Outcome::Ignore(_)));
+        let mine = Rules {
+            proxy_name: Some("lb".into()),
+        };
+        assert_eq!(
+            used(&service(&svc, &mine)).cluster_ip,
+            Ipv4Addr::new(10, 96, 0, 10)
+        );
+        // A proxy with a name still programs unlabelled Services, as kube-proxy does.
+        assert!(service(
+            &web(json!({"clusterIP": "10.96.0.11", "ports": [{"port": 80}]})),
+            &mine
+        )
+        .used()
+        .is_some());
+    }
+
+    #[test]
+    fn sctp_ports_are_skipped_and_the_rest_kept() {
+        let svc = web(json!({"clusterIP": "10.96.0.10", "ports": [
+            {"name": "http", "port": 80},
+            {"name": "sig", "port": 3868, "protocol": "SCTP"},
+        ]}));
+        let t = service(&svc, &Rules::default());
+        assert_eq!(t.skipped.len(), 1);
+        assert_eq!(t.skipped[0].reason, SkipReason::Sctp);
+        assert!(t.skipped[0].what.contains("3868"), "{:?}", t.skipped);
+        assert_eq!(used(&t).ports.len(), 1);
+        let only_sctp =
+            web(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 3868, "protocol": "SCTP"}]}));
+        let t = service(&only_sctp, &Rules::default());
+        assert!(matches!(t.outcome, Outcome::Ignore(_)), "{t:?}");
+        assert_eq!(t.skipped.len(), 1);
+    }
+
+    #[test]
+    fn ipv6_services_are_skipped_and_dual_stack_uses_ipv4() {
+        let v6 = web(
+            json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 81}]}),
+        );
+        let t = service(&v6, &Rules::default());
+        assert!(matches!(t.outcome, Outcome::Ignore(_)), "{t:?}");
+        assert_eq!(
+            t.skipped.iter().map(|s| s.reason).collect::<Vec<_>>(),
+            vec![SkipReason::Ipv6; 2]
+        );
+        let dual = web(
+            json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"], "ports": [{"port": 80}]}),
+        );
+        assert_eq!(
+            used(&service(&dual, &Rules::default())).cluster_ip,
+            Ipv4Addr::new(10, 96, 0, 10)
+        );
+    }
+
+    #[test]
+    fn malformed_services_are_rejected_with_namespace_name_and_reason() {
+        let cases = [
+            (
+                json!({"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}),
+                "clusterIP \"10.96.0.300\" is not an IP address",
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "ports": [{"port": 70000}]}),
+                "out of range",
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": -1}]}),
+                "targetPort: port -1",
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80, "protocol": "ICMP"}]}),
+                "unknown protocol",
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}, {"port": 81}]}),
+                "needs a name",
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "ports": []}),
+                "has no ports",
+            ),
+        ];
+        for (spec, want) in cases {
+            let t = service(&web(spec.clone()), &Rules::default());
+            let Outcome::Reject(e) = &t.outcome else {
+                panic!("{spec}: expected Reject, got {t:?}")
+            };
+            let msg = e.to_string();
+            assert!(msg.starts_with("Service shop/web: "), "{msg}");
+            assert!(
+                msg.contains(want),
+                "{spec}: {msg:?} should contain {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rejected_service_does_not_affect_the_others() {
+        let bad = k8s_svc(
+            json!({"metadata": {"name": "bad", "namespace": "shop"}, "spec": {"clusterIP": "nope", "ports": [{"port": 80}]}}),
+        );
+        let good = web(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let sl = slice(
+            "web-a",
+            "web",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.244.1.2"]}]),
+        );
+        let st = state(&[bad, good], &[sl], &Rules::default());
+        assert_eq!(
+            active(&st),
+            pairs(&[("10.96.0.10:80/TCP", &["10.244.1.2:8080/TCP"])])
+        );
+    }
+
+    #[test]
+    fn readiness_unset_means_ready_and_terminating_is_the_fallback() {
+        let svc = web(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let p = json!([{"port": 8080}]);
+        let sl = slice(
+            "web-a",
+            "web",
+            p.clone(),
+            json!([
+                {"addresses": ["10.244.1.2"]},
+                {"addresses": ["10.244.1.3"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.244.1.5"], "conditions": {"ready": false}},
+            ]),
+        );
+        let st = state(std::slice::from_ref(&svc), &[sl], &Rules::default());
+        assert_eq!(
+            active(&st),
+            pairs(&[(
+                "10.96.0.10:80/TCP",
+                &["10.244.1.2:8080/TCP", "10.244.1.3:8080/TCP"]
+            )])
+        );
+        assert_eq!(st.frontends.values().next().unwrap().known.len(), 4);
+        let only_terminating = slice(
+            "web-a",
+            "web",
+            p,
+            json!([
+                {"addresses": ["10.244.1.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.244.1.6"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+            ]),
+        );
+        let st = state(&[svc], &[only_terminating], &Rules::default());
+        assert_eq!(
+            active(&st),
+            pairs(&[("10.96.0.10:80/TCP", &["10.244.1.4:8080/TCP"])])
+        );
+    }
+
+    #[test]
+    fn endpoints_of_all_slices_are_merged_and_hand_made_slices_work() {
+        // A Service without selector: its slices are made by hand, with the label only.
+        let svc = web(json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}));
+        let p = json!([{"name": "http", "port": 8080}]);
+        let a = slice(
+            "web-a",
+            "web",
+            p.clone(),
+            json!([{"addresses": ["10.244.1.2"]}, {"addresses": ["10.244.1.3"]}]),
+        );
+        let b = slice(
+            "web-manual",
+            "web",
+            p.clone(),
+            json!([{"addresses": ["10.244.1.3"]}, {"addresses": ["10.244.2.9"]}]),
+        );
+        let unlabelled = k8s_slice(json!({
+            "metadata": {"name": "stray", "namespace": "shop"},
+            "addressType": "IPv4", "ports": p, "endpoints": [{"addresses": ["10.244.3.3"]}],
+        }));
+        assert!(matches!(
+            endpoint_slice(&unlabelled).outcome,
+            Outcome::Ignore(_)
+        ));
+        let st = state(&[svc], &[a, b, unlabelled], &Rules::default());
+        assert_eq!(
+            active(&st),
+            pairs(&[(
+                "10.96.0.10:80/TCP",
+                &[
+                    "10.244.1.2:8080/TCP",
+                    "10.244.1.3:8080/TCP",
+                    "10.244.2.9:8080/TCP"
+                ]
+            )])
+        );
+    }
+
+    #[test]
+    fn ipv6_and_fqdn_slices_are_skipped() {
+        let v6 = k8s_slice(json!({
+            "metadata": {"name": "web-v6", "namespace": "shop", "labels": {LABEL_SERVICE_NAME: "web"}},
+            "addressType": "IPv6", "endpoints": [{"addresses": ["fd00::2"]}],
+        }));
+        let t = endpoint_slice(&v6);
+        assert!(matches!(t.outcome, Outcome::Ignore(_)));
+        assert_eq!(t.skipped[0].reason, SkipReason::Ipv6);
+        let mut fqdn = v6.clone();
+        fqdn.address_type = "FQDN".into();
+        assert_eq!(endpoint_slice(&fqdn).skipped[0].reason, SkipReason::Fqdn);
+    }
+
+    #[test]
+    fn slice_ports_without_number_or_sctp_are_dropped_and_bad_addresses_rejected() {
+        let sl = slice(
+            "web-a",
+            "web",
+            json!([{"name": "a"}, {"name": "s", "port": 9, "protocol": "SCTP"}, {"name": "h", "port": 8080}]),
+            json!([{"addresses": ["10.244.1.2"]}]),
+        );
+        let s = used(&endpoint_slice(&sl));
+        assert_eq!(
+            s.ports,
+            vec![EndpointPort {
+                name: "h".into(),
+                port: 8080,
+                protocol: Protocol::Tcp
+            }]
+        );
+        assert_eq!(s.service_name, "web");
+        let bad = slice(
+            "web-b",
+            "web",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.244.1.x"]}]),
+        );
+        let Outcome::Reject(e) = endpoint_slice(&bad).outcome else {
+            panic!("expected Reject")
+        };
+        assert_eq!(
+            e.to_string(),
+            "EndpointSlice shop/web-b: endpoint address \"10.244.1.x\" is not an IP address"
+        );
+        let zero = slice(
+            "web-c",
+            "web",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["0.0.0.0"]}]),
+        );
+        assert!(matches!(endpoint_slice(&zero).outcome, Outcome::Reject(_)));
+    }
+
+    #[test]
+    fn type_change_and_port_changes_converge() {
+        let sl = slice(
+            "web-a",
+            "web",
+            json!([{"name": "http", "port": 8080}, {"name": "m", "port": 9100}]),
+            json!([{"addresses": ["10.244.1.2"]}]),
+        );
+        let one = web(json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}));
+        let two = web(
+            json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}, {"name": "m", "port": 9090}]}),
+        );
+        let ext = web(json!({"type": "ExternalName", "externalName": "example.com"}));
+        let r = Rules::default();
+        let fes = |svc: &core::Service| {
+            state(std::slice::from_ref(svc), std::slice::from_ref(&sl), &r)
+                .frontends
+                .keys()
+                .copied()
+                .collect::<Vec<FrontendAddr>>()
+        };
+        assert_eq!(fes(&one).len(), 1);
+        assert_eq!(fes(&two).len(), 2);
+        assert!(fes(&ext).is_empty());
+        assert_eq!(fes(&one).len(), 1);
+    }
+
+    #[test]
+    fn trigger_time_is_read_from_the_annotation() {
+        let mut sl = slice("web-a", "web", json!([]), json!([]));
+        assert_eq!(trigger_time(&sl), None);
+        sl.metadata.annotations = Some(
+            [(
+                ANNOTATION_TRIGGER_TIME.to_string(),
+                "2024-05-01T10:00:00Z".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(
+            trigger_time(&sl),
+            Some("2024-05-01T10:00:00Z".parse().unwrap())
+        );
+    }
+}

@@ -1,0 +1,831 @@
+//! The Kubernetes agent against a fake API server that speaks list and watch over HTTP
+//! (tests/k8s_support/fake_api.rs), with the real kube client and the real eBPF maps
+//! (loaded into a private pin folder, no interface attached). We change objects in the
+//! fake API and assert what the kernel maps hold. Needs root; run with --test-threads=1.
+#[path = "k8s_support/fake_api.rs"]
+mod fake_api;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use fake_api::{FakeApi, Res};
+use lb_userspace::{
+    dataplane::{
+        plan::{backend_addr, frontend_addr},
+        Dataplane, Maps,
+    },
+    k8s::{metrics::Metrics, translate::Rules, Controller, ControllerOptions, Health},
+    loader::{self, Datapath, LoadOptions},
+};
+use serde_json::{json, Value};
+use tokio::{sync::watch, task::JoinHandle};
+
+const NODE: &str = "node-1";
+const WAIT: Duration = Duration::from_secs(15);
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+/// A pin folder under /sys/fs/bpf with the "lbt" prefix, removed on drop (even when the
+/// test fails), so `cargo xtask clean-sandboxes` only ever sees leftovers of killed runs.
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new() -> Self {
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/sys/fs/bpf/lbt-k8s-{}-{n}", std::process::id()));
+        let _ = loader::remove_pins(&dir);
+        Self(dir)
+    }
+
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            pin_dir: self.0.clone(),
+            max_frontends: 256,
+            max_backends: 1024,
+            max_slots: 1024,
+            max_conntrack: 1024,
+        }
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = loader::remove_pins(&self.0);
+    }
+}
+
+/// The maps as strings: frontend -> ready backends (sorted), and every backend present.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Snap {
+    frontends: BTreeMap<String, Vec<String>>,
+    backends: BTreeSet<String>,
+}
+
+fn snapshot(dir: &Path) -> Snap {
+    let maps = Maps::from_pins(dir).expect("opening the test maps");
+    let st = maps.read_state().expect("reading the test maps");
+    let mut snap = Snap::default();
+    for (k, f) in &st.frontends {
+        let mut list: Vec<String> = st
+            .slot_list(f)
+            .iter()
+            .map(|id| {
+                st.backends
+                    .get(id)
+                    .map(|b| backend_addr(b).to_string())
+                    .unwrap_or_else(|| format!("#{id}?"))
+            })
+            .collect();
+        list.sort();
+        snap.frontends.insert(frontend_addr(k).to_string(), list);
+    }
+    snap.backends = st
+        .backends
+        .values()
+        .map(|b| backend_addr(b).to_string())
+        .collect();
+    snap
+}
+
+/// The ready backends of a frontend; empty if the frontend is missing.
+fn active<'a>(s: &'a Snap, frontend: &str) -> &'a [String] {
+    s.frontends
+        .get(frontend)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+fn fe(v: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
+    v.iter()
+        .map(|(f, bs)| (f.to_string(), bs.iter().map(|b| b.to_string()).collect()))
+        .collect()
+}
+
+/// Polls the maps until `want` holds; panics with the last content after `WAIT`.
+/// Returns how long it took.
+async fn wait_maps(dir: &Path, what: &str, want: impl Fn(&Snap) -> bool) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let snap = snapshot(dir);
+        if want(&snap) {
+            return t0.elapsed();
+        }
+        if t0.elapsed() > WAIT {
+            panic!("timed out after {WAIT:?} waiting for: {what}\nthe maps hold: {snap:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < WAIT,
+            "timed out after {WAIT:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn service(name: &str, ip: &str, ports: &[(&str, u16, &str)]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto}))
+        .collect();
+    json!({"kind": "Service", "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ports": ports}})
+}
+
+fn slice(
+    name: &str,
+    svc: &str,
+    ports: &[(&str, u16, &str)],
+    eps: &[(&str, Option<bool>)],
+) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto}))
+        .collect();
+    let eps: Vec<Value> = eps
+        .iter()
+        .map(|(a, ready)| match ready {
+            Some(r) => json!({"addresses": [a], "conditions": {"ready": r}}),
+            None => json!({"addresses": [a]}),
+        })
+        .collect();
+    json!({"kind": "EndpointSlice",
+           "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": svc}},
+           "addressType": "IPv4", "ports": ports, "endpoints": eps})
+}
+
+fn node(name: &str) -> Value {
+    json!({"kind": "Node", "metadata": {"name": name}})
+}
+
+/// The controller on real maps, talking to the fake API with the real kube client.
+struct Agent {
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<lb_userspace::Result<()>>>,
+    metrics: Metrics,
+    health: Health,
+    _plane: Arc<Mutex<Dataplane>>,
+    _datapath: Datapath,
+    /// Last, so the maps are closed before the pins go.
+    pins: Option<Pins>,
+}
+
+impl Agent {
+    async fn start(api: &FakeApi) -> Self {
+        let pins = Pins::new();
+        let (datapath, maps) =
+            Datapath::load(&pins.load_options()).expect("loading the eBPF object (root needed)");
+        let plane = Arc::new(Mutex::new(Dataplane::new(maps).unwrap()));
+        let config = kube::Config::new(api.url().parse().unwrap());
+        let client = kube::Client::try_from(config).expect("kube client");
+        let metrics = Metrics::default();
+        let health = Health::default();
+        let opts = ControllerOptions {
+            node_name: NODE.into(),
+            rules: Rules::default(),
+            debounce: Duration::from_millis(10),
+        };
+        let controller =
+            Controller::new(client, opts, plane.clone(), metrics.clone(), health.clone());
+        let (stop, mut rx) = watch::channel(false);
+        let task = tokio::spawn(controller.run(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        Self {
+            stop,
+            task: Some(task),
+            metrics,
+            health,
+            _plane: plane,
+            _datapath: datapath,
+            pins: Some(pins),
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        &self.pins.as_ref().expect("pins until stopped").0
+    }
+
+    async fn wait_ready(&self) {
+        let h = self.health.clone();
+        wait_until("the agent to be ready", move || h.is_ready()).await;
+    }
+
+    /// Stops the controller; returns the pins (removed when the caller drops them).
+    async fn stop(mut self) -> Pins {
+        let _ = self.stop.send(true);
+        let task = self.task.take().unwrap();
+        let r = tokio::time::timeout(WAIT, task)
+            .await
+            .expect("the controller did not stop");
+        r.expect("controller task").expect("controller result");
+        self.pins.take().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+const WEB: &str = "10.96.0.10";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_and_slices_reach_the_maps_and_converge() {
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    // Objects the agent must ignore or reject without disturbing the rest.
+    api.apply(
+        json!({"kind": "Service", "metadata": {"name": "headless", "namespace": "shop"},
+                     "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),
+    );
+    api.apply(
+        json!({"kind": "Service", "metadata": {"name": "broken", "namespace": "shop"},
+                     "spec": {"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}}),
+    );
+    api.apply(service(
+        "diameter",
+        "10.96.0.40",
+        &[("tcp", 3868, "TCP"), ("sctp", 3868, "SCTP")],
+    ));
+    let agent = Agent::start(&api).await;
+    agent.wait_ready().await;
+    let dir = agent.dir().to_path_buf();
+    wait_maps(&dir, "only the TCP port of the SCTP service", |s| {
+        s.frontends == fe(&[("10.96.0.40:3868/TCP", &[])])
+    })
+    .await;
+    assert_eq!(
+        agent
+            .metrics
+            .skipped_service_ports
+            .get_or_create(&reason("sctp"))
+            .get(),
+        1
+    );
+    assert_eq!(
+        agent
+            .metrics
+            .rejected_objects
+            .get_or_create(&kind("Service"))
+            .get(),
+        1
+    );
+    api.delete("Service", "shop", "diameter");
+
+    // A new Service: its frontends appear, with no backend yet.
+    api.apply(service(
+        "web",
+        WEB,
+        &[("http", 80, "TCP"), ("dns", 53, "UDP")],
+    ));
+    let took = wait_maps(&dir, "web's frontends", |s| {
+        s.frontends == fe(&[("10.96.0.10:53/UDP", &[]), ("10.96.0.10:80/TCP", &[])])
+    })
+    .await;
+    assert!(took < Duration::from_secs(1), "propagation took {took:?}");
+
+    // Slices: ports are matched by name; endpoints of all slices are merged.
+    let ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
+    api.apply(slice(
+        "web-a",
+        "web",
+        &ports,
+        &[("10.244.1.2", Some(true)), ("10.244.1.3", None)],
+    ));
+    wait_maps(&dir, "two backends", |s| {
+        s.frontends
+            == fe(&[
+                (
+                    "10.96.0.10:53/UDP",
+                    &["10.244.1.2:5353/UDP", "10.244.1.3:5353/UDP"],
+                ),
+                (
+                    "10.96.0.10:80/TCP",
+                    &["10.244.1.2:8080/TCP", "10.244.1.3:8080/TCP"],
+                ),
+            ])
+    })
+    .await;
+    // Scale up with a second slice (one address repeated: deduplicated).
+    api.apply(slice(
+        "web-b",
+        "web",
+        &ports,
+        &[("10.244.2.2", Some(true)), ("10.244.1.3", Some(true))],
+    ));
+    wait_maps(&dir, "three backends", |s| {
+        active(s, "10.96.0.10:80/TCP").len() == 3
+    })
+    .await;
+
+    // Readiness flips to false: no new connections, but the backend stays known.
+    api.apply(slice(
+        "web-b",
+        "web",
+        &ports,
+        &[("10.244.2.2", Some(false)), ("10.244.1.3", Some(true))],
+    ));
+    wait_maps(&dir, "10.244.2.2 not ready", |s| {
+        active(s, "10.96.0.10:80/TCP") == ["10.244.1.2:8080/TCP", "10.244.1.3:8080/TCP"]
+            && s.backends.contains("10.244.2.2:8080/TCP")
+    })
+    .await;
+
+    // Scale down: the slice goes, its only address goes from the backend map too.
+    api.delete("EndpointSlice", "shop", "web-b");
+    wait_maps(&dir, "web-b gone", |s| {
+        active(s, "10.96.0.10:80/TCP").len() == 2 && !s.backends.contains("10.244.2.2:8080/TCP")
+    })
+    .await;
+
+    // Ports change: dns removed, metrics added.
+    api.apply(service(
+        "web",
+        WEB,
+        &[("http", 80, "TCP"), ("metrics", 9090, "TCP")],
+    ));
+    api.apply(slice(
+        "web-a",
+        "web",
+        &[("http", 8080, "TCP"), ("metrics", 9100, "TCP")],
+        &[("10.244.1.2", None)],
+    ));
+    wait_maps(&dir, "ports changed", |s| {
+        s.frontends
+            == fe(&[
+                ("10.96.0.10:80/TCP", &["10.244.1.2:8080/TCP"]),
+                ("10.96.0.10:9090/TCP", &["10.244.1.2:9100/TCP"]),
+            ])
+    })
+    .await;
+
+    // ClusterIP -> ExternalName -> ClusterIP.
+    api.apply(
+        json!({"kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+                     "spec": {"type": "ExternalName", "externalName": "example.com"}}),
+    );
+    wait_maps(&dir, "ExternalName: no frontend", |s| {
+        s.frontends.is_empty() && s.backends.is_empty()
+    })
+    .await;
+    api.apply(service("web", WEB, &[("http", 80, "TCP")]));
+    wait_maps(&dir, "ClusterIP again", |s| {
+        s.frontends == fe(&[("10.96.0.10:80/TCP", &["10.244.1.2:8080/TCP"])])
+    })
+    .await;
+
+    // The malformed Service is fixed: it is programmed.
+    api.apply(service("broken", "10.96.0.30", &[("", 80, "TCP")]));
+    wait_maps(&dir, "fixed service", |s| {
+        s.frontends.contains_key("10.96.0.30:80/TCP")
+    })
+    .await;
+
+    // Delete everything.
+    api.delete("Service", "shop", "web");
+    api.delete("Service", "shop", "broken");
+    wait_maps(&dir, "empty maps", |s| {
+        s.frontends.is_empty() && s.backends.is_empty()
+    })
+    .await;
+    assert_eq!(agent.metrics.map_update_errors.get(), 0);
+    agent.stop().await;
+}
+
+fn reason(r: &str) -> lb_userspace::k8s::metrics::ReasonLabel {
+    lb_userspace::k8s::metrics::ReasonLabel { reason: r.into() }
+}
+
+fn kind(k: &str) -> lb_userspace::k8s::metrics::KindLabel {
+    lb_userspace::k8s::metrics::KindLabel { kind: k.into() }
+}
+
+/// Sets up web with two backends and waits for the maps.
+async fn web_with_two_backends(api: &FakeApi, agent: &Agent) {
+    api.apply(service("web", WEB, &[("http", 80, "TCP")]));
+    api.apply(slice(
+        "web-a",
+        "web",
+        &[("http", 8080, "TCP")],
+        &[("10.244.1.2", None), ("10.244.1.3", None)],
+    ));
+    wait_maps(agent.dir(), "web with two backends", |s| {
+        s.frontends
+            == fe(&[(
+                "10.96.0.10:80/TCP",
+                &["10.244.1.2:8080/TCP", "10.244.1.3:8080/TCP"],
+            )])
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_restarts_resync_only_what_differs() {
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    let agent = Agent::start(&api).await;
+    agent.wait_ready().await;
+    web_with_two_backends(&api, &agent).await;
+    let dir = agent.dir().to_path_buf();
+
+    // 410 Gone with nothing changed: a relist, and not one map write.
+    let (lists, ops, syncs) = (
+        api.lists(Res::Services),
+        agent.metrics.map_operations.get(),
+        agent.health.syncs(),
+    );
+    api.expire();
+    wait_until("a relist of Services and EndpointSlices", || {
+        api.lists(Res::Services) > lists && api.lists(Res::EndpointSlices) > lists
+    })
+    .await;
+    let h = agent.health.clone();
+    wait_until("a sync after the relist", move || h.syncs() > syncs).await;
+    // Let every relist's sync run.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        agent.metrics.map_operations.get(),
+        ops,
+        "a relist without change wrote to the maps"
+    );
+
+    // Changes made while the watches are expired arrive through the relist, as a diff:
+    // one backend added = a backend and a slot written, the frontend's count updated.
+    api.expire();
+    let ops = agent.metrics.map_operations.get();
+    api.apply(slice(
+        "web-a",
+        "web",
+        &[("http", 8080, "TCP")],
+        &[
+            ("10.244.1.2", None),
+            ("10.244.1.3", None),
+            ("10.244.1.4", None),
+        ],
+    ));
+    wait_maps(&dir, "third backend after relist", |s| {
+        active(s, "10.96.0.10:80/TCP").len() == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        agent.metrics.map_operations.get() - ops,
+        3,
+        "adding one backend should take 3 map writes"
+    );
+
+    // Both expiries relisted every collection (one list at start, one per expiry).
+    wait_until("both relists of Services and EndpointSlices", || {
+        api.lists(Res::Services) >= 3 && api.lists(Res::EndpointSlices) >= 3
+    })
+    .await;
+    // A dropped connection: the watch resumes from its resourceVersion (no relist).
+    let lists = api.lists(Res::Services);
+    let watches = api.watches(Res::Services);
+    api.drop_connections();
+    wait_until("the Service watch to resume", || {
+        api.watches(Res::Services) > watches
+    })
+    .await;
+    api.delete("EndpointSlice", "shop", "web-a");
+    wait_maps(&dir, "no backend", |s| {
+        s.frontends == fe(&[("10.96.0.10:80/TCP", &[])]) && s.backends.is_empty()
+    })
+    .await;
+    assert_eq!(
+        api.lists(Res::Services),
+        lists,
+        "a dropped watch connection should not force a relist"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_outage_keeps_the_last_state_and_converges_when_back() {
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    let agent = Agent::start(&api).await;
+    agent.wait_ready().await;
+    web_with_two_backends(&api, &agent).await;
+    let dir = agent.dir().to_path_buf();
+    let before = snapshot(&dir);
+
+    api.stop();
+    // The cluster changes while the agent cannot see it.
+    api.delete("EndpointSlice", "shop", "web-a");
+    api.apply(service("db", "10.96.0.20", &[("pg", 5432, "TCP")]));
+    api.apply(slice(
+        "db-a",
+        "db",
+        &[("pg", 5432, "TCP")],
+        &[("10.244.3.2", None)],
+    ));
+    let errors = agent
+        .metrics
+        .watch_errors
+        .get_or_create(&kind("Service"))
+        .get();
+    let m = agent.metrics.clone();
+    wait_until("watch errors during the outage", move || {
+        m.watch_errors.get_or_create(&kind("Service")).get() > errors
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        snapshot(&dir),
+        before,
+        "the maps must keep the last known state while the API is away"
+    );
+    assert!(
+        agent.health.is_ready(),
+        "an outage after the first sync keeps the agent ready (the dataplane works)"
+    );
+
+    api.restart().await;
+    // Kube's default backoff starts at 0.8 s and doubles: a few seconds at most here.
+    wait_maps(&dir, "the state after the outage", |s| {
+        s.frontends
+            == fe(&[
+                ("10.96.0.10:80/TCP", &[]),
+                ("10.96.0.20:5432/TCP", &["10.244.3.2:5432/TCP"]),
+            ])
+    })
+    .await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_written_before_services_and_slices_are_listed() {
+    // Maps that already hold a backend (as after an agent restart on pinned maps)...
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    web_seed(&api);
+    let agent = Agent::start(&api).await;
+    agent.wait_ready().await;
+    let dir = agent.dir().to_path_buf();
+    wait_maps(&dir, "seeded state", |s| {
+        active(s, "10.96.0.10:80/TCP").len() == 2
+    })
+    .await;
+    let ops = agent.metrics.map_operations.get();
+    let pins = agent.stop().await;
+    // ...and a second controller on the same maps: the first sync writes nothing, since
+    // the state did not change, and the readiness comes only after the node is listed.
+    let maps = Maps::from_pins(&dir).unwrap();
+    let plane = Arc::new(Mutex::new(Dataplane::new(maps).unwrap()));
+    let client = kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap();
+    let metrics = Metrics::default();
+    let health = Health::default();
+    let opts = ControllerOptions {
+        node_name: NODE.into(),
+        rules: Rules::default(),
+        debounce: Duration::from_millis(10),
+    };
+    let (stop, mut rx) = watch::channel(false);
+    let task = tokio::spawn(
+        Controller::new(client, opts, plane, metrics.clone(), health.clone()).run(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }),
+    );
+    let h = health.clone();
+    wait_until("ready again", move || h.is_ready()).await;
+    assert!(ops > 0);
+    assert_eq!(
+        metrics.map_operations.get(),
+        0,
+        "a restart on unchanged pinned maps should write nothing"
+    );
+    assert_eq!(snapshot(&dir).frontends["10.96.0.10:80/TCP"].len(), 2);
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(pins);
+}
+
+fn web_seed(api: &FakeApi) {
+    api.apply(service("web", WEB, &[("http", 80, "TCP")]));
+    api.apply(slice(
+        "web-a",
+        "web",
+        &[("http", 8080, "TCP")],
+        &[("10.244.1.2", None), ("10.244.1.3", None)],
+    ));
+}
+
+// ---- The `lb agent` binary: flags, kubeconfig, HTTP endpoints, signals, pinned restart.
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP/1.0 GET: (status, body); None if the connection fails.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+fn spawn_agent(kubeconfig: &Path, pins: &Pins, port: u16, keep: bool) -> Proc {
+    let mut cmd = Command::new(LB);
+    cmd.arg("agent")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args([
+            "--interfaces",
+            "lbt-none-*",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--pin-dir")
+        .arg(&pins.0)
+        .args([
+            "--max-frontends",
+            "256",
+            "--max-backends",
+            "1024",
+            "--max-slots",
+            "1024",
+            "--max-conntrack",
+            "1024",
+        ])
+        .env("NODE_NAME", NODE)
+        .env("RUST_LOG", "info");
+    if keep {
+        cmd.arg("--keep-pinned");
+    }
+    Proc(cmd.spawn().expect("starting lb agent"))
+}
+
+async fn wait_http(port: u16, path: &str, want: u16) -> String {
+    let t0 = Instant::now();
+    loop {
+        if let Some((code, body)) = http_get(port, path) {
+            if code == want {
+                return body;
+            }
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "timed out waiting for {path} to answer {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sigterm_and_wait(p: &mut Proc) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = p.0.try_wait().unwrap() {
+            return st;
+        }
+        assert!(t0.elapsed() < WAIT, "lb agent did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_binary_serves_health_metrics_and_restarts_on_pinned_maps() {
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    let pins = Pins::new();
+    let kubeconfig =
+        std::env::temp_dir().join(format!("lbt-k8s-kubeconfig-{}.yaml", std::process::id()));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\ncurrent-context: fake\nusers:\n- name: nobody\n  user: {{}}\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _rm = Rm(kubeconfig.clone());
+
+    let port = free_port();
+    let mut agent = spawn_agent(&kubeconfig, &pins, port, true);
+    assert_eq!(wait_http(port, "/healthz", 200).await, "ok\n");
+    wait_http(port, "/readyz", 200).await;
+    // A slice whose change was triggered just now: the programming latency is observed.
+    let now = jiff::Timestamp::now().to_string();
+    web_seed(&api);
+    let mut sl = slice(
+        "web-a",
+        "web",
+        &[("http", 8080, "TCP")],
+        &[("10.244.1.2", None), ("10.244.1.3", None)],
+    );
+    sl["metadata"]["annotations"] =
+        json!({"endpoints.kubernetes.io/last-change-trigger-time": now});
+    api.apply(sl);
+    wait_maps(&pins.0, "web in the agent's maps", |s| {
+        active(s, "10.96.0.10:80/TCP").len() == 2
+    })
+    .await;
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = wait_http(port, "/metrics", 200).await;
+        if metric(&text, "lb_network_programming_duration_seconds_count") == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (name, want) in [
+        ("lb_services", 1.0),
+        ("lb_frontends", 1.0),
+        ("lb_backends", 2.0),
+        ("lb_network_programming_duration_seconds_count", 1.0),
+        ("lb_map_update_errors_total", 0.0),
+    ] {
+        assert_eq!(metric(&text, name), Some(want), "{name} in:\n{text}");
+    }
+    let latency = metric(&text, "lb_network_programming_duration_seconds_sum").unwrap();
+    assert!((0.0..2.0).contains(&latency), "latency {latency} s");
+    assert!(
+        text.contains("lb_dataplane_packets_total{kind=\"new_flow\"} 0"),
+        "{text}"
+    );
+    assert!(metric(&text, "lb_sync_duration_seconds_count").unwrap() >= 1.0);
+    let ops_first = metric(&text, "lb_map_operations_total").unwrap();
+    assert!(ops_first > 0.0);
+
+    // Restart with the maps kept pinned: the state survives, and the new agent's first
+    // sync writes nothing.
+    assert!(sigterm_and_wait(&mut agent).success());
+    assert_eq!(
+        snapshot(&pins.0).frontends["10.96.0.10:80/TCP"].len(),
+        2,
+        "pins kept"
+    );
+    let mut agent = spawn_agent(&kubeconfig, &pins, port, false);
+    let text = {
+        wait_http(port, "/readyz", 200).await;
+        wait_http(port, "/metrics", 200).await
+    };
+    assert_eq!(
+        metric(&text, "lb_map_operations_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "lb_backends"), Some(2.0));
+    // Without --keep-pinned, SIGTERM removes everything.
+    assert!(sigterm_and_wait(&mut agent).success());
+    assert!(!pins.0.exists(), "{} should be gone", pins.0.display());
+}

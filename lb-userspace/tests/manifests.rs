@@ -1,0 +1,218 @@
+//! Every manifest in deploy/ parses strictly into its k8s-openapi type: a field the type
+//! does not know (a typo, a wrong indentation level) fails the test instead of being
+//! silently dropped by the API server's client-side decoding.
+use std::{collections::BTreeSet, path::PathBuf};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::ServiceAccount,
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    serde::{de::DeserializeOwned, Deserialize, Serialize},
+};
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Paths present in `original` but missing or different in `round_trip`.
+fn ignored(original: &Value, round_trip: &Value, path: &str, out: &mut Vec<String>) {
+    match (original, round_trip) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                match b.get(k) {
+                    Some(w) => ignored(v, w, &format!("{path}.{k}"), out),
+                    None => out.push(format!("{path}.{k}")),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                ignored(v, w, &format!("{path}[{i}]"), out);
+            }
+        }
+        (a, b) if a == b => {}
+        (a, b) => out.push(format!("{path}: {a} became {b}")),
+    }
+}
+
+/// Parses into `T` and fails on any field `T` ignored.
+fn strict<T: DeserializeOwned + Serialize>(file: &str, doc: &Value) -> T {
+    let typed: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let back = serde_json::to_value(&typed).unwrap();
+    let mut out = Vec::new();
+    ignored(doc, &back, "", &mut out);
+    assert!(
+        out.is_empty(),
+        "{file}: fields unknown to {}: {out:?}",
+        std::any::type_name::<T>()
+    );
+    typed
+}
+
+fn documents(file: &str) -> Vec<Value> {
+    let text =
+        std::fs::read_to_string(deploy_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{file}: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[expect(dead_code, reason = "fields are checked by deserialization only")]
+struct Kustomization {
+    api_version: String,
+    kind: String,
+    namespace: String,
+    resources: Vec<String>,
+    #[serde(default)]
+    images: Vec<Image>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[expect(dead_code, reason = "fields are checked by deserialization only")]
+struct Image {
+    name: String,
+    new_name: Option<String>,
+    new_tag: Option<String>,
+}
+
+#[test]
+fn every_manifest_parses_strictly_and_the_kustomization_lists_them_all() {
+    let k: Kustomization = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap(),
+    )
+    .expect("kustomization.yaml");
+    let yamls: BTreeSet<String> = std::fs::read_dir(deploy_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        k.resources.iter().cloned().collect::<BTreeSet<_>>(),
+        yamls,
+        "kustomization resources vs deploy/*.yaml"
+    );
+    let mut kinds = Vec::new();
+    for file in &yamls {
+        for doc in documents(file) {
+            let kind = doc["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{file}: a document without kind"))
+                .to_string();
+            match kind.as_str() {
+                "DaemonSet" => drop(strict::<DaemonSet>(file, &doc)),
+                "ServiceAccount" => drop(strict::<ServiceAccount>(file, &doc)),
+                "ClusterRole" => drop(strict::<ClusterRole>(file, &doc)),
+                "ClusterRoleBinding" => drop(strict::<ClusterRoleBinding>(file, &doc)),
+                other => panic!("{file}: no strict check for kind {other}; add it to this test"),
+            }
+            kinds.push(kind);
+        }
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "ServiceAccount"
+        ]
+    );
+}
+
+#[test]
+fn the_daemonset_follows_the_deployment_rules() {
+    let doc = documents("daemonset.yaml").remove(0);
+    let ds: DaemonSet = strict("daemonset.yaml", &doc);
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert!(pod
+        .tolerations
+        .unwrap()
+        .iter()
+        .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
+    assert_eq!(pod.service_account_name.as_deref(), Some("lb-agent"));
+    let bpffs = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "bpffs")
+        .expect("bpffs volume");
+    assert_eq!(bpffs.host_path.unwrap().path, "/sys/fs/bpf");
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap();
+    assert_eq!(args[0], "agent");
+    assert!(args.iter().any(|a| a.starts_with("--interfaces")));
+    let sc = c.security_context.clone().unwrap();
+    assert_ne!(sc.privileged, Some(true));
+    let caps = sc.capabilities.unwrap();
+    assert_eq!(
+        caps.add.unwrap(),
+        ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]
+    );
+    assert_eq!(caps.drop.unwrap(), ["ALL"]);
+    let env = c.env.clone().unwrap();
+    let node = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME");
+    assert_eq!(
+        node.value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "spec.nodeName"
+    );
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone()
+    };
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
+    let r = c.resources.clone().unwrap();
+    assert!(r.requests.is_some() && r.limits.is_some());
+}
+
+#[test]
+fn the_cluster_role_is_read_only_on_what_the_agent_watches() {
+    let docs = documents("rbac.yaml");
+    let role: ClusterRole = strict(
+        "rbac.yaml",
+        docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap(),
+    );
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.unwrap() {
+        assert_eq!(rule.verbs, ["get", "list", "watch"]);
+        for g in rule.api_groups.unwrap() {
+            for r in rule.resources.clone().unwrap() {
+                granted.insert(format!("{g}/{r}"));
+            }
+        }
+    }
+    let want: BTreeSet<String> = ["/services", "/nodes", "discovery.k8s.io/endpointslices"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(granted, want);
+}
+
+#[test]
+fn the_strict_check_catches_an_unknown_field() {
+    let doc: Value = serde_yaml_ng::from_str("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x}\nautomountServiceAccountTokn: true\n").unwrap();
+    let r = std::panic::catch_unwind(|| strict::<ServiceAccount>("t", &doc));
+    assert!(r.is_err(), "a misspelt field must fail");
+}
