@@ -9,6 +9,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, the demo and the benchmarks use.
 const APT_PACKAGES: &[&str] = &[
@@ -54,6 +56,15 @@ enum Cmd {
     },
     /// Remove namespaces and pins left by killed test or demo runs.
     CleanSandboxes,
+    /// Benchmark against no load balancer and kube-proxy (iptables, nftables); writes results/.
+    Bench {
+        /// Short run: small scales, fewer repeats.
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for lb-bench (after `--`), e.g. `--scales 1,1000 --repeats 5`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
 }
 
 fn root() -> PathBuf {
@@ -289,7 +300,15 @@ fn test(args: &[String]) -> Result<()> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let num = |word: &str| -> u64 {
                 rest.split(';')
-                    .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok())
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
                     .unwrap_or(0)
             };
             passed += num("passed");
@@ -330,5 +349,13 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo { requests } => demo(requests),
         Cmd::CleanSandboxes => clean_sandboxes(),
+        Cmd::Bench { quick, args } => {
+            setup()?;
+            build(true)?;
+            clean_sandboxes()?;
+            let r = bench::bench(&root(), quick, &args);
+            clean_sandboxes()?;
+            r
+        }
     }
 }

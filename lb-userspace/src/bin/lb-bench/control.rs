@@ -1,0 +1,376 @@
+//! Control plane and per-packet runs, with N services x 10 endpoints each:
+//! - the library path: model -> `desired_state` -> `Dataplane::sync` on real kernel maps
+//!   (loaded, never attached), from empty; then one endpoint change at a time (ready
+//!   flipped on one endpoint of one service, full desired state recomputed and diffed,
+//!   as the agent does) until it is in the maps;
+//! - per-packet cost of the tc program on those maps via BPF_PROG_TEST_RUN;
+//! - the agent path: `lb run --config` on the same services as a YAML file, in a sandbox
+//!   namespace with no interface to attach to: spawn to synced, RSS, map memory.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use lb_common::{MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_SLOTS, PROG_TC_POD};
+use lb_userspace::{
+    dataplane::Dataplane,
+    loader::{remove_pins, Datapath, LoadOptions},
+    model::desired_state,
+    sandbox::Sandbox,
+    Error, Result,
+};
+
+use crate::{
+    check_interrupted, datapath, packet, progress,
+    stats::{median, quantile},
+    workload::{self, Endpoints, WEB_IP, WEB_PORT},
+    Opts,
+};
+
+#[derive(Clone, Debug, Default)]
+pub struct PacketCost {
+    /// (name, ns per packet, raw single-run median ns, program return value)
+    pub cases: Vec<(&'static str, f64, f64, u32)>,
+    /// Harness overhead of one single run, subtracted from the single-run cases.
+    pub overhead_ns: f64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ControlResult {
+    pub services: usize,
+    pub endpoints: usize,
+    /// Model -> desired state, seconds.
+    pub model_secs: f64,
+    /// `Dataplane::sync` from empty maps, seconds.
+    pub sync_secs: f64,
+    pub sync_ops: usize,
+    pub sync_errors: usize,
+    /// One endpoint change to the maps (desired state + diff + map writes), microseconds.
+    pub change_us: Vec<f64>,
+    pub packet: PacketCost,
+    /// `lb run --config`: spawn to synced (YAML parse included), seconds.
+    pub agent_secs: Option<f64>,
+    /// Agent VmRSS and VmHWM once synced, MiB.
+    pub agent_rss_mib: Option<(f64, f64)>,
+    /// bpftool's bytes_memlock of each map, MiB.
+    pub map_mib: Vec<(&'static str, f64)>,
+    pub error: Option<String>,
+}
+
+fn map_memlock(pin_dir: &Path) -> Vec<(&'static str, f64)> {
+    let mut out = Vec::new();
+    for name in [
+        MAP_FRONTENDS,
+        MAP_SLOTS,
+        MAP_BACKENDS,
+        MAP_CONNTRACK,
+        MAP_COUNTERS,
+    ] {
+        let path = pin_dir.join(name);
+        let Ok(o) = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&path)
+            .output()
+        else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&o.stdout);
+        let k = "\"bytes_memlock\":";
+        if let Some(p) = text.find(k) {
+            let s = &text[p + k.len()..];
+            let end = s.find([',', '}']).unwrap_or(s.len());
+            if let Ok(b) = s[..end].trim().parse::<f64>() {
+                out.push((name, b / 1048576.0));
+            }
+        }
+    }
+    out
+}
+
+fn load_opts(pin_dir: PathBuf, services: usize, endpoints: usize) -> LoadOptions {
+    let fe = (services + services / 4).max(1024) as u32;
+    let be = (endpoints + endpoints / 4).max(4096) as u32;
+    LoadOptions {
+        pin_dir,
+        max_frontends: fe,
+        max_backends: be,
+        max_slots: be,
+        max_conntrack: 262_144,
+    }
+}
+
+/// ns per packet of the tc program, for a new flow, an established flow, a reply and a
+/// packet to no Service, from the kernel's own timing of BPF_PROG_TEST_RUN.
+///
+/// The kernel runs `repeat` times on the same buffer, so a packet the program rewrites
+/// (every NAT case) would be measured as its rewritten self from the second run on.
+/// Those cases therefore use single runs (fresh copy each call; median of 2000), and a
+/// single run includes the harness's fixed overhead (timer, skb set-up). That overhead
+/// is estimated with the packet to no Service, which the program does not rewrite: its
+/// single-run median minus its average over 200000 repeats. Reported values have it
+/// subtracted; the raw single-run medians are kept beside them.
+fn packet_cost(pin_dir: &Path) -> Result<PacketCost> {
+    let prog = SchedClassifier::from_pin(pin_dir.join(PROG_TC_POD))
+        .map_err(|e| Error::Load(e.to_string()))?;
+    let run = |pkt: &[u8], repeat: u32| -> Result<(f64, u32, Vec<u8>)> {
+        let mut out = vec![0u8; 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(|e| Error::Load(format!("BPF_PROG_TEST_RUN: {e}")))?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.duration.as_nanos() as f64, r.return_value, out))
+    };
+    let singles = |pkts: &mut dyn FnMut(u16) -> Vec<u8>| -> Result<(f64, u32)> {
+        let mut v = Vec::with_capacity(2000);
+        let mut ret = 0;
+        for i in 0..2000u16 {
+            let (d, r, _) = run(&pkts(i), 1)?;
+            v.push(d);
+            ret = r;
+        }
+        Ok((median(&v), ret))
+    };
+    let client = Ipv4Addr::new(10, 244, 0, 11);
+    let pod = Ipv4Addr::new(10, 244, 0, 12);
+    // Harness overhead of a single run, from the packet the program leaves alone.
+    let none = packet::tcp(client, 39_999, pod, 8080, packet::ACK);
+    let mut rep = Vec::new();
+    let mut none_ret = 0;
+    for _ in 0..5 {
+        let (d, r, _) = run(&none, 200_000)?;
+        rep.push(d);
+        none_ret = r;
+    }
+    let none_repeated = median(&rep);
+    let (none_single, _) = singles(&mut |_| none.clone())?;
+    let overhead = (none_single - none_repeated).max(0.0);
+    // New flows: a fresh source port each run.
+    let (new_single, new_ret) =
+        singles(&mut |i| packet::tcp(client, 20_000 + i, WEB_IP, WEB_PORT, packet::SYN))?;
+    // Where did those flows go? (a check of the maps the benchmark wrote)
+    let mut dsts = std::collections::BTreeMap::new();
+    for i in 0..200u16 {
+        let (_, _, out) = run(
+            &packet::tcp(client, 30_000 + i, WEB_IP, WEB_PORT, packet::SYN),
+            1,
+        )?;
+        *dsts.entry(packet::dst_of(&out)).or_insert(0) += 1;
+    }
+    crate::progress(format!(
+        "   per packet: 200 new flows to {WEB_IP}:{WEB_PORT} went to {dsts:?}"
+    ));
+    // One established flow, and its replies.
+    let sport = 40_000;
+    let (_, _, syn_out) = run(
+        &packet::tcp(client, sport, WEB_IP, WEB_PORT, packet::SYN),
+        1,
+    )?;
+    let (backend, bport) =
+        packet::dst_of(&syn_out).ok_or_else(|| Error::Load("SYN came back short".into()))?;
+    crate::progress(format!(
+        "   per packet: SYN to {WEB_IP}:{WEB_PORT} was sent to {backend}:{bport}"
+    ));
+    let est = packet::tcp(client, sport, WEB_IP, WEB_PORT, packet::ACK);
+    let (est_single, est_ret) = singles(&mut |_| est.clone())?;
+    let reply = packet::tcp(backend, bport, client, sport, packet::ACK);
+    let (reply_single, reply_ret) = singles(&mut |_| reply.clone())?;
+    let cost = PacketCost {
+        cases: vec![
+            (
+                "new flow (SYN to a ClusterIP)",
+                new_single - overhead,
+                new_single,
+                new_ret,
+            ),
+            (
+                "established flow (ACK to a ClusterIP)",
+                est_single - overhead,
+                est_single,
+                est_ret,
+            ),
+            (
+                "reply (backend to client)",
+                reply_single - overhead,
+                reply_single,
+                reply_ret,
+            ),
+            (
+                "to no Service (pod IP)",
+                none_repeated,
+                none_single,
+                none_ret,
+            ),
+        ],
+        overhead_ns: overhead,
+    };
+    Ok(cost)
+}
+
+fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> {
+    let web = [
+        Ipv4Addr::new(10, 244, 0, 12),
+        Ipv4Addr::new(10, 244, 0, 13),
+        Ipv4Addr::new(10, 244, 0, 14),
+    ];
+    let svcs = workload::services(
+        scale,
+        Endpoints::Exactly(10),
+        &web,
+        Ipv4Addr::new(10, 244, 0, 15),
+    );
+    r.services = svcs.len();
+    r.endpoints = workload::endpoint_count(&svcs);
+    let mut cfg = workload::to_config(&svcs);
+    drop(svcs);
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbbench-cp-{}", std::process::id()));
+    let _ = remove_pins(&pin_dir);
+    let (datapath, maps) = Datapath::load(&load_opts(pin_dir.clone(), r.services, r.endpoints))?;
+    let result = (|| -> Result<()> {
+        let mut plane = Dataplane::new(maps)?;
+        let t = Instant::now();
+        let desired = desired_state(&cfg.services, &cfg.endpoint_slices);
+        r.model_secs = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let rep = plane.sync(&desired);
+        r.sync_secs = t.elapsed().as_secs_f64();
+        r.sync_ops = rep.ops;
+        r.sync_errors = rep.errors.len();
+        drop(desired);
+        progress(format!(
+            "   library: model {:.3} s, Dataplane::sync from empty {:.3} s ({} map writes, {} errors)",
+            r.model_secs, r.sync_secs, r.sync_ops, r.sync_errors
+        ));
+        check_interrupted()?;
+        // One endpoint change at a time, spread over the services.
+        // Bounded: at most 200 changes or 30 s (20 s quick), at least 5.
+        let budget = Duration::from_secs(if opts.quick { 20 } else { 30 });
+        let t_all = Instant::now();
+        let fillers = cfg.endpoint_slices.len().saturating_sub(2).max(1);
+        // Above 20k services only the from-empty sync is measured (the issue asks for
+        // change latency at 10k; a change costs far more at 100k, see the report).
+        let changes = if scale > 20_000 { 0 } else { 200 };
+        for i in 0..changes {
+            if i >= 5 && t_all.elapsed() > budget {
+                break;
+            }
+            check_interrupted()?;
+            let k = (i * 7919) % fillers;
+            let c = &mut cfg.endpoint_slices[k].endpoints[0].conditions;
+            c.ready = Some(c.ready == Some(false));
+            let t = Instant::now();
+            let desired = desired_state(&cfg.services, &cfg.endpoint_slices);
+            let rep = plane.sync(&desired);
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            if rep.ops == 0 || !rep.errors.is_empty() {
+                return Err(Error::Map(format!(
+                    "endpoint change made {} ops, errors {:?}",
+                    rep.ops, rep.errors
+                )));
+            }
+            r.change_us.push(us);
+        }
+        progress(format!(
+            "   library: one endpoint change to the maps p50 {:.2} ms p99 {:.2} ms ({} changes)",
+            quantile(&r.change_us, 0.5) / 1e3,
+            quantile(&r.change_us, 0.99) / 1e3,
+            r.change_us.len()
+        ));
+        r.packet = packet_cost(&pin_dir)?;
+        for (name, ns, raw, ret) in &r.packet.cases {
+            progress(format!(
+                "   per packet: {name:<40} {ns:>6.0} ns (single run {raw:.0} ns, verdict {ret})"
+            ));
+        }
+        progress(format!(
+            "   per packet: harness overhead of a single run {:.0} ns",
+            r.packet.overhead_ns
+        ));
+        Ok(())
+    })();
+    let _ = datapath.shutdown(false);
+    let _ = remove_pins(&pin_dir);
+    result
+}
+
+fn agent_path(scale: usize, r: &mut ControlResult) -> Result<()> {
+    let web = [
+        Ipv4Addr::new(10, 244, 0, 12),
+        Ipv4Addr::new(10, 244, 0, 13),
+        Ipv4Addr::new(10, 244, 0, 14),
+    ];
+    let svcs = workload::services(
+        scale,
+        Endpoints::Exactly(10),
+        &web,
+        Ipv4Addr::new(10, 244, 0, 15),
+    );
+    let sb = Sandbox::create("lbbench-cp", &[])?;
+    let path = sb.path("services.yaml");
+    let text = serde_yaml_ng::to_string(&workload::to_config(&svcs))
+        .map_err(|e| Error::Sandbox(e.to_string()))?;
+    std::fs::write(&path, &text).map_err(|e| Error::Sandbox(e.to_string()))?;
+    progress(format!(
+        "   agent: config file {:.1} MiB",
+        text.len() as f64 / 1048576.0
+    ));
+    drop(text);
+    // The node namespace has no interface the glob matches: nothing is attached.
+    let (pid, secs) = datapath::start_agent(
+        &sb,
+        &path,
+        "lbbench-none-*",
+        svcs.len(),
+        workload::endpoint_count(&svcs),
+        "agent.log",
+    )?;
+    r.agent_secs = Some(secs);
+    r.agent_rss_mib = datapath::rss_mib(pid);
+    r.map_mib = map_memlock(sb.pin_dir());
+    let n = lb_userspace::dataplane::Maps::from_pins(sb.pin_dir())?
+        .frontends
+        .keys()
+        .count();
+    if n != svcs.len() {
+        return Err(Error::Map(format!(
+            "agent synced {n} frontends, expected {}",
+            svcs.len()
+        )));
+    }
+    let (rss, hwm) = r.agent_rss_mib.unwrap_or((f64::NAN, f64::NAN));
+    progress(format!(
+        "   agent (lb run --config): spawn to synced {secs:.2} s, VmRSS {rss:.0} MiB, VmHWM {hwm:.0} MiB, maps {:.0} MiB",
+        r.map_mib.iter().map(|m| m.1).sum::<f64>()
+    ));
+    sb.stop(pid, libc::SIGTERM)?;
+    Ok(())
+}
+
+pub fn run_all(opts: &Opts) -> Result<Vec<ControlResult>> {
+    let mut out = Vec::new();
+    for scale in opts.cp_scales() {
+        check_interrupted()?;
+        progress(format!("control plane: {scale} services x 10 endpoints"));
+        let mut r = ControlResult::default();
+        if let Err(e) = library_path(scale, opts, &mut r) {
+            check_interrupted()?;
+            progress(format!("   library path failed: {e}"));
+            r.error = Some(e.to_string());
+        }
+        check_interrupted()?;
+        if let Err(e) = agent_path(scale, &mut r) {
+            check_interrupted()?;
+            progress(format!("   agent path failed: {e}"));
+            r.error.get_or_insert(e.to_string());
+        }
+        out.push(r);
+    }
+    Ok(out)
+}

@@ -1,0 +1,193 @@
+//! `lb-bench`: the benchmark behind `cargo xtask bench`. It compares this dataplane with
+//! what an operator would otherwise run (no load balancer at all, kube-proxy's iptables
+//! mode, kube-proxy's nftables mode) on the same namespace sandbox topology and the same
+//! services and endpoints, and writes `results/latest.{md,json}`.
+//!
+//! Every mode gets its own sandbox (node + client + 3 nginx pods + 1 iperf3 pod), so no
+//! mode pays for another's state (netfilter conntrack hooks, the tc program); the
+//! sandboxes are identical and runs alternate between them (A B C D, rotated every
+//! repeat). Everything lives in network namespaces named `lbbench-*`; the root namespace
+//! is never touched.
+mod control;
+mod datapath;
+mod loadgen;
+mod packet;
+mod report;
+mod rules;
+mod stats;
+mod workload;
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+
+use clap::Parser;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+pub fn check_interrupted() -> lb_userspace::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err(lb_userspace::Error::Sandbox(
+            "interrupted; cleaning up".into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Progress line with the elapsed time.
+pub fn progress(msg: impl std::fmt::Display) {
+    let t = START.get_or_init(Instant::now).elapsed().as_secs();
+    eprintln!("[{:>2}:{:02}] {msg}", t / 60, t % 60);
+}
+
+/// Benchmark: this dataplane against no load balancer, kube-proxy iptables and nftables.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "lb-bench")]
+pub struct Opts {
+    /// Short run: small scales, fewer and shorter repeats (a few minutes).
+    #[arg(long)]
+    pub quick: bool,
+    /// Service counts for the data path runs (default 1,1000,10000,100000; quick 1,1000).
+    #[arg(long, value_delimiter = ',')]
+    pub scales: Option<Vec<usize>>,
+    /// Service counts (x 10 endpoints) for the control plane runs (default 10000,100000; quick 10000).
+    #[arg(long, value_delimiter = ',')]
+    pub cp_scales: Option<Vec<usize>>,
+    /// Repeats of each data path measurement (default 3; quick 2).
+    #[arg(long)]
+    pub repeats: Option<usize>,
+    /// Seconds per iperf3 run (default 4; quick 2), after 1 s omitted.
+    #[arg(long)]
+    pub iperf_secs: Option<u64>,
+    /// Seconds per connection-rate run (default 3; quick 2), after a 0.5 s warm-up.
+    #[arg(long)]
+    pub conn_secs: Option<f64>,
+    /// Load generator threads (concurrent connections).
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Give up loading a baseline's rules after this many seconds (that mode is then
+    /// reported as not measured at that scale and above).
+    #[arg(long, default_value_t = 240)]
+    pub rule_load_timeout: u64,
+    /// Output folder.
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// Skip the data path runs (control plane and per-packet cost only).
+    #[arg(long)]
+    pub no_datapath: bool,
+    /// Skip the control plane runs.
+    #[arg(long)]
+    pub no_control: bool,
+}
+
+impl Opts {
+    pub fn scales(&self) -> Vec<usize> {
+        self.scales.clone().unwrap_or_else(|| {
+            if self.quick {
+                vec![1, 1000]
+            } else {
+                vec![1, 1000, 10_000, 100_000]
+            }
+        })
+    }
+    pub fn cp_scales(&self) -> Vec<usize> {
+        self.cp_scales.clone().unwrap_or_else(|| {
+            if self.quick {
+                vec![10_000]
+            } else {
+                vec![10_000, 100_000]
+            }
+        })
+    }
+    pub fn repeats(&self) -> usize {
+        self.repeats.unwrap_or(if self.quick { 2 } else { 3 })
+    }
+    pub fn iperf_secs(&self) -> u64 {
+        self.iperf_secs.unwrap_or(if self.quick { 2 } else { 4 })
+    }
+    pub fn conn_secs(&self) -> f64 {
+        self.conn_secs.unwrap_or(if self.quick { 2.0 } else { 3.0 })
+    }
+}
+
+/// The `lb` binary next to this one.
+pub fn lb_binary() -> lb_userspace::Result<PathBuf> {
+    let me = std::env::current_exe().map_err(|e| lb_userspace::Error::Sandbox(e.to_string()))?;
+    let lb = me.with_file_name("lb");
+    if !lb.is_file() {
+        return Err(lb_userspace::Error::Sandbox(format!(
+            "{} not found (cargo build --release)",
+            lb.display()
+        )));
+    }
+    Ok(lb)
+}
+
+fn main() -> std::process::ExitCode {
+    START.get_or_init(Instant::now);
+    let opts = Opts::parse();
+    // SAFETY: handlers only store to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as usize);
+        libc::signal(libc::SIGTERM, on_signal as *const () as usize);
+    }
+    match run(&opts) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(opts: &Opts) -> lb_userspace::Result<()> {
+    lb_userspace::sandbox::require_tools(&[
+        "ip",
+        "nginx",
+        "iperf3",
+        "ss",
+        "iptables-restore",
+        "nft",
+        "bpftool",
+    ])?;
+    let machine = report::Machine::describe(opts);
+    progress(format!("machine: {}", machine.one_line()));
+    let dp = if opts.no_datapath {
+        Vec::new()
+    } else {
+        datapath::run_all(opts)?
+    };
+    let cp = if opts.no_control {
+        Vec::new()
+    } else {
+        control::run_all(opts)?
+    };
+    let rep = report::Report {
+        machine,
+        datapath: dp,
+        control: cp,
+    };
+    std::fs::create_dir_all(&opts.out).map_err(|e| lb_userspace::Error::Sandbox(e.to_string()))?;
+    let md = rep.markdown();
+    let json = rep.json();
+    for (name, text) in [("latest.md", &md), ("latest.json", &json)] {
+        let p = opts.out.join(name);
+        std::fs::write(&p, text)
+            .map_err(|e| lb_userspace::Error::Sandbox(format!("{}: {e}", p.display())))?;
+    }
+    println!("{md}");
+    progress(format!(
+        "wrote {}/latest.md and latest.json",
+        opts.out.display()
+    ));
+    Ok(())
+}

@@ -1,0 +1,48 @@
+//! `cargo xtask bench [--quick] [-- <lb-bench args>]`: builds the release binaries
+//! (`lb` and the benchmark driver `lb-bench`, which links the userspace library), runs
+//! the benchmark in `lbbench-*` network namespaces, writes `results/latest.{md,json}`
+//! and puts the table in README.md's "Benchmarks" section.
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result};
+
+const README_HEADING: &str = "## Benchmarks";
+
+pub fn bench(root: &Path, quick: bool, extra: &[String]) -> Result<()> {
+    let mut cmd = Command::new(root.join("target/release/lb-bench"));
+    cmd.current_dir(root).arg("--out").arg(root.join("results"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    cmd.args(extra);
+    super::run(&mut cmd)?;
+    let table =
+        std::fs::read_to_string(root.join("results/latest.md")).context("results/latest.md")?;
+    update_readme(&root.join("README.md"), &table)?;
+    eprintln!("results: results/latest.md, results/latest.json; README.md updated");
+    Ok(())
+}
+
+/// Replaces the "Benchmarks" section (it is the last one) or appends it.
+fn update_readme(path: &Path, table: &str) -> Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let keep = match old.find(&format!("\n{README_HEADING}\n")) {
+        Some(i) => &old[..i + 1],
+        None if old.starts_with(&format!("{README_HEADING}\n")) => "",
+        None if old.is_empty() || old.ends_with('\n') => &old,
+        None => return write(path, &format!("{old}\n{}", section(table))),
+    };
+    write(path, &format!("{keep}{}", section(table)))
+}
+
+fn section(table: &str) -> String {
+    format!(
+        "{README_HEADING}\n\n`cargo xtask bench` (about 25 minutes; `--quick`: a few minutes) compares this dataplane with no load \
+         balancer, kube-proxy's iptables mode and kube-proxy's nftables mode on identical namespace sandboxes with the same \
+         services and endpoints, and writes `results/latest.md` and `results/latest.json`. The latest table:\n\n{table}"
+    )
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| path.display().to_string())
+}
