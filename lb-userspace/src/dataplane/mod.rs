@@ -11,7 +11,7 @@ use lb_common::{
     counter, Backend, CtKey, CtValue, Frontend, FrontendKey, Slot, SlotKey, MAP_BACKENDS,
     MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_SLOTS,
 };
-pub use plan::{MapState, Op};
+pub use plan::{Applied, MapState, Op};
 
 use crate::{model::DesiredState, Error, Result};
 
@@ -95,6 +95,7 @@ impl Maps {
             let (k, v) = kv.map_err(|e| map_err(MAP_BACKENDS, e))?;
             st.backends.insert(k, v);
         }
+        st.reindex();
         Ok(st)
     }
 
@@ -143,12 +144,19 @@ pub struct SyncReport {
 pub struct Dataplane {
     pub maps: Maps,
     mirror: MapState,
+    /// The desired state the mirror equals, once a sync fully succeeded: later syncs
+    /// then look only at what changed. `None` (at start, after a failed op): compare all.
+    applied: Option<Applied>,
 }
 
 impl Dataplane {
     pub fn new(maps: Maps) -> Result<Self> {
         let mirror = maps.read_state()?;
-        Ok(Self { maps, mirror })
+        Ok(Self {
+            maps,
+            mirror,
+            applied: None,
+        })
     }
 
     pub fn state(&self) -> &MapState {
@@ -156,9 +164,13 @@ impl Dataplane {
     }
 
     /// Applies the diff between the maps and `desired`. A failed op is reported and
-    /// skipped (the mirror keeps what the kernel really has), and the next sync retries it.
+    /// skipped (the mirror keeps what the kernel really has), and the next sync compares
+    /// everything again, so it retries.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
-        let ops = plan::plan(&self.mirror, desired);
+        let ops = match &self.applied {
+            Some(applied) => plan::plan_incremental(&self.mirror, applied, desired),
+            None => plan::plan(&self.mirror, desired),
+        };
         let mut report = SyncReport {
             ops: ops.len(),
             errors: Vec::new(),
@@ -168,6 +180,14 @@ impl Dataplane {
                 Ok(()) => self.mirror.apply(op),
                 Err(e) => report.errors.push(e),
             }
+        }
+        if report.errors.is_empty() {
+            match &mut self.applied {
+                Some(applied) => applied.advance(desired),
+                None => self.applied = Some(Applied::new(desired.clone())),
+            }
+        } else {
+            self.applied = None;
         }
         report
     }

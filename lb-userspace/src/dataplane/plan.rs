@@ -9,18 +9,69 @@
 //! Minimal writes: a backend keeps its id and a remaining backend keeps its slot; a
 //! removed backend's slot is filled by the last slot (swap-remove), so removing one
 //! backend rewrites at most one slot, and adding one writes one slot.
+//!
+//! Two entry points: `plan` compares everything (at start, when the mirror was just read
+//! from the maps), and `plan_incremental` looks only at the frontends whose spec differs
+//! from the desired state the mirror was last brought to (`Applied`), so the cost of a
+//! change is proportional to the change, not to the number of Services.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lb_common::{Backend, Frontend, FrontendKey, SlotKey};
 
-use crate::model::{BackendAddr, DesiredState, FrontendAddr, Protocol};
+use crate::model::{BackendAddr, DesiredState, FrontendAddr, FrontendSpec, Protocol};
 
-/// What the kernel maps hold (or will, once the planned ops are applied).
+/// Ids handed out lowest first: the free ids below `next`, then `next`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdPool {
+    free: BTreeSet<u32>,
+    next: u32,
+}
+
+impl IdPool {
+    fn from_used(used: impl IntoIterator<Item = u32>) -> Self {
+        let used: BTreeSet<u32> = used.into_iter().filter(|id| *id != 0).collect();
+        let max = used.last().copied().unwrap_or(0);
+        Self {
+            free: (1..=max).filter(|id| !used.contains(id)).collect(),
+            next: max + 1,
+        }
+    }
+
+    fn take(&mut self) -> u32 {
+        if let Some(id) = self.free.pop_first() {
+            return id;
+        }
+        let id = self.next.max(1);
+        self.next = id + 1;
+        id
+    }
+
+    fn mark_used(&mut self, id: u32) {
+        if id >= self.next {
+            self.free.extend(self.next.max(1)..id);
+            self.next = id + 1;
+        } else {
+            self.free.remove(&id);
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        if id < self.next {
+            self.free.insert(id);
+        }
+    }
+}
+
+/// What the kernel maps hold (or will, once the planned ops are applied), with the
+/// indexes the planner needs. Change it only through `apply` (or call `reindex`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     pub frontends: HashMap<FrontendKey, Frontend>,
     pub slots: HashMap<SlotKey, u32>,
     pub backends: HashMap<u32, Backend>,
+    backend_ids: HashMap<BackendAddr, u32>,
+    backend_pool: IdPool,
+    service_pool: IdPool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,26 +119,51 @@ pub fn backend_addr(b: &Backend) -> BackendAddr {
 }
 
 impl MapState {
+    /// Rebuilds the indexes from the three maps (after reading them from the kernel).
+    pub fn reindex(&mut self) {
+        self.backend_ids = self
+            .backends
+            .iter()
+            .map(|(id, b)| (backend_addr(b), *id))
+            .collect();
+        self.backend_pool = IdPool::from_used(self.backends.keys().copied());
+        self.service_pool = IdPool::from_used(self.frontends.values().map(|f| f.service_id));
+    }
+
     /// Applies one op to the mirror (after the kernel accepted it).
     pub fn apply(&mut self, op: &Op) {
         match op {
             Op::PutBackend(id, b) => {
-                self.backends.insert(*id, *b);
+                if let Some(old) = self.backends.insert(*id, *b) {
+                    self.backend_ids.remove(&backend_addr(&old));
+                }
+                self.backend_ids.insert(backend_addr(b), *id);
+                self.backend_pool.mark_used(*id);
             }
             Op::PutSlot(k, id) => {
                 self.slots.insert(*k, *id);
             }
             Op::PutFrontend(k, f) => {
-                self.frontends.insert(*k, *f);
+                if let Some(old) = self.frontends.insert(*k, *f) {
+                    if old.service_id != f.service_id {
+                        self.service_pool.release(old.service_id);
+                    }
+                }
+                self.service_pool.mark_used(f.service_id);
             }
             Op::DelSlot(k) => {
                 self.slots.remove(k);
             }
             Op::DelFrontend(k) => {
-                self.frontends.remove(k);
+                if let Some(old) = self.frontends.remove(k) {
+                    self.service_pool.release(old.service_id);
+                }
             }
             Op::DelBackend(id) => {
-                self.backends.remove(id);
+                if let Some(old) = self.backends.remove(id) {
+                    self.backend_ids.remove(&backend_addr(&old));
+                    self.backend_pool.release(*id);
+                }
             }
         }
     }
@@ -105,147 +181,196 @@ impl MapState {
             })
             .collect()
     }
+
+    pub fn backend_id(&self, b: &BackendAddr) -> Option<u32> {
+        self.backend_ids.get(b).copied()
+    }
 }
 
-/// Lowest ids not in use, handed out in order.
-struct IdAllocator {
-    used: HashSet<u32>,
-    next: u32,
+/// The desired state the mirror was last brought to, with how many frontends list each
+/// backend; what `plan_incremental` diffs against.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub state: DesiredState,
+    refs: HashMap<BackendAddr, u32>,
 }
 
-impl IdAllocator {
-    fn new(used: impl IntoIterator<Item = u32>) -> Self {
+impl Applied {
+    pub fn new(state: DesiredState) -> Self {
+        let mut refs = HashMap::new();
+        for spec in state.frontends.values() {
+            for b in &spec.known {
+                *refs.entry(*b).or_insert(0) += 1;
+            }
+        }
+        Self { state, refs }
+    }
+}
+
+/// Ids allocated while planning (the mirror only learns them when ops are applied).
+struct Alloc {
+    backend_pool: IdPool,
+    service_pool: IdPool,
+    new_backends: HashMap<BackendAddr, u32>,
+}
+
+impl Alloc {
+    fn new(current: &MapState) -> Self {
         Self {
-            used: used.into_iter().collect(),
-            next: 1,
+            backend_pool: current.backend_pool.clone(),
+            service_pool: current.service_pool.clone(),
+            new_backends: HashMap::new(),
         }
     }
 
-    fn take(&mut self) -> u32 {
-        while self.used.contains(&self.next) {
-            self.next += 1;
+    fn backend(&self, current: &MapState, b: &BackendAddr) -> u32 {
+        current
+            .backend_id(b)
+            .or_else(|| self.new_backends.get(b).copied())
+            .expect("every listed backend is written before its frontend")
+    }
+
+    /// Writes `b` unless the maps (or this plan) already have it.
+    fn ensure_backend(&mut self, current: &MapState, b: &BackendAddr, ops: &mut Vec<Op>) {
+        if current.backend_id(b).is_none() && !self.new_backends.contains_key(b) {
+            let id = self.backend_pool.take();
+            self.new_backends.insert(*b, id);
+            ops.push(Op::PutBackend(id, backend_value(b)));
         }
-        self.used.insert(self.next);
-        self.next
     }
 }
 
-/// The ops that turn `current` into `desired`.
+/// Slots of `service_id` from `from` upward until the first gap: what is left over
+/// above a count (normally exactly the slots a shrinking count leaves behind).
+fn slots_from(current: &MapState, service_id: u32, from: u32) -> Vec<SlotKey> {
+    (from..)
+        .map(|slot| SlotKey { service_id, slot })
+        .take_while(|k| current.slots.contains_key(k))
+        .collect()
+}
+
+/// The ops for one wanted frontend (backends already ensured).
+fn plan_frontend(
+    current: &MapState,
+    alloc: &mut Alloc,
+    fe: &FrontendAddr,
+    spec: &FrontendSpec,
+    ops: &mut Vec<Op>,
+) {
+    let key = frontend_key(fe);
+    let want: BTreeSet<u32> = spec
+        .active
+        .iter()
+        .map(|b| alloc.backend(current, b))
+        .collect();
+    let (service_id, cur_slots, cur) = match current.frontends.get(&key) {
+        Some(f) => (f.service_id, current.slot_list(f), Some(*f)),
+        None => (alloc.service_pool.take(), Vec::new(), None),
+    };
+    // Keep positions of backends that stay; swap-remove the others; append new ones.
+    let mut slots = cur_slots.clone();
+    let mut i = slots.len();
+    while i > 0 {
+        i -= 1;
+        if !want.contains(&slots[i]) {
+            slots.swap_remove(i);
+        }
+    }
+    let present: HashSet<u32> = slots.iter().copied().collect();
+    slots.extend(want.iter().filter(|id| !present.contains(id)));
+
+    for (i, id) in slots.iter().enumerate() {
+        if cur_slots.get(i) != Some(id) {
+            let k = SlotKey {
+                service_id,
+                slot: i as u32 + 1,
+            };
+            ops.push(Op::PutSlot(k, *id));
+        }
+    }
+    let value = Frontend {
+        service_id,
+        count: slots.len() as u32,
+        flags: 0,
+        _pad: 0,
+    };
+    if cur != Some(value) {
+        ops.push(Op::PutFrontend(key, value));
+    }
+    // Slots left over above the new count.
+    ops.extend(
+        slots_from(current, service_id, slots.len() as u32 + 1)
+            .into_iter()
+            .map(Op::DelSlot),
+    );
+}
+
+/// A frontend that is no longer wanted: the frontend first, then its slots.
+fn plan_gone_frontend(current: &MapState, key: &FrontendKey, ops: &mut Vec<Op>) {
+    if let Some(f) = current.frontends.get(key) {
+        ops.push(Op::DelFrontend(*key));
+        ops.extend(
+            slots_from(current, f.service_id, 1)
+                .into_iter()
+                .map(Op::DelSlot),
+        );
+    }
+}
+
+/// The ops that turn `current` into `desired`, comparing everything. Also removes what
+/// an interrupted earlier agent may have left (slots no frontend owns).
 pub fn plan(current: &MapState, desired: &DesiredState) -> Vec<Op> {
     let mut ops = Vec::new();
+    let mut alloc = Alloc::new(current);
 
-    // Backends: keep ids of those that exist; allocate for new ones.
-    let mut backend_ids: HashMap<BackendAddr, u32> = current
-        .backends
-        .iter()
-        .map(|(id, b)| (backend_addr(b), *id))
-        .collect();
-    let mut backend_alloc = IdAllocator::new(current.backends.keys().copied());
     let wanted_backends: BTreeSet<BackendAddr> = desired
         .frontends
         .values()
         .flat_map(|f| f.known.iter().copied())
         .collect();
     for b in &wanted_backends {
-        if !backend_ids.contains_key(b) {
-            let id = backend_alloc.take();
-            backend_ids.insert(*b, id);
-            ops.push(Op::PutBackend(id, backend_value(b)));
-        }
+        alloc.ensure_backend(current, b, &mut ops);
     }
-
-    // Frontends.
-    let mut service_alloc = IdAllocator::new(current.frontends.values().map(|f| f.service_id));
-    let wanted_keys: BTreeMap<FrontendKey, &FrontendAddr> = desired
-        .frontends
-        .keys()
-        .map(|f| (frontend_key(f), f))
-        .collect();
     for (fe, spec) in &desired.frontends {
-        let key = frontend_key(fe);
-        let want: BTreeSet<u32> = spec.active.iter().map(|b| backend_ids[b]).collect();
-        let (service_id, cur_slots, cur) = match current.frontends.get(&key) {
-            Some(f) => (f.service_id, current.slot_list(f), Some(*f)),
-            None => (service_alloc.take(), Vec::new(), None),
-        };
-        // Keep positions of backends that stay; swap-remove the others; append new ones.
-        let mut slots = cur_slots.clone();
-        let mut i = slots.len();
-        while i > 0 {
-            i -= 1;
-            if !want.contains(&slots[i]) {
-                slots.swap_remove(i);
-            }
-        }
-        let present: HashSet<u32> = slots.iter().copied().collect();
-        slots.extend(want.iter().filter(|id| !present.contains(id)));
-
-        for (i, id) in slots.iter().enumerate() {
-            if cur_slots.get(i) != Some(id) {
-                let k = SlotKey {
-                    service_id,
-                    slot: i as u32 + 1,
-                };
-                ops.push(Op::PutSlot(k, *id));
-            }
-        }
-        let value = Frontend {
-            service_id,
-            count: slots.len() as u32,
-            flags: 0,
-            _pad: 0,
-        };
-        if cur != Some(value) {
-            ops.push(Op::PutFrontend(key, value));
-        }
-        // Slots left over from a larger count, also any stale ones beyond the count.
-        let stale_from = slots.len() as u32 + 1;
-        let mut stale: Vec<SlotKey> = current
-            .slots
-            .keys()
-            .filter(|k| k.service_id == service_id && k.slot >= stale_from)
-            .copied()
-            .collect();
-        stale.sort();
-        ops.extend(stale.into_iter().map(Op::DelSlot));
+        plan_frontend(current, &mut alloc, fe, spec, &mut ops);
     }
 
-    // Frontends no longer wanted, then their slots.
-    let mut gone: Vec<(&FrontendKey, &Frontend)> = current
+    let wanted_keys: HashSet<FrontendKey> = desired.frontends.keys().map(frontend_key).collect();
+    let mut gone: Vec<&FrontendKey> = current
         .frontends
-        .iter()
-        .filter(|(k, _)| !wanted_keys.contains_key(k))
+        .keys()
+        .filter(|k| !wanted_keys.contains(k))
         .collect();
-    gone.sort_by_key(|(k, _)| **k);
-    let gone_ids: HashSet<u32> = gone.iter().map(|(_, f)| f.service_id).collect();
-    for (k, _) in &gone {
-        ops.push(Op::DelFrontend(**k));
+    gone.sort();
+    for k in gone {
+        plan_gone_frontend(current, k, &mut ops);
     }
-    let mut gone_slots: Vec<SlotKey> = current
-        .slots
-        .keys()
-        .filter(|k| gone_ids.contains(&k.service_id))
-        .copied()
-        .collect();
-    gone_slots.sort();
-    ops.extend(gone_slots.into_iter().map(Op::DelSlot));
 
-    // Slots of service ids that no frontend owns (left by a crash mid-update).
-    let live_ids: HashSet<u32> = current.frontends.values().map(|f| f.service_id).collect();
-    let mut orphan: Vec<SlotKey> = current
+    // Slots no frontend will own once the ops are applied (left by an interrupted
+    // update): simulate the ops, then delete whatever lies outside 1..=count.
+    let mut next = current.clone();
+    for op in &ops {
+        next.apply(op);
+    }
+    let valid: HashSet<SlotKey> = next
+        .frontends
+        .values()
+        .flat_map(|f| {
+            (1..=f.count).map(|slot| SlotKey {
+                service_id: f.service_id,
+                slot,
+            })
+        })
+        .collect();
+    let mut orphan: Vec<SlotKey> = next
         .slots
         .keys()
-        .filter(|k| !live_ids.contains(&k.service_id) && !gone_ids.contains(&k.service_id))
-        .filter(|k| {
-            !ops.iter()
-                .any(|op| matches!(op, Op::PutSlot(p, _) if p == *k))
-        })
+        .filter(|k| !valid.contains(k))
         .copied()
         .collect();
     orphan.sort();
     ops.extend(orphan.into_iter().map(Op::DelSlot));
 
-    // Backends nobody lists any more.
     let mut unused: Vec<u32> = current
         .backends
         .iter()
@@ -255,6 +380,109 @@ pub fn plan(current: &MapState, desired: &DesiredState) -> Vec<Op> {
     unused.sort();
     ops.extend(unused.into_iter().map(Op::DelBackend));
     ops
+}
+
+/// The ops that turn `current` (which equals `applied.state`) into `desired`, looking
+/// only at frontends whose spec changed: O(frontends) comparisons plus O(change) work.
+pub fn plan_incremental(current: &MapState, applied: &Applied, desired: &DesiredState) -> Vec<Op> {
+    let mut ops = Vec::new();
+    let mut alloc = Alloc::new(current);
+    let old = &applied.state.frontends;
+
+    let changed: Vec<(&FrontendAddr, &FrontendSpec)> = desired
+        .frontends
+        .iter()
+        .filter(|(fe, spec)| old.get(fe) != Some(*spec))
+        .collect();
+    let gone: Vec<&FrontendAddr> = old
+        .keys()
+        .filter(|fe| !desired.frontends.contains_key(fe))
+        .collect();
+
+    // How many frontends will list each backend whose count changes.
+    let mut delta: BTreeMap<BackendAddr, i64> = BTreeMap::new();
+    for (fe, spec) in &changed {
+        for b in &spec.known {
+            *delta.entry(*b).or_insert(0) += 1;
+        }
+        if let Some(prev) = old.get(*fe) {
+            for b in &prev.known {
+                *delta.entry(*b).or_insert(0) -= 1;
+            }
+        }
+    }
+    for fe in &gone {
+        for b in &old[*fe].known {
+            *delta.entry(*b).or_insert(0) -= 1;
+        }
+    }
+    let refs_after = |b: &BackendAddr, d: i64| applied.refs.get(b).copied().unwrap_or(0) as i64 + d;
+
+    for (b, d) in &delta {
+        if refs_after(b, *d) > 0 {
+            alloc.ensure_backend(current, b, &mut ops);
+        }
+    }
+    for (fe, spec) in &changed {
+        plan_frontend(current, &mut alloc, fe, spec, &mut ops);
+    }
+    for fe in &gone {
+        plan_gone_frontend(current, &frontend_key(fe), &mut ops);
+    }
+    for (b, d) in &delta {
+        if refs_after(b, *d) <= 0 {
+            if let Some(id) = current.backend_id(b) {
+                ops.push(Op::DelBackend(id));
+            }
+        }
+    }
+    ops
+}
+
+impl Applied {
+    /// The bookkeeping after `plan_incremental`'s ops were all applied: only changed
+    /// frontends are copied.
+    pub fn advance(&mut self, desired: &DesiredState) {
+        let changed: Vec<(FrontendAddr, FrontendSpec)> = desired
+            .frontends
+            .iter()
+            .filter(|(fe, spec)| self.state.frontends.get(fe) != Some(*spec))
+            .map(|(fe, spec)| (*fe, spec.clone()))
+            .collect();
+        let gone: Vec<FrontendAddr> = self
+            .state
+            .frontends
+            .keys()
+            .filter(|fe| !desired.frontends.contains_key(fe))
+            .copied()
+            .collect();
+        for (fe, spec) in changed {
+            for b in &spec.known {
+                *self.refs.entry(*b).or_insert(0) += 1;
+            }
+            if let Some(prev) = self.state.frontends.insert(fe, spec) {
+                for b in &prev.known {
+                    dec(&mut self.refs, b);
+                }
+            }
+        }
+        for fe in gone {
+            if let Some(prev) = self.state.frontends.remove(&fe) {
+                for b in &prev.known {
+                    dec(&mut self.refs, b);
+                }
+            }
+        }
+    }
+}
+
+fn dec(refs: &mut HashMap<BackendAddr, u32>, b: &BackendAddr) {
+    if let Some(n) = refs.get_mut(b) {
+        *n -= 1;
+        if *n == 0 {
+            refs.remove(b);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -298,7 +526,7 @@ mod tests {
         d
     }
 
-    fn applied(cur: &MapState, d: &DesiredState) -> (MapState, Vec<Op>) {
+    fn applied_ops(cur: &MapState, d: &DesiredState) -> (MapState, Vec<Op>) {
         let ops = plan(cur, d);
         let mut next = cur.clone();
         for op in &ops {
@@ -316,10 +544,86 @@ mod tests {
             .collect()
     }
 
+    /// A small deterministic generator (xorshift) for state sequences.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    fn random_state(r: &mut Rng) -> DesiredState {
+        let mut d = DesiredState::default();
+        for f in 0..r.next(8) as u8 {
+            let active: Vec<u8> = (0..r.next(6)).map(|_| 2 + r.next(10) as u8).collect();
+            let not_ready: Vec<u8> = (0..r.next(3)).map(|_| 2 + r.next(10) as u8).collect();
+            let mut s = state(&[(fe(10 + f, 80), &active, &not_ready)]);
+            d.frontends.append(&mut s.frontends);
+        }
+        d
+    }
+
+    #[test]
+    fn incremental_plans_reach_the_same_maps_as_full_plans() {
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        let (mut full, mut inc) = (MapState::default(), MapState::default());
+        let mut applied = Applied::default();
+        for step in 0..300 {
+            let d = random_state(&mut r);
+            let (next_full, _) = applied_ops(&full, &d);
+            let ops = plan_incremental(&inc, &applied, &d);
+            for op in &ops {
+                inc.apply(op);
+            }
+            applied.advance(&d);
+            assert_eq!(applied, Applied::new(d.clone()), "step {step}: bookkeeping");
+            full = next_full;
+            assert_eq!(
+                (&inc.frontends, &inc.slots, &inc.backends),
+                (&full.frontends, &full.slots, &full.backends),
+                "step {step}"
+            );
+            assert_eq!(plan(&inc, &d), vec![], "step {step}: nothing left to do");
+            for f in d.frontends.keys() {
+                assert_eq!(resolve(&inc, f), d.frontends[f].active, "step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unchanged_state_plans_nothing_and_a_change_touches_only_its_frontend() {
+        let d: DesiredState = {
+            let mut d = DesiredState::default();
+            for f in 0..200u8 {
+                d.frontends
+                    .append(&mut state(&[(fe(f, 80), &[2, 3, 4], &[])]).frontends);
+            }
+            d
+        };
+        let (s, _) = applied_ops(&MapState::default(), &d);
+        let applied = Applied::new(d.clone());
+        assert!(plan_incremental(&s, &applied, &d).is_empty());
+        let mut d2 = d.clone();
+        d2.frontends
+            .get_mut(&fe(7, 80))
+            .unwrap()
+            .active
+            .remove(&be(3));
+        let ops = plan_incremental(&s, &applied, &d2);
+        assert_eq!(
+            ops.len(),
+            3,
+            "move one slot, shrink the count, drop the last slot: {ops:?}"
+        );
+    }
+
     #[test]
     fn from_empty_writes_backends_slots_then_frontend() {
         let d = state(&[(fe(10, 80), &[2, 3, 4], &[])]);
-        let (s, ops) = applied(&MapState::default(), &d);
+        let (s, ops) = applied_ops(&MapState::default(), &d);
         assert_eq!(ops.len(), 3 + 3 + 1);
         assert!(matches!(ops[0], Op::PutBackend(..)));
         assert!(matches!(ops[3], Op::PutSlot(..)));
@@ -330,11 +634,11 @@ mod tests {
 
     #[test]
     fn adding_a_backend_touches_only_its_own_entries() {
-        let (s, _) = applied(
+        let (s, _) = applied_ops(
             &MapState::default(),
             &state(&[(fe(10, 80), &[2, 3], &[]), (fe(11, 80), &[7], &[])]),
         );
-        let (s2, ops) = applied(
+        let (s2, ops) = applied_ops(
             &s,
             &state(&[(fe(10, 80), &[2, 3, 4], &[]), (fe(11, 80), &[7], &[])]),
         );
@@ -351,11 +655,11 @@ mod tests {
 
     #[test]
     fn removing_a_backend_moves_at_most_one_slot() {
-        let (s, _) = applied(
+        let (s, _) = applied_ops(
             &MapState::default(),
             &state(&[(fe(10, 80), &[2, 3, 4, 5], &[])]),
         );
-        let (s2, ops) = applied(&s, &state(&[(fe(10, 80), &[2, 4, 5], &[])]));
+        let (s2, ops) = applied_ops(&s, &state(&[(fe(10, 80), &[2, 4, 5], &[])]));
         // slot of 3 := 5, count 4 -> 3, delete slot 4, delete backend 3.
         assert_eq!(ops.len(), 4, "{ops:?}");
         assert!(matches!(ops[0], Op::PutSlot(k, _) if k.slot == 2));
@@ -367,8 +671,8 @@ mod tests {
 
     #[test]
     fn not_ready_backend_leaves_slots_but_stays_in_backends() {
-        let (s, _) = applied(&MapState::default(), &state(&[(fe(10, 80), &[2, 3], &[])]));
-        let (s2, ops) = applied(&s, &state(&[(fe(10, 80), &[2], &[3])]));
+        let (s, _) = applied_ops(&MapState::default(), &state(&[(fe(10, 80), &[2, 3], &[])]));
+        let (s2, ops) = applied_ops(&s, &state(&[(fe(10, 80), &[2], &[3])]));
         assert!(
             !ops.iter().any(|o| matches!(o, Op::DelBackend(_))),
             "{ops:?}"
@@ -379,11 +683,11 @@ mod tests {
 
     #[test]
     fn deleting_a_frontend_removes_it_before_its_slots_and_frees_backends() {
-        let (s, _) = applied(
+        let (s, _) = applied_ops(
             &MapState::default(),
             &state(&[(fe(10, 80), &[2], &[]), (fe(11, 80), &[2, 3], &[])]),
         );
-        let (s2, ops) = applied(&s, &state(&[(fe(10, 80), &[2], &[])]));
+        let (s2, ops) = applied_ops(&s, &state(&[(fe(10, 80), &[2], &[])]));
         let del_fe = ops
             .iter()
             .position(|o| matches!(o, Op::DelFrontend(_)))
@@ -404,7 +708,7 @@ mod tests {
 
     #[test]
     fn frontend_without_ready_backend_has_count_zero() {
-        let (s, _) = applied(&MapState::default(), &state(&[(fe(10, 80), &[], &[3])]));
+        let (s, _) = applied_ops(&MapState::default(), &state(&[(fe(10, 80), &[], &[3])]));
         let f = s.frontends[&frontend_key(&fe(10, 80))];
         assert_eq!(f.count, 0);
         assert_eq!(s.backends.len(), 1);
@@ -412,7 +716,7 @@ mod tests {
 
     #[test]
     fn orphan_slots_from_an_interrupted_update_are_removed() {
-        let (mut s, _) = applied(&MapState::default(), &state(&[(fe(10, 80), &[2], &[])]));
+        let (mut s, _) = applied_ops(&MapState::default(), &state(&[(fe(10, 80), &[2], &[])]));
         s.slots.insert(
             SlotKey {
                 service_id: 99,
@@ -428,18 +732,18 @@ mod tests {
             },
             1,
         );
-        let (s2, _) = applied(&s, &state(&[(fe(10, 80), &[2], &[])]));
+        let (s2, _) = applied_ops(&s, &state(&[(fe(10, 80), &[2], &[])]));
         assert_eq!(s2.slots.len(), 1);
     }
 
     #[test]
     fn ids_are_reused_lowest_first() {
-        let (s, _) = applied(
+        let (s, _) = applied_ops(
             &MapState::default(),
             &state(&[(fe(10, 80), &[2, 3], &[]), (fe(11, 80), &[4], &[])]),
         );
-        let (s2, _) = applied(&s, &state(&[(fe(11, 80), &[4], &[])]));
-        let (s3, _) = applied(
+        let (s2, _) = applied_ops(&s, &state(&[(fe(11, 80), &[4], &[])]));
+        let (s3, _) = applied_ops(
             &s2,
             &state(&[(fe(11, 80), &[4], &[]), (fe(12, 80), &[5], &[])]),
         );
