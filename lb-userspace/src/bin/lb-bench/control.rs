@@ -102,6 +102,43 @@ fn load_opts(pin_dir: PathBuf, services: usize, endpoints: usize) -> LoadOptions
     }
 }
 
+const PING: Ipv4Addr = Ipv4Addr::new(10, 96, 255, 1);
+const PONG: Ipv4Addr = Ipv4Addr::new(10, 96, 255, 2);
+
+/// PING:80 -> backend PONG:80 and PONG:80 -> backend PING:80.
+fn add_ping_pong(cfg: &mut lb_userspace::model::Config) {
+    use lb_userspace::model::{
+        Conditions, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort,
+    };
+    for (name, ip, backend) in [("ping", PING, PONG), ("pong", PONG, PING)] {
+        cfg.services.push(Service {
+            name: name.into(),
+            namespace: "bench".into(),
+            cluster_ip: ip,
+            ports: vec![ServicePort {
+                name: String::new(),
+                port: 80,
+                target_port: None,
+                protocol: Protocol::Tcp,
+            }],
+        });
+        cfg.endpoint_slices.push(EndpointSlice {
+            name: name.into(),
+            namespace: "bench".into(),
+            service_name: name.into(),
+            ports: vec![EndpointPort {
+                name: String::new(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints: vec![Endpoint {
+                addresses: vec![backend],
+                conditions: Conditions::default(),
+            }],
+        });
+    }
+}
+
 /// ns per packet of the tc program, for a new flow, an established flow, a reply and a
 /// packet to no Service, from the kernel's own timing of BPF_PROG_TEST_RUN.
 ///
@@ -182,8 +219,40 @@ fn packet_cost(pin_dir: &Path) -> Result<PacketCost> {
     let (est_single, est_ret) = singles(&mut |_| est.clone())?;
     let reply = packet::tcp(backend, bport, client, sport, packet::ACK);
     let (reply_single, reply_ret) = singles(&mut |_| reply.clone())?;
+    // Repeated (the method): PING <-> PONG flows, so every repeat translates.
+    let repeated = |pkt: &[u8]| -> Result<(f64, u32)> {
+        run(pkt, 2)?; // the first two runs create the two flows
+        let mut v = Vec::new();
+        let mut ret = 0;
+        for _ in 0..5 {
+            let (d, r, _) = run(pkt, 200_000)?;
+            v.push(d);
+            ret = r;
+        }
+        Ok((median(&v), ret))
+    };
+    let pp_sport = 41_000;
+    let (est_rep, est_rep_ret) = repeated(&packet::tcp(client, pp_sport, PING, 80, packet::ACK))?;
+    // Replies: flows client -> PING and client -> PONG leave reply entries
+    // PONG:80 -> client (restore PING) and PING:80 -> client (restore PONG).
+    run(&packet::tcp(client, pp_sport + 1, PING, 80, packet::SYN), 1)?;
+    run(&packet::tcp(client, pp_sport + 1, PONG, 80, packet::SYN), 1)?;
+    let (reply_rep, reply_rep_ret) =
+        repeated(&packet::tcp(PONG, 80, client, pp_sport + 1, packet::ACK))?;
     let cost = PacketCost {
         cases: vec![
+            (
+                "established flow, repeated (ping-pong)",
+                est_rep,
+                est_rep,
+                est_rep_ret,
+            ),
+            (
+                "reply, repeated (ping-pong)",
+                reply_rep,
+                reply_rep,
+                reply_rep_ret,
+            ),
             (
                 "new flow (SYN to a ClusterIP)",
                 new_single - overhead,
@@ -283,6 +352,14 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
             quantile(&r.change_us, 0.99) / 1e3,
             r.change_us.len()
         ));
+        // Two Services that point at each other, so a translated packet is again a packet
+        // to a Service: BPF_PROG_TEST_RUN's repeat then measures real established-flow and
+        // reply translations (see packet_cost).
+        add_ping_pong(&mut cfg);
+        let rep = plane.sync(&desired_state(&cfg.services, &cfg.endpoint_slices));
+        if !rep.errors.is_empty() {
+            return Err(Error::Map(format!("ping-pong services: {:?}", rep.errors)));
+        }
         r.packet = packet_cost(&pin_dir)?;
         for (name, ns, raw, ret) in &r.packet.cases {
             progress(format!(
