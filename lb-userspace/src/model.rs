@@ -421,6 +421,171 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
     state
 }
 
+/// (namespace, name) of an object.
+pub type ObjectKey = (String, String);
+
+/// The desired state kept up to date object by object: a change to one Service or one
+/// EndpointSlice recomputes that Service's frontends only, so the cost of a change does
+/// not grow with the number of Services. `desired()` always equals `desired_state()` over
+/// the same objects (a test checks it on random sequences).
+#[derive(Clone, Debug, Default)]
+pub struct ModelCache {
+    services: BTreeMap<ObjectKey, Service>,
+    slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// Service key -> keys of the slices that name it.
+    slices_of: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Frontends each Service yields (whether or not it owns them).
+    frontends_of: BTreeMap<ObjectKey, BTreeMap<FrontendAddr, FrontendSpec>>,
+    /// Services claiming each frontend; the first in (namespace, name) order owns it.
+    claims: BTreeMap<FrontendAddr, BTreeSet<ObjectKey>>,
+    dirty: BTreeSet<ObjectKey>,
+    desired: DesiredState,
+}
+
+fn slice_service(slice: &EndpointSlice) -> ObjectKey {
+    (slice.namespace.clone(), slice.service_name.clone())
+}
+
+impl ModelCache {
+    pub fn upsert_service(&mut self, svc: Service) {
+        let key = (svc.namespace.clone(), svc.name.clone());
+        if self.services.get(&key) != Some(&svc) {
+            self.services.insert(key.clone(), svc);
+            self.dirty.insert(key);
+        }
+    }
+
+    pub fn remove_service(&mut self, key: &ObjectKey) {
+        if self.services.remove(key).is_some() {
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    pub fn upsert_slice(&mut self, slice: EndpointSlice) {
+        let key = (slice.namespace.clone(), slice.name.clone());
+        if self.slices.get(&key) == Some(&slice) {
+            return;
+        }
+        let svc = slice_service(&slice);
+        if let Some(old) = self.slices.insert(key.clone(), slice) {
+            let old_svc = slice_service(&old);
+            if let Some(set) = self.slices_of.get_mut(&old_svc) {
+                set.remove(&key);
+            }
+            self.dirty.insert(old_svc);
+        }
+        self.slices_of.entry(svc.clone()).or_default().insert(key);
+        self.dirty.insert(svc);
+    }
+
+    pub fn remove_slice(&mut self, key: &ObjectKey) {
+        if let Some(old) = self.slices.remove(key) {
+            let svc = slice_service(&old);
+            if let Some(set) = self.slices_of.get_mut(&svc) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.slices_of.remove(&svc);
+                }
+            }
+            self.dirty.insert(svc);
+        }
+    }
+
+    /// Replaces every object (after a relist): only those that differ are marked dirty.
+    pub fn replace_all(&mut self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
+        let svc_keys: BTreeSet<ObjectKey> = services
+            .iter()
+            .map(|s| (s.namespace.clone(), s.name.clone()))
+            .collect();
+        let slice_keys: BTreeSet<ObjectKey> = slices
+            .iter()
+            .map(|s| (s.namespace.clone(), s.name.clone()))
+            .collect();
+        let gone_svcs: Vec<ObjectKey> = self
+            .services
+            .keys()
+            .filter(|k| !svc_keys.contains(*k))
+            .cloned()
+            .collect();
+        let gone_slices: Vec<ObjectKey> = self
+            .slices
+            .keys()
+            .filter(|k| !slice_keys.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone_svcs {
+            self.remove_service(&k);
+        }
+        for k in gone_slices {
+            self.remove_slice(&k);
+        }
+        for s in services {
+            self.upsert_service(s);
+        }
+        for s in slices {
+            self.upsert_slice(s);
+        }
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// The desired state, after recomputing the Services touched since the last call.
+    pub fn desired(&mut self) -> &DesiredState {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut touched: BTreeSet<FrontendAddr> = BTreeSet::new();
+        for key in dirty {
+            let new = match self.services.get(&key) {
+                Some(svc) => {
+                    let slices = self
+                        .slices_of
+                        .get(&key)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|k| self.slices.get(k));
+                    service_frontends(svc, slices)
+                }
+                None => BTreeMap::new(),
+            };
+            let old = self.frontends_of.remove(&key).unwrap_or_default();
+            for fe in old.keys() {
+                if !new.contains_key(fe) {
+                    if let Some(c) = self.claims.get_mut(fe) {
+                        c.remove(&key);
+                        if c.is_empty() {
+                            self.claims.remove(fe);
+                        }
+                    }
+                }
+                touched.insert(*fe);
+            }
+            for fe in new.keys() {
+                self.claims.entry(*fe).or_default().insert(key.clone());
+                touched.insert(*fe);
+            }
+            if !new.is_empty() {
+                self.frontends_of.insert(key, new);
+            }
+        }
+        for fe in touched {
+            let owner = self.claims.get(&fe).and_then(|c| c.first());
+            match owner
+                .and_then(|o| self.frontends_of.get(o))
+                .and_then(|f| f.get(&fe))
+            {
+                Some(spec) => {
+                    self.desired.frontends.insert(fe, spec.clone());
+                }
+                None => {
+                    self.desired.frontends.remove(&fe);
+                }
+            }
+        }
+        &self.desired
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,6 +793,69 @@ mod tests {
         let f = st.frontends.values().next().unwrap();
         assert!(f.active.is_empty());
         assert_eq!(f.service, "default/web:");
+    }
+
+    #[test]
+    fn the_cache_equals_the_full_computation_on_random_changes() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut cache = ModelCache::default();
+        let mut services: BTreeMap<String, Service> = BTreeMap::new();
+        let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+        for step in 0..2000 {
+            let name = format!("s{}", rnd(6));
+            match rnd(5) {
+                0 => {
+                    // Two Services may share a clusterIP and port: the first name wins.
+                    let ip = format!("10.96.0.{}", rnd(4) + 1);
+                    let s = svc(&name, &ip, &[("http", 80 + rnd(2) as u16, Protocol::Tcp)]);
+                    services.insert(name, s.clone());
+                    cache.upsert_service(s);
+                }
+                1 => {
+                    services.remove(&name);
+                    cache.remove_service(&("default".into(), name));
+                }
+                2 | 3 => {
+                    let sl_name = format!("sl{}", rnd(8));
+                    let eps = (0..rnd(4))
+                        .map(|_| {
+                            ep(
+                                &format!("10.244.0.{}", rnd(6) + 2),
+                                Some(rnd(3) > 0),
+                                None,
+                                None,
+                            )
+                        })
+                        .collect();
+                    let sl = slice(&sl_name, &name, &[("http", 8080, Protocol::Tcp)], eps);
+                    slices.insert(sl_name, sl.clone());
+                    cache.upsert_slice(sl);
+                }
+                _ => {
+                    let sl_name = format!("sl{}", rnd(8));
+                    slices.remove(&sl_name);
+                    cache.remove_slice(&("default".into(), sl_name));
+                }
+            }
+            if rnd(3) == 0 {
+                let svcs: Vec<Service> = services.values().cloned().collect();
+                let sls: Vec<EndpointSlice> = slices.values().cloned().collect();
+                assert_eq!(cache.desired(), &desired_state(&svcs, &sls), "step {step}");
+            }
+        }
+        let svcs: Vec<Service> = services.values().cloned().collect();
+        let sls: Vec<EndpointSlice> = slices.values().cloned().collect();
+        let mut fresh = ModelCache::default();
+        fresh.replace_all(svcs.clone(), sls.clone());
+        assert_eq!(fresh.desired(), &desired_state(&svcs, &sls));
+        cache.replace_all(vec![], vec![]);
+        assert!(cache.desired().frontends.is_empty());
     }
 
     #[test]

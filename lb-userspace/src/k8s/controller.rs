@@ -40,7 +40,7 @@ use super::{
     metrics::{KindLabel, Metrics, ReasonLabel},
     translate::{self, Outcome, Rules, SkipReason, Translated},
 };
-use crate::{dataplane::Dataplane, model::desired_state, Error, Result};
+use crate::{dataplane::Dataplane, model::ModelCache, Error, Result};
 
 /// How long to wait after the first event of a burst before syncing.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(15);
@@ -256,7 +256,8 @@ impl Controller {
         }
     }
 
-    /// Translates the stores, computes the desired state and applies the diff.
+    /// Translates the objects that changed since the last sync (by resourceVersion),
+    /// updates the model for their Services only, and applies the diff.
     /// Returns false if some map operation failed (the caller retries).
     fn sync(
         &self,
@@ -266,8 +267,33 @@ impl Controller {
     ) -> bool {
         let t0 = std::time::Instant::now();
         let mut seen = BTreeSet::new();
-        let mut model_services = Vec::new();
+        // The model's key: namespace (as translate reads it) and name.
+        let model_key = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            (
+                meta.namespace.clone().unwrap_or_else(|| "default".into()),
+                meta.name.clone().unwrap_or_default(),
+            )
+        };
+        let unchanged = |kind: Kind,
+                         meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+                         reported: &Reported| {
+            let version = meta.resource_version.as_deref().unwrap_or_default();
+            let key = (
+                kind,
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            );
+            !version.is_empty() && reported.get(&key).map(String::as_str) == Some(version)
+        };
         for s in services.state() {
+            if unchanged(Kind::Service, &s.metadata, &state.reported) {
+                seen.insert((
+                    Kind::Service,
+                    s.metadata.namespace.clone().unwrap_or_default(),
+                    s.metadata.name.clone().unwrap_or_default(),
+                ));
+                continue;
+            }
             let t = translate::service(&s, &self.opts.rules);
             self.report(
                 Kind::Service,
@@ -276,12 +302,20 @@ impl Controller {
                 &mut state.reported,
                 &mut seen,
             );
-            if let Outcome::Use(m) = t.outcome {
-                model_services.push(m);
+            match t.outcome {
+                Outcome::Use(m) => state.model.upsert_service(m),
+                _ => state.model.remove_service(&model_key(&s.metadata)),
             }
         }
-        let mut model_slices = Vec::new();
         for s in slices.state() {
+            if unchanged(Kind::EndpointSlice, &s.metadata, &state.reported) {
+                seen.insert((
+                    Kind::EndpointSlice,
+                    s.metadata.namespace.clone().unwrap_or_default(),
+                    s.metadata.name.clone().unwrap_or_default(),
+                ));
+                continue;
+            }
             let t = translate::endpoint_slice(&s);
             self.report(
                 Kind::EndpointSlice,
@@ -290,15 +324,31 @@ impl Controller {
                 &mut state.reported,
                 &mut seen,
             );
-            if let Outcome::Use(m) = t.outcome {
-                model_slices.push(m);
+            match t.outcome {
+                Outcome::Use(m) => state.model.upsert_slice(m),
+                _ => state.model.remove_slice(&model_key(&s.metadata)),
+            }
+        }
+        // Objects gone from the stores.
+        for (kind, ns, name) in state.reported.keys().filter(|k| !seen.contains(*k)) {
+            let ns = if ns.is_empty() {
+                "default".to_string()
+            } else {
+                ns.clone()
+            };
+            match kind {
+                Kind::Service => state.model.remove_service(&(ns, name.clone())),
+                Kind::EndpointSlice => state.model.remove_slice(&(ns, name.clone())),
+                Kind::Node => {}
             }
         }
         state.reported.retain(|k, _| seen.contains(k));
-        let desired = desired_state(&model_services, &model_slices);
-        let report = {
+        let service_count = state.model.service_count();
+        let desired = state.model.desired();
+        let (report, backend_count) = {
             let mut plane = self.plane.lock().unwrap_or_else(|p| p.into_inner());
-            plane.sync(&desired)
+            let report = plane.sync(desired);
+            (report, plane.state().backends.len())
         };
         let elapsed = t0.elapsed();
         let m = &self.metrics;
@@ -307,9 +357,9 @@ impl Controller {
         m.map_operations
             .inc_by((report.ops - report.errors.len()) as u64);
         m.map_update_errors.inc_by(report.errors.len() as u64);
-        m.services.set(model_services.len() as i64);
+        m.services.set(service_count as i64);
         m.frontends.set(desired.frontends.len() as i64);
-        m.backends.set(desired.backend_count() as i64);
+        m.backends.set(backend_count as i64);
         for e in &report.errors {
             error!("map update failed: {e}; retrying in {RETRY_FAILED_SYNC:?}");
         }
@@ -322,9 +372,9 @@ impl Controller {
             }
         }
         info!(
-            services = model_services.len(),
+            services = service_count,
             frontends = desired.frontends.len(),
-            backends = desired.backend_count(),
+            backends = backend_count,
             map_ops = report.ops,
             errors = report.errors.len(),
             took_us = elapsed.as_micros() as u64,
@@ -421,7 +471,11 @@ struct LoopState {
     deadline: Option<Instant>,
     /// Trigger times of slice changes not yet written to the maps.
     triggers: Vec<jiff::Timestamp>,
+    /// Objects translated so far, with the resourceVersion translated: also the cache
+    /// that lets a sync translate only what changed.
     reported: Reported,
+    /// The model, updated object by object.
+    model: ModelCache,
 }
 
 impl LoopState {

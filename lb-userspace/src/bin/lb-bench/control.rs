@@ -1,8 +1,9 @@
 //! Control plane and per-packet runs, with N services x 10 endpoints each:
 //! - the library path: model -> `desired_state` -> `Dataplane::sync` on real kernel maps
 //!   (loaded, never attached), from empty; then one endpoint change at a time (ready
-//!   flipped on one endpoint of one service, full desired state recomputed and diffed,
-//!   as the agent does) until it is in the maps;
+//!   flipped on one endpoint of one service, the slice put into `ModelCache`, which
+//!   recomputes that Service only, then the incremental diff: what the Kubernetes agent
+//!   does per change) until it is in the maps;
 //! - per-packet cost of the tc program on those maps via BPF_PROG_TEST_RUN;
 //! - the agent path: `lb run --config` on the same services as a YAML file, in a sandbox
 //!   namespace with no interface to attach to: spawn to synced, RSS, map memory.
@@ -318,6 +319,15 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
             r.model_secs, r.sync_secs, r.sync_ops, r.sync_errors
         ));
         check_interrupted()?;
+        let mut cache = lb_userspace::model::ModelCache::default();
+        cache.replace_all(cfg.services.clone(), cfg.endpoint_slices.clone());
+        let rep = plane.sync(cache.desired());
+        if rep.ops != 0 || !rep.errors.is_empty() {
+            return Err(Error::Map(format!(
+                "the model cache disagrees with desired_state: {} ops, errors {:?}",
+                rep.ops, rep.errors
+            )));
+        }
         // One endpoint change at a time, spread over the services.
         // Bounded: at most 200 changes or 30 s (20 s quick), at least 5.
         let budget = Duration::from_secs(if opts.quick { 20 } else { 30 });
@@ -335,8 +345,10 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
             let c = &mut cfg.endpoint_slices[k].endpoints[0].conditions;
             c.ready = Some(c.ready == Some(false));
             let t = Instant::now();
-            let desired = desired_state(&cfg.services, &cfg.endpoint_slices);
-            let rep = plane.sync(&desired);
+            // As the Kubernetes agent does: the changed slice into the model cache (its
+            // Service's frontends are recomputed), then the incremental diff to the maps.
+            cache.upsert_slice(cfg.endpoint_slices[k].clone());
+            let rep = plane.sync(cache.desired());
             let us = t.elapsed().as_secs_f64() * 1e6;
             if rep.ops == 0 || !rep.errors.is_empty() {
                 return Err(Error::Map(format!(

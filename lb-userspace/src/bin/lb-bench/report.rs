@@ -240,7 +240,7 @@ impl Report {
         // 5. Endpoint change at 10k.
         let v = self.cp(10_000).map(|c| quantile(&c.change_us, 0.99) / 1e3);
         t.push(Target {
-            what: "one endpoint change in the maps at 10k services, p99 (library path)".into(),
+            what: "one endpoint change in the maps at 10k services, p99 (agent's library path: ModelCache + incremental sync)".into(),
             goal: "≤ 10 ms".into(),
             got: v.map(|v| format!("{v:.2} ms")).unwrap_or("–".into()),
             verdict: verdict(v, 10.0, false),
