@@ -14,6 +14,7 @@ pub mod netns;
 pub mod run;
 pub mod sandbox;
 pub mod show;
+pub mod vmload;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -21,7 +21,7 @@ use std::{
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{self, SchedClassifierLink},
         SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
@@ -124,6 +124,9 @@ pub struct Datapath {
     pin_dir: PathBuf,
     /// Attached interfaces: name -> ifindex.
     attached: BTreeMap<String, u32>,
+    /// Netlink tc filters (kernels before 6.6, no tcx): they cannot be pinned, so the
+    /// agent holds them; they detach when dropped.
+    netlink_links: BTreeMap<String, SchedClassifierLink>,
 }
 
 impl Datapath {
@@ -180,6 +183,7 @@ impl Datapath {
                 ebpf,
                 pin_dir: opts.pin_dir.clone(),
                 attached: BTreeMap::new(),
+                netlink_links: BTreeMap::new(),
             },
             maps,
         ))
@@ -231,23 +235,44 @@ impl Datapath {
         } else {
             false
         };
+        let mut netlink = false;
         if !replaced {
-            let id = self
-                .program()
-                .attach(ifname, TcAttachType::Ingress)
-                .map_err(|e| Error::Attach(format!("tc ingress on {ifname}: {e}")))?;
+            let id = match self.program().attach(ifname, TcAttachType::Ingress) {
+                Ok(id) => id,
+                // Before 6.6 aya attaches a netlink tc filter, which needs a clsact qdisc.
+                Err(first) => {
+                    let _ = tc::qdisc_add_clsact(ifname);
+                    self.program()
+                        .attach(ifname, TcAttachType::Ingress)
+                        .map_err(|e| {
+                            Error::Attach(format!("tc ingress on {ifname}: {first}; {e}"))
+                        })?
+                }
+            };
             let link = self
                 .program()
                 .take_link(id)
                 .map_err(|e| Error::Attach(format!("{ifname}: {e}")))?;
-            let fd: FdLink = link
-                .try_into()
-                .map_err(|e| Error::Attach(format!("{ifname}: not a tcx link: {e}")))?;
-            fd.pin(&pin).map_err(|e| {
-                Error::Attach(format!("{ifname}: pinning link {}: {e}", pin.display()))
-            })?;
+            if link.priority().is_ok() {
+                // A netlink filter (no tcx on this kernel): keep it alive, unpinned.
+                netlink = true;
+                if self.netlink_links.is_empty() {
+                    warn!(
+                        "this kernel has no tcx (needs >= 6.6): attached as netlink tc filters, \
+                         which cannot be pinned; the datapath lives as long as this agent"
+                    );
+                }
+                self.netlink_links.insert(ifname.to_string(), link);
+            } else {
+                let fd: FdLink = link
+                    .try_into()
+                    .map_err(|e| Error::Attach(format!("{ifname}: not a tcx link: {e}")))?;
+                fd.pin(&pin).map_err(|e| {
+                    Error::Attach(format!("{ifname}: pinning link {}: {e}", pin.display()))
+                })?;
+            }
         }
-        info!(%ifname, ifindex, replaced, "attached tc program");
+        info!(%ifname, ifindex, replaced, netlink, "attached tc program");
         self.attached.insert(ifname.to_string(), ifindex);
         Ok(())
     }
@@ -276,6 +301,7 @@ impl Datapath {
         for (name, index) in gone {
             let _ = fs::remove_file(self.link_pin(&name, index));
             self.attached.remove(&name);
+            self.netlink_links.remove(&name);
             info!(ifname = %name, "interface gone");
         }
         let mut added = Vec::new();
@@ -313,6 +339,9 @@ impl Datapath {
     /// links stay pinned) for the next agent; otherwise everything is detached and unpinned.
     pub fn shutdown(mut self, keep_pinned: bool) -> Result<()> {
         if keep_pinned {
+            if !self.netlink_links.is_empty() {
+                warn!("netlink tc filters (kernel < 6.6) detach with this agent; only maps stay");
+            }
             info!(pin_dir = %self.pin_dir.display(), "exiting; datapath stays pinned");
             return Ok(());
         }

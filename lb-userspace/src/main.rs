@@ -7,7 +7,7 @@ use lb_common::{
 use lb_userspace::{
     config, demo, k8s,
     loader::{LoadOptions, DEFAULT_PIN_DIR},
-    netns, run, show,
+    netns, run, show, vmload,
 };
 
 /// Kubernetes Service load balancer with an eBPF dataplane.
@@ -109,6 +109,14 @@ enum Cmd {
         #[arg(long, default_value_t = 12)]
         requests: usize,
     },
+    /// The workload of `cargo xtask vm-test` (inside the VM): iperf3 to a pod IP and to a ClusterIP.
+    #[command(hide = true)]
+    VmLoad {
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 impl MapArgs {
@@ -203,6 +211,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Show { what, pin_dir } => show::render(&pin_dir, what).map(|s| print!("{s}")),
         Cmd::Demo { requests } => demo::run_demo(requests),
+        Cmd::VmLoad { seconds, repeats } => vmload::run_vm_load(seconds, repeats),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -410,3 +410,60 @@ fn a_service_with_only_not_ready_backends_refuses() {
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(view(&out).l4[13], RST | ACK);
 }
+
+#[test]
+fn the_writer_batches_and_its_mirror_always_equals_the_kernel_maps() {
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbt-kern-batch-{}", std::process::id()));
+    let opts = LoadOptions {
+        pin_dir: pin_dir.clone(),
+        max_frontends: 1024,
+        max_backends: 8, // too small on purpose: 10 endpoints x 2 ports will not fit
+        max_slots: 1024,
+        max_conntrack: 1024,
+    };
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = remove_pins(&self.0);
+        }
+    }
+    let _rm = Rm(pin_dir.clone());
+    let (_datapath, maps) = Datapath::load(&opts).unwrap();
+    let mut plane = Dataplane::new(maps).unwrap();
+    let eps = |n: u8| -> Vec<(String, bool)> {
+        (0..n)
+            .map(|i| (format!("10.244.1.{}", i + 1), true))
+            .collect()
+    };
+    let cfg = |list: Vec<(String, bool)>| {
+        let refs: Vec<(&str, bool)> = list.iter().map(|(a, r)| (a.as_str(), *r)).collect();
+        let c = config::parse("t", &config_with(&refs)).unwrap();
+        desired_state(&c.services, &c.endpoint_slices)
+    };
+    let report = plane.sync(&cfg(eps(10)));
+    assert_eq!(
+        report.errors.len(),
+        12,
+        "12 of 20 backends do not fit: {:?}",
+        report.errors
+    );
+    assert!(
+        report.errors[0].contains("PutBackend"),
+        "{:?}",
+        report.errors
+    );
+    let kernel = Maps::from_pins(&pin_dir).unwrap().read_state().unwrap();
+    assert_eq!(
+        plane.state(),
+        &kernel,
+        "the mirror holds exactly what the kernel took"
+    );
+    assert_eq!(kernel.backends.len(), 8);
+    // Back under the limit: the next sync compares everything and converges.
+    let report = plane.sync(&cfg(eps(4)));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let kernel = Maps::from_pins(&pin_dir).unwrap().read_state().unwrap();
+    assert_eq!(plane.state(), &kernel);
+    assert_eq!(kernel.backends.len(), 8);
+    assert_eq!(plane.sync(&cfg(eps(4))).ops, 0, "nothing left to do");
+}

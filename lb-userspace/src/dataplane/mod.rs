@@ -2,9 +2,13 @@
 //! the diff computed in `plan`, never a flush. A mirror of what was written avoids
 //! re-reading the maps on every sync; it is seeded from the maps at start, so an agent
 //! restarted on pinned maps continues where the last one stopped.
+pub mod batch;
 pub mod plan;
 
-use std::path::Path;
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
@@ -22,6 +26,23 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Duplicated fds of the three service maps, for batch updates.
+    batch_fds: [OwnedFd; 3],
+}
+
+const FRONTENDS: usize = 0;
+const SLOTS: usize = 1;
+const BACKENDS: usize = 2;
+
+fn dup_fd(name: &str, map: &Map) -> Result<OwnedFd> {
+    let data = match map {
+        Map::HashMap(d) | Map::LruHashMap(d) => d,
+        _ => return Err(map_err(name, "not a hash map")),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| map_err(name, e))
 }
 
 fn map_err(name: &str, e: impl std::fmt::Display) -> Error {
@@ -71,7 +92,13 @@ impl Maps {
     }
 
     fn from_maps(f: Map, s: Map, b: Map, c: Map, n: Map) -> Result<Self> {
+        let batch_fds = [
+            dup_fd(MAP_FRONTENDS, &f)?,
+            dup_fd(MAP_SLOTS, &s)?,
+            dup_fd(MAP_BACKENDS, &b)?,
+        ];
         Ok(Self {
+            batch_fds,
             frontends: HashMap::try_from(f).map_err(|e| map_err(MAP_FRONTENDS, e))?,
             slots: HashMap::try_from(s).map_err(|e| map_err(MAP_SLOTS, e))?,
             backends: HashMap::try_from(b).map_err(|e| map_err(MAP_BACKENDS, e))?,
@@ -108,7 +135,71 @@ impl Maps {
             Op::DelFrontend(k) => self.frontends.remove(k),
             Op::DelBackend(id) => self.backends.remove(id),
         };
-        r.map_err(|e| format!("{op:?}: {e}"))
+        r.map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            format!("{op:?}: {e}{cause}")
+        })
+    }
+
+    /// Applies a run of ops of one kind with batch syscalls; returns how many of the
+    /// run's ops (from the start) the kernel took before the first failure.
+    fn apply_batch(&mut self, run: &[Op]) -> usize {
+        fn keys_values<K: Copy, V: Copy>(
+            run: &[Op],
+            f: impl Fn(&Op) -> (K, V),
+        ) -> (Vec<K>, Vec<V>) {
+            run.iter().map(f).unzip()
+        }
+        let r = match &run[0] {
+            Op::PutBackend(..) => {
+                let (k, v) = keys_values(run, |op| match op {
+                    Op::PutBackend(id, b) => (*id, *b),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::update(&self.batch_fds[BACKENDS], &k, &v)
+            }
+            Op::PutSlot(..) => {
+                let (k, v) = keys_values(run, |op| match op {
+                    Op::PutSlot(k, id) => (*k, Slot { backend_id: *id }),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::update(&self.batch_fds[SLOTS], &k, &v)
+            }
+            Op::PutFrontend(..) => {
+                let (k, v) = keys_values(run, |op| match op {
+                    Op::PutFrontend(k, f) => (*k, *f),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::update(&self.batch_fds[FRONTENDS], &k, &v)
+            }
+            Op::DelFrontend(..) => {
+                let (k, _): (Vec<FrontendKey>, Vec<()>) = keys_values(run, |op| match op {
+                    Op::DelFrontend(k) => (*k, ()),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::delete(&self.batch_fds[FRONTENDS], &k)
+            }
+            Op::DelSlot(..) => {
+                let (k, _): (Vec<SlotKey>, Vec<()>) = keys_values(run, |op| match op {
+                    Op::DelSlot(k) => (*k, ()),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::delete(&self.batch_fds[SLOTS], &k)
+            }
+            Op::DelBackend(..) => {
+                let (k, _): (Vec<u32>, Vec<()>) = keys_values(run, |op| match op {
+                    Op::DelBackend(id) => (*id, ()),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::delete(&self.batch_fds[BACKENDS], &k)
+            }
+        };
+        match r {
+            Ok(()) => run.len(),
+            Err((done, _)) => done,
+        }
     }
 
     /// Sums of the per-CPU counters, in `counter::NAMES` order.
@@ -175,11 +266,32 @@ impl Dataplane {
             ops: ops.len(),
             errors: Vec::new(),
         };
-        for op in &ops {
-            match self.maps.apply_one(op) {
-                Ok(()) => self.mirror.apply(op),
-                Err(e) => report.errors.push(e),
+        // Ops come grouped by kind (see `Op::rank`): each group goes in batches; after a
+        // batch failure the rest of that batch goes one by one, so every error is named
+        // and every other entry still lands.
+        let mut i = 0;
+        while i < ops.len() {
+            let rank = ops[i].rank();
+            let mut end = i;
+            while end < ops.len() && end - i < batch::CHUNK && ops[end].rank() == rank {
+                end += 1;
             }
+            let run = &ops[i..end];
+            let done = if run.len() > 1 {
+                self.maps.apply_batch(run)
+            } else {
+                0
+            };
+            for op in &run[..done] {
+                self.mirror.apply(op);
+            }
+            for op in &run[done..] {
+                match self.maps.apply_one(op) {
+                    Ok(()) => self.mirror.apply(op),
+                    Err(e) => report.errors.push(e),
+                }
+            }
+            i = end;
         }
         if report.errors.is_empty() {
             match &mut self.applied {

@@ -317,6 +317,28 @@ fn plan_gone_frontend(current: &MapState, key: &FrontendKey, ops: &mut Vec<Op>) 
     }
 }
 
+impl Op {
+    /// Position of this kind of op in a plan. Grouping a plan by kind, stably, keeps
+    /// every ordering rule above (each frontend's slots before its count, its count
+    /// before its leftover slots go; backends first and last) and lets the writer send
+    /// each group to the kernel in batches.
+    pub fn rank(&self) -> u8 {
+        match self {
+            Op::PutBackend(..) => 0,
+            Op::PutSlot(..) => 1,
+            Op::PutFrontend(..) => 2,
+            Op::DelFrontend(..) => 3,
+            Op::DelSlot(..) => 4,
+            Op::DelBackend(..) => 5,
+        }
+    }
+}
+
+fn grouped(mut ops: Vec<Op>) -> Vec<Op> {
+    ops.sort_by_key(Op::rank);
+    ops
+}
+
 /// The ops that turn `current` into `desired`, comparing everything. Also removes what
 /// an interrupted earlier agent may have left (slots no frontend owns).
 pub fn plan(current: &MapState, desired: &DesiredState) -> Vec<Op> {
@@ -379,7 +401,7 @@ pub fn plan(current: &MapState, desired: &DesiredState) -> Vec<Op> {
         .collect();
     unused.sort();
     ops.extend(unused.into_iter().map(Op::DelBackend));
-    ops
+    grouped(ops)
 }
 
 /// The ops that turn `current` (which equals `applied.state`) into `desired`, looking
@@ -436,7 +458,7 @@ pub fn plan_incremental(current: &MapState, applied: &Applied, desired: &Desired
             }
         }
     }
-    ops
+    grouped(ops)
 }
 
 impl Applied {
