@@ -456,17 +456,22 @@ fn exit_without_keep_pinned_detaches_and_unpins_everything() {
     let status = env.sb.stop(env.agent, libc::SIGTERM).unwrap().unwrap();
     assert!(status.success(), "{}", env.agent_log());
     assert!(!env.sb.pin_dir().exists(), "pins removed");
+    // The kernel releases a link once its last reference (fd or pin) is gone, which
+    // may take an RCU grace period: poll briefly.
+    wait_until(
+        Duration::from_secs(5),
+        "the tc program to be detached",
+        || {
+            let out = env
+                .sb
+                .exec(&env.sb.node, &["bpftool", "net", "show"])
+                .ok()?;
+            (!String::from_utf8_lossy(&out.stdout).contains("lb_tc_pod")).then_some(())
+        },
+    );
     assert!(
         env.curl(WEB).is_err(),
         "no dataplane: the ClusterIP is not reachable any more"
-    );
-    let out = env
-        .sb
-        .exec(&env.sb.node, &["bpftool", "net", "show"])
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("lb_tc_pod"),
-        "no program left attached"
     );
 }
 
