@@ -345,14 +345,17 @@ pub fn plan(current: &MapState, desired: &DesiredState) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut alloc = Alloc::new(current);
 
-    let wanted_backends: BTreeSet<BackendAddr> = desired
+    let mut wanted: Vec<BackendAddr> = desired
         .frontends
         .values()
         .flat_map(|f| f.known.iter().copied())
         .collect();
-    for b in &wanted_backends {
+    wanted.sort_unstable();
+    wanted.dedup();
+    for b in &wanted {
         alloc.ensure_backend(current, b, &mut ops);
     }
+    let wanted_backends: HashSet<BackendAddr> = wanted.into_iter().collect();
     for (fe, spec) in &desired.frontends {
         plan_frontend(current, &mut alloc, fe, spec, &mut ops);
     }
@@ -369,29 +372,44 @@ pub fn plan(current: &MapState, desired: &DesiredState) -> Vec<Op> {
     }
 
     // Slots no frontend will own once the ops are applied (left by an interrupted
-    // update): simulate the ops, then delete whatever lies outside 1..=count.
-    let mut next = current.clone();
-    for op in &ops {
-        next.apply(op);
-    }
-    let valid: HashSet<SlotKey> = next
-        .frontends
-        .values()
-        .flat_map(|f| {
-            (1..=f.count).map(|slot| SlotKey {
-                service_id: f.service_id,
-                slot,
+    // update): whatever lies outside 1..=count of its frontend's final count.
+    if !current.slots.is_empty() {
+        let mut counts: HashMap<u32, u32> = current
+            .frontends
+            .values()
+            .map(|f| (f.service_id, f.count))
+            .collect();
+        let mut deleted: HashSet<SlotKey> = HashSet::new();
+        for op in &ops {
+            match op {
+                Op::PutFrontend(_, f) => {
+                    counts.insert(f.service_id, f.count);
+                }
+                Op::DelFrontend(k) => {
+                    if let Some(old) = current.frontends.get(k) {
+                        counts.remove(&old.service_id);
+                    }
+                }
+                Op::DelSlot(k) => {
+                    deleted.insert(*k);
+                }
+                _ => {}
+            }
+        }
+        let mut orphan: Vec<SlotKey> = current
+            .slots
+            .keys()
+            .filter(|k| !deleted.contains(k))
+            .filter(|k| {
+                counts
+                    .get(&k.service_id)
+                    .is_none_or(|count| k.slot > *count)
             })
-        })
-        .collect();
-    let mut orphan: Vec<SlotKey> = next
-        .slots
-        .keys()
-        .filter(|k| !valid.contains(k))
-        .copied()
-        .collect();
-    orphan.sort();
-    ops.extend(orphan.into_iter().map(Op::DelSlot));
+            .copied()
+            .collect();
+        orphan.sort();
+        ops.extend(orphan.into_iter().map(Op::DelSlot));
+    }
 
     let mut unused: Vec<u32> = current
         .backends
