@@ -97,7 +97,11 @@ fn iperf3(sb: &Sandbox, client: &str, target: &str, seconds: u32) -> Result<f64>
     json.pointer("/end/sum_received/bits_per_second")
         .and_then(|v| v.as_f64())
         .map(|bps| bps / 1e9)
-        .ok_or_else(|| err(format!("iperf3 to {target}: no end.sum_received in its JSON")))
+        .ok_or_else(|| {
+            err(format!(
+                "iperf3 to {target}: no end.sum_received in its JSON"
+            ))
+        })
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -148,7 +152,7 @@ pub fn run_vm_load(seconds: u32, repeats: usize) -> Result<()> {
 
     let targets = [
         (backend.ip.to_string(), "pod IP, no load balancer"),
-        (CLUSTER_IP.to_string(), "ClusterIP, lb (eBPF)"),
+        (CLUSTER_IP.to_string(), "ClusterIP through lb, eBPF"),
     ];
     let mut results: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for r in 0..repeats {

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod vmtest;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, the demo and the benchmarks use.
@@ -65,6 +66,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Load test in a VM on Debian's kernel: iperf3 via a ClusterIP beside the pod IP.
+    VmTest(vmtest::Args),
 }
 
 fn root() -> PathBuf {
@@ -356,6 +359,10 @@ fn main() -> Result<()> {
             let r = bench::bench(&root(), quick, &args);
             clean_sandboxes()?;
             r
+        }
+        Cmd::VmTest(args) => {
+            build(true)?;
+            vmtest::vm_test(&root(), &args)
         }
     }
 }
