@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask <setup|build-ebpf|build|test|demo|clean-sandboxes>`.
+//! Developer commands: `cargo xtask <setup|build-ebpf|build|test|demo|bench|vm-test|clean-sandboxes>`.
 //! Every command runs the set-up steps it needs first (idempotent and quick when done),
 //! so a newcomer never has to remember them.
 use std::{

@@ -177,7 +177,7 @@ impl Report {
             .scale(10_000)
             .and_then(|s| ratio(s, Mode::Ebpf, Mode::Iptables, |r| r.cps))
         {
-            Some(r) => ("10000 services".to_string(), Some(r.median)),
+            Some(r) => ("10000".to_string(), Some(r.median)),
             None => {
                 let alt = self.datapath.iter().rev().find_map(|s| {
                     Some((
@@ -186,7 +186,7 @@ impl Report {
                     ))
                 });
                 match alt {
-                    Some((n, v)) => (format!("{n} services (10000 not run)"), Some(v)),
+                    Some((n, v)) => (format!("{n} (10000 not run)"), Some(v)),
                     None => ("–".into(), None),
                 }
             }
