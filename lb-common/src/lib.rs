@@ -16,6 +16,14 @@ pub const MAP_SLOTS: &str = "LB_SLOTS";
 pub const MAP_BACKENDS: &str = "LB_BACKENDS";
 pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
 pub const MAP_COUNTERS: &str = "LB_COUNTERS";
+/// Every map, in the order above.
+pub const MAP_NAMES: [&str; 5] = [
+    MAP_FRONTENDS,
+    MAP_SLOTS,
+    MAP_BACKENDS,
+    MAP_CONNTRACK,
+    MAP_COUNTERS,
+];
 
 /// Program names.
 pub const PROG_TC_POD: &str = "lb_tc_pod";

@@ -28,7 +28,7 @@ use aya::{
 };
 use lb_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
-    MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_SLOTS, PROG_TC_POD,
+    MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTENDS, MAP_NAMES, MAP_SLOTS, PROG_TC_POD,
 };
 use tracing::{info, warn};
 
@@ -140,16 +140,10 @@ impl Datapath {
                 opts.pin_dir.display()
             ))
         })?;
-        let pins: Vec<(&str, PathBuf)> = [
-            MAP_FRONTENDS,
-            MAP_SLOTS,
-            MAP_BACKENDS,
-            MAP_CONNTRACK,
-            MAP_COUNTERS,
-        ]
-        .into_iter()
-        .map(|m| (m, opts.pin_dir.join(m)))
-        .collect();
+        let pins: Vec<(&str, PathBuf)> = MAP_NAMES
+            .into_iter()
+            .map(|m| (m, opts.pin_dir.join(m)))
+            .collect();
         let reused = pins.iter().filter(|(_, p)| p.exists()).count();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
@@ -364,14 +358,7 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         }
     }
     let _ = fs::remove_dir(dir.join("links"));
-    for name in [
-        MAP_FRONTENDS,
-        MAP_SLOTS,
-        MAP_BACKENDS,
-        MAP_CONNTRACK,
-        MAP_COUNTERS,
-        PROG_TC_POD,
-    ] {
+    for name in MAP_NAMES.into_iter().chain([PROG_TC_POD]) {
         let _ = fs::remove_file(dir.join(name));
     }
     match fs::remove_dir(dir) {

@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use lb_common::{MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_SLOTS, PROG_TC_POD};
+use lb_common::PROG_TC_POD;
 use lb_userspace::{
     dataplane::Dataplane,
     loader::{remove_pins, Datapath, LoadOptions},
@@ -63,13 +63,7 @@ pub struct ControlResult {
 
 fn map_memlock(pin_dir: &Path) -> Vec<(&'static str, f64)> {
     let mut out = Vec::new();
-    for name in [
-        MAP_FRONTENDS,
-        MAP_SLOTS,
-        MAP_BACKENDS,
-        MAP_CONNTRACK,
-        MAP_COUNTERS,
-    ] {
+    for name in lb_common::MAP_NAMES {
         let path = pin_dir.join(name);
         let Ok(o) = Command::new("bpftool")
             .args(["-j", "map", "show", "pinned"])
