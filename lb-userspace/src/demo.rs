@@ -132,14 +132,9 @@ pub fn run_demo(requests: usize) -> Result<()> {
     let url = format!("http://{DEMO_CLUSTER_IP}/");
     for i in 1..=requests {
         interrupted()?;
-        let out = sb
-            .cmd(&client, &["curl", "-s", "--max-time", "3", &url])
-            .output();
-        let who = match out {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-            Ok(o) => format!("FAILED (curl exit {})", o.status.code().unwrap_or(-1)),
-            Err(e) => format!("FAILED ({e})"),
-        };
+        let who = sb
+            .http_get(&client, &url)
+            .unwrap_or_else(|code| format!("FAILED (curl exit {code})"));
         println!("   request {i:>2}: answered by {who}");
         *counts.entry(who).or_default() += 1;
     }

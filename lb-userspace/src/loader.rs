@@ -98,6 +98,12 @@ fn is_bpffs(p: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
+/// tcx (Linux 6.6+): the same test aya's `SchedClassifier::attach` makes to choose
+/// between a tcx link and a netlink tc filter.
+fn has_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
 /// Interfaces of the current network namespace: (name, ifindex).
 pub fn interfaces() -> Vec<(String, u32)> {
     let mut out = Vec::new();
@@ -231,18 +237,15 @@ impl Datapath {
         };
         let mut netlink = false;
         if !replaced {
-            let id = match self.program().attach(ifname, TcAttachType::Ingress) {
-                Ok(id) => id,
-                // Before 6.6 aya attaches a netlink tc filter, which needs a clsact qdisc.
-                Err(first) => {
-                    let _ = tc::qdisc_add_clsact(ifname);
-                    self.program()
-                        .attach(ifname, TcAttachType::Ingress)
-                        .map_err(|e| {
-                            Error::Attach(format!("tc ingress on {ifname}: {first}; {e}"))
-                        })?
-                }
-            };
+            if !has_tcx() {
+                // aya attaches a netlink tc filter there, which needs a clsact qdisc
+                // (an error here means the interface already has one).
+                let _ = tc::qdisc_add_clsact(ifname);
+            }
+            let id = self
+                .program()
+                .attach(ifname, TcAttachType::Ingress)
+                .map_err(|e| Error::Attach(format!("tc ingress on {ifname}: {e}")))?;
             let link = self
                 .program()
                 .take_link(id)

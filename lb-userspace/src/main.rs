@@ -139,6 +139,18 @@ fn runtime() -> lb_userspace::Result<tokio::runtime::Runtime> {
         .map_err(|e| lb_userspace::Error::Load(format!("starting the async runtime: {e}")))
 }
 
+/// Runs an agent to completion: first into `netns` if given (before the runtime starts,
+/// so every worker thread is inside it), then on a runtime of two workers.
+fn run_in(
+    ns: Option<String>,
+    agent: impl std::future::Future<Output = lb_userspace::Result<()>>,
+) -> lb_userspace::Result<()> {
+    if let Some(ns) = &ns {
+        netns::enter(ns)?;
+    }
+    runtime()?.block_on(agent)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -157,19 +169,16 @@ fn main() -> ExitCode {
             netns: ns,
             poll_ms,
             maps,
-        } => (|| {
-            if let Some(ns) = &ns {
-                netns::enter(ns)?;
-            }
-            let opts = run::RunOptions {
+        } => run_in(
+            ns,
+            run::run(run::RunOptions {
                 config,
                 interfaces,
                 keep_pinned,
                 poll: Duration::from_millis(poll_ms),
                 load: maps.load_options(),
-            };
-            runtime()?.block_on(run::run(opts))
-        })(),
+            }),
+        ),
         Cmd::Agent {
             kubeconfig,
             node_name,
@@ -181,11 +190,9 @@ fn main() -> ExitCode {
             debounce_ms,
             poll_ms,
             maps,
-        } => (|| {
-            if let Some(ns) = &ns {
-                netns::enter(ns)?;
-            }
-            let opts = k8s::AgentOptions {
+        } => run_in(
+            ns,
+            k8s::run(k8s::AgentOptions {
                 kubeconfig,
                 node_name,
                 proxy_name,
@@ -195,9 +202,8 @@ fn main() -> ExitCode {
                 listen,
                 debounce: Duration::from_millis(debounce_ms),
                 poll: Duration::from_millis(poll_ms),
-            };
-            runtime()?.block_on(k8s::run(opts))
-        })(),
+            }),
+        ),
         Cmd::Check { config: path } => config::load(&path).map(|cfg| {
             let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices);
             for (fe, spec) in &st.frontends {

@@ -187,16 +187,6 @@ pub struct DesiredState {
     pub frontends: BTreeMap<FrontendAddr, FrontendSpec>,
 }
 
-impl DesiredState {
-    pub fn backend_count(&self) -> usize {
-        self.frontends
-            .values()
-            .flat_map(|f| f.known.iter())
-            .collect::<BTreeSet<_>>()
-            .len()
-    }
-}
-
 /// A rejected object: which one and why. Rejection of one object never affects others
 /// in the Kubernetes source; the standalone file is all-or-nothing.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -84,7 +84,7 @@ fn apply(plane: &mut Dataplane, cfg: &Config) {
     }
     info!(
         frontends = desired.frontends.len(),
-        backends = desired.backend_count(),
+        backends = plane.state().backends.len(),
         map_ops = report.ops,
         errors = report.errors.len(),
         "synced"

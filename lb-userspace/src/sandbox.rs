@@ -224,6 +224,22 @@ impl Sandbox {
         run(&mut self.cmd(netns, args))
     }
 
+    /// One HTTP GET with curl from inside `netns`, on a new connection (3 s at most):
+    /// the trimmed body, or curl's exit code (7: refused, 28: timed out; -1: curl could
+    /// not be run).
+    pub fn http_get(&self, netns: &str, url: &str) -> Result<String, i32> {
+        match self
+            .cmd(netns, &["curl", "-s", "--max-time", "3", url])
+            .output()
+        {
+            Ok(o) if o.status.success() => {
+                Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+            }
+            Ok(o) => Err(o.status.code().unwrap_or(-1)),
+            Err(_) => Err(-1),
+        }
+    }
+
     /// Starts a long-running process; it is killed when the sandbox is dropped.
     /// Its output goes to `<workdir>/<log>`.
     pub fn spawn(&self, mut cmd: Command, log: &str) -> Result<u32> {

@@ -120,17 +120,7 @@ impl Env {
 
     /// One HTTP request on a new connection; Ok(body) or Err(curl exit code).
     fn curl(&self, ip: &str) -> Result<String, i32> {
-        let url = format!("http://{ip}/");
-        let out = self
-            .sb
-            .cmd(&self.client(), &["curl", "-s", "--max-time", "3", &url])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(out.status.code().unwrap_or(-1))
-        }
+        self.sb.http_get(&self.client(), &format!("http://{ip}/"))
     }
 
     /// Rewrites the config and waits until the maps show `ready` backends for web:80.
@@ -419,16 +409,9 @@ fn a_pod_created_after_the_agent_started_gets_the_program() {
                 .then_some(())
         },
     );
-    let out = env
-        .sb
-        .cmd(
-            &late.netns,
-            &["curl", "-s", "--max-time", "3", "http://10.96.0.10/"],
-        )
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", env.agent_log());
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("backend-"));
+    let who = env.sb.http_get(&late.netns, "http://10.96.0.10/");
+    let who = who.unwrap_or_else(|code| panic!("curl exit {code}\n{}", env.agent_log()));
+    assert!(who.starts_with("backend-"));
 }
 
 #[test]

@@ -743,14 +743,7 @@ async fn agent_binary_serves_health_metrics_and_restarts_on_pinned_maps() {
     let pins = Pins::new();
     let kubeconfig =
         std::env::temp_dir().join(format!("lbt-k8s-kubeconfig-{}.yaml", std::process::id()));
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\ncurrent-context: fake\nusers:\n- name: nobody\n  user: {{}}\n",
-            api.url()
-        ),
-    )
-    .unwrap();
+    api.write_kubeconfig(&kubeconfig);
     struct Rm(PathBuf);
     impl Drop for Rm {
         fn drop(&mut self) {

@@ -115,14 +115,7 @@ fn the_agent_programs_services_from_the_api_and_traffic_follows() {
     api.apply(slice(&[("10.244.0.12", true), ("10.244.0.13", true)]));
 
     let kubeconfig = sb.path("kubeconfig.yaml");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\ncurrent-context: fake\nusers:\n- name: nobody\n  user: {{}}\n",
-            api.url()
-        ),
-    )
-    .unwrap();
+    api.write_kubeconfig(&kubeconfig);
     let mut cmd = Command::new(LB);
     cmd.args([
         "agent",
@@ -158,20 +151,7 @@ fn the_agent_programs_services_from_the_api_and_traffic_follows() {
     });
 
     let client = sb.pod("client").netns.clone();
-    let curl = || -> Result<String, i32> {
-        let out = sb
-            .cmd(
-                &client,
-                &["curl", "-s", "--max-time", "3", "http://10.96.0.10/"],
-            )
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(out.status.code().unwrap_or(-1))
-        }
-    };
+    let curl = || sb.http_get(&client, "http://10.96.0.10/");
     let seen: BTreeSet<String> = (0..30)
         .map(|_| curl().unwrap_or_else(|c| panic!("curl exit {c}\n{}", sb.log("agent.log"))))
         .collect();

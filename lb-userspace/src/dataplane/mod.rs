@@ -258,9 +258,12 @@ impl Dataplane {
     /// skipped (the mirror keeps what the kernel really has), and the next sync compares
     /// everything again, so it retries.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
-        let ops = match &self.applied {
-            Some(applied) => plan::plan_incremental(&self.mirror, applied, desired),
-            None => plan::plan(&self.mirror, desired),
+        let changes = self.applied.as_ref().map(|a| a.changes(desired));
+        let ops = match (&self.applied, &changes) {
+            (Some(applied), Some(changes)) => {
+                plan::plan_incremental(&self.mirror, applied, desired, changes)
+            }
+            _ => plan::plan(&self.mirror, desired),
         };
         let mut report = SyncReport {
             ops: ops.len(),
@@ -294,9 +297,9 @@ impl Dataplane {
             i = end;
         }
         if report.errors.is_empty() {
-            match &mut self.applied {
-                Some(applied) => applied.advance(desired),
-                None => self.applied = Some(Applied::new(desired.clone())),
+            match (&mut self.applied, &changes) {
+                (Some(applied), Some(changes)) => applied.advance(desired, changes),
+                _ => self.applied = Some(Applied::new(desired.clone())),
             }
         } else {
             self.applied = None;

@@ -195,7 +195,34 @@ pub struct Applied {
     refs: HashMap<BackendAddr, u32>,
 }
 
+/// Frontends whose spec differs between `Applied` and a desired state: computed once per
+/// sync, for both the plan and the bookkeeping after it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// New or modified.
+    pub changed: Vec<FrontendAddr>,
+    pub gone: Vec<FrontendAddr>,
+}
+
 impl Applied {
+    /// What differs from `desired`: O(frontends) comparisons.
+    pub fn changes(&self, desired: &DesiredState) -> Changes {
+        let old = &self.state.frontends;
+        Changes {
+            changed: desired
+                .frontends
+                .iter()
+                .filter(|(fe, spec)| old.get(fe) != Some(*spec))
+                .map(|(fe, _)| *fe)
+                .collect(),
+            gone: old
+                .keys()
+                .filter(|fe| !desired.frontends.contains_key(fe))
+                .copied()
+                .collect(),
+        }
+    }
+
     pub fn new(state: DesiredState) -> Self {
         let mut refs = HashMap::new();
         for spec in state.frontends.values() {
@@ -424,19 +451,19 @@ pub fn plan(current: &MapState, desired: &DesiredState) -> Vec<Op> {
 
 /// The ops that turn `current` (which equals `applied.state`) into `desired`, looking
 /// only at frontends whose spec changed: O(frontends) comparisons plus O(change) work.
-pub fn plan_incremental(current: &MapState, applied: &Applied, desired: &DesiredState) -> Vec<Op> {
+pub fn plan_incremental(
+    current: &MapState,
+    applied: &Applied,
+    desired: &DesiredState,
+    changes: &Changes,
+) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut alloc = Alloc::new(current);
     let old = &applied.state.frontends;
-
-    let changed: Vec<(&FrontendAddr, &FrontendSpec)> = desired
-        .frontends
+    let changed: Vec<(&FrontendAddr, &FrontendSpec)> = changes
+        .changed
         .iter()
-        .filter(|(fe, spec)| old.get(fe) != Some(*spec))
-        .collect();
-    let gone: Vec<&FrontendAddr> = old
-        .keys()
-        .filter(|fe| !desired.frontends.contains_key(fe))
+        .map(|fe| (fe, &desired.frontends[fe]))
         .collect();
 
     // How many frontends will list each backend whose count changes.
@@ -451,8 +478,8 @@ pub fn plan_incremental(current: &MapState, applied: &Applied, desired: &Desired
             }
         }
     }
-    for fe in &gone {
-        for b in &old[*fe].known {
+    for fe in &changes.gone {
+        for b in &old[fe].known {
             *delta.entry(*b).or_insert(0) -= 1;
         }
     }
@@ -466,7 +493,7 @@ pub fn plan_incremental(current: &MapState, applied: &Applied, desired: &Desired
     for (fe, spec) in &changed {
         plan_frontend(current, &mut alloc, fe, spec, &mut ops);
     }
-    for fe in &gone {
+    for fe in &changes.gone {
         plan_gone_frontend(current, &frontend_key(fe), &mut ops);
     }
     for (b, d) in &delta {
@@ -482,32 +509,20 @@ pub fn plan_incremental(current: &MapState, applied: &Applied, desired: &Desired
 impl Applied {
     /// The bookkeeping after `plan_incremental`'s ops were all applied: only changed
     /// frontends are copied.
-    pub fn advance(&mut self, desired: &DesiredState) {
-        let changed: Vec<(FrontendAddr, FrontendSpec)> = desired
-            .frontends
-            .iter()
-            .filter(|(fe, spec)| self.state.frontends.get(fe) != Some(*spec))
-            .map(|(fe, spec)| (*fe, spec.clone()))
-            .collect();
-        let gone: Vec<FrontendAddr> = self
-            .state
-            .frontends
-            .keys()
-            .filter(|fe| !desired.frontends.contains_key(fe))
-            .copied()
-            .collect();
-        for (fe, spec) in changed {
+    pub fn advance(&mut self, desired: &DesiredState, changes: &Changes) {
+        for fe in &changes.changed {
+            let spec = desired.frontends[fe].clone();
             for b in &spec.known {
                 *self.refs.entry(*b).or_insert(0) += 1;
             }
-            if let Some(prev) = self.state.frontends.insert(fe, spec) {
+            if let Some(prev) = self.state.frontends.insert(*fe, spec) {
                 for b in &prev.known {
                     dec(&mut self.refs, b);
                 }
             }
         }
-        for fe in gone {
-            if let Some(prev) = self.state.frontends.remove(&fe) {
+        for fe in &changes.gone {
+            if let Some(prev) = self.state.frontends.remove(fe) {
                 for b in &prev.known {
                     dec(&mut self.refs, b);
                 }
@@ -614,11 +629,12 @@ mod tests {
         for step in 0..300 {
             let d = random_state(&mut r);
             let (next_full, _) = applied_ops(&full, &d);
-            let ops = plan_incremental(&inc, &applied, &d);
+            let changes = applied.changes(&d);
+            let ops = plan_incremental(&inc, &applied, &d, &changes);
             for op in &ops {
                 inc.apply(op);
             }
-            applied.advance(&d);
+            applied.advance(&d, &changes);
             assert_eq!(applied, Applied::new(d.clone()), "step {step}: bookkeeping");
             full = next_full;
             assert_eq!(
@@ -645,14 +661,14 @@ mod tests {
         };
         let (s, _) = applied_ops(&MapState::default(), &d);
         let applied = Applied::new(d.clone());
-        assert!(plan_incremental(&s, &applied, &d).is_empty());
+        assert!(plan_incremental(&s, &applied, &d, &applied.changes(&d)).is_empty());
         let mut d2 = d.clone();
         d2.frontends
             .get_mut(&fe(7, 80))
             .unwrap()
             .active
             .remove(&be(3));
-        let ops = plan_incremental(&s, &applied, &d2);
+        let ops = plan_incremental(&s, &applied, &d2, &applied.changes(&d2));
         assert_eq!(
             ops.len(),
             3,

@@ -112,7 +112,30 @@ type Ev = (Kind, Result<Step, watcher::Error>);
 
 /// What was last reported for an object (its resourceVersion), so skip and reject lines
 /// and their counters come once per object version, not once per sync.
-type Reported = BTreeMap<(Kind, String, String), String>;
+/// (kind, namespace, name) of a watched object; the namespace as the model reads it.
+type ObjectKey = (Kind, String, String);
+type Reported = BTreeMap<ObjectKey, String>;
+
+fn object_key(
+    kind: Kind,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> ObjectKey {
+    (
+        kind,
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The object was translated at this very resourceVersion already (and so is in the model).
+fn unchanged(
+    key: &ObjectKey,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    reported: &Reported,
+) -> bool {
+    let version = meta.resource_version.as_deref().unwrap_or_default();
+    !version.is_empty() && reported.get(key).map(String::as_str) == Some(version)
+}
 
 pub struct Controller {
     client: Client,
@@ -267,78 +290,38 @@ impl Controller {
     ) -> bool {
         let t0 = std::time::Instant::now();
         let mut seen = BTreeSet::new();
-        // The model's key: namespace (as translate reads it) and name.
-        let model_key = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            (
-                meta.namespace.clone().unwrap_or_else(|| "default".into()),
-                meta.name.clone().unwrap_or_default(),
-            )
-        };
-        let unchanged = |kind: Kind,
-                         meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-                         reported: &Reported| {
-            let version = meta.resource_version.as_deref().unwrap_or_default();
-            let key = (
-                kind,
-                meta.namespace.clone().unwrap_or_default(),
-                meta.name.clone().unwrap_or_default(),
-            );
-            !version.is_empty() && reported.get(&key).map(String::as_str) == Some(version)
-        };
         for s in services.state() {
-            if unchanged(Kind::Service, &s.metadata, &state.reported) {
-                seen.insert((
-                    Kind::Service,
-                    s.metadata.namespace.clone().unwrap_or_default(),
-                    s.metadata.name.clone().unwrap_or_default(),
-                ));
+            let key = object_key(Kind::Service, &s.metadata);
+            seen.insert(key.clone());
+            if unchanged(&key, &s.metadata, &state.reported) {
                 continue;
             }
             let t = translate::service(&s, &self.opts.rules);
-            self.report(
-                Kind::Service,
-                &s.metadata,
-                &t,
-                &mut state.reported,
-                &mut seen,
-            );
+            self.report(&key, &s.metadata, &t, &mut state.reported);
             match t.outcome {
                 Outcome::Use(m) => state.model.upsert_service(m),
-                _ => state.model.remove_service(&model_key(&s.metadata)),
+                _ => state.model.remove_service(&(key.1, key.2)),
             }
         }
         for s in slices.state() {
-            if unchanged(Kind::EndpointSlice, &s.metadata, &state.reported) {
-                seen.insert((
-                    Kind::EndpointSlice,
-                    s.metadata.namespace.clone().unwrap_or_default(),
-                    s.metadata.name.clone().unwrap_or_default(),
-                ));
+            let key = object_key(Kind::EndpointSlice, &s.metadata);
+            seen.insert(key.clone());
+            if unchanged(&key, &s.metadata, &state.reported) {
                 continue;
             }
             let t = translate::endpoint_slice(&s);
-            self.report(
-                Kind::EndpointSlice,
-                &s.metadata,
-                &t,
-                &mut state.reported,
-                &mut seen,
-            );
+            self.report(&key, &s.metadata, &t, &mut state.reported);
             match t.outcome {
                 Outcome::Use(m) => state.model.upsert_slice(m),
-                _ => state.model.remove_slice(&model_key(&s.metadata)),
+                _ => state.model.remove_slice(&(key.1, key.2)),
             }
         }
         // Objects gone from the stores.
         for (kind, ns, name) in state.reported.keys().filter(|k| !seen.contains(*k)) {
-            let ns = if ns.is_empty() {
-                "default".to_string()
-            } else {
-                ns.clone()
-            };
+            let key = (ns.clone(), name.clone());
             match kind {
-                Kind::Service => state.model.remove_service(&(ns, name.clone())),
-                Kind::EndpointSlice => state.model.remove_slice(&(ns, name.clone())),
+                Kind::Service => state.model.remove_service(&key),
+                Kind::EndpointSlice => state.model.remove_slice(&key),
                 Kind::Node => {}
             }
         }
@@ -387,24 +370,18 @@ impl Controller {
     /// Logs and counts what a translation skipped or rejected, once per object version.
     fn report<T>(
         &self,
-        kind: Kind,
+        key: &ObjectKey,
         meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
         t: &Translated<T>,
         reported: &mut Reported,
-        seen: &mut BTreeSet<(Kind, String, String)>,
     ) {
-        let key = (
-            kind,
-            meta.namespace.clone().unwrap_or_default(),
-            meta.name.clone().unwrap_or_default(),
-        );
-        seen.insert(key.clone());
         let version = meta.resource_version.clone().unwrap_or_default();
-        if reported.get(&key) == Some(&version) {
+        if reported.get(key) == Some(&version) {
             return;
         }
         reported.insert(key.clone(), version);
-        let (_, ns, name) = &key;
+        let kind = key.0;
+        let (_, ns, name) = key;
         for s in &t.skipped {
             let label = ReasonLabel {
                 reason: s.reason.label().into(),

@@ -130,6 +130,17 @@ impl FakeApi {
         format!("http://{}", self.addr)
     }
 
+    /// Writes a kubeconfig that points the real kube client at this server.
+    pub fn write_kubeconfig(&self, path: &std::path::Path) {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
+             current-context: fake\nusers:\n- name: nobody\n  user: {{}}\n",
+            self.url()
+        );
+        std::fs::write(path, text).expect("writing the kubeconfig");
+    }
+
     fn serve(&self, listener: TcpListener) {
         let inner = self.inner.clone();
         let task = tokio::spawn(async move {

@@ -278,18 +278,23 @@ fn packet_cost(pin_dir: &Path) -> Result<PacketCost> {
     Ok(cost)
 }
 
-fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> {
+/// The control plane runs' Services: `scale` of them with 10 endpoints each.
+fn control_workload(scale: usize) -> Vec<workload::Svc> {
     let web = [
         Ipv4Addr::new(10, 244, 0, 12),
         Ipv4Addr::new(10, 244, 0, 13),
         Ipv4Addr::new(10, 244, 0, 14),
     ];
-    let svcs = workload::services(
+    workload::services(
         scale,
         Endpoints::Exactly(10),
         &web,
         Ipv4Addr::new(10, 244, 0, 15),
-    );
+    )
+}
+
+fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> {
+    let svcs = control_workload(scale);
     r.services = svcs.len();
     r.endpoints = workload::endpoint_count(&svcs);
     let mut cfg = workload::to_config(&svcs);
@@ -384,17 +389,7 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
 }
 
 fn agent_path(scale: usize, r: &mut ControlResult) -> Result<()> {
-    let web = [
-        Ipv4Addr::new(10, 244, 0, 12),
-        Ipv4Addr::new(10, 244, 0, 13),
-        Ipv4Addr::new(10, 244, 0, 14),
-    ];
-    let svcs = workload::services(
-        scale,
-        Endpoints::Exactly(10),
-        &web,
-        Ipv4Addr::new(10, 244, 0, 15),
-    );
+    let svcs = control_workload(scale);
     let sb = Sandbox::create("lbbench-cp", &[])?;
     let path = sb.path("services.yaml");
     let text = serde_yaml_ng::to_string(&workload::to_config(&svcs))
