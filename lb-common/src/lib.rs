@@ -26,7 +26,13 @@ pub const MAP_NAMES: [&str; 5] = [
 ];
 
 /// Program names.
+/// tc ingress on the host side of each pod's veth.
 pub const PROG_TC_POD: &str = "lb_tc_pod";
+/// XDP on the node's external interfaces (NodePort, external and LoadBalancer IPs, and
+/// replies from backends on other nodes).
+pub const PROG_XDP_EXT: &str = "lb_xdp_ext";
+/// Every program, in the order above.
+pub const PROG_NAMES: [&str; 2] = [PROG_TC_POD, PROG_XDP_EXT];
 
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_MAX_FRONTENDS: u32 = 65_536;
@@ -58,10 +64,16 @@ pub struct Frontend {
     /// Number of ready backends: slots `1..=count` of `LB_SLOTS` are valid.
     /// 0 means "no ready backend": the datapath refuses the connection.
     pub count: u32,
-    /// `FRONTEND_F_*` bits; reserved for affinity, NodePort, Maglev.
+    /// `FRONTEND_F_*`: what kind of frontend this is (for `lb show` and `bpftool`; the
+    /// datapath treats every kind alike).
     pub flags: u32,
     pub _pad: u32,
 }
+
+/// `Frontend::flags`: a ClusterIP frontend has none of these bits.
+pub const FRONTEND_F_NODEPORT: u32 = 1 << 0;
+pub const FRONTEND_F_EXTERNAL_IP: u32 = 1 << 1;
+pub const FRONTEND_F_LOADBALANCER: u32 = 1 << 2;
 
 /// Key of `LB_SLOTS`: the `slot`-th ready backend of a frontend (1-based).
 #[repr(C)]
@@ -138,7 +150,16 @@ pub struct CtValue {
     pub backend_id: u32,
     /// Frontend's `service_id` when the entry was made.
     pub service_id: u32,
+    /// `CT_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 7],
 }
+
+/// `CtValue::flags`: the flow entered from outside the cluster (a NodePort, external or
+/// LoadBalancer IP). Its reverse-translated replies may carry one of the node's own
+/// addresses as their source, which the kernel's input route check drops as martian, so
+/// the pod program routes them itself (FIB lookup, then redirect to the egress device).
+pub const CT_F_EXTERNAL: u8 = 1 << 0;
 
 /// Indexes of the per-CPU `LB_COUNTERS` array.
 pub mod counter {
@@ -169,8 +190,11 @@ pub mod counter {
     pub const DROP_REWRITE_FAILED: u32 = 10;
     /// A known flow's backend was deleted; a new backend was picked.
     pub const BACKEND_RESELECTED: u32 = 11;
+    /// XDP: a new connection to a frontend without a ready backend was handed to the
+    /// kernel, which answers it as a closed port (TCP RST / ICMP port unreachable).
+    pub const PASSED_NO_BACKEND: u32 = 12;
     /// Number of counters (size of `LB_COUNTERS`).
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     /// Names for the CLI and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -186,6 +210,7 @@ pub mod counter {
         "drop_ct_full",
         "drop_rewrite_failed",
         "backend_reselected",
+        "passed_no_backend",
     ];
 }
 
@@ -195,7 +220,7 @@ const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Slot>() == 4);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -2,8 +2,8 @@
 //! - forward, keyed by the client's packet (client -> frontend): which backend;
 //! - reply, keyed by the backend's reply (backend -> client): which frontend to restore.
 use lb_common::{
-    CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW,
+    CtKey, CtValue, Frontend, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EXTERNAL, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW,
 };
 
 use crate::{
@@ -97,12 +97,19 @@ fn next_state(state: u8, tcp_flags: u8) -> u8 {
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
+    frontend: &Frontend,
     backend_id: u32,
-    service_id: u32,
     backend_addr: u32,
     backend_port: u16,
     now: u64,
 ) -> Result<(), ()> {
+    let service_id = frontend.service_id;
+    // Any kind bit means the frontend is reached from outside (not a ClusterIP).
+    let flags = if frontend.flags != 0 {
+        CT_F_EXTERNAL
+    } else {
+        0
+    };
     let reply = CtKey {
         src_addr: backend_addr,
         dst_addr: pkt.src,
@@ -120,6 +127,8 @@ pub fn create(
         tcp_flags: 0,
         backend_id,
         service_id,
+        flags,
+        _pad: [0; 7],
     };
     LB_CONNTRACK
         .insert(&reply, &reply_value, 0)
@@ -132,6 +141,8 @@ pub fn create(
         tcp_flags: pkt.tcp_flags,
         backend_id,
         service_id,
+        flags,
+        _pad: [0; 7],
     };
     LB_CONNTRACK
         .insert(&forward_key(pkt), &forward_value, 0)
@@ -163,6 +174,8 @@ pub fn ensure_reply(pkt: &Packet, fwd: &CtValue, now: u64) {
         tcp_flags: 0,
         backend_id: fwd.backend_id,
         service_id: fwd.service_id,
+        flags: fwd.flags,
+        _pad: [0; 7],
     };
     let _ = LB_CONNTRACK.insert(&reply, &value, 0);
 }

@@ -2,18 +2,58 @@
 //! parse -> frontend? -> conntrack (known flow?) -> select backend -> conntrack create
 //! -> DNAT; and the mirror for replies: reply conntrack entry? -> reverse NAT.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    programs::TcContext,
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    programs::{TcContext, XdpContext},
 };
-use lb_common::{counter, Frontend};
+use lb_common::{counter, Frontend, CT_F_EXTERNAL};
 
 use crate::{
     conntrack,
     counters::count,
-    nat,
-    parse::{self, Packet, Parsed, ETH_HLEN, IPV4_MIN_HLEN, TCP_MIN_HLEN},
-    refuse, service,
+    nat::{self, Rewriter},
+    parse::{self, Packet, PacketData, Parsed, ETH_HLEN, IPV4_MIN_HLEN, TCP_MIN_HLEN},
+    refuse, route, service,
 };
+
+/// What the algorithm needs from the hook it runs on: packet bounds, a way to rewrite
+/// fields with their checksums, and an answer for a frontend without a ready backend.
+pub trait Hook: PacketData + Rewriter {
+    fn refuse(&self, pkt: &Packet) -> Verdict;
+    /// Sends on a reverse-translated reply of a flow that came from outside.
+    fn send_external_reply(&self, pkt: &Packet, src: u32, sport: u16) -> Verdict;
+}
+
+impl Hook for TcContext {
+    #[inline(always)]
+    fn refuse(&self, pkt: &Packet) -> Verdict {
+        refuse::refuse(self, pkt)
+    }
+
+    /// Its source may now be this node's own address (a NodePort): routed here, by FIB
+    /// lookup and redirect, since the kernel's input route check would drop it as martian.
+    #[inline(always)]
+    fn send_external_reply(&self, pkt: &Packet, src: u32, sport: u16) -> Verdict {
+        route::redirect(self, pkt, src, sport)
+    }
+}
+
+impl Hook for XdpContext {
+    /// The packet goes on to the kernel unchanged. A NodePort is a port of the node's own
+    /// address where nothing listens, so the kernel answers with a TCP RST or an ICMP port
+    /// unreachable: the same refusal tc builds by hand, without a copy of that code.
+    #[inline(always)]
+    fn refuse(&self, _pkt: &Packet) -> Verdict {
+        count(counter::PASSED_NO_BACKEND);
+        Verdict::Pass
+    }
+
+    /// Does not happen: external flows only go to this node's backends, whose replies
+    /// leave through the pod program.
+    #[inline(always)]
+    fn send_external_reply(&self, _pkt: &Packet, _src: u32, _sport: u16) -> Verdict {
+        Verdict::Pass
+    }
+}
 
 /// What the program does with the packet; mapped to the hook's return codes at the edge.
 pub enum Verdict {
@@ -51,8 +91,18 @@ pub fn process_tc(ctx: &TcContext) -> i32 {
     tc_code(process(ctx))
 }
 
+/// XDP sees the frame before any skb exists: the headers are always in the linear
+/// buffer (multi-buffer frames are not enabled for this program).
 #[inline(always)]
-fn process(ctx: &TcContext) -> Verdict {
+pub fn process_xdp(ctx: &XdpContext) -> u32 {
+    match process(ctx) {
+        Verdict::Pass | Verdict::Redirect(_) => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn process<C: Hook>(ctx: &C) -> Verdict {
     let pkt = match parse::parse_ipv4(ctx) {
         Parsed::Packet(pkt) => pkt,
         Parsed::Other => {
@@ -90,7 +140,7 @@ fn process(ctx: &TcContext) -> Verdict {
 
 /// Client -> frontend: reuse the flow's backend, or pick one and remember it.
 #[inline(always)]
-fn to_frontend(ctx: &TcContext, pkt: &Packet, frontend: &Frontend) -> Verdict {
+fn to_frontend<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend) -> Verdict {
     let now = conntrack::now_ns();
     let key = conntrack::forward_key(pkt);
     if let Some(entry) = conntrack::lookup(&key) {
@@ -117,18 +167,9 @@ fn to_frontend(ctx: &TcContext, pkt: &Packet, frontend: &Frontend) -> Verdict {
     }
 
     let Some((backend_id, backend)) = service::select_backend(pkt, frontend) else {
-        return refuse::refuse(ctx, pkt);
+        return ctx.refuse(pkt);
     };
-    if conntrack::create(
-        pkt,
-        backend_id,
-        frontend.service_id,
-        backend.addr,
-        backend.port,
-        now,
-    )
-    .is_err()
-    {
+    if conntrack::create(pkt, frontend, backend_id, backend.addr, backend.port, now).is_err() {
         count(counter::DROP_CT_FULL);
         return Verdict::Drop;
     }
@@ -136,7 +177,7 @@ fn to_frontend(ctx: &TcContext, pkt: &Packet, frontend: &Frontend) -> Verdict {
 }
 
 #[inline(always)]
-fn translate(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16, counter_ok: u32) -> Verdict {
+fn translate<C: Hook>(ctx: &C, pkt: &Packet, addr: u32, port: u16, counter_ok: u32) -> Verdict {
     match nat::dnat(ctx, pkt, addr, port) {
         Ok(()) => {
             count(counter_ok);
@@ -151,7 +192,7 @@ fn translate(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16, counter_ok: u3
 
 /// Backend -> client: restore the frontend's address and port as the source.
 #[inline(always)]
-fn from_backend(ctx: &TcContext, pkt: &Packet, entry: *mut lb_common::CtValue) -> Verdict {
+fn from_backend<C: Hook>(ctx: &C, pkt: &Packet, entry: *mut lb_common::CtValue) -> Verdict {
     let now = conntrack::now_ns();
     conntrack::touch(entry, pkt, now);
     // SAFETY: pointer from a successful lookup; copied.
@@ -159,6 +200,9 @@ fn from_backend(ctx: &TcContext, pkt: &Packet, entry: *mut lb_common::CtValue) -
     match nat::reverse_nat(ctx, pkt, e.nat_addr, e.nat_port) {
         Ok(()) => {
             count(counter::REVERSE_TRANSLATED);
+            if e.flags & CT_F_EXTERNAL != 0 {
+                return ctx.send_external_reply(pkt, e.nat_addr, e.nat_port);
+            }
             Verdict::Pass
         }
         Err(()) => {

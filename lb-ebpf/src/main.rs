@@ -12,15 +12,26 @@ mod maps;
 mod nat;
 mod parse;
 mod refuse;
+mod route;
 mod service;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// tc ingress of the host side of a pod's veth (and any node interface a pod's traffic
 /// enters by): translates packets to Service frontends and reverse-translates replies.
 #[classifier]
 pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     lb::process_tc(&ctx)
+}
+
+/// XDP on the node's external interfaces: NodePorts, external and LoadBalancer IPs
+/// arriving from outside, and replies of backends on other nodes to this node's pods.
+#[xdp]
+pub fn lb_xdp_ext(ctx: XdpContext) -> u32 {
+    lb::process_xdp(&ctx)
 }
 
 #[cfg(not(test))]

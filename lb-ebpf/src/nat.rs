@@ -3,10 +3,15 @@
 //! once; how a field and its checksums are rewritten depends on the hook (`Rewriter`):
 //! on tc the kernel's csum helpers (which also handle CHECKSUM_PARTIAL skbs), on XDP a
 //! folded incremental update (RFC 1624).
-use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
+use aya_ebpf::{
+    bindings::BPF_F_PSEUDO_HDR,
+    programs::{TcContext, XdpContext},
+};
 use lb_common::PROTO_UDP;
 
-use crate::parse::{Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF};
+use crate::parse::{
+    ptr_at, Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
+};
 
 /// `BPF_F_MARK_MANGLED_0`: a UDP checksum of 0 ("none") stays 0, and a computed 0 is
 /// written as 0xffff.
@@ -51,6 +56,83 @@ impl Rewriter for TcContext {
         self.l4_csum_replace(csum, old as u64, new as u64, l4_flags(pkt) | 2)
             .map_err(|_| ())?;
         self.store(off, &new, 0).map_err(|_| ())
+    }
+}
+
+/// Folds a 32-bit one's-complement sum to 16 bits.
+#[inline(always)]
+fn fold(mut s: u32) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// RFC 1624 eqn. 3, `HC' = ~(~HC + ~m + m')`, for one 32-bit field (two 16-bit words).
+/// Words are taken in memory order as loaded (one's-complement sums do not depend on
+/// byte order, as long as the checksum and the fields are loaded the same way).
+#[inline(always)]
+fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
+    let s = (!csum) as u32
+        + (!(old as u16)) as u32
+        + (!((old >> 16) as u16)) as u32
+        + (new & 0xffff)
+        + (new >> 16);
+    !fold(s)
+}
+
+#[inline(always)]
+fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
+    !fold((!csum) as u32 + (!old) as u32 + new as u32)
+}
+
+#[inline(always)]
+fn read_u16(ctx: &XdpContext, off: usize) -> Result<(*mut u16, u16), ()> {
+    let p = ptr_at::<u16, _>(ctx, off).ok_or(())? as *mut u16;
+    // SAFETY: ptr_at checked the bounds; packet data is unaligned.
+    Ok((p, unsafe { p.read_unaligned() }))
+}
+
+/// Applies `update` to the L4 checksum; a UDP checksum of 0 ("none") stays 0 and a
+/// computed 0 is written as 0xffff (RFC 768).
+#[inline(always)]
+fn update_l4_csum(ctx: &XdpContext, pkt: &Packet, update: impl Fn(u16) -> u16) -> Result<(), ()> {
+    let (p, csum) = read_u16(ctx, pkt.l4_off + pkt.csum_off)?;
+    if pkt.proto == PROTO_UDP && csum == 0 {
+        return Ok(());
+    }
+    let mut new = update(csum);
+    if pkt.proto == PROTO_UDP && new == 0 {
+        new = 0xffff;
+    }
+    // SAFETY: bounds checked in read_u16.
+    unsafe { p.write_unaligned(new) };
+    Ok(())
+}
+
+/// On XDP the frame is plain memory with complete checksums (no skb, so no
+/// CHECKSUM_PARTIAL): fields are written directly and both checksums updated
+/// incrementally.
+impl Rewriter for XdpContext {
+    #[inline(always)]
+    fn rewrite_addr(&self, pkt: &Packet, off: usize, old: u32, new: u32) -> Result<(), ()> {
+        let addr = ptr_at::<u32, _>(self, off).ok_or(())? as *mut u32;
+        update_l4_csum(self, pkt, |c| csum_replace4(c, old, new))?;
+        let (ip_csum, c) = read_u16(self, pkt.l3_off + IP_CSUM_OFF)?;
+        // SAFETY: both pointers were bounds-checked above.
+        unsafe {
+            ip_csum.write_unaligned(csum_replace4(c, old, new));
+            addr.write_unaligned(new);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite_port(&self, pkt: &Packet, off: usize, old: u16, new: u16) -> Result<(), ()> {
+        let (port, _) = read_u16(self, off)?;
+        update_l4_csum(self, pkt, |c| csum_replace2(c, old, new))?;
+        // SAFETY: bounds checked in read_u16.
+        unsafe { port.write_unaligned(new) };
+        Ok(())
     }
 }
 

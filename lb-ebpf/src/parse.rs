@@ -85,6 +85,17 @@ impl PacketData for aya_ebpf::programs::TcContext {
     }
 }
 
+impl PacketData for aya_ebpf::programs::XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        aya_ebpf::programs::XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        aya_ebpf::programs::XdpContext::data_end(self)
+    }
+}
+
 /// A bounds-checked pointer to a `T` at `offset` bytes into the packet.
 #[inline(always)]
 pub fn ptr_at<T, C: PacketData>(ctx: &C, offset: usize) -> Option<*const T> {

@@ -78,4 +78,109 @@ mod tests {
         let e = parse("f", text).unwrap_err().to_string();
         assert_eq!(e, "invalid config: f: Service default/a: defined twice");
     }
+
+    #[test]
+    fn node_section_node_ports_and_external_traffic_policy_parse() {
+        let text = "\
+node:
+  name: node-a
+  addresses: [192.168.1.1, 10.0.0.1]
+services:
+  - name: web
+    clusterIP: 10.96.0.10
+    type: NodePort
+    externalTrafficPolicy: Local
+    externalIPs: [203.0.113.5]
+    ports: [{name: http, port: 80, nodePort: 30080}]
+  - name: lb
+    clusterIP: 10.96.0.11
+    type: LoadBalancer
+    loadBalancerIPs: [198.51.100.7]
+    ports: [{port: 443, nodePort: 30443}]
+endpointSlices:
+  - name: web-1
+    serviceName: web
+    ports: [{name: http, port: 8080}]
+    endpoints:
+      - {addresses: [10.244.0.2], nodeName: node-a}
+      - {addresses: [10.244.1.2], nodeName: node-b}
+";
+        let cfg = parse("f.yaml", text).unwrap();
+        assert_eq!(
+            cfg.node,
+            model::Node {
+                name: Some("node-a".into()),
+                addresses: vec!["192.168.1.1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+            }
+        );
+        let web = &cfg.services[0];
+        assert_eq!(web.service_type, model::ServiceType::NodePort);
+        assert_eq!(web.external_traffic_policy, model::TrafficPolicy::Local);
+        assert_eq!(
+            web.external_ips,
+            vec!["203.0.113.5".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(web.ports[0].node_port, Some(30080));
+        let lb = &cfg.services[1];
+        assert_eq!(lb.service_type, model::ServiceType::LoadBalancer);
+        assert_eq!(lb.external_traffic_policy, model::TrafficPolicy::Cluster);
+        assert_eq!(lb.load_balancer_ips.len(), 1);
+        let eps = &cfg.endpoint_slices[0].endpoints;
+        assert_eq!(eps[0].node_name.as_deref(), Some("node-a"));
+        assert_eq!(eps[1].node_name.as_deref(), Some("node-b"));
+        // And the model opens what the file says: two NodePorts, the external IP, the LB IP.
+        let st = model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
+        let kinds: Vec<String> = st
+            .frontends
+            .iter()
+            .map(|(fe, f)| format!("{fe} {}", f.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "10.0.0.1:30080/TCP NodePort",
+                "10.0.0.1:30443/TCP NodePort",
+                "10.96.0.10:80/TCP ClusterIP",
+                "10.96.0.11:443/TCP ClusterIP",
+                "192.168.1.1:30080/TCP NodePort",
+                "192.168.1.1:30443/TCP NodePort",
+                "198.51.100.7:443/TCP LoadBalancer",
+                "203.0.113.5:80/TCP ExternalIP",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_node_sections_and_service_types_are_rejected_with_the_line() {
+        let e = parse(
+            "f",
+            "node:\n  name: node-a\n  address: [192.168.1.1]\nservices: []\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("f: line 3"), "{e}");
+        assert!(e.contains("unknown field `address`"), "{e}");
+        let e = parse(
+            "f",
+            "services:\n  - name: web\n    clusterIP: 10.96.0.1\n    type: ExternalName\n    ports: [{port: 80}]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 4"), "{e}");
+        let e = parse(
+            "f",
+            "services:\n  - name: web\n    clusterIP: 10.96.0.1\n    externalTrafficPolicy: local\n    ports: [{port: 80}]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 4"), "{e}");
+        // A node address that cannot be one names the node.
+        let e = parse("f", "node: {name: node-a, addresses: [224.0.0.1]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Node") && e.contains("node-a") && e.contains("224.0.0.1"),
+            "{e}"
+        );
+    }
 }

@@ -8,10 +8,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{dataplane::Maps, sandbox::Sandbox, show, Error, Result};
+use crate::{
+    dataplane::Maps,
+    sandbox::{Sandbox, NODE_IP},
+    show, Error, Result,
+};
 
 pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
 pub const DEMO_CLUSTER_IP: &str = "10.96.0.10";
+pub const DEMO_NODE_PORT: u16 = 30080;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -41,6 +46,8 @@ pub fn spawn_agent(
         &sb.node,
         "--interfaces",
         sb.interface_glob(),
+        "--external-interfaces",
+        sb.external_interface(),
     ])
     .arg("--config")
     .arg(config)
@@ -67,7 +74,7 @@ pub fn spawn_agent(
 }
 
 /// Waits until the agent's pinned maps hold `frontends` frontends and it attached to
-/// `links` interfaces.
+/// `links` pod interfaces and to the node's external interface.
 pub fn wait_agent_ready(
     sb: &Sandbox,
     frontends: usize,
@@ -77,12 +84,15 @@ pub fn wait_agent_ready(
     let deadline = Instant::now() + timeout;
     loop {
         interrupted()?;
-        let n_links = std::fs::read_dir(sb.pin_dir().join("links"))
-            .map(|d| d.count())
-            .unwrap_or(0);
+        let count = |dir: &str| {
+            std::fs::read_dir(sb.pin_dir().join(dir))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
+        let (n_links, n_xdp) = (count("links"), count("xdp-links"));
         if let Ok(maps) = Maps::from_pins(sb.pin_dir()) {
             if let Ok(st) = maps.read_state() {
-                if st.frontends.len() == frontends && n_links >= links {
+                if st.frontends.len() == frontends && n_links >= links && n_xdp >= 1 {
                     return Ok(());
                 }
             }
@@ -106,7 +116,7 @@ pub fn run_demo(requests: usize) -> Result<()> {
     }
     let lb = std::env::current_exe().map_err(|e| Error::Sandbox(e.to_string()))?;
     println!(
-        "== creating the sandbox: a node, a client pod and three backend pods (network namespaces)"
+        "== creating the sandbox: a node, a client pod, three backend pods and the outside (network namespaces)"
     );
     let sb = Sandbox::create("lbdemo", &["client", "backend-1", "backend-2", "backend-3"])?;
     for p in &sb.pods {
@@ -121,27 +131,46 @@ pub fn run_demo(requests: usize) -> Result<()> {
     interrupted()?;
     let config = sb.path("services.yaml");
     std::fs::write(&config, DEMO_CONFIG).map_err(|e| Error::Sandbox(e.to_string()))?;
-    println!("== starting the agent (standalone mode, built-in config: Service demo/web {DEMO_CLUSTER_IP}:80 -> :8080)");
+    println!(
+        "== starting the agent (standalone mode, built-in config: Service demo/web \
+         {DEMO_CLUSTER_IP}:80 and NodePort {NODE_IP}:{DEMO_NODE_PORT} -> :8080)"
+    );
     let agent = spawn_agent(&sb, &lb, &config, &[])?;
-    wait_agent_ready(&sb, 1, 4, Duration::from_secs(30))?;
+    wait_agent_ready(&sb, 2, 4, Duration::from_secs(30))?;
     print!("{}", show::render(sb.pin_dir(), show::What::Services)?);
 
-    println!("== {requests} requests from the client pod to http://{DEMO_CLUSTER_IP}/ (a new connection each)");
+    let mut all_counts: BTreeMap<String, usize> = BTreeMap::new();
     let client = sb.pod("client").netns.clone();
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    let url = format!("http://{DEMO_CLUSTER_IP}/");
-    for i in 1..=requests {
-        interrupted()?;
-        let who = sb
-            .http_get(&client, &url)
-            .unwrap_or_else(|code| format!("FAILED (curl exit {code})"));
-        println!("   request {i:>2}: answered by {who}");
-        *counts.entry(who).or_default() += 1;
+    let paths = [
+        (
+            "the client pod",
+            client.as_str(),
+            format!("http://{DEMO_CLUSTER_IP}/"),
+        ),
+        (
+            "outside the node",
+            sb.outside.as_str(),
+            format!("http://{NODE_IP}:{DEMO_NODE_PORT}/"),
+        ),
+    ];
+    for (from, netns, url) in &paths {
+        println!("== {requests} requests from {from} to {url} (a new connection each)");
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 1..=requests {
+            interrupted()?;
+            let who = sb
+                .http_get(netns, url)
+                .unwrap_or_else(|code| format!("FAILED (curl exit {code})"));
+            println!("   request {i:>2}: answered by {who}");
+            *counts.entry(who).or_default() += 1;
+        }
+        println!("== answers per backend");
+        for (who, n) in &counts {
+            println!("   {who:<12} {n:>3} {}", "#".repeat(*n));
+            *all_counts.entry(who.clone()).or_default() += n;
+        }
     }
-    println!("== answers per backend");
-    for (who, n) in &counts {
-        println!("   {who:<12} {n:>3} {}", "#".repeat(*n));
-    }
+    let counts = all_counts;
     print!("{}", show::render(sb.pin_dir(), show::What::Counters)?);
     println!("== stopping the agent and removing the sandbox");
     sb.stop(agent, libc::SIGTERM)?;
@@ -152,6 +181,8 @@ pub fn run_demo(requests: usize) -> Result<()> {
             "the demo did not see all three backends answer: {counts:?}"
         )));
     }
-    println!("done: every backend answered; all requests went through the ClusterIP");
+    println!(
+        "done: every backend answered; all requests went through the ClusterIP or the NodePort"
+    );
     Ok(())
 }

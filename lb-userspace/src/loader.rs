@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! /sys/fs/bpf/lb/LB_FRONTENDS  LB_SLOTS  LB_BACKENDS  LB_CONNTRACK  LB_COUNTERS   maps
-//! /sys/fs/bpf/lb/lb_tc_pod                                                       program
-//! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                                        tcx links
+//! /sys/fs/bpf/lb/lb_tc_pod  lb_xdp_ext                                           programs
+//! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                 tcx links (pod interfaces)
+//! /sys/fs/bpf/lb/xdp-links/<ifname>@<ifindex>             XDP links (external interfaces)
 //! ```
 //!
 //! Maps are re-used when pinned, so a restarted agent keeps services and conntrack.
@@ -22,13 +23,15 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink},
-        SchedClassifier, TcAttachType,
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
-    MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTENDS, MAP_NAMES, MAP_SLOTS, PROG_TC_POD,
+    MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTENDS, MAP_NAMES, MAP_SLOTS, PROG_NAMES, PROG_TC_POD,
+    PROG_XDP_EXT,
 };
 use tracing::{info, warn};
 
@@ -124,28 +127,54 @@ pub fn interfaces() -> Vec<(String, u32)> {
     out
 }
 
+/// Where a program is attached: the two hooks of the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    /// tc ingress on the host side of a pod's veth (`lb_tc_pod`).
+    Pod,
+    /// XDP on a node's external interface (`lb_xdp_ext`).
+    External,
+}
+
+impl Hook {
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Hook::Pod => PROG_TC_POD,
+            Hook::External => PROG_XDP_EXT,
+        }
+    }
+
+    /// Folder (under the pin folder) of this hook's link pins.
+    fn links_dir(self) -> &'static str {
+        match self {
+            Hook::Pod => "links",
+            Hook::External => "xdp-links",
+        }
+    }
+}
+
 /// The loaded programs and their attachments.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    /// Attached interfaces: name -> ifindex.
-    attached: BTreeMap<String, u32>,
+    /// Attached interfaces: (hook, name) -> ifindex.
+    attached: BTreeMap<(Hook, String), u32>,
     /// Netlink tc filters (kernels before 6.6, no tcx): they cannot be pinned, so the
     /// agent holds them; they detach when dropped.
-    netlink_links: BTreeMap<String, SchedClassifierLink>,
+    held: BTreeMap<(Hook, String), SchedClassifierLink>,
 }
 
 impl Datapath {
     /// Loads the object, re-using pinned maps (or creating and pinning them), and pins the
-    /// program. Returns the datapath and its maps.
+    /// programs. Returns the datapath and its maps.
     pub fn load(opts: &LoadOptions) -> Result<(Self, Maps)> {
         ensure_bpffs(&opts.pin_dir)?;
-        fs::create_dir_all(opts.pin_dir.join("links")).map_err(|e| {
-            Error::Load(format!(
-                "cannot create pin folder {}: {e}",
-                opts.pin_dir.display()
-            ))
-        })?;
+        for hook in [Hook::Pod, Hook::External] {
+            let dir = opts.pin_dir.join(hook.links_dir());
+            fs::create_dir_all(&dir).map_err(|e| {
+                Error::Load(format!("cannot create pin folder {}: {e}", dir.display()))
+            })?;
+        }
         let pins: Vec<(&str, PathBuf)> = MAP_NAMES
             .into_iter()
             .map(|m| (m, opts.pin_dir.join(m)))
@@ -167,124 +196,191 @@ impl Datapath {
             info!(pin_dir = %opts.pin_dir.display(), reused, "re-using pinned maps");
         }
         let maps = Maps::take(&mut ebpf)?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TC_POD)
-            .ok_or_else(|| Error::Load(format!("program {PROG_TC_POD} not in the object")))?
-            .try_into()
-            .map_err(|e| Error::Load(format!("{PROG_TC_POD}: {e}")))?;
-        prog.load()
-            .map_err(|e| Error::Load(format!("the verifier rejected {PROG_TC_POD}: {e:#}")))?;
-        let prog_pin = opts.pin_dir.join(PROG_TC_POD);
-        let _ = fs::remove_file(&prog_pin);
-        prog.pin(&prog_pin)
-            .map_err(|e| Error::Load(format!("pinning {}: {e}", prog_pin.display())))?;
-        Ok((
-            Self {
-                ebpf,
-                pin_dir: opts.pin_dir.clone(),
-                attached: BTreeMap::new(),
-                netlink_links: BTreeMap::new(),
-            },
-            maps,
-        ))
+        let mut dp = Self {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            attached: BTreeMap::new(),
+            held: BTreeMap::new(),
+        };
+        let verifier = |name: &str, e: &dyn std::fmt::Display| {
+            Error::Load(format!("the verifier rejected {name}: {e:#}"))
+        };
+        dp.program().load().map_err(|e| verifier(PROG_TC_POD, &e))?;
+        dp.xdp_program()
+            .load()
+            .map_err(|e| verifier(PROG_XDP_EXT, &e))?;
+        for name in PROG_NAMES {
+            let pin = opts.pin_dir.join(name);
+            let _ = fs::remove_file(&pin);
+            let prog = dp.ebpf.program_mut(name).expect("checked above");
+            let res = match prog {
+                aya::programs::Program::SchedClassifier(p) => p.pin(&pin),
+                aya::programs::Program::Xdp(p) => p.pin(&pin),
+                _ => unreachable!("the object has a tc and an XDP program"),
+            };
+            res.map_err(|e| Error::Load(format!("pinning {}: {e}", pin.display())))?;
+        }
+        Ok((dp, maps))
     }
 
     /// The loaded tc program (the kernel tests run it through BPF_PROG_TEST_RUN).
     pub fn program(&mut self) -> &mut SchedClassifier {
         self.ebpf
             .program_mut(PROG_TC_POD)
-            .expect("checked at load")
+            .expect("in the object")
             .try_into()
-            .expect("checked at load")
+            .expect("a tc program")
     }
 
-    fn link_pin(&self, ifname: &str, ifindex: u32) -> PathBuf {
+    /// The loaded XDP program.
+    pub fn xdp_program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROG_XDP_EXT)
+            .expect("in the object")
+            .try_into()
+            .expect("an XDP program")
+    }
+
+    fn link_pin(&self, hook: Hook, ifname: &str, ifindex: u32) -> PathBuf {
         self.pin_dir
-            .join("links")
+            .join(hook.links_dir())
             .join(format!("{ifname}@{ifindex}"))
     }
 
-    pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.attached.keys().map(String::as_str)
+    /// Names of the interfaces the program of `hook` is attached to.
+    pub fn attached(&self, hook: Hook) -> impl Iterator<Item = &str> {
+        self.attached
+            .keys()
+            .filter(move |(h, _)| *h == hook)
+            .map(|(_, n)| n.as_str())
     }
 
-    /// Attaches the tc program on `ifname`'s ingress. If a pinned link from an earlier
-    /// agent exists for this very interface, the new program replaces the old one in it
-    /// atomically; otherwise a new tcx link is made and pinned.
-    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
-        let pin = self.link_pin(ifname, ifindex);
-        let replaced = if pin.exists() {
-            match Self::open_pinned(&pin) {
-                Ok(link) => {
-                    let id = self.program().attach_to_link(link).map_err(|e| {
-                        Error::Attach(format!(
-                            "{ifname}: replacing the program in {}: {e}",
-                            pin.display()
-                        ))
-                    })?;
-                    // The pin keeps the link; our fd may go.
-                    let _ = self.program().take_link(id);
-                    true
-                }
+    /// Attaches the program of `hook` to `ifname` (tc ingress for pods, XDP for external
+    /// interfaces). If a pinned link from an earlier agent exists for this very interface,
+    /// the new program replaces the old one in it atomically; otherwise a new link is made
+    /// and pinned.
+    pub fn attach(&mut self, hook: Hook, ifname: &str, ifindex: u32) -> Result<()> {
+        let pin = self.link_pin(hook, ifname, ifindex);
+        let replaced = pin.exists()
+            && match self.replace_in_pinned(hook, &pin) {
+                Ok(()) => true,
                 Err(e) => {
                     warn!(%ifname, "stale link pin {}: {e}; attaching anew", pin.display());
                     let _ = fs::remove_file(&pin);
                     false
                 }
-            }
-        } else {
-            false
-        };
-        let mut netlink = false;
+            };
+        let mut held = false;
         if !replaced {
-            if !has_tcx() {
-                // aya attaches a netlink tc filter there, which needs a clsact qdisc
-                // (an error here means the interface already has one).
-                let _ = tc::qdisc_add_clsact(ifname);
-            }
-            let id = self
-                .program()
-                .attach(ifname, TcAttachType::Ingress)
-                .map_err(|e| Error::Attach(format!("tc ingress on {ifname}: {e}")))?;
-            let link = self
-                .program()
-                .take_link(id)
-                .map_err(|e| Error::Attach(format!("{ifname}: {e}")))?;
-            if link.priority().is_ok() {
-                // A netlink filter (no tcx on this kernel): keep it alive, unpinned.
-                netlink = true;
-                if self.netlink_links.is_empty() {
-                    warn!(
-                        "this kernel has no tcx (needs >= 6.6): attached as netlink tc filters, \
-                         which cannot be pinned; the datapath lives as long as this agent"
-                    );
+            let fd = match hook {
+                Hook::Pod => self.attach_tc(ifname)?,
+                Hook::External => self.attach_xdp(ifname)?,
+            };
+            match fd {
+                Ok(fd) => {
+                    fd.pin(&pin).map_err(|e| {
+                        Error::Attach(format!("{ifname}: pinning link {}: {e}", pin.display()))
+                    })?;
                 }
-                self.netlink_links.insert(ifname.to_string(), link);
-            } else {
-                let fd: FdLink = link
-                    .try_into()
-                    .map_err(|e| Error::Attach(format!("{ifname}: not a tcx link: {e}")))?;
-                fd.pin(&pin).map_err(|e| {
-                    Error::Attach(format!("{ifname}: pinning link {}: {e}", pin.display()))
-                })?;
+                Err(link) => {
+                    held = true;
+                    if !self.held.keys().any(|(h, _)| *h == hook) {
+                        warn!(
+                            "this kernel has no tcx (needs >= 6.6): attached as netlink tc \
+                             filters, which cannot be pinned; the pod datapath lives as long \
+                             as this agent"
+                        );
+                    }
+                    self.held.insert((hook, ifname.to_string()), link);
+                }
             }
         }
-        info!(%ifname, ifindex, replaced, netlink, "attached tc program");
-        self.attached.insert(ifname.to_string(), ifindex);
+        info!(%ifname, ifindex, ?hook, replaced, held, "attached");
+        self.attached.insert((hook, ifname.to_string()), ifindex);
         Ok(())
     }
 
-    fn open_pinned(pin: &Path) -> Result<SchedClassifierLink> {
+    /// Swaps the freshly loaded program into a link pinned by an earlier agent.
+    fn replace_in_pinned(&mut self, hook: Hook, pin: &Path) -> Result<()> {
         let pinned = PinnedLink::from_pin(pin).map_err(|e| Error::Attach(e.to_string()))?;
         let fd: FdLink = pinned.into();
-        SchedClassifierLink::try_from(fd).map_err(|e| Error::Attach(e.to_string()))
+        let err = |e: &dyn std::fmt::Display| {
+            Error::Attach(format!("replacing the program in {}: {e}", pin.display()))
+        };
+        match hook {
+            Hook::Pod => {
+                let link = SchedClassifierLink::try_from(fd).map_err(|e| err(&e))?;
+                let id = self.program().attach_to_link(link).map_err(|e| err(&e))?;
+                // The pin keeps the link; our fd may go.
+                let _ = self.program().take_link(id);
+            }
+            Hook::External => {
+                let link = XdpLink::try_from(fd).map_err(|e| err(&e))?;
+                let id = self
+                    .xdp_program()
+                    .attach_to_link(link)
+                    .map_err(|e| err(&e))?;
+                let _ = self.xdp_program().take_link(id);
+            }
+        }
+        Ok(())
     }
 
-    /// Attaches to every interface matching `patterns` that is not attached yet, and
-    /// forgets interfaces that disappeared (the kernel drops their links with them).
-    /// Returns the names of newly attached interfaces; failures are logged and retried
-    /// on the next call.
-    pub fn sync_interfaces(&mut self, patterns: &[glob::Pattern]) -> Vec<String> {
+    /// A new tc ingress link: a pinnable tcx link, or a netlink filter to hold.
+    fn attach_tc(
+        &mut self,
+        ifname: &str,
+    ) -> Result<std::result::Result<FdLink, SchedClassifierLink>> {
+        if !has_tcx() {
+            // aya attaches a netlink tc filter there, which needs a clsact qdisc
+            // (an error here means the interface already has one).
+            let _ = tc::qdisc_add_clsact(ifname);
+        }
+        let id = self
+            .program()
+            .attach(ifname, TcAttachType::Ingress)
+            .map_err(|e| Error::Attach(format!("tc ingress on {ifname}: {e}")))?;
+        let link = self
+            .program()
+            .take_link(id)
+            .map_err(|e| Error::Attach(format!("{ifname}: {e}")))?;
+        if link.priority().is_ok() {
+            return Ok(Err(link));
+        }
+        link.try_into()
+            .map(Ok)
+            .map_err(|e| Error::Attach(format!("{ifname}: not a tcx link: {e}")))
+    }
+
+    /// A new XDP link, in the driver's native mode when it has one (veth, most NICs),
+    /// else generic. XDP bpf links (pinnable) need Linux 5.9; older kernels are refused.
+    fn attach_xdp(
+        &mut self,
+        ifname: &str,
+    ) -> Result<std::result::Result<FdLink, SchedClassifierLink>> {
+        let id = self
+            .xdp_program()
+            .attach(ifname, XdpMode::Default)
+            .map_err(|e| Error::Attach(format!("XDP on {ifname}: {e}")))?;
+        let link = self
+            .xdp_program()
+            .take_link(id)
+            .map_err(|e| Error::Attach(format!("{ifname}: {e}")))?;
+        // A netlink attachment (before 5.9) is not a bpf link and cannot be converted;
+        // dropping it here detaches it again.
+        let fd: FdLink = link.try_into().map_err(|e| {
+            Error::Attach(format!(
+                "XDP on {ifname}: not a bpf link ({e}); external interfaces need Linux 5.9+"
+            ))
+        })?;
+        Ok(Ok(fd))
+    }
+
+    /// Attaches the program of `hook` to every interface matching `patterns` that is not
+    /// attached yet, and forgets interfaces that disappeared (the kernel drops their links
+    /// with them). Returns the names of newly attached interfaces; failures are logged and
+    /// retried on the next call.
+    pub fn sync_interfaces(&mut self, hook: Hook, patterns: &[glob::Pattern]) -> Vec<String> {
         let present: BTreeMap<String, u32> = interfaces()
             .into_iter()
             .filter(|(name, _)| patterns.iter().any(|p| p.matches(name)))
@@ -292,21 +388,21 @@ impl Datapath {
         let gone: Vec<(String, u32)> = self
             .attached
             .iter()
-            .filter(|(n, i)| present.get(*n) != Some(i))
-            .map(|(n, i)| (n.clone(), *i))
+            .filter(|((h, n), i)| *h == hook && present.get(n) != Some(i))
+            .map(|((_, n), i)| (n.clone(), *i))
             .collect();
         for (name, index) in gone {
-            let _ = fs::remove_file(self.link_pin(&name, index));
-            self.attached.remove(&name);
-            self.netlink_links.remove(&name);
-            info!(ifname = %name, "interface gone");
+            let _ = fs::remove_file(self.link_pin(hook, &name, index));
+            self.attached.remove(&(hook, name.clone()));
+            self.held.remove(&(hook, name.clone()));
+            info!(ifname = %name, ?hook, "interface gone");
         }
         let mut added = Vec::new();
         for (name, index) in present {
-            if self.attached.contains_key(&name) {
+            if self.attached.contains_key(&(hook, name.clone())) {
                 continue;
             }
-            match self.attach(&name, index) {
+            match self.attach(hook, &name, index) {
                 Ok(()) => added.push(name),
                 Err(e) => warn!("{e}"),
             }
@@ -317,34 +413,37 @@ impl Datapath {
     /// Removes link pins of interfaces that no longer exist (left by an agent that died).
     pub fn prune_stale_link_pins(&self) {
         let present: BTreeMap<String, u32> = interfaces().into_iter().collect();
-        let Ok(dir) = fs::read_dir(self.pin_dir.join("links")) else {
-            return;
-        };
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let live = name
-                .rsplit_once('@')
-                .and_then(|(n, i)| Some((n.to_string(), i.parse::<u32>().ok()?)))
-                .is_some_and(|(n, i)| present.get(&n) == Some(&i));
-            if !live {
-                let _ = fs::remove_file(entry.path());
+        for hook in [Hook::Pod, Hook::External] {
+            let Ok(dir) = fs::read_dir(self.pin_dir.join(hook.links_dir())) else {
+                continue;
+            };
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let live = name
+                    .rsplit_once('@')
+                    .and_then(|(n, i)| Some((n.to_string(), i.parse::<u32>().ok()?)))
+                    .is_some_and(|(n, i)| present.get(&n) == Some(&i));
+                if !live {
+                    let _ = fs::remove_file(entry.path());
+                }
             }
         }
     }
 
-    /// Stops the agent. With `keep_pinned` the datapath keeps running (maps, program and
+    /// Stops the agent. With `keep_pinned` the datapath keeps running (maps, programs and
     /// links stay pinned) for the next agent; otherwise everything is detached and unpinned.
     pub fn shutdown(mut self, keep_pinned: bool) -> Result<()> {
         if keep_pinned {
-            if !self.netlink_links.is_empty() {
-                warn!("netlink tc filters (kernel < 6.6) detach with this agent; only maps stay");
+            if !self.held.is_empty() {
+                warn!("links this kernel cannot pin detach with this agent; only maps stay");
             }
             info!(pin_dir = %self.pin_dir.display(), "exiting; datapath stays pinned");
             return Ok(());
         }
-        let attached: Vec<(String, u32)> = std::mem::take(&mut self.attached).into_iter().collect();
-        for (name, index) in attached {
-            let _ = fs::remove_file(self.link_pin(&name, index));
+        let attached: Vec<((Hook, String), u32)> =
+            std::mem::take(&mut self.attached).into_iter().collect();
+        for ((hook, name), index) in attached {
+            let _ = fs::remove_file(self.link_pin(hook, &name, index));
         }
         remove_pins(&self.pin_dir)?;
         info!(pin_dir = %self.pin_dir.display(), "detached and unpinned");
@@ -355,13 +454,16 @@ impl Datapath {
 /// Removes every pin the agent makes under `dir`, and the folder. Links whose pin goes
 /// away are detached once no fd holds them.
 pub fn remove_pins(dir: &Path) -> Result<()> {
-    if let Ok(links) = fs::read_dir(dir.join("links")) {
-        for entry in links.flatten() {
-            let _ = fs::remove_file(entry.path());
+    for hook in [Hook::Pod, Hook::External] {
+        let links = dir.join(hook.links_dir());
+        if let Ok(entries) = fs::read_dir(&links) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_file(entry.path());
+            }
         }
+        let _ = fs::remove_dir(links);
     }
-    let _ = fs::remove_dir(dir.join("links"));
-    for name in MAP_NAMES.into_iter().chain([PROG_TC_POD]) {
+    for name in MAP_NAMES.into_iter().chain(PROG_NAMES) {
         let _ = fs::remove_file(dir.join(name));
     }
     match fs::remove_dir(dir) {

@@ -47,6 +47,10 @@ enum Cmd {
         /// Interfaces to attach to: names or globs, comma-separated or repeated ("lxc*").
         #[arg(long, required = true)]
         interfaces: Vec<String>,
+        /// The node's external interfaces ("eth0", "ens*"): XDP there translates NodePorts,
+        /// external and LoadBalancer IPs, and replies from backends on other nodes.
+        #[arg(long)]
+        external_interfaces: Vec<String>,
         /// Keep maps, program and links pinned on exit, for a restart without loss.
         #[arg(long)]
         keep_pinned: bool,
@@ -74,6 +78,10 @@ enum Cmd {
         /// Interfaces to attach to: names or globs, comma-separated or repeated ("lxc*").
         #[arg(long, required = true)]
         interfaces: Vec<String>,
+        /// The node's external interfaces ("eth0", "ens*"): XDP there translates NodePorts,
+        /// external and LoadBalancer IPs, and replies from backends on other nodes.
+        #[arg(long)]
+        external_interfaces: Vec<String>,
         /// Keep maps, program and links pinned on exit, for a restart without loss.
         #[arg(long)]
         keep_pinned: bool,
@@ -165,6 +173,7 @@ fn main() -> ExitCode {
         Cmd::Run {
             config,
             interfaces,
+            external_interfaces,
             keep_pinned,
             netns: ns,
             poll_ms,
@@ -174,6 +183,7 @@ fn main() -> ExitCode {
             run::run(run::RunOptions {
                 config,
                 interfaces,
+                external_interfaces,
                 keep_pinned,
                 poll: Duration::from_millis(poll_ms),
                 load: maps.load_options(),
@@ -184,6 +194,7 @@ fn main() -> ExitCode {
             node_name,
             proxy_name,
             interfaces,
+            external_interfaces,
             keep_pinned,
             netns: ns,
             listen,
@@ -197,6 +208,7 @@ fn main() -> ExitCode {
                 node_name,
                 proxy_name,
                 interfaces,
+                external_interfaces,
                 load: maps.load_options(),
                 keep_pinned,
                 listen,
@@ -205,14 +217,21 @@ fn main() -> ExitCode {
             }),
         ),
         Cmd::Check { config: path } => config::load(&path).map(|cfg| {
-            let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices);
+            let st =
+                lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
             for (fe, spec) in &st.frontends {
                 let active: Vec<String> = spec
                     .active
                     .iter()
                     .map(|b| format!("{}:{}", b.ip, b.port))
                     .collect();
-                println!("{fe:<24} {:<28} ready: {}", spec.service, active.join(" "));
+                println!(
+                    "{:<24} {:<12} {:<28} ready: {}",
+                    fe.to_string(),
+                    spec.kind.to_string(),
+                    spec.service,
+                    active.join(" ")
+                );
             }
         }),
         Cmd::Show { what, pin_dir } => show::render(&pin_dir, what).map(|s| print!("{s}")),

@@ -58,7 +58,7 @@ pub enum TargetPort {
     Name(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     /// Required when a Service has more than one port, as in Kubernetes.
@@ -69,6 +69,27 @@ pub struct ServicePort {
     pub target_port: Option<TargetPort>,
     #[serde(default)]
     pub protocol: Protocol,
+    /// The port opened on every node address (type NodePort or LoadBalancer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
+}
+
+/// A Service's `spec.type`. ExternalName and headless Services never reach the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+/// `spec.externalTrafficPolicy`: which endpoints serve traffic that enters the node from
+/// outside (NodePorts, external IPs, LoadBalancer IPs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +100,21 @@ pub struct Service {
     pub namespace: String,
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Ipv4Addr,
+    #[serde(rename = "type", default)]
+    pub service_type: ServiceType,
     pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs`: more addresses the Service's ports answer on.
+    #[serde(rename = "externalIPs", default, skip_serializing_if = "Vec::is_empty")]
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` (type LoadBalancer).
+    #[serde(
+        rename = "loadBalancerIPs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub external_traffic_policy: TrafficPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,12 +140,32 @@ pub struct Conditions {
     pub terminating: Option<bool>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Endpoint {
     pub addresses: Vec<Ipv4Addr>,
     #[serde(default)]
     pub conditions: Conditions,
+    /// The node the endpoint runs on; unset counts as this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+/// A ClusterIP Service with no address until one is set (for building Services in code
+/// with `..Default::default()`; validation rejects the unspecified address).
+impl Default for Service {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            namespace: default_namespace(),
+            cluster_ip: Ipv4Addr::UNSPECIFIED,
+            service_type: ServiceType::default(),
+            ports: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            external_traffic_policy: TrafficPolicy::default(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,10 +186,35 @@ fn default_namespace() -> String {
     "default".to_string()
 }
 
+/// The node this agent runs on: where NodePorts open, and which endpoints are local.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Node {
+    /// Compared with the endpoints' `nodeName`; unset: every endpoint is local.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The node's addresses (Kubernetes: the Node's InternalIP and ExternalIP): each
+    /// NodePort is a frontend on each of them.
+    #[serde(default)]
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+impl Node {
+    /// Whether an endpoint on `node_name` runs on this node.
+    pub fn is_local(&self, node_name: Option<&str>) -> bool {
+        match (&self.name, node_name) {
+            (Some(me), Some(there)) => me == there,
+            _ => true,
+        }
+    }
+}
+
 /// The whole input of the model.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
+    #[serde(default)]
+    pub node: Node,
     #[serde(default)]
     pub services: Vec<Service>,
     #[serde(default)]
@@ -169,11 +249,56 @@ impl fmt::Display for BackendAddr {
     }
 }
 
+/// How a frontend is reached; kept in the frontend's `flags` for `lb show` and bpftool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    #[default]
+    ClusterIP,
+    NodePort,
+    ExternalIP,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    pub fn flags(self) -> u32 {
+        match self {
+            FrontendKind::ClusterIP => 0,
+            FrontendKind::NodePort => lb_common::FRONTEND_F_NODEPORT,
+            FrontendKind::ExternalIP => lb_common::FRONTEND_F_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => lb_common::FRONTEND_F_LOADBALANCER,
+        }
+    }
+
+    pub fn from_flags(flags: u32) -> Self {
+        if flags & lb_common::FRONTEND_F_NODEPORT != 0 {
+            FrontendKind::NodePort
+        } else if flags & lb_common::FRONTEND_F_EXTERNAL_IP != 0 {
+            FrontendKind::ExternalIP
+        } else if flags & lb_common::FRONTEND_F_LOADBALANCER != 0 {
+            FrontendKind::LoadBalancer
+        } else {
+            FrontendKind::ClusterIP
+        }
+    }
+
+    /// Reached from outside the cluster: served by this node's endpoints only.
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIP
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
 /// One frontend's wanted state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendSpec {
     /// "namespace/name:port-name", for logs and the CLI.
     pub service: String,
+    pub kind: FrontendKind,
     /// Backends that get new connections (sorted).
     pub active: BTreeSet<BackendAddr>,
     /// Every backend listed, ready or not (sorted): these stay in the backend map so
@@ -190,12 +315,21 @@ pub struct DesiredState {
 /// A rejected object: which one and why. Rejection of one object never affects others
 /// in the Kubernetes source; the standalone file is all-or-nothing.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} {namespace}/{name}: {reason}")]
+#[error("{kind} {}: {reason}", object_name(namespace, name))]
 pub struct Invalid {
     pub kind: &'static str,
     pub namespace: String,
     pub name: String,
     pub reason: String,
+}
+
+/// "namespace/name", or the bare name of an object without a namespace (a Node).
+fn object_name(namespace: &str, name: &str) -> String {
+    if namespace.is_empty() {
+        name.to_string()
+    } else {
+        format!("{namespace}/{name}")
+    }
 }
 
 fn invalid(kind: &'static str, namespace: &str, name: &str, reason: impl Into<String>) -> Invalid {
@@ -241,8 +375,87 @@ pub fn validate_service(svc: &Service) -> Result<(), Invalid> {
         if let Some(TargetPort::Number(0)) = p.target_port {
             return Err(bad(format!("port {:?}: targetPort 0 is not valid", p.name)));
         }
+        match (p.node_port, svc.service_type) {
+            (Some(0), _) => {
+                return Err(bad(format!("port {:?}: nodePort 0 is not valid", p.name)));
+            }
+            (Some(np), ServiceType::ClusterIP) => {
+                return Err(bad(format!(
+                    "port {:?}: nodePort {np} needs type NodePort or LoadBalancer",
+                    p.name
+                )));
+            }
+            _ => {}
+        }
+    }
+    for (what, ips) in [
+        ("externalIPs", &svc.external_ips),
+        ("loadBalancerIPs", &svc.load_balancer_ips),
+    ] {
+        if let Some(ip) = ips.iter().find(|ip| !is_unicast(**ip)) {
+            return Err(bad(format!("{what}: {ip} cannot be a Service address")));
+        }
+    }
+    if !svc.load_balancer_ips.is_empty() && svc.service_type != ServiceType::LoadBalancer {
+        return Err(bad("loadBalancerIPs needs type LoadBalancer".into()));
     }
     Ok(())
+}
+
+fn is_unicast(ip: Ipv4Addr) -> bool {
+    !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback())
+}
+
+/// Checks the node section of a standalone config.
+pub fn validate_node(node: &Node) -> Result<(), Invalid> {
+    let name = node.name.as_deref().unwrap_or("");
+    if let Some(ip) = node.addresses.iter().find(|ip| !is_unicast(**ip)) {
+        return Err(invalid(
+            "Node",
+            "",
+            name,
+            format!("address {ip} cannot be a node address"),
+        ));
+    }
+    Ok(())
+}
+
+/// Every frontend a Service port yields, with its kind: the ClusterIP, the NodePort on
+/// each node address, the external IPs and the LoadBalancer IPs (all with the Service
+/// port, as kube-proxy does).
+pub fn port_frontends(
+    svc: &Service,
+    sp: &ServicePort,
+    node: &Node,
+) -> Vec<(FrontendAddr, FrontendKind)> {
+    let fe = |ip: Ipv4Addr, port: u16| FrontendAddr {
+        ip,
+        port,
+        proto: sp.protocol,
+    };
+    let mut out = vec![(fe(svc.cluster_ip, sp.port), FrontendKind::ClusterIP)];
+    if let Some(np) = sp.node_port {
+        if svc.service_type != ServiceType::ClusterIP {
+            out.extend(
+                node.addresses
+                    .iter()
+                    .map(|a| (fe(*a, np), FrontendKind::NodePort)),
+            );
+        }
+    }
+    out.extend(
+        svc.external_ips
+            .iter()
+            .map(|a| (fe(*a, sp.port), FrontendKind::ExternalIP)),
+    );
+    if svc.service_type == ServiceType::LoadBalancer {
+        out.extend(
+            svc.load_balancer_ips
+                .iter()
+                .map(|a| (fe(*a, sp.port), FrontendKind::LoadBalancer)),
+        );
+    }
+    out
 }
 
 /// Checks one EndpointSlice on its own.
@@ -274,6 +487,8 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), Invalid> {
 /// Validates a whole standalone config: every object on its own, then what spans
 /// objects (two Services with the same name, two Services on one frontend).
 pub fn validate_config(cfg: &Config) -> Result<(), Invalid> {
+    validate_node(&cfg.node)?;
+    let mut node_ports: BTreeMap<(u16, Protocol), (&str, &str)> = BTreeMap::new();
     let mut names = BTreeSet::new();
     let mut owners: BTreeMap<FrontendAddr, (&str, &str)> = BTreeMap::new();
     for svc in &cfg.services {
@@ -287,18 +502,33 @@ pub fn validate_config(cfg: &Config) -> Result<(), Invalid> {
             ));
         }
         for p in &svc.ports {
-            let fe = FrontendAddr {
-                ip: svc.cluster_ip,
-                port: p.port,
-                proto: p.protocol,
-            };
-            if let Some((ns, name)) = owners.insert(fe, (&svc.namespace, &svc.name)) {
-                return Err(invalid(
-                    "Service",
-                    &svc.namespace,
-                    &svc.name,
-                    format!("frontend {fe} is already used by Service {ns}/{name}"),
-                ));
+            if let Some(np) = p.node_port {
+                if let Some((ns, name)) =
+                    node_ports.insert((np, p.protocol), (&svc.namespace, &svc.name))
+                {
+                    return Err(invalid(
+                        "Service",
+                        &svc.namespace,
+                        &svc.name,
+                        format!(
+                            "nodePort {np}/{} is already used by Service {ns}/{name}",
+                            p.protocol
+                        ),
+                    ));
+                }
+            }
+            for (fe, _) in port_frontends(svc, p, &cfg.node) {
+                match owners.insert(fe, (&svc.namespace, &svc.name)) {
+                    Some((ns, name)) if (ns, name) != (&svc.namespace, &svc.name) => {
+                        return Err(invalid(
+                            "Service",
+                            &svc.namespace,
+                            &svc.name,
+                            format!("frontend {fe} is already used by Service {ns}/{name}"),
+                        ));
+                    }
+                    _ => {}
+                }
             }
         }
     }
@@ -328,22 +558,50 @@ fn is_serving_terminating(c: &Conditions) -> bool {
     c.serving.unwrap_or(true) && c.terminating.unwrap_or(false)
 }
 
+/// Backends of one Service port, sorted by condition.
+#[derive(Default)]
+struct Pool {
+    ready: BTreeSet<BackendAddr>,
+    terminating: BTreeSet<BackendAddr>,
+}
+
+impl Pool {
+    fn add(&mut self, b: BackendAddr, c: &Conditions) {
+        if is_ready(c) {
+            self.ready.insert(b);
+        } else if is_serving_terminating(c) {
+            self.terminating.insert(b);
+        }
+    }
+
+    /// Who gets new connections: the ready ones, else the serving terminating ones.
+    fn active(&self) -> BTreeSet<BackendAddr> {
+        if self.ready.is_empty() {
+            self.terminating.clone()
+        } else {
+            self.ready.clone()
+        }
+    }
+}
+
 /// Frontends and backends of one Service, from the slices that belong to it.
+///
+/// The ClusterIP uses every endpoint. Frontends reached from outside (NodePort, external
+/// and LoadBalancer IPs) use this node's endpoints only, whatever the
+/// externalTrafficPolicy: with `Local` that is Kubernetes' rule; with `Cluster`, sending
+/// to another node's endpoint would need a source NAT so the reply comes back through
+/// this node, which the dataplane does not do yet (ARCHITECTURE.md, known limits).
 pub fn service_frontends<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice> + Clone,
+    node: &Node,
 ) -> BTreeMap<FrontendAddr, FrontendSpec> {
     let mut out = BTreeMap::new();
     for sp in &svc.ports {
-        let fe = FrontendAddr {
-            ip: svc.cluster_ip,
-            port: sp.port,
-            proto: sp.protocol,
-        };
         // Endpoints from all slices, deduplicated by (address, port); an address listed
         // as ready anywhere counts as ready.
-        let mut ready = BTreeSet::new();
-        let mut terminating = BTreeSet::new();
+        let mut all = Pool::default();
+        let mut local = Pool::default();
         let mut known = BTreeSet::new();
         for slice in slices.clone() {
             if slice.namespace != svc.namespace || slice.service_name != svc.name {
@@ -357,6 +615,7 @@ pub fn service_frontends<'a>(
                 continue;
             };
             for ep in &slice.endpoints {
+                let is_local = node.is_local(ep.node_name.as_deref());
                 for ip in &ep.addresses {
                     let b = BackendAddr {
                         ip: *ip,
@@ -364,23 +623,27 @@ pub fn service_frontends<'a>(
                         proto: sp.protocol,
                     };
                     known.insert(b);
-                    if is_ready(&ep.conditions) {
-                        ready.insert(b);
-                    } else if is_serving_terminating(&ep.conditions) {
-                        terminating.insert(b);
+                    all.add(b, &ep.conditions);
+                    if is_local {
+                        local.add(b, &ep.conditions);
                     }
                 }
             }
         }
-        let active = if ready.is_empty() { terminating } else { ready };
-        out.insert(
-            fe,
-            FrontendSpec {
-                service: format!("{}/{}:{}", svc.namespace, svc.name, sp.name),
-                active,
-                known,
-            },
-        );
+        let service = format!("{}/{}:{}", svc.namespace, svc.name, sp.name);
+        let (all, local) = (all.active(), local.active());
+        for (fe, kind) in port_frontends(svc, sp, node) {
+            out.entry(fe).or_insert_with(|| FrontendSpec {
+                service: service.clone(),
+                kind,
+                active: if kind.is_external() {
+                    local.clone()
+                } else {
+                    all.clone()
+                },
+                known: known.clone(),
+            });
+        }
     }
     out
 }
@@ -388,7 +651,7 @@ pub fn service_frontends<'a>(
 /// The whole desired state from a set of Services and EndpointSlices.
 /// Callers pass only valid objects (see `validate_*`); a frontend claimed by two
 /// Services goes to the first in (namespace, name) order, as a stable rule.
-pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
+pub fn desired_state(services: &[Service], slices: &[EndpointSlice], node: &Node) -> DesiredState {
     let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
         by_service
@@ -404,7 +667,7 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredS
             .get(&(svc.namespace.as_str(), svc.name.as_str()))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        for (fe, spec) in service_frontends(svc, mine.iter().copied()) {
+        for (fe, spec) in service_frontends(svc, mine.iter().copied(), node) {
             state.frontends.entry(fe).or_insert(spec);
         }
     }
@@ -430,6 +693,7 @@ pub struct ModelCache {
     claims: BTreeMap<FrontendAddr, BTreeSet<ObjectKey>>,
     dirty: BTreeSet<ObjectKey>,
     desired: DesiredState,
+    node: Node,
 }
 
 fn slice_service(slice: &EndpointSlice) -> ObjectKey {
@@ -437,6 +701,23 @@ fn slice_service(slice: &EndpointSlice) -> ObjectKey {
 }
 
 impl ModelCache {
+    /// Sets this node (its addresses and name). A change recomputes the Services that
+    /// have frontends reached from outside: NodePorts, external or LoadBalancer IPs.
+    pub fn set_node(&mut self, node: Node) {
+        if node == self.node {
+            return;
+        }
+        self.node = node;
+        for (key, svc) in &self.services {
+            let external = svc.ports.iter().any(|p| p.node_port.is_some())
+                || !svc.external_ips.is_empty()
+                || !svc.load_balancer_ips.is_empty();
+            if external {
+                self.dirty.insert(key.clone());
+            }
+        }
+    }
+
     pub fn upsert_service(&mut self, svc: Service) {
         let key = (svc.namespace.clone(), svc.name.clone());
         if self.services.get(&key) != Some(&svc) {
@@ -534,7 +815,7 @@ impl ModelCache {
                         .into_iter()
                         .flatten()
                         .filter_map(|k| self.slices.get(k));
-                    service_frontends(svc, slices)
+                    service_frontends(svc, slices, &self.node)
                 }
                 None => BTreeMap::new(),
             };
@@ -596,8 +877,10 @@ mod tests {
                     port: *p,
                     target_port: None,
                     protocol: *proto,
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -609,6 +892,7 @@ mod tests {
                 serving,
                 terminating: term,
             },
+            ..Default::default()
         }
     }
 
@@ -642,6 +926,51 @@ mod tests {
         }
     }
 
+    fn fa(addr: &str, port: u16) -> FrontendAddr {
+        FrontendAddr {
+            ip: ip(addr),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn node(name: Option<&str>, addresses: &[&str]) -> Node {
+        Node {
+            name: name.map(String::from),
+            addresses: addresses.iter().map(|a| ip(a)).collect(),
+        }
+    }
+
+    /// `e` running on `node_name` (None: unset).
+    fn on(node_name: Option<&str>, e: Endpoint) -> Endpoint {
+        Endpoint {
+            node_name: node_name.map(String::from),
+            ..e
+        }
+    }
+
+    /// web: one TCP port 80 (nodePort `np`, if any) of the given type.
+    fn web(service_type: ServiceType, np: Option<u16>) -> Service {
+        let mut s = svc("web", "10.96.0.10", &[("http", 80, Protocol::Tcp)]);
+        s.service_type = service_type;
+        s.ports[0].node_port = np;
+        s
+    }
+
+    fn web_slice(eps: Vec<Endpoint>) -> EndpointSlice {
+        slice("web-1", "web", &[("http", 8080, Protocol::Tcp)], eps)
+    }
+
+    /// frontend -> (kind, active backends), for whole-state comparisons.
+    fn kinds_and_active(
+        st: &DesiredState,
+    ) -> BTreeMap<FrontendAddr, (FrontendKind, Vec<BackendAddr>)> {
+        st.frontends
+            .iter()
+            .map(|(fe, f)| (*fe, (f.kind, f.active.iter().copied().collect())))
+            .collect()
+    }
+
     #[test]
     fn target_port_comes_from_the_slice_port_matched_by_name() {
         let s = svc(
@@ -661,7 +990,7 @@ mod tests {
             ],
             vec![ep("10.244.0.2", Some(true), None, None)],
         );
-        let st = desired_state(&[s], &[sl]);
+        let st = desired_state(&[s], &[sl], &Node::default());
         let http = &st.frontends[&FrontendAddr {
             ip: ip("10.96.0.10"),
             port: 80,
@@ -695,7 +1024,7 @@ mod tests {
                 ep("10.244.0.4", None, None, None),
             ],
         );
-        let st = desired_state(&[s], &[sl]);
+        let st = desired_state(&[s], &[sl], &Node::default());
         let f = st.frontends.values().next().unwrap();
         assert_eq!(f.active.len(), 2, "unset ready counts as ready");
         assert!(!f.active.contains(&b("10.244.0.3", 8080)));
@@ -713,10 +1042,10 @@ mod tests {
             &[("", 80, Protocol::Tcp)],
             vec![ep("10.244.0.2", Some(true), None, None), term.clone()],
         );
-        let st = desired_state(std::slice::from_ref(&s), &[with_ready]);
+        let st = desired_state(std::slice::from_ref(&s), &[with_ready], &Node::default());
         assert_eq!(st.frontends.values().next().unwrap().active.len(), 1);
         let only_term = slice("a", "web", &[("", 80, Protocol::Tcp)], vec![term, gone]);
-        let st = desired_state(&[s], &[only_term]);
+        let st = desired_state(&[s], &[only_term], &Node::default());
         let f = st.frontends.values().next().unwrap();
         assert_eq!(
             f.active.iter().copied().collect::<Vec<_>>(),
@@ -744,7 +1073,7 @@ mod tests {
             ],
         );
         let other = slice("o", "other", p, vec![ep("10.244.0.9", None, None, None)]);
-        let st = desired_state(&[s], &[a, c, other]);
+        let st = desired_state(&[s], &[a, c, other], &Node::default());
         let f = st.frontends.values().next().unwrap();
         assert_eq!(f.active.len(), 2);
         assert!(!f.known.contains(&b("10.244.0.9", 8080)));
@@ -766,7 +1095,7 @@ mod tests {
             ],
             vec![ep("10.244.0.2", None, None, None)],
         );
-        let st = desired_state(&[s], &[sl]);
+        let st = desired_state(&[s], &[sl], &Node::default());
         assert_eq!(st.frontends.len(), 2);
         let udp = &st.frontends[&FrontendAddr {
             ip: ip("10.96.0.53"),
@@ -779,7 +1108,11 @@ mod tests {
 
     #[test]
     fn service_without_slices_has_a_frontend_with_no_backend() {
-        let st = desired_state(&[svc("web", "10.96.0.10", &[("", 80, Protocol::Tcp)])], &[]);
+        let st = desired_state(
+            &[svc("web", "10.96.0.10", &[("", 80, Protocol::Tcp)])],
+            &[],
+            &Node::default(),
+        );
         let f = st.frontends.values().next().unwrap();
         assert!(f.active.is_empty());
         assert_eq!(f.service, "default/web:");
@@ -794,16 +1127,44 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
+        // The node flips between a few values: no name and no address, and two named
+        // nodes whose addresses overlap (and may equal a Service's external IP).
+        let nodes = [
+            Node::default(),
+            node(Some("node-a"), &["192.168.1.1"]),
+            node(Some("node-b"), &["192.168.1.1", "192.168.1.2"]),
+        ];
+        let node_names = [None, Some("node-a"), Some("node-b")];
         let mut cache = ModelCache::default();
+        let mut current = Node::default();
         let mut services: BTreeMap<String, Service> = BTreeMap::new();
         let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
-        for step in 0..2000 {
+        let (mut node_port_states, mut local_subsets) = (0, 0);
+        for step in 0..4000 {
             let name = format!("s{}", rnd(6));
-            match rnd(5) {
-                0 => {
-                    // Two Services may share a clusterIP and port: the first name wins.
-                    let ip = format!("10.96.0.{}", rnd(4) + 1);
-                    let s = svc(&name, &ip, &[("http", 80 + rnd(2) as u16, Protocol::Tcp)]);
+            match rnd(7) {
+                0 | 5 => {
+                    // Two Services may share a frontend (clusterIP and port, or a nodePort
+                    // on the same node address): the first name wins.
+                    let cip = format!("10.96.0.{}", rnd(4) + 1);
+                    let mut s = svc(&name, &cip, &[("http", 80 + rnd(2) as u16, Protocol::Tcp)]);
+                    match rnd(5) {
+                        0 => {
+                            s.service_type = ServiceType::NodePort;
+                            s.ports[0].node_port = Some(30000 + rnd(2) as u16);
+                        }
+                        1 => s.external_ips = vec![ip(&format!("192.168.1.{}", rnd(2) + 1))],
+                        2 => {
+                            s.service_type = ServiceType::LoadBalancer;
+                            // allocateLoadBalancerNodePorts: false, half the time.
+                            s.ports[0].node_port = (rnd(2) == 0).then_some(30002);
+                            s.load_balancer_ips = vec![ip("198.51.100.7")];
+                        }
+                        _ => {}
+                    }
+                    if rnd(2) == 0 {
+                        s.external_traffic_policy = TrafficPolicy::Local;
+                    }
                     services.insert(name, s.clone());
                     cache.upsert_service(s);
                 }
@@ -815,17 +1176,24 @@ mod tests {
                     let sl_name = format!("sl{}", rnd(8));
                     let eps = (0..rnd(4))
                         .map(|_| {
-                            ep(
-                                &format!("10.244.0.{}", rnd(6) + 2),
-                                Some(rnd(3) > 0),
-                                None,
-                                None,
+                            on(
+                                node_names[rnd(3) as usize],
+                                ep(
+                                    &format!("10.244.0.{}", rnd(6) + 2),
+                                    Some(rnd(3) > 0),
+                                    None,
+                                    Some(rnd(2) == 0),
+                                ),
                             )
                         })
                         .collect();
                     let sl = slice(&sl_name, &name, &[("http", 8080, Protocol::Tcp)], eps);
                     slices.insert(sl_name, sl.clone());
                     cache.upsert_slice(sl);
+                }
+                4 => {
+                    current = nodes[rnd(3) as usize].clone();
+                    cache.set_node(current.clone());
                 }
                 _ => {
                     let sl_name = format!("sl{}", rnd(8));
@@ -836,14 +1204,27 @@ mod tests {
             if rnd(3) == 0 {
                 let svcs: Vec<Service> = services.values().cloned().collect();
                 let sls: Vec<EndpointSlice> = slices.values().cloned().collect();
-                assert_eq!(cache.desired(), &desired_state(&svcs, &sls), "step {step}");
+                let want = desired_state(&svcs, &sls, &current);
+                assert_eq!(cache.desired(), &want, "step {step}");
+                for f in want.frontends.values() {
+                    if f.kind == FrontendKind::NodePort {
+                        node_port_states += 1;
+                        if f.active.len() < f.known.len() && current.name.is_some() {
+                            local_subsets += 1;
+                        }
+                    }
+                }
             }
         }
+        // The sequence exercised what it is meant to.
+        assert!(node_port_states > 100, "{node_port_states}");
+        assert!(local_subsets > 10, "{local_subsets}");
         let svcs: Vec<Service> = services.values().cloned().collect();
         let sls: Vec<EndpointSlice> = slices.values().cloned().collect();
         let mut fresh = ModelCache::default();
+        fresh.set_node(current.clone());
         fresh.replace_all(svcs.clone(), sls.clone());
-        assert_eq!(fresh.desired(), &desired_state(&svcs, &sls));
+        assert_eq!(fresh.desired(), &desired_state(&svcs, &sls, &current));
         cache.replace_all(vec![], vec![]);
         assert!(cache.desired().frontends.is_empty());
     }
@@ -851,6 +1232,7 @@ mod tests {
     #[test]
     fn validation_names_the_object_and_the_reason() {
         let mut cfg = Config {
+            node: Node::default(),
             services: vec![
                 svc("a", "10.96.0.10", &[("", 80, Protocol::Tcp)]),
                 svc("b", "10.96.0.10", &[("", 80, Protocol::Tcp)]),
@@ -880,5 +1262,426 @@ mod tests {
         assert!(validate_config(&cfg).unwrap_err().reason.contains("port 0"));
         cfg.services[1] = svc("b", "10.96.0.11", &[("", 81, Protocol::Tcp)]);
         assert!(validate_config(&cfg).is_ok());
+    }
+
+    #[test]
+    fn node_ports_open_on_every_node_address_with_the_node_port() {
+        let me = node(Some("node-a"), &["192.168.1.1", "10.0.0.1"]);
+        let s = web(ServiceType::NodePort, Some(30080));
+        let sl = web_slice(vec![ep("10.244.0.2", None, None, None)]);
+        let st = desired_state(std::slice::from_ref(&s), &[sl], &me);
+        let backend = vec![b("10.244.0.2", 8080)];
+        assert_eq!(
+            kinds_and_active(&st),
+            BTreeMap::from([
+                (
+                    fa("10.96.0.10", 80),
+                    (FrontendKind::ClusterIP, backend.clone())
+                ),
+                (
+                    fa("10.0.0.1", 30080),
+                    (FrontendKind::NodePort, backend.clone())
+                ),
+                (fa("192.168.1.1", 30080), (FrontendKind::NodePort, backend)),
+            ])
+        );
+        assert!(st
+            .frontends
+            .values()
+            .all(|f| f.service == "default/web:http"));
+        // The Service port is not opened on the node addresses, only the nodePort.
+        assert!(!st.frontends.contains_key(&fa("192.168.1.1", 80)));
+        // Without node addresses (not listed yet) there is no NodePort frontend.
+        let st = desired_state(&[s], &[], &node(Some("node-a"), &[]));
+        assert_eq!(
+            st.frontends.keys().copied().collect::<Vec<_>>(),
+            vec![fa("10.96.0.10", 80)]
+        );
+        // A nodePort on a ClusterIP Service (which validation rejects) opens nothing.
+        let cluster_ip = web(ServiceType::ClusterIP, Some(30080));
+        assert_eq!(
+            port_frontends(&cluster_ip, &cluster_ip.ports[0], &me),
+            vec![(fa("10.96.0.10", 80), FrontendKind::ClusterIP)]
+        );
+    }
+
+    #[test]
+    fn external_and_load_balancer_ips_use_the_service_port() {
+        let me = node(None, &["192.168.1.1"]);
+        let mut s = web(ServiceType::LoadBalancer, Some(30080));
+        s.external_ips = vec![ip("203.0.113.5")];
+        s.load_balancer_ips = vec![ip("198.51.100.7"), ip("198.51.100.8")];
+        assert_eq!(validate_service(&s), Ok(()));
+        assert_eq!(
+            port_frontends(&s, &s.ports[0], &me),
+            vec![
+                (fa("10.96.0.10", 80), FrontendKind::ClusterIP),
+                (fa("192.168.1.1", 30080), FrontendKind::NodePort),
+                (fa("203.0.113.5", 80), FrontendKind::ExternalIP),
+                (fa("198.51.100.7", 80), FrontendKind::LoadBalancer),
+                (fa("198.51.100.8", 80), FrontendKind::LoadBalancer),
+            ]
+        );
+        let st = desired_state(
+            &[s],
+            &[web_slice(vec![ep("10.244.0.2", None, None, None)])],
+            &me,
+        );
+        assert_eq!(st.frontends.len(), 5);
+        for f in st.frontends.values() {
+            assert_eq!(
+                f.active.iter().copied().collect::<Vec<_>>(),
+                vec![b("10.244.0.2", 8080)]
+            );
+        }
+        // externalIPs are valid on a ClusterIP Service too (as in Kubernetes).
+        let mut c = web(ServiceType::ClusterIP, None);
+        c.external_ips = vec![ip("203.0.113.5")];
+        assert_eq!(validate_service(&c), Ok(()));
+        assert_eq!(
+            port_frontends(&c, &c.ports[0], &me),
+            vec![
+                (fa("10.96.0.10", 80), FrontendKind::ClusterIP),
+                (fa("203.0.113.5", 80), FrontendKind::ExternalIP),
+            ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_ips_need_type_load_balancer() {
+        let me = node(None, &["192.168.1.1"]);
+        for t in [ServiceType::ClusterIP, ServiceType::NodePort] {
+            let np = (t == ServiceType::NodePort).then_some(30080);
+            let mut s = web(t, np);
+            s.load_balancer_ips = vec![ip("198.51.100.7")];
+            assert_eq!(
+                validate_service(&s).unwrap_err().to_string(),
+                "Service default/web: loadBalancerIPs needs type LoadBalancer",
+                "{t:?}"
+            );
+            let fes = port_frontends(&s, &s.ports[0], &me);
+            assert!(
+                fes.iter()
+                    .all(|(fe, kind)| *kind != FrontendKind::LoadBalancer
+                        && fe.ip != ip("198.51.100.7")),
+                "{t:?}: {fes:?}"
+            );
+            let st = desired_state(&[s], &[], &me);
+            assert!(!st.frontends.contains_key(&fa("198.51.100.7", 80)), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn external_frontends_use_only_local_endpoints_and_the_cluster_ip_all() {
+        let me = node(Some("node-a"), &["192.168.1.1"]);
+        let sl = web_slice(vec![
+            on(Some("node-a"), ep("10.244.0.2", None, None, None)),
+            on(Some("node-b"), ep("10.244.1.2", None, None, None)),
+            on(None, ep("10.244.2.2", None, None, None)),
+            on(
+                Some("node-a"),
+                ep("10.244.0.3", Some(false), Some(false), None),
+            ),
+        ]);
+        let all = vec![
+            b("10.244.0.2", 8080),
+            b("10.244.1.2", 8080),
+            b("10.244.2.2", 8080),
+        ];
+        let local = vec![b("10.244.0.2", 8080), b("10.244.2.2", 8080)];
+        // No SNAT yet: Cluster behaves as Local for traffic from outside.
+        for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+            let mut s = web(ServiceType::LoadBalancer, Some(30080));
+            s.external_ips = vec![ip("203.0.113.5")];
+            s.load_balancer_ips = vec![ip("198.51.100.7")];
+            s.external_traffic_policy = policy;
+            let st = desired_state(&[s], std::slice::from_ref(&sl), &me);
+            assert_eq!(
+                kinds_and_active(&st),
+                BTreeMap::from([
+                    (fa("10.96.0.10", 80), (FrontendKind::ClusterIP, all.clone())),
+                    (
+                        fa("192.168.1.1", 30080),
+                        (FrontendKind::NodePort, local.clone())
+                    ),
+                    (
+                        fa("198.51.100.7", 80),
+                        (FrontendKind::LoadBalancer, local.clone())
+                    ),
+                    (
+                        fa("203.0.113.5", 80),
+                        (FrontendKind::ExternalIP, local.clone())
+                    ),
+                ]),
+                "{policy:?}"
+            );
+            // Every frontend knows every endpoint, ready or not, local or not.
+            for f in st.frontends.values() {
+                assert_eq!(f.known.len(), 4, "{policy:?}: {f:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn terminating_fallback_applies_to_the_local_subset() {
+        let me = node(Some("node-a"), &["192.168.1.1"]);
+        let s = web(ServiceType::NodePort, Some(30080));
+        let remote_ready = on(Some("node-b"), ep("10.244.1.2", Some(true), None, None));
+        let local_term = on(
+            Some("node-a"),
+            ep("10.244.0.2", Some(false), Some(true), Some(true)),
+        );
+        let local_gone = on(
+            Some("node-a"),
+            ep("10.244.0.3", Some(false), Some(false), Some(true)),
+        );
+        // A ready endpoint elsewhere does not stop the local fallback (and the local
+        // terminating one does not reach the ClusterIP, which has a ready one).
+        let st = desired_state(
+            std::slice::from_ref(&s),
+            &[web_slice(vec![
+                remote_ready.clone(),
+                local_term,
+                local_gone.clone(),
+            ])],
+            &me,
+        );
+        assert_eq!(
+            kinds_and_active(&st),
+            BTreeMap::from([
+                (
+                    fa("10.96.0.10", 80),
+                    (FrontendKind::ClusterIP, vec![b("10.244.1.2", 8080)])
+                ),
+                (
+                    fa("192.168.1.1", 30080),
+                    (FrontendKind::NodePort, vec![b("10.244.0.2", 8080)])
+                ),
+            ])
+        );
+        // A local ready endpoint takes over from the local terminating one.
+        let st = desired_state(
+            std::slice::from_ref(&s),
+            &[web_slice(vec![
+                remote_ready.clone(),
+                on(
+                    Some("node-a"),
+                    ep("10.244.0.2", Some(false), Some(true), Some(true)),
+                ),
+                on(Some("node-a"), ep("10.244.0.4", None, None, None)),
+            ])],
+            &me,
+        );
+        assert_eq!(
+            st.frontends[&fa("192.168.1.1", 30080)]
+                .active
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![b("10.244.0.4", 8080)]
+        );
+        // Nothing local that serves: the NodePort has no backend, the ClusterIP keeps one.
+        let st = desired_state(&[s], &[web_slice(vec![remote_ready, local_gone])], &me);
+        assert!(st.frontends[&fa("192.168.1.1", 30080)].active.is_empty());
+        assert_eq!(st.frontends[&fa("192.168.1.1", 30080)].known.len(), 2);
+        assert_eq!(st.frontends[&fa("10.96.0.10", 80)].active.len(), 1);
+    }
+
+    #[test]
+    fn without_a_node_name_every_endpoint_is_local() {
+        let s = web(ServiceType::NodePort, Some(30080));
+        let sl = web_slice(vec![
+            on(Some("node-a"), ep("10.244.0.2", None, None, None)),
+            on(Some("node-b"), ep("10.244.1.2", None, None, None)),
+        ]);
+        let st = desired_state(&[s], &[sl], &node(None, &["192.168.1.1"]));
+        assert_eq!(st.frontends[&fa("192.168.1.1", 30080)].active.len(), 2);
+        let unnamed = Node::default();
+        assert!(unnamed.is_local(Some("node-b")) && unnamed.is_local(None));
+        let a = node(Some("node-a"), &[]);
+        assert!(a.is_local(Some("node-a")) && a.is_local(None));
+        assert!(!a.is_local(Some("node-b")));
+    }
+
+    #[test]
+    fn node_port_and_address_errors_name_the_object_and_the_reason() {
+        let msg = |s: &Service| validate_service(s).unwrap_err().to_string();
+        assert_eq!(
+            msg(&web(ServiceType::NodePort, Some(0))),
+            "Service default/web: port \"http\": nodePort 0 is not valid"
+        );
+        assert_eq!(
+            msg(&web(ServiceType::ClusterIP, Some(30080))),
+            "Service default/web: port \"http\": nodePort 30080 needs type NodePort or LoadBalancer"
+        );
+        let mut ext = web(ServiceType::ClusterIP, None);
+        ext.external_ips = vec![ip("224.0.0.1")];
+        assert_eq!(
+            msg(&ext),
+            "Service default/web: externalIPs: 224.0.0.1 cannot be a Service address"
+        );
+        let mut lb = web(ServiceType::LoadBalancer, Some(30080));
+        lb.load_balancer_ips = vec![ip("0.0.0.0")];
+        assert_eq!(
+            msg(&lb),
+            "Service default/web: loadBalancerIPs: 0.0.0.0 cannot be a Service address"
+        );
+
+        // The same nodePort on two Services, even with no node address to collide on.
+        let other = |np: u16, proto: Protocol| {
+            let mut s = svc("other", "10.96.0.11", &[("", 8000, proto)]);
+            s.service_type = ServiceType::NodePort;
+            s.ports[0].node_port = Some(np);
+            s
+        };
+        let mut cfg = Config {
+            node: Node::default(),
+            services: vec![
+                web(ServiceType::NodePort, Some(30080)),
+                other(30080, Protocol::Tcp),
+            ],
+            endpoint_slices: vec![],
+        };
+        assert_eq!(
+            validate_config(&cfg).unwrap_err().to_string(),
+            "Service default/other: nodePort 30080/TCP is already used by Service default/web"
+        );
+        // Same number, other protocol: a different nodePort.
+        cfg.services[1] = other(30080, Protocol::Udp);
+        assert_eq!(validate_config(&cfg), Ok(()));
+        // An external IP on a node address with the port of another Service's nodePort.
+        cfg.node = node(Some("node-a"), &["192.168.1.1"]);
+        let mut ext = svc("ext", "10.96.0.12", &[("", 30080, Protocol::Tcp)]);
+        ext.external_ips = vec![ip("192.168.1.1")];
+        cfg.services.push(ext);
+        assert_eq!(
+            validate_config(&cfg).unwrap_err().to_string(),
+            "Service default/ext: frontend 192.168.1.1:30080/TCP is already used by Service default/web"
+        );
+        cfg.services.pop();
+
+        // A node address that cannot be one.
+        cfg.node.addresses.push(ip("255.255.255.255"));
+        let e = validate_config(&cfg).unwrap_err();
+        assert_eq!(
+            (e.kind, e.name.as_str(), e.reason.as_str()),
+            (
+                "Node",
+                "node-a",
+                "address 255.255.255.255 cannot be a node address"
+            )
+        );
+        assert_eq!(
+            validate_node(&node(None, &["127.0.0.1"])).unwrap_err().kind,
+            "Node"
+        );
+        assert_eq!(validate_node(&node(None, &["192.168.1.1"])), Ok(()));
+    }
+
+    #[test]
+    fn set_node_changes_exactly_the_node_port_frontends() {
+        let a = node(Some("node-a"), &["192.168.1.1"]);
+        let mut np = web(ServiceType::NodePort, Some(30080));
+        np.external_traffic_policy = TrafficPolicy::Local;
+        let mut ext = svc("ext", "10.96.0.11", &[("", 443, Protocol::Tcp)]);
+        ext.external_ips = vec![ip("203.0.113.5")];
+        let plain = svc("plain", "10.96.0.12", &[("", 53, Protocol::Tcp)]);
+        let services = vec![np, ext, plain];
+        let slices = vec![
+            web_slice(vec![
+                on(Some("node-a"), ep("10.244.0.2", None, None, None)),
+                on(Some("node-b"), ep("10.244.1.2", None, None, None)),
+            ]),
+            slice(
+                "plain-1",
+                "plain",
+                &[("", 53, Protocol::Tcp)],
+                vec![on(Some("node-b"), ep("10.244.1.9", None, None, None))],
+            ),
+        ];
+        let mut cache = ModelCache::default();
+        cache.set_node(a.clone());
+        cache.replace_all(services.clone(), slices.clone());
+        let before = cache.desired().clone();
+        assert_eq!(before, desired_state(&services, &slices, &a));
+        assert!(before.frontends.contains_key(&fa("192.168.1.1", 30080)));
+
+        // The same node again: nothing to recompute.
+        cache.set_node(a.clone());
+        assert!(cache.dirty.is_empty());
+
+        // New addresses: the NodePort frontend moves, nothing else changes.
+        let moved = node(Some("node-a"), &["192.168.1.2", "192.168.1.3"]);
+        cache.set_node(moved.clone());
+        let keys = |ks: &[(&str, &str)]| -> BTreeSet<ObjectKey> {
+            ks.iter()
+                .map(|(n, s)| (n.to_string(), s.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            cache.dirty,
+            keys(&[("default", "ext"), ("default", "web")]),
+            "only Services with frontends reached from outside are recomputed"
+        );
+        let after = cache.desired().clone();
+        assert_eq!(after, desired_state(&services, &slices, &moved));
+        let gone: Vec<_> = before
+            .frontends
+            .keys()
+            .filter(|fe| !after.frontends.contains_key(fe))
+            .copied()
+            .collect();
+        let new: Vec<_> = after
+            .frontends
+            .keys()
+            .filter(|fe| !before.frontends.contains_key(fe))
+            .copied()
+            .collect();
+        assert_eq!(gone, vec![fa("192.168.1.1", 30080)]);
+        assert_eq!(
+            new,
+            vec![fa("192.168.1.2", 30080), fa("192.168.1.3", 30080)]
+        );
+        for fe in &new {
+            assert_eq!(
+                after.frontends[fe],
+                before.frontends[&fa("192.168.1.1", 30080)]
+            );
+        }
+        for (fe, spec) in &before.frontends {
+            if fe.ip != ip("192.168.1.1") {
+                assert_eq!(after.frontends.get(fe), Some(spec), "{fe}");
+            }
+        }
+
+        // Another name: the same frontends, the external ones with node-b's endpoints.
+        let b_node = node(Some("node-b"), &["192.168.1.2", "192.168.1.3"]);
+        cache.set_node(b_node.clone());
+        let renamed = cache.desired().clone();
+        assert_eq!(renamed, desired_state(&services, &slices, &b_node));
+        assert_eq!(
+            renamed.frontends.keys().collect::<Vec<_>>(),
+            after.frontends.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            renamed.frontends[&fa("192.168.1.2", 30080)]
+                .active
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![b("10.244.1.2", 8080)]
+        );
+        assert_eq!(
+            renamed.frontends[&fa("10.96.0.10", 80)],
+            after.frontends[&fa("10.96.0.10", 80)]
+        );
+
+        // No address any more: the NodePort frontends go.
+        cache.set_node(node(Some("node-b"), &[]));
+        assert!(!cache
+            .desired()
+            .frontends
+            .values()
+            .any(|f| f.kind == FrontendKind::NodePort));
     }
 }

@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 use crate::{
     config,
     dataplane::Dataplane,
-    loader::{Datapath, LoadOptions},
+    loader::{Datapath, Hook, LoadOptions},
     model::{desired_state, Config},
     Error, Result,
 };
@@ -18,6 +18,7 @@ use crate::{
 pub struct RunOptions {
     pub config: PathBuf,
     pub interfaces: Vec<String>,
+    pub external_interfaces: Vec<String>,
     pub load: LoadOptions,
     pub keep_pinned: bool,
     /// How often the file and the interface list are checked.
@@ -35,15 +36,40 @@ pub fn compile_globs(globs: &[String]) -> Result<Vec<glob::Pattern>> {
         .collect()
 }
 
-/// `compile_globs`, refusing an empty list (an agent that attaches nowhere is a mistake).
-pub fn interface_patterns(globs: &[String]) -> Result<Vec<glob::Pattern>> {
-    let patterns = compile_globs(globs)?;
-    if patterns.is_empty() {
-        return Err(Error::Config(
-            "--interfaces: give at least one name or glob".into(),
-        ));
+/// Which interfaces get which program: the pods' host-side veths get the tc program,
+/// the node's external interfaces the XDP program.
+#[derive(Clone, Debug)]
+pub struct Interfaces {
+    pub pods: Vec<glob::Pattern>,
+    pub external: Vec<glob::Pattern>,
+}
+
+impl Interfaces {
+    /// Refuses an empty pod list (an agent that attaches nowhere is a mistake); the
+    /// external list may be empty (no NodePort from outside, and no XDP).
+    pub fn new(pods: &[String], external: &[String]) -> Result<Self> {
+        let pods = compile_globs(pods)?;
+        if pods.is_empty() {
+            return Err(Error::Config(
+                "--interfaces: give at least one name or glob".into(),
+            ));
+        }
+        let external = compile_globs(external)?;
+        if let Some(p) = external.iter().find(|p| pods.iter().any(|q| q == *p)) {
+            return Err(Error::Config(format!(
+                "{p} is given both as a pod interface and as an external one"
+            )));
+        }
+        Ok(Self { pods, external })
     }
-    Ok(patterns)
+
+    /// Attaches to new interfaces and forgets vanished ones, for both hooks.
+    pub fn sync(&self, datapath: &mut Datapath) {
+        datapath.sync_interfaces(Hook::Pod, &self.pods);
+        if !self.external.is_empty() {
+            datapath.sync_interfaces(Hook::External, &self.external);
+        }
+    }
 }
 
 /// Loads (or re-uses) the datapath and wraps its maps in a writer seeded from them.
@@ -56,10 +82,14 @@ pub fn load_datapath(load: &LoadOptions) -> Result<(Datapath, Dataplane)> {
 
 /// First attachment, once the maps hold the state: removes link pins of interfaces that
 /// are gone, then attaches to every matching interface.
-pub fn start_attaching(datapath: &mut Datapath, patterns: &[glob::Pattern]) {
+pub fn start_attaching(datapath: &mut Datapath, interfaces: &Interfaces) {
     datapath.prune_stale_link_pins();
-    datapath.sync_interfaces(patterns);
-    info!(interfaces = ?datapath.attached().collect::<Vec<_>>(), "running");
+    interfaces.sync(datapath);
+    info!(
+        interfaces = ?datapath.attached(Hook::Pod).collect::<Vec<_>>(),
+        external = ?datapath.attached(Hook::External).collect::<Vec<_>>(),
+        "running"
+    );
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -77,7 +107,7 @@ pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 }
 
 fn apply(plane: &mut Dataplane, cfg: &Config) {
-    let desired = desired_state(&cfg.services, &cfg.endpoint_slices);
+    let desired = desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
     let report = plane.sync(&desired);
     for e in &report.errors {
         error!("map update failed: {e}");
@@ -92,7 +122,7 @@ fn apply(plane: &mut Dataplane, cfg: &Config) {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
-    let patterns = interface_patterns(&opts.interfaces)?;
+    let interfaces = Interfaces::new(&opts.interfaces, &opts.external_interfaces)?;
     let mut last_text = std::fs::read(&opts.config)
         .map_err(|e| Error::Config(format!("{}: cannot read: {e}", opts.config.display())))?;
     let cfg = config::load(&opts.config)?;
@@ -100,7 +130,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (mut datapath, mut plane) = load_datapath(&opts.load)?;
     // Maps first, then attach: a new interface never sees a half-filled service table.
     apply(&mut plane, &cfg);
-    start_attaching(&mut datapath, &patterns);
+    start_attaching(&mut datapath, &interfaces);
 
     let mut tick = tokio::time::interval(opts.poll);
     let shutdown = shutdown_signal()?;
@@ -119,7 +149,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     Ok(_) => {}
                     Err(e) => warn!("{}: cannot read: {e}; keeping the running state", opts.config.display()),
                 }
-                datapath.sync_interfaces(&patterns);
+                interfaces.sync(&mut datapath);
             }
             _ = &mut shutdown => break,
         }

@@ -21,6 +21,10 @@ use crate::{Error, Result};
 pub const HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// The pods' default gateway (link-local, answered by the static neighbour entry).
 pub const GATEWAY: &str = "169.254.1.1";
+/// The node's external interface, its address, and the outside client's address.
+pub const EXTERNAL_IF: &str = "eth0";
+pub const NODE_IP: &str = "192.168.50.1";
+pub const OUTSIDE_IP: &str = "192.168.50.2";
 
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -36,6 +40,8 @@ pub struct Sandbox {
     pub prefix: String,
     /// The node's network namespace.
     pub node: String,
+    /// The namespace outside the node, joined to its external interface.
+    pub outside: String,
     pub pods: Vec<Pod>,
     /// Scratch folder for configs and logs.
     pub workdir: PathBuf,
@@ -111,6 +117,7 @@ impl Sandbox {
         let mut sb = Sandbox {
             prefix: prefix.to_string(),
             node: format!("{prefix}-node"),
+            outside: format!("{prefix}-out"),
             pods: Vec::new(),
             workdir,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
@@ -136,10 +143,47 @@ impl Sandbox {
             ]))?;
         }
         ip(&["-n", &node, "link", "set", "lo", "up"])?;
+        sb.create_outside()?;
         for p in pods {
             sb.add_pod(p)?;
         }
         Ok(sb)
+    }
+
+    /// The outside namespace and the node's external interface: a /24 on a veth pair,
+    /// with the outside routing everything to the node.
+    fn create_outside(&self) -> Result<()> {
+        let (node, out) = (self.node.as_str(), self.outside.as_str());
+        ip(&["netns", "add", out])?;
+        ip(&[
+            "-n",
+            node,
+            "link",
+            "add",
+            EXTERNAL_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            out,
+        ])?;
+        for (ns, addr) in [(node, NODE_IP), (out, OUTSIDE_IP)] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        }
+        ip(&["-n", out, "route", "add", "default", "via", NODE_IP])?;
+        Ok(())
     }
 
     /// Adds a pod (also after the agent started: it must pick up the new interface).
@@ -385,6 +429,11 @@ impl Sandbox {
         "lxc-*"
     }
 
+    /// The node's external interface (where the XDP program goes).
+    pub fn external_interface(&self) -> &'static str {
+        EXTERNAL_IF
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.workdir.join(name)
     }
@@ -419,9 +468,9 @@ impl Drop for Sandbox {
         for p in &self.pods {
             let _ = Command::new("ip").args(["netns", "del", &p.netns]).status();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.node])
-            .status();
+        for ns in [&self.node, &self.outside] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
         clean_prefix(&format!("{}-", self.prefix));
         let _ = crate::loader::remove_pins(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.workdir);

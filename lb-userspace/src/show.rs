@@ -2,14 +2,14 @@
 //! after it exited with `--keep-pinned`).
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use lb_common::{CtValue, CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED};
+use lb_common::{CtValue, CT_DIR_FORWARD, CT_F_EXTERNAL, CT_STATE_CLOSING, CT_STATE_ESTABLISHED};
 
 use crate::{
     dataplane::{
         plan::{backend_addr, frontend_addr},
         Maps,
     },
-    model::Protocol,
+    model::{FrontendKind, Protocol},
     Result,
 };
 
@@ -47,8 +47,8 @@ fn services(maps: &Maps, out: &mut String) -> Result<()> {
     fes.sort_by_key(|(k, _)| frontend_addr(k));
     let _ = writeln!(
         out,
-        "{:<24} {:>6} {:>5}  BACKENDS (ready, in slot order)",
-        "FRONTEND", "ID", "READY"
+        "{:<24} {:<12} {:>6} {:>5}  BACKENDS (ready, in slot order)",
+        "FRONTEND", "KIND", "ID", "READY"
     );
     for (k, f) in fes {
         let list: Vec<String> = st
@@ -66,8 +66,9 @@ fn services(maps: &Maps, out: &mut String) -> Result<()> {
         let fa = frontend_addr(k);
         let _ = writeln!(
             out,
-            "{:<24} {:>6} {:>5}  {}",
+            "{:<24} {:<12} {:>6} {:>5}  {}",
             fa.to_string(),
+            FrontendKind::from_flags(f.flags).to_string(),
             f.service_id,
             f.count,
             list.join(" ")
@@ -89,11 +90,16 @@ fn backends(maps: &Maps, out: &mut String) -> Result<()> {
     Ok(())
 }
 
-fn state_name(v: &CtValue) -> &'static str {
-    match v.state {
+fn state_name(v: &CtValue) -> String {
+    let state = match v.state {
         CT_STATE_ESTABLISHED => "established",
         CT_STATE_CLOSING => "closing",
         _ => "new",
+    };
+    if v.flags & CT_F_EXTERNAL != 0 {
+        format!("{state} external")
+    } else {
+        state.to_string()
     }
 }
 

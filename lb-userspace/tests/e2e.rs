@@ -95,6 +95,11 @@ impl Env {
     /// A client and three backends running nginx (8080), a UDP responder (5353) and
     /// iperf3 (5201); the agent runs on `cfg`.
     fn new(cfg: &str, agent_args: &[&str]) -> Env {
+        Self::with_frontends(cfg, agent_args, FRONTENDS)
+    }
+
+    /// `new`, for a config with `frontends` frontends.
+    fn with_frontends(cfg: &str, agent_args: &[&str], frontends: usize) -> Env {
         let prefix = format!(
             "lbt{}{}",
             std::process::id() % 100_000,
@@ -110,7 +115,7 @@ impl Env {
         let config = sb.path("services.yaml");
         std::fs::write(&config, cfg).unwrap();
         let agent = spawn_agent(&sb, Path::new(LB), &config, agent_args).unwrap();
-        wait_agent_ready(&sb, FRONTENDS, 4, Duration::from_secs(30)).unwrap();
+        wait_agent_ready(&sb, frontends, 4, Duration::from_secs(30)).unwrap();
         Env { sb, config, agent }
     }
 
@@ -158,14 +163,19 @@ impl Env {
 
     /// Starts iperf3 in the client against `ip` for `secs` seconds, JSON to a log.
     fn start_iperf3(&self, ip: &str, secs: u32, log: &str) -> u32 {
+        self.start_iperf3_from(&self.client(), ip, 5201, secs, log)
+    }
+
+    /// Starts iperf3 in `netns` against `ip:port`.
+    fn start_iperf3_from(&self, netns: &str, ip: &str, port: u16, secs: u32, log: &str) -> u32 {
         let cmd = self.sb.cmd(
-            &self.client(),
+            netns,
             &[
                 "iperf3",
                 "-c",
                 ip,
                 "-p",
-                "5201",
+                &port.to_string(),
                 "-t",
                 &secs.to_string(),
                 "-i",
@@ -477,4 +487,142 @@ fn iperf3_through_the_cluster_ip_beside_the_pod_ip() {
         "iperf3, client pod -> backend-3, 3 s each, interleaved:\n{}",
         rows.join("\n")
     );
+}
+
+const NODE_IP: &str = lb_userspace::sandbox::NODE_IP;
+const EXTERNAL_IP: &str = "203.0.113.10";
+/// An endpoint on another node: nothing answers there, so a request sent to it times out.
+const ELSEWHERE: &str = "10.244.9.9";
+
+/// The node is `node-a` at NODE_IP. web: NodePort 30080/TCP and 30053/UDP, external IP
+/// EXTERNAL_IP, the three backends here plus one on `node-b`; iperf: NodePort 30201 on
+/// backend-3; far: NodePort 30081 with its only endpoint on `node-b`. 10 frontends.
+fn nodeport_config() -> String {
+    let here: String = BACKENDS
+        .iter()
+        .map(|b| {
+            format!(
+                "      - {{addresses: [{}], nodeName: node-a}}\n",
+                backend_ip(b)
+            )
+        })
+        .collect();
+    format!(
+        "node: {{name: node-a, addresses: [{NODE_IP}]}}
+services:
+  - name: web
+    clusterIP: {WEB}
+    type: NodePort
+    externalIPs: [{EXTERNAL_IP}]
+    ports:
+      - {{name: http, port: 80, nodePort: 30080, protocol: TCP}}
+      - {{name: dns, port: 53, nodePort: 30053, protocol: UDP}}
+  - name: iperf
+    clusterIP: {IPERF}
+    type: NodePort
+    ports:
+      - {{name: iperf, port: 5201, nodePort: 30201, protocol: TCP}}
+  - name: far
+    clusterIP: {EMPTY}
+    type: NodePort
+    ports:
+      - {{name: http, port: 80, nodePort: 30081, protocol: TCP}}
+endpointSlices:
+  - name: web-1
+    serviceName: web
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+      - {{name: dns, port: 5353, protocol: UDP}}
+    endpoints:
+{here}      - {{addresses: [{ELSEWHERE}], nodeName: node-b}}
+  - name: iperf-1
+    serviceName: iperf
+    ports:
+      - {{name: iperf, port: 5201, protocol: TCP}}
+    endpoints:
+      - {{addresses: [{}], nodeName: node-a}}
+  - name: far-1
+    serviceName: far
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+    endpoints:
+      - {{addresses: [{ELSEWHERE}], nodeName: node-b}}
+",
+        backend_ip("backend-3")
+    )
+}
+
+#[test]
+fn nodeports_and_external_ips_from_outside_reach_only_this_nodes_backends() {
+    let env = Env::with_frontends(&nodeport_config(), &[], 10);
+    let outside = env.sb.outside.clone();
+    let link = env
+        .sb
+        .exec(&env.sb.node, &["ip", "link", "show", "eth0"])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "the XDP program is on the external interface: {}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+
+    // TCP: every request answered, by each backend of this node, never by the one
+    // elsewhere (a request sent there would time out).
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for url in [
+        format!("http://{NODE_IP}:30080/"),
+        format!("http://{EXTERNAL_IP}/"),
+    ] {
+        for _ in 0..30 {
+            let who = env.sb.http_get(&outside, &url).unwrap_or_else(|code| {
+                panic!("curl {url} failed with exit {code}\n{}", env.agent_log())
+            });
+            *seen.entry(who).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        BACKENDS.to_vec(),
+        "{seen:?}"
+    );
+
+    // UDP: answered from the NodePort's address.
+    let answers: Vec<SocketAddr> = netns::run_in(&outside, || {
+        (0..12)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.send_to(b"who?", (NODE_IP, 30053)).unwrap();
+                let mut buf = [0u8; 64];
+                s.recv_from(&mut buf).expect("an answer").1
+            })
+            .collect()
+    })
+    .unwrap();
+    let nodeport: SocketAddr = format!("{NODE_IP}:30053").parse().unwrap();
+    assert!(answers.iter().all(|a| *a == nodeport), "{answers:?}");
+
+    // Only an endpoint on another node: refused at once by the node's kernel.
+    let t = Instant::now();
+    assert_eq!(
+        env.sb
+            .http_get(&outside, &format!("http://{NODE_IP}:30081/")),
+        Err(7),
+        "connection refused"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+
+    // A bulk TCP stream through the NodePort (iperf3: full-size segments, both ways).
+    let pid = env.start_iperf3_from(&outside, NODE_IP, 30201, 2, "iperf-nodeport.json");
+    let (intervals, total) = env.iperf3_result(pid, "iperf-nodeport.json");
+    assert!(
+        total > 0.0 && intervals.iter().all(|b| *b > 0.0),
+        "{intervals:?}"
+    );
+    eprintln!("iperf3 outside -> NodePort: {:.2} Gbit/s", total / 1e9);
+
+    let maps = Maps::from_pins(env.sb.pin_dir()).unwrap();
+    let counters: BTreeMap<&str, u64> = maps.counters().unwrap().into_iter().collect();
+    assert!(counters["new_flow"] >= 72, "{counters:?}");
+    assert!(counters["passed_no_backend"] >= 1, "{counters:?}");
 }

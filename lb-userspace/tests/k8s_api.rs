@@ -64,11 +64,13 @@ impl Drop for Pins {
     }
 }
 
-/// The maps as strings: frontend -> ready backends (sorted), and every backend present.
+/// The maps as strings: frontend -> ready backends (sorted), every backend present, and
+/// each frontend's `FRONTEND_F_*` flags.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Snap {
     frontends: BTreeMap<String, Vec<String>>,
     backends: BTreeSet<String>,
+    flags: BTreeMap<String, u32>,
 }
 
 fn snapshot(dir: &Path) -> Snap {
@@ -88,6 +90,7 @@ fn snapshot(dir: &Path) -> Snap {
             .collect();
         list.sort();
         snap.frontends.insert(frontend_addr(k).to_string(), list);
+        snap.flags.insert(frontend_addr(k).to_string(), f.flags);
     }
     snap.backends = st
         .backends
@@ -171,6 +174,16 @@ fn slice(
 
 fn node(name: &str) -> Value {
     json!({"kind": "Node", "metadata": {"name": name}})
+}
+
+/// A Node with an InternalIP (and its Hostname, which is not a NodePort address).
+fn node_at(name: &str, internal_ip: &str) -> Value {
+    let mut n = node(name);
+    n["status"] = json!({"addresses": [
+        {"type": "Hostname", "address": name},
+        {"type": "InternalIP", "address": internal_ip},
+    ]});
+    n
 }
 
 /// The controller on real maps, talking to the fake API with the real kube client.
@@ -821,4 +834,123 @@ async fn agent_binary_serves_health_metrics_and_restarts_on_pinned_maps() {
     // Without --keep-pinned, SIGTERM removes everything.
     assert!(sigterm_and_wait(&mut agent).success());
     assert!(!pins.0.exists(), "{} should be gone", pins.0.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ports_follow_the_node_addresses_and_use_local_endpoints() {
+    use lb_common::FRONTEND_F_NODEPORT;
+    let api = FakeApi::start().await;
+    api.apply(node_at(NODE, "192.168.50.1"));
+    // Another node, which the agent must not take for its own.
+    api.apply(node_at("node-2", "192.168.50.9"));
+    let agent = Agent::start(&api).await;
+    agent.wait_ready().await;
+    let dir = agent.dir().to_path_buf();
+
+    let node_port_web = |policy: &str| {
+        let mut svc = service("web", WEB, &[("http", 80, "TCP")]);
+        svc["spec"]["type"] = json!("NodePort");
+        svc["spec"]["externalTrafficPolicy"] = json!(policy);
+        svc["spec"]["ports"][0]["nodePort"] = json!(30080);
+        svc
+    };
+    api.apply(node_port_web("Cluster"));
+    let mut sl = slice(
+        "web-a",
+        "web",
+        &[("http", 8080, "TCP")],
+        &[("10.244.1.2", None), ("10.244.2.2", None)],
+    );
+    sl["endpoints"][0]["nodeName"] = json!(NODE);
+    sl["endpoints"][1]["nodeName"] = json!("node-2");
+    api.apply(sl);
+    let both: &[&str] = &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"];
+    let local: &[&str] = &["10.244.1.2:8080/TCP"];
+    let flags = |v: &[(&str, u32)]| -> BTreeMap<String, u32> {
+        v.iter().map(|(f, x)| (f.to_string(), *x)).collect()
+    };
+    // The NodePort opens on this node's address only, with this node's endpoint only;
+    // the ClusterIP keeps both.
+    wait_maps(
+        &dir,
+        "the NodePort on 192.168.50.1 with the local endpoint",
+        |s| {
+            s.frontends
+                == fe(&[
+                    ("10.96.0.10:80/TCP", both),
+                    ("192.168.50.1:30080/TCP", local),
+                ])
+        },
+    )
+    .await;
+    let snap = snapshot(&dir);
+    assert_eq!(
+        snap.flags,
+        flags(&[
+            ("10.96.0.10:80/TCP", 0),
+            ("192.168.50.1:30080/TCP", FRONTEND_F_NODEPORT),
+        ])
+    );
+    assert!(snap.backends.contains("10.244.2.2:8080/TCP"));
+
+    // The node's address changes (a watch event on the Node): the NodePort moves.
+    api.apply(node_at(NODE, "192.168.50.2"));
+    wait_maps(&dir, "the NodePort moved to 192.168.50.2", |s| {
+        s.frontends
+            == fe(&[
+                ("10.96.0.10:80/TCP", both),
+                ("192.168.50.2:30080/TCP", local),
+            ])
+            && s.flags
+                == flags(&[
+                    ("10.96.0.10:80/TCP", 0),
+                    ("192.168.50.2:30080/TCP", FRONTEND_F_NODEPORT),
+                ])
+    })
+    .await;
+
+    // externalTrafficPolicy Local: the same frontends (Cluster already uses the local
+    // endpoints only, there being no SNAT).
+    let syncs = agent.health.syncs();
+    let before = snapshot(&dir);
+    api.apply(node_port_web("Local"));
+    let h = agent.health.clone();
+    wait_until("a sync after the policy change", move || h.syncs() > syncs).await;
+    assert_eq!(snapshot(&dir), before);
+
+    // The local endpoint moves to the other node: the NodePort has no backend left.
+    let mut sl = slice(
+        "web-a",
+        "web",
+        &[("http", 8080, "TCP")],
+        &[("10.244.1.2", None), ("10.244.2.2", None)],
+    );
+    sl["endpoints"][0]["nodeName"] = json!("node-2");
+    sl["endpoints"][1]["nodeName"] = json!("node-2");
+    api.apply(sl);
+    wait_maps(&dir, "no local endpoint", |s| {
+        s.frontends == fe(&[("10.96.0.10:80/TCP", both), ("192.168.50.2:30080/TCP", &[])])
+    })
+    .await;
+
+    // Back to ClusterIP: the NodePort frontend goes, the ClusterIP stays.
+    api.apply(service("web", WEB, &[("http", 80, "TCP")]));
+    wait_maps(&dir, "the NodePort gone", |s| {
+        s.frontends == fe(&[("10.96.0.10:80/TCP", both)])
+            && s.flags == flags(&[("10.96.0.10:80/TCP", 0)])
+    })
+    .await;
+    api.apply(node_port_web("Cluster"));
+    wait_maps(&dir, "the NodePort back", |s| {
+        s.frontends.contains_key("192.168.50.2:30080/TCP")
+    })
+    .await;
+    // Deleted: nothing left.
+    api.delete("Service", "shop", "web");
+    wait_maps(&dir, "empty maps", |s| {
+        s.frontends.is_empty() && s.backends.is_empty()
+    })
+    .await;
+    assert_eq!(agent.metrics.map_update_errors.get(), 0);
+    agent.stop().await;
 }

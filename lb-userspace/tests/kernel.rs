@@ -21,6 +21,8 @@ use lb_userspace::{
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 
 const VIP: &str = "10.96.0.10";
 const CLIENT: &str = "10.244.0.11";
@@ -84,7 +86,7 @@ impl Kernel {
         let c = config::parse("test", cfg).unwrap();
         let report = self
             .plane
-            .sync(&desired_state(&c.services, &c.endpoint_slices));
+            .sync(&desired_state(&c.services, &c.endpoint_slices, &c.node));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 
@@ -103,6 +105,22 @@ impl Kernel {
         })?;
         out.truncate(r.data_size_out as usize);
         Ok((r.return_value, out))
+    }
+
+    /// Runs the XDP program (external interfaces) on `pkt`: (verdict, output bytes).
+    fn run_xdp(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; 512];
+        let r = self
+            .datapath
+            .xdp_program()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (XDP) on {pkt:02x?}: {e}"));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
     }
 
     fn counter(&self, name: &str) -> u64 {
@@ -223,10 +241,9 @@ fn packets_not_to_a_service_pass_untouched() {
     assert_eq!(k.counter("new_flow"), 0);
 }
 
-#[test]
-fn truncated_or_malformed_headers_pass_untouched_and_are_counted() {
-    let mut k = one_backend();
-    let full = Spec::tcp(CLIENT, 40004, VIP, 80, SYN).build();
+/// Packets with a broken IPv4 or L4 header, addressed to `dst:dport` (TCP) / `:53` (UDP).
+fn malformed_cases(dst: &str, dport: u16) -> Vec<Vec<u8>> {
+    let full = Spec::tcp(CLIENT, 40004, dst, dport, SYN).build();
     // (A frame shorter than an IPv4 header is refused by BPF_PROG_TEST_RUN itself, so the
     // "IPv4 header cut short" case is exercised through an IHL that runs past the end.)
     let mut cases = vec![
@@ -247,8 +264,15 @@ fn truncated_or_malformed_headers_pass_untouched_and_are_counted() {
     let mut ihl_past_end = full[..14 + 20 + 20].to_vec();
     ihl_past_end[14] = 0x4f; // options would run past the packet
     cases.push(ihl_past_end);
-    let udp = Spec::udp(CLIENT, 50002, VIP, 53, b"").build();
+    let udp = Spec::udp(CLIENT, 50002, dst, 53, b"").build();
     cases.push(udp[..14 + 20 + 6].to_vec()); // UDP header cut short
+    cases
+}
+
+#[test]
+fn truncated_or_malformed_headers_pass_untouched_and_are_counted() {
+    let mut k = one_backend();
+    let cases = malformed_cases(VIP, 80);
     let n = cases.len() as u64;
     for pkt in cases {
         assert_eq!(k.run(&pkt), (TC_ACT_OK, pkt.clone()), "{pkt:02x?}");
@@ -438,7 +462,7 @@ fn the_writer_batches_and_its_mirror_always_equals_the_kernel_maps() {
     let cfg = |list: Vec<(String, bool)>| {
         let refs: Vec<(&str, bool)> = list.iter().map(|(a, r)| (a.as_str(), *r)).collect();
         let c = config::parse("t", &config_with(&refs)).unwrap();
-        desired_state(&c.services, &c.endpoint_slices)
+        desired_state(&c.services, &c.endpoint_slices, &c.node)
     };
     let report = plane.sync(&cfg(eps(10)));
     assert_eq!(
@@ -466,4 +490,293 @@ fn the_writer_batches_and_its_mirror_always_equals_the_kernel_maps() {
     assert_eq!(plane.state(), &kernel);
     assert_eq!(kernel.backends.len(), 8);
     assert_eq!(plane.sync(&cfg(eps(4))).ops, 0, "nothing left to do");
+}
+
+// ---- The XDP program on the node's external interfaces ----
+
+const NODE_IP: &str = "192.168.50.1";
+const OUTSIDE: &str = "198.51.100.7";
+const EXTERNAL_IP: &str = "203.0.113.10";
+
+/// The node `node-a` at NODE_IP. `web` (ClusterIP 10.96.0.10:80, NodePort 30080/TCP and
+/// 30053/UDP, external IP EXTERNAL_IP) has B1 on this node and B2 on `node-b`; `remote`
+/// (NodePort 30081) has only B3 on `node-b`.
+fn nodeport_config() -> String {
+    "node: {name: node-a, addresses: [192.168.50.1]}\n\
+     services:\n\
+     - name: web\n  clusterIP: 10.96.0.10\n  type: NodePort\n  externalIPs: [203.0.113.10]\n  ports:\n\
+     \x20   - {name: http, port: 80, nodePort: 30080, protocol: TCP}\n\
+     \x20   - {name: dns, port: 53, nodePort: 30053, protocol: UDP}\n\
+     - name: remote\n  clusterIP: 10.96.0.11\n  type: NodePort\n  ports:\n\
+     \x20   - {name: http, port: 80, nodePort: 30081, protocol: TCP}\n\
+     endpointSlices:\n\
+     - name: web-1\n  serviceName: web\n  ports:\n\
+     \x20   - {name: http, port: 8080, protocol: TCP}\n\
+     \x20   - {name: dns, port: 5353, protocol: UDP}\n\
+     \x20 endpoints:\n\
+     \x20   - {addresses: [10.244.0.12], nodeName: node-a}\n\
+     \x20   - {addresses: [10.244.0.13], nodeName: node-b}\n\
+     - name: remote-1\n  serviceName: remote\n  ports:\n\
+     \x20   - {name: http, port: 8080, protocol: TCP}\n\
+     \x20 endpoints:\n\
+     \x20   - {addresses: [10.244.0.14], nodeName: node-b}\n"
+        .to_string()
+}
+
+#[test]
+fn xdp_nodeport_is_translated_to_a_local_backend_only() {
+    let mut k = Kernel::new(&nodeport_config());
+    for port in 40100..40160 {
+        let syn = Spec::tcp(OUTSIDE, port, NODE_IP, 30080, SYN);
+        let (verdict, out) = k.run_xdp(&syn.build());
+        assert_eq!(verdict, XDP_PASS);
+        assert_checksums(&out);
+        assert_eq!(
+            out,
+            rewritten(&syn, Some((B1, 8080)), None),
+            "only the endpoint on this node serves a NodePort; only daddr, dport and checksums change"
+        );
+    }
+    assert_eq!(k.counter("new_flow"), 60);
+    // The same Service's ClusterIP spreads over both endpoints.
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 40200..40260 {
+        let out = k.run(&Spec::tcp(CLIENT, port, VIP, 80, SYN).build()).1;
+        seen.insert(view(&out).dst.to_string());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[test]
+fn xdp_nodeport_reply_is_reverse_translated_by_the_pod_program() {
+    let mut k = Kernel::new(&nodeport_config());
+    let syn = Spec::tcp(OUTSIDE, 40300, NODE_IP, 30080, SYN);
+    k.run_xdp(&syn.build());
+    // The backend's reply leaves its pod through the tc program, which shares conntrack.
+    let synack = Spec::tcp(B1, 8080, OUTSIDE, 40300, SYN | ACK);
+    let (verdict, out) = k.run(&synack.build());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_checksums(&out);
+    assert_eq!(out, rewritten(&synack, None, Some((NODE_IP, 30080))));
+    // The rest of the flow keeps its backend.
+    let ack = Spec::tcp(OUTSIDE, 40300, NODE_IP, 30080, ACK);
+    let (verdict, out) = k.run_xdp(&ack.build());
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, rewritten(&ack, Some((B1, 8080)), None));
+    assert_eq!(k.counter("translated"), 1);
+}
+
+#[test]
+fn xdp_reverse_translates_replies_that_arrive_from_other_nodes() {
+    // A pod on this node talks to a ClusterIP whose backend runs elsewhere: the reply
+    // comes back in by the external interface and is reverse-translated there.
+    let mut k = Kernel::new(&nodeport_config());
+    let mut chosen = None;
+    for port in 40400..40500 {
+        let out = k.run(&Spec::tcp(CLIENT, port, VIP, 80, SYN).build()).1;
+        if view(&out).dst.to_string() == B2 {
+            chosen = Some(port);
+            break;
+        }
+    }
+    let port = chosen.expect("some flow picks the remote endpoint");
+    let synack = Spec::tcp(B2, 8080, CLIENT, port, SYN | ACK);
+    let (verdict, out) = k.run_xdp(&synack.build());
+    assert_eq!(verdict, XDP_PASS);
+    assert_checksums(&out);
+    assert_eq!(out, rewritten(&synack, None, Some((VIP, 80))));
+    assert_eq!(k.counter("reverse_translated"), 1);
+}
+
+#[test]
+fn xdp_udp_and_external_ips_are_translated_with_valid_checksums() {
+    let mut k = Kernel::new(&nodeport_config());
+    let q = Spec::udp(OUTSIDE, 50100, NODE_IP, 30053, b"odd-length query");
+    let (verdict, out) = k.run_xdp(&q.build());
+    assert_eq!(verdict, XDP_PASS);
+    assert_checksums(&out);
+    assert_eq!(out, rewritten(&q, Some((B1, 5353)), None));
+
+    let mut none = Spec::udp(OUTSIDE, 50101, NODE_IP, 30053, b"no checksum");
+    none.udp_no_checksum = true;
+    let (_, out) = k.run_xdp(&none.build());
+    assert_eq!(&view(&out).l4[6..8], &[0, 0], "a UDP checksum of 0 stays 0");
+    let mut expected = none.clone();
+    expected.dst = B1.parse().unwrap();
+    expected.dport = 5353;
+    assert_eq!(out, expected.build());
+
+    let mut syn = Spec::tcp(OUTSIDE, 40500, EXTERNAL_IP, 80, SYN);
+    syn.ip_options = vec![1, 1, 1, 1];
+    syn.payload = b"abc".to_vec();
+    let (verdict, out) = k.run_xdp(&syn.build());
+    assert_eq!(verdict, XDP_PASS);
+    assert_checksums(&out);
+    assert_eq!(out, rewritten(&syn, Some((B1, 8080)), None));
+}
+
+#[test]
+fn xdp_nodeport_without_a_local_backend_goes_to_the_kernel_untouched() {
+    let mut k = Kernel::new(&nodeport_config());
+    let syn = Spec::tcp(OUTSIDE, 40600, NODE_IP, 30081, SYN).build();
+    assert_eq!(
+        k.run_xdp(&syn),
+        (XDP_PASS, syn.clone()),
+        "the kernel answers it (no socket on the NodePort: RST)"
+    );
+    assert_eq!(k.counter("passed_no_backend"), 1);
+    // From a pod, the tc program refuses it itself.
+    let (verdict, out) = k.run(&Spec::tcp(CLIENT, 40601, NODE_IP, 30081, SYN).build());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(view(&out).l4[13], RST | ACK);
+}
+
+#[test]
+fn xdp_passes_malformed_packets_untouched_and_counts_them() {
+    let mut k = Kernel::new(&nodeport_config());
+    let cases = malformed_cases(NODE_IP, 30080);
+    let n = cases.len() as u64;
+    for pkt in cases {
+        assert_eq!(k.run_xdp(&pkt), (XDP_PASS, pkt.clone()), "{pkt:02x?}");
+    }
+    assert_eq!(k.counter("passed_malformed"), n);
+    let mut first = Spec::udp(OUTSIDE, 50102, NODE_IP, 30053, &[0u8; 64]);
+    first.frag = 0x2000;
+    assert_eq!(k.run_xdp(&first.build()).0, XDP_DROP);
+    assert_eq!(k.counter("drop_fragment"), 1);
+    assert_eq!(k.counter("new_flow"), 0);
+}
+
+/// A small deterministic generator (xorshift), so a failure is reproducible.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn xdp_and_tc_rewrite_the_same_packets_to_the_same_bytes() {
+    // Two datapaths with the same maps: the XDP rewrite (RFC 1624 by hand) and the tc
+    // rewrite (the kernel's csum helpers) must agree on every byte, and both must match
+    // the from-scratch rewrite, for random ports, payload lengths (odd too), IP
+    // options, both protocols, and the replies.
+    let mut tc = Kernel::new(&nodeport_config());
+    let mut xdp = Kernel::new(&nodeport_config());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for i in 0..300u32 {
+        let sport = 1024 + (rng.next() % 60000) as u16;
+        let payload: Vec<u8> = (0..rng.next() % 40).map(|_| rng.next() as u8).collect();
+        let client = format!("198.51.{}.{}", rng.next() % 256, 1 + rng.next() % 254);
+        let (mut spec, backend) = if i.is_multiple_of(2) {
+            let mut s = Spec::tcp(&client, sport, NODE_IP, 30080, SYN);
+            s.seq = rng.next() as u32;
+            (s, (B1, 8080))
+        } else {
+            (
+                Spec::udp(&client, sport, NODE_IP, 30053, &payload),
+                (B1, 5353),
+            )
+        };
+        spec.payload = payload.clone();
+        if rng.next().is_multiple_of(4) {
+            spec.ip_options = vec![1, 1, 1, 1];
+        }
+        let pkt = spec.build();
+        let (v1, out_tc) = tc.run(&pkt);
+        let (v2, out_xdp) = xdp.run_xdp(&pkt);
+        assert_eq!((v1, v2), (TC_ACT_OK, XDP_PASS));
+        assert_checksums(&out_xdp);
+        assert_eq!(out_xdp, out_tc, "packet {i}: {spec:?}");
+        assert_eq!(out_xdp, rewritten(&spec, Some(backend), None), "packet {i}");
+        // The reply, through XDP (as if from another node) and through tc.
+        let mut reply = spec.clone();
+        (reply.src, reply.sport) = (backend.0.parse().unwrap(), backend.1);
+        (reply.dst, reply.dport) = (spec.src, spec.sport);
+        let (_, r_tc) = tc.run(&reply.build());
+        let (_, r_xdp) = xdp.run_xdp(&reply.build());
+        assert_eq!(r_xdp, r_tc, "reply {i}");
+        assert_eq!(r_xdp, rewritten(&reply, None, Some((NODE_IP, spec.dport))));
+    }
+}
+
+#[test]
+fn a_nodeport_reply_is_routed_by_the_program_with_its_ttl_decremented() {
+    // Reverse-translated, the reply's source is the node's own address, which the
+    // kernel's input route check would drop as martian: the pod program looks the route
+    // up and redirects it itself. The FIB lookup needs a route to the client, so this
+    // runs in a namespace of its own where the client's network is on a veth.
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    let ns = Ns(format!("lbt-kfib-{}", std::process::id()));
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["netns", "add", &ns.0]);
+    ip(&[
+        "-n", &ns.0, "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
+    ]);
+    ip(&["-n", &ns.0, "addr", "add", "198.51.100.1/24", "dev", "ext0"]);
+    ip(&["-n", &ns.0, "link", "set", "ext0", "up"]);
+    ip(&["-n", &ns.0, "link", "set", "ext1", "up"]);
+    // A node forwards (the FIB lookup reports "forwarding disabled" otherwise).
+    ip(&[
+        "netns",
+        "exec",
+        &ns.0,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+
+    let (nodeport, clusterip) = lb_userspace::netns::run_in(&ns.0, || {
+        let mut k = Kernel::new(&nodeport_config());
+        k.run_xdp(&Spec::tcp(OUTSIDE, 40700, NODE_IP, 30080, SYN).build());
+        let nodeport = k.run(&Spec::tcp(B1, 8080, OUTSIDE, 40700, SYN | ACK).build());
+        // A ClusterIP flow's reply is left to the kernel's routing, as before.
+        k.run(&Spec::tcp(CLIENT, 40701, VIP, 80, SYN).build());
+        let replies: Vec<(u32, Vec<u8>)> = [B1, B2]
+            .iter()
+            .map(|b| k.run(&Spec::tcp(b, 8080, CLIENT, 40701, SYN | ACK).build()))
+            .collect();
+        (nodeport, replies)
+    })
+    .unwrap();
+
+    let synack = Spec::tcp(B1, 8080, OUTSIDE, 40700, SYN | ACK);
+    let mut expected = rewritten(&synack, None, Some((NODE_IP, 30080)));
+    expected[14 + 8] -= 1; // TTL
+    expected[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = checksum(&expected[14..34], 0);
+    expected[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(
+        nodeport.0, TC_ACT_REDIRECT,
+        "routed and redirected by the program"
+    );
+    assert_checksums(&nodeport.1);
+    assert_eq!(nodeport.1, expected);
+
+    let translated: Vec<&(u32, Vec<u8>)> = clusterip
+        .iter()
+        .filter(|(_, out)| view(out).src.to_string() == VIP)
+        .collect();
+    assert_eq!(translated.len(), 1, "one of the two is the flow's backend");
+    assert_eq!(
+        translated[0].0, TC_ACT_OK,
+        "a ClusterIP reply goes to the kernel"
+    );
+    assert_eq!(translated[0].1[14 + 8], 64, "TTL untouched");
 }

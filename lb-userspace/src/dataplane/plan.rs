@@ -318,7 +318,7 @@ fn plan_frontend(
     let value = Frontend {
         service_id,
         count: slots.len() as u32,
-        flags: 0,
+        flags: spec.kind.flags(),
         _pad: 0,
     };
     if cur != Some(value) {
@@ -573,6 +573,7 @@ mod tests {
                 *f,
                 FrontendSpec {
                     service: "default/x:".into(),
+                    kind: Default::default(),
                     active,
                     known,
                 },

@@ -226,7 +226,7 @@ impl Controller {
                 _ = timer => {
                     state.deadline = None;
                     state.dirty = false;
-                    let ok = self.sync(&services, &slices, &mut state);
+                    let ok = self.sync(&services, &slices, &nodes, &mut state);
                     if !ok {
                         state.deadline = Some(Instant::now() + RETRY_FAILED_SYNC);
                     }
@@ -251,9 +251,8 @@ impl Controller {
                 warn!("watching {}s failed: {e}; retrying with backoff, the dataplane keeps its last state", kind.name());
             }
             Ok(Step::Changed(trigger)) => {
-                if kind != Kind::Node {
-                    state.dirty = true;
-                }
+                // A Node change matters too: its addresses are where NodePorts open.
+                state.dirty = true;
                 if let Some(t) = trigger.filter(|t| *t >= self.started) {
                     state.triggers.push(t);
                 }
@@ -286,9 +285,20 @@ impl Controller {
         &self,
         services: &Store<K8sService>,
         slices: &Store<K8sSlice>,
+        nodes: &Store<Node>,
         state: &mut LoopState,
     ) -> bool {
         let t0 = std::time::Instant::now();
+        // Until this node is listed, its name alone: local endpoints are known, NodePorts
+        // wait for its addresses.
+        let node = nodes.state().first().map_or_else(
+            || crate::model::Node {
+                name: Some(self.opts.node_name.clone()),
+                addresses: Vec::new(),
+            },
+            |n| translate::node(n),
+        );
+        state.model.set_node(node);
         let mut seen = BTreeSet::new();
         for s in services.state() {
             let key = object_key(Kind::Service, &s.metadata);

@@ -24,7 +24,7 @@ pub use self::controller::{Controller, ControllerOptions, Health, DEFAULT_DEBOUN
 use self::metrics::Metrics;
 use crate::{
     loader::LoadOptions,
-    run::{interface_patterns, load_datapath, shutdown_signal, start_attaching},
+    run::{load_datapath, shutdown_signal, start_attaching, Interfaces},
     Error, Result,
 };
 
@@ -39,6 +39,7 @@ pub struct AgentOptions {
     /// This proxy's name for `service.kubernetes.io/service-proxy-name`.
     pub proxy_name: Option<String>,
     pub interfaces: Vec<String>,
+    pub external_interfaces: Vec<String>,
     pub load: LoadOptions,
     pub keep_pinned: bool,
     pub listen: SocketAddr,
@@ -73,7 +74,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             "the node name is empty: set NODE_NAME from the downward API (spec.nodeName) or pass --node-name".into(),
         ));
     }
-    let patterns = interface_patterns(&opts.interfaces)?;
+    let interfaces = Interfaces::new(&opts.interfaces, &opts.external_interfaces)?;
     // First, so a SIGTERM at any later point is a clean shutdown.
     let shutdown = shutdown_signal()?;
     let client = client(opts.kubeconfig.as_deref()).await?;
@@ -112,7 +113,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     tokio::pin!(shutdown);
     let mut attaching = reused_state;
     if attaching {
-        start_attaching(&mut datapath, &patterns);
+        start_attaching(&mut datapath, &interfaces);
     }
     let mut tick = tokio::time::interval(opts.poll);
     let result = loop {
@@ -125,10 +126,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             },
             _ = health.first_sync(), if !attaching => {
                 attaching = true;
-                start_attaching(&mut datapath, &patterns);
+                start_attaching(&mut datapath, &interfaces);
             }
             _ = tick.tick(), if attaching => {
-                datapath.sync_interfaces(&patterns);
+                interfaces.sync(&mut datapath);
             }
         }
     };

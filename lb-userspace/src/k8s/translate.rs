@@ -7,6 +7,10 @@
 //! are ignored. SCTP ports and IPv6-only Services are skipped (the dataplane is IPv4
 //! TCP/UDP); a dual-stack Service is programmed on its IPv4 address.
 //!
+//! NodePorts (type NodePort and LoadBalancer), `spec.externalIPs` and the IPs of
+//! `status.loadBalancer.ingress` become frontends too; IPv6 ones are skipped, ingress
+//! entries with only a hostname are ignored. `externalTrafficPolicy` is kept.
+//!
 //! EndpointSlices: only those labelled `kubernetes.io/service-name`, of address type
 //! IPv4. Ports without a port number are dropped (as kube-proxy does), SCTP ports too.
 use std::net::{IpAddr, Ipv4Addr};
@@ -18,7 +22,7 @@ use k8s_openapi::{
 
 use crate::model::{
     self, Conditions, Endpoint, EndpointPort, EndpointSlice, Invalid, Protocol, Service,
-    ServicePort, TargetPort,
+    ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
 
 /// Label naming the Service an EndpointSlice belongs to.
@@ -180,9 +184,32 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
     let Some(spec) = &svc.spec else {
         return reject("Service", &namespace, &name, "has no spec".into());
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Translated::ignore("type ExternalName", vec![]);
-    }
+    let service_type = match spec.type_.as_deref().unwrap_or("ClusterIP") {
+        "ExternalName" => return Translated::ignore("type ExternalName", vec![]),
+        "ClusterIP" => ServiceType::ClusterIP,
+        "NodePort" => ServiceType::NodePort,
+        "LoadBalancer" => ServiceType::LoadBalancer,
+        other => {
+            return reject(
+                "Service",
+                &namespace,
+                &name,
+                format!("unknown type {other:?}"),
+            )
+        }
+    };
+    let external_traffic_policy = match spec.external_traffic_policy.as_deref() {
+        None | Some("") | Some("Cluster") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            return reject(
+                "Service",
+                &namespace,
+                &name,
+                format!("unknown externalTrafficPolicy {other:?}"),
+            )
+        }
+    };
     match spec.cluster_ip.as_deref() {
         Some("None") => return Translated::ignore("headless (clusterIP None)", vec![]),
         None | Some("") => return Translated::ignore("no clusterIP allocated yet", vec![]),
@@ -243,21 +270,84 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
             }
             Some(IntOrString::String(s)) => Some(TargetPort::Name(s.clone())),
         };
+        // The API server allocates nodePorts for NodePort and LoadBalancer Services
+        // (not for a LoadBalancer with allocateLoadBalancerNodePorts: false).
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(np) if service_type == ServiceType::ClusterIP => {
+                return reject(
+                    "Service",
+                    &namespace,
+                    &name,
+                    format!("port {label:?}: nodePort {np} on a ClusterIP Service"),
+                )
+            }
+            Some(np) => match port_number(&format!("port {label:?} nodePort"), np) {
+                Ok(np) => Some(np),
+                Err(reason) => return reject("Service", &namespace, &name, reason),
+            },
+        };
         ports.push(ServicePort {
             name: label,
             port,
             target_port,
             protocol: proto,
+            node_port,
         });
     }
     if ports.is_empty() && !skipped.is_empty() {
         return Translated::ignore("no TCP or UDP port", skipped);
     }
+    let mut addresses = |what: &str, list: Vec<&str>| -> Result<Vec<Ipv4Addr>, String> {
+        let mut out = Vec::new();
+        for a in list {
+            match a.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => out.push(ip),
+                Ok(IpAddr::V6(_)) => skipped.push(Skip {
+                    reason: SkipReason::Ipv6,
+                    what: format!("{what} {a}"),
+                }),
+                Err(_) => return Err(format!("{what} {a:?} is not an IP address")),
+            }
+        }
+        Ok(out)
+    };
+    let external_ips = match addresses(
+        "externalIPs",
+        spec.external_ips
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect(),
+    ) {
+        Ok(v) => v,
+        Err(reason) => return reject("Service", &namespace, &name, reason),
+    };
+    let ingress: Vec<&str> = if service_type == ServiceType::LoadBalancer {
+        svc.status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let load_balancer_ips = match addresses("status.loadBalancer.ingress ip", ingress) {
+        Ok(v) => v,
+        Err(reason) => return reject("Service", &namespace, &name, reason),
+    };
     let out = Service {
         name,
         namespace,
         cluster_ip,
+        service_type,
         ports,
+        external_ips,
+        load_balancer_ips,
+        external_traffic_policy,
     };
     match model::validate_service(&out) {
         Ok(()) => Translated {
@@ -354,6 +444,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
                 serving: c.serving,
                 terminating: c.terminating,
             },
+            node_name: ep.node_name.clone(),
         });
     }
     let out = EndpointSlice {
@@ -369,6 +460,27 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
             skipped,
         },
         Err(e) => Translated::reject(e),
+    }
+}
+
+/// This node as the model needs it: its name (to tell local endpoints) and its IPv4
+/// InternalIP and ExternalIP addresses (where NodePorts open), as kube-proxy's default
+/// `--nodeport-addresses`.
+pub fn node(n: &core::Node) -> model::Node {
+    let mut addresses: Vec<Ipv4Addr> = n
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    model::Node {
+        name: n.metadata.name.clone(),
+        addresses,
     }
 }
 
@@ -388,7 +500,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::model::{desired_state, BackendAddr, DesiredState, FrontendAddr};
+    use crate::model::{desired_state, BackendAddr, DesiredState, FrontendAddr, FrontendKind};
 
     fn k8s_svc(v: serde_json::Value) -> core::Service {
         serde_json::from_value(v).expect("test Service JSON")
@@ -428,6 +540,16 @@ mod tests {
         slices: &[discovery::EndpointSlice],
         rules: &Rules,
     ) -> DesiredState {
+        state_on(services, slices, rules, &model::Node::default())
+    }
+
+    /// `state` on a given node (its name and addresses).
+    fn state_on(
+        services: &[core::Service],
+        slices: &[discovery::EndpointSlice],
+        rules: &Rules,
+        node: &model::Node,
+    ) -> DesiredState {
         let svcs: Vec<Service> = services
             .iter()
             .filter_map(|s| service(s, rules).used().cloned())
@@ -436,7 +558,7 @@ mod tests {
             .iter()
             .filter_map(|s| endpoint_slice(s).used().cloned())
             .collect();
-        desired_state(&svcs, &sls)
+        desired_state(&svcs, &sls, node)
     }
 
     /// frontend -> active backends, as strings.
@@ -799,6 +921,309 @@ mod tests {
         assert_eq!(
             trigger_time(&sl),
             Some("2024-05-01T10:00:00Z".parse().unwrap())
+        );
+    }
+
+    fn rejection(t: &Translated<Service>) -> String {
+        match &t.outcome {
+            Outcome::Reject(e) => e.to_string(),
+            other => panic!("expected Reject, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn service_type_and_external_traffic_policy_are_read() {
+        let r = Rules::default();
+        for (spec, t, policy) in [
+            (
+                json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}),
+                ServiceType::ClusterIP,
+                TrafficPolicy::Cluster,
+            ),
+            (
+                json!({"type": "NodePort", "clusterIP": "10.96.0.10", "externalTrafficPolicy": "Local",
+                       "ports": [{"port": 80, "nodePort": 30080}]}),
+                ServiceType::NodePort,
+                TrafficPolicy::Local,
+            ),
+            (
+                json!({"type": "LoadBalancer", "clusterIP": "10.96.0.10", "externalTrafficPolicy": "Cluster",
+                       "ports": [{"port": 80, "nodePort": 30080}]}),
+                ServiceType::LoadBalancer,
+                TrafficPolicy::Cluster,
+            ),
+        ] {
+            let s = used(&service(&web(spec.clone()), &r));
+            assert_eq!(
+                (s.service_type, s.external_traffic_policy),
+                (t, policy),
+                "{spec}"
+            );
+        }
+        let bad_type =
+            web(json!({"type": "Headless", "clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        assert_eq!(
+            rejection(&service(&bad_type, &r)),
+            "Service shop/web: unknown type \"Headless\""
+        );
+        let bad_policy = web(
+            json!({"type": "NodePort", "clusterIP": "10.96.0.10", "externalTrafficPolicy": "Nearby",
+                   "ports": [{"port": 80, "nodePort": 30080}]}),
+        );
+        assert_eq!(
+            rejection(&service(&bad_policy, &r)),
+            "Service shop/web: unknown externalTrafficPolicy \"Nearby\""
+        );
+    }
+
+    #[test]
+    fn node_ports_are_kept_and_rejected_on_cluster_ip_services() {
+        let r = Rules::default();
+        let s = used(&service(
+            &web(
+                json!({"type": "NodePort", "clusterIP": "10.96.0.10", "ports": [
+                    {"name": "http", "port": 80, "nodePort": 30080},
+                    {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053},
+                ]}),
+            ),
+            &r,
+        ));
+        assert_eq!(
+            s.ports.iter().map(|p| p.node_port).collect::<Vec<_>>(),
+            vec![Some(30080), Some(30053)]
+        );
+        // A LoadBalancer without allocated nodePorts (allocateLoadBalancerNodePorts: false).
+        let s = used(&service(
+            &web(
+                json!({"type": "LoadBalancer", "clusterIP": "10.96.0.10", "ports": [{"port": 80}]}),
+            ),
+            &r,
+        ));
+        assert_eq!(s.ports[0].node_port, None);
+        let on_cluster_ip = web(
+            json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}),
+        );
+        assert_eq!(
+            rejection(&service(&on_cluster_ip, &r)),
+            "Service shop/web: port \"http\": nodePort 30080 on a ClusterIP Service"
+        );
+        let out_of_range = web(
+            json!({"type": "NodePort", "clusterIP": "10.96.0.10", "ports": [{"port": 80, "nodePort": 70000}]}),
+        );
+        let msg = rejection(&service(&out_of_range, &r));
+        assert!(msg.starts_with("Service shop/web: "), "{msg}");
+        assert!(
+            msg.contains("nodePort: port 70000 is out of range"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn external_ips_are_read_ipv6_skipped_and_bad_ones_rejected() {
+        let r = Rules::default();
+        let t = service(
+            &web(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}],
+                        "externalIPs": ["203.0.113.5", "2001:db8::5", "203.0.113.6"]})),
+            &r,
+        );
+        assert_eq!(
+            used(&t).external_ips,
+            vec![Ipv4Addr::new(203, 0, 113, 5), Ipv4Addr::new(203, 0, 113, 6)]
+        );
+        assert_eq!(
+            t.skipped,
+            vec![Skip {
+                reason: SkipReason::Ipv6,
+                what: "externalIPs 2001:db8::5".into()
+            }]
+        );
+        let bad = web(
+            json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}], "externalIPs": ["203.0.113.x"]}),
+        );
+        assert_eq!(
+            rejection(&service(&bad, &r)),
+            "Service shop/web: externalIPs \"203.0.113.x\" is not an IP address"
+        );
+        let multicast = web(
+            json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}], "externalIPs": ["224.0.0.1"]}),
+        );
+        assert!(rejection(&service(&multicast, &r)).contains("cannot be a Service address"));
+    }
+
+    fn lb_svc(type_: &str, ingress: serde_json::Value) -> core::Service {
+        k8s_svc(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": type_, "clusterIP": "10.96.0.10", "ports": [{"port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": ingress}},
+        }))
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips_are_read_for_type_load_balancer_only() {
+        let r = Rules::default();
+        let t = service(
+            &lb_svc(
+                "LoadBalancer",
+                json!([{"ip": "198.51.100.7"}, {"hostname": "lb.example.com"}, {"ip": "2001:db8::7"},
+                       {"ip": "198.51.100.8", "hostname": "lb2.example.com"}]),
+            ),
+            &r,
+        );
+        assert_eq!(
+            used(&t).load_balancer_ips,
+            vec![
+                Ipv4Addr::new(198, 51, 100, 7),
+                Ipv4Addr::new(198, 51, 100, 8)
+            ]
+        );
+        assert_eq!(
+            t.skipped,
+            vec![Skip {
+                reason: SkipReason::Ipv6,
+                what: "status.loadBalancer.ingress ip 2001:db8::7".into()
+            }]
+        );
+        // A NodePort Service with a stale status (after a type change): no LB frontend.
+        let t = service(&lb_svc("NodePort", json!([{"ip": "198.51.100.7"}])), &r);
+        assert!(used(&t).load_balancer_ips.is_empty());
+        assert_eq!(used(&t).service_type, ServiceType::NodePort);
+        let bad = service(&lb_svc("LoadBalancer", json!([{"ip": "198.51.100.x"}])), &r);
+        assert_eq!(
+            rejection(&bad),
+            "Service shop/web: status.loadBalancer.ingress ip \"198.51.100.x\" is not an IP address"
+        );
+        // Not provisioned yet: no status at all.
+        let pending = web(
+            json!({"type": "LoadBalancer", "clusterIP": "10.96.0.10", "ports": [{"port": 80, "nodePort": 30080}]}),
+        );
+        assert!(used(&service(&pending, &r)).load_balancer_ips.is_empty());
+    }
+
+    #[test]
+    fn endpoint_node_names_are_kept() {
+        let sl = slice(
+            "web-a",
+            "web",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.244.1.2"], "nodeName": "node-a"}, {"addresses": ["10.244.2.2"]}]),
+        );
+        let s = used(&endpoint_slice(&sl));
+        assert_eq!(
+            s.endpoints
+                .iter()
+                .map(|e| e.node_name.as_deref())
+                .collect::<Vec<_>>(),
+            vec![Some("node-a"), None]
+        );
+    }
+
+    #[test]
+    fn node_has_its_name_and_sorted_ipv4_internal_and_external_addresses() {
+        let n: core::Node = serde_json::from_value(json!({
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "node-a"},
+                {"type": "InternalIP", "address": "192.168.50.2"},
+                {"type": "InternalIP", "address": "fd00::2"},
+                {"type": "ExternalIP", "address": "203.0.113.9"},
+                {"type": "InternalDNS", "address": "node-a.cluster.local"},
+                {"type": "ExternalIP", "address": "192.168.50.2"},
+                {"type": "InternalIP", "address": "10.0.0.2"},
+            ]},
+        }))
+        .unwrap();
+        assert_eq!(
+            node(&n),
+            model::Node {
+                name: Some("node-a".into()),
+                addresses: vec![
+                    Ipv4Addr::new(10, 0, 0, 2),
+                    Ipv4Addr::new(192, 168, 50, 2),
+                    Ipv4Addr::new(203, 0, 113, 9)
+                ],
+            }
+        );
+        let bare: core::Node =
+            serde_json::from_value(json!({"metadata": {"name": "node-b"}})).unwrap();
+        assert_eq!(
+            node(&bare),
+            model::Node {
+                name: Some("node-b".into()),
+                addresses: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn node_ports_external_and_lb_ips_reach_the_desired_state_with_local_endpoints() {
+        let n: core::Node = serde_json::from_value(json!({
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.1"}]},
+        }))
+        .unwrap();
+        let svc = k8s_svc(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "externalTrafficPolicy": "Local",
+                     "externalIPs": ["203.0.113.5"],
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}},
+        }));
+        let sl = slice(
+            "web-a",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            json!([
+                {"addresses": ["10.244.1.2"], "nodeName": "node-a"},
+                {"addresses": ["10.244.2.2"], "nodeName": "node-b"},
+            ]),
+        );
+        let r = Rules::default();
+        let st = state_on(
+            std::slice::from_ref(&svc),
+            std::slice::from_ref(&sl),
+            &r,
+            &node(&n),
+        );
+        assert_eq!(
+            active(&st),
+            pairs(&[
+                (
+                    "10.96.0.10:80/TCP",
+                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
+                ),
+                ("192.168.50.1:30080/TCP", &["10.244.1.2:8080/TCP"]),
+                ("198.51.100.7:80/TCP", &["10.244.1.2:8080/TCP"]),
+                ("203.0.113.5:80/TCP", &["10.244.1.2:8080/TCP"]),
+            ])
+        );
+        let kinds: Vec<_> = st.frontends.values().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                FrontendKind::ClusterIP,
+                FrontendKind::NodePort,
+                FrontendKind::LoadBalancer,
+                FrontendKind::ExternalIP
+            ]
+        );
+        // Before the node is known (Node::default()): no NodePort, every endpoint local.
+        let st = state(&[svc], &[sl], &r);
+        assert_eq!(
+            active(&st),
+            pairs(&[
+                (
+                    "10.96.0.10:80/TCP",
+                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
+                ),
+                (
+                    "198.51.100.7:80/TCP",
+                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
+                ),
+                (
+                    "203.0.113.5:80/TCP",
+                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
+                ),
+            ])
         );
     }
 }

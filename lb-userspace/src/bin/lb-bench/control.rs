@@ -115,7 +115,9 @@ fn add_ping_pong(cfg: &mut lb_userspace::model::Config) {
                 port: 80,
                 target_port: None,
                 protocol: Protocol::Tcp,
+                ..Default::default()
             }],
+            ..Default::default()
         });
         cfg.endpoint_slices.push(EndpointSlice {
             name: name.into(),
@@ -129,6 +131,7 @@ fn add_ping_pong(cfg: &mut lb_userspace::model::Config) {
             endpoints: vec![Endpoint {
                 addresses: vec![backend],
                 conditions: Conditions::default(),
+                ..Default::default()
             }],
         });
     }
@@ -305,7 +308,7 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
     let result = (|| -> Result<()> {
         let mut plane = Dataplane::new(maps)?;
         let t = Instant::now();
-        let desired = desired_state(&cfg.services, &cfg.endpoint_slices);
+        let desired = desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
         r.model_secs = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let rep = plane.sync(&desired);
@@ -367,7 +370,11 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
         // to a Service: BPF_PROG_TEST_RUN's repeat then measures real established-flow and
         // reply translations (see packet_cost).
         add_ping_pong(&mut cfg);
-        let rep = plane.sync(&desired_state(&cfg.services, &cfg.endpoint_slices));
+        let rep = plane.sync(&desired_state(
+            &cfg.services,
+            &cfg.endpoint_slices,
+            &cfg.node,
+        ));
         if !rep.errors.is_empty() {
             return Err(Error::Map(format!("ping-pong services: {:?}", rep.errors)));
         }

@@ -112,7 +112,9 @@ pub fn to_config(svcs: &[Svc]) -> Config {
                 port: s.port,
                 target_port: None,
                 protocol: Protocol::Tcp,
+                ..Default::default()
             }],
+            ..Default::default()
         });
         let port = s.endpoints.first().map(|e| e.1).unwrap_or(WEB_TARGET_PORT);
         cfg.endpoint_slices.push(EndpointSlice {
@@ -130,6 +132,7 @@ pub fn to_config(svcs: &[Svc]) -> Config {
                 .map(|(ip, _)| Endpoint {
                     addresses: vec![*ip],
                     conditions: Conditions::default(),
+                    ..Default::default()
                 })
                 .collect(),
         });
@@ -160,7 +163,7 @@ mod tests {
         assert_eq!(one.len(), 2, "the two services under test are always there");
         let cfg = to_config(&s);
         lb_userspace::model::validate_config(&cfg).unwrap();
-        let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices);
+        let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
         assert_eq!(st.frontends.len(), 1000);
     }
 }
