@@ -1,9 +1,11 @@
 //! `lb vm-load` (hidden): the workload of `cargo xtask vm-test`, run inside a VM on
 //! another kernel. A sandbox with a client pod and one iperf3 backend pod behind a
-//! ClusterIP; the agent runs on it; iperf3 measures TCP throughput from the client to the
-//! pod IP directly (no load balancer) and to the ClusterIP (through the eBPF dataplane),
-//! interleaved. The results go to stdout between [`RESULTS_BEGIN`] and [`RESULTS_END`],
-//! which the host side picks out of the serial console.
+//! Service with a ClusterIP and a NodePort; the agent runs on it; iperf3 measures TCP
+//! throughput, interleaved, on four paths: from the client pod to the pod IP directly
+//! (no load balancer) and to the ClusterIP (the tc program), and from outside the node to
+//! the pod IP directly and to the NodePort (the XDP program). The results go to stdout
+//! between [`RESULTS_BEGIN`] and [`RESULTS_END`], which the host side picks out of the
+//! serial console.
 //!
 //! One backend only: iperf3 opens a control and a data connection, which must meet the
 //! same server.
@@ -13,18 +15,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{dataplane::Maps, demo, sandbox::Sandbox, Error, Result};
+use crate::{
+    dataplane::Maps,
+    demo,
+    sandbox::{Sandbox, NODE_IP},
+    Error, Result,
+};
 
 pub const RESULTS_BEGIN: &str = "=== LB-VM-RESULTS-BEGIN ===";
 pub const RESULTS_END: &str = "=== LB-VM-RESULTS-END ===";
 
 const CLUSTER_IP: &str = "10.96.0.20";
 const PORT: u16 = 5201;
+const NODE_PORT: u16 = 30201;
 
 fn config(backend: Ipv4Addr) -> String {
     format!(
-        "services:\n  - name: iperf\n    namespace: vmtest\n    clusterIP: {CLUSTER_IP}\n    ports:\n      \
-         - name: iperf\n        port: {PORT}\n        targetPort: {PORT}\n        protocol: TCP\n\
+        "node: {{addresses: [\"{NODE_IP}\"]}}\n\
+         services:\n  - name: iperf\n    namespace: vmtest\n    clusterIP: {CLUSTER_IP}\n    type: NodePort\n    ports:\n      \
+         - name: iperf\n        port: {PORT}\n        targetPort: {PORT}\n        nodePort: {NODE_PORT}\n        protocol: TCP\n\
          endpointSlices:\n  - name: iperf-1\n    namespace: vmtest\n    serviceName: iperf\n    ports:\n      \
          - name: iperf\n        port: {PORT}\n        protocol: TCP\n    endpoints:\n      \
          - addresses: [\"{backend}\"]\n        conditions: {{ready: true}}\n"
@@ -41,23 +50,30 @@ fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Waits until the agent programmed the frontend and attached to both pods' veths. Link
-/// pins cannot be counted: on kernels without tcx (< 6.6) the attachments are netlink tc
-/// filters, which are not pinned. The agent's log says when it attached.
+/// Waits until the agent programmed both frontends and attached to both pods' veths and
+/// to the node's external interface. Link pins cannot be counted: on kernels without
+/// tcx (< 6.6) the pods' attachments are netlink tc filters, which are not pinned. The
+/// agent's log says when it attached.
 fn wait_ready(sb: &Sandbox, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let attached = sb.log("agent.log").matches("attached tc program").count();
+        let log = sb.log("agent.log");
+        let attached = |hook: &str| {
+            log.lines()
+                .filter(|l| l.contains(" attached") && l.contains(hook))
+                .count()
+        };
+        let attached = (attached("hook=Pod"), attached("hook=External"));
         let frontends = Maps::from_pins(sb.pin_dir())
             .and_then(|m| m.read_state())
             .map(|s| s.frontends.len())
             .unwrap_or(0);
-        if frontends == 1 && attached >= 2 {
+        if frontends == 2 && attached.0 >= 2 && attached.1 >= 1 {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(err(format!(
-                "the agent did not become ready in {timeout:?} (frontends {frontends}, attached {attached}); its log:\n{}",
+                "the agent did not become ready in {timeout:?} (frontends {frontends}, attached (pods, external) {attached:?}); its log:\n{}",
                 sb.log("agent.log")
             )));
         }
@@ -65,8 +81,9 @@ fn wait_ready(sb: &Sandbox, timeout: Duration) -> Result<()> {
     }
 }
 
-/// One iperf3 run from the client pod; returns the received throughput in Gbit/s.
-fn iperf3(sb: &Sandbox, client: &str, target: &str, seconds: u32) -> Result<f64> {
+/// One iperf3 run from `client` (a namespace) to `target:port`; returns the received
+/// throughput in Gbit/s.
+fn iperf3(sb: &Sandbox, client: &str, target: &str, port: u16, seconds: u32) -> Result<f64> {
     let out = sb
         .cmd(
             client,
@@ -75,7 +92,7 @@ fn iperf3(sb: &Sandbox, client: &str, target: &str, seconds: u32) -> Result<f64>
                 "-c",
                 target,
                 "-p",
-                &PORT.to_string(),
+                &port.to_string(),
                 "-t",
                 &seconds.to_string(),
                 "--connect-timeout",
@@ -137,32 +154,39 @@ pub fn run_vm_load(seconds: u32, repeats: usize) -> Result<()> {
     let cfg = sb.path("services.yaml");
     std::fs::write(&cfg, config(backend.ip)).map_err(|e| err(e.to_string()))?;
     println!(
-        "vm-load: starting the agent: ClusterIP {CLUSTER_IP}:{PORT} -> {}:{PORT}",
+        "vm-load: starting the agent: ClusterIP {CLUSTER_IP}:{PORT} and NodePort \
+         {NODE_IP}:{NODE_PORT} -> {}:{PORT}",
         backend.ip
     );
     let agent = demo::spawn_agent(&sb, &lb, &cfg, &[])?;
     wait_ready(&sb, Duration::from_secs(60))?;
     let log = sb.log("agent.log");
-    let attachment = if log.contains("netlink=true") {
-        "netlink tc filters (no tcx before 6.6: not pinned, they live with the agent)"
+    let attachment = if log.contains("held=true") {
+        "netlink tc filters on the pods' veths (no tcx before 6.6: not pinned, they live \
+         with the agent); an XDP link on the node's eth0"
     } else {
-        "tcx links, pinned"
+        "tcx links on the pods' veths and an XDP link on the node's eth0, all pinned"
     };
     println!("vm-load: agent ready; attached as {attachment}");
 
-    let targets = [
-        (backend.ip.to_string(), "pod IP, no load balancer"),
-        (CLUSTER_IP.to_string(), "ClusterIP through lb, eBPF"),
+    let backend_ip = backend.ip.to_string();
+    let outside = sb.outside.clone();
+    // (from, to, port, what): each pair is a path without and with the load balancer.
+    let paths: [(&str, &str, u16, &str); 4] = [
+        (&client, &backend_ip, PORT, "client pod -> pod IP, no load balancer"),
+        (&client, CLUSTER_IP, PORT, "client pod -> ClusterIP, tc program"),
+        (&outside, &backend_ip, PORT, "outside -> pod IP, no load balancer"),
+        (&outside, NODE_IP, NODE_PORT, "outside -> NodePort, XDP program"),
     ];
-    let mut results: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut results: [Vec<f64>; 4] = Default::default();
     for r in 0..repeats {
-        // A B, then B A: neither path always runs first.
-        let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        // A B, then B A: neither path of a pair always runs first.
+        let order: [usize; 4] = if r % 2 == 0 { [0, 1, 2, 3] } else { [1, 0, 3, 2] };
         for i in order {
-            let (addr, what) = &targets[i];
-            let g = iperf3(&sb, &client, addr, seconds)?;
+            let (from, addr, port, what) = paths[i];
+            let g = iperf3(&sb, from, addr, port, seconds)?;
             println!(
-                "vm-load: run {}/{repeats}: {addr}:{PORT} ({what}): {g:.2} Gbit/s",
+                "vm-load: run {}/{repeats}: {addr}:{port} ({what}): {g:.2} Gbit/s",
                 r + 1
             );
             results[i].push(g);
@@ -179,19 +203,20 @@ pub fn run_vm_load(seconds: u32, repeats: usize) -> Result<()> {
     sb.stop(agent, libc::SIGTERM)?;
     drop(sb);
 
-    let ratios: Vec<f64> = results[1]
-        .iter()
-        .zip(&results[0])
-        .map(|(lb, direct)| lb / direct)
-        .collect();
-    let (lo, hi) = ratios
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
-            (lo.min(*r), hi.max(*r))
+    let ratio = |lb: usize, direct: usize| {
+        let r: Vec<f64> = results[lb]
+            .iter()
+            .zip(&results[direct])
+            .map(|(lb, direct)| lb / direct)
+            .collect();
+        let (lo, hi) = r.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(*x), hi.max(*x))
         });
+        format!("{:.3} ({lo:.3}-{hi:.3})", median(&r))
+    };
     let mut t = String::new();
     let _ = writeln!(t, "guest kernel (uname -r): {release}");
-    let _ = writeln!(t, "tc attachment: {attachment}");
+    let _ = writeln!(t, "attachment: {attachment}");
     let _ = writeln!(
         t,
         "iperf3 TCP, one stream, {seconds} s per run, {repeats} runs per path, interleaved"
@@ -199,10 +224,10 @@ pub fn run_vm_load(seconds: u32, repeats: usize) -> Result<()> {
     let _ = writeln!(t);
     let _ = writeln!(t, "| path | median Gbit/s | runs (Gbit/s) |");
     let _ = writeln!(t, "|---|---|---|");
-    for (i, (addr, what)) in targets.iter().enumerate() {
+    for (i, (_, addr, port, what)) in paths.iter().enumerate() {
         let _ = writeln!(
             t,
-            "| client -> {addr}:{PORT} ({what}) | {:.2} | {} |",
+            "| {what} ({addr}:{port}) | {:.2} | {} |",
             median(&results[i]),
             list(&results[i])
         );
@@ -210,17 +235,17 @@ pub fn run_vm_load(seconds: u32, repeats: usize) -> Result<()> {
     let _ = writeln!(t);
     let _ = writeln!(
         t,
-        "ClusterIP / pod IP, median of pair ratios: {:.3} ({lo:.3}-{hi:.3})",
-        median(&ratios)
+        "ClusterIP / pod IP from the client pod, median of pair ratios: {}",
+        ratio(1, 0)
+    );
+    let _ = writeln!(
+        t,
+        "NodePort / pod IP from outside, median of pair ratios: {}",
+        ratio(3, 2)
     );
     let _ = writeln!(
         t,
         "datapath counters: {new_flows} new flows, {translated} packets translated (DNAT)"
-    );
-    let _ = writeln!(
-        t,
-        "NodePort: skipped: the dataplane does not implement NodePort yet (it matches ClusterIP \
-         frontends only), so there is nothing to measure."
     );
     println!("{RESULTS_BEGIN}");
     print!("{t}");

@@ -4,7 +4,8 @@
 //! cached in `target/vm/`; it is rebuilt when its manifest (suite, mirrors, packages,
 //! init script) changes. Every run puts the freshly built `lb` on a second, read-only
 //! disk, boots the VM without a network device (all traffic stays in the guest's own
-//! network namespaces), runs `lb vm-load` there (iperf3 to a pod IP and to a ClusterIP),
+//! network namespaces), runs `lb vm-load` there (iperf3 to a pod IP and to a ClusterIP
+//! from a pod, to a pod IP and to a NodePort from outside the node),
 //! and prints the results it reads from the serial console.
 use std::{
     io::{BufRead, BufReader, Read},
@@ -78,7 +79,7 @@ pub struct Args {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5)]
     seconds: u32,
-    /// Runs per path (pod IP, ClusterIP), interleaved.
+    /// Runs per path (pod IP and ClusterIP from a pod, pod IP and NodePort from outside), interleaved.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Accelerator: auto (KVM if it can boot Debian's kernel, else TCG), kvm or tcg.
@@ -575,7 +576,8 @@ pub fn vm_test(root: &Path, args: &Args) -> Result<()> {
 
     let (mut accel, why) = choose_accel(&args.accel);
     progress(&format!("accelerator: {why}"));
-    let work_s = (args.repeats as u64) * 2 * (u64::from(args.seconds) + 5);
+    // Four paths: pod IP and ClusterIP from a pod, pod IP and NodePort from outside.
+    let work_s = (args.repeats as u64) * 4 * (u64::from(args.seconds) + 5);
     let timeout_for = |accel: &str| {
         Duration::from_secs(args.timeout.unwrap_or(if accel == "kvm" {
             180 + work_s

@@ -14,8 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use lb_common::PROG_TC_POD;
+use aya::programs::{TestRun, TestRunOptions};
 use lb_userspace::{
     dataplane::Dataplane,
     loader::{remove_pins, Datapath, LoadOptions},
@@ -33,6 +32,8 @@ use crate::{
 
 #[derive(Clone, Debug, Default)]
 pub struct PacketCost {
+    /// "tc" (the pod program) or "XDP" (the external-interface program).
+    pub program: &'static str,
     /// (name, ns per packet, raw single-run median ns, program return value)
     pub cases: Vec<(&'static str, f64, f64, u32)>,
     /// Harness overhead of one single run, subtracted from the single-run cases.
@@ -51,7 +52,8 @@ pub struct ControlResult {
     pub sync_errors: usize,
     /// One endpoint change to the maps (desired state + diff + map writes), microseconds.
     pub change_us: Vec<f64>,
-    pub packet: PacketCost,
+    /// Per packet, for each program (tc, then XDP).
+    pub packet: Vec<PacketCost>,
     /// `lb run --config`: spawn to synced (YAML parse included), seconds.
     pub agent_secs: Option<f64>,
     /// Agent VmRSS and VmHWM once synced, MiB.
@@ -137,8 +139,41 @@ fn add_ping_pong(cfg: &mut lb_userspace::model::Config) {
     }
 }
 
-/// ns per packet of the tc program, for a new flow, an established flow, a reply and a
-/// packet to no Service, from the kernel's own timing of BPF_PROG_TEST_RUN.
+/// One BPF_PROG_TEST_RUN: (kernel-timed ns per run, return value, output bytes).
+type RunFn<'a> = dyn Fn(&[u8], u32) -> Result<(f64, u32, Vec<u8>)> + 'a;
+
+fn test_run<P>(prog: &P, pkt: &[u8], repeat: u32) -> Result<(f64, u32, Vec<u8>)>
+where
+    P: for<'b> TestRun<Opts<'b> = TestRunOptions<'b>, Result = aya::programs::TestRunResult>,
+{
+    let mut out = vec![0u8; 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .map_err(|e| Error::Load(format!("BPF_PROG_TEST_RUN: {e}")))?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.duration.as_nanos() as f64, r.return_value, out))
+}
+
+/// ns per packet of both programs (the tc one on pods' veths and the XDP one on the
+/// node's external interfaces), each with the maps as they are.
+fn packet_costs(datapath: &mut Datapath) -> Result<Vec<PacketCost>> {
+    let tc = &*datapath.program();
+    let tc = packet_cost("tc", &|p: &[u8], n| test_run(tc, p, n), 40_000)?;
+    let xdp = &*datapath.xdp_program();
+    Ok(vec![
+        tc,
+        packet_cost("XDP", &|p: &[u8], n| test_run(xdp, p, n), 50_000)?,
+    ])
+}
+
+/// ns per packet of one program, for a new flow, an established flow, a reply and a
+/// packet to no Service, from the kernel's own timing of BPF_PROG_TEST_RUN. `ports`
+/// keeps each program's flows apart (they share conntrack).
 ///
 /// The kernel runs `repeat` times on the same buffer, so a packet the program rewrites
 /// (every NAT case) would be measured as its rewritten self from the second run on.
@@ -147,22 +182,7 @@ fn add_ping_pong(cfg: &mut lb_userspace::model::Config) {
 /// is estimated with the packet to no Service, which the program does not rewrite: its
 /// single-run median minus its average over 200000 repeats. Reported values have it
 /// subtracted; the raw single-run medians are kept beside them.
-fn packet_cost(pin_dir: &Path) -> Result<PacketCost> {
-    let prog = SchedClassifier::from_pin(pin_dir.join(PROG_TC_POD))
-        .map_err(|e| Error::Load(e.to_string()))?;
-    let run = |pkt: &[u8], repeat: u32| -> Result<(f64, u32, Vec<u8>)> {
-        let mut out = vec![0u8; 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                repeat,
-                ..Default::default()
-            })
-            .map_err(|e| Error::Load(format!("BPF_PROG_TEST_RUN: {e}")))?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.duration.as_nanos() as f64, r.return_value, out))
-    };
+fn packet_cost(program: &'static str, run: &RunFn, ports: u16) -> Result<PacketCost> {
     let singles = |pkts: &mut dyn FnMut(u16) -> Vec<u8>| -> Result<(f64, u32)> {
         let mut v = Vec::with_capacity(2000);
         let mut ret = 0;
@@ -176,7 +196,7 @@ fn packet_cost(pin_dir: &Path) -> Result<PacketCost> {
     let client = Ipv4Addr::new(10, 244, 0, 11);
     let pod = Ipv4Addr::new(10, 244, 0, 12);
     // Harness overhead of a single run, from the packet the program leaves alone.
-    let none = packet::tcp(client, 39_999, pod, 8080, packet::ACK);
+    let none = packet::tcp(client, ports - 1, pod, 8080, packet::ACK);
     let mut rep = Vec::new();
     let mut none_ret = 0;
     for _ in 0..5 {
@@ -189,21 +209,21 @@ fn packet_cost(pin_dir: &Path) -> Result<PacketCost> {
     let overhead = (none_single - none_repeated).max(0.0);
     // New flows: a fresh source port each run.
     let (new_single, new_ret) =
-        singles(&mut |i| packet::tcp(client, 20_000 + i, WEB_IP, WEB_PORT, packet::SYN))?;
+        singles(&mut |i| packet::tcp(client, ports - 20_000 + i, WEB_IP, WEB_PORT, packet::SYN))?;
     // Where did those flows go? (a check of the maps the benchmark wrote)
     let mut dsts = std::collections::BTreeMap::new();
     for i in 0..200u16 {
         let (_, _, out) = run(
-            &packet::tcp(client, 30_000 + i, WEB_IP, WEB_PORT, packet::SYN),
+            &packet::tcp(client, ports - 10_000 + i, WEB_IP, WEB_PORT, packet::SYN),
             1,
         )?;
         *dsts.entry(packet::dst_of(&out)).or_insert(0) += 1;
     }
     crate::progress(format!(
-        "   per packet: 200 new flows to {WEB_IP}:{WEB_PORT} went to {dsts:?}"
+        "   per packet ({program}): 200 new flows to {WEB_IP}:{WEB_PORT} went to {dsts:?}"
     ));
     // One established flow, and its replies.
-    let sport = 40_000;
+    let sport = ports;
     let (_, _, syn_out) = run(
         &packet::tcp(client, sport, WEB_IP, WEB_PORT, packet::SYN),
         1,
@@ -211,7 +231,7 @@ fn packet_cost(pin_dir: &Path) -> Result<PacketCost> {
     let (backend, bport) =
         packet::dst_of(&syn_out).ok_or_else(|| Error::Load("SYN came back short".into()))?;
     crate::progress(format!(
-        "   per packet: SYN to {WEB_IP}:{WEB_PORT} was sent to {backend}:{bport}"
+        "   per packet ({program}): SYN to {WEB_IP}:{WEB_PORT} was sent to {backend}:{bport}"
     ));
     let est = packet::tcp(client, sport, WEB_IP, WEB_PORT, packet::ACK);
     let (est_single, est_ret) = singles(&mut |_| est.clone())?;
@@ -229,7 +249,7 @@ fn packet_cost(pin_dir: &Path) -> Result<PacketCost> {
         }
         Ok((median(&v), ret))
     };
-    let pp_sport = 41_000;
+    let pp_sport = ports + 1_000;
     let (est_rep, est_rep_ret) = repeated(&packet::tcp(client, pp_sport, PING, 80, packet::ACK))?;
     // Replies: flows client -> PING and client -> PONG leave reply entries
     // PONG:80 -> client (restore PING) and PING:80 -> client (restore PONG).
@@ -238,6 +258,7 @@ fn packet_cost(pin_dir: &Path) -> Result<PacketCost> {
     let (reply_rep, reply_rep_ret) =
         repeated(&packet::tcp(PONG, 80, client, pp_sport + 1, packet::ACK))?;
     let cost = PacketCost {
+        program,
         cases: vec![
             (
                 "established flow, repeated (ping-pong)",
@@ -304,7 +325,7 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
     drop(svcs);
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbbench-cp-{}", std::process::id()));
     let _ = remove_pins(&pin_dir);
-    let (datapath, maps) = Datapath::load(&load_opts(pin_dir.clone(), r.services, r.endpoints))?;
+    let (mut datapath, maps) = Datapath::load(&load_opts(pin_dir.clone(), r.services, r.endpoints))?;
     let result = (|| -> Result<()> {
         let mut plane = Dataplane::new(maps)?;
         let t = Instant::now();
@@ -378,16 +399,19 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
         if !rep.errors.is_empty() {
             return Err(Error::Map(format!("ping-pong services: {:?}", rep.errors)));
         }
-        r.packet = packet_cost(&pin_dir)?;
-        for (name, ns, raw, ret) in &r.packet.cases {
+        r.packet = packet_costs(&mut datapath)?;
+        for c in &r.packet {
+            for (name, ns, raw, ret) in &c.cases {
+                progress(format!(
+                    "   per packet ({}): {name:<40} {ns:>6.0} ns (single run {raw:.0} ns, verdict {ret})",
+                    c.program
+                ));
+            }
             progress(format!(
-                "   per packet: {name:<40} {ns:>6.0} ns (single run {raw:.0} ns, verdict {ret})"
+                "   per packet ({}): harness overhead of a single run {:.0} ns",
+                c.program, c.overhead_ns
             ));
         }
-        progress(format!(
-            "   per packet: harness overhead of a single run {:.0} ns",
-            r.packet.overhead_ns
-        ));
         Ok(())
     })();
     let _ = datapath.shutdown(false);
