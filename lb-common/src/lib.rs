@@ -90,7 +90,8 @@ pub struct Slot {
     pub backend_id: u32,
 }
 
-/// Value of `LB_BACKENDS` (key: backend id, `u32`). A backend stays in this map as long
+/// Value of `LB_BACKENDS`, an array indexed by backend id (ids start at 1; an unused id
+/// holds zeroes). A backend stays in this map as long
 /// as any Service lists it, ready or not, so established connections to a backend that
 /// turned not-ready keep working; only `LB_SLOTS` decides who gets new connections.
 #[repr(C)]
@@ -105,13 +106,15 @@ pub struct Backend {
     pub flags: u8,
 }
 
-/// Conntrack direction, part of the key.
+/// Conntrack direction of an entry (`CtValue::dir`).
 /// A forward entry is keyed by the client's packet as sent (client -> frontend).
 pub const CT_DIR_FORWARD: u8 = 0;
 /// A reply entry is keyed by the backend's reply as sent (backend -> client).
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// Key of `LB_CONNTRACK` (an LRU hash).
+/// Key of `LB_CONNTRACK` (an LRU hash): a packet's 5-tuple as it arrives. Forward and
+/// reply entries share the key space (a client's packet names a frontend, a reply names
+/// a backend), so one lookup tells a packet of a known flow and its direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -120,9 +123,7 @@ pub struct CtKey {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    /// `CT_DIR_FORWARD` or `CT_DIR_REPLY`.
-    pub dir: u8,
-    pub _pad: u16,
+    pub _pad: [u8; 3],
 }
 
 /// Conntrack states (TCP flags seen so far are kept in `tcp_flags`).
@@ -152,7 +153,9 @@ pub struct CtValue {
     pub service_id: u32,
     /// `CT_F_*`.
     pub flags: u8,
-    pub _pad: [u8; 7],
+    /// `CT_DIR_FORWARD` or `CT_DIR_REPLY`.
+    pub dir: u8,
+    pub _pad: [u8; 6],
 }
 
 /// `CtValue::flags`: the flow entered from outside the cluster (a NodePort, external or

@@ -1,6 +1,8 @@
 //! Connection tracking. Each translated flow has two entries in the LRU map:
 //! - forward, keyed by the client's packet (client -> frontend): which backend;
 //! - reply, keyed by the backend's reply (backend -> client): which frontend to restore.
+//! Both are keyed by a packet's 5-tuple as it arrives, so one lookup finds either; the
+//! value says which (`dir`).
 use lb_common::{
     CtKey, CtValue, Frontend, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EXTERNAL, CT_STATE_CLOSING,
     CT_STATE_ESTABLISHED, CT_STATE_NEW,
@@ -21,31 +23,17 @@ pub fn now_ns() -> u64 {
     unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
 }
 
-/// Key of the forward entry for a client's packet.
+/// The key of a packet as it arrives: a client's packet finds its flow's forward entry,
+/// a backend's reply its reply entry.
 #[inline(always)]
-pub fn forward_key(pkt: &Packet) -> CtKey {
+pub fn key(pkt: &Packet) -> CtKey {
     CtKey {
         src_addr: pkt.src,
         dst_addr: pkt.dst,
         src_port: pkt.sport,
         dst_port: pkt.dport,
         proto: pkt.proto,
-        dir: CT_DIR_FORWARD,
-        _pad: 0,
-    }
-}
-
-/// Key of the reply entry for a packet as it arrives (backend -> client).
-#[inline(always)]
-pub fn reply_key(pkt: &Packet) -> CtKey {
-    CtKey {
-        src_addr: pkt.src,
-        dst_addr: pkt.dst,
-        src_port: pkt.sport,
-        dst_port: pkt.dport,
-        proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
+        _pad: [0; 3],
     }
 }
 
@@ -116,8 +104,7 @@ pub fn create(
         src_port: backend_port,
         dst_port: pkt.sport,
         proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
+        _pad: [0; 3],
     };
     let reply_value = CtValue {
         last_seen_ns: now,
@@ -128,7 +115,8 @@ pub fn create(
         backend_id,
         service_id,
         flags,
-        _pad: [0; 7],
+        dir: CT_DIR_REPLY,
+        _pad: [0; 6],
     };
     LB_CONNTRACK
         .insert(&reply, &reply_value, 0)
@@ -142,10 +130,11 @@ pub fn create(
         backend_id,
         service_id,
         flags,
-        _pad: [0; 7],
+        dir: CT_DIR_FORWARD,
+        _pad: [0; 6],
     };
     LB_CONNTRACK
-        .insert(&forward_key(pkt), &forward_value, 0)
+        .insert(&key(pkt), &forward_value, 0)
         .map_err(|_| ())
 }
 
@@ -158,8 +147,7 @@ pub fn ensure_reply(pkt: &Packet, fwd: &CtValue, now: u64) {
         src_port: fwd.nat_port,
         dst_port: pkt.sport,
         proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
+        _pad: [0; 3],
     };
     if let Some(entry) = LB_CONNTRACK.get_ptr_mut(&reply) {
         // SAFETY: pointer from a successful lookup.
@@ -175,7 +163,8 @@ pub fn ensure_reply(pkt: &Packet, fwd: &CtValue, now: u64) {
         backend_id: fwd.backend_id,
         service_id: fwd.service_id,
         flags: fwd.flags,
-        _pad: [0; 7],
+        dir: CT_DIR_REPLY,
+        _pad: [0; 6],
     };
     let _ = LB_CONNTRACK.insert(&reply, &value, 0);
 }

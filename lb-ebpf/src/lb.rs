@@ -1,11 +1,11 @@
 //! The service path, top to bottom (cilium's lb.h / katran's process_packet):
-//! parse -> frontend? -> conntrack (known flow?) -> select backend -> conntrack create
-//! -> DNAT; and the mirror for replies: reply conntrack entry? -> reverse NAT.
+//! parse -> conntrack (a known flow, either way?) -> established: DNAT to its backend,
+//! reply: reverse NAT; otherwise frontend? -> select backend -> conntrack create -> DNAT.
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{counter, Frontend, CT_F_EXTERNAL};
+use lb_common::{counter, CtValue, Frontend, CT_DIR_REPLY, CT_F_EXTERNAL};
 
 use crate::{
     conntrack,
@@ -119,18 +119,33 @@ fn process<C: Hook>(ctx: &C) -> Verdict {
         }
     };
 
-    // 1. To a Service frontend?
+    // 1. A packet of a flow we translate? One lookup finds a client's packet (forward
+    //    entry) or a backend's reply (reply entry).
+    if let Some(entry) = conntrack::lookup(&conntrack::key(&pkt)) {
+        // SAFETY: pointer from a successful lookup; copied.
+        let known = unsafe { *entry };
+        let now = conntrack::now_ns();
+        if known.dir == CT_DIR_REPLY {
+            return from_backend(ctx, &pkt, entry, &known, now);
+        }
+        if pkt.first_fragment {
+            count(counter::DROP_FRAGMENT);
+            return Verdict::Drop;
+        }
+        if let Some(v) = established(ctx, &pkt, entry, &known, now) {
+            return v;
+        }
+        // Otherwise a new connection on a reused port, or a deleted backend: the flow
+        // starts over with a fresh choice below.
+    }
+
+    // 2. A new flow to a Service frontend?
     if let Some(frontend) = service::lookup_frontend(&pkt) {
         if pkt.first_fragment {
             count(counter::DROP_FRAGMENT);
             return Verdict::Drop;
         }
-        return to_frontend(ctx, &pkt, &frontend);
-    }
-
-    // 2. A reply from a backend of a translated flow?
-    if let Some(entry) = conntrack::lookup(&conntrack::reply_key(&pkt)) {
-        return from_backend(ctx, &pkt, entry);
+        return new_flow(ctx, &pkt, &frontend, conntrack::now_ns());
     }
 
     // 3. Nothing for us.
@@ -138,34 +153,43 @@ fn process<C: Hook>(ctx: &C) -> Verdict {
     Verdict::Pass
 }
 
-/// Client -> frontend: reuse the flow's backend, or pick one and remember it.
+/// Client -> frontend on a known flow: its backend, if the flow may keep it.
 #[inline(always)]
-fn to_frontend<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend) -> Verdict {
-    let now = conntrack::now_ns();
-    let key = conntrack::forward_key(pkt);
-    if let Some(entry) = conntrack::lookup(&key) {
-        // SAFETY: pointer from a successful lookup; copied.
-        let known = unsafe { *entry };
-        if !conntrack::is_new_connection_attempt(pkt, &known) {
-            match service::lookup_backend(known.backend_id) {
-                Some(b) if b.addr == known.nat_addr && b.port == known.nat_port => {
-                    if conntrack::touch(entry, pkt, now) {
-                        conntrack::ensure_reply(pkt, &known, now);
-                    }
-                    return translate(
-                        ctx,
-                        pkt,
-                        known.nat_addr,
-                        known.nat_port,
-                        counter::TRANSLATED,
-                    );
-                }
-                // The backend was deleted (not merely made not-ready): pick a new one.
-                _ => count(counter::BACKEND_RESELECTED),
+fn established<C: Hook>(
+    ctx: &C,
+    pkt: &Packet,
+    entry: *mut CtValue,
+    known: &CtValue,
+    now: u64,
+) -> Option<Verdict> {
+    if conntrack::is_new_connection_attempt(pkt, known) {
+        return None;
+    }
+    match service::lookup_backend(known.backend_id) {
+        Some(b) if b.addr == known.nat_addr && b.port == known.nat_port => {
+            if conntrack::touch(entry, pkt, now) {
+                conntrack::ensure_reply(pkt, known, now);
             }
+            Some(translate(
+                ctx,
+                pkt,
+                known.nat_addr,
+                known.nat_port,
+                counter::TRANSLATED,
+            ))
+        }
+        // The backend was deleted (not merely made not-ready): pick a new one.
+        _ => {
+            count(counter::BACKEND_RESELECTED);
+            None
         }
     }
+}
 
+/// Client -> frontend, first packet (or a flow starting over): pick a backend and
+/// remember it.
+#[inline(always)]
+fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Verdict {
     let Some((backend_id, backend)) = service::select_backend(pkt, frontend) else {
         return ctx.refuse(pkt);
     };
@@ -192,11 +216,14 @@ fn translate<C: Hook>(ctx: &C, pkt: &Packet, addr: u32, port: u16, counter_ok: u
 
 /// Backend -> client: restore the frontend's address and port as the source.
 #[inline(always)]
-fn from_backend<C: Hook>(ctx: &C, pkt: &Packet, entry: *mut lb_common::CtValue) -> Verdict {
-    let now = conntrack::now_ns();
+fn from_backend<C: Hook>(
+    ctx: &C,
+    pkt: &Packet,
+    entry: *mut CtValue,
+    e: &CtValue,
+    now: u64,
+) -> Verdict {
     conntrack::touch(entry, pkt, now);
-    // SAFETY: pointer from a successful lookup; copied.
-    let e = unsafe { *entry };
     match nat::reverse_nat(ctx, pkt, e.nat_addr, e.nat_port) {
         Ok(()) => {
             count(counter::REVERSE_TRANSLATED);

@@ -85,11 +85,12 @@ fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
     !fold((!csum) as u32 + (!old) as u32 + new as u32)
 }
 
+/// A 16-bit field: its place and value (one load; see `parse::load` on alignment).
 #[inline(always)]
 fn read_u16(ctx: &XdpContext, off: usize) -> Result<(*mut u16, u16), ()> {
     let p = ptr_at::<u16, _>(ctx, off).ok_or(())? as *mut u16;
-    // SAFETY: ptr_at checked the bounds; packet data is unaligned.
-    Ok((p, unsafe { p.read_unaligned() }))
+    // SAFETY: ptr_at checked the bounds.
+    Ok((p, unsafe { p.read() }))
 }
 
 /// Applies `update` to the L4 checksum; a UDP checksum of 0 ("none") stays 0 and a
@@ -105,7 +106,7 @@ fn update_l4_csum(ctx: &XdpContext, pkt: &Packet, update: impl Fn(u16) -> u16) -
         new = 0xffff;
     }
     // SAFETY: bounds checked in read_u16.
-    unsafe { p.write_unaligned(new) };
+    unsafe { p.write(new) };
     Ok(())
 }
 
@@ -120,8 +121,8 @@ impl Rewriter for XdpContext {
         let (ip_csum, c) = read_u16(self, pkt.l3_off + IP_CSUM_OFF)?;
         // SAFETY: both pointers were bounds-checked above.
         unsafe {
-            ip_csum.write_unaligned(csum_replace4(c, old, new));
-            addr.write_unaligned(new);
+            ip_csum.write(csum_replace4(c, old, new));
+            addr.write(new);
         }
         Ok(())
     }
@@ -131,7 +132,7 @@ impl Rewriter for XdpContext {
         let (port, _) = read_u16(self, off)?;
         update_l4_csum(self, pkt, |c| csum_replace2(c, old, new))?;
         // SAFETY: bounds checked in read_u16.
-        unsafe { port.write_unaligned(new) };
+        unsafe { port.write(new) };
         Ok(())
     }
 }

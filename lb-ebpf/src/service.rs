@@ -19,11 +19,10 @@ pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
     unsafe { LB_FRONTENDS.get(&key) }.copied()
 }
 
-/// A backend by id, if it still exists.
+/// A backend by id, if it still exists (an unused id holds zeroes).
 #[inline(always)]
 pub fn lookup_backend(backend_id: u32) -> Option<Backend> {
-    // SAFETY: copied out at once.
-    unsafe { LB_BACKENDS.get(&backend_id) }.copied()
+    LB_BACKENDS.get(backend_id).copied().filter(|b| b.addr != 0)
 }
 
 /// murmur3's 32-bit finaliser over the 5-tuple: cheap, and spreads client ports well.

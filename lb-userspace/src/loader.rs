@@ -187,7 +187,8 @@ impl Datapath {
         loader
             .map_max_entries(MAP_FRONTENDS, opts.max_frontends)
             .map_max_entries(MAP_SLOTS, opts.max_slots)
-            .map_max_entries(MAP_BACKENDS, opts.max_backends)
+            // Backend ids start at 1: index 0 of the array stays unused.
+            .map_max_entries(MAP_BACKENDS, opts.max_backends + 1)
             .map_max_entries(MAP_CONNTRACK, opts.max_conntrack);
         let mut ebpf = loader
             .load(EBPF_OBJECT)

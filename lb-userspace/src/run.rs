@@ -121,15 +121,27 @@ fn apply(plane: &mut Dataplane, cfg: &Config) {
     );
 }
 
+/// Length and hash of the file's bytes: enough to tell an edit.
+fn fingerprint(text: &[u8]) -> (usize, u64) {
+    // Fixed keys: the same bytes give the same hash for the life of the process.
+    let h = ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(text);
+    (text.len(), h)
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
     let interfaces = Interfaces::new(&opts.interfaces, &opts.external_interfaces)?;
-    let mut last_text = std::fs::read(&opts.config)
+    let text = std::fs::read(&opts.config)
         .map_err(|e| Error::Config(format!("{}: cannot read: {e}", opts.config.display())))?;
+    // A fingerprint of the file, not a copy of it (a large config is tens of MiB).
+    let mut last_seen = fingerprint(&text);
+    drop(text);
     let cfg = config::load(&opts.config)?;
 
     let (mut datapath, mut plane) = load_datapath(&opts.load)?;
     // Maps first, then attach: a new interface never sees a half-filled service table.
     apply(&mut plane, &cfg);
+    // The maps and the writer's mirror hold the state now; the objects are not needed.
+    drop(cfg);
     start_attaching(&mut datapath, &interfaces);
 
     let mut tick = tokio::time::interval(opts.poll);
@@ -139,8 +151,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tokio::select! {
             _ = tick.tick() => {
                 match std::fs::read(&opts.config) {
-                    Ok(text) if text != last_text => {
-                        last_text = text;
+                    Ok(text) if fingerprint(&text) != last_seen => {
+                        last_seen = fingerprint(&text);
+                        drop(text);
                         match config::load(&opts.config) {
                             Ok(cfg) => apply(&mut plane, &cfg),
                             Err(e) => error!("{e}; keeping the running state"),

@@ -105,7 +105,7 @@ fn state_name(v: &CtValue) -> String {
 
 fn conntrack(maps: &Maps, out: &mut String) -> Result<()> {
     let mut entries = maps.conntrack_entries()?;
-    entries.sort_by_key(|(k, _)| (k.dir, k.src_addr, k.src_port, k.dst_addr, k.dst_port));
+    entries.sort_by_key(|(k, v)| (v.dir, k.src_addr, k.src_port, k.dst_addr, k.dst_port));
     let _ = writeln!(out, "DIR      PROTO  SOURCE                 DESTINATION            NAT                    BACKEND  STATE");
     for (k, v) in entries {
         let ep =
@@ -113,7 +113,7 @@ fn conntrack(maps: &Maps, out: &mut String) -> Result<()> {
         let proto = Protocol::from_number(k.proto)
             .map(|p| p.to_string())
             .unwrap_or_else(|| k.proto.to_string());
-        let dir = if k.dir == CT_DIR_FORWARD {
+        let dir = if v.dir == CT_DIR_FORWARD {
             "forward"
         } else {
             "reply"

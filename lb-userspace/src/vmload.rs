@@ -173,15 +173,39 @@ pub fn run_vm_load(seconds: u32, repeats: usize) -> Result<()> {
     let outside = sb.outside.clone();
     // (from, to, port, what): each pair is a path without and with the load balancer.
     let paths: [(&str, &str, u16, &str); 4] = [
-        (&client, &backend_ip, PORT, "client pod -> pod IP, no load balancer"),
-        (&client, CLUSTER_IP, PORT, "client pod -> ClusterIP, tc program"),
-        (&outside, &backend_ip, PORT, "outside -> pod IP, no load balancer"),
-        (&outside, NODE_IP, NODE_PORT, "outside -> NodePort, XDP program"),
+        (
+            &client,
+            &backend_ip,
+            PORT,
+            "client pod -> pod IP, no load balancer",
+        ),
+        (
+            &client,
+            CLUSTER_IP,
+            PORT,
+            "client pod -> ClusterIP, tc program",
+        ),
+        (
+            &outside,
+            &backend_ip,
+            PORT,
+            "outside -> pod IP, no load balancer",
+        ),
+        (
+            &outside,
+            NODE_IP,
+            NODE_PORT,
+            "outside -> NodePort, XDP program",
+        ),
     ];
     let mut results: [Vec<f64>; 4] = Default::default();
     for r in 0..repeats {
         // A B, then B A: neither path of a pair always runs first.
-        let order: [usize; 4] = if r % 2 == 0 { [0, 1, 2, 3] } else { [1, 0, 3, 2] };
+        let order: [usize; 4] = if r % 2 == 0 {
+            [0, 1, 2, 3]
+        } else {
+            [1, 0, 3, 2]
+        };
         for i in order {
             let (from, addr, port, what) = paths[i];
             let g = iperf3(&sb, from, addr, port, seconds)?;
@@ -209,9 +233,11 @@ pub fn run_vm_load(seconds: u32, repeats: usize) -> Result<()> {
             .zip(&results[direct])
             .map(|(lb, direct)| lb / direct)
             .collect();
-        let (lo, hi) = r.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
-            (lo.min(*x), hi.max(*x))
-        });
+        let (lo, hi) = r
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                (lo.min(*x), hi.max(*x))
+            });
         format!("{:.3} ({lo:.3}-{hi:.3})", median(&r))
     };
     let mut t = String::new();

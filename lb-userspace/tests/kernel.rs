@@ -37,6 +37,17 @@ struct Kernel {
     datapath: Datapath,
     plane: Dataplane,
     pin_dir: PathBuf,
+    _pins: Pins,
+}
+
+/// Removes a pin folder on drop: made before loading, so a load that fails half-way
+/// (after pinning the maps) leaves nothing behind either.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = remove_pins(&self.0);
+    }
 }
 
 fn yaml(services: &str, slices: &str) -> String {
@@ -71,12 +82,14 @@ impl Kernel {
             max_slots: 1024,
             max_conntrack: 4096,
         };
+        let pins = Pins(pin_dir.clone());
         let (datapath, maps) = Datapath::load(&opts).expect("load the eBPF object");
         let plane = Dataplane::new(maps).unwrap();
         let mut k = Kernel {
             datapath,
             plane,
             pin_dir,
+            _pins: pins,
         };
         k.sync(cfg);
         k
@@ -131,12 +144,6 @@ impl Kernel {
             .find(|(n, _)| *n == name)
             .unwrap_or_else(|| panic!("no counter {name}"))
             .1
-    }
-}
-
-impl Drop for Kernel {
-    fn drop(&mut self) {
-        let _ = remove_pins(&self.pin_dir);
     }
 }
 
@@ -445,13 +452,7 @@ fn the_writer_batches_and_its_mirror_always_equals_the_kernel_maps() {
         max_slots: 1024,
         max_conntrack: 1024,
     };
-    struct Rm(PathBuf);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            let _ = remove_pins(&self.0);
-        }
-    }
-    let _rm = Rm(pin_dir.clone());
+    let _pins = Pins(pin_dir.clone());
     let (_datapath, maps) = Datapath::load(&opts).unwrap();
     let mut plane = Dataplane::new(maps).unwrap();
     let eps = |n: u8| -> Vec<(String, bool)> {

@@ -10,7 +10,7 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     counter, Backend, CtKey, CtValue, Frontend, FrontendKey, Slot, SlotKey, MAP_BACKENDS,
     MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_SLOTS,
@@ -23,7 +23,8 @@ use crate::{model::DesiredState, Error, Result};
 pub struct Maps {
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
     pub slots: HashMap<MapData, SlotKey, Slot>,
-    pub backends: HashMap<MapData, u32, Backend>,
+    /// An array indexed by backend id; an unused id holds zeroes (see `NO_BACKEND`).
+    pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub counters: PerCpuArray<MapData, u64>,
     /// Duplicated fds of the three service maps, for batch updates.
@@ -34,10 +35,18 @@ const FRONTENDS: usize = 0;
 const SLOTS: usize = 1;
 const BACKENDS: usize = 2;
 
+/// What an unused backend id holds.
+const NO_BACKEND: Backend = Backend {
+    addr: 0,
+    port: 0,
+    proto: 0,
+    flags: 0,
+};
+
 fn dup_fd(name: &str, map: &Map) -> Result<OwnedFd> {
     let data = match map {
-        Map::HashMap(d) | Map::LruHashMap(d) => d,
-        _ => return Err(map_err(name, "not a hash map")),
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) => d,
+        _ => return Err(map_err(name, "not a hash map or an array")),
     };
     data.fd()
         .as_fd()
@@ -101,7 +110,7 @@ impl Maps {
             batch_fds,
             frontends: HashMap::try_from(f).map_err(|e| map_err(MAP_FRONTENDS, e))?,
             slots: HashMap::try_from(s).map_err(|e| map_err(MAP_SLOTS, e))?,
-            backends: HashMap::try_from(b).map_err(|e| map_err(MAP_BACKENDS, e))?,
+            backends: Array::try_from(b).map_err(|e| map_err(MAP_BACKENDS, e))?,
             conntrack: HashMap::try_from(c).map_err(|e| map_err(MAP_CONNTRACK, e))?,
             counters: PerCpuArray::try_from(n).map_err(|e| map_err(MAP_COUNTERS, e))?,
         })
@@ -118,9 +127,11 @@ impl Maps {
             let (k, v) = kv.map_err(|e| map_err(MAP_SLOTS, e))?;
             st.slots.insert(k, v.backend_id);
         }
-        for kv in self.backends.iter() {
-            let (k, v) = kv.map_err(|e| map_err(MAP_BACKENDS, e))?;
-            st.backends.insert(k, v);
+        for (id, v) in self.backends.iter().enumerate() {
+            let v = v.map_err(|e| map_err(MAP_BACKENDS, e))?;
+            if v != NO_BACKEND {
+                st.backends.insert(id as u32, v);
+            }
         }
         st.reindex();
         Ok(st)
@@ -128,12 +139,12 @@ impl Maps {
 
     fn apply_one(&mut self, op: &Op) -> std::result::Result<(), String> {
         let r = match op {
-            Op::PutBackend(id, b) => self.backends.insert(id, b, 0),
+            Op::PutBackend(id, b) => self.backends.set(*id, b, 0),
             Op::PutSlot(k, id) => self.slots.insert(k, Slot { backend_id: *id }, 0),
             Op::PutFrontend(k, f) => self.frontends.insert(k, f, 0),
             Op::DelSlot(k) => self.slots.remove(k),
             Op::DelFrontend(k) => self.frontends.remove(k),
-            Op::DelBackend(id) => self.backends.remove(id),
+            Op::DelBackend(id) => self.backends.set(*id, NO_BACKEND, 0),
         };
         r.map_err(|e| {
             let cause = std::error::Error::source(&e)
@@ -188,12 +199,13 @@ impl Maps {
                 });
                 batch::delete(&self.batch_fds[SLOTS], &k)
             }
+            // An array entry cannot be deleted: it is zeroed.
             Op::DelBackend(..) => {
-                let (k, _): (Vec<u32>, Vec<()>) = keys_values(run, |op| match op {
-                    Op::DelBackend(id) => (*id, ()),
+                let (k, v) = keys_values(run, |op| match op {
+                    Op::DelBackend(id) => (*id, NO_BACKEND),
                     _ => unreachable!("runs hold one kind"),
                 });
-                batch::delete(&self.batch_fds[BACKENDS], &k)
+                batch::update(&self.batch_fds[BACKENDS], &k, &v)
             }
         };
         match r {
@@ -258,6 +270,7 @@ impl Dataplane {
     /// skipped (the mirror keeps what the kernel really has), and the next sync compares
     /// everything again, so it retries.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
+        let t0 = std::time::Instant::now();
         let changes = self.applied.as_ref().map(|a| a.changes(desired));
         let ops = match (&self.applied, &changes) {
             (Some(applied), Some(changes)) => {
@@ -265,6 +278,7 @@ impl Dataplane {
             }
             _ => plan::plan(&self.mirror, desired),
         };
+        let t_plan = t0.elapsed();
         let mut report = SyncReport {
             ops: ops.len(),
             errors: Vec::new(),
@@ -296,6 +310,7 @@ impl Dataplane {
             }
             i = end;
         }
+        let t_apply = t0.elapsed();
         if report.errors.is_empty() {
             match (&mut self.applied, &changes) {
                 (Some(applied), Some(changes)) => applied.advance(desired, changes),
@@ -304,6 +319,13 @@ impl Dataplane {
         } else {
             self.applied = None;
         }
+        tracing::debug!(
+            ops = report.ops,
+            plan_us = t_plan.as_micros() as u64,
+            apply_us = (t_apply - t_plan).as_micros() as u64,
+            record_us = (t0.elapsed() - t_apply).as_micros() as u64,
+            "dataplane sync"
+        );
         report
     }
 }

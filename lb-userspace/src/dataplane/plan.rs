@@ -14,8 +14,10 @@
 //! from the maps), and `plan_incremental` looks only at the frontends whose spec differs
 //! from the desired state the mirror was last brought to (`Applied`), so the cost of a
 //! change is proportional to the change, not to the number of Services.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
+// Fast, DoS-resistant hashing for the mirror and the plans (keys come from our own maps).
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use lb_common::{Backend, Frontend, FrontendKey, SlotKey};
 
 use crate::model::{BackendAddr, DesiredState, FrontendAddr, FrontendSpec, Protocol};

@@ -58,6 +58,9 @@ pub struct ControlResult {
     pub agent_secs: Option<f64>,
     /// Agent VmRSS and VmHWM once synced, MiB.
     pub agent_rss_mib: Option<(f64, f64)>,
+    /// The same with the config written as JSON (streamed by the agent's parser).
+    pub agent_json_secs: Option<f64>,
+    pub agent_json_rss_mib: Option<(f64, f64)>,
     /// bpftool's bytes_memlock of each map, MiB.
     pub map_mib: Vec<(&'static str, f64)>,
     pub error: Option<String>,
@@ -325,7 +328,8 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
     drop(svcs);
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbbench-cp-{}", std::process::id()));
     let _ = remove_pins(&pin_dir);
-    let (mut datapath, maps) = Datapath::load(&load_opts(pin_dir.clone(), r.services, r.endpoints))?;
+    let (mut datapath, maps) =
+        Datapath::load(&load_opts(pin_dir.clone(), r.services, r.endpoints))?;
     let result = (|| -> Result<()> {
         let mut plane = Dataplane::new(maps)?;
         let t = Instant::now();
@@ -419,15 +423,22 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
     result
 }
 
-fn agent_path(scale: usize, r: &mut ControlResult) -> Result<()> {
+/// `lb run --config` on the workload written as YAML, or as JSON.
+fn agent_path(scale: usize, r: &mut ControlResult, json: bool) -> Result<()> {
     let svcs = control_workload(scale);
     let sb = Sandbox::create("lbbench-cp", &[])?;
-    let path = sb.path("services.yaml");
-    let text = serde_yaml_ng::to_string(&workload::to_config(&svcs))
-        .map_err(|e| Error::Sandbox(e.to_string()))?;
+    let cfg = workload::to_config(&svcs);
+    let (path, text, format) = if json {
+        let t = serde_json::to_string(&cfg).map_err(|e| Error::Sandbox(e.to_string()))?;
+        (sb.path("services.json"), t, "JSON")
+    } else {
+        let t = serde_yaml_ng::to_string(&cfg).map_err(|e| Error::Sandbox(e.to_string()))?;
+        (sb.path("services.yaml"), t, "YAML")
+    };
+    drop(cfg);
     std::fs::write(&path, &text).map_err(|e| Error::Sandbox(e.to_string()))?;
     progress(format!(
-        "   agent: config file {:.1} MiB",
+        "   agent: {format} config file {:.1} MiB",
         text.len() as f64 / 1048576.0
     ));
     drop(text);
@@ -440,8 +451,12 @@ fn agent_path(scale: usize, r: &mut ControlResult) -> Result<()> {
         workload::endpoint_count(&svcs),
         "agent.log",
     )?;
-    r.agent_secs = Some(secs);
-    r.agent_rss_mib = datapath::rss_mib(pid);
+    let rss = datapath::rss_mib(pid);
+    if json {
+        (r.agent_json_secs, r.agent_json_rss_mib) = (Some(secs), rss);
+    } else {
+        (r.agent_secs, r.agent_rss_mib) = (Some(secs), rss);
+    }
     r.map_mib = map_memlock(sb.pin_dir());
     let n = lb_userspace::dataplane::Maps::from_pins(sb.pin_dir())?
         .frontends
@@ -453,9 +468,9 @@ fn agent_path(scale: usize, r: &mut ControlResult) -> Result<()> {
             svcs.len()
         )));
     }
-    let (rss, hwm) = r.agent_rss_mib.unwrap_or((f64::NAN, f64::NAN));
+    let (rss, hwm) = rss.unwrap_or((f64::NAN, f64::NAN));
     progress(format!(
-        "   agent (lb run --config): spawn to synced {secs:.2} s, VmRSS {rss:.0} MiB, VmHWM {hwm:.0} MiB, maps {:.0} MiB",
+        "   agent (lb run --config, {format}): spawn to synced {secs:.2} s, VmRSS {rss:.0} MiB, VmHWM {hwm:.0} MiB, maps {:.0} MiB",
         r.map_mib.iter().map(|m| m.1).sum::<f64>()
     ));
     sb.stop(pid, libc::SIGTERM)?;
@@ -473,11 +488,13 @@ pub fn run_all(opts: &Opts) -> Result<Vec<ControlResult>> {
             progress(format!("   library path failed: {e}"));
             r.error = Some(e.to_string());
         }
-        check_interrupted()?;
-        if let Err(e) = agent_path(scale, &mut r) {
+        for json in [false, true] {
             check_interrupted()?;
-            progress(format!("   agent path failed: {e}"));
-            r.error.get_or_insert(e.to_string());
+            if let Err(e) = agent_path(scale, &mut r, json) {
+                check_interrupted()?;
+                progress(format!("   agent path failed: {e}"));
+                r.error.get_or_insert(e.to_string());
+            }
         }
         out.push(r);
     }
