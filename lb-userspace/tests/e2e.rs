@@ -585,6 +585,15 @@ fn nodeports_and_external_ips_from_outside_reach_only_this_nodes_backends() {
         BACKENDS.to_vec(),
         "{seen:?}"
     );
+    // A pod reaches the NodePort too (the reply, from the node's address, is routed by
+    // the pod program: the kernel would drop it as martian).
+    for _ in 0..6 {
+        let who = env
+            .sb
+            .http_get(&env.client(), &format!("http://{NODE_IP}:30080/"))
+            .unwrap_or_else(|code| panic!("pod -> NodePort: curl exit {code}"));
+        assert!(BACKENDS.contains(&who.as_str()), "{who}");
+    }
 
     // UDP: answered from the NodePort's address.
     let answers: Vec<SocketAddr> = netns::run_in(&outside, || {
