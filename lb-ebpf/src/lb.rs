@@ -59,7 +59,8 @@ impl Hook for XdpContext {
 pub enum Verdict {
     Pass,
     Drop,
-    /// The packet was turned into a refusal and sent back out of the interface it came in.
+    /// The program sent the packet on itself (tc only): a refusal back out of the
+    /// interface it came in by, or a routed reply of an external flow.
     Redirect(i32),
 }
 

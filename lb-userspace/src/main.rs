@@ -37,6 +37,29 @@ struct MapArgs {
     max_conntrack: u32,
 }
 
+/// What both agents (`run` and `agent`) take: where to attach, and the maps.
+#[derive(Args)]
+struct DatapathArgs {
+    /// Interfaces to attach to: names or globs, comma-separated or repeated ("lxc*").
+    #[arg(long, required = true)]
+    interfaces: Vec<String>,
+    /// The node's external interfaces ("eth0", "ens*"): XDP there translates NodePorts,
+    /// external and LoadBalancer IPs, and replies from backends on other nodes.
+    #[arg(long)]
+    external_interfaces: Vec<String>,
+    /// Keep maps, program and links pinned on exit, for a restart without loss.
+    #[arg(long)]
+    keep_pinned: bool,
+    /// Enter this network namespace (from `ip netns add`) first.
+    #[arg(long)]
+    netns: Option<String>,
+    /// How often to check the interfaces (and, for `run`, the file), in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    poll_ms: u64,
+    #[command(flatten)]
+    maps: MapArgs,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Standalone agent: apply a Services/EndpointSlices file and follow its changes.
@@ -44,24 +67,8 @@ enum Cmd {
         /// YAML file with services and endpointSlices (see examples/services.yaml).
         #[arg(long)]
         config: PathBuf,
-        /// Interfaces to attach to: names or globs, comma-separated or repeated ("lxc*").
-        #[arg(long, required = true)]
-        interfaces: Vec<String>,
-        /// The node's external interfaces ("eth0", "ens*"): XDP there translates NodePorts,
-        /// external and LoadBalancer IPs, and replies from backends on other nodes.
-        #[arg(long)]
-        external_interfaces: Vec<String>,
-        /// Keep maps, program and links pinned on exit, for a restart without loss.
-        #[arg(long)]
-        keep_pinned: bool,
-        /// Enter this network namespace (from `ip netns add`) first.
-        #[arg(long)]
-        netns: Option<String>,
-        /// How often to check the file and the interfaces, in milliseconds.
-        #[arg(long, default_value_t = 250)]
-        poll_ms: u64,
         #[command(flatten)]
-        maps: MapArgs,
+        datapath: DatapathArgs,
     },
     /// Kubernetes agent: watch Services, EndpointSlices and this node; keep the maps in sync.
     Agent {
@@ -75,30 +82,14 @@ enum Cmd {
         /// without it, Services carrying that label are left to their proxy.
         #[arg(long)]
         proxy_name: Option<String>,
-        /// Interfaces to attach to: names or globs, comma-separated or repeated ("lxc*").
-        #[arg(long, required = true)]
-        interfaces: Vec<String>,
-        /// The node's external interfaces ("eth0", "ens*"): XDP there translates NodePorts,
-        /// external and LoadBalancer IPs, and replies from backends on other nodes.
-        #[arg(long)]
-        external_interfaces: Vec<String>,
-        /// Keep maps, program and links pinned on exit, for a restart without loss.
-        #[arg(long)]
-        keep_pinned: bool,
-        /// Enter this network namespace (from `ip netns add`) first.
-        #[arg(long)]
-        netns: Option<String>,
         /// Address of /healthz, /readyz and /metrics.
         #[arg(long, default_value = k8s::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
         /// After the first event of a burst, wait this long for more before syncing.
         #[arg(long, default_value_t = k8s::DEFAULT_DEBOUNCE.as_millis() as u64)]
         debounce_ms: u64,
-        /// How often to check the interfaces, in milliseconds.
-        #[arg(long, default_value_t = 250)]
-        poll_ms: u64,
         #[command(flatten)]
-        maps: MapArgs,
+        datapath: DatapathArgs,
     },
     /// Validate a config file and print the frontends it yields.
     Check {
@@ -172,48 +163,38 @@ fn main() -> ExitCode {
     let result: lb_userspace::Result<()> = match cli.command {
         Cmd::Run {
             config,
-            interfaces,
-            external_interfaces,
-            keep_pinned,
-            netns: ns,
-            poll_ms,
-            maps,
+            datapath: d,
         } => run_in(
-            ns,
+            d.netns,
             run::run(run::RunOptions {
                 config,
-                interfaces,
-                external_interfaces,
-                keep_pinned,
-                poll: Duration::from_millis(poll_ms),
-                load: maps.load_options(),
+                interfaces: d.interfaces,
+                external_interfaces: d.external_interfaces,
+                keep_pinned: d.keep_pinned,
+                poll: Duration::from_millis(d.poll_ms),
+                load: d.maps.load_options(),
             }),
         ),
         Cmd::Agent {
             kubeconfig,
             node_name,
             proxy_name,
-            interfaces,
-            external_interfaces,
-            keep_pinned,
-            netns: ns,
             listen,
             debounce_ms,
-            poll_ms,
-            maps,
+            datapath: d,
         } => run_in(
-            ns,
+            d.netns,
             k8s::run(k8s::AgentOptions {
                 kubeconfig,
                 node_name,
                 proxy_name,
-                interfaces,
-                external_interfaces,
-                load: maps.load_options(),
-                keep_pinned,
+                interfaces: d.interfaces,
+                external_interfaces: d.external_interfaces,
+                load: d.maps.load_options(),
+                keep_pinned: d.keep_pinned,
                 listen,
                 debounce: Duration::from_millis(debounce_ms),
-                poll: Duration::from_millis(poll_ms),
+                poll: Duration::from_millis(d.poll_ms),
             }),
         ),
         Cmd::Check { config: path } => config::load(&path).map(|cfg| {

@@ -703,9 +703,10 @@ fn slice_service(slice: &EndpointSlice) -> ObjectKey {
 impl ModelCache {
     /// Sets this node (its addresses and name). A change recomputes the Services that
     /// have frontends reached from outside: NodePorts, external or LoadBalancer IPs.
-    pub fn set_node(&mut self, node: Node) {
+    /// Returns whether anything changed.
+    pub fn set_node(&mut self, node: Node) -> bool {
         if node == self.node {
-            return;
+            return false;
         }
         self.node = node;
         for (key, svc) in &self.services {
@@ -716,6 +717,7 @@ impl ModelCache {
                 self.dirty.insert(key.clone());
             }
         }
+        true
     }
 
     pub fn upsert_service(&mut self, svc: Service) {

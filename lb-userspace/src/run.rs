@@ -150,10 +150,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                match std::fs::read(&opts.config) {
-                    Ok(text) if fingerprint(&text) != last_seen => {
-                        last_seen = fingerprint(&text);
-                        drop(text);
+                match std::fs::read(&opts.config).map(|text| fingerprint(&text)) {
+                    Ok(seen) if seen != last_seen => {
+                        last_seen = seen;
                         match config::load(&opts.config) {
                             Ok(cfg) => apply(&mut plane, &cfg),
                             Err(e) => error!("{e}; keeping the running state"),

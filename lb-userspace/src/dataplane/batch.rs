@@ -1,4 +1,5 @@
-//! BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH (Linux 5.6+): many entries per syscall.
+//! BPF_MAP_LOOKUP_BATCH / UPDATE_BATCH / DELETE_BATCH (Linux 5.6+): many entries per
+//! syscall.
 //! aya 0.14 has no wrapper for them, so this is the one raw `bpf(2)` call in the project.
 use std::{
     io,
@@ -6,6 +7,7 @@ use std::{
     os::fd::{AsRawFd, OwnedFd},
 };
 
+const BPF_MAP_LOOKUP_BATCH: i64 = 24;
 const BPF_MAP_UPDATE_BATCH: i64 = 26;
 const BPF_MAP_DELETE_BATCH: i64 = 27;
 
@@ -78,4 +80,36 @@ pub fn delete<K: Copy>(fd: &OwnedFd, keys: &[K]) -> Result<(), (usize, io::Error
         ..Default::default()
     };
     call(BPF_MAP_DELETE_BATCH, &mut attr)
+}
+
+/// Every entry of a map with `u32` keys (the backend array), `CHUNK` per syscall, where
+/// iterating costs a syscall per entry (262,144 for the default backend array: a
+/// quarter of a second at each start).
+pub fn lookup_all<V: aya::Pod>(fd: &OwnedFd) -> io::Result<Vec<(u32, V)>> {
+    let mut keys = vec![0u32; CHUNK];
+    // SAFETY: `Pod` types are valid for any bit pattern, all zeroes included.
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; CHUNK];
+    let mut out = Vec::new();
+    let mut cursor: Option<u32> = None;
+    loop {
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: cursor.as_ref().map_or(0, |c| c as *const u32 as u64),
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = call(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(CHUNK);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match r {
+            Ok(()) => cursor = Some(next),
+            // The end of the map.
+            Err((_, e)) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err((_, e)) => return Err(e),
+        }
+    }
 }

@@ -127,12 +127,20 @@ impl Maps {
             let (k, v) = kv.map_err(|e| map_err(MAP_SLOTS, e))?;
             st.slots.insert(k, v.backend_id);
         }
-        for (id, v) in self.backends.iter().enumerate() {
-            let v = v.map_err(|e| map_err(MAP_BACKENDS, e))?;
-            if v != NO_BACKEND {
-                st.backends.insert(id as u32, v);
-            }
-        }
+        let backends: Vec<(u32, Backend)> = match batch::lookup_all(&self.batch_fds[BACKENDS]) {
+            Ok(all) => all,
+            // No batch lookup (before 5.6): one syscall per index.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(id, v)| v.map(|v| (id as u32, v)))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| map_err(MAP_BACKENDS, e))?,
+            Err(e) => return Err(map_err(MAP_BACKENDS, e)),
+        };
+        st.backends
+            .extend(backends.into_iter().filter(|(_, v)| *v != NO_BACKEND));
         st.reindex();
         Ok(st)
     }

@@ -251,8 +251,13 @@ impl Controller {
                 warn!("watching {}s failed: {e}; retrying with backoff, the dataplane keeps its last state", kind.name());
             }
             Ok(Step::Changed(trigger)) => {
-                // A Node change matters too: its addresses are where NodePorts open.
-                state.dirty = true;
+                // A Node event matters only if its name or addresses (where NodePorts
+                // open) changed: its status is updated every few seconds.
+                if kind == Kind::Node {
+                    state.dirty |= state.model.set_node(self.this_node(nodes));
+                } else {
+                    state.dirty = true;
+                }
                 if let Some(t) = trigger.filter(|t| *t >= self.started) {
                     state.triggers.push(t);
                 }
@@ -278,6 +283,18 @@ impl Controller {
         }
     }
 
+    /// This node as the model sees it. Until it is listed, its name alone: local
+    /// endpoints are known, NodePorts wait for its addresses.
+    fn this_node(&self, nodes: &Store<Node>) -> crate::model::Node {
+        nodes.state().first().map_or_else(
+            || crate::model::Node {
+                name: Some(self.opts.node_name.clone()),
+                addresses: Vec::new(),
+            },
+            |n| translate::node(n),
+        )
+    }
+
     /// Translates the objects that changed since the last sync (by resourceVersion),
     /// updates the model for their Services only, and applies the diff.
     /// Returns false if some map operation failed (the caller retries).
@@ -289,16 +306,7 @@ impl Controller {
         state: &mut LoopState,
     ) -> bool {
         let t0 = std::time::Instant::now();
-        // Until this node is listed, its name alone: local endpoints are known, NodePorts
-        // wait for its addresses.
-        let node = nodes.state().first().map_or_else(
-            || crate::model::Node {
-                name: Some(self.opts.node_name.clone()),
-                addresses: Vec::new(),
-            },
-            |n| translate::node(n),
-        );
-        state.model.set_node(node);
+        state.model.set_node(self.this_node(nodes));
         let mut seen = BTreeSet::new();
         for s in services.state() {
             let key = object_key(Kind::Service, &s.metadata);
