@@ -217,24 +217,34 @@ pub mod counter {
     ];
 }
 
-const _: () = assert!(core::mem::size_of::<FrontendKey>() == 8);
-const _: () = assert!(core::mem::size_of::<Frontend>() == 16);
-const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
-const _: () = assert!(core::mem::size_of::<Slot>() == 4);
-const _: () = assert!(core::mem::size_of::<Backend>() == 8);
-const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+const _: () = assert!(size_of::<FrontendKey>() == 8);
+const _: () = assert!(size_of::<Frontend>() == 16);
+const _: () = assert!(size_of::<SlotKey>() == 8);
+const _: () = assert!(size_of::<Slot>() == 4);
+const _: () = assert!(size_of::<Backend>() == 8);
+const _: () = assert!(size_of::<CtKey>() == 16);
+const _: () = assert!(size_of::<CtValue>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all these are #[repr(C)], Copy, have no implicit padding (sizes asserted
-    // above) and every bit pattern is valid.
-    unsafe impl aya::Pod for FrontendKey {}
-    unsafe impl aya::Pod for Frontend {}
-    unsafe impl aya::Pod for SlotKey {}
-    unsafe impl aya::Pod for Slot {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtValue {}
+
+    /// `aya::Pod` for types that are `#[repr(C)]`, `Copy`, without implicit padding
+    /// (their sizes are asserted above) and valid for every bit pattern.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: see the macro's doc: plain integers, explicit padding, any bits valid.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    pod!(
+        FrontendKey,
+        Frontend,
+        SlotKey,
+        Slot,
+        Backend,
+        CtKey,
+        CtValue
+    );
 }

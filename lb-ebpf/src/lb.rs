@@ -1,109 +1,20 @@
-//! The service path, top to bottom (cilium's lb.h / katran's process_packet):
-//! parse -> conntrack (a known flow, either way?) -> established: DNAT to its backend,
-//! reply: reverse NAT; otherwise frontend? -> select backend -> conntrack create -> DNAT.
-use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    programs::{TcContext, XdpContext},
-};
+//! The service path, top to bottom (cilium's lb.h / katran's process_packet), written
+//! once for both hooks: parse -> conntrack (a known flow, either way?) -> established:
+//! DNAT to its backend, reply: reverse NAT; otherwise frontend? -> select backend ->
+//! conntrack create -> DNAT.
 use lb_common::{counter, CtValue, Frontend, CT_DIR_REPLY, CT_F_EXTERNAL};
 
 use crate::{
     conntrack,
     counters::count,
-    nat::{self, Rewriter},
-    parse::{self, Packet, PacketData, Parsed, ETH_HLEN, IPV4_MIN_HLEN, TCP_MIN_HLEN},
-    refuse, route, service,
+    hook::{Hook, Verdict},
+    nat,
+    parse::{self, Packet, Parsed},
+    service,
 };
 
-/// What the algorithm needs from the hook it runs on: packet bounds, a way to rewrite
-/// fields with their checksums, and an answer for a frontend without a ready backend.
-pub trait Hook: PacketData + Rewriter {
-    fn refuse(&self, pkt: &Packet) -> Verdict;
-    /// Sends on a reverse-translated reply of a flow that came from outside.
-    fn send_external_reply(&self, pkt: &Packet, src: u32, sport: u16) -> Verdict;
-}
-
-impl Hook for TcContext {
-    #[inline(always)]
-    fn refuse(&self, pkt: &Packet) -> Verdict {
-        refuse::refuse(self, pkt)
-    }
-
-    /// Its source may now be this node's own address (a NodePort): routed here, by FIB
-    /// lookup and redirect, since the kernel's input route check would drop it as martian.
-    #[inline(always)]
-    fn send_external_reply(&self, pkt: &Packet, src: u32, sport: u16) -> Verdict {
-        route::redirect(self, pkt, src, sport)
-    }
-}
-
-impl Hook for XdpContext {
-    /// The packet goes on to the kernel unchanged. A NodePort is a port of the node's own
-    /// address where nothing listens, so the kernel answers with a TCP RST or an ICMP port
-    /// unreachable: the same refusal tc builds by hand, without a copy of that code.
-    #[inline(always)]
-    fn refuse(&self, _pkt: &Packet) -> Verdict {
-        count(counter::PASSED_NO_BACKEND);
-        Verdict::Pass
-    }
-
-    /// Does not happen: external flows only go to this node's backends, whose replies
-    /// leave through the pod program.
-    #[inline(always)]
-    fn send_external_reply(&self, _pkt: &Packet, _src: u32, _sport: u16) -> Verdict {
-        Verdict::Pass
-    }
-}
-
-/// What the program does with the packet; mapped to the hook's return codes at the edge.
-pub enum Verdict {
-    Pass,
-    Drop,
-    /// The program sent the packet on itself (tc only): a refusal back out of the
-    /// interface it came in by, or a routed reply of an external flow.
-    Redirect(i32),
-}
-
 #[inline(always)]
-fn tc_code(v: Verdict) -> i32 {
-    match v {
-        Verdict::Pass => TC_ACT_OK,
-        Verdict::Drop => TC_ACT_SHOT,
-        Verdict::Redirect(code) => code,
-    }
-}
-
-/// Makes sure the headers we parse are in the skb's linear area (packets from a socket
-/// usually are; a GRO'd or fragmented skb may not be).
-#[inline(always)]
-fn pull_headers(ctx: &TcContext) {
-    const WANT: u32 = (ETH_HLEN + 60 + TCP_MIN_HLEN) as u32;
-    let len = ctx.len();
-    let want = if len < WANT { len } else { WANT };
-    let linear = (ctx.data_end() - ctx.data()) as u32;
-    if linear < want && len >= (ETH_HLEN + IPV4_MIN_HLEN) as u32 {
-        let _ = ctx.pull_data(want);
-    }
-}
-
-#[inline(always)]
-pub fn process_tc(ctx: &TcContext) -> i32 {
-    pull_headers(ctx);
-    tc_code(process(ctx))
-}
-
-/// XDP sees the frame before any skb exists: the headers are always in the linear
-/// buffer (multi-buffer frames are not enabled for this program).
-#[inline(always)]
-pub fn process_xdp(ctx: &XdpContext) -> u32 {
-    match process(ctx) {
-        Verdict::Pass | Verdict::Redirect(_) => xdp_action::XDP_PASS,
-        Verdict::Drop => xdp_action::XDP_DROP,
-    }
-}
-
-#[inline(always)]
-fn process<C: Hook>(ctx: &C) -> Verdict {
+pub fn process<C: Hook>(ctx: &C) -> Verdict {
     let pkt = match parse::parse_ipv4(ctx) {
         Parsed::Packet(pkt) => pkt,
         Parsed::Other => {

@@ -1,12 +1,15 @@
-//! Program entry points only. Each calls into `lb::process_*`, which reads top to bottom
-//! as the algorithm; the steps live in their own files:
-//! `parse` (headers) -> `service` (frontend lookup + backend selection) -> `conntrack`
-//! -> `nat` (rewrite + checksums), and `refuse` (RST / ICMP for a Service without backends).
+//! Program entry points only. Each hands its context to its hook (`tc`, `xdp`), which
+//! runs `lb::process`, the algorithm read top to bottom; the steps live in their own
+//! files: `parse` (headers) -> `conntrack` (a known flow?) -> `service` (frontend lookup,
+//! backend selection) -> `nat` (rewrite, with `csum`), and `refuse` (RST / ICMP for a
+//! Service without backends) and `route` (replies of external flows).
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod counters;
+mod csum;
+mod hook;
 mod lb;
 mod maps;
 mod nat;
@@ -14,6 +17,8 @@ mod parse;
 mod refuse;
 mod route;
 mod service;
+mod tc;
+mod xdp;
 
 use aya_ebpf::{
     macros::{classifier, xdp},
@@ -24,19 +29,19 @@ use aya_ebpf::{
 /// enters by): translates packets to Service frontends and reverse-translates replies.
 #[classifier]
 pub fn lb_tc_pod(ctx: TcContext) -> i32 {
-    lb::process_tc(&ctx)
+    tc::process(&ctx)
 }
 
 /// XDP on the node's external interfaces: NodePorts, external and LoadBalancer IPs
 /// arriving from outside, and replies of backends on other nodes to this node's pods.
 #[xdp]
 pub fn lb_xdp_ext(ctx: XdpContext) -> u32 {
-    lb::process_xdp(&ctx)
+    xdp::process(&ctx)
 }
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     // SAFETY: eBPF programs cannot panic; the verifier rejects any path that could get here.
     unsafe { core::hint::unreachable_unchecked() }
 }

@@ -9,8 +9,9 @@ use aya_ebpf::{
 };
 use lb_common::PROTO_UDP;
 
-use crate::parse::{
-    ptr_at, Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
+use crate::{
+    csum,
+    parse::{ptr_at, Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF},
 };
 
 /// `BPF_F_MARK_MANGLED_0`: a UDP checksum of 0 ("none") stays 0, and a computed 0 is
@@ -59,32 +60,6 @@ impl Rewriter for TcContext {
     }
 }
 
-/// Folds a 32-bit one's-complement sum to 16 bits.
-#[inline(always)]
-fn fold(mut s: u32) -> u16 {
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s as u16
-}
-
-/// RFC 1624 eqn. 3, `HC' = ~(~HC + ~m + m')`, for one 32-bit field (two 16-bit words).
-/// Words are taken in memory order as loaded (one's-complement sums do not depend on
-/// byte order, as long as the checksum and the fields are loaded the same way).
-#[inline(always)]
-fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let s = (!csum) as u32
-        + (!(old as u16)) as u32
-        + (!((old >> 16) as u16)) as u32
-        + (new & 0xffff)
-        + (new >> 16);
-    !fold(s)
-}
-
-#[inline(always)]
-fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
-    !fold((!csum) as u32 + (!old) as u32 + new as u32)
-}
-
 /// A 16-bit field: its place and value (one load; see `parse::load` on alignment).
 #[inline(always)]
 fn read_u16(ctx: &XdpContext, off: usize) -> Result<(*mut u16, u16), ()> {
@@ -117,11 +92,11 @@ impl Rewriter for XdpContext {
     #[inline(always)]
     fn rewrite_addr(&self, pkt: &Packet, off: usize, old: u32, new: u32) -> Result<(), ()> {
         let addr = ptr_at::<u32, _>(self, off).ok_or(())? as *mut u32;
-        update_l4_csum(self, pkt, |c| csum_replace4(c, old, new))?;
+        update_l4_csum(self, pkt, |c| csum::replace4(c, old, new))?;
         let (ip_csum, c) = read_u16(self, pkt.l3_off + IP_CSUM_OFF)?;
         // SAFETY: both pointers were bounds-checked above.
         unsafe {
-            ip_csum.write(csum_replace4(c, old, new));
+            ip_csum.write(csum::replace4(c, old, new));
             addr.write(new);
         }
         Ok(())
@@ -130,7 +105,7 @@ impl Rewriter for XdpContext {
     #[inline(always)]
     fn rewrite_port(&self, pkt: &Packet, off: usize, old: u16, new: u16) -> Result<(), ()> {
         let (port, _) = read_u16(self, off)?;
-        update_l4_csum(self, pkt, |c| csum_replace2(c, old, new))?;
+        update_l4_csum(self, pkt, |c| csum::replace2(c, old, new))?;
         // SAFETY: bounds checked in read_u16.
         unsafe { port.write(new) };
         Ok(())

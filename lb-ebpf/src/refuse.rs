@@ -7,14 +7,15 @@
 //! header. Checksums of the new headers are computed in full.
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_NET, TC_ACT_REDIRECT},
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
 use lb_common::{counter, PROTO_TCP};
 
 use crate::{
     counters::count,
-    lb::Verdict,
+    csum,
+    hook::Verdict,
     parse::{
         Packet, ETH_HLEN, IPV4_MIN_HLEN, TCP_ACK, TCP_FIN, TCP_MIN_HLEN, TCP_RST, TCP_SYN, UDP_HLEN,
     },
@@ -72,28 +73,6 @@ struct IcmpHdr {
     unused: u32,
 }
 
-/// One's-complement sum of `size_of::<T>()` bytes (a multiple of 4), added to `seed`.
-#[inline(always)]
-fn csum_add<T>(v: &T, seed: u32) -> u32 {
-    // SAFETY: v is a valid stack object of the given size.
-    unsafe {
-        bpf_csum_diff(
-            core::ptr::null_mut(),
-            0,
-            v as *const T as *mut u32,
-            core::mem::size_of::<T>() as u32,
-            seed,
-        ) as u32
-    }
-}
-
-#[inline(always)]
-fn fold(sum: u32) -> u16 {
-    let mut s = (sum & 0xffff) + (sum >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    !(s as u16)
-}
-
 #[inline(always)]
 fn ip_header(src: u32, dst: u32, proto: u8, tot_len: u16) -> Ipv4Hdr {
     let mut ip = Ipv4Hdr {
@@ -108,7 +87,7 @@ fn ip_header(src: u32, dst: u32, proto: u8, tot_len: u16) -> Ipv4Hdr {
         src,
         dst,
     };
-    ip.csum = fold(csum_add(&ip, 0));
+    ip.csum = csum::finish(csum::sum(&ip, 0));
     ip
 }
 
@@ -199,7 +178,7 @@ fn build_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
         proto: PROTO_TCP,
         len: tcp_len.to_be(),
     };
-    rst.csum = fold(csum_add(&rst, csum_add(&pseudo, 0)));
+    rst.csum = csum::finish(csum::sum(&rst, csum::sum(&pseudo, 0)));
     let ip = ip_header(pkt.dst, pkt.src, PROTO_TCP, IPV4_MIN_HLEN as u16 + tcp_len);
 
     ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
@@ -228,8 +207,8 @@ fn build_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
         csum: 0,
         unused: 0,
     };
-    let sum = csum_add(&orig_l4, csum_add(&orig_ip, csum_add(&icmp, 0)));
-    icmp.csum = fold(sum);
+    let sum = csum::sum(&orig_l4, csum::sum(&orig_ip, csum::sum(&icmp, 0)));
+    icmp.csum = csum::finish(sum);
     let ip = ip_header(
         pkt.dst,
         pkt.src,

@@ -21,7 +21,7 @@ use lb_common::counter;
 
 use crate::{
     counters::count,
-    lb::Verdict,
+    hook::Verdict,
     parse::{ptr_at, Packet},
 };
 

@@ -74,7 +74,10 @@ mod tests {
                 "examples/services.yaml",
                 include_str!("../../examples/services.yaml"),
             ),
-            ("demo.yaml", crate::demo::DEMO_CONFIG),
+            (
+                "lb-testbench/src/demo.yaml",
+                include_str!("../../lb-testbench/src/demo.yaml"),
+            ),
         ] {
             let cfg = parse(name, text).unwrap();
             assert!(!cfg.services.is_empty(), "{name}");

@@ -1,20 +1,17 @@
 //! lb: a Kubernetes Service load balancer whose dataplane runs in eBPF.
 //!
-//! Data flows one way: a source (`config` file, or the Kubernetes watch) fills the
-//! `model`, which yields the desired map entries; `dataplane` diffs them against the maps
-//! and applies the difference; `loader` loads, pins and attaches the programs; `show`
-//! prints what is in the maps.
+//! Data flows one way: a source (`config` file, or the Kubernetes watch in `k8s`) fills
+//! the `model`, which yields the desired map entries; `dataplane` diffs them against the
+//! maps and applies the difference; `loader` loads, pins and attaches the programs;
+//! `run` is the standalone agent's loop; `show` prints what is in the maps.
 pub mod config;
 pub mod dataplane;
-pub mod demo;
 pub mod k8s;
 pub mod loader;
 pub mod model;
 pub mod netns;
 pub mod run;
-pub mod sandbox;
 pub mod show;
-pub mod vmload;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -26,8 +23,8 @@ pub enum Error {
     Load(String),
     #[error("attach: {0}")]
     Attach(String),
-    #[error("sandbox: {0}")]
-    Sandbox(String),
+    #[error("network namespace: {0}")]
+    Netns(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -38,7 +38,11 @@ use tracing::{info, warn};
 use crate::{dataplane::Maps, Error, Result};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded so one binary deploys.
+#[cfg(not(lb_no_ebpf_object))]
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+/// Built without the eBPF object (see build.rs): nothing to load.
+#[cfg(lb_no_ebpf_object)]
+pub static EBPF_OBJECT: &[u8] = &[];
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -96,6 +100,7 @@ fn is_bpffs(p: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
         return false;
     };
+    // SAFETY: statfs is a plain C struct; all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and out-pointer.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
@@ -168,6 +173,13 @@ impl Datapath {
     /// Loads the object, re-using pinned maps (or creating and pinning them), and pins the
     /// programs. Returns the datapath and its maps.
     pub fn load(opts: &LoadOptions) -> Result<(Self, Maps)> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(Error::Load(
+                "this lb was built without the eBPF object; build it with `cargo xtask build` \
+                 (or `cargo xtask build-ebpf`, then cargo build)"
+                    .into(),
+            ));
+        }
         ensure_bpffs(&opts.pin_dir)?;
         for hook in [Hook::Pod, Hook::External] {
             let dir = opts.pin_dir.join(hook.links_dir());

@@ -1,13 +1,14 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use lb_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
 };
 use lb_userspace::{
-    config, demo, k8s,
+    config, k8s,
     loader::{LoadOptions, DEFAULT_PIN_DIR},
-    netns, run, show, vmload,
+    netns, run, show,
 };
 
 /// Kubernetes Service load balancer with an eBPF dataplane.
@@ -103,19 +104,6 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// The demo: a sandbox of network namespaces, three backends, requests to a ClusterIP.
-    Demo {
-        #[arg(long, default_value_t = 12)]
-        requests: usize,
-    },
-    /// The workload of `cargo xtask vm-test` (inside the VM): iperf3 to a pod IP and to a ClusterIP.
-    #[command(hide = true)]
-    VmLoad {
-        #[arg(long, default_value_t = 5)]
-        seconds: u32,
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-    },
 }
 
 impl MapArgs {
@@ -130,12 +118,12 @@ impl MapArgs {
     }
 }
 
-fn runtime() -> lb_userspace::Result<tokio::runtime::Runtime> {
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| lb_userspace::Error::Load(format!("starting the async runtime: {e}")))
+        .context("starting the async runtime")
 }
 
 /// Runs an agent to completion: first into `netns` if given (before the runtime starts,
@@ -143,11 +131,11 @@ fn runtime() -> lb_userspace::Result<tokio::runtime::Runtime> {
 fn run_in(
     ns: Option<String>,
     agent: impl std::future::Future<Output = lb_userspace::Result<()>>,
-) -> lb_userspace::Result<()> {
+) -> anyhow::Result<()> {
     if let Some(ns) = &ns {
-        netns::enter(ns)?;
+        netns::enter(ns).context("--netns")?;
     }
-    runtime()?.block_on(agent)
+    Ok(runtime()?.block_on(agent)?)
 }
 
 fn main() -> ExitCode {
@@ -160,7 +148,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let result: lb_userspace::Result<()> = match cli.command {
+    let result: anyhow::Result<()> = match cli.command {
         Cmd::Run {
             config,
             datapath: d,
@@ -197,7 +185,7 @@ fn main() -> ExitCode {
                 poll: Duration::from_millis(d.poll_ms),
             }),
         ),
-        Cmd::Check { config: path } => config::load(&path).map(|cfg| {
+        Cmd::Check { config: path } => config::load(&path).map_err(Into::into).map(|cfg| {
             let st =
                 lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
             for (fe, spec) in &st.frontends {
@@ -215,14 +203,14 @@ fn main() -> ExitCode {
                 );
             }
         }),
-        Cmd::Show { what, pin_dir } => show::render(&pin_dir, what).map(|s| print!("{s}")),
-        Cmd::Demo { requests } => demo::run_demo(requests),
-        Cmd::VmLoad { seconds, repeats } => vmload::run_vm_load(seconds, repeats),
+        Cmd::Show { what, pin_dir } => show::render(&pin_dir, what)
+            .with_context(|| format!("reading the maps pinned under {}", pin_dir.display()))
+            .map(|s| print!("{s}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -39,12 +39,13 @@ enum Cmd {
     Setup,
     /// Build the eBPF object (nightly, bpfel-unknown-none, bpf-linker).
     BuildEbpf,
-    /// Build the eBPF object and the `lb` binary that embeds it.
+    /// Build the eBPF object, the `lb` binary that embeds it, and `lb-testbench`.
     Build {
         #[arg(long)]
         release: bool,
     },
-    /// Run every test: unit, kernel (BPF_PROG_TEST_RUN) and end-to-end (namespaces).
+    /// Run clippy (warnings fail) and every test: unit, kernel (BPF_PROG_TEST_RUN) and
+    /// end-to-end (namespaces).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(trailing_var_arg = true)]
@@ -62,7 +63,7 @@ enum Cmd {
         /// Short run: small scales, fewer repeats.
         #[arg(long)]
         quick: bool,
-        /// Extra arguments for lb-bench (after `--`), e.g. `--scales 1,1000 --repeats 5`.
+        /// Extra arguments for `lb-testbench bench` (after `--`), e.g. `--scales 1,1000 --repeats 5`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -249,11 +250,17 @@ fn build_ebpf() -> Result<()> {
     Ok(())
 }
 
+/// The eBPF object, `lb` (which embeds it) and `lb-testbench`.
 fn build(release: bool) -> Result<()> {
     build_ebpf()?;
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root())
-        .args(["build", "--package", "lb-userspace"]);
+    cmd.current_dir(root()).args([
+        "build",
+        "--package",
+        "lb-userspace",
+        "--package",
+        "lb-testbench",
+    ]);
     if release {
         cmd.arg("--release");
     }
@@ -284,6 +291,15 @@ fn clean_sandboxes() -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     build_ebpf()?;
+    // The workspace lints (Cargo.toml) hold: a warning fails the run.
+    run(Command::new("cargo").current_dir(root()).args([
+        "clippy",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     clean_sandboxes()?;
     // Kernel and end-to-end tests share kernel state (namespaces, bpffs): one at a time.
     let mut cmd = Command::new("cargo");
@@ -333,11 +349,13 @@ fn test(args: &[String]) -> Result<()> {
 fn demo(requests: usize) -> Result<()> {
     setup()?;
     build(false)?;
-    run(Command::new(root().join("target/debug/lb")).args([
-        "demo",
-        "--requests",
-        &requests.to_string(),
-    ]))
+    run(
+        Command::new(root().join("target/debug/lb-testbench")).args([
+            "demo",
+            "--requests",
+            &requests.to_string(),
+        ]),
+    )
 }
 
 fn main() -> Result<()> {

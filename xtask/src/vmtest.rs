@@ -4,7 +4,7 @@
 //! cached in `target/vm/`; it is rebuilt when its manifest (suite, mirrors, packages,
 //! init script) changes. Every run puts the freshly built `lb` on a second, read-only
 //! disk, boots the VM without a network device (all traffic stays in the guest's own
-//! network namespaces), runs `lb vm-load` there (iperf3 to a pod IP and to a ClusterIP
+//! network namespaces), runs `lb-testbench vm-load` there (iperf3 to a pod IP and to a ClusterIP
 //! from a pod, to a pod IP and to a NodePort from outside the node),
 //! and prints the results it reads from the serial console.
 use std::{
@@ -541,32 +541,37 @@ pub fn vm_test(root: &Path, args: &Args) -> Result<()> {
     }
     setup_host()?;
     let lb = root.join("target/release/lb");
-    if !lb.is_file() {
-        bail!(
-            "{} is missing: run `cargo xtask build --release`",
-            lb.display()
-        );
+    let bench = root.join("target/release/lb-testbench");
+    for bin in [&lb, &bench] {
+        if !bin.is_file() {
+            bail!(
+                "{} is missing: run `cargo xtask build --release`",
+                bin.display()
+            );
+        }
     }
     let img = image(root, args)?;
 
-    // The per-run payload disk: the lb binary and the script the guest's init runs.
+    // The per-run payload disk: the lb binary, the test bench's (which runs the workload)
+    // and the script the guest's init runs.
     let work = root.join("target/vm/run");
     remove_tree(&work)?;
     let scratch = Scratch(work.clone());
     let payload_dir = work.join("payload");
     std::fs::create_dir_all(&payload_dir)?;
     std::fs::copy(&lb, payload_dir.join("lb"))?;
+    std::fs::copy(&bench, payload_dir.join("lb-testbench"))?;
     std::fs::write(
         payload_dir.join("run.sh"),
         format!(
             "echo \"vm-test: guest kernel $(uname -r), $(nproc) CPUs\"\n\
              if [ -e /sys/kernel/btf/vmlinux ]; then echo 'vm-test: kernel BTF: present'; \
              else echo 'vm-test: kernel BTF: missing'; fi\n\
-             RUST_LOG=info /payload/lb vm-load --seconds {} --repeats {}\n",
+             RUST_LOG=info /payload/lb-testbench vm-load --seconds {} --repeats {}\n",
             args.seconds, args.repeats
         ),
     )?;
-    let lb_mib = std::fs::metadata(&lb)?.len() / (1 << 20);
+    let lb_mib = (std::fs::metadata(&lb)?.len() + std::fs::metadata(&bench)?.len()) / (1 << 20);
     let payload = work.join("payload.ext4");
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "lbpayload", "-d"])

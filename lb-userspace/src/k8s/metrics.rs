@@ -77,7 +77,7 @@ impl std::fmt::Debug for DataplaneCounters {
 }
 
 impl Collector for DataplaneCounters {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let counters = {
             let plane = self.0.lock().unwrap_or_else(|p| p.into_inner());
             plane.maps.counters()

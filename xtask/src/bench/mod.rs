@@ -1,7 +1,7 @@
-//! `cargo xtask bench [--quick] [-- <lb-bench args>]`: builds the release binaries
-//! (`lb` and the benchmark driver `lb-bench`, which links the userspace library), runs
-//! the benchmark in `lbbench-*` network namespaces, writes `results/latest.{md,json}`
-//! and puts the table in README.md's "Benchmarks" section.
+//! `cargo xtask bench [--quick] [-- <lb-testbench bench args>]`: builds the release
+//! binaries (`lb` and the test bench's `lb-testbench`), runs the benchmark in
+//! `lbbench-*` network namespaces, writes `results/latest.{md,json}` and puts the table
+//! in README.md's "Benchmarks" section.
 use std::{path::Path, process::Command};
 
 use anyhow::{Context, Result};
@@ -9,8 +9,11 @@ use anyhow::{Context, Result};
 const README_HEADING: &str = "## Benchmarks";
 
 pub fn bench(root: &Path, quick: bool, extra: &[String]) -> Result<()> {
-    let mut cmd = Command::new(root.join("target/release/lb-bench"));
-    cmd.current_dir(root).arg("--out").arg(root.join("results"));
+    let mut cmd = Command::new(root.join("target/release/lb-testbench"));
+    cmd.current_dir(root)
+        .arg("bench")
+        .arg("--out")
+        .arg(root.join("results"));
     if quick {
         cmd.arg("--quick");
     }

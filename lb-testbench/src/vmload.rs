@@ -1,4 +1,4 @@
-//! `lb vm-load` (hidden): the workload of `cargo xtask vm-test`, run inside a VM on
+//! `lb-testbench vm-load`: the workload of `cargo xtask vm-test`, run inside a VM on
 //! another kernel. A sandbox with a client pod and one iperf3 backend pod behind a
 //! Service with a ClusterIP and a NodePort; the agent runs on it; iperf3 measures TCP
 //! throughput, interleaved, on four paths: from the client pod to the pod IP directly
@@ -15,9 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_userspace::dataplane::Maps;
+
 use crate::{
-    dataplane::Maps,
-    demo,
+    agent::{lb_binary, spawn_agent},
+    bench::stats::median,
     sandbox::{Sandbox, NODE_IP},
     Error, Result,
 };
@@ -121,19 +123,6 @@ fn iperf3(sb: &Sandbox, client: &str, target: &str, port: u16, seconds: u32) -> 
         })
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
 fn list(v: &[f64]) -> String {
     v.iter()
         .map(|x| format!("{x:.2}"))
@@ -145,7 +134,7 @@ pub fn run_vm_load(seconds: u32, repeats: usize) -> Result<()> {
     crate::sandbox::require_tools(&["ip", "iperf3", "ss", "sysctl"])?;
     let release = kernel_release();
     println!("vm-load: kernel {release}");
-    let lb = std::env::current_exe().map_err(|e| err(e.to_string()))?;
+    let lb = lb_binary()?;
     println!("vm-load: creating the sandbox (node, client pod, backend pod)");
     let sb = Sandbox::create("lbvm", &["client", "backend"])?;
     let backend = sb.pod("backend").clone();
@@ -158,7 +147,7 @@ pub fn run_vm_load(seconds: u32, repeats: usize) -> Result<()> {
          {NODE_IP}:{NODE_PORT} -> {}:{PORT}",
         backend.ip
     );
-    let agent = demo::spawn_agent(&sb, &lb, &cfg, &[])?;
+    let agent = spawn_agent(&sb, &lb, &cfg, &[])?;
     wait_ready(&sb, Duration::from_secs(60))?;
     let log = sb.log("agent.log");
     let attachment = if log.contains("held=true") {

@@ -1,4 +1,4 @@
-//! `lb-bench`: the benchmark behind `cargo xtask bench`. It compares this dataplane with
+//! The benchmark behind `cargo xtask bench` (`lb-testbench bench`). It compares this dataplane with
 //! what an operator would otherwise run (no load balancer at all, kube-proxy's iptables
 //! mode, kube-proxy's nftables mode) on the same namespace sandbox topology and the same
 //! services and endpoints, and writes `results/latest.{md,json}`.
@@ -8,38 +8,18 @@
 //! sandboxes are identical and runs alternate between them (A B C D, rotated every
 //! repeat). Everything lives in network namespaces named `lbbench-*`; the root namespace
 //! is never touched.
-mod control;
-mod datapath;
-mod loadgen;
-mod packet;
-mod report;
-mod rules;
-mod stats;
-mod workload;
+pub mod control;
+pub mod datapath;
+pub mod loadgen;
+pub mod report;
+pub mod rules;
+pub mod stats;
+pub mod workload;
 
-use std::{
-    path::PathBuf,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Instant,
-};
+use std::{path::PathBuf, time::Instant};
 
-use clap::Parser;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-pub fn check_interrupted() -> lb_userspace::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        Err(lb_userspace::Error::Sandbox(
-            "interrupted; cleaning up".into(),
-        ))
-    } else {
-        Ok(())
-    }
-}
+pub use crate::agent::check_interrupted;
+use crate::{agent::catch_interrupts, Error, Result};
 
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
@@ -50,8 +30,7 @@ pub fn progress(msg: impl std::fmt::Display) {
 }
 
 /// Benchmark: this dataplane against no load balancer, kube-proxy iptables and nftables.
-#[derive(Parser, Clone, Debug)]
-#[command(name = "lb-bench")]
+#[derive(clap::Args, Clone, Debug)]
 pub struct Opts {
     /// Short run: small scales, fewer and shorter repeats (a few minutes).
     #[arg(long)]
@@ -119,38 +98,15 @@ impl Opts {
     }
 }
 
-/// The `lb` binary next to this one.
-pub fn lb_binary() -> lb_userspace::Result<PathBuf> {
-    let me = std::env::current_exe().map_err(|e| lb_userspace::Error::Sandbox(e.to_string()))?;
-    let lb = me.with_file_name("lb");
-    if !lb.is_file() {
-        return Err(lb_userspace::Error::Sandbox(format!(
-            "{} not found (cargo build --release)",
-            lb.display()
-        )));
-    }
-    Ok(lb)
-}
-
-fn main() -> std::process::ExitCode {
+/// Runs the whole benchmark and writes `latest.md` and `latest.json` to `opts.out`.
+pub fn run(opts: &Opts) -> Result<()> {
     START.get_or_init(Instant::now);
-    let opts = Opts::parse();
-    // SAFETY: handlers only store to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as usize);
-        libc::signal(libc::SIGTERM, on_signal as *const () as usize);
-    }
-    match run(&opts) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    catch_interrupts();
+    run_all(opts)
 }
 
-fn run(opts: &Opts) -> lb_userspace::Result<()> {
-    lb_userspace::sandbox::require_tools(&[
+fn run_all(opts: &Opts) -> Result<()> {
+    crate::sandbox::require_tools(&[
         "ip",
         "nginx",
         "iperf3",
@@ -176,13 +132,12 @@ fn run(opts: &Opts) -> lb_userspace::Result<()> {
         datapath: dp,
         control: cp,
     };
-    std::fs::create_dir_all(&opts.out).map_err(|e| lb_userspace::Error::Sandbox(e.to_string()))?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::Sandbox(e.to_string()))?;
     let md = rep.markdown();
     let json = rep.json();
     for (name, text) in [("latest.md", &md), ("latest.json", &json)] {
         let p = opts.out.join(name);
-        std::fs::write(&p, text)
-            .map_err(|e| lb_userspace::Error::Sandbox(format!("{}: {e}", p.display())))?;
+        std::fs::write(&p, text).map_err(|e| Error::Sandbox(format!("{}: {e}", p.display())))?;
     }
     println!("{md}");
     progress(format!(

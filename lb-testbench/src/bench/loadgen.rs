@@ -66,7 +66,7 @@ pub fn run(
     warmup: Duration,
     duration: Duration,
     max_requests: u64,
-) -> lb_userspace::Result<LoadResult> {
+) -> crate::Result<LoadResult> {
     let started = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
     let t0 = Instant::now();
@@ -77,8 +77,8 @@ pub fn run(
         let netns = netns.to_string();
         let started = started.clone();
         handles.push(std::thread::spawn(
-            move || -> lb_userspace::Result<(LoadResult, Instant)> {
-                lb_userspace::netns::enter(&netns)?;
+            move || -> crate::Result<(LoadResult, Instant)> {
+                crate::sandbox::enter(&netns)?;
                 let mut r = LoadResult::default();
                 let mut i = w;
                 let mut last = Instant::now();
@@ -121,7 +121,7 @@ pub fn run(
     for h in handles {
         let (r, last) = h
             .join()
-            .map_err(|_| lb_userspace::Error::Sandbox("load generator thread panicked".into()))??;
+            .map_err(|_| crate::Error::Sandbox("load generator thread panicked".into()))??;
         total.ok += r.ok;
         total.errors += r.errors;
         total.latencies_us.extend(r.latencies_us);

@@ -2,15 +2,13 @@
 //! fresh maps filled by the real userspace writer, runs on crafted packets through
 //! BPF_PROG_TEST_RUN; we compare the verdict and the output bytes with what a correct
 //! rewrite produces (checksums recomputed from scratch). Needs root; run one at a time.
-mod common;
-
 use std::{
     path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering},
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use common::packet::*;
+use lb_testbench::{packet::*, sandbox::run_in};
 use lb_userspace::{
     config,
     dataplane::{Dataplane, Maps},
@@ -743,7 +741,7 @@ fn a_nodeport_reply_is_routed_by_the_program_with_its_ttl_decremented() {
         "net.ipv4.ip_forward=1",
     ]);
 
-    let (nodeport, clusterip) = lb_userspace::netns::run_in(&ns.0, || {
+    let (nodeport, clusterip) = run_in(&ns.0, || {
         let mut k = Kernel::new(&nodeport_config());
         k.run_xdp(&Spec::tcp(OUTSIDE, 40700, NODE_IP, 30080, SYN).build());
         let nodeport = k.run(&Spec::tcp(B1, 8080, OUTSIDE, 40700, SYN | ACK).build());

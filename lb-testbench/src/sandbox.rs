@@ -54,6 +54,23 @@ pub struct Sandbox {
     next_ip: u8,
 }
 
+/// Moves the calling thread into a network namespace (see `lb_userspace::netns`).
+pub fn enter(netns: &str) -> Result<()> {
+    Ok(lb_userspace::netns::enter(netns)?)
+}
+
+/// Runs `f` on a new thread inside the named network namespace and returns its result
+/// (sockets made by `f` stay in that namespace).
+pub fn run_in<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let netns = netns.to_string();
+    std::thread::spawn(move || -> Result<T> {
+        enter(&netns)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| Error::Sandbox("thread panicked".into()))?
+}
+
 fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd
         .output()
@@ -362,7 +379,7 @@ impl Sandbox {
         let stop = self.stop.clone();
         let name = p.name.clone();
         let handle = std::thread::spawn(move || {
-            let bound = crate::netns::enter(&p.netns).and_then(|()| {
+            let bound = enter(&p.netns).and_then(|()| {
                 let s = std::net::UdpSocket::bind(("0.0.0.0", port))
                     .map_err(|e| Error::Sandbox(format!("udp {port} in {}: {e}", p.netns)))?;
                 s.set_read_timeout(Some(Duration::from_millis(100)))
@@ -472,7 +489,7 @@ impl Drop for Sandbox {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         clean_prefix(&format!("{}-", self.prefix));
-        let _ = crate::loader::remove_pins(&self.pin_dir);
+        let _ = lb_userspace::loader::remove_pins(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.workdir);
     }
 }

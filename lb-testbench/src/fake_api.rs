@@ -16,9 +16,14 @@ use std::{
     time::Duration,
 };
 
-use axum::body::{Body, Bytes};
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::{
-    body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+    body::{Frame, Incoming},
+    server::conn::http1,
+    service::service_fn,
+    Request, Response, StatusCode,
 };
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
@@ -67,6 +72,11 @@ impl Res {
 }
 
 type Key = (String, String);
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
 
 #[derive(Default)]
 struct Store {
@@ -320,7 +330,7 @@ fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
-        .body(Body::from(v.to_string()))
+        .body(full(v.to_string()))
         .unwrap()
 }
 
@@ -376,7 +386,7 @@ fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         let body = line(json!({"type": "ERROR", "object": status(410, "Expired", &msg)}));
         return Response::builder()
             .header("content-type", "application/json")
-            .body(Body::from(body))
+            .body(full(body))
             .unwrap();
     }
     struct W {
@@ -448,6 +458,8 @@ fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     });
     Response::builder()
         .header("content-type", "application/json")
-        .body(Body::from_stream(stream))
+        .body(BodyExt::boxed(StreamBody::new(
+            stream.map(|b| b.map(Frame::data)),
+        )))
         .unwrap()
 }

@@ -2,7 +2,7 @@
 //! met / missed line per target.
 use std::fmt::Write;
 
-use crate::{
+use super::{
     control::ControlResult,
     datapath::{Mode, ModeResult, ScaleResult, MODES},
     stats::{pair_ratios, quantile, summarize, Summary},
@@ -93,7 +93,7 @@ fn fmt_sum(s: &Summary, prec: usize) -> String {
     )
 }
 
-fn col(m: &ModeResult, f: impl Fn(&crate::datapath::Run) -> f64) -> Vec<f64> {
+fn col(m: &ModeResult, f: impl Fn(&super::datapath::Run) -> f64) -> Vec<f64> {
     m.runs.iter().map(f).collect()
 }
 
@@ -108,7 +108,7 @@ fn ratio(
     s: &ScaleResult,
     a: Mode,
     b: Mode,
-    f: impl Fn(&crate::datapath::Run) -> f64 + Copy,
+    f: impl Fn(&super::datapath::Run) -> f64 + Copy,
 ) -> Option<Summary> {
     let (ma, mb) = (mode(s, a)?, mode(s, b)?);
     let r = summarize(&pair_ratios(&col(ma, f), &col(mb, f)));
@@ -340,7 +340,7 @@ impl Report {
         o.push_str("| services | lb / no LB, Gbit/s | lb / iptables, conn/s | lb / nftables, conn/s | lb / no LB, conn/s | lb / iptables, p99 |\n");
         o.push_str("|---|---|---|---|---|---|\n");
         for s in &self.datapath {
-            let f = |a, b, g: fn(&crate::datapath::Run) -> f64| {
+            let f = |a, b, g: fn(&super::datapath::Run) -> f64| {
                 ratio(s, a, b, g)
                     .map(|r| fmt_sum(&r, 2))
                     .unwrap_or("–".into())

@@ -182,7 +182,7 @@ mod tests {
     use std::{collections::HashSet, net::Ipv4Addr};
 
     use super::*;
-    use crate::workload::{services, Endpoints};
+    use crate::bench::workload::{services, Endpoints};
 
     fn small() -> Vec<Svc> {
         services(
@@ -270,6 +270,6 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("add chain ip kube-proxy endpoint-"))
             .count();
-        assert_eq!(chains, crate::workload::endpoint_count(&small()));
+        assert_eq!(chains, crate::bench::workload::endpoint_count(&small()));
     }
 }

@@ -2,13 +2,6 @@
 //! real kube client, with real traffic: what kube-proxy's users do on a node. The fake API
 //! server runs inside the node's network namespace (the agent reaches it on 127.0.0.1
 //! there, as a hostNetwork pod reaches a local API server). Needs root.
-#[path = "k8s_support/fake_api.rs"]
-#[expect(
-    dead_code,
-    reason = "this test uses only part of the fake API server's controls"
-)]
-mod fake_api;
-
 use std::{
     collections::BTreeSet,
     path::Path,
@@ -17,11 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fake_api::FakeApi;
-use lb_userspace::{dataplane::Maps, netns, sandbox::Sandbox};
+use lb_testbench::{
+    fake_api::FakeApi,
+    sandbox::{enter, Sandbox},
+};
+use lb_userspace::dataplane::Maps;
 use serde_json::{json, Value};
 
-const LB: &str = env!("CARGO_BIN_EXE_lb");
 const NODE: &str = "node-1";
 
 /// The fake API server on a runtime whose threads live in `netns`; stopped on drop.
@@ -37,7 +32,7 @@ impl ApiInNetns {
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let ns = netns_name.to_string();
         let thread = std::thread::spawn(move || {
-            netns::enter(&ns).unwrap();
+            enter(&ns).unwrap();
             // Worker threads are made by this thread, so they are inside the namespace too.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -116,7 +111,7 @@ fn the_agent_programs_services_from_the_api_and_traffic_follows() {
 
     let kubeconfig = sb.path("kubeconfig.yaml");
     api.write_kubeconfig(&kubeconfig);
-    let mut cmd = Command::new(LB);
+    let mut cmd = Command::new(lb_testbench::agent::lb_binary().unwrap());
     cmd.args([
         "agent",
         "--netns",

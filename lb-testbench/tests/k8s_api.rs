@@ -2,9 +2,6 @@
 //! (tests/k8s_support/fake_api.rs), with the real kube client and the real eBPF maps
 //! (loaded into a private pin folder, no interface attached). We change objects in the
 //! fake API and assert what the kernel maps hold. Needs root; run with --test-threads=1.
-#[path = "k8s_support/fake_api.rs"]
-mod fake_api;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
@@ -18,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fake_api::{FakeApi, Res};
+use lb_testbench::fake_api::{FakeApi, Res};
 use lb_userspace::{
     dataplane::{
         plan::{backend_addr, frontend_addr},
@@ -649,8 +646,6 @@ fn web_seed(api: &FakeApi) {
 
 // ---- The `lb agent` binary: flags, kubeconfig, HTTP endpoints, signals, pinned restart.
 
-const LB: &str = env!("CARGO_BIN_EXE_lb");
-
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -690,7 +685,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 fn spawn_agent(kubeconfig: &Path, pins: &Pins, port: u16, keep: bool) -> Proc {
-    let mut cmd = Command::new(LB);
+    let mut cmd = Command::new(lb_testbench::agent::lb_binary().unwrap());
     cmd.arg("agent")
         .arg("--kubeconfig")
         .arg(kubeconfig)

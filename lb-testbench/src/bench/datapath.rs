@@ -7,13 +7,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::{sandbox::Sandbox, Error, Result};
-
-use crate::{
+use super::{
     check_interrupted, loadgen, progress, rules,
     workload::{self, Endpoints, IPERF_IP, IPERF_PORT, WEB_IP, WEB_PORT, WEB_TARGET_PORT},
     Opts,
 };
+use crate::{sandbox::Sandbox, Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -203,7 +202,7 @@ pub fn start_agent(
     backends: usize,
     log: &str,
 ) -> Result<(u32, f64)> {
-    let lb = crate::lb_binary()?;
+    let lb = crate::agent::lb_binary()?;
     let fe = (frontends + frontends / 4).max(1024);
     let be = (backends + backends / 4).max(4096);
     let mut cmd = Command::new(lb);
@@ -482,8 +481,8 @@ pub fn run_all(opts: &Opts) -> Result<Vec<ScaleResult>> {
                     gbps: tput[i].0,
                     cpu_s_per_gbit: tput[i].1,
                     cps: lr.conns_per_sec(),
-                    p50_us: crate::stats::quantile(&lr.latencies_us, 0.50),
-                    p99_us: crate::stats::quantile(&lr.latencies_us, 0.99),
+                    p50_us: super::stats::quantile(&lr.latencies_us, 0.50),
+                    p99_us: super::stats::quantile(&lr.latencies_us, 0.99),
                     errors: lr.errors,
                 };
                 progress(format!(

@@ -19,16 +19,15 @@ use lb_userspace::{
     dataplane::Dataplane,
     loader::{remove_pins, Datapath, LoadOptions},
     model::desired_state,
-    sandbox::Sandbox,
-    Error, Result,
 };
 
-use crate::{
-    check_interrupted, datapath, packet, progress,
+use super::{
+    check_interrupted, datapath, progress,
     stats::{median, quantile},
     workload::{self, Endpoints, WEB_IP, WEB_PORT},
     Opts,
 };
+use crate::{packet, sandbox::Sandbox, Error, Result};
 
 #[derive(Clone, Debug, Default)]
 pub struct PacketCost {
@@ -157,7 +156,7 @@ where
             repeat,
             ..Default::default()
         })
-        .map_err(|e| Error::Load(format!("BPF_PROG_TEST_RUN: {e}")))?;
+        .map_err(|e| Error::Sandbox(format!("BPF_PROG_TEST_RUN: {e}")))?;
     out.truncate(r.data_size_out as usize);
     Ok((r.duration.as_nanos() as f64, r.return_value, out))
 }
@@ -185,7 +184,7 @@ fn packet_costs(datapath: &mut Datapath) -> Result<Vec<PacketCost>> {
 /// is estimated with the packet to no Service, which the program does not rewrite: its
 /// single-run median minus its average over 200000 repeats. Reported values have it
 /// subtracted; the raw single-run medians are kept beside them.
-fn packet_cost(program: &'static str, run: &RunFn, ports: u16) -> Result<PacketCost> {
+fn packet_cost(program: &'static str, run: &RunFn<'_>, ports: u16) -> Result<PacketCost> {
     let singles = |pkts: &mut dyn FnMut(u16) -> Vec<u8>| -> Result<(f64, u32)> {
         let mut v = Vec::with_capacity(2000);
         let mut ret = 0;
@@ -222,7 +221,7 @@ fn packet_cost(program: &'static str, run: &RunFn, ports: u16) -> Result<PacketC
         )?;
         *dsts.entry(packet::dst_of(&out)).or_insert(0) += 1;
     }
-    crate::progress(format!(
+    progress(format!(
         "   per packet ({program}): 200 new flows to {WEB_IP}:{WEB_PORT} went to {dsts:?}"
     ));
     // One established flow, and its replies.
@@ -232,8 +231,8 @@ fn packet_cost(program: &'static str, run: &RunFn, ports: u16) -> Result<PacketC
         1,
     )?;
     let (backend, bport) =
-        packet::dst_of(&syn_out).ok_or_else(|| Error::Load("SYN came back short".into()))?;
-    crate::progress(format!(
+        packet::dst_of(&syn_out).ok_or_else(|| Error::Sandbox("SYN came back short".into()))?;
+    progress(format!(
         "   per packet ({program}): SYN to {WEB_IP}:{WEB_PORT} was sent to {backend}:{bport}"
     ));
     let est = packet::tcp(client, sport, WEB_IP, WEB_PORT, packet::ACK);
@@ -350,7 +349,7 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
         cache.replace_all(cfg.services.clone(), cfg.endpoint_slices.clone());
         let rep = plane.sync(cache.desired());
         if rep.ops != 0 || !rep.errors.is_empty() {
-            return Err(Error::Map(format!(
+            return Err(Error::Sandbox(format!(
                 "the model cache disagrees with desired_state: {} ops, errors {:?}",
                 rep.ops, rep.errors
             )));
@@ -378,7 +377,7 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
             let rep = plane.sync(cache.desired());
             let us = t.elapsed().as_secs_f64() * 1e6;
             if rep.ops == 0 || !rep.errors.is_empty() {
-                return Err(Error::Map(format!(
+                return Err(Error::Sandbox(format!(
                     "endpoint change made {} ops, errors {:?}",
                     rep.ops, rep.errors
                 )));
@@ -401,7 +400,10 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
             &cfg.node,
         ));
         if !rep.errors.is_empty() {
-            return Err(Error::Map(format!("ping-pong services: {:?}", rep.errors)));
+            return Err(Error::Sandbox(format!(
+                "ping-pong services: {:?}",
+                rep.errors
+            )));
         }
         r.packet = packet_costs(&mut datapath)?;
         for c in &r.packet {
@@ -463,7 +465,7 @@ fn agent_path(scale: usize, r: &mut ControlResult, json: bool) -> Result<()> {
         .keys()
         .count();
     if n != svcs.len() {
-        return Err(Error::Map(format!(
+        return Err(Error::Sandbox(format!(
             "agent synced {n} frontends, expected {}",
             svcs.len()
         )));

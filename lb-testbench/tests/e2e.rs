@@ -2,25 +2,20 @@
 //! programs (curl, nginx, iperf3, and a UDP responder in each pod) sending TCP and UDP
 //! through a ClusterIP. We assert what the clients actually received. Needs root; run
 //! one at a time.
-mod common;
-
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
-use lb_userspace::{
-    dataplane::Maps,
-    demo::{spawn_agent, wait_agent_ready},
-    netns,
-    sandbox::Sandbox,
+use lb_testbench::{
+    agent::{lb_binary, spawn_agent, wait_agent_ready},
+    sandbox::{run_in, Sandbox},
 };
-
-const LB: &str = env!("CARGO_BIN_EXE_lb");
+use lb_userspace::dataplane::Maps;
 const WEB: &str = "10.96.0.10";
 const IPERF: &str = "10.96.0.20";
 const EMPTY: &str = "10.96.0.30";
@@ -114,7 +109,7 @@ impl Env {
         }
         let config = sb.path("services.yaml");
         std::fs::write(&config, cfg).unwrap();
-        let agent = spawn_agent(&sb, Path::new(LB), &config, agent_args).unwrap();
+        let agent = spawn_agent(&sb, &lb_binary().unwrap(), &config, agent_args).unwrap();
         wait_agent_ready(&sb, frontends, 4, Duration::from_secs(30)).unwrap();
         Env { sb, config, agent }
     }
@@ -158,7 +153,7 @@ impl Env {
 
     /// Runs `f` with a socket API inside the client's namespace.
     fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        netns::run_in(&self.client(), f).unwrap()
+        run_in(&self.client(), f).unwrap()
     }
 
     /// Starts iperf3 in the client against `ip` for `secs` seconds, JSON to a log.
@@ -369,7 +364,13 @@ fn an_agent_restart_with_pins_kept_does_not_interrupt_a_tcp_stream() {
         "maps stay pinned"
     );
     std::thread::sleep(Duration::from_millis(1000)); // no agent at all for a second
-    let again = spawn_agent(&env.sb, Path::new(LB), &env.config, &["--keep-pinned"]).unwrap();
+    let again = spawn_agent(
+        &env.sb,
+        &lb_binary().unwrap(),
+        &env.config,
+        &["--keep-pinned"],
+    )
+    .unwrap();
     let (intervals, _) = env.iperf3_result(pid, "iperf-client.json");
     assert!(
         intervals.iter().all(|bps| *bps > 0.0),
@@ -489,7 +490,7 @@ fn iperf3_through_the_cluster_ip_beside_the_pod_ip() {
     );
 }
 
-const NODE_IP: &str = lb_userspace::sandbox::NODE_IP;
+const NODE_IP: &str = lb_testbench::sandbox::NODE_IP;
 const EXTERNAL_IP: &str = "203.0.113.10";
 /// An endpoint on another node: nothing answers there, so a request sent to it times out.
 const ELSEWHERE: &str = "10.244.9.9";
@@ -596,7 +597,7 @@ fn nodeports_and_external_ips_from_outside_reach_only_this_nodes_backends() {
     }
 
     // UDP: answered from the NodePort's address.
-    let answers: Vec<SocketAddr> = netns::run_in(&outside, || {
+    let answers: Vec<SocketAddr> = run_in(&outside, || {
         (0..12)
             .map(|_| {
                 let s = UdpSocket::bind("0.0.0.0:0").unwrap();

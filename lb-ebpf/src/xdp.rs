@@ -1,0 +1,38 @@
+//! The XDP hook (`lb_xdp_ext`, the node's external interfaces): the frame before any skb
+//! exists, always linear (multi-buffer frames are not enabled for this program), with
+//! complete checksums, rewritten in place.
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::counter;
+
+use crate::{
+    counters::count,
+    hook::{Hook, Verdict},
+    lb,
+    parse::Packet,
+};
+
+impl Hook for XdpContext {
+    /// The packet goes on to the kernel unchanged. A NodePort is a port of the node's own
+    /// address where nothing listens, so the kernel answers with a TCP RST or an ICMP port
+    /// unreachable: the same refusal tc builds by hand, without a copy of that code.
+    #[inline(always)]
+    fn refuse(&self, _pkt: &Packet) -> Verdict {
+        count(counter::PASSED_NO_BACKEND);
+        Verdict::Pass
+    }
+
+    /// Does not happen: external flows only go to this node's backends, whose replies
+    /// leave through the pod program.
+    #[inline(always)]
+    fn send_external_reply(&self, _pkt: &Packet, _src: u32, _sport: u16) -> Verdict {
+        Verdict::Pass
+    }
+}
+
+#[inline(always)]
+pub fn process(ctx: &XdpContext) -> u32 {
+    match lb::process(ctx) {
+        Verdict::Pass | Verdict::Redirect(_) => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}

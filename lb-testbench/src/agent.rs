@@ -1,0 +1,126 @@
+//! Running the real `lb` binary on a sandbox, and Ctrl-C handling for the bench's
+//! long-running commands (the demo, the benchmark): a signal only sets a flag, and each
+//! step checks it, so the sandbox is always dropped (and removed) on the way out.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use lb_userspace::dataplane::Maps;
+
+use crate::{sandbox::Sandbox, Error, Result};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM set a flag that [`check_interrupted`] reports.
+pub fn catch_interrupts() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as usize);
+        libc::signal(libc::SIGTERM, on_signal as *const () as usize);
+    }
+}
+
+/// An error once SIGINT or SIGTERM arrived (after [`catch_interrupts`]).
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err(Error::Sandbox("interrupted; cleaning up".into()))
+    } else {
+        Ok(())
+    }
+}
+
+/// The `lb` binary of this build: next to the running binary (`target/<profile>/`), or
+/// one folder up from a test binary (`target/<profile>/deps/`).
+pub fn lb_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe().map_err(|e| Error::Sandbox(e.to_string()))?;
+    let dir = me.parent().unwrap_or(Path::new("."));
+    let candidates = [dir.join("lb"), dir.join("../lb")];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            Error::Sandbox(format!(
+                "the lb binary is not next to {} (build it: cargo build -p lb-userspace; \
+                 `cargo xtask test` does)",
+                me.display()
+            ))
+        })
+}
+
+/// Starts `lb run` for a sandbox, in its node namespace, on `config`, with small maps.
+pub fn spawn_agent(sb: &Sandbox, lb: &Path, config: &Path, extra: &[&str]) -> Result<u32> {
+    let mut cmd = Command::new(lb);
+    cmd.args([
+        "run",
+        "--netns",
+        &sb.node,
+        "--interfaces",
+        sb.interface_glob(),
+        "--external-interfaces",
+        sb.external_interface(),
+    ])
+    .arg("--config")
+    .arg(config)
+    .arg("--pin-dir")
+    .arg(sb.pin_dir())
+    .args(["--poll-ms", "100"])
+    // Small maps: the sandbox has a handful of services.
+    .args([
+        "--max-frontends",
+        "1024",
+        "--max-backends",
+        "4096",
+        "--max-slots",
+        "4096",
+        "--max-conntrack",
+        "65536",
+    ])
+    .args(extra)
+    .env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    sb.spawn(cmd, "agent.log")
+}
+
+/// Waits until the agent's pinned maps hold `frontends` frontends and it attached to
+/// `links` pod interfaces and to the node's external interface.
+pub fn wait_agent_ready(
+    sb: &Sandbox,
+    frontends: usize,
+    links: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        let count = |dir: &str| {
+            std::fs::read_dir(sb.pin_dir().join(dir))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
+        let (n_links, n_xdp) = (count("links"), count("xdp-links"));
+        if let Ok(maps) = Maps::from_pins(sb.pin_dir()) {
+            if let Ok(st) = maps.read_state() {
+                if st.frontends.len() == frontends && n_links >= links && n_xdp >= 1 {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Sandbox(format!(
+                "the agent did not become ready in {timeout:?}; its log:\n{}",
+                sb.log("agent.log")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,4 +1,0 @@
-//! Shared test helpers.
-#![allow(dead_code)]
-
-pub mod packet;
