@@ -8,10 +8,7 @@ use std::{
     net::{Ipv4Addr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -19,9 +16,12 @@ use lb_testbench::fake_api::{FakeApi, Res};
 use lb_userspace::{
     dataplane::{
         plan::{backend_addr, frontend_addr},
+        writer::Writer,
         Dataplane, Maps,
     },
-    k8s::{metrics::Metrics, translate::Rules, Controller, ControllerOptions, Health},
+    k8s::{
+        metrics::Metrics, translate::Rules, writer_options, Controller, ControllerOptions, Health,
+    },
     loader::{self, Datapath, LoadOptions},
 };
 use serde_json::{json, Value};
@@ -79,8 +79,7 @@ fn snapshot(dir: &Path) -> Snap {
             .slot_list(f)
             .iter()
             .map(|id| {
-                st.backends
-                    .get(id)
+                st.backend(*id)
                     .map(|b| backend_addr(b).to_string())
                     .unwrap_or_else(|| format!("#{id}?"))
             })
@@ -90,9 +89,8 @@ fn snapshot(dir: &Path) -> Snap {
         snap.flags.insert(frontend_addr(k).to_string(), f.flags);
     }
     snap.backends = st
-        .backends
-        .values()
-        .map(|b| backend_addr(b).to_string())
+        .backends()
+        .map(|(_, b)| backend_addr(b).to_string())
         .collect();
     snap
 }
@@ -183,13 +181,69 @@ fn node_at(name: &str, internal_ip: &str) -> Value {
     n
 }
 
-/// The controller on real maps, talking to the fake API with the real kube client.
-struct Agent {
+/// The controller and the writer thread on a dataplane, talking to the fake API with the
+/// real kube client: what `lb agent` runs.
+struct Running {
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<lb_userspace::Result<()>>>,
     metrics: Metrics,
     health: Health,
-    _plane: Arc<Mutex<Dataplane>>,
+    writer: Option<Writer>,
+}
+
+impl Running {
+    fn start(api: &FakeApi, plane: Dataplane) -> Self {
+        let config = kube::Config::new(api.url().parse().unwrap());
+        let client = kube::Client::try_from(config).expect("kube client");
+        let metrics = Metrics::default();
+        let writer = Writer::spawn(plane, writer_options(Duration::ZERO), metrics.on_sync())
+            .expect("writer thread");
+        let health = Health::new(writer.status());
+        let opts = ControllerOptions {
+            node_name: NODE.into(),
+            rules: Rules::default(),
+        };
+        let controller = Controller::new(client, opts, writer.updates(), metrics.clone());
+        let (stop, mut rx) = watch::channel(false);
+        let task = tokio::spawn(controller.run(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        Self {
+            stop,
+            task: Some(task),
+            metrics,
+            health,
+            writer: Some(writer),
+        }
+    }
+
+    /// Stops the controller and the writer.
+    async fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        let task = self.task.take().unwrap();
+        let r = tokio::time::timeout(WAIT, task)
+            .await
+            .expect("the controller did not stop");
+        r.expect("controller task").expect("controller result");
+        if let Some(w) = self.writer.take() {
+            drop(tokio::task::block_in_place(|| w.stop()));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The agent on real maps in a pin folder of its own.
+struct Agent {
+    run: Running,
+    metrics: Metrics,
+    health: Health,
     _datapath: Datapath,
     /// Last, so the maps are closed before the pins go.
     pins: Option<Pins>,
@@ -200,28 +254,11 @@ impl Agent {
         let pins = Pins::new();
         let (datapath, maps) =
             Datapath::load(&pins.load_options()).expect("loading the eBPF object (root needed)");
-        let plane = Arc::new(Mutex::new(Dataplane::new(maps).unwrap()));
-        let config = kube::Config::new(api.url().parse().unwrap());
-        let client = kube::Client::try_from(config).expect("kube client");
-        let metrics = Metrics::default();
-        let health = Health::default();
-        let opts = ControllerOptions {
-            node_name: NODE.into(),
-            rules: Rules::default(),
-            debounce: Duration::from_millis(10),
-        };
-        let controller =
-            Controller::new(client, opts, plane.clone(), metrics.clone(), health.clone());
-        let (stop, mut rx) = watch::channel(false);
-        let task = tokio::spawn(controller.run(async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
+        let run = Running::start(api, Dataplane::new(maps).unwrap());
         Self {
-            stop,
-            task: Some(task),
-            metrics,
-            health,
-            _plane: plane,
+            metrics: run.metrics.clone(),
+            health: run.health.clone(),
+            run,
             _datapath: datapath,
             pins: Some(pins),
         }
@@ -238,21 +275,8 @@ impl Agent {
 
     /// Stops the controller; returns the pins (removed when the caller drops them).
     async fn stop(mut self) -> Pins {
-        let _ = self.stop.send(true);
-        let task = self.task.take().unwrap();
-        let r = tokio::time::timeout(WAIT, task)
-            .await
-            .expect("the controller did not stop");
-        r.expect("controller task").expect("controller result");
+        self.run.stop().await;
         self.pins.take().unwrap()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
     }
 }
 
@@ -601,21 +625,8 @@ async fn nothing_is_written_before_services_and_slices_are_listed() {
     // ...and a second controller on the same maps: the first sync writes nothing, since
     // the state did not change, and the readiness comes only after the node is listed.
     let maps = Maps::from_pins(&dir).unwrap();
-    let plane = Arc::new(Mutex::new(Dataplane::new(maps).unwrap()));
-    let client = kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap();
-    let metrics = Metrics::default();
-    let health = Health::default();
-    let opts = ControllerOptions {
-        node_name: NODE.into(),
-        rules: Rules::default(),
-        debounce: Duration::from_millis(10),
-    };
-    let (stop, mut rx) = watch::channel(false);
-    let task = tokio::spawn(
-        Controller::new(client, opts, plane, metrics.clone(), health.clone()).run(async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }),
-    );
+    let mut second = Running::start(&api, Dataplane::new(maps).unwrap());
+    let (metrics, health) = (second.metrics.clone(), second.health.clone());
     let h = health.clone();
     wait_until("ready again", move || h.is_ready()).await;
     assert!(ops > 0);
@@ -625,12 +636,7 @@ async fn nothing_is_written_before_services_and_slices_are_listed() {
         "a restart on unchanged pinned maps should write nothing"
     );
     assert_eq!(snapshot(&dir).frontends["10.96.0.10:80/TCP"].len(), 2);
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    second.stop().await;
     drop(pins);
 }
 

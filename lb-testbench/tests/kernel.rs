@@ -11,7 +11,10 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_testbench::{packet::*, sandbox::run_in};
 use lb_userspace::{
     config,
-    dataplane::{Dataplane, Maps},
+    dataplane::{
+        plan::{frontend_addr, MapState},
+        Dataplane, Maps,
+    },
     loader::{remove_pins, Datapath, LoadOptions},
     model::desired_state,
 };
@@ -68,29 +71,34 @@ fn config_with(ready: &[(&str, bool)]) -> String {
 
 impl Kernel {
     fn new(cfg: &str) -> Self {
+        let mut k = Self::load(LoadOptions {
+            max_frontends: 1024,
+            max_backends: 1024,
+            max_slots: 1024,
+            max_conntrack: 4096,
+            ..Default::default()
+        });
+        k.sync(cfg);
+        k
+    }
+
+    /// The program and empty maps of the given sizes, in a pin folder of its own.
+    fn load(mut opts: LoadOptions) -> Self {
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/lbt-kern-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         ));
-        let opts = LoadOptions {
-            pin_dir: pin_dir.clone(),
-            max_frontends: 1024,
-            max_backends: 1024,
-            max_slots: 1024,
-            max_conntrack: 4096,
-        };
+        opts.pin_dir = pin_dir.clone();
         let pins = Pins(pin_dir.clone());
         let (datapath, maps) = Datapath::load(&opts).expect("load the eBPF object");
         let plane = Dataplane::new(maps).unwrap();
-        let mut k = Kernel {
+        Kernel {
             datapath,
             plane,
             pin_dir,
             _pins: pins,
-        };
-        k.sync(cfg);
-        k
+        }
     }
 
     fn sync(&mut self, cfg: &str) {
@@ -477,18 +485,78 @@ fn the_writer_batches_and_its_mirror_always_equals_the_kernel_maps() {
     );
     let kernel = Maps::from_pins(&pin_dir).unwrap().read_state().unwrap();
     assert_eq!(
-        plane.state(),
-        &kernel,
+        plane.state().content(),
+        kernel.content(),
         "the mirror holds exactly what the kernel took"
     );
-    assert_eq!(kernel.backends.len(), 8);
+    assert_eq!(kernel.backend_count(), 8);
+    assert_counts_within_slots(&kernel);
     // Back under the limit: the next sync compares everything and converges.
     let report = plane.sync(&cfg(eps(4)));
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let kernel = Maps::from_pins(&pin_dir).unwrap().read_state().unwrap();
-    assert_eq!(plane.state(), &kernel);
-    assert_eq!(kernel.backends.len(), 8);
+    assert_eq!(plane.state().content(), kernel.content());
+    assert_eq!(kernel.backend_count(), 8);
     assert_eq!(plane.sync(&cfg(eps(4))).ops, 0, "nothing left to do");
+}
+
+/// Every frontend's slots 1..=count exist and name a backend that exists: a new
+/// connection is never hashed to a slot that is not there.
+fn assert_counts_within_slots(kernel: &MapState) {
+    for (k, f) in &kernel.frontends {
+        for slot in 1..=f.count {
+            let id = kernel.slot(f.service_id, slot);
+            assert!(
+                id.is_some_and(|id| kernel.backend(id).is_some()),
+                "frontend {} counts {} backends, but slot {slot} holds {id:?}",
+                frontend_addr(k),
+                f.count
+            );
+        }
+    }
+}
+
+#[test]
+fn a_frontend_never_counts_a_slot_whose_write_failed() {
+    let mut k = Kernel::load(LoadOptions {
+        max_frontends: 1024,
+        max_backends: 1024,
+        max_slots: 4, // too small on purpose: 6 ready backends will not fit
+        max_conntrack: 1024,
+        ..Default::default()
+    });
+    let six: String = (1..=6)
+        .map(|i| format!("      - addresses: [\"10.244.1.{i}\"]\n"))
+        .collect();
+    let c = config::parse(
+        "t",
+        &yaml(
+            "  - name: web\n    clusterIP: 10.96.0.10\n    ports: [{name: http, port: 80}]",
+            &format!(
+                "  - name: web-1\n    serviceName: web\n    ports: [{{name: http, port: 8080}}]\n    endpoints:\n{six}"
+            ),
+        ),
+    )
+    .unwrap();
+    let report = k
+        .plane
+        .sync(&desired_state(&c.services, &c.endpoint_slices, &c.node));
+    assert_eq!(report.errors.len(), 2, "the slot map holds 4 of 6");
+    let kernel = Maps::from_pins(&k.pin_dir).unwrap().read_state().unwrap();
+    assert_eq!(k.plane.state().content(), kernel.content());
+    assert_counts_within_slots(&kernel);
+    assert_eq!(kernel.frontends.values().next().unwrap().count, 4);
+    // And packets agree: every new flow to the web frontend is translated, none refused.
+    for sport in 40000..40064 {
+        let (ret, out) = k.run(&Spec::tcp(CLIENT, sport, VIP, 80, SYN).build());
+        assert_eq!(ret, TC_ACT_OK);
+        assert_ne!(
+            view(&out).dst.to_string(),
+            VIP,
+            "port {sport} was not translated"
+        );
+    }
+    assert_eq!(k.counter("refused_no_backend"), 0);
 }
 
 // ---- The XDP program on the node's external interfaces ----

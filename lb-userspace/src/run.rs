@@ -1,6 +1,7 @@
-//! `lb run`: the standalone agent. Loads (or re-uses) the datapath, applies the config
-//! file, and re-applies it as a diff whenever it changes; attaches the program to every
-//! interface that matches the globs, including ones created later.
+//! `lb run`: the standalone agent. Loads (or re-uses) the datapath, hands the config file
+//! to the writer thread, and hands it again whenever it changes (the writer writes only
+//! the difference); attaches the program to every interface that matches the globs,
+//! including ones created later.
 use std::{path::PathBuf, time::Duration};
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -8,9 +9,11 @@ use tracing::{error, info, warn};
 
 use crate::{
     config,
-    dataplane::Dataplane,
+    dataplane::{
+        writer::{Update, Writer, WriterOptions},
+        Dataplane,
+    },
     loader::{Datapath, Hook, LoadOptions},
-    model::{desired_state, Config},
     Error, Result,
 };
 
@@ -106,26 +109,20 @@ pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-fn apply(plane: &mut Dataplane, cfg: &Config) {
-    let desired = desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
-    let report = plane.sync(&desired);
-    for e in &report.errors {
-        error!("map update failed: {e}");
-    }
-    info!(
-        frontends = desired.frontends.len(),
-        backends = plane.state().backends.len(),
-        map_ops = report.ops,
-        errors = report.errors.len(),
-        "synced"
-    );
-}
-
 /// Length and hash of the file's bytes: enough to tell an edit.
 fn fingerprint(text: &[u8]) -> (usize, u64) {
     // Fixed keys: the same bytes give the same hash for the life of the process.
     let h = ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(text);
     (text.len(), h)
+}
+
+/// Reads and validates the file off the async runtime's threads (a large file takes
+/// seconds to parse).
+async fn load(path: &std::path::Path) -> Result<crate::model::Config> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || config::load(&path))
+        .await
+        .map_err(|e| Error::Config(format!("reading the config failed: {e}")))?
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -135,13 +132,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // A fingerprint of the file, not a copy of it (a large config is tens of MiB).
     let mut last_seen = fingerprint(&text);
     drop(text);
-    let cfg = config::load(&opts.config)?;
+    let cfg = load(&opts.config).await?;
 
-    let (mut datapath, mut plane) = load_datapath(&opts.load)?;
+    let (mut datapath, plane) = load_datapath(&opts.load)?;
+    let writer = Writer::spawn(plane, WriterOptions::default(), Box::new(|_| {}))
+        .map_err(|e| Error::Load(format!("starting the writer thread: {e}")))?;
+    let mut status = writer.status();
+    writer.send(Update::Replace(cfg));
     // Maps first, then attach: a new interface never sees a half-filled service table.
-    apply(&mut plane, &cfg);
-    // The maps and the writer's mirror hold the state now; the objects are not needed.
-    drop(cfg);
+    let _ = status.wait_for(|s| s.syncs > 0).await;
     start_attaching(&mut datapath, &interfaces);
 
     let mut tick = tokio::time::interval(opts.poll);
@@ -153,8 +152,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 match std::fs::read(&opts.config).map(|text| fingerprint(&text)) {
                     Ok(seen) if seen != last_seen => {
                         last_seen = seen;
-                        match config::load(&opts.config) {
-                            Ok(cfg) => apply(&mut plane, &cfg),
+                        match load(&opts.config).await {
+                            Ok(cfg) => {
+                                writer.send(Update::Replace(cfg));
+                            }
                             Err(e) => error!("{e}; keeping the running state"),
                         }
                     }
@@ -166,6 +167,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = &mut shutdown => break,
         }
     }
-    drop(plane);
+    // The writer finishes what was queued; its maps close before the pins go.
+    drop(tokio::task::block_in_place(|| writer.stop()));
     datapath.shutdown(opts.keep_pinned)
 }

@@ -54,7 +54,7 @@ fn services(maps: &Maps, out: &mut String) -> Result<()> {
         let list: Vec<String> = st
             .slot_list(f)
             .iter()
-            .map(|id| match st.backends.get(id) {
+            .map(|id| match st.backend(*id) {
                 Some(b) => format!(
                     "{}:{}",
                     Ipv4Addr::from(u32::from_be(b.addr)),
@@ -80,8 +80,7 @@ fn services(maps: &Maps, out: &mut String) -> Result<()> {
 
 fn backends(maps: &Maps, out: &mut String) -> Result<()> {
     let st = maps.read_state()?;
-    let mut bs: Vec<_> = st.backends.iter().collect();
-    bs.sort_by_key(|(id, _)| **id);
+    let bs: Vec<_> = st.backends().collect();
     let _ = writeln!(out, "{:>6}  BACKEND", "ID");
     for (id, b) in bs {
         let _ = writeln!(out, "{id:>6}  {}", backend_addr(b));

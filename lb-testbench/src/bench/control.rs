@@ -107,7 +107,7 @@ const PONG: Ipv4Addr = Ipv4Addr::new(10, 96, 255, 2);
 /// PING:80 -> backend PONG:80 and PONG:80 -> backend PING:80.
 fn add_ping_pong(cfg: &mut lb_userspace::model::Config) {
     use lb_userspace::model::{
-        Conditions, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort,
+        Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort,
     };
     for (name, ip, backend) in [("ping", PING, PONG), ("pong", PONG, PING)] {
         cfg.services.push(Service {
@@ -132,11 +132,7 @@ fn add_ping_pong(cfg: &mut lb_userspace::model::Config) {
                 port: 80,
                 protocol: Protocol::Tcp,
             }],
-            endpoints: vec![Endpoint {
-                addresses: vec![backend],
-                conditions: Conditions::default(),
-                ..Default::default()
-            }],
+            endpoints: vec![Endpoint::new(backend)],
         });
     }
 }
@@ -348,6 +344,8 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
         let mut cache = lb_userspace::model::ModelCache::default();
         cache.replace_all(cfg.services.clone(), cfg.endpoint_slices.clone());
         let rep = plane.sync(cache.desired());
+        // The maps hold the whole state now: later deltas start from here.
+        cache.take_delta();
         if rep.ops != 0 || !rep.errors.is_empty() {
             return Err(Error::Sandbox(format!(
                 "the model cache disagrees with desired_state: {} ops, errors {:?}",
@@ -374,7 +372,8 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
             // As the Kubernetes agent does: the changed slice into the model cache (its
             // Service's frontends are recomputed), then the incremental diff to the maps.
             cache.upsert_slice(cfg.endpoint_slices[k].clone());
-            let rep = plane.sync(cache.desired());
+            let delta = cache.take_delta();
+            let rep = plane.sync_delta(cache.current(), Some(&delta));
             let us = t.elapsed().as_secs_f64() * 1e6;
             if rep.ops == 0 || !rep.errors.is_empty() {
                 return Err(Error::Sandbox(format!(

@@ -11,7 +11,7 @@
 use std::net::Ipv4Addr;
 
 use lb_userspace::model::{
-    Conditions, Config, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort,
+    Config, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort,
 };
 
 pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -129,11 +129,7 @@ pub fn to_config(svcs: &[Svc]) -> Config {
             endpoints: s
                 .endpoints
                 .iter()
-                .map(|(ip, _)| Endpoint {
-                    addresses: vec![*ip],
-                    conditions: Conditions::default(),
-                    ..Default::default()
-                })
+                .map(|(ip, _)| Endpoint::new(*ip))
                 .collect(),
         });
     }

@@ -1,148 +1,162 @@
-//! The watch loop: three reflectors (Services, EndpointSlices, this node), a debounce,
-//! and a sync that recomputes the desired state from the stores and applies the diff.
+//! The watch loop: three watches (Services, EndpointSlices, this Node) whose events are
+//! translated one by one and handed to the writer thread by key. Nothing is kept of the
+//! Kubernetes objects themselves: the model holds the translated objects, which keep
+//! only the fields it uses.
 //!
-//! - A burst of events is coalesced: the first event arms a timer (`debounce`, a few ms)
-//!   and the sync runs when it fires, whatever came in between; the delay is bounded
-//!   because later events do not push the timer.
-//! - Nothing is written before both the Service and the EndpointSlice lists are
-//!   complete, so a restarted agent never empties backends it kept in pinned maps.
-//! - After a watch restart (410 Gone, reconnect) the reflector swaps in the new list and
-//!   the sync diffs against the mirror of the maps: only what differs is written.
-//! - When the API server is unreachable the watchers retry with kube's default backoff
-//!   and the maps keep the last state.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    future::Future,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
+//! - An event costs O(its object): its translation and its Service's recomputation in
+//!   the model, whatever the size of the cluster.
+//! - A (re)list is bracketed for the writer (`ListStart`, `ListDone`), which then removes
+//!   what the list did not name: after a relist the model is exactly the API's state.
+//! - When the API server is unreachable the watches retry with a short, capped backoff
+//!   (`watch_backoff`), so the agent is current again within seconds of its return, and
+//!   the maps keep the last state meanwhile. A `410 Gone` (history compacted while the
+//!   watch was away) relists at once instead of backing off first.
+use std::{collections::BTreeMap, future::Future, time::Duration};
 
 use futures::{stream::BoxStream, StreamExt};
-use k8s_openapi::api::{
-    core::v1::{Node, Service as K8sService},
-    discovery::v1::EndpointSlice as K8sSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service as K8sService},
+        discovery::v1::EndpointSlice as K8sSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     runtime::{
-        reflector::{self, reflector, Store},
         watcher::{self, watcher, Event},
         WatchStreamExt,
     },
-    Api, Client,
+    Api, Client, Resource,
 };
-use tokio::{sync::watch, time::Instant};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
-    metrics::{KindLabel, Metrics, ReasonLabel},
+    metrics::{FieldLabel, KindLabel, Metrics, ReasonLabel},
     translate::{self, Outcome, Rules, SkipReason, Translated},
 };
-use crate::{dataplane::Dataplane, model::ModelCache, Error, Result};
-
-/// How long to wait after the first event of a burst before syncing.
-pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(15);
-/// Retry delay after a sync in which the kernel refused some map operations.
-const RETRY_FAILED_SYNC: Duration = Duration::from_secs(1);
+use crate::{
+    dataplane::writer::{Kind, Update, Updates},
+    model, Error, Result,
+};
 
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
     /// This node's name (downward API `spec.nodeName`).
     pub node_name: String,
     pub rules: Rules,
-    pub debounce: Duration,
 }
 
-/// Readiness, shared with the HTTP server and the agent.
-#[derive(Clone, Debug)]
-pub struct Health {
-    ready: Arc<AtomicBool>,
-    /// Number of completed syncs, for whoever waits for the first one.
-    synced: watch::Sender<u64>,
+/// The watches' backoff after an error: 0.25 s doubling to 2 s, with jitter (kube's
+/// default goes to 30 s, which kept an agent stale for a minute after an API server
+/// outage). Reset by the first event that arrives.
+fn watch_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(2))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
 }
 
-impl Default for Health {
-    fn default() -> Self {
-        Self {
-            ready: Arc::new(AtomicBool::new(false)),
-            synced: watch::Sender::new(0),
-        }
-    }
+/// A watch error that ends the watch's history: the watcher relists on its next poll.
+fn is_gone(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchError(s) if s.code == 410)
 }
 
-impl Health {
-    /// True once all three watches listed and the result was written to the maps.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-    }
+/// One event of one watch.
+type Ev = (Kind, watcher::Result<Event<Obj>>);
 
-    /// Resolves once at least one sync has been written to the maps.
-    pub async fn first_sync(&self) {
-        let mut rx = self.synced.subscribe();
-        let _ = rx.wait_for(|n| *n > 0).await;
-    }
-
-    /// Number of syncs written so far.
-    pub fn syncs(&self) -> u64 {
-        *self.synced.borrow()
-    }
+/// The watched objects, in one stream.
+enum Obj {
+    Service(Box<K8sService>),
+    Slice(Box<K8sSlice>),
+    Node(Box<Node>),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
-    Service,
-    EndpointSlice,
-    Node,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
+impl Obj {
+    fn meta(&self) -> &ObjectMeta {
         match self {
-            Kind::Service => "Service",
-            Kind::EndpointSlice => "EndpointSlice",
-            Kind::Node => "Node",
+            Obj::Service(o) => &o.metadata,
+            Obj::Slice(o) => &o.metadata,
+            Obj::Node(o) => &o.metadata,
         }
     }
 }
 
-/// One watch event, reduced to what the loop needs (the stores hold the objects).
-type Ev = (Kind, Result<Step, watcher::Error>);
-
-/// What was last reported for an object (its resourceVersion), so skip and reject lines
-/// and their counters come once per object version, not once per sync.
-/// (kind, namespace, name) of a watched object; the namespace as the model reads it.
-type ObjectKey = (Kind, String, String);
-type Reported = BTreeMap<ObjectKey, String>;
-
-fn object_key(
+/// A watch of one kind, 410s relisted at once, other errors backed off.
+fn watch<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
     kind: Kind,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> ObjectKey {
+    wrap: fn(K) -> Obj,
+    metrics: Metrics,
+) -> BoxStream<'static, Ev>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher(api, cfg)
+        .filter_map(move |r| {
+            let out = match r {
+                Err(e) if is_gone(&e) => {
+                    count_watch_error(&metrics, kind);
+                    info!(
+                        "the {} watch's history expired (410 Gone); relisting",
+                        kind.name()
+                    );
+                    None
+                }
+                r => Some(r),
+            };
+            std::future::ready(out)
+        })
+        .backoff(watch_backoff())
+        .map(move |r| (kind, r.map(|e| e.modify_map(wrap))))
+        .boxed()
+}
+
+fn count_watch_error(metrics: &Metrics, kind: Kind) {
+    metrics
+        .watch_errors
+        .get_or_create(&KindLabel {
+            kind: kind.name().into(),
+        })
+        .inc();
+}
+
+/// `Event::map` for our one-stream type.
+trait EventMap<K> {
+    fn modify_map(self, f: fn(K) -> Obj) -> Event<Obj>;
+}
+
+impl<K> EventMap<K> for Event<K> {
+    fn modify_map(self, f: fn(K) -> Obj) -> Event<Obj> {
+        match self {
+            Event::Apply(o) => Event::Apply(f(o)),
+            Event::Delete(o) => Event::Delete(f(o)),
+            Event::InitApply(o) => Event::InitApply(f(o)),
+            Event::Init => Event::Init,
+            Event::InitDone => Event::InitDone,
+        }
+    }
+}
+
+/// (kind, namespace, name) of an object that had something to report, with the
+/// resourceVersion reported: lines and counters come once per object version.
+type Reported = BTreeMap<(Kind, String, String), String>;
+
+fn namespace_and_name(meta: &ObjectMeta) -> (String, String) {
     (
-        kind,
         meta.namespace.clone().unwrap_or_else(|| "default".into()),
         meta.name.clone().unwrap_or_default(),
     )
 }
 
-/// The object was translated at this very resourceVersion already (and so is in the model).
-fn unchanged(
-    key: &ObjectKey,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    reported: &Reported,
-) -> bool {
-    let version = meta.resource_version.as_deref().unwrap_or_default();
-    !version.is_empty() && reported.get(key).map(String::as_str) == Some(version)
-}
-
 pub struct Controller {
     client: Client,
     opts: ControllerOptions,
-    plane: Arc<Mutex<Dataplane>>,
+    updates: Updates,
     metrics: Metrics,
-    health: Health,
     /// Trigger times older than this are not observed (as kube-proxy does: they predate us).
     started: jiff::Timestamp,
 }
@@ -151,256 +165,204 @@ impl Controller {
     pub fn new(
         client: Client,
         opts: ControllerOptions,
-        plane: Arc<Mutex<Dataplane>>,
+        updates: Updates,
         metrics: Metrics,
-        health: Health,
     ) -> Self {
         Self {
             client,
             opts,
-            plane,
+            updates,
             metrics,
-            health,
             started: jiff::Timestamp::now(),
         }
     }
 
     /// Runs until `shutdown` resolves. Watch errors never end it: they are retried.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let (services, svc_writer) = reflector::store::<K8sService>();
-        let (slices, slice_writer) = reflector::store::<K8sSlice>();
-        let (nodes, node_writer) = reflector::store::<Node>();
         let cfg = watcher::Config::default();
-        let svc_stream = reflector(
-            svc_writer,
-            watcher(Api::<K8sService>::all(self.client.clone()), cfg.clone()),
-        )
-        .default_backoff()
-        .map(|r| (Kind::Service, r.map(|e| step(&e, |_| None))));
-        let slice_stream = reflector(
-            slice_writer,
-            watcher(Api::<K8sSlice>::all(self.client.clone()), cfg.clone()),
-        )
-        .default_backoff()
-        .map(|r| {
-            (
+        let node_cfg = cfg
+            .clone()
+            .fields(&format!("metadata.name={}", self.opts.node_name));
+        let m = &self.metrics;
+        let streams = vec![
+            watch(
+                Api::<K8sService>::all(self.client.clone()),
+                cfg.clone(),
+                Kind::Service,
+                |o| Obj::Service(Box::new(o)),
+                m.clone(),
+            ),
+            watch(
+                Api::<K8sSlice>::all(self.client.clone()),
+                cfg,
                 Kind::EndpointSlice,
-                r.map(|e| step(&e, translate::trigger_time)),
-            )
-        });
-        let node_cfg = cfg.fields(&format!("metadata.name={}", self.opts.node_name));
-        let node_stream = reflector(
-            node_writer,
-            watcher(Api::<Node>::all(self.client.clone()), node_cfg),
-        )
-        .default_backoff()
-        .map(|r| (Kind::Node, r.map(|e| step(&e, |_| None))));
-        let streams: Vec<BoxStream<'static, Ev>> = vec![
-            svc_stream.boxed(),
-            slice_stream.boxed(),
-            node_stream.boxed(),
+                |o| Obj::Slice(Box::new(o)),
+                m.clone(),
+            ),
+            watch(
+                Api::<Node>::all(self.client.clone()),
+                node_cfg,
+                Kind::Node,
+                |o| Obj::Node(Box::new(o)),
+                m.clone(),
+            ),
         ];
         let mut events = futures::stream::select_all(streams);
-
-        let mut state = LoopState::default();
+        let mut reported = Reported::new();
+        let mut node_seen = false;
         tokio::pin!(shutdown);
         info!(node = %self.opts.node_name, "watching Services, EndpointSlices and this node");
         loop {
-            let timer = async {
-                match state.deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 ev = events.next() => {
                     let Some(ev) = ev else {
                         return Err(Error::Load("the Kubernetes watch streams ended unexpectedly".into()));
                     };
-                    self.on_event(ev, &mut state, &nodes);
-                    if state.dirty && state.deadline.is_none() && state.can_sync() {
-                        state.deadline = Some(Instant::now() + self.opts.debounce);
-                    }
-                }
-                _ = timer => {
-                    state.deadline = None;
-                    state.dirty = false;
-                    let ok = self.sync(&services, &slices, &nodes, &mut state);
-                    if !ok {
-                        state.deadline = Some(Instant::now() + RETRY_FAILED_SYNC);
-                    }
-                    if state.listed.len() == 3 && !self.health.is_ready() {
-                        self.health.ready.store(true, Ordering::SeqCst);
-                        info!("ready: all watches listed and the dataplane is synced");
+                    let updates = self.on_event(ev, &mut reported, &mut node_seen);
+                    for u in updates {
+                        if !self.updates.send(u) {
+                            return Err(Error::Load("the dataplane writer stopped".into()));
+                        }
                     }
                 }
             }
         }
     }
 
-    fn on_event(&self, (kind, step): Ev, state: &mut LoopState, nodes: &Store<Node>) {
-        match step {
-            Err(e) => {
-                self.metrics
-                    .watch_errors
-                    .get_or_create(&KindLabel {
-                        kind: kind.name().into(),
-                    })
-                    .inc();
-                warn!("watching {}s failed: {e}; retrying with backoff, the dataplane keeps its last state", kind.name());
-            }
-            Ok(Step::Changed(trigger)) => {
-                // A Node event matters only if its name or addresses (where NodePorts
-                // open) changed: its status is updated every few seconds.
-                if kind == Kind::Node {
-                    state.dirty |= state.model.set_node(self.this_node(nodes));
-                } else {
-                    state.dirty = true;
-                }
-                if let Some(t) = trigger.filter(|t| *t >= self.started) {
-                    state.triggers.push(t);
-                }
-            }
-            Ok(Step::Listed) => {
-                if kind == Kind::Node {
-                    match nodes.state().first() {
-                        Some(n) => info!(node = ?n.metadata.name, "found this node"),
-                        None => warn!(
-                            "node {:?} not found in the API: check NODE_NAME / --node-name",
-                            self.opts.node_name
-                        ),
-                    }
-                }
-                if state.listed.insert(kind) {
-                    info!("{}s listed", kind.name());
-                }
-                // A relist re-syncs (the diff writes only what changed meanwhile); the
-                // node's first list makes the agent ready even if nothing else changed.
-                state.dirty = true;
-            }
-            Ok(Step::Nothing) => {}
-        }
-    }
-
-    /// This node as the model sees it. Until it is listed, its name alone: local
-    /// endpoints are known, NodePorts wait for its addresses.
-    fn this_node(&self, nodes: &Store<Node>) -> crate::model::Node {
-        nodes.state().first().map_or_else(
-            || crate::model::Node {
-                name: Some(self.opts.node_name.clone()),
-                addresses: Vec::new(),
-            },
-            |n| translate::node(n),
-        )
-    }
-
-    /// Translates the objects that changed since the last sync (by resourceVersion),
-    /// updates the model for their Services only, and applies the diff.
-    /// Returns false if some map operation failed (the caller retries).
-    fn sync(
+    fn on_event(
         &self,
-        services: &Store<K8sService>,
-        slices: &Store<K8sSlice>,
-        nodes: &Store<Node>,
-        state: &mut LoopState,
-    ) -> bool {
-        let t0 = std::time::Instant::now();
-        state.model.set_node(self.this_node(nodes));
-        let mut seen = BTreeSet::new();
-        for s in services.state() {
-            let key = object_key(Kind::Service, &s.metadata);
-            seen.insert(key.clone());
-            if unchanged(&key, &s.metadata, &state.reported) {
-                continue;
-            }
-            let t = translate::service(&s, &self.opts.rules);
-            self.report(&key, &s.metadata, &t, &mut state.reported);
-            match t.outcome {
-                Outcome::Use(m) => state.model.upsert_service(m),
-                _ => state.model.remove_service(&(key.1, key.2)),
-            }
-        }
-        for s in slices.state() {
-            let key = object_key(Kind::EndpointSlice, &s.metadata);
-            seen.insert(key.clone());
-            if unchanged(&key, &s.metadata, &state.reported) {
-                continue;
-            }
-            let t = translate::endpoint_slice(&s);
-            self.report(&key, &s.metadata, &t, &mut state.reported);
-            match t.outcome {
-                Outcome::Use(m) => state.model.upsert_slice(m),
-                _ => state.model.remove_slice(&(key.1, key.2)),
-            }
-        }
-        // Objects gone from the stores.
-        for (kind, ns, name) in state.reported.keys().filter(|k| !seen.contains(*k)) {
-            let key = (ns.clone(), name.clone());
-            match kind {
-                Kind::Service => state.model.remove_service(&key),
-                Kind::EndpointSlice => state.model.remove_slice(&key),
-                Kind::Node => {}
-            }
-        }
-        state.reported.retain(|k, _| seen.contains(k));
-        let service_count = state.model.service_count();
-        let desired = state.model.desired();
-        let (report, backend_count) = {
-            let mut plane = self.plane.lock().unwrap_or_else(|p| p.into_inner());
-            let report = plane.sync(desired);
-            (report, plane.state().backends.len())
-        };
-        let elapsed = t0.elapsed();
-        let m = &self.metrics;
-        m.syncs.inc();
-        m.sync_duration.observe(elapsed.as_secs_f64());
-        m.map_operations
-            .inc_by((report.ops - report.errors.len()) as u64);
-        m.map_update_errors.inc_by(report.errors.len() as u64);
-        m.services.set(service_count as i64);
-        m.frontends.set(desired.frontends.len() as i64);
-        m.backends.set(backend_count as i64);
-        for e in &report.errors {
-            error!("map update failed: {e}; retrying in {RETRY_FAILED_SYNC:?}");
-        }
-        let ok = report.errors.is_empty();
-        if ok {
-            let now = jiff::Timestamp::now();
-            for t in state.triggers.drain(..) {
-                let secs = now.duration_since(t).as_secs_f64().max(0.0);
-                m.network_programming_duration.observe(secs);
-            }
-        }
-        info!(
-            services = service_count,
-            frontends = desired.frontends.len(),
-            backends = backend_count,
-            map_ops = report.ops,
-            errors = report.errors.len(),
-            took_us = elapsed.as_micros() as u64,
-            "synced"
-        );
-        self.health.synced.send_modify(|n| *n += 1);
-        ok
-    }
-
-    /// Logs and counts what a translation skipped or rejected, once per object version.
-    fn report<T>(
-        &self,
-        key: &ObjectKey,
-        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        t: &Translated<T>,
+        (kind, ev): Ev,
         reported: &mut Reported,
-    ) {
-        let version = meta.resource_version.clone().unwrap_or_default();
-        if reported.get(key) == Some(&version) {
+        node_seen: &mut bool,
+    ) -> Vec<Update> {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                count_watch_error(&self.metrics, kind);
+                warn!(
+                    "watching {}s failed: {e}; retrying, the dataplane keeps its last state",
+                    kind.name()
+                );
+                return Vec::new();
+            }
+        };
+        match ev {
+            Event::Init => {
+                if kind == Kind::Node {
+                    *node_seen = false;
+                }
+                vec![Update::ListStart(kind)]
+            }
+            Event::InitDone => {
+                let mut out = Vec::new();
+                if kind == Kind::Node && !*node_seen {
+                    warn!(
+                        "node {:?} not found in the API: check NODE_NAME / --node-name",
+                        self.opts.node_name
+                    );
+                    out.push(Update::Node(self.nameless_node()));
+                }
+                out.push(Update::ListDone(kind));
+                out
+            }
+            Event::InitApply(o) => self.apply(o, false, reported, node_seen),
+            Event::Apply(o) => self.apply(o, true, reported, node_seen),
+            Event::Delete(o) => {
+                let (ns, name) = namespace_and_name(o.meta());
+                reported.remove(&(kind, ns.clone(), name.clone()));
+                vec![match o {
+                    Obj::Service(_) => Update::RemoveService(ns, name),
+                    Obj::Slice(_) => Update::RemoveSlice(ns, name),
+                    Obj::Node(_) => Update::Node(self.nameless_node()),
+                }]
+            }
+        }
+    }
+
+    /// This node before it is listed (or after it is gone): its name alone, so local
+    /// endpoints are known and NodePorts wait for its addresses.
+    fn nameless_node(&self) -> model::Node {
+        model::Node {
+            name: Some(self.opts.node_name.clone()),
+            addresses: Vec::new(),
+        }
+    }
+
+    /// Translates an added or changed object. `live`: a watch event (not part of a
+    /// list), whose trigger time is observed.
+    fn apply(
+        &self,
+        o: Obj,
+        live: bool,
+        reported: &mut Reported,
+        node_seen: &mut bool,
+    ) -> Vec<Update> {
+        let (ns, name) = namespace_and_name(o.meta());
+        match &o {
+            Obj::Service(s) => {
+                let t = translate::service(s, &self.opts.rules);
+                self.report(Kind::Service, &s.metadata, &t, reported);
+                vec![match t.outcome {
+                    Outcome::Use(m) => Update::Service(m),
+                    _ => Update::RemoveService(ns, name),
+                }]
+            }
+            Obj::Slice(s) => {
+                let trigger = translate::trigger_time(s).filter(|t| live && *t >= self.started);
+                let t = translate::endpoint_slice(s);
+                self.report(Kind::EndpointSlice, &s.metadata, &t, reported);
+                vec![match t.outcome {
+                    Outcome::Use(m) => Update::Slice(m, trigger),
+                    _ => Update::RemoveSlice(ns, name),
+                }]
+            }
+            Obj::Node(n) => {
+                if !*node_seen {
+                    info!(node = ?n.metadata.name, "found this node");
+                }
+                *node_seen = true;
+                vec![Update::Node(translate::node(n))]
+            }
+        }
+    }
+
+    /// Logs and counts what a translation skipped, ignored or rejected, once per object
+    /// version.
+    fn report<T>(&self, kind: Kind, meta: &ObjectMeta, t: &Translated<T>, reported: &mut Reported) {
+        let (ns, name) = namespace_and_name(meta);
+        let key = (kind, ns.clone(), name.clone());
+        let noteworthy = !t.skipped.is_empty() || matches!(t.outcome, Outcome::Reject(_));
+        if !noteworthy {
+            reported.remove(&key);
             return;
         }
-        reported.insert(key.clone(), version);
-        let kind = key.0;
-        let (_, ns, name) = key;
+        let version = meta.resource_version.clone().unwrap_or_default();
+        if reported.get(&key) == Some(&version) {
+            return;
+        }
+        reported.insert(key, version);
         for s in &t.skipped {
+            let why = match s.reason {
+                SkipReason::Sctp => "the dataplane handles TCP and UDP only",
+                SkipReason::Ipv6 => "the dataplane is IPv4 only",
+                SkipReason::Fqdn => "FQDN endpoints are not proxied",
+                SkipReason::Ignored(field) => {
+                    self.metrics
+                        .ignored_fields
+                        .get_or_create(&FieldLabel {
+                            kind: kind.name().into(),
+                            field: field.into(),
+                        })
+                        .inc();
+                    warn!(
+                        "{} {ns}/{name}: ignoring {}: not implemented by this dataplane yet",
+                        kind.name(),
+                        s.what
+                    );
+                    continue;
+                }
+            };
             let label = ReasonLabel {
                 reason: s.reason.label().into(),
             };
@@ -415,11 +377,6 @@ impl Controller {
                     .skipped_endpoint_slices
                     .get_or_create(&label)
                     .inc(),
-            };
-            let why = match s.reason {
-                SkipReason::Sctp => "the dataplane handles TCP and UDP only",
-                SkipReason::Ipv6 => "the dataplane is IPv4 only",
-                SkipReason::Fqdn => "FQDN endpoints are not proxied",
             };
             info!("{} {ns}/{name}: skipping {}: {why}", kind.name(), s.what);
         }
@@ -438,44 +395,5 @@ impl Controller {
                 );
             }
         }
-    }
-}
-
-enum Step {
-    /// An object was added, changed or deleted (with the slice's trigger time, if any).
-    Changed(Option<jiff::Timestamp>),
-    /// A (re)list completed: the store now holds the full list.
-    Listed,
-    Nothing,
-}
-
-fn step<K>(e: &Event<K>, trigger: impl Fn(&K) -> Option<jiff::Timestamp>) -> Step {
-    match e {
-        Event::Apply(o) => Step::Changed(trigger(o)),
-        Event::Delete(_) => Step::Changed(None),
-        Event::InitDone => Step::Listed,
-        Event::Init | Event::InitApply(_) => Step::Nothing,
-    }
-}
-
-#[derive(Default)]
-struct LoopState {
-    /// Watches whose first list completed.
-    listed: BTreeSet<Kind>,
-    dirty: bool,
-    deadline: Option<Instant>,
-    /// Trigger times of slice changes not yet written to the maps.
-    triggers: Vec<jiff::Timestamp>,
-    /// Objects translated so far, with the resourceVersion translated: also the cache
-    /// that lets a sync translate only what changed.
-    reported: Reported,
-    /// The model, updated object by object.
-    model: ModelCache,
-}
-
-impl LoopState {
-    /// Both Services and EndpointSlices are listed: the desired state is complete.
-    fn can_sync(&self) -> bool {
-        self.listed.contains(&Kind::Service) && self.listed.contains(&Kind::EndpointSlice)
     }
 }

@@ -6,8 +6,35 @@ use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::ge
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use super::{controller::Health, metrics};
-use crate::{Error, Result};
+use super::metrics;
+use crate::{dataplane::writer::Status, Error, Result};
+
+/// Readiness: ready once the writer has written its first sync, which it does only after
+/// every watch listed in full.
+#[derive(Clone, Debug)]
+pub struct Health(tokio::sync::watch::Receiver<Status>);
+
+impl Health {
+    pub fn new(status: tokio::sync::watch::Receiver<Status>) -> Self {
+        Self(status)
+    }
+
+    /// True once all three watches listed and the result was written to the maps.
+    pub fn is_ready(&self) -> bool {
+        self.syncs() > 0
+    }
+
+    /// Resolves once the first sync has been written.
+    pub async fn first_sync(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|s| s.syncs > 0).await;
+    }
+
+    /// Number of syncs written so far.
+    pub fn syncs(&self) -> u64 {
+        self.0.borrow().syncs
+    }
+}
 
 #[derive(Clone)]
 struct AppState {

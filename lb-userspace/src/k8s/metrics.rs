@@ -1,9 +1,6 @@
 //! The agent's Prometheus metrics. Gauges and histograms are updated by the controller;
 //! the dataplane's per-CPU packet counters are read from the maps at scrape time.
-use std::{
-    fmt::Write as _,
-    sync::{Arc, Mutex},
-};
+use std::fmt::Write as _;
 
 use prometheus_client::{
     collector::Collector,
@@ -17,7 +14,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::dataplane::Dataplane;
+use crate::dataplane::{
+    writer::{OnSync, SyncStats},
+    Counters,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -27,6 +27,12 @@ pub struct ReasonLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FieldLabel {
+    pub kind: String,
+    pub field: String,
 }
 
 /// Every metric the agent exports (cheap to clone: handles are shared).
@@ -43,6 +49,7 @@ pub struct Metrics {
     pub skipped_service_ports: Family<ReasonLabel, Counter>,
     pub skipped_endpoint_slices: Family<ReasonLabel, Counter>,
     pub rejected_objects: Family<KindLabel, Counter>,
+    pub ignored_fields: Family<FieldLabel, Counter>,
     pub watch_errors: Family<KindLabel, Counter>,
 }
 
@@ -62,13 +69,15 @@ impl Default for Metrics {
             skipped_service_ports: Family::default(),
             skipped_endpoint_slices: Family::default(),
             rejected_objects: Family::default(),
+            ignored_fields: Family::default(),
             watch_errors: Family::default(),
         }
     }
 }
 
-/// The dataplane's counters, read on each scrape.
-struct DataplaneCounters(Arc<Mutex<Dataplane>>);
+/// The dataplane's counters, read on each scrape from a handle of their own (never
+/// waiting for the writer).
+struct DataplaneCounters(Counters);
 
 impl std::fmt::Debug for DataplaneCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,10 +87,7 @@ impl std::fmt::Debug for DataplaneCounters {
 
 impl Collector for DataplaneCounters {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let counters = {
-            let plane = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            plane.maps.counters()
-        };
+        let counters = self.0.read();
         // A failed read leaves the family out of this scrape (and is logged) rather than
         // failing the whole scrape.
         let counters = match counters {
@@ -109,8 +115,27 @@ impl Collector for DataplaneCounters {
 }
 
 impl Metrics {
-    /// A registry with every metric, and the dataplane counters if `plane` is given.
-    pub fn registry(&self, plane: Option<Arc<Mutex<Dataplane>>>) -> Registry {
+    /// What the writer calls after each sync.
+    pub fn on_sync(&self) -> OnSync {
+        let m = self.clone();
+        Box::new(move |s: &SyncStats<'_>| {
+            m.syncs.inc();
+            m.sync_duration.observe(s.took.as_secs_f64());
+            m.map_operations.inc_by((s.ops - s.errors.len()) as u64);
+            m.map_update_errors.inc_by(s.errors.len() as u64);
+            m.services.set(s.services as i64);
+            m.frontends.set(s.frontends as i64);
+            m.backends.set(s.backends as i64);
+            let now = jiff::Timestamp::now();
+            for t in s.triggers {
+                let secs = now.duration_since(*t).as_secs_f64().max(0.0);
+                m.network_programming_duration.observe(secs);
+            }
+        })
+    }
+
+    /// A registry with every metric, and the dataplane counters if given.
+    pub fn registry(&self, counters: Option<Counters>) -> Registry {
         let mut r = Registry::default();
         r.register(
             "lb_services",
@@ -168,12 +193,17 @@ impl Metrics {
             self.rejected_objects.clone(),
         );
         r.register(
+            "lb_ignored_fields",
+            "Fields of Services (and hints of EndpointSlices) set but not implemented by this dataplane, per object version",
+            self.ignored_fields.clone(),
+        );
+        r.register(
             "lb_watch_errors",
             "Errors of the Kubernetes watches (each is retried with backoff)",
             self.watch_errors.clone(),
         );
-        if let Some(plane) = plane {
-            r.register_collector(Box::new(DataplaneCounters(plane)));
+        if let Some(counters) = counters {
+            r.register_collector(Box::new(DataplaneCounters(counters)));
         }
         r
     }

@@ -1,32 +1,46 @@
 //! `lb agent`: the Kubernetes source. Watches Services, EndpointSlices and this node,
-//! translates them into the same model as the standalone file (`translate`), and keeps
-//! the maps equal to the desired state (`controller`); serves health and metrics (`http`,
-//! `metrics`). The datapath (load, attach, shutdown) is shared with `lb run`.
+//! translates each event into the same model objects as the standalone file
+//! (`translate`), and hands them to the writer thread, which keeps the maps equal to the
+//! desired state (`controller`); serves health and metrics (`http`, `metrics`). The
+//! datapath (load, attach, shutdown) and the writer are shared with `lb run`.
 //!
 //! ```text
-//! API server --watch--> reflector stores --translate--> model --desired_state--> Dataplane::sync --> maps
+//! API server --watch--> translate (per event) --Update--> writer thread: model -> delta -> maps
 //! ```
 pub mod controller;
 pub mod http;
 pub mod metrics;
 pub mod translate;
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use tracing::{error, info};
 
-pub use self::controller::{Controller, ControllerOptions, Health, DEFAULT_DEBOUNCE};
 use self::metrics::Metrics;
+pub use self::{
+    controller::{Controller, ControllerOptions},
+    http::Health,
+};
 use crate::{
+    dataplane::writer::{Kind, Writer, WriterOptions},
     loader::LoadOptions,
     run::{load_datapath, shutdown_signal, start_attaching, Interfaces},
     Error, Result,
 };
+
+/// By default a sync follows as soon as the updates queued so far are in the model: a
+/// burst is written as one diff because it queues while the previous sync runs.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::ZERO;
+
+/// The writer's options for the Kubernetes source: nothing is written before Services,
+/// EndpointSlices and this Node are listed.
+pub fn writer_options(debounce: Duration) -> WriterOptions {
+    WriterOptions {
+        lists: [Kind::Service, Kind::EndpointSlice, Kind::Node].into(),
+        debounce,
+        ..Default::default()
+    }
+}
 
 /// Default address of the HTTP endpoints (`/healthz`, `/readyz`, `/metrics`).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9100";
@@ -84,15 +98,17 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     // Maps re-used from an earlier agent hold the last known state: attach at once. Fresh
     // maps are filled by the first sync before any interface sees the program.
     let reused_state = !plane.state().frontends.is_empty();
-    let plane = Arc::new(Mutex::new(plane));
+    let counters = plane.maps.counters_handle()?;
     let metrics = Metrics::default();
-    let health = Health::default();
+    let writer = Writer::spawn(plane, writer_options(opts.debounce), metrics.on_sync())
+        .map_err(|e| Error::Load(format!("starting the writer thread: {e}")))?;
+    let health = Health::new(writer.status());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let router = http::router(health.clone(), metrics.registry(Some(plane.clone())));
+    let router = http::router(health.clone(), metrics.registry(Some(counters)));
     let server = tokio::spawn(http::serve(listener, router, stopped(stop_rx.clone())));
     info!(listen = %opts.listen, "serving /healthz, /readyz and /metrics");
     let controller = Controller::new(
@@ -102,11 +118,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             rules: translate::Rules {
                 proxy_name: opts.proxy_name.clone(),
             },
-            debounce: opts.debounce,
         },
-        plane.clone(),
+        writer.updates(),
         metrics,
-        health.clone(),
     );
     let mut control = tokio::spawn(controller.run(stopped(stop_rx)));
 
@@ -142,7 +156,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         Ok(Err(e)) => error!("{e}"),
         Err(e) => error!("the HTTP server task failed: {e}"),
     }
-    drop(plane);
+    // The writer finishes what was queued; its maps close before the pins go.
+    drop(tokio::task::block_in_place(|| writer.stop()));
     let shut = datapath.shutdown(opts.keep_pinned);
     result.and(shut)
 }

@@ -42,6 +42,9 @@ pub enum SkipReason {
     Ipv6,
     /// An FQDN EndpointSlice (kube-proxy ignores those too).
     Fqdn,
+    /// A field the dataplane does not implement yet: the object is programmed as if it
+    /// were unset (the label names the field).
+    Ignored(&'static str),
 }
 
 impl SkipReason {
@@ -51,6 +54,7 @@ impl SkipReason {
             SkipReason::Sctp => "sctp",
             SkipReason::Ipv6 => "ipv6",
             SkipReason::Fqdn => "fqdn",
+            SkipReason::Ignored(field) => field,
         }
     }
 }
@@ -339,6 +343,12 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
         Ok(v) => v,
         Err(reason) => return reject("Service", &namespace, &name, reason),
     };
+    for (field, what) in ignored_fields(spec) {
+        skipped.push(Skip {
+            reason: SkipReason::Ignored(field),
+            what,
+        });
+    }
     let out = Service {
         name,
         namespace,
@@ -356,6 +366,52 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
         },
         Err(e) => Translated::reject(e),
     }
+}
+
+/// Service fields kube-proxy implements and this dataplane does not yet: each one set
+/// (to other than its default) is named, with what the Service gets instead.
+fn ignored_fields(spec: &core::ServiceSpec) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if spec.session_affinity.as_deref() == Some("ClientIP") {
+        out.push((
+            "sessionAffinity",
+            "sessionAffinity ClientIP: connections are balanced without affinity".into(),
+        ));
+    }
+    if spec.internal_traffic_policy.as_deref() == Some("Local") {
+        out.push((
+            "internalTrafficPolicy",
+            "internalTrafficPolicy Local: traffic from inside the cluster goes to every endpoint"
+                .into(),
+        ));
+    }
+    if spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .is_some_and(|r| !r.is_empty())
+    {
+        out.push((
+            "loadBalancerSourceRanges",
+            "loadBalancerSourceRanges: every source reaches the LoadBalancer IPs".into(),
+        ));
+    }
+    if spec.health_check_node_port.is_some_and(|p| p != 0) {
+        out.push((
+            "healthCheckNodePort",
+            "healthCheckNodePort: not served".into(),
+        ));
+    }
+    if let Some(td) = spec
+        .traffic_distribution
+        .as_deref()
+        .filter(|t| !t.is_empty())
+    {
+        out.push((
+            "trafficDistribution",
+            format!("trafficDistribution {td}: every endpoint is used"),
+        ));
+    }
+    out
 }
 
 /// Translates one EndpointSlice.
@@ -414,6 +470,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
         });
     }
     let mut endpoints = Vec::new();
+    let mut hinted = false;
     for ep in &slice.endpoints {
         let mut addresses = Vec::new();
         for a in &ep.addresses {
@@ -436,15 +493,26 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
         if addresses.is_empty() {
             continue;
         }
+        if ep.hints.as_ref().is_some_and(|h| h.for_zones.is_some()) {
+            hinted = true;
+        }
         let c = ep.conditions.clone().unwrap_or_default();
-        endpoints.push(Endpoint {
-            addresses,
-            conditions: Conditions {
-                ready: c.ready,
-                serving: c.serving,
-                terminating: c.terminating,
-            },
-            node_name: ep.node_name.clone(),
+        let conditions = Conditions {
+            ready: c.ready,
+            serving: c.serving,
+            terminating: c.terminating,
+        };
+        let node_name: Option<model::NodeName> = ep.node_name.as_deref().map(Into::into);
+        endpoints.extend(addresses.into_iter().map(|address| Endpoint {
+            address,
+            conditions,
+            node_name: node_name.clone(),
+        }));
+    }
+    if hinted {
+        skipped.push(Skip {
+            reason: SkipReason::Ignored("hints"),
+            what: "topology hints (forZones): every endpoint is used".into(),
         });
     }
     let out = EndpointSlice {

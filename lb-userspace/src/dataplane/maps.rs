@@ -1,0 +1,267 @@
+//! Handles on the kernel maps: open them (from a fresh load or from their pins), read
+//! them into a mirror, write plan ops one by one or in batches, read the counters.
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+};
+
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, Slot, SlotKey, MAP_BACKENDS,
+    MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_SLOTS,
+};
+
+use super::{
+    batch,
+    plan::{MapState, Op, NO_BACKEND},
+};
+use crate::{Error, Result};
+
+/// Handles on the five maps.
+pub struct Maps {
+    pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub slots: HashMap<MapData, SlotKey, Slot>,
+    /// An array indexed by backend id; an unused id holds zeroes (see `NO_BACKEND`).
+    pub backends: Array<MapData, Backend>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub counters: PerCpuArray<MapData, u64>,
+    /// Duplicated fds of the three service maps, for batch updates.
+    batch_fds: [OwnedFd; 3],
+}
+
+const FRONTENDS: usize = 0;
+const SLOTS: usize = 1;
+const BACKENDS: usize = 2;
+
+fn dup_fd(name: &str, map: &Map) -> Result<OwnedFd> {
+    let data = match map {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) => d,
+        _ => return Err(map_err(name, "not a hash map or an array")),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| map_err(name, e))
+}
+
+fn map_err(name: &str, e: impl std::fmt::Display) -> Error {
+    Error::Map(format!("{name}: {e}"))
+}
+
+impl Maps {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| map_err(name, "not in the eBPF object"))
+        };
+        let (f, s, b, c, n) = (
+            take(MAP_FRONTENDS)?,
+            take(MAP_SLOTS)?,
+            take(MAP_BACKENDS)?,
+            take(MAP_CONNTRACK)?,
+            take(MAP_COUNTERS)?,
+        );
+        Self::from_maps(f, s, b, c, n)
+    }
+
+    /// Opens the maps a running (or stopped, pins kept) agent pinned under `dir`.
+    pub fn from_pins(dir: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| {
+                map_err(
+                    name,
+                    format!(
+                        "cannot open {}: {e} (is the agent running with --pin-dir {}?)",
+                        path.display(),
+                        dir.display()
+                    ),
+                )
+            })?;
+            Map::from_map_data(data).map_err(|e| map_err(name, e))
+        };
+        Self::from_maps(
+            open(MAP_FRONTENDS)?,
+            open(MAP_SLOTS)?,
+            open(MAP_BACKENDS)?,
+            open(MAP_CONNTRACK)?,
+            open(MAP_COUNTERS)?,
+        )
+    }
+
+    fn from_maps(f: Map, s: Map, b: Map, c: Map, n: Map) -> Result<Self> {
+        let batch_fds = [
+            dup_fd(MAP_FRONTENDS, &f)?,
+            dup_fd(MAP_SLOTS, &s)?,
+            dup_fd(MAP_BACKENDS, &b)?,
+        ];
+        Ok(Self {
+            batch_fds,
+            frontends: HashMap::try_from(f).map_err(|e| map_err(MAP_FRONTENDS, e))?,
+            slots: HashMap::try_from(s).map_err(|e| map_err(MAP_SLOTS, e))?,
+            backends: Array::try_from(b).map_err(|e| map_err(MAP_BACKENDS, e))?,
+            conntrack: HashMap::try_from(c).map_err(|e| map_err(MAP_CONNTRACK, e))?,
+            counters: PerCpuArray::try_from(n).map_err(|e| map_err(MAP_COUNTERS, e))?,
+        })
+    }
+
+    /// Reads the service maps (not conntrack) into a mirror.
+    pub fn read_state(&self) -> Result<MapState> {
+        let frontends = self
+            .frontends
+            .iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| map_err(MAP_FRONTENDS, e))?;
+        let slots = self
+            .slots
+            .iter()
+            .map(|kv| kv.map(|(k, v)| (k, v.backend_id)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| map_err(MAP_SLOTS, e))?;
+        let backends: Vec<(u32, Backend)> = match batch::lookup_all(&self.batch_fds[BACKENDS]) {
+            Ok(all) => all,
+            // No batch lookup (before 5.6): one syscall per index.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(id, v)| v.map(|v| (id as u32, v)))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| map_err(MAP_BACKENDS, e))?,
+            Err(e) => return Err(map_err(MAP_BACKENDS, e)),
+        };
+        Ok(MapState::from_entries(
+            frontends,
+            slots,
+            backends.into_iter().filter(|(_, v)| *v != NO_BACKEND),
+        ))
+    }
+
+    pub(super) fn apply_one(&mut self, op: &Op) -> std::result::Result<(), String> {
+        let r = match op {
+            Op::PutBackend(id, b) => self.backends.set(*id, b, 0),
+            Op::PutSlot(k, id) => self.slots.insert(k, Slot { backend_id: *id }, 0),
+            Op::PutFrontend(k, f) => self.frontends.insert(k, f, 0),
+            Op::DelSlot(k) => self.slots.remove(k),
+            Op::DelFrontend(k) => self.frontends.remove(k),
+            Op::DelBackend(id) => self.backends.set(*id, NO_BACKEND, 0),
+        };
+        r.map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            format!("{op:?}: {e}{cause}")
+        })
+    }
+
+    /// Applies a run of ops of one kind with batch syscalls; returns how many of the
+    /// run's ops (from the start) the kernel took before the first failure.
+    pub(super) fn apply_batch(&mut self, run: &[Op]) -> usize {
+        fn keys_values<K: Copy, V: Copy>(
+            run: &[Op],
+            f: impl Fn(&Op) -> (K, V),
+        ) -> (Vec<K>, Vec<V>) {
+            run.iter().map(f).unzip()
+        }
+        let r = match &run[0] {
+            Op::PutBackend(..) => {
+                let (k, v) = keys_values(run, |op| match op {
+                    Op::PutBackend(id, b) => (*id, *b),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::update(&self.batch_fds[BACKENDS], &k, &v)
+            }
+            Op::PutSlot(..) => {
+                let (k, v) = keys_values(run, |op| match op {
+                    Op::PutSlot(k, id) => (*k, Slot { backend_id: *id }),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::update(&self.batch_fds[SLOTS], &k, &v)
+            }
+            Op::PutFrontend(..) => {
+                let (k, v) = keys_values(run, |op| match op {
+                    Op::PutFrontend(k, f) => (*k, *f),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::update(&self.batch_fds[FRONTENDS], &k, &v)
+            }
+            Op::DelFrontend(..) => {
+                let (k, _): (Vec<FrontendKey>, Vec<()>) = keys_values(run, |op| match op {
+                    Op::DelFrontend(k) => (*k, ()),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::delete(&self.batch_fds[FRONTENDS], &k)
+            }
+            Op::DelSlot(..) => {
+                let (k, _): (Vec<SlotKey>, Vec<()>) = keys_values(run, |op| match op {
+                    Op::DelSlot(k) => (*k, ()),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::delete(&self.batch_fds[SLOTS], &k)
+            }
+            // An array entry cannot be deleted: it is zeroed.
+            Op::DelBackend(..) => {
+                let (k, v) = keys_values(run, |op| match op {
+                    Op::DelBackend(id) => (*id, NO_BACKEND),
+                    _ => unreachable!("runs hold one kind"),
+                });
+                batch::update(&self.batch_fds[BACKENDS], &k, &v)
+            }
+        };
+        match r {
+            Ok(()) => run.len(),
+            Err((done, _)) => done,
+        }
+    }
+
+    /// Sums of the per-CPU counters, in `counter::NAMES` order.
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        read_counters(&self.counters)
+    }
+
+    /// A handle of its own on the counters map, for a reader on another thread (the
+    /// metrics) that must not wait for the writer.
+    pub fn counters_handle(&self) -> Result<Counters> {
+        let fd = self
+            .counters
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| map_err(MAP_COUNTERS, e))?;
+        let data = MapData::from_fd(fd).map_err(|e| map_err(MAP_COUNTERS, e))?;
+        let map =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| map_err(MAP_COUNTERS, e))?;
+        Ok(Counters(map))
+    }
+
+    /// All conntrack entries (for the CLI).
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        self.conntrack
+            .iter()
+            .map(|kv| kv.map_err(|e| map_err(MAP_CONNTRACK, e)))
+            .collect()
+    }
+}
+
+/// The datapath's per-CPU decision counters, on a handle of their own.
+pub struct Counters(PerCpuArray<MapData, u64>);
+
+impl Counters {
+    /// Sums over CPUs, in `counter::NAMES` order.
+    pub fn read(&self) -> Result<Vec<(&'static str, u64)>> {
+        read_counters(&self.0)
+    }
+}
+
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, u64)>> {
+    let mut out = Vec::with_capacity(counter::NAMES.len());
+    for (i, name) in counter::NAMES.iter().enumerate() {
+        let values = map
+            .get(&(i as u32), 0)
+            .map_err(|e| map_err(MAP_COUNTERS, e))?;
+        out.push((*name, values.iter().sum()));
+    }
+    Ok(out)
+}

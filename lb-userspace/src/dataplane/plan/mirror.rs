@@ -1,0 +1,337 @@
+//! The mirror: what the kernel maps hold (or will, once the planned ops are applied),
+//! with the indexes the planner needs. Read from the maps at start, then changed only
+//! through [`MapState::apply`] after the kernel took an op, so it never drifts from them.
+//!
+//! Laid out for a million backends: backends in a vector indexed by id (the kernel array's
+//! own layout), their address index a hash table of ids (4 bytes an entry), and each
+//! service's slots one vector.
+use ahash::AHashMap as HashMap;
+use hashbrown::HashTable;
+use lb_common::{Backend, Frontend, FrontendKey, SlotKey};
+
+use super::ids::IdPool;
+use crate::model::{BackendAddr, FrontendAddr, Protocol};
+
+/// What an unused backend id holds (in the kernel array and here).
+pub const NO_BACKEND: Backend = Backend {
+    addr: 0,
+    port: 0,
+    proto: 0,
+    flags: 0,
+};
+
+/// One change to the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend(u32, Backend),
+    PutSlot(SlotKey, u32),
+    PutFrontend(FrontendKey, Frontend),
+    DelSlot(SlotKey),
+    DelFrontend(FrontendKey),
+    DelBackend(u32),
+}
+
+impl Op {
+    /// Position of this kind of op in a plan. Grouping a plan by kind, stably, keeps
+    /// every ordering rule of the planner (each frontend's slots before its count, its
+    /// count before its leftover slots go; backends first and last) and lets the writer
+    /// send each group to the kernel in batches.
+    pub fn rank(&self) -> u8 {
+        match self {
+            Op::PutBackend(..) => 0,
+            Op::PutSlot(..) => 1,
+            Op::PutFrontend(..) => 2,
+            Op::DelFrontend(..) => 3,
+            Op::DelSlot(..) => 4,
+            Op::DelBackend(..) => 5,
+        }
+    }
+}
+
+pub fn frontend_key(f: &FrontendAddr) -> FrontendKey {
+    FrontendKey {
+        addr: u32::from(f.ip).to_be(),
+        port: f.port.to_be(),
+        proto: f.proto.number(),
+        _pad: 0,
+    }
+}
+
+pub fn backend_value(b: &BackendAddr) -> Backend {
+    Backend {
+        addr: u32::from(b.ip).to_be(),
+        port: b.port.to_be(),
+        proto: b.proto.number(),
+        flags: 0,
+    }
+}
+
+pub fn frontend_addr(k: &FrontendKey) -> FrontendAddr {
+    FrontendAddr {
+        ip: u32::from_be(k.addr).into(),
+        port: u16::from_be(k.port),
+        proto: Protocol::from_number(k.proto).unwrap_or(Protocol::Tcp),
+    }
+}
+
+pub fn backend_addr(b: &Backend) -> BackendAddr {
+    BackendAddr {
+        ip: u32::from_be(b.addr).into(),
+        port: u16::from_be(b.port),
+        proto: Protocol::from_number(b.proto).unwrap_or(Protocol::Tcp),
+    }
+}
+
+/// The backends by id, and an index from value to id.
+#[derive(Clone, Default)]
+struct BackendTable {
+    /// Index = id; `NO_BACKEND` where unused.
+    by_id: Vec<Backend>,
+    /// Ids of the used entries, hashed by their value.
+    index: HashTable<u32>,
+    hasher: ahash::RandomState,
+    len: usize,
+}
+
+impl BackendTable {
+    fn hash(&self, b: &Backend) -> u64 {
+        self.hasher.hash_one(b)
+    }
+
+    fn get(&self, id: u32) -> Option<&Backend> {
+        self.by_id.get(id as usize).filter(|b| **b != NO_BACKEND)
+    }
+
+    fn id_of(&self, b: &Backend) -> Option<u32> {
+        self.index
+            .find(self.hash(b), |id| self.by_id[*id as usize] == *b)
+            .copied()
+    }
+
+    fn remove(&mut self, id: u32) -> Option<Backend> {
+        let old = *self.get(id)?;
+        let hash = self.hash(&old);
+        if let Ok(entry) = self.index.find_entry(hash, |i| *i == id) {
+            entry.remove();
+        }
+        self.by_id[id as usize] = NO_BACKEND;
+        self.len -= 1;
+        Some(old)
+    }
+
+    /// Sets `id` to `b` (replacing what it held); returns the old value.
+    fn insert(&mut self, id: u32, b: Backend) -> Option<Backend> {
+        let old = self.remove(id);
+        if b == NO_BACKEND {
+            return old;
+        }
+        let at = id as usize;
+        if self.by_id.len() <= at {
+            self.by_id.resize(at + 1, NO_BACKEND);
+        }
+        self.by_id[at] = b;
+        let (by_id, hasher) = (&self.by_id, &self.hasher);
+        self.index.insert_unique(hasher.hash_one(b), id, |i| {
+            hasher.hash_one(by_id[*i as usize])
+        });
+        self.len += 1;
+        old
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &Backend)> {
+        self.by_id
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b != NO_BACKEND)
+            .map(|(id, b)| (id as u32, b))
+    }
+}
+
+/// What the kernel maps hold. Change it only through `apply`.
+#[derive(Clone, Default)]
+pub struct MapState {
+    pub frontends: HashMap<FrontendKey, Frontend>,
+    /// Service id -> the backend id in each slot (index 0 is slot 1); 0 where the
+    /// kernel map has no entry. No trailing zeroes.
+    slots: HashMap<u32, Vec<u32>>,
+    backends: BackendTable,
+    backend_pool: IdPool,
+    service_pool: IdPool,
+}
+
+impl std::fmt::Debug for MapState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapState")
+            .field("frontends", &self.frontends.len())
+            .field("slots", &self.slot_count())
+            .field("backends", &self.backends.len)
+            .finish()
+    }
+}
+
+impl MapState {
+    /// The mirror of maps holding these entries (read from the kernel at start).
+    pub fn from_entries(
+        frontends: impl IntoIterator<Item = (FrontendKey, Frontend)>,
+        slots: impl IntoIterator<Item = (SlotKey, u32)>,
+        backends: impl IntoIterator<Item = (u32, Backend)>,
+    ) -> Self {
+        let mut st = MapState {
+            frontends: frontends.into_iter().collect(),
+            ..Default::default()
+        };
+        for (k, id) in slots {
+            st.set_slot(k, id);
+        }
+        for (id, b) in backends {
+            st.backends.insert(id, b);
+        }
+        st.backend_pool = IdPool::from_used(st.backends.iter().map(|(id, _)| id));
+        st.service_pool = IdPool::from_used(st.frontends.values().map(|f| f.service_id));
+        st
+    }
+
+    fn set_slot(&mut self, k: SlotKey, id: u32) {
+        let v = self.slots.entry(k.service_id).or_default();
+        let at = k.slot as usize - 1;
+        if v.len() <= at {
+            v.resize(at + 1, 0);
+        }
+        v[at] = id;
+    }
+
+    fn clear_slot(&mut self, k: &SlotKey) {
+        if let Some(v) = self.slots.get_mut(&k.service_id) {
+            if let Some(e) = v.get_mut(k.slot as usize - 1) {
+                *e = 0;
+            }
+            while v.last() == Some(&0) {
+                v.pop();
+            }
+            if v.is_empty() {
+                self.slots.remove(&k.service_id);
+            }
+        }
+    }
+
+    /// Applies one op (after the kernel accepted it).
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PutBackend(id, b) => {
+                self.backends.insert(*id, *b);
+                self.backend_pool.mark_used(*id);
+            }
+            Op::PutSlot(k, id) => self.set_slot(*k, *id),
+            Op::PutFrontend(k, f) => {
+                if let Some(old) = self.frontends.insert(*k, *f) {
+                    if old.service_id != f.service_id {
+                        self.service_pool.release(old.service_id);
+                    }
+                }
+                self.service_pool.mark_used(f.service_id);
+            }
+            Op::DelSlot(k) => self.clear_slot(k),
+            Op::DelFrontend(k) => {
+                if let Some(old) = self.frontends.remove(k) {
+                    self.service_pool.release(old.service_id);
+                }
+            }
+            Op::DelBackend(id) => {
+                if self.backends.remove(*id).is_some() {
+                    self.backend_pool.release(*id);
+                }
+            }
+        }
+    }
+
+    /// The backend in a slot (1-based), if the map has the entry.
+    pub fn slot(&self, service_id: u32, slot: u32) -> Option<u32> {
+        let v = self.slots.get(&service_id)?;
+        v.get((slot as usize).checked_sub(1)?)
+            .copied()
+            .filter(|id| *id != 0)
+    }
+
+    /// The ready backends of a frontend, in slot order (up to the first missing slot).
+    pub fn slot_list(&self, f: &Frontend) -> Vec<u32> {
+        (1..=f.count)
+            .map_while(|slot| self.slot(f.service_id, slot))
+            .collect()
+    }
+
+    /// The slots of `service_id` from `from` upward until the first gap: what is left
+    /// over above a count (normally exactly the slots a shrinking count leaves behind).
+    pub fn slots_from(&self, service_id: u32, from: u32) -> Vec<SlotKey> {
+        (from..)
+            .map(|slot| SlotKey { service_id, slot })
+            .take_while(|k| self.slot(k.service_id, k.slot).is_some())
+            .collect()
+    }
+
+    /// Every slot entry, as the kernel map holds them.
+    pub fn slots(&self) -> impl Iterator<Item = (SlotKey, u32)> + '_ {
+        self.slots.iter().flat_map(|(sid, v)| {
+            v.iter()
+                .enumerate()
+                .filter(|(_, id)| **id != 0)
+                .map(move |(i, id)| {
+                    (
+                        SlotKey {
+                            service_id: *sid,
+                            slot: i as u32 + 1,
+                        },
+                        *id,
+                    )
+                })
+        })
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.slots
+            .values()
+            .map(|v| v.iter().filter(|id| **id != 0).count())
+            .sum()
+    }
+
+    pub fn backend(&self, id: u32) -> Option<&Backend> {
+        self.backends.get(id)
+    }
+
+    pub fn backends(&self) -> impl Iterator<Item = (u32, &Backend)> {
+        self.backends.iter()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len
+    }
+
+    pub fn backend_id(&self, b: &BackendAddr) -> Option<u32> {
+        self.backends.id_of(&backend_value(b))
+    }
+
+    pub(super) fn pools(&self) -> (IdPool, IdPool) {
+        (self.backend_pool.clone(), self.service_pool.clone())
+    }
+
+    /// Everything the maps hold, sorted: for comparing two mirrors.
+    pub fn content(&self) -> MapContent {
+        let mut frontends: Vec<_> = self.frontends.iter().map(|(k, v)| (*k, *v)).collect();
+        frontends.sort_by_key(|(k, _)| *k);
+        let mut slots: Vec<_> = self.slots().collect();
+        slots.sort();
+        let backends = self.backends().map(|(id, b)| (id, *b)).collect();
+        MapContent {
+            frontends,
+            slots,
+            backends,
+        }
+    }
+}
+
+/// The maps' entries, sorted (see `MapState::content`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapContent {
+    pub frontends: Vec<(FrontendKey, Frontend)>,
+    pub slots: Vec<(SlotKey, u32)>,
+    pub backends: Vec<(u32, Backend)>,
+}

@@ -1,0 +1,363 @@
+//! The writer thread: owns the model (`ModelCache`) and the dataplane writer, and is fed
+//! object updates by a source (the Kubernetes watches, or the standalone file). Map
+//! writes never run on the async runtime's threads, and nothing else takes a lock on
+//! the maps' writer.
+//!
+//! Updates are applied to the model as they arrive; a sync follows as soon as the queue
+//! is empty (after `debounce`, if set), so a burst of events is written as one diff, and a
+//! single change reaches the maps at once. The diff covers only the frontends the model
+//! says changed. After a sync in which the kernel refused some op, the next one compares
+//! everything; it runs when the next update arrives, or after `retry`.
+//!
+//! With `lists` set, nothing is written before each of those kinds has been listed in
+//! full, so an agent restarted on pinned maps never removes what it has not seen yet.
+//! A list ([`Update::ListStart`] .. [`Update::ListDone`]) also removes the objects of its
+//! kind it did not name: after a relist (410 Gone) the model is exactly the API's state,
+//! deletions that happened while the watch was down included.
+use std::{
+    collections::BTreeSet,
+    sync::mpsc::{self, Receiver, RecvTimeoutError, Sender},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use ahash::AHashSet as HashSet;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use super::Dataplane;
+use crate::model::{object_key, Config, EndpointSlice, ModelCache, Node, ObjectKey, Service};
+
+/// The kinds of object a source lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+}
+
+/// One change from a source.
+#[derive(Debug)]
+pub enum Update {
+    Service(Service),
+    /// (namespace, name)
+    RemoveService(String, String),
+    /// A slice, with the time of the change that caused it if the source knows it
+    /// (`endpoints.kubernetes.io/last-change-trigger-time`): observed as the network
+    /// programming latency once written.
+    Slice(EndpointSlice, Option<jiff::Timestamp>),
+    RemoveSlice(String, String),
+    /// This node, as last seen.
+    Node(Node),
+    /// A full list of a kind begins: what it does not name again is removed at its end.
+    ListStart(Kind),
+    ListDone(Kind),
+    /// The whole input at once (the standalone file).
+    Replace(Config),
+}
+
+/// What the writer has done, published after each sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Syncs written so far.
+    pub syncs: u64,
+    /// Map operations the last sync's kernel refused.
+    pub last_errors: usize,
+}
+
+/// What one sync did, for whoever keeps metrics.
+#[derive(Debug)]
+pub struct SyncStats<'a> {
+    pub took: Duration,
+    pub ops: usize,
+    pub errors: &'a [String],
+    pub services: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    /// Trigger times of the slice changes this sync wrote (only when it succeeded).
+    pub triggers: &'a [jiff::Timestamp],
+}
+
+pub type OnSync = Box<dyn FnMut(&SyncStats<'_>) + Send>;
+
+#[derive(Clone, Debug)]
+pub struct WriterOptions {
+    /// Kinds that must be listed before the first write.
+    pub lists: BTreeSet<Kind>,
+    /// After the first update of a burst, wait this long for more before syncing.
+    pub debounce: Duration,
+    /// After a sync with errors, compare everything again after this long.
+    pub retry: Duration,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        Self {
+            lists: BTreeSet::new(),
+            debounce: Duration::ZERO,
+            retry: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The handle on the writer thread.
+pub struct Writer {
+    tx: Sender<Msg>,
+    status: watch::Receiver<Status>,
+    thread: Option<JoinHandle<Dataplane>>,
+}
+
+enum Msg {
+    Update(Update),
+    Stop,
+}
+
+/// A cheap, cloneable sender of updates.
+#[derive(Clone)]
+pub struct Updates(Sender<Msg>);
+
+impl Updates {
+    /// Queues an update; false if the writer is gone.
+    pub fn send(&self, u: Update) -> bool {
+        self.0.send(Msg::Update(u)).is_ok()
+    }
+}
+
+impl Writer {
+    pub fn spawn(plane: Dataplane, opts: WriterOptions, on_sync: OnSync) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let (status_tx, status) = watch::channel(Status::default());
+        let thread = std::thread::Builder::new()
+            .name("lb-writer".into())
+            .spawn(move || {
+                let mut w = Loop {
+                    plane,
+                    model: ModelCache::default(),
+                    opts,
+                    on_sync,
+                    status: status_tx,
+                    listed: BTreeSet::new(),
+                    listing: Default::default(),
+                    triggers: Vec::new(),
+                    failed: false,
+                };
+                w.run(rx);
+                w.plane
+            })?;
+        Ok(Self {
+            tx,
+            status,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn updates(&self) -> Updates {
+        Updates(self.tx.clone())
+    }
+
+    pub fn send(&self, u: Update) -> bool {
+        self.tx.send(Msg::Update(u)).is_ok()
+    }
+
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Stops the thread once it has handled what was queued before, and returns the
+    /// dataplane.
+    pub fn stop(mut self) -> Dataplane {
+        let _ = self.tx.send(Msg::Stop);
+        self.thread
+            .take()
+            .expect("joined once")
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.tx.send(Msg::Stop);
+            let _ = t.join();
+        }
+    }
+}
+
+struct Loop {
+    plane: Dataplane,
+    model: ModelCache,
+    opts: WriterOptions,
+    on_sync: OnSync,
+    status: watch::Sender<Status>,
+    listed: BTreeSet<Kind>,
+    /// Keys named by a list in progress, per kind.
+    listing: [Option<HashSet<ObjectKey>>; 2],
+    triggers: Vec<jiff::Timestamp>,
+    /// The last sync had errors: compare everything on the next.
+    failed: bool,
+}
+
+fn slot(kind: Kind) -> Option<usize> {
+    match kind {
+        Kind::Service => Some(0),
+        Kind::EndpointSlice => Some(1),
+        Kind::Node => None,
+    }
+}
+
+impl Loop {
+    fn run(&mut self, rx: Receiver<Msg>) {
+        loop {
+            // Block for the next update; after a failed sync, wake up to retry.
+            let first = if self.failed {
+                match rx.recv_timeout(self.opts.retry) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return,
+                }
+            };
+            let mut stop = false;
+            if let Some(m) = first {
+                stop |= self.handle(m);
+                if !self.opts.debounce.is_zero() && !stop {
+                    std::thread::sleep(self.opts.debounce);
+                }
+                // Everything queued meanwhile goes into the same sync.
+                while let Ok(m) = rx.try_recv() {
+                    stop |= self.handle(m);
+                }
+            }
+            // A sync after every batch of updates, even one that changed nothing in the
+            // maps (it is cheap: the delta is empty), so whoever waits for one sees the
+            // batch handled, and trigger times are observed.
+            if self.ready() {
+                self.sync();
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Applies one message to the model; true for a stop.
+    fn handle(&mut self, m: Msg) -> bool {
+        let u = match m {
+            Msg::Stop => return true,
+            Msg::Update(u) => u,
+        };
+        match u {
+            Update::Service(s) => {
+                self.seen(Kind::Service, s.key());
+                self.model.upsert_service(s);
+            }
+            Update::RemoveService(ns, name) => {
+                self.seen(Kind::Service, object_key(&ns, &name));
+                self.model.remove_service(&(ns, name));
+            }
+            Update::Slice(s, trigger) => {
+                self.seen(Kind::EndpointSlice, s.key());
+                self.triggers.extend(trigger);
+                self.model.upsert_slice(s);
+            }
+            Update::RemoveSlice(ns, name) => {
+                self.seen(Kind::EndpointSlice, object_key(&ns, &name));
+                self.model.remove_slice(&(ns, name));
+            }
+            Update::Node(n) => {
+                self.model.set_node(n);
+            }
+            Update::ListStart(kind) => {
+                if let Some(i) = slot(kind) {
+                    self.listing[i] = Some(HashSet::new());
+                }
+            }
+            Update::ListDone(kind) => {
+                if let Some(seen) = slot(kind).and_then(|i| self.listing[i].take()) {
+                    match kind {
+                        Kind::Service => self.model.retain_services(|k| seen.contains(k)),
+                        _ => self.model.retain_slices(|k| seen.contains(k)),
+                    }
+                }
+                if self.listed.insert(kind) {
+                    info!("{}s listed", kind.name());
+                }
+            }
+            Update::Replace(cfg) => {
+                self.model.set_node(cfg.node);
+                self.model.replace_all(cfg.services, cfg.endpoint_slices);
+            }
+        }
+        false
+    }
+
+    fn seen(&mut self, kind: Kind, key: ObjectKey) {
+        if let Some(set) = slot(kind).and_then(|i| self.listing[i].as_mut()) {
+            set.insert(key);
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.opts.lists.is_subset(&self.listed)
+    }
+
+    fn sync(&mut self) {
+        let t0 = Instant::now();
+        let delta = self.model.take_delta();
+        let desired = self.model.current();
+        let report = if self.failed {
+            self.plane.sync(desired)
+        } else {
+            self.plane.sync_delta(desired, Some(&delta))
+        };
+        let took = t0.elapsed();
+        self.failed = !report.errors.is_empty();
+        for e in &report.errors {
+            error!("map update failed: {e}; retrying in {:?}", self.opts.retry);
+        }
+        let triggers = if self.failed {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.triggers)
+        };
+        let stats = SyncStats {
+            took,
+            ops: report.ops,
+            errors: &report.errors,
+            services: self.model.service_count(),
+            frontends: desired.frontends.len(),
+            backends: self.plane.state().backend_count(),
+            triggers: &triggers,
+        };
+        info!(
+            services = stats.services,
+            frontends = stats.frontends,
+            backends = stats.backends,
+            changed = delta.changed.len(),
+            map_ops = stats.ops,
+            errors = stats.errors.len(),
+            took_us = took.as_micros() as u64,
+            "synced"
+        );
+        (self.on_sync)(&stats);
+        self.status.send_modify(|s| {
+            s.syncs += 1;
+            s.last_errors = report.errors.len();
+        });
+    }
+}

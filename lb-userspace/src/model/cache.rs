@@ -1,0 +1,512 @@
+//! The desired state kept up to date object by object: a change to one Service or one
+//! EndpointSlice recomputes that Service's frontends only, and [`ModelCache::take_delta`]
+//! hands the writer exactly the frontends that changed, so the cost of a change does not
+//! grow with the number of Services. `desired()` always equals `desired_state()` over
+//! the same objects, and the deltas replayed on the last state give the new one (a test
+//! checks both on random sequences).
+use std::sync::Arc;
+
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
+
+use super::{
+    objects::{EndpointSlice, Node, NodeName, ObjectKey, Service},
+    rules::service_frontends,
+    state::{Delta, DesiredState, FrontendAddr, FrontendSpec},
+};
+
+#[derive(Clone, Debug, Default)]
+pub struct ModelCache {
+    services: HashMap<ObjectKey, Service>,
+    slices: HashMap<ObjectKey, EndpointSlice>,
+    /// Service key -> keys of the slices that name it (the Service may not exist yet).
+    slices_of: HashMap<ObjectKey, Vec<ObjectKey>>,
+    /// The frontends each Service claims, whether or not it owns them.
+    frontends_of: HashMap<ObjectKey, Vec<FrontendAddr>>,
+    /// Services claiming each frontend, sorted: the first in (namespace, name) order owns
+    /// it.
+    claims: HashMap<FrontendAddr, Vec<ObjectKey>>,
+    /// Services to recompute.
+    dirty: HashSet<ObjectKey>,
+    desired: DesiredState,
+    /// Frontends changed since the last `take_delta`, with their spec before the first
+    /// of those changes.
+    before: HashMap<FrontendAddr, Option<FrontendSpec>>,
+    node: Node,
+    /// Node names, one allocation each, shared by every endpoint on that node.
+    node_names: HashSet<NodeName>,
+}
+
+impl ModelCache {
+    /// Sets this node (its addresses and name). A change recomputes the Services that
+    /// have frontends reached from outside: NodePorts, external or LoadBalancer IPs.
+    /// Returns whether anything changed.
+    pub fn set_node(&mut self, node: Node) -> bool {
+        if node == self.node {
+            return false;
+        }
+        self.node = node;
+        for (key, svc) in &self.services {
+            if svc.has_external_frontends() {
+                self.dirty.insert(key.clone());
+            }
+        }
+        true
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub fn upsert_service(&mut self, svc: Service) {
+        let key = svc.key();
+        if self.services.get(&key) != Some(&svc) {
+            self.services.insert(key.clone(), svc);
+            self.dirty.insert(key);
+        }
+    }
+
+    pub fn remove_service(&mut self, key: &(String, String)) {
+        if let Some((key, _)) = self.services.remove_entry(key) {
+            self.dirty.insert(key);
+        }
+    }
+
+    pub fn upsert_slice(&mut self, mut slice: EndpointSlice) {
+        let key = slice.key();
+        for ep in &mut slice.endpoints {
+            if let Some(name) = &mut ep.node_name {
+                *name = intern(&mut self.node_names, name);
+            }
+        }
+        if self.slices.get(&key) == Some(&slice) {
+            return;
+        }
+        let svc = slice.service_key();
+        if let Some(old) = self.slices.insert(key.clone(), slice) {
+            let old_svc = old.service_key();
+            self.unlink_slice(&old_svc, &key);
+            self.dirty.insert(old_svc);
+        }
+        self.slices_of.entry(svc.clone()).or_default().push(key);
+        self.dirty.insert(svc);
+    }
+
+    pub fn remove_slice(&mut self, key: &(String, String)) {
+        if let Some((key, old)) = self.slices.remove_entry(key) {
+            let svc = old.service_key();
+            self.unlink_slice(&svc, &key);
+            self.dirty.insert(svc);
+        }
+    }
+
+    fn unlink_slice(&mut self, svc: &ObjectKey, slice: &ObjectKey) {
+        if let Some(list) = self.slices_of.get_mut(svc) {
+            list.retain(|k| k != slice);
+            if list.is_empty() {
+                self.slices_of.remove(svc);
+            }
+        }
+    }
+
+    /// Replaces every object (the standalone file): only those that differ are marked
+    /// dirty.
+    pub fn replace_all(&mut self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
+        let svc_keys: HashSet<ObjectKey> = services.iter().map(Service::key).collect();
+        let slice_keys: HashSet<ObjectKey> = slices.iter().map(EndpointSlice::key).collect();
+        self.retain_services(|k| svc_keys.contains(k));
+        self.retain_slices(|k| slice_keys.contains(k));
+        for s in services {
+            self.upsert_service(s);
+        }
+        for s in slices {
+            self.upsert_slice(s);
+        }
+    }
+
+    /// Removes the Services `keep` says no to (after a relist: those the list lacked).
+    pub fn retain_services(&mut self, keep: impl Fn(&ObjectKey) -> bool) {
+        let gone: Vec<ObjectKey> = self.services.keys().filter(|k| !keep(k)).cloned().collect();
+        for k in gone {
+            self.remove_service(&k);
+        }
+    }
+
+    /// Removes the EndpointSlices `keep` says no to.
+    pub fn retain_slices(&mut self, keep: impl Fn(&ObjectKey) -> bool) {
+        let gone: Vec<ObjectKey> = self.slices.keys().filter(|k| !keep(k)).cloned().collect();
+        for k in gone {
+            self.remove_slice(&k);
+        }
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// The desired state, after recomputing the Services touched since the last call.
+    pub fn desired(&mut self) -> &DesiredState {
+        self.update();
+        &self.desired
+    }
+
+    /// The desired state as last computed (see `desired`).
+    pub fn current(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// The frontends that changed since the last call, with their spec before; the
+    /// desired state has their spec now.
+    pub fn take_delta(&mut self) -> Delta {
+        self.update();
+        let mut changed: Vec<(FrontendAddr, Option<FrontendSpec>)> = self
+            .before
+            .drain()
+            .filter(|(fe, old)| self.desired.frontends.get(fe) != old.as_ref())
+            .collect();
+        changed.sort_by_key(|(fe, _)| *fe);
+        Delta { changed }
+    }
+
+    /// Recomputes the dirty Services and the frontends they claim or gave up.
+    fn update(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut touched: HashSet<FrontendAddr> = HashSet::new();
+        let mut computed: HashMap<
+            ObjectKey,
+            std::collections::BTreeMap<FrontendAddr, FrontendSpec>,
+        > = HashMap::with_capacity(dirty.len());
+        for key in dirty {
+            let new = self.compute(&key);
+            let old = self.frontends_of.remove(&key).unwrap_or_default();
+            for fe in old {
+                if !new.contains_key(&fe) {
+                    if let Some(c) = self.claims.get_mut(&fe) {
+                        c.retain(|k| *k != key);
+                        if c.is_empty() {
+                            self.claims.remove(&fe);
+                        }
+                    }
+                }
+                touched.insert(fe);
+            }
+            for fe in new.keys() {
+                let c = self.claims.entry(*fe).or_default();
+                if let Err(at) = c.binary_search(&key) {
+                    c.insert(at, key.clone());
+                }
+                touched.insert(*fe);
+            }
+            if !new.is_empty() {
+                self.frontends_of
+                    .insert(key.clone(), new.keys().copied().collect());
+            }
+            computed.insert(key, new);
+        }
+        for fe in touched {
+            let owner = self.claims.get(&fe).and_then(|c| c.first()).cloned();
+            let spec = match owner {
+                None => None,
+                Some(o) => {
+                    if !computed.contains_key(&o) {
+                        // Another Service took the frontend over: its spec was not
+                        // computed in this round.
+                        let specs = self.compute(&o);
+                        computed.insert(o.clone(), specs);
+                    }
+                    computed[&o].get(&fe).cloned()
+                }
+            };
+            self.set_desired(fe, spec);
+        }
+    }
+
+    /// The frontends a Service yields now (none if it is gone).
+    fn compute(&self, key: &ObjectKey) -> std::collections::BTreeMap<FrontendAddr, FrontendSpec> {
+        match self.services.get(key) {
+            Some(svc) => {
+                let slices = self
+                    .slices_of
+                    .get(key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| self.slices.get(k));
+                service_frontends(svc, slices, &self.node)
+            }
+            None => Default::default(),
+        }
+    }
+
+    fn set_desired(&mut self, fe: FrontendAddr, spec: Option<FrontendSpec>) {
+        let cur = self.desired.frontends.get(&fe);
+        if cur == spec.as_ref() {
+            return;
+        }
+        self.before.entry(fe).or_insert_with(|| cur.cloned());
+        match spec {
+            Some(spec) => {
+                self.desired.frontends.insert(fe, spec);
+            }
+            None => {
+                self.desired.frontends.remove(&fe);
+            }
+        }
+    }
+}
+
+fn intern(names: &mut HashSet<NodeName>, name: &NodeName) -> NodeName {
+    if let Some(known) = names.get(name) {
+        return known.clone();
+    }
+    let owned: NodeName = Arc::from(&**name);
+    names.insert(owned.clone());
+    owned
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::model::{fixtures::*, objects::*, rules::desired_state, state::FrontendKind};
+
+    #[test]
+    fn the_cache_equals_the_full_computation_on_random_changes() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        // The node flips between a few values: no name and no address, and two named
+        // nodes whose addresses overlap (and may equal a Service's external IP).
+        let nodes = [
+            Node::default(),
+            node(Some("node-a"), &["192.168.1.1"]),
+            node(Some("node-b"), &["192.168.1.1", "192.168.1.2"]),
+        ];
+        let node_names = [None, Some("node-a"), Some("node-b")];
+        let mut cache = ModelCache::default();
+        // The state rebuilt from the deltas alone, as the writer sees it.
+        let mut replayed = DesiredState::default();
+        let mut deltas = 0;
+        let mut current = Node::default();
+        let mut services: BTreeMap<String, Service> = BTreeMap::new();
+        let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+        let (mut node_port_states, mut local_subsets) = (0, 0);
+        for step in 0..4000 {
+            let name = format!("s{}", rnd(6));
+            match rnd(7) {
+                0 | 5 => {
+                    // Two Services may share a frontend (clusterIP and port, or a nodePort
+                    // on the same node address): the first name wins.
+                    let cip = format!("10.96.0.{}", rnd(4) + 1);
+                    let mut s = svc(&name, &cip, &[("http", 80 + rnd(2) as u16, Protocol::Tcp)]);
+                    match rnd(5) {
+                        0 => {
+                            s.service_type = ServiceType::NodePort;
+                            s.ports[0].node_port = Some(30000 + rnd(2) as u16);
+                        }
+                        1 => s.external_ips = vec![ip(&format!("192.168.1.{}", rnd(2) + 1))],
+                        2 => {
+                            s.service_type = ServiceType::LoadBalancer;
+                            // allocateLoadBalancerNodePorts: false, half the time.
+                            s.ports[0].node_port = (rnd(2) == 0).then_some(30002);
+                            s.load_balancer_ips = vec![ip("198.51.100.7")];
+                        }
+                        _ => {}
+                    }
+                    if rnd(2) == 0 {
+                        s.external_traffic_policy = TrafficPolicy::Local;
+                    }
+                    services.insert(name, s.clone());
+                    cache.upsert_service(s);
+                }
+                1 => {
+                    services.remove(&name);
+                    cache.remove_service(&("default".into(), name));
+                }
+                2 | 3 => {
+                    let sl_name = format!("sl{}", rnd(8));
+                    let eps = (0..rnd(4))
+                        .map(|_| {
+                            on(
+                                node_names[rnd(3) as usize],
+                                ep(
+                                    &format!("10.244.0.{}", rnd(6) + 2),
+                                    Some(rnd(3) > 0),
+                                    None,
+                                    Some(rnd(2) == 0),
+                                ),
+                            )
+                        })
+                        .collect();
+                    let sl = slice(&sl_name, &name, &[("http", 8080, Protocol::Tcp)], eps);
+                    slices.insert(sl_name, sl.clone());
+                    cache.upsert_slice(sl);
+                }
+                4 => {
+                    current = nodes[rnd(3) as usize].clone();
+                    cache.set_node(current.clone());
+                }
+                _ => {
+                    let sl_name = format!("sl{}", rnd(8));
+                    slices.remove(&sl_name);
+                    cache.remove_slice(&("default".into(), sl_name));
+                }
+            }
+            if rnd(3) == 0 {
+                let svcs: Vec<Service> = services.values().cloned().collect();
+                let sls: Vec<EndpointSlice> = slices.values().cloned().collect();
+                let want = desired_state(&svcs, &sls, &current);
+                assert_eq!(cache.desired(), &want, "step {step}");
+                let delta = cache.take_delta();
+                deltas += delta.changed.len();
+                for (fe, old) in delta.changed {
+                    assert_eq!(
+                        replayed.frontends.get(&fe),
+                        old.as_ref(),
+                        "step {step}: {fe}"
+                    );
+                    match want.frontends.get(&fe) {
+                        Some(spec) => replayed.frontends.insert(fe, spec.clone()),
+                        None => replayed.frontends.remove(&fe),
+                    };
+                }
+                assert_eq!(replayed, want, "step {step}: the deltas replayed");
+                for f in want.frontends.values() {
+                    if f.kind == FrontendKind::NodePort {
+                        node_port_states += 1;
+                        if f.active.len() < f.known.len() && current.name.is_some() {
+                            local_subsets += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // The sequence exercised what it is meant to.
+        assert!(node_port_states > 100, "{node_port_states}");
+        assert!(local_subsets > 10, "{local_subsets}");
+        assert!(deltas > 500, "{deltas}");
+        let svcs: Vec<Service> = services.values().cloned().collect();
+        let sls: Vec<EndpointSlice> = slices.values().cloned().collect();
+        let mut fresh = ModelCache::default();
+        fresh.set_node(current.clone());
+        fresh.replace_all(svcs.clone(), sls.clone());
+        assert_eq!(fresh.desired(), &desired_state(&svcs, &sls, &current));
+        cache.replace_all(vec![], vec![]);
+        assert!(cache.desired().frontends.is_empty());
+    }
+
+    #[test]
+    fn set_node_changes_exactly_the_node_port_frontends() {
+        let a = node(Some("node-a"), &["192.168.1.1"]);
+        let mut np = web(ServiceType::NodePort, Some(30080));
+        np.external_traffic_policy = TrafficPolicy::Local;
+        let mut ext = svc("ext", "10.96.0.11", &[("", 443, Protocol::Tcp)]);
+        ext.external_ips = vec![ip("203.0.113.5")];
+        let plain = svc("plain", "10.96.0.12", &[("", 53, Protocol::Tcp)]);
+        let services = vec![np, ext, plain];
+        let slices = vec![
+            web_slice(vec![
+                on(Some("node-a"), ep("10.244.0.2", None, None, None)),
+                on(Some("node-b"), ep("10.244.1.2", None, None, None)),
+            ]),
+            slice(
+                "plain-1",
+                "plain",
+                &[("", 53, Protocol::Tcp)],
+                vec![on(Some("node-b"), ep("10.244.1.9", None, None, None))],
+            ),
+        ];
+        let mut cache = ModelCache::default();
+        cache.set_node(a.clone());
+        cache.replace_all(services.clone(), slices.clone());
+        let before = cache.desired().clone();
+        assert_eq!(before, desired_state(&services, &slices, &a));
+        assert!(before.frontends.contains_key(&fa("192.168.1.1", 30080)));
+
+        // The same node again: nothing to recompute.
+        cache.set_node(a.clone());
+        assert!(cache.dirty.is_empty());
+
+        // New addresses: the NodePort frontend moves, nothing else changes.
+        let moved = node(Some("node-a"), &["192.168.1.2", "192.168.1.3"]);
+        cache.set_node(moved.clone());
+        let keys = |ks: &[(&str, &str)]| -> BTreeSet<ObjectKey> {
+            ks.iter().map(|(n, s)| object_key(n, s)).collect()
+        };
+        assert_eq!(
+            cache.dirty.iter().cloned().collect::<BTreeSet<_>>(),
+            keys(&[("default", "ext"), ("default", "web")]),
+            "only Services with frontends reached from outside are recomputed"
+        );
+        let after = cache.desired().clone();
+        assert_eq!(after, desired_state(&services, &slices, &moved));
+        let gone: Vec<_> = before
+            .frontends
+            .keys()
+            .filter(|fe| !after.frontends.contains_key(fe))
+            .copied()
+            .collect();
+        let new: Vec<_> = after
+            .frontends
+            .keys()
+            .filter(|fe| !before.frontends.contains_key(fe))
+            .copied()
+            .collect();
+        assert_eq!(gone, vec![fa("192.168.1.1", 30080)]);
+        assert_eq!(
+            new,
+            vec![fa("192.168.1.2", 30080), fa("192.168.1.3", 30080)]
+        );
+        for fe in &new {
+            assert_eq!(
+                after.frontends[fe],
+                before.frontends[&fa("192.168.1.1", 30080)]
+            );
+        }
+        for (fe, spec) in &before.frontends {
+            if fe.ip != ip("192.168.1.1") {
+                assert_eq!(after.frontends.get(fe), Some(spec), "{fe}");
+            }
+        }
+
+        // Another name: the same frontends, the external ones with node-b's endpoints.
+        let b_node = node(Some("node-b"), &["192.168.1.2", "192.168.1.3"]);
+        cache.set_node(b_node.clone());
+        let renamed = cache.desired().clone();
+        assert_eq!(renamed, desired_state(&services, &slices, &b_node));
+        assert_eq!(
+            renamed.frontends.keys().collect::<Vec<_>>(),
+            after.frontends.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            renamed.frontends[&fa("192.168.1.2", 30080)]
+                .active
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![b("10.244.1.2", 8080)]
+        );
+        assert_eq!(
+            renamed.frontends[&fa("10.96.0.10", 80)],
+            after.frontends[&fa("10.96.0.10", 80)]
+        );
+
+        // No address any more: the NodePort frontends go.
+        cache.set_node(node(Some("node-b"), &[]));
+        assert!(!cache
+            .desired()
+            .frontends
+            .values()
+            .any(|f| f.kind == FrontendKind::NodePort));
+    }
+}

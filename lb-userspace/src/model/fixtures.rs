@@ -1,0 +1,120 @@
+//! Builders for the model's tests.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use super::{
+    objects::{
+        Conditions, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Service, ServicePort,
+        ServiceType,
+    },
+    state::{BackendAddr, DesiredState, FrontendAddr, FrontendKind},
+};
+
+pub fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+pub fn svc(name: &str, cip: &str, ports: &[(&str, u16, Protocol)]) -> Service {
+    Service {
+        name: name.into(),
+        namespace: "default".into(),
+        cluster_ip: ip(cip),
+        ports: ports
+            .iter()
+            .map(|(n, p, proto)| ServicePort {
+                name: n.to_string(),
+                port: *p,
+                target_port: None,
+                protocol: *proto,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub fn ep(addr: &str, ready: Option<bool>, serving: Option<bool>, term: Option<bool>) -> Endpoint {
+    Endpoint {
+        address: ip(addr),
+        conditions: Conditions {
+            ready,
+            serving,
+            terminating: term,
+        },
+        node_name: None,
+    }
+}
+
+pub fn slice(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, Protocol)],
+    eps: Vec<Endpoint>,
+) -> EndpointSlice {
+    EndpointSlice {
+        name: name.into(),
+        namespace: "default".into(),
+        service_name: service.into(),
+        ports: ports
+            .iter()
+            .map(|(n, p, proto)| EndpointPort {
+                name: n.to_string(),
+                port: *p,
+                protocol: *proto,
+            })
+            .collect(),
+        endpoints: eps,
+    }
+}
+
+pub fn b(addr: &str, port: u16) -> BackendAddr {
+    BackendAddr {
+        ip: ip(addr),
+        port,
+        proto: Protocol::Tcp,
+    }
+}
+
+pub fn fa(addr: &str, port: u16) -> FrontendAddr {
+    FrontendAddr {
+        ip: ip(addr),
+        port,
+        proto: Protocol::Tcp,
+    }
+}
+
+pub fn node(name: Option<&str>, addresses: &[&str]) -> Node {
+    Node {
+        name: name.map(String::from),
+        addresses: addresses.iter().map(|a| ip(a)).collect(),
+    }
+}
+
+/// `e` running on `node_name` (None: unset).
+pub fn on(node_name: Option<&str>, e: Endpoint) -> Endpoint {
+    Endpoint {
+        node_name: node_name.map(Into::into),
+        ..e
+    }
+}
+
+/// web: one TCP port 80 (nodePort `np`, if any) of the given type.
+pub fn web(service_type: ServiceType, np: Option<u16>) -> Service {
+    let mut s = svc("web", "10.96.0.10", &[("http", 80, Protocol::Tcp)]);
+    s.service_type = service_type;
+    s.ports[0].node_port = np;
+    s
+}
+
+pub fn web_slice(eps: Vec<Endpoint>) -> EndpointSlice {
+    slice("web-1", "web", &[("http", 8080, Protocol::Tcp)], eps)
+}
+
+/// frontend -> (kind, active backends), for whole-state comparisons.
+pub fn kinds_and_active(
+    st: &DesiredState,
+) -> BTreeMap<FrontendAddr, (FrontendKind, Vec<BackendAddr>)> {
+    st.frontends
+        .iter()
+        .map(|(fe, f)| (*fe, (f.kind, f.active.iter().copied().collect())))
+        .collect()
+}

@@ -1,0 +1,310 @@
+//! The model's input: Services, EndpointSlices and this Node, reduced to the fields the
+//! rules use. Both sources fill these types: the standalone file (they are its format,
+//! through serde) and the Kubernetes controller (`k8s::translate`).
+//!
+//! Kept small, since an agent holds every object of the cluster: an endpoint is one
+//! address (an EndpointSlice endpoint with several addresses becomes several, which
+//! means the same to the rules), its conditions, and its node's name, shared between the
+//! endpoints of one node (`ModelCache` interns it).
+use std::{fmt, net::Ipv4Addr, sync::Arc};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// L4 protocol of a Service port, spelled as in Kubernetes.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::PROTO_TCP => Some(Protocol::Tcp),
+            lb_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// A Service's targetPort: a number or the name of a container port. Informational in
+/// this model: the EndpointSlice's port (matched by the Service port's name) is the one
+/// packets go to, which is how Kubernetes resolves named target ports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    /// Required when a Service has more than one port, as in Kubernetes.
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<TargetPort>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The port opened on every node address (type NodePort or LoadBalancer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
+}
+
+/// A Service's `spec.type`. ExternalName and headless Services never reach the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+/// `spec.externalTrafficPolicy`: which endpoints serve traffic that enters the node from
+/// outside (NodePorts, external IPs, LoadBalancer IPs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Ipv4Addr,
+    #[serde(rename = "type", default)]
+    pub service_type: ServiceType,
+    pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs`: more addresses the Service's ports answer on.
+    #[serde(rename = "externalIPs", default, skip_serializing_if = "Vec::is_empty")]
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` (type LoadBalancer).
+    #[serde(
+        rename = "loadBalancerIPs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub external_traffic_policy: TrafficPolicy,
+}
+
+/// A ClusterIP Service with no address until one is set (for building Services in code
+/// with `..Default::default()`; validation rejects the unspecified address).
+impl Default for Service {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            namespace: default_namespace(),
+            cluster_ip: Ipv4Addr::UNSPECIFIED,
+            service_type: ServiceType::default(),
+            ports: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            external_traffic_policy: TrafficPolicy::default(),
+        }
+    }
+}
+
+impl Service {
+    /// Whether the Service has frontends reached from outside (which depend on this
+    /// node: its addresses for NodePorts, its endpoints for all of them).
+    pub fn has_external_frontends(&self) -> bool {
+        self.ports.iter().any(|p| p.node_port.is_some())
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointPort {
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// EndpointSlice conditions; unset fields follow Kubernetes' defaults (ready and
+/// serving unset count as true, terminating unset as false).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Conditions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminating: Option<bool>,
+}
+
+/// A node's name, shared by every endpoint on that node.
+pub type NodeName = Arc<str>;
+
+/// One endpoint address. In the file (and the API) an endpoint lists its addresses; each
+/// becomes one of these, with the endpoint's conditions and node (24 bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub conditions: Conditions,
+    /// The node the endpoint runs on.
+    pub node_name: Option<NodeName>,
+}
+
+impl Endpoint {
+    pub fn new(address: Ipv4Addr) -> Self {
+        Self {
+            address,
+            conditions: Conditions::default(),
+            node_name: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointSlice {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The Service this slice belongs to (label `kubernetes.io/service-name`).
+    pub service_name: String,
+    #[serde(default)]
+    pub ports: Vec<EndpointPort>,
+    #[serde(
+        default,
+        deserialize_with = "endpoints_from_file",
+        serialize_with = "endpoints_to_file"
+    )]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// An endpoint as the file writes it: `{addresses: [...], conditions, nodeName}`.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileEndpoint {
+    addresses: Vec<Ipv4Addr>,
+    #[serde(default)]
+    conditions: Conditions,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node_name: Option<String>,
+}
+
+fn endpoints_from_file<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Endpoint>, D::Error> {
+    let file: Vec<FileEndpoint> = Vec::deserialize(d)?;
+    let mut out = Vec::with_capacity(file.len());
+    for e in file {
+        let node_name: Option<NodeName> = e.node_name.map(Into::into);
+        out.extend(e.addresses.into_iter().map(|address| Endpoint {
+            address,
+            conditions: e.conditions,
+            node_name: node_name.clone(),
+        }));
+    }
+    Ok(out)
+}
+
+fn endpoints_to_file<S: Serializer>(eps: &[Endpoint], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(eps.iter().map(|e| FileEndpoint {
+        addresses: vec![e.address],
+        conditions: e.conditions,
+        node_name: e.node_name.as_deref().map(String::from),
+    }))
+}
+
+pub(crate) fn default_namespace() -> String {
+    "default".to_string()
+}
+
+/// The node this agent runs on: where NodePorts open, and which endpoints are local.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Node {
+    /// Compared with the endpoints' `nodeName`; unset (a standalone file that names no
+    /// node): every endpoint is local.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The node's addresses (Kubernetes: the Node's InternalIP and ExternalIP): each
+    /// NodePort is a frontend on each of them.
+    #[serde(default)]
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+impl Node {
+    /// Whether an endpoint on `node_name` runs on this node. As kube-proxy: an endpoint
+    /// without a node name is not local. A node without a name (a single-node file)
+    /// counts every endpoint as local.
+    pub fn is_local(&self, node_name: Option<&str>) -> bool {
+        match (&self.name, node_name) {
+            (None, _) => true,
+            (Some(me), Some(there)) => me == there,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// The whole input of the model: the standalone file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: Node,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub endpoint_slices: Vec<EndpointSlice>,
+}
+
+/// The (namespace, name) of a Service or EndpointSlice. Cheap to clone: the model
+/// refers to objects by key from several indexes.
+pub type ObjectKey = Arc<(String, String)>;
+
+pub fn object_key(namespace: &str, name: &str) -> ObjectKey {
+    Arc::new((namespace.to_string(), name.to_string()))
+}
+
+impl Service {
+    pub fn key(&self) -> ObjectKey {
+        object_key(&self.namespace, &self.name)
+    }
+}
+
+impl EndpointSlice {
+    pub fn key(&self) -> ObjectKey {
+        object_key(&self.namespace, &self.name)
+    }
+
+    /// The key of the Service the slice belongs to.
+    pub fn service_key(&self) -> ObjectKey {
+        object_key(&self.namespace, &self.service_name)
+    }
+}

@@ -1,0 +1,588 @@
+//! The Kubernetes rules, as kube-proxy applies them, written once for both sources:
+//! which frontends a Service port opens, which endpoints it matches (slice ports by name
+//! and protocol), which of them are ready (or serving while terminating, when none is),
+//! and which are local to this node (for the frontends reached from outside).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use super::{
+    objects::{Conditions, EndpointSlice, Node, Service, ServicePort, ServiceType},
+    state::{BackendAddr, Backends, DesiredState, FrontendAddr, FrontendKind, FrontendSpec},
+};
+
+/// Every frontend a Service port yields, with its kind: the ClusterIP, the NodePort on
+/// each node address, the external IPs and the LoadBalancer IPs (all with the Service
+/// port, as kube-proxy does).
+pub fn port_frontends(
+    svc: &Service,
+    sp: &ServicePort,
+    node: &Node,
+) -> Vec<(FrontendAddr, FrontendKind)> {
+    let fe = |ip: Ipv4Addr, port: u16| FrontendAddr {
+        ip,
+        port,
+        proto: sp.protocol,
+    };
+    let mut out = vec![(fe(svc.cluster_ip, sp.port), FrontendKind::ClusterIP)];
+    if let Some(np) = sp.node_port {
+        if svc.service_type != ServiceType::ClusterIP {
+            out.extend(
+                node.addresses
+                    .iter()
+                    .map(|a| (fe(*a, np), FrontendKind::NodePort)),
+            );
+        }
+    }
+    out.extend(
+        svc.external_ips
+            .iter()
+            .map(|a| (fe(*a, sp.port), FrontendKind::ExternalIP)),
+    );
+    if svc.service_type == ServiceType::LoadBalancer {
+        out.extend(
+            svc.load_balancer_ips
+                .iter()
+                .map(|a| (fe(*a, sp.port), FrontendKind::LoadBalancer)),
+        );
+    }
+    out
+}
+
+/// Kubernetes' readiness rule for one endpoint.
+fn is_ready(c: &Conditions) -> bool {
+    c.ready.unwrap_or(true)
+}
+
+/// KEP-1669: when no endpoint of a Service port is ready, endpoints that are still
+/// serving while terminating take the traffic, so a rolling update drops nothing.
+fn is_serving_terminating(c: &Conditions) -> bool {
+    c.serving.unwrap_or(true) && c.terminating.unwrap_or(false)
+}
+
+/// Backends of one Service port, sorted by condition.
+#[derive(Default)]
+struct Pool {
+    ready: BTreeSet<BackendAddr>,
+    terminating: BTreeSet<BackendAddr>,
+}
+
+impl Pool {
+    fn add(&mut self, b: BackendAddr, c: &Conditions) {
+        if is_ready(c) {
+            self.ready.insert(b);
+        } else if is_serving_terminating(c) {
+            self.terminating.insert(b);
+        }
+    }
+
+    /// Who gets new connections: the ready ones, else the serving terminating ones.
+    fn active(&self) -> &BTreeSet<BackendAddr> {
+        if self.ready.is_empty() {
+            &self.terminating
+        } else {
+            &self.ready
+        }
+    }
+}
+
+/// `set` as a shared slice, re-using `known` when it holds the same backends (the
+/// common case: every endpoint ready), so the two cost one allocation.
+fn shared(set: &BTreeSet<BackendAddr>, known: &Backends) -> Backends {
+    if set.len() == known.len() && set.iter().eq(known.iter()) {
+        known.clone()
+    } else {
+        set.iter().copied().collect()
+    }
+}
+
+/// Frontends and backends of one Service, from the slices that belong to it.
+///
+/// The ClusterIP uses every endpoint. Frontends reached from outside (NodePort, external
+/// and LoadBalancer IPs) use this node's endpoints only, whatever the
+/// externalTrafficPolicy: with `Local` that is Kubernetes' rule; with `Cluster`, sending
+/// to another node's endpoint would need a source NAT so the reply comes back through
+/// this node, which the dataplane does not do yet (ARCHITECTURE.md, known limits).
+pub fn service_frontends<'a>(
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice> + Clone,
+    node: &Node,
+) -> BTreeMap<FrontendAddr, FrontendSpec> {
+    let mut out = BTreeMap::new();
+    for sp in &svc.ports {
+        // Endpoints from all slices, deduplicated by (address, port); an address listed
+        // as ready anywhere counts as ready.
+        let mut all = Pool::default();
+        let mut local = Pool::default();
+        let mut known = BTreeSet::new();
+        for slice in slices.clone() {
+            if slice.namespace != svc.namespace || slice.service_name != svc.name {
+                continue;
+            }
+            let Some(ep_port) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+            else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                let b = BackendAddr {
+                    ip: ep.address,
+                    port: ep_port.port,
+                    proto: sp.protocol,
+                };
+                known.insert(b);
+                all.add(b, &ep.conditions);
+                if node.is_local(ep.node_name.as_deref()) {
+                    local.add(b, &ep.conditions);
+                }
+            }
+        }
+        let service: Arc<str> = format!("{}/{}:{}", svc.namespace, svc.name, sp.name).into();
+        let known: Backends = known.into_iter().collect();
+        let all = shared(all.active(), &known);
+        let mut local_active = None;
+        for (fe, kind) in port_frontends(svc, sp, node) {
+            let active = if kind.is_external() {
+                local_active
+                    .get_or_insert_with(|| shared(local.active(), &known))
+                    .clone()
+            } else {
+                all.clone()
+            };
+            out.entry(fe).or_insert_with(|| FrontendSpec {
+                service: service.clone(),
+                kind,
+                active,
+                known: known.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// The whole desired state from a set of Services and EndpointSlices, computed from
+/// scratch (`ModelCache` keeps the same result up to date object by object).
+/// Callers pass only valid objects (see `validate`); a frontend claimed by two Services
+/// goes to the first in (namespace, name) order, as a stable rule.
+pub fn desired_state(services: &[Service], slices: &[EndpointSlice], node: &Node) -> DesiredState {
+    let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        by_service
+            .entry((s.namespace.as_str(), s.service_name.as_str()))
+            .or_default()
+            .push(s);
+    }
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut state = DesiredState::default();
+    for svc in sorted {
+        let mine = by_service
+            .get(&(svc.namespace.as_str(), svc.name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        for (fe, spec) in service_frontends(svc, mine.iter().copied(), node) {
+            state.frontends.entry(fe).or_insert(spec);
+        }
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{fixtures::*, objects::*, validate::validate_service};
+
+    #[test]
+    fn target_port_comes_from_the_slice_port_matched_by_name() {
+        let s = svc(
+            "web",
+            "10.96.0.10",
+            &[
+                ("http", 80, Protocol::Tcp),
+                ("metrics", 9090, Protocol::Tcp),
+            ],
+        );
+        let sl = slice(
+            "web-1",
+            "web",
+            &[
+                ("http", 8080, Protocol::Tcp),
+                ("metrics", 9100, Protocol::Tcp),
+            ],
+            vec![ep("10.244.0.2", Some(true), None, None)],
+        );
+        let st = desired_state(&[s], &[sl], &Node::default());
+        let http = &st.frontends[&FrontendAddr {
+            ip: ip("10.96.0.10"),
+            port: 80,
+            proto: Protocol::Tcp,
+        }];
+        assert_eq!(
+            http.active.iter().copied().collect::<Vec<_>>(),
+            vec![b("10.244.0.2", 8080)]
+        );
+        let m = &st.frontends[&FrontendAddr {
+            ip: ip("10.96.0.10"),
+            port: 9090,
+            proto: Protocol::Tcp,
+        }];
+        assert_eq!(
+            m.active.iter().copied().collect::<Vec<_>>(),
+            vec![b("10.244.0.2", 9100)]
+        );
+    }
+
+    #[test]
+    fn not_ready_endpoints_are_known_but_not_active() {
+        let s = svc("web", "10.96.0.10", &[("", 80, Protocol::Tcp)]);
+        let sl = slice(
+            "web-1",
+            "web",
+            &[("", 8080, Protocol::Tcp)],
+            vec![
+                ep("10.244.0.2", Some(true), None, None),
+                ep("10.244.0.3", Some(false), Some(false), None),
+                ep("10.244.0.4", None, None, None),
+            ],
+        );
+        let st = desired_state(&[s], &[sl], &Node::default());
+        let f = st.frontends.values().next().unwrap();
+        assert_eq!(f.active.len(), 2, "unset ready counts as ready");
+        assert!(!f.active.contains(&b("10.244.0.3", 8080)));
+        assert!(f.known.contains(&b("10.244.0.3", 8080)));
+    }
+
+    #[test]
+    fn terminating_serving_endpoints_are_used_only_when_none_is_ready() {
+        let s = svc("web", "10.96.0.10", &[("", 80, Protocol::Tcp)]);
+        let term = ep("10.244.0.3", Some(false), Some(true), Some(true));
+        let gone = ep("10.244.0.5", Some(false), Some(false), Some(true));
+        let with_ready = slice(
+            "a",
+            "web",
+            &[("", 80, Protocol::Tcp)],
+            vec![ep("10.244.0.2", Some(true), None, None), term.clone()],
+        );
+        let st = desired_state(std::slice::from_ref(&s), &[with_ready], &Node::default());
+        assert_eq!(st.frontends.values().next().unwrap().active.len(), 1);
+        let only_term = slice("a", "web", &[("", 80, Protocol::Tcp)], vec![term, gone]);
+        let st = desired_state(&[s], &[only_term], &Node::default());
+        let f = st.frontends.values().next().unwrap();
+        assert_eq!(
+            f.active.iter().copied().collect::<Vec<_>>(),
+            vec![b("10.244.0.3", 80)]
+        );
+    }
+
+    #[test]
+    fn endpoints_from_several_slices_are_merged_and_deduplicated() {
+        let s = svc("web", "10.96.0.10", &[("", 80, Protocol::Tcp)]);
+        let p = &[("", 8080, Protocol::Tcp)];
+        let a = slice(
+            "a",
+            "web",
+            p,
+            vec![ep("10.244.0.2", Some(true), None, None)],
+        );
+        let c = slice(
+            "c",
+            "web",
+            p,
+            vec![
+                ep("10.244.0.2", Some(true), None, None),
+                ep("10.244.0.3", None, None, None),
+            ],
+        );
+        let other = slice("o", "other", p, vec![ep("10.244.0.9", None, None, None)]);
+        let st = desired_state(&[s], &[a, c, other], &Node::default());
+        let f = st.frontends.values().next().unwrap();
+        assert_eq!(f.active.len(), 2);
+        assert!(!f.known.contains(&b("10.244.0.9", 8080)));
+    }
+
+    #[test]
+    fn udp_port_matches_only_udp_slice_ports() {
+        let s = svc(
+            "dns",
+            "10.96.0.53",
+            &[("dns", 53, Protocol::Udp), ("dns-tcp", 53, Protocol::Tcp)],
+        );
+        let sl = slice(
+            "dns-1",
+            "dns",
+            &[
+                ("dns", 5353, Protocol::Udp),
+                ("dns-tcp", 5354, Protocol::Tcp),
+            ],
+            vec![ep("10.244.0.2", None, None, None)],
+        );
+        let st = desired_state(&[s], &[sl], &Node::default());
+        assert_eq!(st.frontends.len(), 2);
+        let udp = &st.frontends[&FrontendAddr {
+            ip: ip("10.96.0.53"),
+            port: 53,
+            proto: Protocol::Udp,
+        }];
+        let got: Vec<_> = udp.active.iter().map(|b| (b.port, b.proto)).collect();
+        assert_eq!(got, vec![(5353, Protocol::Udp)]);
+    }
+
+    #[test]
+    fn service_without_slices_has_a_frontend_with_no_backend() {
+        let st = desired_state(
+            &[svc("web", "10.96.0.10", &[("", 80, Protocol::Tcp)])],
+            &[],
+            &Node::default(),
+        );
+        let f = st.frontends.values().next().unwrap();
+        assert!(f.active.is_empty());
+        assert_eq!(&*f.service, "default/web:");
+    }
+
+    #[test]
+    fn node_ports_open_on_every_node_address_with_the_node_port() {
+        let me = node(Some("node-a"), &["192.168.1.1", "10.0.0.1"]);
+        let s = web(ServiceType::NodePort, Some(30080));
+        let sl = web_slice(vec![on(Some("node-a"), ep("10.244.0.2", None, None, None))]);
+        let st = desired_state(std::slice::from_ref(&s), &[sl], &me);
+        let backend = vec![b("10.244.0.2", 8080)];
+        assert_eq!(
+            kinds_and_active(&st),
+            BTreeMap::from([
+                (
+                    fa("10.96.0.10", 80),
+                    (FrontendKind::ClusterIP, backend.clone())
+                ),
+                (
+                    fa("10.0.0.1", 30080),
+                    (FrontendKind::NodePort, backend.clone())
+                ),
+                (fa("192.168.1.1", 30080), (FrontendKind::NodePort, backend)),
+            ])
+        );
+        assert!(st
+            .frontends
+            .values()
+            .all(|f| &*f.service == "default/web:http"));
+        // The Service port is not opened on the node addresses, only the nodePort.
+        assert!(!st.frontends.contains_key(&fa("192.168.1.1", 80)));
+        // Without node addresses (not listed yet) there is no NodePort frontend.
+        let st = desired_state(&[s], &[], &node(Some("node-a"), &[]));
+        assert_eq!(
+            st.frontends.keys().copied().collect::<Vec<_>>(),
+            vec![fa("10.96.0.10", 80)]
+        );
+        // A nodePort on a ClusterIP Service (which validation rejects) opens nothing.
+        let cluster_ip = web(ServiceType::ClusterIP, Some(30080));
+        assert_eq!(
+            port_frontends(&cluster_ip, &cluster_ip.ports[0], &me),
+            vec![(fa("10.96.0.10", 80), FrontendKind::ClusterIP)]
+        );
+    }
+
+    #[test]
+    fn external_and_load_balancer_ips_use_the_service_port() {
+        let me = node(None, &["192.168.1.1"]);
+        let mut s = web(ServiceType::LoadBalancer, Some(30080));
+        s.external_ips = vec![ip("203.0.113.5")];
+        s.load_balancer_ips = vec![ip("198.51.100.7"), ip("198.51.100.8")];
+        assert_eq!(validate_service(&s), Ok(()));
+        assert_eq!(
+            port_frontends(&s, &s.ports[0], &me),
+            vec![
+                (fa("10.96.0.10", 80), FrontendKind::ClusterIP),
+                (fa("192.168.1.1", 30080), FrontendKind::NodePort),
+                (fa("203.0.113.5", 80), FrontendKind::ExternalIP),
+                (fa("198.51.100.7", 80), FrontendKind::LoadBalancer),
+                (fa("198.51.100.8", 80), FrontendKind::LoadBalancer),
+            ]
+        );
+        let st = desired_state(
+            &[s],
+            &[web_slice(vec![ep("10.244.0.2", None, None, None)])],
+            &me,
+        );
+        assert_eq!(st.frontends.len(), 5);
+        for f in st.frontends.values() {
+            assert_eq!(
+                f.active.iter().copied().collect::<Vec<_>>(),
+                vec![b("10.244.0.2", 8080)]
+            );
+        }
+        // externalIPs are valid on a ClusterIP Service too (as in Kubernetes).
+        let mut c = web(ServiceType::ClusterIP, None);
+        c.external_ips = vec![ip("203.0.113.5")];
+        assert_eq!(validate_service(&c), Ok(()));
+        assert_eq!(
+            port_frontends(&c, &c.ports[0], &me),
+            vec![
+                (fa("10.96.0.10", 80), FrontendKind::ClusterIP),
+                (fa("203.0.113.5", 80), FrontendKind::ExternalIP),
+            ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_ips_need_type_load_balancer() {
+        let me = node(None, &["192.168.1.1"]);
+        for t in [ServiceType::ClusterIP, ServiceType::NodePort] {
+            let np = (t == ServiceType::NodePort).then_some(30080);
+            let mut s = web(t, np);
+            s.load_balancer_ips = vec![ip("198.51.100.7")];
+            assert_eq!(
+                validate_service(&s).unwrap_err().to_string(),
+                "Service default/web: loadBalancerIPs needs type LoadBalancer",
+                "{t:?}"
+            );
+            let fes = port_frontends(&s, &s.ports[0], &me);
+            assert!(
+                fes.iter()
+                    .all(|(fe, kind)| *kind != FrontendKind::LoadBalancer
+                        && fe.ip != ip("198.51.100.7")),
+                "{t:?}: {fes:?}"
+            );
+            let st = desired_state(&[s], &[], &me);
+            assert!(!st.frontends.contains_key(&fa("198.51.100.7", 80)), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn external_frontends_use_only_local_endpoints_and_the_cluster_ip_all() {
+        let me = node(Some("node-a"), &["192.168.1.1"]);
+        let sl = web_slice(vec![
+            on(Some("node-a"), ep("10.244.0.2", None, None, None)),
+            on(Some("node-b"), ep("10.244.1.2", None, None, None)),
+            on(None, ep("10.244.2.2", None, None, None)),
+            on(
+                Some("node-a"),
+                ep("10.244.0.3", Some(false), Some(false), None),
+            ),
+        ]);
+        let all = vec![
+            b("10.244.0.2", 8080),
+            b("10.244.1.2", 8080),
+            b("10.244.2.2", 8080),
+        ];
+        // 10.244.2.2 has no nodeName: not local, as kube-proxy counts it.
+        let local = vec![b("10.244.0.2", 8080)];
+        // No SNAT yet: Cluster behaves as Local for traffic from outside.
+        for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+            let mut s = web(ServiceType::LoadBalancer, Some(30080));
+            s.external_ips = vec![ip("203.0.113.5")];
+            s.load_balancer_ips = vec![ip("198.51.100.7")];
+            s.external_traffic_policy = policy;
+            let st = desired_state(&[s], std::slice::from_ref(&sl), &me);
+            assert_eq!(
+                kinds_and_active(&st),
+                BTreeMap::from([
+                    (fa("10.96.0.10", 80), (FrontendKind::ClusterIP, all.clone())),
+                    (
+                        fa("192.168.1.1", 30080),
+                        (FrontendKind::NodePort, local.clone())
+                    ),
+                    (
+                        fa("198.51.100.7", 80),
+                        (FrontendKind::LoadBalancer, local.clone())
+                    ),
+                    (
+                        fa("203.0.113.5", 80),
+                        (FrontendKind::ExternalIP, local.clone())
+                    ),
+                ]),
+                "{policy:?}"
+            );
+            // Every frontend knows every endpoint, ready or not, local or not.
+            for f in st.frontends.values() {
+                assert_eq!(f.known.len(), 4, "{policy:?}: {f:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn terminating_fallback_applies_to_the_local_subset() {
+        let me = node(Some("node-a"), &["192.168.1.1"]);
+        let s = web(ServiceType::NodePort, Some(30080));
+        let remote_ready = on(Some("node-b"), ep("10.244.1.2", Some(true), None, None));
+        let local_term = on(
+            Some("node-a"),
+            ep("10.244.0.2", Some(false), Some(true), Some(true)),
+        );
+        let local_gone = on(
+            Some("node-a"),
+            ep("10.244.0.3", Some(false), Some(false), Some(true)),
+        );
+        // A ready endpoint elsewhere does not stop the local fallback (and the local
+        // terminating one does not reach the ClusterIP, which has a ready one).
+        let st = desired_state(
+            std::slice::from_ref(&s),
+            &[web_slice(vec![
+                remote_ready.clone(),
+                local_term,
+                local_gone.clone(),
+            ])],
+            &me,
+        );
+        assert_eq!(
+            kinds_and_active(&st),
+            BTreeMap::from([
+                (
+                    fa("10.96.0.10", 80),
+                    (FrontendKind::ClusterIP, vec![b("10.244.1.2", 8080)])
+                ),
+                (
+                    fa("192.168.1.1", 30080),
+                    (FrontendKind::NodePort, vec![b("10.244.0.2", 8080)])
+                ),
+            ])
+        );
+        // A local ready endpoint takes over from the local terminating one.
+        let st = desired_state(
+            std::slice::from_ref(&s),
+            &[web_slice(vec![
+                remote_ready.clone(),
+                on(
+                    Some("node-a"),
+                    ep("10.244.0.2", Some(false), Some(true), Some(true)),
+                ),
+                on(Some("node-a"), ep("10.244.0.4", None, None, None)),
+            ])],
+            &me,
+        );
+        assert_eq!(
+            st.frontends[&fa("192.168.1.1", 30080)]
+                .active
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![b("10.244.0.4", 8080)]
+        );
+        // Nothing local that serves: the NodePort has no backend, the ClusterIP keeps one.
+        let st = desired_state(&[s], &[web_slice(vec![remote_ready, local_gone])], &me);
+        assert!(st.frontends[&fa("192.168.1.1", 30080)].active.is_empty());
+        assert_eq!(st.frontends[&fa("192.168.1.1", 30080)].known.len(), 2);
+        assert_eq!(st.frontends[&fa("10.96.0.10", 80)].active.len(), 1);
+    }
+
+    #[test]
+    fn locality_is_the_endpoint_node_name_as_kube_proxy_counts_it() {
+        let s = web(ServiceType::NodePort, Some(30080));
+        let sl = web_slice(vec![
+            on(Some("node-a"), ep("10.244.0.2", None, None, None)),
+            on(Some("node-b"), ep("10.244.1.2", None, None, None)),
+        ]);
+        let st = desired_state(&[s], &[sl], &node(None, &["192.168.1.1"]));
+        assert_eq!(st.frontends[&fa("192.168.1.1", 30080)].active.len(), 2);
+        let unnamed = Node::default();
+        assert!(unnamed.is_local(Some("node-b")) && unnamed.is_local(None));
+        // A node with a name: only endpoints naming it are local, and one without a
+        // nodeName is not (kube-proxy's rule).
+        let a = node(Some("node-a"), &[]);
+        assert!(a.is_local(Some("node-a")));
+        assert!(!a.is_local(None));
+        assert!(!a.is_local(Some("node-b")));
+    }
+}

@@ -1,0 +1,144 @@
+//! The model's output: every frontend the maps should hold, with its backends.
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
+
+use super::objects::Protocol;
+
+/// A Service frontend as the dataplane matches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for FrontendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+    }
+}
+
+/// A backend as the dataplane rewrites to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+    }
+}
+
+/// How a frontend is reached; kept in the frontend's `flags` for `lb show` and bpftool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    #[default]
+    ClusterIP,
+    NodePort,
+    ExternalIP,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    pub fn flags(self) -> u32 {
+        match self {
+            FrontendKind::ClusterIP => 0,
+            FrontendKind::NodePort => lb_common::FRONTEND_F_NODEPORT,
+            FrontendKind::ExternalIP => lb_common::FRONTEND_F_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => lb_common::FRONTEND_F_LOADBALANCER,
+        }
+    }
+
+    pub fn from_flags(flags: u32) -> Self {
+        if flags & lb_common::FRONTEND_F_NODEPORT != 0 {
+            FrontendKind::NodePort
+        } else if flags & lb_common::FRONTEND_F_EXTERNAL_IP != 0 {
+            FrontendKind::ExternalIP
+        } else if flags & lb_common::FRONTEND_F_LOADBALANCER != 0 {
+            FrontendKind::LoadBalancer
+        } else {
+            FrontendKind::ClusterIP
+        }
+    }
+
+    /// Reached from outside the cluster: served by this node's endpoints only.
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIP
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A sorted set of backends without duplicates. Shared: every frontend of a Service
+/// port holds the same sets (and a set where every backend is ready is both its
+/// `active` and its `known`), so copies of the desired state cost a pointer each.
+pub type Backends = Arc<[BackendAddr]>;
+
+/// One frontend's wanted state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    /// "namespace/name:port-name", for logs and the CLI.
+    pub service: Arc<str>,
+    pub kind: FrontendKind,
+    /// Backends that get new connections (sorted).
+    pub active: Backends,
+    /// Every backend listed, ready or not (sorted): these stay in the backend map so
+    /// established connections to a backend that turned not-ready keep working.
+    pub known: Backends,
+}
+
+impl Default for FrontendSpec {
+    fn default() -> Self {
+        Self {
+            service: Arc::from(""),
+            kind: FrontendKind::default(),
+            active: Arc::new([]),
+            known: Arc::new([]),
+        }
+    }
+}
+
+/// Everything the maps should contain.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<FrontendAddr, FrontendSpec>,
+}
+
+/// What changed in a desired state since the last look: each frontend whose spec
+/// changed, with its spec before (`None`: it is new). Its spec now is the desired
+/// state's (absent: it is gone). What the writer diffs, so a change costs what it
+/// touches, not the size of the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub changed: Vec<(FrontendAddr, Option<FrontendSpec>)>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty()
+    }
+
+    /// The delta that turns `old` into `new`, by comparing every frontend.
+    pub fn between(old: &DesiredState, new: &DesiredState) -> Self {
+        let mut changed: Vec<(FrontendAddr, Option<FrontendSpec>)> = new
+            .frontends
+            .iter()
+            .filter(|(fe, spec)| old.frontends.get(fe) != Some(*spec))
+            .map(|(fe, _)| (*fe, old.frontends.get(fe).cloned()))
+            .collect();
+        changed.extend(
+            old.frontends
+                .iter()
+                .filter(|(fe, _)| !new.frontends.contains_key(fe))
+                .map(|(fe, spec)| (*fe, Some(spec.clone()))),
+        );
+        changed.sort_by_key(|(fe, _)| *fe);
+        Self { changed }
+    }
+}
