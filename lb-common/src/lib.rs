@@ -16,13 +16,15 @@ pub const MAP_SLOTS: &str = "LB_SLOTS";
 pub const MAP_BACKENDS: &str = "LB_BACKENDS";
 pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
 pub const MAP_COUNTERS: &str = "LB_COUNTERS";
+pub const MAP_FRAGS: &str = "LB_FRAGS";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 5] = [
+pub const MAP_NAMES: [&str; 6] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
     MAP_CONNTRACK,
     MAP_COUNTERS,
+    MAP_FRAGS,
 ];
 
 /// Program names.
@@ -40,6 +42,9 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 /// One slot per (frontend, ready backend) pair.
 pub const DEFAULT_MAX_SLOTS: u32 = 262_144;
 pub const DEFAULT_MAX_CONNTRACK: u32 = 524_288;
+/// Fragmented datagrams being translated at once (a fixed size: an entry is needed only
+/// while its datagram's fragments pass, so the LRU recycles them quickly).
+pub const DEFAULT_MAX_FRAGS: u32 = 8_192;
 
 /// A Service frontend: ClusterIP (or later NodePort/LB IP) + port + protocol.
 /// Key of `LB_FRONTENDS`.
@@ -164,6 +169,45 @@ pub struct CtValue {
 /// the pod program routes them itself (FIB lookup, then redirect to the egress device).
 pub const CT_F_EXTERNAL: u8 = 1 << 0;
 
+/// Key of `LB_FRAGS` (an LRU hash): the identity of an IPv4 datagram's fragments, as
+/// they arrive (RFC 791: source, destination, identification, protocol). Every fragment
+/// of a datagram carries it, also those after the first, which have no L4 header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    /// IPv4 identification field, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `FragValue::field`: the fragments' source address is rewritten (a reply).
+pub const FRAG_REWRITE_SRC: u8 = 1;
+/// `FragValue::field`: the fragments' destination address is rewritten (not used yet:
+/// the forward direction's first fragments are still dropped).
+pub const FRAG_REWRITE_DST: u8 = 2;
+
+/// Value of `LB_FRAGS`: how the first fragment was translated, to apply to the later
+/// ones (an address only: their L4 header, and with it the ports and the L4 checksum,
+/// is in the first fragment).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragValue {
+    /// `bpf_ktime_get_coarse_ns()` when the first fragment was translated: the datapath
+    /// ignores an entry older than a reassembly timeout (its datagram is gone, and its key
+    /// may come again on another datagram).
+    pub created_ns: u64,
+    /// The new address, network byte order.
+    pub addr: u32,
+    /// `FRAG_REWRITE_SRC` or `FRAG_REWRITE_DST`.
+    pub field: u8,
+    /// The conntrack entry's `CT_F_*` flags (`CT_F_EXTERNAL`: routed like the first).
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
 /// Indexes of the per-CPU `LB_COUNTERS` array.
 pub mod counter {
     /// A new flow to a frontend got a backend and was translated.
@@ -179,10 +223,11 @@ pub mod counter {
     /// A packet whose IPv4 or L4 header is malformed or truncated was passed untouched:
     /// its port cannot be read, so it matches no frontend and is never rewritten.
     pub const PASSED_MALFORMED: u32 = 5;
-    /// A non-first IP fragment was passed untouched (it carries no L4 header).
+    /// A non-first IP fragment was passed untouched: no first fragment of its datagram
+    /// was translated (or not yet: it came first).
     pub const PASSED_FRAGMENT: u32 = 6;
     /// The first fragment of a fragmented datagram to a frontend was dropped
-    /// (no fragment tracking yet).
+    /// (no fragment tracking in that direction yet; replies are tracked, `LB_FRAGS`).
     pub const DROP_FRAGMENT: u32 = 7;
     /// A packet to a frontend without a ready backend that we do not answer (a TCP RST,
     /// or a packet with IP options that we do not echo in an ICMP error).
@@ -196,8 +241,11 @@ pub mod counter {
     /// XDP: a new connection to a frontend without a ready backend was handed to the
     /// kernel, which answers it as a closed port (TCP RST / ICMP port unreachable).
     pub const PASSED_NO_BACKEND: u32 = 12;
+    /// A fragment after the first, of a datagram whose first fragment was
+    /// reverse-translated, got the same source address (`LB_FRAGS`).
+    pub const REVERSE_TRANSLATED_FRAGMENT: u32 = 13;
     /// Number of counters (size of `LB_COUNTERS`).
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Names for the CLI and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -214,6 +262,7 @@ pub mod counter {
         "drop_rewrite_failed",
         "backend_reselected",
         "passed_no_backend",
+        "reverse_translated_fragment",
     ];
 }
 
@@ -224,6 +273,8 @@ const _: () = assert!(size_of::<Slot>() == 4);
 const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
 const _: () = assert!(size_of::<CtValue>() == 32);
+const _: () = assert!(size_of::<FragKey>() == 12);
+const _: () = assert!(size_of::<FragValue>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -245,6 +296,8 @@ mod pod {
         Slot,
         Backend,
         CtKey,
-        CtValue
+        CtValue,
+        FragKey,
+        FragValue
     );
 }

@@ -3,7 +3,7 @@
 //! (`refuse`, `route`) return a [`Verdict`], which each hook maps to its return codes.
 use crate::{
     nat::Rewriter,
-    parse::{Packet, PacketData},
+    parse::{Fragment, Packet, PacketData},
 };
 
 /// What the program does with the packet.
@@ -23,4 +23,6 @@ pub trait Hook: PacketData + Rewriter {
     fn refuse(&self, pkt: &Packet) -> Verdict;
     /// Sends on a reverse-translated reply of a flow that came from outside.
     fn send_external_reply(&self, pkt: &Packet, src: u32, sport: u16) -> Verdict;
+    /// The same for a later fragment of such a reply, given the first's new source.
+    fn send_external_fragment(&self, frag: &Fragment, src: u32) -> Verdict;
 }

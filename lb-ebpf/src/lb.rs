@@ -1,12 +1,14 @@
 //! The service path, top to bottom (cilium's lb.h / katran's process_packet), written
 //! once for both hooks: parse -> conntrack (a known flow, either way?) -> established:
 //! DNAT to its backend, reply: reverse NAT; otherwise frontend? -> select backend ->
-//! conntrack create -> DNAT.
+//! conntrack create -> DNAT. A fragment after the first (no ports) follows its first
+//! fragment's translation (`frag`).
 use lb_common::{counter, CtValue, Frontend, CT_DIR_REPLY, CT_F_EXTERNAL};
 
 use crate::{
     conntrack,
     counters::count,
+    frag,
     hook::{Hook, Verdict},
     nat,
     parse::{self, Packet, Parsed},
@@ -25,10 +27,7 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
             count(counter::PASSED_MALFORMED);
             return Verdict::Pass;
         }
-        Parsed::LaterFragment => {
-            count(counter::PASSED_FRAGMENT);
-            return Verdict::Pass;
-        }
+        Parsed::LaterFragment(f) => return frag::later(ctx, &f, conntrack::now_ns()),
     };
 
     // 1. A packet of a flow we translate? One lookup finds a client's packet (forward
@@ -126,7 +125,8 @@ fn translate<C: Hook>(ctx: &C, pkt: &Packet, addr: u32, port: u16, counter_ok: u
     }
 }
 
-/// Backend -> client: restore the frontend's address and port as the source.
+/// Backend -> client: restore the frontend's address and port as the source (and note it
+/// for the later fragments, if this is the first of a fragmented datagram).
 #[inline(always)]
 fn from_backend<C: Hook>(
     ctx: &C,
@@ -139,6 +139,9 @@ fn from_backend<C: Hook>(
     match nat::reverse_nat(ctx, pkt, e.nat_addr, e.nat_port) {
         Ok(()) => {
             count(counter::REVERSE_TRANSLATED);
+            if pkt.first_fragment {
+                frag::note_reply(pkt, e, now);
+            }
             if e.flags & CT_F_EXTERNAL != 0 {
                 return ctx.send_external_reply(pkt, e.nat_addr, e.nat_port);
             }

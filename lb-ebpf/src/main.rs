@@ -2,13 +2,15 @@
 //! runs `lb::process`, the algorithm read top to bottom; the steps live in their own
 //! files: `parse` (headers) -> `conntrack` (a known flow?) -> `service` (frontend lookup,
 //! backend selection) -> `nat` (rewrite, with `csum`), and `refuse` (RST / ICMP for a
-//! Service without backends) and `route` (replies of external flows).
+//! Service without backends), `route` (replies of external flows) and `frag` (the
+//! fragments after the first of a translated reply).
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod counters;
 mod csum;
+mod frag;
 mod hook;
 mod lb;
 mod maps;

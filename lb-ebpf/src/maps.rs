@@ -8,8 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, Slot, SlotKey, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
+    counter, Backend, CtKey, CtValue, FragKey, FragValue, Frontend, FrontendKey, Slot, SlotKey,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS,
+    DEFAULT_MAX_SLOTS,
 };
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
@@ -30,6 +31,13 @@ pub static LB_BACKENDS: Array<Backend, { DEFAULT_MAX_BACKENDS as usize + 1 }> = 
 /// Connection tracking: a forward and a reply entry per translated flow.
 #[btf_map]
 pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Fragmented datagrams whose first fragment was translated: (src, dst, IP id, proto) as
+/// the fragments arrive -> the address to give the later ones (which have no ports to
+/// look up conntrack with). Never deleted: the LRU recycles entries.
+#[btf_map]
+pub static LB_FRAGS: LruHashMap<FragKey, FragValue, { DEFAULT_MAX_FRAGS as usize }> =
     LruHashMap::new();
 
 /// Per-CPU decision counters, indexed by `lb_common::counter::*`.

@@ -22,6 +22,10 @@ pub trait Rewriter {
     /// Replace the 4-byte IPv4 address at `off` (old value `old`), fixing the IP header
     /// checksum and the L4 checksum (pseudo-header).
     fn rewrite_addr(&self, pkt: &Packet, off: usize, old: u32, new: u32) -> Result<(), ()>;
+    /// Replace the 4-byte IPv4 address at `off`, fixing the checksum of the IPv4 header
+    /// at `l3_off` only: for a fragment after the first, which has no L4 header (the
+    /// first fragment's L4 checksum covers the pseudo-header).
+    fn rewrite_ip_addr(&self, l3_off: usize, off: usize, old: u32, new: u32) -> Result<(), ()>;
     /// Replace the 2-byte L4 port at `off`, fixing the L4 checksum.
     fn rewrite_port(&self, pkt: &Packet, off: usize, old: u16, new: u16) -> Result<(), ()>;
 }
@@ -46,7 +50,12 @@ impl Rewriter for TcContext {
             BPF_F_PSEUDO_HDR as u64 | l4_flags(pkt) | 4,
         )
         .map_err(|_| ())?;
-        self.l3_csum_replace(pkt.l3_off + IP_CSUM_OFF, old as u64, new as u64, 4)
+        self.rewrite_ip_addr(pkt.l3_off, off, old, new)
+    }
+
+    #[inline(always)]
+    fn rewrite_ip_addr(&self, l3_off: usize, off: usize, old: u32, new: u32) -> Result<(), ()> {
+        self.l3_csum_replace(l3_off + IP_CSUM_OFF, old as u64, new as u64, 4)
             .map_err(|_| ())?;
         self.store(off, &new, 0).map_err(|_| ())
     }
@@ -91,9 +100,14 @@ fn update_l4_csum(ctx: &XdpContext, pkt: &Packet, update: impl Fn(u16) -> u16) -
 impl Rewriter for XdpContext {
     #[inline(always)]
     fn rewrite_addr(&self, pkt: &Packet, off: usize, old: u32, new: u32) -> Result<(), ()> {
-        let addr = ptr_at::<u32, _>(self, off).ok_or(())? as *mut u32;
         update_l4_csum(self, pkt, |c| csum::replace4(c, old, new))?;
-        let (ip_csum, c) = read_u16(self, pkt.l3_off + IP_CSUM_OFF)?;
+        self.rewrite_ip_addr(pkt.l3_off, off, old, new)
+    }
+
+    #[inline(always)]
+    fn rewrite_ip_addr(&self, l3_off: usize, off: usize, old: u32, new: u32) -> Result<(), ()> {
+        let addr = ptr_at::<u32, _>(self, off).ok_or(())? as *mut u32;
+        let (ip_csum, c) = read_u16(self, l3_off + IP_CSUM_OFF)?;
         // SAFETY: both pointers were bounds-checked above.
         unsafe {
             ip_csum.write(csum::replace4(c, old, new));

@@ -8,8 +8,10 @@
 //! - L4 header truncated (shorter than 20 bytes of TCP, TCP data offset < 5, or 8 bytes
 //!   of UDP): passed untouched, counted `passed_malformed`: its port cannot be read, so it
 //!   can match no frontend and is never rewritten;
-//! - a non-first fragment: passed, counted `passed_fragment` (no L4 header to match);
-//!   a first fragment that matches a frontend is dropped, counted `drop_fragment`.
+//! - a non-first fragment: no L4 header to match, so it is handed on as a `Fragment`
+//!   (`frag.rs` translates it like its datagram's first fragment, if that was a reply it
+//!   reverse-translated; otherwise it passes, counted `passed_fragment`); a first
+//!   fragment that matches a frontend is dropped, counted `drop_fragment`.
 use core::mem::size_of;
 
 use lb_common::{PROTO_TCP, PROTO_UDP};
@@ -21,6 +23,7 @@ pub const TCP_MIN_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 
 /// Offsets of fields inside the IPv4 header.
+pub const IP_ID_OFF: usize = 4;
 pub const IP_CSUM_OFF: usize = 10;
 pub const IP_SRC_OFF: usize = 12;
 pub const IP_DST_OFF: usize = 16;
@@ -46,6 +49,9 @@ pub struct Packet {
     pub ihl_bytes: usize,
     /// IPv4 total length.
     pub tot_len: u16,
+    /// IPv4 identification (network byte order): with src, dst and proto, what the
+    /// fragments of one datagram share.
+    pub ip_id: u16,
     pub proto: u8,
     pub tcp_flags: u8,
     pub src: u32,
@@ -64,8 +70,21 @@ pub enum Parsed {
     /// A broken IPv4 or L4 header: passed untouched, counted.
     Malformed,
     /// A fragment after the first: no L4 header.
-    LaterFragment,
+    LaterFragment(Fragment),
     Packet(Packet),
+}
+
+/// A TCP or UDP fragment after the first (fragment offset > 0): the IPv4 header only.
+/// Addresses and the id in network byte order.
+#[derive(Clone, Copy)]
+pub struct Fragment {
+    /// Offset of the IPv4 header.
+    pub l3_off: usize,
+    pub tot_len: u16,
+    pub ip_id: u16,
+    pub proto: u8,
+    pub src: u32,
+    pub dst: u32,
 }
 
 /// The parts of a program context that parsing needs: tc and XDP both provide them.
@@ -146,8 +165,9 @@ pub fn parse_ipv4<C: PacketData>(ctx: &C) -> Parsed {
         return Parsed::Malformed;
     }
     // Inside the 20 bytes just checked (the loads check again; the verifier needs it).
-    let (Some(tot_len), Some(frag), Some(proto), Some(src), Some(dst)) = (
+    let (Some(tot_len), Some(ip_id), Some(frag), Some(proto), Some(src), Some(dst)) = (
         load::<u16, C>(ctx, l3_off + 2),
+        load::<u16, C>(ctx, l3_off + IP_ID_OFF),
         load::<u16, C>(ctx, l3_off + 6),
         load::<u8, C>(ctx, l3_off + 9),
         load::<u32, C>(ctx, l3_off + IP_SRC_OFF),
@@ -166,7 +186,14 @@ pub fn parse_ipv4<C: PacketData>(ctx: &C) -> Parsed {
         return Parsed::Other;
     }
     if frag_offset != 0 {
-        return Parsed::LaterFragment;
+        return Parsed::LaterFragment(Fragment {
+            l3_off,
+            tot_len,
+            ip_id,
+            proto,
+            src,
+            dst,
+        });
     }
     let l4_off = l3_off + ihl_bytes;
     // The options (if any) must be inside the packet too.
@@ -202,6 +229,7 @@ pub fn parse_ipv4<C: PacketData>(ctx: &C) -> Parsed {
         l4_off,
         ihl_bytes,
         tot_len,
+        ip_id,
         proto,
         tcp_flags,
         src,

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use crate::{
     hook::{Hook, Verdict},
     lb,
-    parse::{Packet, ETH_HLEN, IPV4_MIN_HLEN, TCP_MIN_HLEN},
+    parse::{Fragment, Packet, ETH_HLEN, IPV4_MIN_HLEN, TCP_MIN_HLEN},
     refuse, route,
 };
 
@@ -24,7 +24,12 @@ impl Hook for TcContext {
     /// lookup and redirect, since the kernel's input route check would drop it as martian.
     #[inline(always)]
     fn send_external_reply(&self, pkt: &Packet, src: u32, sport: u16) -> Verdict {
-        route::redirect(self, pkt, src, sport)
+        route::redirect(self, &route::Leaving::packet(pkt, src, sport))
+    }
+
+    #[inline(always)]
+    fn send_external_fragment(&self, frag: &Fragment, src: u32) -> Verdict {
+        route::redirect(self, &route::Leaving::fragment(frag, src))
     }
 }
 

@@ -8,7 +8,7 @@ use crate::{
     counters::count,
     hook::{Hook, Verdict},
     lb,
-    parse::Packet,
+    parse::{Fragment, Packet},
 };
 
 impl Hook for XdpContext {
@@ -25,6 +25,11 @@ impl Hook for XdpContext {
     /// leave through the pod program.
     #[inline(always)]
     fn send_external_reply(&self, _pkt: &Packet, _src: u32, _sport: u16) -> Verdict {
+        Verdict::Pass
+    }
+
+    #[inline(always)]
+    fn send_external_fragment(&self, _frag: &Fragment, _src: u32) -> Verdict {
         Verdict::Pass
     }
 }

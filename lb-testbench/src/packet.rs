@@ -65,6 +65,8 @@ pub struct Spec {
     pub udp_no_checksum: bool,
     /// IP flags+fragment offset field.
     pub frag: u16,
+    /// IP identification.
+    pub id: u16,
 }
 
 impl Spec {
@@ -92,6 +94,7 @@ impl Spec {
             ip_options: Vec::new(),
             udp_no_checksum: false,
             frag: 0x4000,
+            id: 0x1234,
         }
     }
 
@@ -134,7 +137,7 @@ impl Spec {
         let ihl = 5 + self.ip_options.len() / 4;
         let mut ip = vec![0x40 | ihl as u8, 0];
         ip.extend_from_slice(&((ihl * 4 + l4.len()) as u16).to_be_bytes());
-        ip.extend_from_slice(&0x1234u16.to_be_bytes());
+        ip.extend_from_slice(&self.id.to_be_bytes());
         ip.extend_from_slice(&self.frag.to_be_bytes());
         ip.extend_from_slice(&[64, self.proto, 0, 0]);
         ip.extend_from_slice(&self.src.octets());
@@ -150,6 +153,79 @@ impl Spec {
         pkt.extend_from_slice(&l4);
         pkt
     }
+
+    /// The datagram `build` makes, cut into IPv4 fragments (RFC 791) of `chunk` bytes of
+    /// L4 data each (a multiple of 8; the last may be shorter): the first carries the
+    /// TCP/UDP header, every one but the last has MF set, and each has the header of
+    /// the whole datagram (options too) with its own length, offset and checksum.
+    pub fn fragments(&self, chunk: usize) -> Vec<Vec<u8>> {
+        assert!(
+            chunk > 0 && chunk.is_multiple_of(8),
+            "fragment data is cut in 8-byte units"
+        );
+        let whole = self.build();
+        let l3 = 14 + (whole[14] & 0x0f) as usize * 4;
+        let data = &whole[l3..];
+        data.chunks(chunk)
+            .enumerate()
+            .map(|(i, part)| {
+                let mut f = whole[..l3].to_vec();
+                let more = (i + 1) * chunk < data.len();
+                let field = (i * chunk / 8) as u16 | if more { 0x2000 } else { 0 };
+                f[16..18].copy_from_slice(&((l3 - 14 + part.len()) as u16).to_be_bytes());
+                f[20..22].copy_from_slice(&field.to_be_bytes());
+                set_ip_checksum(&mut f);
+                f.extend_from_slice(part);
+                f
+            })
+            .collect()
+    }
+}
+
+/// Recomputes the IPv4 header checksum of a frame.
+pub fn set_ip_checksum(frame: &mut [u8]) {
+    let l3 = 14 + (frame[14] & 0x0f) as usize * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&frame[14..l3], 0);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+/// What a receiver reassembles from `frames`, the fragments of one datagram in order:
+/// the first fragment's header (no fragment bits, the whole length) and every
+/// fragment's data. Panics if the fragments do not all share the source, destination,
+/// id and protocol (a receiver would never put them together) or leave a gap.
+pub fn reassemble(frames: &[Vec<u8>]) -> Vec<u8> {
+    let identity = |f: &[u8]| (f[26..34].to_vec(), f[18..20].to_vec(), f[23]);
+    let l3 = 14 + (frames[0][14] & 0x0f) as usize * 4;
+    let mut whole = frames[0][..l3].to_vec();
+    for f in frames {
+        assert_eq!(
+            identity(f),
+            identity(&frames[0]),
+            "fragments of two datagrams (source, destination, id or protocol differ)"
+        );
+        let fl3 = 14 + (f[14] & 0x0f) as usize * 4;
+        let offset = (u16::from_be_bytes([f[20], f[21]]) & 0x1fff) as usize * 8;
+        assert_eq!(offset, whole.len() - l3, "a gap or an overlap");
+        let tot = u16::from_be_bytes([f[16], f[17]]) as usize;
+        whole.extend_from_slice(&f[fl3..14 + tot]);
+    }
+    let tot = (whole.len() - 14) as u16;
+    whole[16..18].copy_from_slice(&tot.to_be_bytes());
+    whole[20..22].copy_from_slice(&[0, 0]);
+    set_ip_checksum(&mut whole);
+    whole
+}
+
+/// Asserts that the IPv4 header checksum is right (a fragment after the first has no
+/// L4 header to check).
+pub fn assert_ip_checksum(pkt: &[u8]) {
+    let ihl = (pkt[14] & 0x0f) as usize * 4;
+    assert_eq!(
+        fold(sum16(&pkt[14..14 + ihl], 0)),
+        0xffff,
+        "IPv4 header checksum is wrong"
+    );
 }
 
 /// A parsed view of an output packet.
@@ -255,5 +331,23 @@ mod tests {
         assert_checksums(&p);
         assert_eq!(dst_of(&p), Some((b, 80)));
         assert_eq!(dst_of(&p[..36]), None);
+    }
+
+    #[test]
+    fn fragments_reassemble_to_the_datagram() {
+        let mut s = Spec::udp("10.244.0.12", 5353, "10.244.0.11", 50000, &[7u8; 1200]);
+        s.frag = 0;
+        let frames = s.fragments(512);
+        assert_eq!(frames.len(), 3);
+        let fields: Vec<u16> = frames
+            .iter()
+            .map(|f| u16::from_be_bytes([f[20], f[21]]))
+            .collect();
+        assert_eq!(fields, [0x2000, 0x2000 | 64, 128]);
+        for f in &frames {
+            assert_ip_checksum(f);
+        }
+        assert_eq!(frames[2].len(), 14 + 20 + 1208 - 1024);
+        assert_eq!(reassemble(&frames), s.build());
     }
 }

@@ -373,6 +373,8 @@ impl Sandbox {
     /// Starts a UDP server in the pod that answers every datagram with the pod's name,
     /// from the port it was sent to. (A thread with a socket in the pod's namespace:
     /// `socat UDP-RECVFROM,fork` loses datagrams that arrive while it forks.)
+    /// A request `size <n>` gets a reply of `n` bytes instead (at most 65507): the name,
+    /// then dots; one larger than the MTU leaves the pod in fragments.
     pub fn start_udp_echo(&self, pod: &str, port: u16) -> Result<()> {
         let p = self.pod(pod).clone();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -399,8 +401,19 @@ impl Sandbox {
             let reply = format!("{name}\n");
             let mut buf = [0u8; 2048];
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(reply.as_bytes(), from);
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let size = std::str::from_utf8(&buf[..n])
+                        .ok()
+                        .and_then(|r| r.strip_prefix("size "))
+                        .and_then(|n| n.trim().parse::<usize>().ok());
+                    let _ = match size {
+                        Some(size) => {
+                            let mut big = reply.clone().into_bytes();
+                            big.resize(size.min(65_507), b'.');
+                            sock.send_to(&big, from)
+                        }
+                        None => sock.send_to(reply.as_bytes(), from),
+                    };
                 }
             }
         });

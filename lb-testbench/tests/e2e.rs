@@ -282,6 +282,51 @@ fn udp_through_the_cluster_ip_is_answered_from_the_service_address() {
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
 
+#[test]
+fn a_udp_reply_larger_than_the_mtu_reaches_the_client_whole_from_the_service_address() {
+    // 4000 bytes over a 1500-byte veth: the backend's kernel sends three fragments, and
+    // the client reassembles them only if all three come from the Service address.
+    let env = Env::new(&all_ready(), &[]);
+    let answers: Vec<(SocketAddr, Vec<u8>)> = env.in_client(|| {
+        (0..12)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.send_to(b"size 4000", "10.96.0.10:53").unwrap();
+                let mut buf = vec![0u8; 65_536];
+                let (n, from) = s.recv_from(&mut buf).expect(
+                    "the whole reply (a fragment from the backend's address never completes it)",
+                );
+                buf.truncate(n);
+                (from, buf)
+            })
+            .collect()
+    });
+    let mut seen = BTreeMap::new();
+    for (from, reply) in answers {
+        assert_eq!(from, "10.96.0.10:53".parse().unwrap());
+        assert_eq!(reply.len(), 4000);
+        let who = String::from_utf8_lossy(&reply);
+        let who = who.lines().next().unwrap().to_string();
+        assert!(BACKENDS.contains(&who.as_str()), "{who}");
+        *seen.entry(who).or_insert(0) += 1;
+    }
+    eprintln!("answered by {seen:?}");
+    // `lb show counters` lists the new counter: two later fragments a reply.
+    let out = std::process::Command::new(lb_binary().unwrap())
+        .args(["show", "counters", "--pin-dir"])
+        .arg(env.sb.pin_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fragments: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("reverse_translated_fragment "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("lb show counters: {text}"));
+    assert!(fragments >= 24, "{text}");
+}
+
 fn http_get(s: &mut TcpStream) -> String {
     s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
     let mut buf = vec![0u8; 4096];
@@ -635,4 +680,29 @@ fn nodeports_and_external_ips_from_outside_reach_only_this_nodes_backends() {
     let counters: BTreeMap<&str, u64> = maps.counters().unwrap().into_iter().collect();
     assert!(counters["new_flow"] >= 72, "{counters:?}");
     assert!(counters["passed_no_backend"] >= 1, "{counters:?}");
+}
+
+#[test]
+fn a_udp_reply_larger_than_the_mtu_reaches_an_outside_client_through_a_nodeport() {
+    // Every fragment of the reply gets the node's address as its source, and each is
+    // routed by the pod program (the kernel would drop them as martian).
+    let env = Env::with_frontends(&nodeport_config(), &[], 10);
+    let answers: Vec<(SocketAddr, usize)> = run_in(&env.sb.outside.clone(), || {
+        (0..6)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.send_to(b"size 4000", (NODE_IP, 30053)).unwrap();
+                let mut buf = vec![0u8; 65_536];
+                let (n, from) = s.recv_from(&mut buf).expect("the whole reply");
+                (from, n)
+            })
+            .collect()
+    })
+    .unwrap();
+    let nodeport: SocketAddr = format!("{NODE_IP}:30053").parse().unwrap();
+    assert!(
+        answers.iter().all(|a| *a == (nodeport, 4000)),
+        "{answers:?}"
+    );
 }

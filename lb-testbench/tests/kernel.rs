@@ -308,6 +308,96 @@ fn fragments_to_a_service_are_dropped_or_passed_by_rule() {
     assert_eq!(k.counter("passed_fragment"), 1);
 }
 
+/// L4 bytes per fragment in the fragment tests (the test run's output holds 512 bytes).
+const CHUNK: usize = 256;
+
+/// A UDP reply of 600 bytes, without DF and with IP id `id`, that `fragments(CHUNK)` cuts
+/// into three: the first (with the UDP header), a middle one and the last.
+fn fragmented_reply(from: (&str, u16), to: (&str, u16), id: u16) -> Spec {
+    let payload: Vec<u8> = (0..600u32).map(|i| (i * 7 + 3) as u8).collect();
+    let mut s = Spec::udp(from.0, from.1, to.0, to.1, &payload);
+    s.frag = 0;
+    s.id = id;
+    s
+}
+
+/// The fragments a client must receive: `reply` from `src` instead, cut the same way
+/// (the UDP checksum, in the first fragment, covers the new source; the data after it
+/// is the same).
+fn translated_fragments(reply: &Spec, src: (&str, u16)) -> Vec<Vec<u8>> {
+    let mut s = reply.clone();
+    (s.src, s.sport) = (src.0.parse().unwrap(), src.1);
+    s.fragments(CHUNK)
+}
+
+/// Every fragment is `reply`'s, from `src`, with a valid IP header; together they make
+/// one datagram (same source, destination, id) with a valid UDP checksum.
+fn assert_fragments_translated(out: &[Vec<u8>], reply: &Spec, src: (&str, u16)) {
+    let expected = translated_fragments(reply, src);
+    assert_eq!(out.len(), expected.len());
+    for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+        let source = std::net::Ipv4Addr::from(<[u8; 4]>::try_from(&got[26..30]).unwrap());
+        assert_eq!(source.to_string(), src.0, "fragment {i}'s source");
+        assert_ip_checksum(got);
+        assert_eq!(
+            got, want,
+            "fragment {i}: only the source and checksums change"
+        );
+    }
+    let whole = reassemble(out);
+    assert_checksums(&whole);
+    let v = view(&whole);
+    assert_eq!((v.src.to_string().as_str(), v.sport), src);
+}
+
+#[test]
+fn a_fragmented_udp_reply_is_reverse_translated_fragment_by_fragment() {
+    let mut k = one_backend();
+    let q = Spec::udp(CLIENT, 50010, VIP, 53, b"query");
+    assert_eq!(k.run(&q.build()).0, TC_ACT_OK);
+    let reply = fragmented_reply((B1, 5353), (CLIENT, 50010), 0x4242);
+    let frames = reply.fragments(CHUNK);
+    assert_eq!(frames.len(), 3, "first, middle, last");
+    let out: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|f| {
+            let (verdict, out) = k.run(f);
+            assert_eq!(verdict, TC_ACT_OK);
+            out
+        })
+        .collect();
+    assert_fragments_translated(&out, &reply, (VIP, 53));
+    assert_eq!(k.counter("reverse_translated"), 1, "the first fragment");
+    assert_eq!(k.counter("reverse_translated_fragment"), 2, "the other two");
+    assert_eq!(k.counter("passed_fragment"), 0);
+}
+
+#[test]
+fn a_later_fragment_whose_first_was_not_translated_passes_untouched() {
+    let mut k = one_backend();
+    k.run(&Spec::udp(CLIENT, 50011, VIP, 53, b"query").build());
+    let reply = fragmented_reply((B1, 5353), (CLIENT, 50011), 0x4343);
+    let frames = reply.fragments(CHUNK);
+    // The last fragment overtakes the first: nothing says what it becomes yet.
+    assert_eq!(k.run(&frames[2]), (TC_ACT_OK, frames[2].clone()));
+    assert_eq!(k.counter("passed_fragment"), 1);
+    // The first, then the middle one: translated.
+    let expected = translated_fragments(&reply, (VIP, 53));
+    assert_eq!(k.run(&frames[0]), (TC_ACT_OK, expected[0].clone()));
+    assert_eq!(k.run(&frames[1]), (TC_ACT_OK, expected[1].clone()));
+    assert_eq!(k.counter("reverse_translated_fragment"), 1);
+    // Another datagram of the flow (another id) whose first fragment was not seen, and
+    // a fragmented datagram between the same pods outside any Service: untouched.
+    let other = fragmented_reply((B1, 5353), (CLIENT, 50011), 0x4344).fragments(CHUNK);
+    assert_eq!(k.run(&other[1]), (TC_ACT_OK, other[1].clone()));
+    let direct = fragmented_reply((B1, 7000), (CLIENT, 50011), 0x4345).fragments(CHUNK);
+    for f in &direct {
+        assert_eq!(k.run(f), (TC_ACT_OK, f.clone()));
+    }
+    assert_eq!(k.counter("passed_fragment"), 1 + 1 + 2);
+    assert_eq!(k.counter("reverse_translated_fragment"), 1);
+}
+
 #[test]
 fn tcp_to_a_service_without_backends_gets_a_reset() {
     let mut k = one_backend();
@@ -656,6 +746,36 @@ fn xdp_reverse_translates_replies_that_arrive_from_other_nodes() {
 }
 
 #[test]
+fn xdp_reverse_translates_every_fragment_of_a_reply_from_another_node() {
+    let mut k = Kernel::new(&nodeport_config());
+    let port = (50300..50400)
+        .find(|port| {
+            let out = k
+                .run(&Spec::udp(CLIENT, *port, VIP, 53, b"query").build())
+                .1;
+            view(&out).dst.to_string() == B2
+        })
+        .expect("some flow picks the remote endpoint");
+    let reply = fragmented_reply((B2, 5353), (CLIENT, port), 0x5151);
+    let out: Vec<Vec<u8>> = reply
+        .fragments(CHUNK)
+        .iter()
+        .map(|f| {
+            let (verdict, out) = k.run_xdp(f);
+            assert_eq!(verdict, XDP_PASS);
+            out
+        })
+        .collect();
+    assert_fragments_translated(&out, &reply, (VIP, 53));
+    assert_eq!(k.counter("reverse_translated"), 1);
+    assert_eq!(k.counter("reverse_translated_fragment"), 2);
+    // A later fragment of a datagram whose first fragment was not seen: untouched.
+    let stray = fragmented_reply((B2, 5353), (CLIENT, port), 0x5152).fragments(CHUNK);
+    assert_eq!(k.run_xdp(&stray[1]), (XDP_PASS, stray[1].clone()));
+    assert_eq!(k.counter("passed_fragment"), 1);
+}
+
+#[test]
 fn xdp_udp_and_external_ips_are_translated_with_valid_checksums() {
     let mut k = Kernel::new(&nodeport_config());
     let q = Spec::udp(OUTSIDE, 50100, NODE_IP, 30053, b"odd-length query");
@@ -770,21 +890,21 @@ fn xdp_and_tc_rewrite_the_same_packets_to_the_same_bytes() {
     }
 }
 
-#[test]
-fn a_nodeport_reply_is_routed_by_the_program_with_its_ttl_decremented() {
-    // Reverse-translated, the reply's source is the node's own address, which the
-    // kernel's input route check would drop as martian: the pod program looks the route
-    // up and redirects it itself. The FIB lookup needs a route to the client, so this
-    // runs in a namespace of its own where the client's network is on a veth.
-    struct Ns(String);
-    impl Drop for Ns {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &self.0])
-                .status();
-        }
+/// A network namespace, deleted on drop.
+struct Ns(String);
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
     }
-    let ns = Ns(format!("lbt-kfib-{}", std::process::id()));
+}
+
+/// A namespace of its own where OUTSIDE's network is on a veth and the node forwards:
+/// what the FIB lookup of a routed reply needs.
+fn fib_namespace(prefix: &str) -> Ns {
+    let ns = Ns(format!("{prefix}-{}", std::process::id()));
     let ip = |args: &[&str]| {
         let st = std::process::Command::new("ip")
             .args(args)
@@ -808,7 +928,15 @@ fn a_nodeport_reply_is_routed_by_the_program_with_its_ttl_decremented() {
         "-qw",
         "net.ipv4.ip_forward=1",
     ]);
+    ns
+}
 
+#[test]
+fn a_nodeport_reply_is_routed_by_the_program_with_its_ttl_decremented() {
+    // Reverse-translated, the reply's source is the node's own address, which the
+    // kernel's input route check would drop as martian: the pod program looks the route
+    // up and redirects it itself.
+    let ns = fib_namespace("lbt-kfib");
     let (nodeport, clusterip) = run_in(&ns.0, || {
         let mut k = Kernel::new(&nodeport_config());
         k.run_xdp(&Spec::tcp(OUTSIDE, 40700, NODE_IP, 30080, SYN).build());
@@ -846,4 +974,38 @@ fn a_nodeport_reply_is_routed_by_the_program_with_its_ttl_decremented() {
         "a ClusterIP reply goes to the kernel"
     );
     assert_eq!(translated[0].1[14 + 8], 64, "TTL untouched");
+}
+
+#[test]
+fn the_fragments_of_a_nodeport_reply_are_routed_like_its_first() {
+    // Each fragment of a NodePort's reply gets the node's address as its source: the
+    // later ones must be routed by the program too, or the kernel drops them as martian.
+    let ns = fib_namespace("lbt-kfrag");
+    let reply = fragmented_reply((B1, 5353), (OUTSIDE, 50500), 0x6161);
+    let frames = reply.fragments(CHUNK);
+    let (out, routed) = run_in(&ns.0, move || {
+        let mut k = Kernel::new(&nodeport_config());
+        let q = Spec::udp(OUTSIDE, 50500, NODE_IP, 30053, b"query");
+        assert_eq!(k.run_xdp(&q.build()).0, XDP_PASS);
+        let out: Vec<(u32, Vec<u8>)> = frames.iter().map(|f| k.run(f)).collect();
+        (out, k.counter("reverse_translated_fragment"))
+    })
+    .unwrap();
+    assert_eq!(routed, 2);
+    assert!(
+        out.iter().all(|(verdict, _)| *verdict == TC_ACT_REDIRECT),
+        "every fragment routed and redirected by the program"
+    );
+    let out: Vec<Vec<u8>> = out.into_iter().map(|(_, o)| o).collect();
+    let mut forwarded = out.clone();
+    for f in &mut forwarded {
+        assert_eq!(f[14 + 8], 63, "TTL decremented");
+        // As before the hop, to compare with the from-scratch rewrite.
+        f[14 + 8] = 64;
+        set_ip_checksum(f);
+    }
+    assert_fragments_translated(&forwarded, &reply, (NODE_IP, 30053));
+    for f in &out {
+        assert_ip_checksum(f);
+    }
 }

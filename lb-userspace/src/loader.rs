@@ -2,7 +2,8 @@
 //! `/sys/fs/bpf/lb`):
 //!
 //! ```text
-//! /sys/fs/bpf/lb/LB_FRONTENDS  LB_SLOTS  LB_BACKENDS  LB_CONNTRACK  LB_COUNTERS   maps
+//! /sys/fs/bpf/lb/LB_FRONTENDS  LB_SLOTS  LB_BACKENDS  LB_CONNTRACK               maps
+//! /sys/fs/bpf/lb/LB_COUNTERS  LB_FRAGS                                           maps
 //! /sys/fs/bpf/lb/lb_tc_pod  lb_xdp_ext                                           programs
 //! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                 tcx links (pod interfaces)
 //! /sys/fs/bpf/lb/xdp-links/<ifname>@<ifindex>             XDP links (external interfaces)

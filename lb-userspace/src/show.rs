@@ -132,9 +132,9 @@ fn conntrack(maps: &Maps, out: &mut String) -> Result<()> {
 }
 
 fn counters(maps: &Maps, out: &mut String) -> Result<()> {
-    let _ = writeln!(out, "{:<22} {:>14}", "COUNTER", "PACKETS");
+    let _ = writeln!(out, "{:<28} {:>14}", "COUNTER", "PACKETS");
     for (name, v) in maps.counters()? {
-        let _ = writeln!(out, "{name:<22} {v:>14}");
+        let _ = writeln!(out, "{name:<28} {v:>14}");
     }
     Ok(())
 }

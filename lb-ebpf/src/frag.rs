@@ -1,0 +1,85 @@
+//! Fragments of a translated reply. A fragmented datagram has its L4 header in the first
+//! fragment only: that one finds its conntrack entry by its ports and is reverse-translated
+//! like any reply; the later fragments have no ports, so the first leaves a note in
+//! `LB_FRAGS`, keyed by what every fragment of the datagram carries (source, destination,
+//! IP id, protocol, as they arrive), saying which address to give them.
+//!
+//! A later fragment gets that address and a fixed IPv4 header checksum, nothing else:
+//! the L4 checksum, in the first fragment, already covers the new pseudo-header.
+//!
+//! Rules (ARCHITECTURE.md, bad input):
+//! - a later fragment without a note (not ours, or it overtook its first fragment) passes
+//!   untouched, counted `passed_fragment`: a reordered datagram is lost (the receiver
+//!   cannot reassemble fragments with two sources) as it was before;
+//! - a note older than `FRAG_TIMEOUT_NS` is ignored: its datagram is gone, and the same
+//!   key may come again on another datagram (the IP id wraps);
+//! - notes are never deleted (fragments may come twice or out of order, so the last one
+//!   seen says nothing): the LRU recycles them.
+use lb_common::{counter, CtValue, FragKey, FragValue, CT_F_EXTERNAL, FRAG_REWRITE_SRC};
+
+use crate::{
+    counters::count,
+    hook::{Hook, Verdict},
+    maps::LB_FRAGS,
+    parse::{Fragment, Packet, IP_SRC_OFF},
+};
+
+/// Linux's default reassembly timeout (`net.ipv4.ipfrag_time`): the receiver has dropped
+/// an incomplete datagram by then.
+const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
+
+/// A first fragment of a reply was reverse-translated per `entry` (its reply entry): note
+/// the new source for the later fragments. A failed insert only loses the note (those
+/// fragments then pass untouched, as before).
+#[inline(always)]
+pub fn note_reply(pkt: &Packet, entry: &CtValue, now: u64) {
+    let key = FragKey {
+        src_addr: pkt.src,
+        dst_addr: pkt.dst,
+        id: pkt.ip_id,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    let value = FragValue {
+        created_ns: now,
+        addr: entry.nat_addr,
+        field: FRAG_REWRITE_SRC,
+        flags: entry.flags,
+        _pad: [0; 2],
+    };
+    let _ = LB_FRAGS.insert(&key, &value, 0);
+}
+
+/// A fragment after the first: translated as its first fragment was, if it was noted.
+#[inline(always)]
+pub fn later<C: Hook>(ctx: &C, frag: &Fragment, now: u64) -> Verdict {
+    let key = FragKey {
+        src_addr: frag.src,
+        dst_addr: frag.dst,
+        id: frag.ip_id,
+        proto: frag.proto,
+        _pad: 0,
+    };
+    let Some(note) = LB_FRAGS.get_ptr(&key) else {
+        count(counter::PASSED_FRAGMENT);
+        return Verdict::Pass;
+    };
+    // SAFETY: pointer from a successful lookup; copied.
+    let note = unsafe { *note };
+    if note.field != FRAG_REWRITE_SRC || now.wrapping_sub(note.created_ns) > FRAG_TIMEOUT_NS {
+        count(counter::PASSED_FRAGMENT);
+        return Verdict::Pass;
+    }
+    if ctx
+        .rewrite_ip_addr(frag.l3_off, frag.l3_off + IP_SRC_OFF, frag.src, note.addr)
+        .is_err()
+    {
+        count(counter::DROP_REWRITE_FAILED);
+        return Verdict::Drop;
+    }
+    count(counter::REVERSE_TRANSLATED_FRAGMENT);
+    if note.flags & CT_F_EXTERNAL != 0 {
+        return ctx.send_external_fragment(frag, note.addr);
+    }
+    Verdict::Pass
+}
