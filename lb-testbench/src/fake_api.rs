@@ -1,15 +1,21 @@
 //! A small HTTP server that speaks the Kubernetes API's list and watch protocol for
-//! Services, EndpointSlices and Nodes, to drive the real kube client in tests.
+//! Services, EndpointSlices and Nodes, to drive the real kube client in tests and in the
+//! benchmark (100,000 Services and as many slices).
 //!
-//! - `GET <collection>`: a list with `metadata.resourceVersion`;
+//! - `GET <collection>`: a list with `metadata.resourceVersion`, paginated as the API
+//!   server does when the client asks (`limit`, `continue`);
 //! - `GET <collection>?watch=true&resourceVersion=R`: JSON lines of events after R, a
 //!   BOOKMARK when caught up, then new events as they happen; an `ERROR` 410 (Expired)
 //!   when R is older than the last compaction or when `expire()` is called;
 //! - `fieldSelector=metadata.name=X` is honoured (the agent watches its own node);
 //! - `drop_connections()` cuts every TCP connection; `stop()` also closes the listener
-//!   (connections refused) until `start()`.
+//!   (connections refused) until `restart()`; `hold_lists()` makes list requests of a
+//!   collection wait until `release_lists()`.
+//!
+//! Objects are kept as their JSON text, so a list of a hundred thousand is a
+//! concatenation, and `load()` puts many in place at once (history starting after them).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -71,6 +77,7 @@ impl Res {
     }
 }
 
+/// (namespace, name)
 type Key = (String, String);
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -78,14 +85,25 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).boxed()
 }
 
+/// One entry of the watch history: a whole `{"type":..,"object":..}` line.
+struct Logged {
+    rv: u64,
+    res: Res,
+    name: String,
+    line: Bytes,
+}
+
 #[derive(Default)]
 struct Store {
     rv: u64,
-    /// Watches from a resourceVersion at or below this get 410 Gone.
+    /// Watches from a resourceVersion below this get 410 Gone.
     compacted: u64,
-    objects: BTreeMap<Res, BTreeMap<Key, Value>>,
-    log: Vec<(u64, Res, &'static str, Value)>,
+    /// Each object's JSON text, in key order (the order lists page through).
+    objects: BTreeMap<Res, BTreeMap<Key, Bytes>>,
+    log: Vec<Logged>,
     lists: BTreeMap<Res, usize>,
+    /// When the last list of each collection began.
+    listed_at: BTreeMap<Res, std::time::Instant>,
     watches: BTreeMap<Res, usize>,
 }
 
@@ -95,6 +113,8 @@ struct Inner {
     changed: watch::Sender<u64>,
     /// Bumped by `expire()`: every open watch gets a 410 and ends.
     expired: watch::Sender<u64>,
+    /// Collections whose list requests wait.
+    held: watch::Sender<BTreeSet<Res>>,
     connections: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -115,6 +135,25 @@ fn key_of(obj: &Value) -> Key {
     )
 }
 
+/// Sets apiVersion and resourceVersion, and returns the object's collection, key and text.
+fn stamp(mut obj: Value, rv: u64) -> (Res, Key, Bytes) {
+    let res = Res::from_kind(obj["kind"].as_str().expect("object without kind"));
+    obj["apiVersion"] = json!(res.api_version());
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let key = key_of(&obj);
+    (res, key, Bytes::from(obj.to_string()))
+}
+
+fn event_line(kind: &str, text: &Bytes) -> Bytes {
+    let mut line = Vec::with_capacity(text.len() + 32);
+    line.extend_from_slice(b"{\"type\":\"");
+    line.extend_from_slice(kind.as_bytes());
+    line.extend_from_slice(b"\",\"object\":");
+    line.extend_from_slice(text);
+    line.extend_from_slice(b"}\n");
+    Bytes::from(line)
+}
+
 impl FakeApi {
     pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -125,6 +164,7 @@ impl FakeApi {
             store: Mutex::new(Store::default()),
             changed: watch::Sender::new(0),
             expired: watch::Sender::new(0),
+            held: watch::Sender::new(BTreeSet::new()),
             connections: Mutex::new(Vec::new()),
         });
         let api = Self {
@@ -158,11 +198,15 @@ impl FakeApi {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                // As the API server (Go sets it on every TCP connection): without it, a
+                // watch event written after a small unacknowledged one waits for the
+                // client's delayed ACK (40 ms).
+                let _ = stream.set_nodelay(true);
                 let inner2 = inner.clone();
                 let conn = tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let inner = inner2.clone();
-                        async move { Ok::<_, Infallible>(handle(&inner, req)) }
+                        async move { Ok::<_, Infallible>(handle(&inner, req).await) }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -177,21 +221,43 @@ impl FakeApi {
     }
 
     /// Creates or replaces an object (ADDED or MODIFIED), with a new resourceVersion.
-    pub fn apply(&self, mut obj: Value) {
-        let res = Res::from_kind(obj["kind"].as_str().expect("object without kind"));
-        obj["apiVersion"] = json!(res.api_version());
-        let key = key_of(&obj);
+    pub fn apply(&self, obj: Value) {
         let mut st = self.inner.store.lock().unwrap();
         st.rv += 1;
         let rv = st.rv;
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let objects = st.objects.entry(res).or_default();
-        let kind = if objects.insert(key, obj.clone()).is_some() {
+        let (res, key, text) = stamp(obj, rv);
+        let kind = if st
+            .objects
+            .entry(res)
+            .or_default()
+            .insert(key.clone(), text.clone())
+            .is_some()
+        {
             "MODIFIED"
         } else {
             "ADDED"
         };
-        st.log.push((rv, res, kind, obj));
+        st.log.push(Logged {
+            rv,
+            res,
+            name: key.1,
+            line: event_line(kind, &text),
+        });
+        drop(st);
+        self.inner.changed.send_replace(rv);
+    }
+
+    /// Puts many objects in place at once, without watch events: the history starts
+    /// after them (a watch from before gets 410 and relists). For large workloads.
+    pub fn load(&self, objs: impl IntoIterator<Item = Value>) {
+        let mut st = self.inner.store.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        for obj in objs {
+            let (res, key, text) = stamp(obj, rv);
+            st.objects.entry(res).or_default().insert(key, text);
+        }
+        st.compacted = rv;
         drop(st);
         self.inner.changed.send_replace(rv);
     }
@@ -200,7 +266,7 @@ impl FakeApi {
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) {
         let res = Res::from_kind(kind);
         let mut st = self.inner.store.lock().unwrap();
-        let mut obj = st
+        let text = st
             .objects
             .entry(res)
             .or_default()
@@ -208,8 +274,15 @@ impl FakeApi {
             .unwrap_or_else(|| panic!("deleting {kind} {namespace}/{name}: no such object"));
         st.rv += 1;
         let rv = st.rv;
+        let mut obj: Value = serde_json::from_slice(&text).expect("stored JSON");
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        st.log.push((rv, res, "DELETED", obj));
+        let text = Bytes::from(obj.to_string());
+        st.log.push(Logged {
+            rv,
+            res,
+            name: name.to_string(),
+            line: event_line("DELETED", &text),
+        });
         drop(st);
         self.inner.changed.send_replace(rv);
     }
@@ -218,8 +291,30 @@ impl FakeApi {
     pub fn expire(&self) {
         let mut st = self.inner.store.lock().unwrap();
         st.compacted = st.rv;
+        st.log.clear();
         drop(st);
         self.inner.expired.send_modify(|n| *n += 1);
+    }
+
+    /// Compacts the history without telling anyone: a watch that resumes from before
+    /// now gets 410 (as after an API server outage long enough for etcd's compaction).
+    pub fn compact(&self) {
+        let mut st = self.inner.store.lock().unwrap();
+        st.compacted = st.rv;
+        st.log.clear();
+    }
+
+    /// List requests of `res` wait until `release_lists(res)`.
+    pub fn hold_lists(&self, res: Res) {
+        self.inner.held.send_modify(|h| {
+            h.insert(res);
+        });
+    }
+
+    pub fn release_lists(&self, res: Res) {
+        self.inner.held.send_modify(|h| {
+            h.remove(&res);
+        });
     }
 
     /// Cuts every open connection (watches end without a final chunk).
@@ -254,7 +349,7 @@ impl FakeApi {
         self.serve(listener);
     }
 
-    /// Number of list requests served for a collection.
+    /// Number of list requests served for a collection (a paginated list counts once).
     pub fn lists(&self, res: Res) -> usize {
         self.inner
             .store
@@ -264,6 +359,11 @@ impl FakeApi {
             .get(&res)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// When the last list of a collection began (its first page was asked for).
+    pub fn listed_at(&self, res: Res) -> Option<std::time::Instant> {
+        self.inner.store.lock().unwrap().listed_at.get(&res).copied()
     }
 
     /// Number of watch requests served for a collection.
@@ -326,18 +426,19 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
            "message": message, "reason": reason, "code": code})
 }
 
-fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
+fn json_response(code: StatusCode, body: Body) -> Response<Body> {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
-        .body(full(v.to_string()))
+        .body(body)
         .unwrap()
 }
 
-fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let Some(res) = Res::from_path(req.uri().path()) else {
         let msg = format!("the fake API does not serve {}", req.uri().path());
-        return json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", &msg));
+        let body = full(status(404, "NotFound", &msg).to_string());
+        return json_response(StatusCode::NOT_FOUND, body);
     };
     let q = query(&req);
     // Only `metadata.name=X` is supported, which is all the agent uses.
@@ -346,28 +447,84 @@ fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             .unwrap_or_else(|| panic!("unsupported fieldSelector {s:?}"))
             .to_string()
     });
-    let matches = move |obj: &Value| {
-        name.as_ref()
-            .is_none_or(|n| obj["metadata"]["name"].as_str() == Some(n))
-    };
     let watching = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
-    let mut st = inner.store.lock().unwrap();
     if !watching {
-        *st.lists.entry(res).or_default() += 1;
-        let items: Vec<Value> = st
-            .objects
-            .get(&res)
-            .into_iter()
-            .flat_map(|m| m.values())
-            .filter(|o| matches(o))
-            .cloned()
-            .collect();
-        let list = json!({
-            "kind": format!("{}List", res.kind()), "apiVersion": res.api_version(),
-            "metadata": {"resourceVersion": st.rv.to_string()}, "items": items,
-        });
-        return json_response(StatusCode::OK, &list);
+        let mut held = inner.held.subscribe();
+        let _ = held.wait_for(|h| !h.contains(&res)).await;
+        return list(inner, res, &q, name.as_deref());
     }
+    watch_stream(inner, res, &q, name)
+}
+
+/// One page of a list. The continue token is "<list resourceVersion>-<offset>".
+fn list(
+    inner: &Arc<Inner>,
+    res: Res,
+    q: &BTreeMap<String, String>,
+    name: Option<&str>,
+) -> Response<Body> {
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let mut st = inner.store.lock().unwrap();
+    let (list_rv, offset) = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(c) => {
+            let (rv, off) = c.split_once('-').unwrap_or(("", ""));
+            (rv.parse().unwrap_or(st.rv), off.parse().unwrap_or(0usize))
+        }
+        None => {
+            *st.lists.entry(res).or_default() += 1;
+            st.listed_at.insert(res, std::time::Instant::now());
+            (st.rv, 0)
+        }
+    };
+    let all = st.objects.get(&res);
+    let matching = all
+        .into_iter()
+        .flatten()
+        .filter(|((_, n), _)| name.is_none_or(|want| n == want));
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!(
+            "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{list_rv}\"",
+            res.kind(),
+            res.api_version()
+        )
+        .as_bytes(),
+    );
+    let mut items = Vec::new();
+    let mut more = false;
+    for (i, (_, text)) in matching.skip(offset).enumerate() {
+        if i == limit {
+            more = true;
+            break;
+        }
+        if i > 0 {
+            items.push(b',');
+        }
+        items.extend_from_slice(text);
+    }
+    if more {
+        body.extend_from_slice(
+            format!(",\"continue\":\"{list_rv}-{}\"", offset + limit).as_bytes(),
+        );
+    }
+    body.extend_from_slice(b"},\"items\":[");
+    body.extend_from_slice(&items);
+    body.extend_from_slice(b"]}");
+    drop(st);
+    json_response(StatusCode::OK, full(body))
+}
+
+fn watch_stream(
+    inner: &Arc<Inner>,
+    res: Res,
+    q: &BTreeMap<String, String>,
+    name: Option<String>,
+) -> Response<Body> {
+    let mut st = inner.store.lock().unwrap();
     *st.watches.entry(res).or_default() += 1;
     let from: u64 = q
         .get("resourceVersion")
@@ -384,14 +541,12 @@ fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     if gone {
         let msg = format!("too old resource version: {from}");
         let body = line(json!({"type": "ERROR", "object": status(410, "Expired", &msg)}));
-        return Response::builder()
-            .header("content-type", "application/json")
-            .body(full(body))
-            .unwrap();
+        return json_response(StatusCode::OK, full(body));
     }
     struct W {
         inner: Arc<Inner>,
         res: Res,
+        name: Option<String>,
         cursor: u64,
         changed: watch::Receiver<u64>,
         expired: watch::Receiver<u64>,
@@ -404,6 +559,7 @@ fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let w = W {
         inner: inner.clone(),
         res,
+        name,
         cursor: from,
         changed: inner.changed.subscribe(),
         expired,
@@ -411,7 +567,7 @@ fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         bookmarked: false,
         done: false,
     };
-    let stream = futures::stream::unfold((w, matches), move |(mut w, matches)| async move {
+    let stream = futures::stream::unfold(w, move |mut w| async move {
         loop {
             if w.done {
                 return None;
@@ -420,30 +576,30 @@ fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
                 w.done = true;
                 let msg = format!("too old resource version: {}", w.cursor);
                 let b = line(json!({"type": "ERROR", "object": status(410, "Expired", &msg)}));
-                return Some((Ok::<_, Infallible>(b), (w, matches)));
+                return Some((Ok::<_, Infallible>(b), w));
             }
             {
                 // Before reading, so a change made after the read wakes us up.
                 w.changed.mark_unchanged();
                 let st = w.inner.store.lock().unwrap();
-                let mut out = String::new();
-                for (rv, res, kind, obj) in &st.log {
-                    if *rv > w.cursor && *res == w.res && matches(obj) {
-                        out.push_str(&format!("{}\n", json!({"type": kind, "object": obj})));
+                let start = st.log.partition_point(|l| l.rv <= w.cursor);
+                let mut out = Vec::new();
+                for l in &st.log[start..] {
+                    if l.res == w.res && w.name.as_ref().is_none_or(|n| *n == l.name) {
+                        out.extend_from_slice(&l.line);
                     }
                 }
                 let caught_up = st.rv;
                 drop(st);
-                let had_events = !out.is_empty();
-                if !had_events && !w.bookmarked {
+                if out.is_empty() && !w.bookmarked {
                     w.bookmarked = true;
                     let bm = json!({"type": "BOOKMARK", "object": {"kind": w.res.kind(), "apiVersion": w.res.api_version(),
                         "metadata": {"resourceVersion": caught_up.to_string()}}});
-                    out = format!("{bm}\n");
+                    out = format!("{bm}\n").into_bytes();
                 }
                 w.cursor = caught_up;
                 if !out.is_empty() {
-                    return Some((Ok(Bytes::from(out)), (w, matches)));
+                    return Some((Ok(Bytes::from(out)), w));
                 }
             }
             tokio::select! {
@@ -456,10 +612,8 @@ fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             }
         }
     });
-    Response::builder()
-        .header("content-type", "application/json")
-        .body(BodyExt::boxed(StreamBody::new(
-            stream.map(|b| b.map(Frame::data)),
-        )))
-        .unwrap()
+    json_response(
+        StatusCode::OK,
+        BodyExt::boxed(StreamBody::new(stream.map(|b| b.map(Frame::data)))),
+    )
 }

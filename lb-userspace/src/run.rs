@@ -116,6 +116,14 @@ fn fingerprint(text: &[u8]) -> (usize, u64) {
     (text.len(), h)
 }
 
+/// What `stat` says of the file (size, modification time, inode): polled cheaply, so
+/// the file itself is read only when this changes (a large file is tens of MiB).
+fn stat(path: &std::path::Path) -> std::io::Result<(u64, i64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.size(), m.mtime(), m.mtime_nsec(), m.ino()))
+}
+
 /// Reads and validates the file off the async runtime's threads (a large file takes
 /// seconds to parse).
 async fn load(path: &std::path::Path) -> Result<crate::model::Config> {
@@ -127,6 +135,7 @@ async fn load(path: &std::path::Path) -> Result<crate::model::Config> {
 
 pub async fn run(opts: RunOptions) -> Result<()> {
     let interfaces = Interfaces::new(&opts.interfaces, &opts.external_interfaces)?;
+    let mut last_stat = stat(&opts.config).ok();
     let text = std::fs::read(&opts.config)
         .map_err(|e| Error::Config(format!("{}: cannot read: {e}", opts.config.display())))?;
     // A fingerprint of the file, not a copy of it (a large config is tens of MiB).
@@ -149,6 +158,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                let now = stat(&opts.config).ok();
+                if now.is_some() && now == last_stat {
+                    interfaces.sync(&mut datapath);
+                    continue;
+                }
+                last_stat = now;
                 match std::fs::read(&opts.config).map(|text| fingerprint(&text)) {
                     Ok(seen) if seen != last_seen => {
                         last_seen = seen;

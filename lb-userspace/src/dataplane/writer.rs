@@ -28,6 +28,21 @@ use tracing::{error, info};
 use super::Dataplane;
 use crate::model::{object_key, Config, EndpointSlice, ModelCache, Node, ObjectKey, Service};
 
+/// After a sync this large (the first one of a big cluster), the memory its plan and the
+/// list's decoding used is handed back to the system.
+const RETURN_MEMORY_AFTER_OPS: usize = 100_000;
+
+/// Gives freed heap memory back to the system: glibc's malloc keeps what a large
+/// transient allocation (a plan of millions of ops, a list of the whole cluster) freed,
+/// and the agent's resident memory would stay at its peak.
+fn return_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The kinds of object a source lists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -248,6 +263,10 @@ impl Loop {
             // batch handled, and trigger times are observed.
             if self.ready() {
                 self.sync();
+            } else {
+                // Still listing: recompute what arrived so far while the rest is on its
+                // way, so the first sync has only the diff left to do.
+                self.model.update();
             }
             if stop {
                 return;
@@ -267,8 +286,9 @@ impl Loop {
                 self.model.upsert_service(s);
             }
             Update::RemoveService(ns, name) => {
-                self.seen(Kind::Service, object_key(&ns, &name));
-                self.model.remove_service(&(ns, name));
+                let key = object_key(&ns, &name);
+                self.model.remove_service(&key);
+                self.seen(Kind::Service, key);
             }
             Update::Slice(s, trigger) => {
                 self.seen(Kind::EndpointSlice, s.key());
@@ -276,8 +296,9 @@ impl Loop {
                 self.model.upsert_slice(s);
             }
             Update::RemoveSlice(ns, name) => {
-                self.seen(Kind::EndpointSlice, object_key(&ns, &name));
-                self.model.remove_slice(&(ns, name));
+                let key = object_key(&ns, &name);
+                self.model.remove_slice(&key);
+                self.seen(Kind::EndpointSlice, key);
             }
             Update::Node(n) => {
                 self.model.set_node(n);
@@ -355,6 +376,9 @@ impl Loop {
             "synced"
         );
         (self.on_sync)(&stats);
+        if report.ops > RETURN_MEMORY_AFTER_OPS {
+            return_freed_memory();
+        }
         self.status.send_modify(|s| {
             s.syncs += 1;
             s.last_errors = report.errors.len();

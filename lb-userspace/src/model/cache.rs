@@ -65,7 +65,7 @@ impl ModelCache {
         }
     }
 
-    pub fn remove_service(&mut self, key: &(String, String)) {
+    pub fn remove_service(&mut self, key: &ObjectKey) {
         if let Some((key, _)) = self.services.remove_entry(key) {
             self.dirty.insert(key);
         }
@@ -91,7 +91,7 @@ impl ModelCache {
         self.dirty.insert(svc);
     }
 
-    pub fn remove_slice(&mut self, key: &(String, String)) {
+    pub fn remove_slice(&mut self, key: &ObjectKey) {
         if let Some((key, old)) = self.slices.remove_entry(key) {
             let svc = old.service_key();
             self.unlink_slice(&svc, &key);
@@ -162,30 +162,30 @@ impl ModelCache {
     /// desired state has their spec now.
     pub fn take_delta(&mut self) -> Delta {
         self.update();
-        let mut changed: Vec<(FrontendAddr, Option<FrontendSpec>)> = self
-            .before
-            .drain()
+        // Taken, not drained: a drained map keeps its capacity, and the first delta of a
+        // big cluster holds every frontend.
+        let mut changed: Vec<(FrontendAddr, Option<FrontendSpec>)> = std::mem::take(&mut self.before)
+            .into_iter()
             .filter(|(fe, old)| self.desired.frontends.get(fe) != old.as_ref())
             .collect();
         changed.sort_by_key(|(fe, _)| *fe);
         Delta { changed }
     }
 
-    /// Recomputes the dirty Services and the frontends they claim or gave up.
-    fn update(&mut self) {
+    /// Recomputes the dirty Services and the frontends they claim or gave up (also done
+    /// by `desired` and `take_delta`).
+    pub fn update(&mut self) {
         if self.dirty.is_empty() {
             return;
         }
         let dirty = std::mem::take(&mut self.dirty);
-        let mut touched: HashSet<FrontendAddr> = HashSet::new();
-        let mut computed: HashMap<
-            ObjectKey,
-            std::collections::BTreeMap<FrontendAddr, FrontendSpec>,
-        > = HashMap::with_capacity(dirty.len());
+        // Frontends a Service gave up, and frontends it claims but does not own: their
+        // owner is settled once every dirty Service has been seen (rare: a Service
+        // deleted, its ports or addresses changed, or two Services on one frontend).
+        let mut unsettled: HashSet<FrontendAddr> = HashSet::new();
         for key in dirty {
             let new = self.compute(&key);
-            let old = self.frontends_of.remove(&key).unwrap_or_default();
-            for fe in old {
+            for fe in self.frontends_of.remove(&key).unwrap_or_default() {
                 if !new.contains_key(&fe) {
                     if let Some(c) = self.claims.get_mut(&fe) {
                         c.retain(|k| *k != key);
@@ -193,36 +193,28 @@ impl ModelCache {
                             self.claims.remove(&fe);
                         }
                     }
+                    unsettled.insert(fe);
                 }
-                touched.insert(fe);
-            }
-            for fe in new.keys() {
-                let c = self.claims.entry(*fe).or_default();
-                if let Err(at) = c.binary_search(&key) {
-                    c.insert(at, key.clone());
-                }
-                touched.insert(*fe);
             }
             if !new.is_empty() {
                 self.frontends_of
                     .insert(key.clone(), new.keys().copied().collect());
             }
-            computed.insert(key, new);
-        }
-        for fe in touched {
-            let owner = self.claims.get(&fe).and_then(|c| c.first()).cloned();
-            let spec = match owner {
-                None => None,
-                Some(o) => {
-                    if !computed.contains_key(&o) {
-                        // Another Service took the frontend over: its spec was not
-                        // computed in this round.
-                        let specs = self.compute(&o);
-                        computed.insert(o.clone(), specs);
-                    }
-                    computed[&o].get(&fe).cloned()
+            for (fe, spec) in new {
+                let c = self.claims.entry(fe).or_default();
+                if let Err(at) = c.binary_search(&key) {
+                    c.insert(at, key.clone());
                 }
-            };
+                if c.first() == Some(&key) {
+                    self.set_desired(fe, Some(spec));
+                } else {
+                    unsettled.insert(fe);
+                }
+            }
+        }
+        for fe in unsettled {
+            let owner = self.claims.get(&fe).and_then(|c| c.first()).cloned();
+            let spec = owner.and_then(|o| self.compute(&o).remove(&fe));
             self.set_desired(fe, spec);
         }
     }
@@ -331,7 +323,7 @@ mod tests {
                 }
                 1 => {
                     services.remove(&name);
-                    cache.remove_service(&("default".into(), name));
+                    cache.remove_service(&object_key("default", &name));
                 }
                 2 | 3 => {
                     let sl_name = format!("sl{}", rnd(8));
@@ -359,7 +351,7 @@ mod tests {
                 _ => {
                     let sl_name = format!("sl{}", rnd(8));
                     slices.remove(&sl_name);
-                    cache.remove_slice(&("default".into(), sl_name));
+                    cache.remove_slice(&object_key("default", &sl_name));
                 }
             }
             if rnd(3) == 0 {

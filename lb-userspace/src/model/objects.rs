@@ -284,12 +284,56 @@ pub struct Config {
     pub endpoint_slices: Vec<EndpointSlice>,
 }
 
-/// The (namespace, name) of a Service or EndpointSlice. Cheap to clone: the model
-/// refers to objects by key from several indexes.
-pub type ObjectKey = Arc<(String, String)>;
+/// The (namespace, name) of a Service or EndpointSlice, in one shared allocation
+/// ("namespace/name": neither part can hold a '/'), so the model's indexes refer to an
+/// object for the price of a pointer. Ordered by (namespace, name).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ObjectKey(Arc<str>);
+
+impl ObjectKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self(format!("{namespace}/{name}").into())
+    }
+
+    fn split(&self) -> (&str, &str) {
+        self.0.split_once('/').unwrap_or(("", &self.0))
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.split().0
+    }
+
+    pub fn name(&self) -> &str {
+        self.split().1
+    }
+}
+
+impl Ord for ObjectKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.split().cmp(&other.split())
+    }
+}
+
+impl PartialOrd for ObjectKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
 
 pub fn object_key(namespace: &str, name: &str) -> ObjectKey {
-    Arc::new((namespace.to_string(), name.to_string()))
+    ObjectKey::new(namespace, name)
 }
 
 impl Service {

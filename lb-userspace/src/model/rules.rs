@@ -2,11 +2,7 @@
 //! which frontends a Service port opens, which endpoints it matches (slice ports by name
 //! and protocol), which of them are ready (or serving while terminating, when none is),
 //! and which are local to this node (for the frontends reached from outside).
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use super::{
     objects::{Conditions, EndpointSlice, Node, Service, ServicePort, ServiceType},
@@ -62,24 +58,32 @@ fn is_serving_terminating(c: &Conditions) -> bool {
     c.serving.unwrap_or(true) && c.terminating.unwrap_or(false)
 }
 
-/// Backends of one Service port, sorted by condition.
+/// Backends of one Service port, sorted by condition (sorted and deduplicated by
+/// `finish`; an address listed as ready anywhere counts as ready).
 #[derive(Default)]
 struct Pool {
-    ready: BTreeSet<BackendAddr>,
-    terminating: BTreeSet<BackendAddr>,
+    ready: Vec<BackendAddr>,
+    terminating: Vec<BackendAddr>,
 }
 
 impl Pool {
     fn add(&mut self, b: BackendAddr, c: &Conditions) {
         if is_ready(c) {
-            self.ready.insert(b);
+            self.ready.push(b);
         } else if is_serving_terminating(c) {
-            self.terminating.insert(b);
+            self.terminating.push(b);
+        }
+    }
+
+    fn finish(&mut self) {
+        for v in [&mut self.ready, &mut self.terminating] {
+            v.sort_unstable();
+            v.dedup();
         }
     }
 
     /// Who gets new connections: the ready ones, else the serving terminating ones.
-    fn active(&self) -> &BTreeSet<BackendAddr> {
+    fn active(&self) -> &[BackendAddr] {
         if self.ready.is_empty() {
             &self.terminating
         } else {
@@ -90,11 +94,11 @@ impl Pool {
 
 /// `set` as a shared slice, re-using `known` when it holds the same backends (the
 /// common case: every endpoint ready), so the two cost one allocation.
-fn shared(set: &BTreeSet<BackendAddr>, known: &Backends) -> Backends {
-    if set.len() == known.len() && set.iter().eq(known.iter()) {
+fn shared(set: &[BackendAddr], known: &Backends) -> Backends {
+    if set == &known[..] {
         known.clone()
     } else {
-        set.iter().copied().collect()
+        set.into()
     }
 }
 
@@ -116,7 +120,7 @@ pub fn service_frontends<'a>(
         // as ready anywhere counts as ready.
         let mut all = Pool::default();
         let mut local = Pool::default();
-        let mut known = BTreeSet::new();
+        let mut known = Vec::new();
         for slice in slices.clone() {
             if slice.namespace != svc.namespace || slice.service_name != svc.name {
                 continue;
@@ -134,7 +138,7 @@ pub fn service_frontends<'a>(
                     port: ep_port.port,
                     proto: sp.protocol,
                 };
-                known.insert(b);
+                known.push(b);
                 all.add(b, &ep.conditions);
                 if node.is_local(ep.node_name.as_deref()) {
                     local.add(b, &ep.conditions);
@@ -142,7 +146,11 @@ pub fn service_frontends<'a>(
             }
         }
         let service: Arc<str> = format!("{}/{}:{}", svc.namespace, svc.name, sp.name).into();
-        let known: Backends = known.into_iter().collect();
+        known.sort_unstable();
+        known.dedup();
+        all.finish();
+        local.finish();
+        let known: Backends = known.into();
         let all = shared(all.active(), &known);
         let mut local_active = None;
         for (fe, kind) in port_frontends(svc, sp, node) {
