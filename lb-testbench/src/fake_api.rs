@@ -363,7 +363,13 @@ impl FakeApi {
 
     /// When the last list of a collection began (its first page was asked for).
     pub fn listed_at(&self, res: Res) -> Option<std::time::Instant> {
-        self.inner.store.lock().unwrap().listed_at.get(&res).copied()
+        self.inner
+            .store
+            .lock()
+            .unwrap()
+            .listed_at
+            .get(&res)
+            .copied()
     }
 
     /// Number of watch requests served for a collection.

@@ -24,6 +24,8 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "iptables",
     "nftables",
+    // The benchmark's forwarding rate: GRO (so NAPI) on the node's veth.
+    "ethtool",
 ];
 
 #[derive(Parser)]

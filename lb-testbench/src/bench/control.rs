@@ -22,7 +22,7 @@ use lb_userspace::{
 };
 
 use super::{
-    check_interrupted, datapath, progress,
+    agentpath, check_interrupted, datapath, progress,
     stats::{median, quantile},
     workload::{self, Endpoints, WEB_IP, WEB_PORT},
     Opts,
@@ -53,16 +53,29 @@ pub struct ControlResult {
     pub change_us: Vec<f64>,
     /// Per packet, for each program (tc, then XDP).
     pub packet: Vec<PacketCost>,
-    /// `lb run --config`: spawn to synced (YAML parse included), seconds.
+    /// `lb run --config` on a YAML file: spawn to synced (parse included), seconds.
     pub agent_secs: Option<f64>,
     /// Agent VmRSS and VmHWM once synced, MiB.
     pub agent_rss_mib: Option<(f64, f64)>,
-    /// The same with the config written as JSON (streamed by the agent's parser).
-    pub agent_json_secs: Option<f64>,
-    pub agent_json_rss_mib: Option<(f64, f64)>,
+    /// The real agents as operators run them: `lb agent` against the test API server,
+    /// and `lb run` on a JSON file (see `agentpath`).
+    pub agents: Vec<agentpath::AgentRun>,
     /// bpftool's bytes_memlock of each map, MiB.
     pub map_mib: Vec<(&'static str, f64)>,
     pub error: Option<String>,
+}
+
+/// The part of `bpftool -j map show` read here.
+#[derive(Debug, serde::Deserialize)]
+struct BpftoolMap {
+    bytes_memlock: u64,
+}
+
+/// `bytes_memlock` of one map from `bpftool -j map show pinned <path>`, in bytes.
+fn parse_bpftool_memlock(text: &str) -> Option<u64> {
+    serde_json::from_str::<BpftoolMap>(text)
+        .ok()
+        .map(|m| m.bytes_memlock)
 }
 
 fn map_memlock(pin_dir: &Path) -> Vec<(&'static str, f64)> {
@@ -76,14 +89,8 @@ fn map_memlock(pin_dir: &Path) -> Vec<(&'static str, f64)> {
         else {
             continue;
         };
-        let text = String::from_utf8_lossy(&o.stdout);
-        let k = "\"bytes_memlock\":";
-        if let Some(p) = text.find(k) {
-            let s = &text[p + k.len()..];
-            let end = s.find([',', '}']).unwrap_or(s.len());
-            if let Ok(b) = s[..end].trim().parse::<f64>() {
-                out.push((name, b / 1048576.0));
-            }
+        if let Some(b) = parse_bpftool_memlock(&String::from_utf8_lossy(&o.stdout)) {
+            out.push((name, b as f64 / 1048576.0));
         }
     }
     out
@@ -424,15 +431,13 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
     result
 }
 
-/// `lb run --config` on the workload written as YAML, or as JSON.
-fn agent_path(scale: usize, r: &mut ControlResult, json: bool) -> Result<()> {
+/// `lb run --config` on the workload written as YAML (the JSON file is measured with
+/// `agentpath`, readiness changes included), and the maps' memory.
+fn yaml_agent_path(scale: usize, r: &mut ControlResult) -> Result<()> {
     let svcs = control_workload(scale);
     let sb = Sandbox::create("lbbench-cp", &[])?;
     let cfg = workload::to_config(&svcs);
-    let (path, text, format) = if json {
-        let t = serde_json::to_string(&cfg).map_err(|e| Error::Sandbox(e.to_string()))?;
-        (sb.path("services.json"), t, "JSON")
-    } else {
+    let (path, text, format) = {
         let t = serde_yaml_ng::to_string(&cfg).map_err(|e| Error::Sandbox(e.to_string()))?;
         (sb.path("services.yaml"), t, "YAML")
     };
@@ -453,11 +458,7 @@ fn agent_path(scale: usize, r: &mut ControlResult, json: bool) -> Result<()> {
         "agent.log",
     )?;
     let rss = datapath::rss_mib(pid);
-    if json {
-        (r.agent_json_secs, r.agent_json_rss_mib) = (Some(secs), rss);
-    } else {
-        (r.agent_secs, r.agent_rss_mib) = (Some(secs), rss);
-    }
+    (r.agent_secs, r.agent_rss_mib) = (Some(secs), rss);
     r.map_mib = map_memlock(sb.pin_dir());
     let n = lb_userspace::dataplane::Maps::from_pins(sb.pin_dir())?
         .frontends
@@ -489,15 +490,60 @@ pub fn run_all(opts: &Opts) -> Result<Vec<ControlResult>> {
             progress(format!("   library path failed: {e}"));
             r.error = Some(e.to_string());
         }
-        for json in [false, true] {
+        check_interrupted()?;
+        if let Err(e) = yaml_agent_path(scale, &mut r) {
             check_interrupted()?;
-            if let Err(e) = agent_path(scale, &mut r, json) {
+            progress(format!("   agent path (YAML) failed: {e}"));
+            r.error.get_or_insert(e.to_string());
+        }
+        // A change through the file rewrites and re-reads the whole file (seconds at
+        // 100k Services): fewer of them.
+        let (k8s_changes, file_changes) = if opts.quick { (50, 5) } else { (200, 20) };
+        for file in [false, true] {
+            check_interrupted()?;
+            let a = if file {
+                agentpath::file_agent(scale, file_changes)
+            } else {
+                agentpath::k8s_agent(scale, k8s_changes)
+            };
+            if let Some(e) = &a.error {
                 check_interrupted()?;
-                progress(format!("   agent path failed: {e}"));
-                r.error.get_or_insert(e.to_string());
+                progress(format!("   {} failed: {e}", a.agent));
+            } else {
+                progress(format!(
+                    "   {}: one readiness change to the maps p50 {:.2} ms, p99 {:.2} ms ({} changes); RSS {:.0} MiB synced, {:.0} MiB after, peak {:.0} MiB",
+                    a.agent,
+                    quantile(&a.change_ms, 0.5),
+                    quantile(&a.change_ms, 0.99),
+                    a.change_ms.len(),
+                    a.rss_synced_mib.unwrap_or(f64::NAN),
+                    a.rss_after_changes_mib.unwrap_or(f64::NAN),
+                    a.peak_mib.unwrap_or(f64::NAN)
+                ));
             }
+            r.agents.push(a);
         }
         out.push(r);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bpftool_json_gives_the_memlock() {
+        // bpftool 7.1 `-j map show pinned /sys/fs/bpf/lb/LB_FRONTENDS`.
+        let text = r#"{"id":1093,"type":"hash","name":"LB_FRONTENDS","flags":0,"bytes_key":12,"bytes_value":12,"max_entries":65536,"bytes_memlock":5767168,"frozen":0,"btf_id":2154}"#;
+        assert_eq!(parse_bpftool_memlock(text), Some(5_767_168));
+        // Not a map (bpftool's error object), or not JSON: nothing.
+        assert_eq!(
+            parse_bpftool_memlock(
+                r#"{"error":"bpf obj get (/sys/fs/bpf/x): No such file or directory"}"#
+            ),
+            None
+        );
+        assert_eq!(parse_bpftool_memlock(""), None);
+    }
 }

@@ -1,11 +1,14 @@
 //! Data path runs: TCP throughput (iperf3), CPU per Gbit, new connections per second and
 //! request latency, for each mode at each scale, interleaved.
 use std::{
+    io::Read,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
+
+use serde::{Deserialize, Serialize};
 
 use super::{
     check_interrupted, loadgen, progress, rules,
@@ -17,18 +20,28 @@ use crate::{sandbox::Sandbox, Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Direct,
+    /// kube-proxy's iptables rules with the services under test last in KUBE-SERVICES.
     Iptables,
+    /// The same rules with the services under test in the middle of KUBE-SERVICES.
+    IptablesMiddle,
     Nft,
     Ebpf,
 }
 
-pub const MODES: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Nft, Mode::Ebpf];
+pub const MODES: [Mode; 5] = [
+    Mode::Direct,
+    Mode::Iptables,
+    Mode::IptablesMiddle,
+    Mode::Nft,
+    Mode::Ebpf,
+];
 
 impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Direct => "no LB (pod IP)",
-            Mode::Iptables => "kube-proxy iptables",
+            Mode::Iptables => "kube-proxy iptables (last)",
+            Mode::IptablesMiddle => "kube-proxy iptables (middle)",
             Mode::Nft => "kube-proxy nftables",
             Mode::Ebpf => "lb (eBPF)",
         }
@@ -37,20 +50,35 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Iptables => "iptables",
+            Mode::IptablesMiddle => "iptables-middle",
             Mode::Nft => "nftables",
             Mode::Ebpf => "ebpf",
         }
     }
-    fn prefix(self) -> String {
-        format!("lbbench-{}", &self.key()[..3])
+    fn prefix(self) -> &'static str {
+        match self {
+            Mode::Direct => "lbbench-dir",
+            Mode::Iptables => "lbbench-ipt",
+            Mode::IptablesMiddle => "lbbench-ipm",
+            Mode::Nft => "lbbench-nft",
+            Mode::Ebpf => "lbbench-ebp",
+        }
+    }
+}
+
+/// Written as its key ("iptables-middle").
+impl Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.key())
     }
 }
 
 /// One repeat of one mode (NaN where a run failed).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Run {
     pub gbps: f64,
     pub cpu_s_per_gbit: f64,
+    #[serde(rename = "conns_per_s")]
     pub cps: f64,
     pub p50_us: f64,
     pub p99_us: f64,
@@ -87,7 +115,7 @@ struct Bed {
 
 impl Bed {
     fn create(mode: Mode) -> Result<Self> {
-        let sb = Sandbox::create(&mode.prefix(), &PODS)?;
+        let sb = Sandbox::create(mode.prefix(), &PODS)?;
         let client = sb.pod("client").netns.clone();
         for (k, v) in [
             ("net.ipv4.ip_local_port_range", "1024 65535"),
@@ -202,12 +230,28 @@ pub fn start_agent(
     backends: usize,
     log: &str,
 ) -> Result<(u32, f64)> {
+    start_agent_with(sb, config, interfaces, None, frontends, backends, log)
+}
+
+/// [`start_agent`], with the XDP program on the `external` interfaces too.
+pub fn start_agent_with(
+    sb: &Sandbox,
+    config: &Path,
+    interfaces: &str,
+    external: Option<&str>,
+    frontends: usize,
+    backends: usize,
+    log: &str,
+) -> Result<(u32, f64)> {
     let lb = crate::agent::lb_binary()?;
     let fe = (frontends + frontends / 4).max(1024);
     let be = (backends + backends / 4).max(4096);
     let mut cmd = Command::new(lb);
-    cmd.args(["run", "--netns", &sb.node, "--interfaces", interfaces])
-        .arg("--config")
+    cmd.args(["run", "--netns", &sb.node, "--interfaces", interfaces]);
+    if let Some(external) = external {
+        cmd.args(["--external-interfaces", external]);
+    }
+    cmd.arg("--config")
         .arg(config)
         .arg("--pin-dir")
         .arg(sb.pin_dir())
@@ -253,20 +297,126 @@ fn cpu_jiffies() -> (u64, u64) {
     (total - idle, total)
 }
 
-fn json_number_after(text: &str, section: &str, key: &str) -> Option<f64> {
-    let s = &text[text.find(section)?..];
-    let k = format!("\"{key}\":");
-    let s = &s[s.find(&k)? + k.len()..];
-    let end = s.find([',', '\n', '}']).unwrap_or(s.len());
-    s[..end].trim().parse().ok()
+/// Seconds iperf3 runs before it measures (`-O`): TCP slow start and the first
+/// second's noise are left out of every number.
+pub const IPERF_OMIT_SECS: u64 = 1;
+
+/// What iperf3's `--json` output says (the fields read; serde ignores the rest).
+#[derive(Debug, Deserialize)]
+struct IperfJson {
+    #[serde(default)]
+    intervals: Vec<IperfInterval>,
+    end: Option<IperfEnd>,
+    error: Option<String>,
 }
 
-/// One iperf3 run from the client: (Gbit/s received, CPU seconds per Gbit).
+#[derive(Debug, Deserialize)]
+struct IperfInterval {
+    sum: IperfSum,
+}
+
+#[derive(Debug, Deserialize)]
+struct IperfEnd {
+    sum_sent: Option<IperfSum>,
+    sum_received: Option<IperfSum>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IperfSum {
+    seconds: f64,
+    bytes: f64,
+    bits_per_second: f64,
+    #[serde(default)]
+    omitted: bool,
+}
+
+/// The measured part of one iperf3 run (the omitted first seconds excluded).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IperfOutcome {
+    /// Received by the server, over `secs`.
+    pub bits_per_second: f64,
+    pub bytes: f64,
+    pub secs: f64,
+    /// Seconds of intervals iperf3 marked omitted (left out of the sums).
+    pub omitted_secs: f64,
+}
+
+/// Reads iperf3's `--json` output of a run with `-O omit`. Checks that the omitted
+/// seconds really are out of the sums: iperf3 marks those intervals `omitted` and
+/// restarts its counters after them, so the sender's sum equals the bytes of the
+/// intervals that are not omitted, and the receiver's sum covers `-t` seconds, not `-O
+/// + -t`.
+pub fn parse_iperf(text: &str, omit: u64) -> std::result::Result<IperfOutcome, String> {
+    let j: IperfJson =
+        serde_json::from_str(text).map_err(|e| format!("iperf3 --json output: {e}"))?;
+    if let Some(e) = j.error {
+        return Err(e);
+    }
+    let end = j.end.ok_or("iperf3 --json output: no \"end\"")?;
+    let rx = end
+        .sum_received
+        .ok_or("iperf3 --json output: no \"end.sum_received\"")?;
+    let omitted_secs = j
+        .intervals
+        .iter()
+        .filter(|i| i.sum.omitted)
+        .fold(0.0, |acc, i| acc + i.sum.seconds);
+    if omit > 0 {
+        if omitted_secs < omit as f64 * 0.9 {
+            return Err(format!(
+                "iperf3 omitted {omitted_secs:.2} s, asked for {omit} s"
+            ));
+        }
+        let measured: f64 = j
+            .intervals
+            .iter()
+            .filter(|i| !i.sum.omitted)
+            .map(|i| i.sum.bytes)
+            .sum();
+        if let Some(tx) = &end.sum_sent {
+            if (tx.bytes - measured).abs() > 0.01 * measured.max(1.0) {
+                return Err(format!(
+                    "iperf3's sum ({} bytes) is not the sum of its measured intervals ({measured})",
+                    tx.bytes
+                ));
+            }
+        }
+    }
+    if rx.bytes <= 0.0 || rx.seconds <= 0.0 {
+        return Err("iperf3 received nothing".into());
+    }
+    Ok(IperfOutcome {
+        bits_per_second: rx.bits_per_second,
+        bytes: rx.bytes,
+        secs: rx.seconds,
+        omitted_secs,
+    })
+}
+
+/// Busy jiffies at time `at`, interpolated between the samples around it.
+fn busy_at(samples: &[(Instant, u64)], at: Instant) -> Option<f64> {
+    let after = samples.iter().position(|(t, _)| *t >= at)?;
+    if after == 0 {
+        return (samples[0].0 == at).then_some(samples[0].1 as f64);
+    }
+    let ((t0, b0), (t1, b1)) = (samples[after - 1], samples[after]);
+    let span = (t1 - t0).as_secs_f64();
+    let f = if span > 0.0 {
+        (at - t0).as_secs_f64() / span
+    } else {
+        1.0
+    };
+    Some(b0 as f64 + f * (b1 as f64 - b0 as f64))
+}
+
+/// One iperf3 run from the client: (Gbit/s received, CPU seconds per Gbit), both over
+/// the measured seconds only: iperf3 runs `-O 1` (its first second omitted), and the
+/// CPU is sampled (system-wide /proc/stat, every 50 ms) through the run and counted over
+/// the last `secs` measured seconds before iperf3 ended.
 fn iperf(bed: &Bed, secs: u64) -> Result<(f64, f64)> {
     let client = bed.sb.pod("client").netns.clone();
     let target = bed.iperf_target().to_string();
-    let (b0, _) = cpu_jiffies();
-    let out = bed
+    let mut child = bed
         .sb
         .cmd(
             &client,
@@ -274,7 +424,7 @@ fn iperf(bed: &Bed, secs: u64) -> Result<(f64, f64)> {
                 "timeout",
                 "-k",
                 "2",
-                &(secs + 10).to_string(),
+                &(secs + IPERF_OMIT_SECS + 10).to_string(),
                 "iperf3",
                 "--connect-timeout",
                 "3000",
@@ -282,31 +432,62 @@ fn iperf(bed: &Bed, secs: u64) -> Result<(f64, f64)> {
                 &target,
                 "-p",
                 &IPERF_PORT.to_string(),
+                "-O",
+                &IPERF_OMIT_SECS.to_string(),
                 "-t",
                 &secs.to_string(),
-                "-J",
+                "--json",
             ],
         )
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
         .map_err(|e| Error::Sandbox(format!("iperf3: {e}")))?;
-    let (b1, _) = cpu_jiffies();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let bps = json_number_after(&text, "\"sum_received\"", "bits_per_second");
-    let bytes = json_number_after(&text, "\"sum_received\"", "bytes");
-    match (out.status.success(), bps, bytes) {
-        (true, Some(bps), Some(bytes)) if bytes > 0.0 => {
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let mut samples = vec![(Instant::now(), cpu_jiffies().0)];
+    let status = loop {
+        std::thread::sleep(Duration::from_millis(50));
+        samples.push((Instant::now(), cpu_jiffies().0));
+        if let Some(st) = child
+            .try_wait()
+            .map_err(|e| Error::Sandbox(e.to_string()))?
+        {
+            break st;
+        }
+        if check_interrupted().is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            check_interrupted()?;
+        }
+    };
+    let text = reader.join().unwrap_or_default();
+    let outcome = parse_iperf(&text, IPERF_OMIT_SECS)
+        .and_then(|o| {
+            status
+                .success()
+                .then_some(o)
+                .ok_or(format!("iperf3: {status}"))
+        })
+        .map_err(|e| Error::Sandbox(format!("iperf3 to {target} failed: {e}")))?;
+    let (end, _) = *samples.last().expect("sampled");
+    let start = end - Duration::from_secs_f64(outcome.secs);
+    let cpu = match (busy_at(&samples, start), busy_at(&samples, end)) {
+        (Some(a), Some(b)) => {
             // SAFETY: sysconf has no preconditions.
             let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-            let cpu = (b1 - b0) as f64 / hz;
-            Ok((bps / 1e9, cpu / (bytes * 8.0 / 1e9)))
+            (b - a) / hz
         }
-        _ => Err(Error::Sandbox(format!(
-            "iperf3 to {target} failed: {}",
-            text.lines()
-                .find(|l| l.contains("error"))
-                .unwrap_or(&text[..text.len().min(300)])
-        ))),
-    }
+        _ => f64::NAN,
+    };
+    Ok((
+        outcome.bits_per_second / 1e9,
+        cpu / (outcome.bytes * 8.0 / 1e9),
+    ))
 }
 
 fn conns(bed: &Bed, opts: &Opts, secs: f64) -> Result<loadgen::LoadResult> {
@@ -331,9 +512,14 @@ fn load_scale(
     let node = bed.sb.node.clone();
     match bed.mode {
         Mode::Direct => {}
-        Mode::Iptables => {
+        Mode::Iptables | Mode::IptablesMiddle => {
+            let placement = if bed.mode == Mode::Iptables {
+                rules::Placement::Last
+            } else {
+                rules::Placement::Middle
+            };
             let path = bed.sb.path("iptables.rules");
-            std::fs::write(&path, rules::iptables_restore(svcs))
+            std::fs::write(&path, rules::iptables_restore(svcs, placement))
                 .map_err(|e| Error::Sandbox(e.to_string()))?;
             let f = std::fs::File::open(&path).map_err(|e| Error::Sandbox(e.to_string()))?;
             let mut cmd = bed.sb.cmd(&node, &["iptables-restore"]);
@@ -342,7 +528,7 @@ fn load_scale(
         }
         Mode::Nft => {
             let path = bed.sb.path("kube-proxy.nft");
-            std::fs::write(&path, rules::nft_script(svcs))
+            std::fs::write(&path, rules::nft_script(svcs, &[]))
                 .map_err(|e| Error::Sandbox(e.to_string()))?;
             let cmd = bed
                 .sb
@@ -403,7 +589,10 @@ fn load_scale(
 }
 
 pub fn run_all(opts: &Opts) -> Result<Vec<ScaleResult>> {
-    progress("creating four identical sandboxes (one per mode)");
+    progress(format!(
+        "creating {} identical sandboxes (one per mode)",
+        MODES.len()
+    ));
     let mut beds = Vec::new();
     for m in MODES {
         beds.push(Bed::create(m)?);
@@ -434,8 +623,17 @@ pub fn run_all(opts: &Opts) -> Result<Vec<ScaleResult>> {
                 runs: Vec::new(),
                 first_error: None,
             };
+            let same_rules_failed = bed.mode == Mode::IptablesMiddle
+                && results
+                    .iter()
+                    .any(|x| x.mode == Mode::Iptables && x.skipped.is_some());
             if let Some((_, why)) = gave_up.iter().find(|(m, _)| *m == bed.mode) {
                 r.skipped = Some(format!("not measured: {why} at a smaller scale"));
+            } else if same_rules_failed {
+                // The same rules in another order: they would fail (or time out) too.
+                let why = "not measured: the same rules failed to load in the (last) order";
+                r.skipped = Some(why.into());
+                gave_up.push((bed.mode, why.into()));
             } else if let Err(e) = load_scale(bed, &svcs, opts, &mut r) {
                 check_interrupted()?;
                 progress(format!("   {}: {e}", bed.mode.name()));
@@ -520,16 +718,56 @@ pub fn run_all(opts: &Opts) -> Result<Vec<ScaleResult>> {
 mod tests {
     use super::*;
 
+    /// iperf3 3.12 `-c ... -O 1 -t 2 --json` (trimmed to the fields read): the omitted
+    /// first second, then two measured ones whose counters restart at 0.
+    const IPERF_SAMPLE: &str = r#"{
+        "start": {"test_start": {"protocol": "TCP", "num_streams": 1, "omit": 1, "duration": 2}},
+        "intervals": [
+            {"streams": [], "sum": {"start": 0, "end": 1.00064, "seconds": 1.0006400346755981, "bytes": 1572339712, "bits_per_second": 12570672030.005224, "retransmits": 0, "omitted": true, "sender": true}},
+            {"streams": [], "sum": {"start": 4.8e-05, "end": 1.000007, "seconds": 1.000054955482483, "bytes": 1394606080, "bits_per_second": 11156235543.693, "retransmits": 3738, "omitted": false, "sender": true}},
+            {"streams": [], "sum": {"start": 1.000007, "end": 1.999553, "seconds": 0.999545991420746, "bytes": 1579417600, "bits_per_second": 12641079958.752312, "retransmits": 113, "omitted": false, "sender": true}}
+        ],
+        "end": {
+            "sum_sent": {"start": 0, "end": 1.999553, "seconds": 1.999553, "bytes": 2974023680, "bits_per_second": 11898754091.539457, "retransmits": 3851, "sender": true},
+            "sum_received": {"start": 0, "end": 2.00302, "seconds": 2.00302, "bytes": 2979399888, "bits_per_second": 11899631109.025373, "sender": true},
+            "cpu_utilization_percent": {"host_total": 40.1}
+        }
+    }"#;
+
     #[test]
-    fn iperf_json_numbers() {
-        let j = "{\"end\": {\"sum_sent\": {\"bytes\": 5, \"bits_per_second\": 1.0},\n\"sum_received\": {\"start\": 0,\n\"bytes\": 1250000000,\n\"bits_per_second\": 2.5e+10,\n\"sender\": true}}}";
-        assert_eq!(
-            json_number_after(j, "\"sum_received\"", "bits_per_second"),
-            Some(2.5e10)
-        );
-        assert_eq!(
-            json_number_after(j, "\"sum_received\"", "bytes"),
-            Some(1.25e9)
-        );
+    fn iperf_json_is_read_without_the_omitted_second() {
+        let o = parse_iperf(IPERF_SAMPLE, 1).unwrap();
+        assert!((o.bits_per_second - 11_899_631_109.0).abs() < 1.0);
+        assert_eq!(o.bytes, 2979399888.0);
+        assert!((o.secs - 2.003).abs() < 1e-3, "the measured seconds only");
+        assert!((o.omitted_secs - 1.0).abs() < 1e-2);
+        // A run where nothing was omitted fails the check when an omit was asked for.
+        let none = IPERF_SAMPLE.replace("\"omitted\": true", "\"omitted\": false");
+        let e = parse_iperf(&none, 1).unwrap_err();
+        assert!(e.contains("omitted 0.00 s"), "{e}");
+        // Sums that include the omitted interval's bytes are refused.
+        let sums_all = IPERF_SAMPLE.replace("\"bytes\": 2974023680", "\"bytes\": 4546363392");
+        assert!(parse_iperf(&sums_all, 1)
+            .unwrap_err()
+            .contains("not the sum"));
+        // iperf3's own error is passed on.
+        let e = parse_iperf(r#"{"start": {}, "intervals": [], "end": {}, "error": "unable to connect to server: Connection refused"}"#, 1)
+            .unwrap_err();
+        assert!(e.contains("Connection refused"), "{e}");
+        assert!(parse_iperf("not json", 1).is_err());
+    }
+
+    #[test]
+    fn cpu_samples_are_interpolated() {
+        let t0 = Instant::now();
+        let s = [
+            (t0, 100),
+            (t0 + Duration::from_millis(100), 110),
+            (t0 + Duration::from_millis(200), 130),
+        ];
+        assert_eq!(busy_at(&s, t0 + Duration::from_millis(150)), Some(120.0));
+        assert_eq!(busy_at(&s, t0 + Duration::from_millis(200)), Some(130.0));
+        assert_eq!(busy_at(&s, t0), Some(100.0));
+        assert_eq!(busy_at(&s, t0 + Duration::from_millis(300)), None);
     }
 }

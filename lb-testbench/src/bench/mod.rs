@@ -1,16 +1,21 @@
 //! The benchmark behind `cargo xtask bench` (`lb-testbench bench`). It compares this dataplane with
 //! what an operator would otherwise run (no load balancer at all, kube-proxy's iptables
-//! mode, kube-proxy's nftables mode) on the same namespace sandbox topology and the same
-//! services and endpoints, and writes `results/latest.{md,json}`.
+//! mode with the tested services last or in the middle of KUBE-SERVICES, kube-proxy's
+//! nftables mode) on the same namespace sandbox topology and the same services and
+//! endpoints, measures the forwarding rate of real packets to a NodePort on one core
+//! (`forwarding`, `pktgen`), and writes `results/latest.{md,json}`.
 //!
 //! Every mode gets its own sandbox (node + client + 3 nginx pods + 1 iperf3 pod), so no
 //! mode pays for another's state (netfilter conntrack hooks, the tc program); the
-//! sandboxes are identical and runs alternate between them (A B C D, rotated every
+//! sandboxes are identical and runs alternate between them (A B C D E, rotated every
 //! repeat). Everything lives in network namespaces named `lbbench-*`; the root namespace
 //! is never touched.
+pub mod agentpath;
 pub mod control;
 pub mod datapath;
+pub mod forwarding;
 pub mod loadgen;
+pub mod pktgen;
 pub mod report;
 pub mod rules;
 pub mod stats;
@@ -41,10 +46,10 @@ pub struct Opts {
     /// Service counts (x 10 endpoints) for the control plane runs (default 10000,100000; quick 10000).
     #[arg(long, value_delimiter = ',')]
     pub cp_scales: Option<Vec<usize>>,
-    /// Repeats of each data path measurement (default 3; quick 2).
+    /// Repeats of each data path and forwarding-rate measurement (default 3; quick 2).
     #[arg(long)]
     pub repeats: Option<usize>,
-    /// Seconds per iperf3 run (default 4; quick 2), after 1 s omitted.
+    /// Seconds per iperf3 run (default 4; quick 2), after 1 s omitted (`iperf3 -O 1`).
     #[arg(long)]
     pub iperf_secs: Option<u64>,
     /// Seconds per connection-rate run (default 3; quick 2), after a 0.5 s warm-up.
@@ -66,6 +71,20 @@ pub struct Opts {
     /// Skip the control plane runs.
     #[arg(long)]
     pub no_control: bool,
+    /// Skip the forwarding-rate runs (real packets to a NodePort, one core).
+    #[arg(long)]
+    pub no_forwarding: bool,
+    /// Seconds per forwarding-rate run (default 3; quick 2), after a 0.5 s warm-up.
+    #[arg(long)]
+    pub fwd_secs: Option<f64>,
+    /// Services on the node in the forwarding-rate runs (the NodePort under test and
+    /// fillers).
+    #[arg(long, default_value_t = 1000)]
+    pub fwd_services: usize,
+    /// How the forwarding-rate generator sends: XDP frames (BPF_PROG_TEST_RUN live
+    /// frames, redirected) or skbs (AF_PACKET).
+    #[arg(long, value_enum, default_value_t = pktgen::GenKind::XdpLive)]
+    pub fwd_generator: pktgen::GenKind,
 }
 
 impl Opts {
@@ -96,6 +115,9 @@ impl Opts {
     pub fn conn_secs(&self) -> f64 {
         self.conn_secs.unwrap_or(if self.quick { 2.0 } else { 3.0 })
     }
+    pub fn fwd_secs(&self) -> f64 {
+        self.fwd_secs.unwrap_or(if self.quick { 2.0 } else { 3.0 })
+    }
 }
 
 /// Runs the whole benchmark and writes `latest.md` and `latest.json` to `opts.out`.
@@ -114,6 +136,7 @@ fn run_all(opts: &Opts) -> Result<()> {
         "iptables-restore",
         "nft",
         "bpftool",
+        "ethtool",
     ])?;
     let machine = report::Machine::describe(opts);
     progress(format!("machine: {}", machine.one_line()));
@@ -121,6 +144,11 @@ fn run_all(opts: &Opts) -> Result<()> {
         Vec::new()
     } else {
         datapath::run_all(opts)?
+    };
+    let fwd = if opts.no_forwarding {
+        None
+    } else {
+        Some(forwarding::run_all(opts)?)
     };
     let cp = if opts.no_control {
         Vec::new()
@@ -130,11 +158,12 @@ fn run_all(opts: &Opts) -> Result<()> {
     let rep = report::Report {
         machine,
         datapath: dp,
+        forwarding: fwd,
         control: cp,
     };
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Sandbox(e.to_string()))?;
     let md = rep.markdown();
-    let json = rep.json();
+    let json = rep.json()?;
     for (name, text) in [("latest.md", &md), ("latest.json", &json)] {
         let p = opts.out.join(name);
         std::fs::write(&p, text).map_err(|e| Error::Sandbox(format!("{}: {e}", p.display())))?;

@@ -8,10 +8,15 @@
 //! iperf3 test meet the same server). The others are filler services on
 //! 10.100.0.0 + i with 2 to 10 endpoints each (or exactly `endpoints`), on addresses
 //! 10.128.0.0 + k that no pod has: only their rules and map entries matter.
+//!
+//! The forwarding-rate runs (`forwarding`) use the same fillers and one Service under
+//! test of their own: `sink`, UDP, reached at NodePort 30009 of the node (type NodePort,
+//! `externalTrafficPolicy: Local`) and sent to one pod on this node.
 use std::net::Ipv4Addr;
 
 use lb_userspace::model::{
-    Config, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort,
+    Config, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Service, ServicePort,
+    ServiceType, TrafficPolicy,
 };
 
 pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -19,23 +24,51 @@ pub const WEB_PORT: u16 = 80;
 pub const WEB_TARGET_PORT: u16 = 8080;
 pub const IPERF_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 pub const IPERF_PORT: u16 = 5201;
+pub const SINK_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+/// The sink's Service port, target port (the discard port) and NodePort.
+pub const SINK_PORT: u16 = 9;
+pub const SINK_NODE_PORT: u16 = 30009;
 pub const NAMESPACE: &str = "bench";
 /// The pod CIDR (kube-proxy's --cluster-cidr).
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The node's name, where a workload has NodePorts (its endpoints run on it).
+pub const NODE_NAME: &str = "bench-node";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Svc {
     pub name: String,
     pub ip: Ipv4Addr,
     pub port: u16,
+    pub protocol: Protocol,
+    /// A NodePort, with `externalTrafficPolicy: Local` (what this dataplane implements
+    /// for traffic from outside: this node's endpoints, the client's address kept).
+    pub node_port: Option<u16>,
+    /// One of the services the benchmark measures (not a filler).
+    pub under_test: bool,
     /// Ready endpoints: address and target port.
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
 
 impl Svc {
+    /// The port's name: "http" (TCP) or "udp".
+    pub fn port_label(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Tcp => "http",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// "tcp" or "udp", as iptables and nft spell it.
+    pub fn proto(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
     /// "namespace/name:port-name", as kube-proxy comments and names chains.
     pub fn port_name(&self) -> String {
-        format!("{NAMESPACE}/{}:http", self.name)
+        format!("{NAMESPACE}/{}:{}", self.name, self.port_label())
     }
 }
 
@@ -54,33 +87,14 @@ pub fn services(
     web_backends: &[Ipv4Addr],
     iperf_backend: Ipv4Addr,
 ) -> Vec<Svc> {
-    let fillers = total.saturating_sub(2);
-    let mut out = Vec::with_capacity(fillers + 2);
-    let mut k: u32 = 0;
-    let base_ip = u32::from(Ipv4Addr::new(10, 100, 0, 0));
-    let base_ep = u32::from(Ipv4Addr::new(10, 128, 0, 0));
-    for i in 0..fillers {
-        let n = match eps {
-            Endpoints::Mixed => 2 + i % 9,
-            Endpoints::Exactly(n) => n,
-        };
-        let endpoints = (0..n)
-            .map(|_| {
-                k += 1;
-                (Ipv4Addr::from(base_ep + k), WEB_TARGET_PORT)
-            })
-            .collect();
-        out.push(Svc {
-            name: format!("svc-{i}"),
-            ip: Ipv4Addr::from(base_ip + 1 + i as u32),
-            port: 80,
-            endpoints,
-        });
-    }
+    let mut out = fillers(total.saturating_sub(2), eps);
     out.push(Svc {
         name: "web".into(),
         ip: WEB_IP,
         port: WEB_PORT,
+        protocol: Protocol::Tcp,
+        node_port: None,
+        under_test: true,
         endpoints: web_backends
             .iter()
             .map(|ip| (*ip, WEB_TARGET_PORT))
@@ -90,8 +104,57 @@ pub fn services(
         name: "iperf".into(),
         ip: IPERF_IP,
         port: IPERF_PORT,
+        protocol: Protocol::Tcp,
+        node_port: None,
+        under_test: true,
         endpoints: vec![(iperf_backend, IPERF_PORT)],
     });
+    out
+}
+
+/// The forwarding-rate workload: `total` services in all, the last one `sink` (UDP,
+/// NodePort [`SINK_NODE_PORT`] -> `sink_pod`:[`SINK_PORT`]), the others fillers.
+pub fn forwarding_services(total: usize, sink_pod: Ipv4Addr) -> Vec<Svc> {
+    let mut out = fillers(total.saturating_sub(1), Endpoints::Mixed);
+    out.push(Svc {
+        name: "sink".into(),
+        ip: SINK_IP,
+        port: SINK_PORT,
+        protocol: Protocol::Udp,
+        node_port: Some(SINK_NODE_PORT),
+        under_test: true,
+        endpoints: vec![(sink_pod, SINK_PORT)],
+    });
+    out
+}
+
+/// `n` filler services (TCP 80 on 10.100.0.0 + i, endpoints on 10.128.0.0 + k).
+fn fillers(n: usize, eps: Endpoints) -> Vec<Svc> {
+    let mut out = Vec::with_capacity(n + 2);
+    let mut k: u32 = 0;
+    let base_ip = u32::from(Ipv4Addr::new(10, 100, 0, 0));
+    let base_ep = u32::from(Ipv4Addr::new(10, 128, 0, 0));
+    for i in 0..n {
+        let count = match eps {
+            Endpoints::Mixed => 2 + i % 9,
+            Endpoints::Exactly(n) => n,
+        };
+        let endpoints = (0..count)
+            .map(|_| {
+                k += 1;
+                (Ipv4Addr::from(base_ep + k), WEB_TARGET_PORT)
+            })
+            .collect();
+        out.push(Svc {
+            name: format!("svc-{i}"),
+            ip: Ipv4Addr::from(base_ip + 1 + i as u32),
+            port: 80,
+            protocol: Protocol::Tcp,
+            node_port: None,
+            under_test: false,
+            endpoints,
+        });
+    }
     out
 }
 
@@ -99,20 +162,45 @@ pub fn endpoint_count(svcs: &[Svc]) -> usize {
     svcs.iter().map(|s| s.endpoints.len()).sum()
 }
 
-/// The same services as the agent's model (Services + one EndpointSlice each).
+/// The same services as the agent's model (Services + one EndpointSlice each), on a
+/// node that is not named (every endpoint local).
 pub fn to_config(svcs: &[Svc]) -> Config {
+    to_config_on_node(svcs, None)
+}
+
+/// [`to_config`]; a workload with NodePorts also names the node ([`NODE_NAME`] at
+/// `node_ip`) and puts its endpoints on it.
+pub fn to_config_on_node(svcs: &[Svc], node_ip: Option<Ipv4Addr>) -> Config {
     let mut cfg = Config::default();
+    let node_ports = svcs.iter().any(|s| s.node_port.is_some());
+    if node_ports {
+        cfg.node = Node {
+            name: Some(NODE_NAME.into()),
+            addresses: node_ip.into_iter().collect(),
+        };
+    }
+    let node_name: lb_userspace::model::NodeName = NODE_NAME.into();
     for s in svcs {
         cfg.services.push(Service {
             name: s.name.clone(),
             namespace: NAMESPACE.into(),
             cluster_ip: s.ip,
+            service_type: if s.node_port.is_some() {
+                ServiceType::NodePort
+            } else {
+                ServiceType::ClusterIP
+            },
+            external_traffic_policy: if s.node_port.is_some() {
+                TrafficPolicy::Local
+            } else {
+                TrafficPolicy::Cluster
+            },
             ports: vec![ServicePort {
-                name: "http".into(),
+                name: s.port_label().into(),
                 port: s.port,
                 target_port: None,
-                protocol: Protocol::Tcp,
-                ..Default::default()
+                protocol: s.protocol,
+                node_port: s.node_port,
             }],
             ..Default::default()
         });
@@ -122,14 +210,17 @@ pub fn to_config(svcs: &[Svc]) -> Config {
             namespace: NAMESPACE.into(),
             service_name: s.name.clone(),
             ports: vec![EndpointPort {
-                name: "http".into(),
+                name: s.port_label().into(),
                 port,
-                protocol: Protocol::Tcp,
+                protocol: s.protocol,
             }],
             endpoints: s
                 .endpoints
                 .iter()
-                .map(|(ip, _)| Endpoint::new(*ip))
+                .map(|(ip, _)| Endpoint {
+                    node_name: node_ports.then(|| node_name.clone()),
+                    ..Endpoint::new(*ip)
+                })
                 .collect(),
         });
     }
@@ -155,11 +246,39 @@ mod tests {
         assert!(s[..998]
             .iter()
             .all(|x| (2..=10).contains(&x.endpoints.len())));
+        assert!(s[998..].iter().all(|x| x.under_test) && !s[0].under_test);
         let one = services(1, Endpoints::Exactly(10), &web, web[0]);
         assert_eq!(one.len(), 2, "the two services under test are always there");
         let cfg = to_config(&s);
         lb_userspace::model::validate_config(&cfg).unwrap();
         let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
         assert_eq!(st.frontends.len(), 1000);
+    }
+
+    #[test]
+    fn the_forwarding_workload_opens_a_local_node_port() {
+        let sink = Ipv4Addr::new(10, 244, 0, 11);
+        let node: Ipv4Addr = crate::sandbox::NODE_IP.parse().unwrap();
+        let s = forwarding_services(100, sink);
+        assert_eq!(s.len(), 100);
+        assert_eq!(s[99].node_port, Some(SINK_NODE_PORT));
+        assert_eq!(s[99].port_name(), "bench/sink:udp");
+        let cfg = to_config_on_node(&s, Some(node));
+        lb_userspace::model::validate_config(&cfg).unwrap();
+        let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
+        // 100 ClusterIPs and the NodePort on the node's address.
+        assert_eq!(st.frontends.len(), 101);
+        let np: Vec<String> = st
+            .frontends
+            .keys()
+            .map(|fe| fe.to_string())
+            .filter(|f| f.contains(&SINK_NODE_PORT.to_string()))
+            .collect();
+        assert_eq!(np, [format!("{node}:{SINK_NODE_PORT}/UDP")]);
+        // Without NodePorts no node is named, as before.
+        assert_eq!(
+            to_config(&services(10, Endpoints::Mixed, &[sink], sink)).node,
+            Node::default()
+        );
     }
 }

@@ -1,0 +1,1005 @@
+//! A packet-rate generator and a sink for the forwarding-rate runs (`forwarding`). The
+//! kernel here has no pktgen module (CONFIG_NET_PKTGEN is off), so the generator is the
+//! test bench's own: prebuilt Ethernet frames (small UDP datagrams, one source port per
+//! flow) sent out of a veth from one thread pinned to one CPU, in one of two ways:
+//!
+//! - [`GenKind::XdpLive`] (the default): the way xdp-tools' `xdp-trafficgen` does it.
+//!   A tiny XDP program, assembled here (it writes one of the flows' frames, picked at
+//!   random, into the packet and returns `bpf_redirect(eth0)`), run by
+//!   BPF_PROG_TEST_RUN with `BPF_F_TEST_XDP_LIVE_FRAMES`: the kernel runs it on frames
+//!   of its own and acts on the verdict, so each frame leaves by the veth's XDP
+//!   transmit and reaches the peer (the node's eth0) as an XDP frame, not an skb, as a
+//!   NIC's driver receives a frame: an XDP program there runs on it in place, and
+//!   without one the veth builds an skb around it. Millions of frames a second from one
+//!   core. The program is also attached (generic XDP) to a spare veth that carries no
+//!   traffic: a test run installs its program in the kernel's XDP dispatcher and
+//!   removes it afterwards, waiting for an RCU grace period each time (tens of
+//!   milliseconds), unless the program is there already.
+//! - [`GenKind::AfPacket`]: an AF_PACKET socket, `sendmmsg` of 64 frames a call past
+//!   the qdisc (`PACKET_QDISC_BYPASS`). Each frame is an skb; a veth hands an XDP
+//!   program on its peer an skb, which it first copies into a page with XDP's headroom.
+//!
+//! The XDP program writes the whole frame every time: the kernel recycles a frame's
+//! page once the receiver is done with it, with whatever a NAT on the way wrote into it.
+//!
+//! The sink is a UDP socket in the backend pod, drained with `recvmmsg` by a thread
+//! pinned to a CPU of choice: a bound socket keeps the pod from answering every datagram
+//! with an ICMP port unreachable.
+use std::{
+    ffi::CString,
+    net::{Ipv4Addr, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::{packet, Error, Result};
+
+/// The spare veth (in the generator's namespace) its XDP program is attached to.
+const ANCHOR: &str = "lbgen0";
+/// Frame length without the FCS: 64 bytes on a wire.
+pub const FRAME_LEN: usize = 60;
+/// Frames per `sendmmsg` / `recvmmsg` call.
+const BATCH: usize = 64;
+
+/// One 60-byte Ethernet + IPv4 + UDP frame per flow: source ports `first_sport..`,
+/// valid IPv4 and UDP checksums, an 18-byte payload.
+pub fn udp_frames(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    first_sport: u16,
+    flows: u16,
+) -> Vec<Vec<u8>> {
+    (0..flows)
+        .map(|i| {
+            let spec = packet::Spec {
+                proto: packet::UDP,
+                tcp_flags: 0,
+                ack: 0,
+                payload: vec![0x5a; FRAME_LEN - 14 - 20 - 8],
+                ..packet::Spec::tcp_v4(src, first_sport + i, dst, dport, 0)
+            };
+            let mut f = spec.build();
+            f[..6].copy_from_slice(&dst_mac);
+            f[6..12].copy_from_slice(&src_mac);
+            f
+        })
+        .collect()
+}
+
+/// "aa:bb:cc:dd:ee:ff" as bytes.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.trim().split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn os_err(what: &str) -> Error {
+    Error::Sandbox(format!("{what}: {}", std::io::Error::last_os_error()))
+}
+
+/// Pins task `tid` (0: the calling thread) to `cpu`.
+pub fn pin_to_cpu(tid: i32, cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (callers pass a CPU of this machine).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_setaffinity(tid, size_of_val(&set), &set) };
+    if r != 0 {
+        return Err(os_err(&format!("sched_setaffinity({tid}, CPU {cpu})")));
+    }
+    Ok(())
+}
+
+/// Gives the calling thread the highest nice level (-20): on a busy machine it keeps
+/// its CPU, so the node's receive ring never runs dry between its time slices.
+fn raise_priority() -> Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on our own thread's id.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -20) } != 0 {
+        return Err(os_err("setpriority(-20)"));
+    }
+    Ok(())
+}
+
+/// Makes task `tid` a real-time task (SCHED_FIFO at `priority`): it runs whenever it
+/// has work, ahead of the machine's other (SCHED_OTHER) tasks on its CPU, within the
+/// kernel's real-time throttling (by default 95% of each second).
+pub fn set_fifo(tid: i32, priority: i32) -> Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param.
+    let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) };
+    if r != 0 {
+        return Err(os_err(&format!(
+            "sched_setscheduler({tid}, SCHED_FIFO {priority})"
+        )));
+    }
+    Ok(())
+}
+
+/// The scheduling policy and real-time priority of task `tid`.
+pub fn scheduler(tid: i32) -> Result<(i32, i32)> {
+    // SAFETY: plain syscall on a pid.
+    let policy = unsafe { libc::sched_getscheduler(tid) };
+    if policy < 0 {
+        return Err(os_err(&format!("sched_getscheduler({tid})")));
+    }
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid, writable sched_param.
+    if unsafe { libc::sched_getparam(tid, &mut param) } != 0 {
+        return Err(os_err(&format!("sched_getparam({tid})")));
+    }
+    Ok((policy, param.sched_priority))
+}
+
+/// The CPUs task `tid` (0: the calling thread) may run on.
+pub fn allowed_cpus(tid: i32) -> Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_getaffinity(tid, size_of_val(&set), &mut set) };
+    if r != 0 {
+        return Err(os_err(&format!("sched_getaffinity({tid})")));
+    }
+    // SAFETY: `set` was filled by the kernel; CPU_ISSET reads it.
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// How the generator puts frames on the wire (see the module's documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GenKind {
+    XdpLive,
+    AfPacket,
+}
+
+impl GenKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            GenKind::XdpLive => "BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES of an XDP program that writes the frame and redirects it out of the outside namespace's eth0 (as xdp-trafficgen does): the node's eth0 receives XDP frames, as a NIC's driver does",
+            GenKind::AfPacket => "an AF_PACKET socket, sendmmsg of 64 frames a call past the qdisc: the node's eth0 receives skbs (an XDP program there gets a copy)",
+        }
+    }
+}
+
+/// A running generator; [`Generator::stop`] ends it.
+pub struct Generator {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    handle: Option<JoinHandle<Result<GenStats>>>,
+}
+
+/// What a generator did.
+#[derive(Clone, Debug, Default)]
+pub struct GenStats {
+    /// Frames put on the wire (AF_PACKET: taken by the socket; XDP: run and redirected).
+    pub sent: u64,
+    /// AF_PACKET: frames refused (ENOBUFS: the veth's ring towards the node was full).
+    pub refused: u64,
+    /// The CPUs the sending thread was allowed on, read back after pinning.
+    pub cpus: Vec<usize>,
+    /// Send calls (`sendmmsg` or BPF_PROG_TEST_RUN) and the seconds spent in them.
+    pub calls: u64,
+    pub secs_in_calls: f64,
+    /// Seconds from the first call to the stop.
+    pub secs: f64,
+}
+
+impl Generator {
+    /// Starts sending `frames` (round robin) out of `ifname` in `netns` from a thread
+    /// pinned to `cpu`; returns once the socket or programs are ready.
+    pub fn start(
+        kind: GenKind,
+        netns: &str,
+        ifname: &str,
+        frames: Vec<Vec<u8>>,
+        cpu: usize,
+    ) -> Result<Self> {
+        if kind == GenKind::XdpLive {
+            return Self::start_xdp(netns, ifname, frames, cpu);
+        }
+        if frames.is_empty() {
+            return Err(Error::Sandbox("packet generator: no frames".into()));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let (netns, ifname) = (netns.to_string(), ifname.to_string());
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        let handle = std::thread::spawn(move || -> Result<GenStats> {
+            let setup = (|| -> Result<(OwnedFd, libc::sockaddr_ll, Vec<usize>)> {
+                crate::sandbox::enter(&netns)?;
+                pin_to_cpu(0, cpu)?;
+                raise_priority()?;
+                let cpus = allowed_cpus(0)?;
+                let (fd, addr) = packet_socket(&ifname, &frames[0])?;
+                Ok((fd, addr, cpus))
+            })();
+            let (fd, mut addr, cpus) = match setup {
+                Ok(v) => {
+                    let _ = ready_tx.send(Ok(()));
+                    v
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(Error::Sandbox(e.to_string())));
+                    return Err(e);
+                }
+            };
+            if cpus != [cpu] {
+                return Err(Error::Sandbox(format!(
+                    "packet generator: pinned to CPU {cpu}, allowed on {cpus:?}"
+                )));
+            }
+            let mut iov: Vec<libc::iovec> = (0..BATCH)
+                .map(|i| {
+                    let f = &frames[i % frames.len()];
+                    libc::iovec {
+                        iov_base: f.as_ptr() as *mut libc::c_void,
+                        iov_len: f.len(),
+                    }
+                })
+                .collect();
+            let addr_ptr: *mut libc::sockaddr_ll = &mut addr;
+            let mut stats = GenStats {
+                cpus,
+                ..Default::default()
+            };
+            let mut msgs: Vec<libc::mmsghdr> = iov
+                .iter_mut()
+                .map(|v| {
+                    // SAFETY: msghdr is plain data; zeroed means no control data, no flags.
+                    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+                    h.msg_name = addr_ptr as *mut libc::c_void;
+                    h.msg_namelen = size_of::<libc::sockaddr_ll>() as u32;
+                    h.msg_iov = v;
+                    h.msg_iovlen = 1;
+                    libc::mmsghdr {
+                        msg_hdr: h,
+                        msg_len: 0,
+                    }
+                })
+                .collect();
+            while !stop2.load(Ordering::Relaxed) {
+                // SAFETY: `msgs` holds BATCH headers whose name, iovecs and frames
+                // (`addr`, `iov`, `frames`) outlive the call; the kernel only reads them.
+                let n =
+                    unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
+                // Offered: the frames taken, and the one refused after them (ENOBUFS: the
+                // veth's ring towards the node is full).
+                if n == BATCH as i32 {
+                    stats.sent += BATCH as u64;
+                    sent2.fetch_add(BATCH as u64, Ordering::Relaxed);
+                    continue;
+                }
+                let e = std::io::Error::last_os_error();
+                if n < 0
+                    && !matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR)
+                    )
+                {
+                    return Err(Error::Sandbox(format!("packet generator: sendmmsg: {e}")));
+                }
+                let taken = n.max(0) as u64;
+                stats.sent += taken;
+                stats.refused += 1;
+                sent2.fetch_add(taken + 1, Ordering::Relaxed);
+            }
+            Ok(stats)
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                stop,
+                sent,
+                handle: Some(handle),
+            }),
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(e)
+            }
+            Err(_) => Err(Error::Sandbox("packet generator thread died".into())),
+        }
+    }
+
+    /// Frames offered so far: sent, and (AF_PACKET) refused.
+    pub fn offered(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(mut self) -> Result<GenStats> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .expect("running")
+            .join()
+            .map_err(|_| Error::Sandbox("packet generator thread panicked".into()))?
+    }
+}
+
+impl Generator {
+    fn start_xdp(netns: &str, ifname: &str, frames: Vec<Vec<u8>>, cpu: usize) -> Result<Self> {
+        if frames.is_empty() {
+            return Err(Error::Sandbox("packet generator: no frames".into()));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let (netns, ifname) = (netns.to_string(), ifname.to_string());
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        let handle = std::thread::spawn(move || -> Result<GenStats> {
+            let setup = (|| -> Result<((OwnedFd, OwnedFd), Vec<usize>)> {
+                crate::sandbox::enter(&netns)?;
+                pin_to_cpu(0, cpu)?;
+                raise_priority()?;
+                let cpus = allowed_cpus(0)?;
+                let name =
+                    CString::new(ifname.as_str()).map_err(|e| Error::Sandbox(e.to_string()))?;
+                // SAFETY: `name` is a NUL-terminated string.
+                let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                if ifindex == 0 {
+                    return Err(os_err(&format!("interface {ifname}")));
+                }
+                let prog = bpf::load_xdp(&bpf::write_and_redirect(&frames, ifindex)?)?;
+                // The spare veth that keeps the program in the XDP dispatcher.
+                let _ = Command::new("ip")
+                    .args(["-n", &netns, "link", "add", ANCHOR, "type", "veth"])
+                    .args(["peer", "name", "lbgen1"])
+                    .output();
+                let anchor = CString::new(ANCHOR).expect("no NUL");
+                // SAFETY: `anchor` is a NUL-terminated string.
+                let anchor = unsafe { libc::if_nametoindex(anchor.as_ptr()) };
+                if anchor == 0 {
+                    return Err(os_err(&format!("interface {ANCHOR} in {netns}")));
+                }
+                let link = bpf::attach_xdp_generic(&prog, anchor)?;
+                Ok(((prog, link), cpus))
+            })();
+            let ((prog, _link), cpus) = match setup {
+                Ok(v) => {
+                    let _ = ready_tx.send(Ok(()));
+                    v
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(Error::Sandbox(e.to_string())));
+                    return Err(e);
+                }
+            };
+            if cpus != [cpu] {
+                return Err(Error::Sandbox(format!(
+                    "packet generator: pinned to CPU {cpu}, allowed on {cpus:?}"
+                )));
+            }
+            let mut stats = GenStats {
+                cpus,
+                ..Default::default()
+            };
+            // A million frames a call (a few hundred ms): each call sets up and tears
+            // down a page pool, which takes milliseconds (an RCU grace period) with no
+            // frame sent; the node's ring would run dry in each such gap. A stop is seen
+            // at the end of the call.
+            const REPEAT: u32 = 1 << 20;
+            let t0 = std::time::Instant::now();
+            while !stop2.load(Ordering::Relaxed) {
+                let t = std::time::Instant::now();
+                let r = bpf::test_run_live(&prog, &frames[0], REPEAT);
+                stats.calls += 1;
+                stats.secs_in_calls += t.elapsed().as_secs_f64();
+                stats.secs = t0.elapsed().as_secs_f64();
+                match r {
+                    Ok(()) => {
+                        stats.sent += REPEAT as u64;
+                        sent2.fetch_add(REPEAT as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => {
+                        return Err(Error::Sandbox(format!(
+                            "packet generator: BPF_PROG_TEST_RUN (XDP live frames): {e}"
+                        )))
+                    }
+                }
+            }
+            Ok(stats)
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                stop,
+                sent,
+                handle: Some(handle),
+            }),
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(e)
+            }
+            Err(_) => Err(Error::Sandbox("packet generator thread died".into())),
+        }
+    }
+}
+
+/// The few bpf(2) calls the XDP generator makes, on raw instructions (no object file:
+/// the program is assembled here).
+mod bpf {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use crate::{Error, Result};
+
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+    const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+    const BPF_FUNC_GET_PRANDOM_U32: i32 = 7;
+    const BPF_FUNC_REDIRECT: i32 = 23;
+
+    /// One eBPF instruction (`struct bpf_insn`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Insn {
+        pub code: u8,
+        /// dst register in the low nibble, src in the high one.
+        pub regs: u8,
+        pub off: i16,
+        pub imm: i32,
+    }
+
+    const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+        Insn {
+            code,
+            regs: dst | (src << 4),
+            off,
+            imm,
+        }
+    }
+
+    // Opcodes (class | size/op | mode/source).
+    const LDX_W: u8 = 0x61; // BPF_LDX | BPF_W | BPF_MEM
+    const STX_DW: u8 = 0x7b; // BPF_STX | BPF_DW | BPF_MEM
+    const ST_W: u8 = 0x62; // BPF_ST | BPF_W | BPF_MEM
+    const ST_H: u8 = 0x6a; // BPF_ST | BPF_H | BPF_MEM
+    const ST_B: u8 = 0x72; // BPF_ST | BPF_B | BPF_MEM
+    const LD_IMM64: u8 = 0x18; // BPF_LD | BPF_DW | BPF_IMM
+    const MOV64_REG: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
+    const MOV64_IMM: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
+    const ADD64_IMM: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
+    const MOD64_IMM: u8 = 0x97; // BPF_ALU64 | BPF_MOD | BPF_K
+    const JGT_REG: u8 = 0x2d; // BPF_JMP | BPF_JGT | BPF_X
+    const JEQ_IMM: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const JA: u8 = 0x05; // BPF_JMP | BPF_JA
+    const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
+    const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
+
+    /// Stores of `bytes` at `r2 + at` (r2: the packet's start), 8 bytes at a time
+    /// through r5, then 4, 2, 1.
+    fn stores(bytes: &[u8], at: usize) -> Vec<Insn> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < bytes.len() {
+            let rest = &bytes[off..];
+            let o = (at + off) as i16;
+            if rest.len() >= 8 {
+                let v = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+                out.push(insn(LD_IMM64, 5, 0, 0, v as u32 as i32)); // r5 = v
+                out.push(insn(0, 0, 0, 0, (v >> 32) as u32 as i32));
+                out.push(insn(STX_DW, 2, 5, o, 0)); // *(u64 *)(r2 + o) = r5
+                off += 8;
+            } else if rest.len() >= 4 {
+                let v = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes"));
+                out.push(insn(ST_W, 2, 0, o, v as i32));
+                off += 4;
+            } else if rest.len() >= 2 {
+                let v = u16::from_le_bytes(rest[..2].try_into().expect("2 bytes"));
+                out.push(insn(ST_H, 2, 0, o, v as i32));
+                off += 2;
+            } else {
+                out.push(insn(ST_B, 2, 0, o, rest[0] as i32));
+                off += 1;
+            }
+        }
+        out
+    }
+
+    /// An XDP program that picks one of `frames` at random (`bpf_get_prandom_u32() %
+    /// n`), writes it over the packet (when the packet is at least that long) and
+    /// returns `bpf_redirect(ifindex, 0)`. The frames must have one length and differ
+    /// in at most 8 bytes (the flows' UDP headers): the first frame is written whole,
+    /// then the other flows' 8 bytes through a table of jumps.
+    pub fn write_and_redirect(frames: &[Vec<u8>], ifindex: u32) -> Result<Vec<Insn>> {
+        let first = frames.first().ok_or(Error::Sandbox("no frames".into()))?;
+        let len = first.len();
+        if len < 8 || frames.iter().any(|f| f.len() != len) || frames.len() > 64 {
+            return Err(Error::Sandbox(
+                "frames for the XDP generator: 1 to 64 of one length (8 bytes at least)".into(),
+            ));
+        }
+        let differs = |i: usize| frames.iter().any(|f| f[i] != first[i]);
+        let lo = (0..len).find(|&i| differs(i)).unwrap_or(0);
+        let hi = (0..len).rev().find(|&i| differs(i)).map_or(0, |i| i + 1);
+        if hi > lo + 8 {
+            return Err(Error::Sandbox(format!(
+                "the XDP generator's frames differ in bytes {lo}..{hi}, more than 8"
+            )));
+        }
+        let at = lo.min(len - 8);
+        let mut p = vec![
+            insn(MOV64_REG, 6, 1, 0, 0),                   // r6 = ctx
+            insn(CALL, 0, 0, 0, BPF_FUNC_GET_PRANDOM_U32), // r0 = random
+            insn(MOV64_REG, 7, 0, 0, 0),                   // r7 = r0
+            insn(MOD64_IMM, 7, 0, 0, frames.len() as i32), // r7 %= n
+            insn(LDX_W, 2, 6, 0, 0),                       // r2 = ctx->data
+            insn(LDX_W, 3, 6, 4, 0),                       // r3 = ctx->data_end
+            insn(MOV64_REG, 4, 2, 0, 0),                   // r4 = r2
+            insn(ADD64_IMM, 4, 0, 0, len as i32),          // r4 += len
+        ];
+        let bounds = p.len();
+        p.push(insn(JGT_REG, 4, 3, 0, 0)); // if r4 > r3: to the redirect (patched)
+        p.extend(stores(first, 0));
+        // The jump table: flow k (1..n) to its block; flow 0 is written already.
+        let table = p.len();
+        for k in 1..frames.len() {
+            p.push(insn(JEQ_IMM, 7, 0, 0, k as i32)); // patched
+        }
+        let to_end = p.len();
+        p.push(insn(JA, 0, 0, 0, 0)); // patched
+        let mut block_ends = Vec::new();
+        for (k, f) in frames.iter().enumerate().skip(1) {
+            let start = p.len();
+            p[table + k - 1].off = (start - (table + k)) as i16;
+            p.extend(stores(&f[at..at + 8], at));
+            block_ends.push(p.len());
+            p.push(insn(JA, 0, 0, 0, 0)); // patched
+        }
+        let redirect = p.len();
+        p[bounds].off = (redirect - bounds - 1) as i16;
+        p[to_end].off = (redirect - to_end - 1) as i16;
+        for e in block_ends {
+            p[e].off = (redirect - e - 1) as i16;
+        }
+        p.push(insn(MOV64_IMM, 1, 0, 0, ifindex as i32)); // r1 = ifindex
+        p.push(insn(MOV64_IMM, 2, 0, 0, 0)); // r2 = 0
+        p.push(insn(CALL, 0, 0, 0, BPF_FUNC_REDIRECT)); // r0 = bpf_redirect(r1, r2)
+        p.push(insn(EXIT, 0, 0, 0, 0));
+        Ok(p)
+    }
+
+    /// Attaches `prog` to `ifindex` in generic (skb) mode through a bpf link; the link
+    /// detaches when its descriptor closes.
+    pub fn attach_xdp_generic(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
+        #[repr(C)]
+        #[derive(Default)]
+        struct LinkCreateAttr {
+            prog_fd: u32,
+            target_ifindex: u32,
+            attach_type: u32,
+            flags: u32,
+        }
+        let attr = LinkCreateAttr {
+            prog_fd: prog.as_raw_fd() as u32,
+            target_ifindex: ifindex,
+            attach_type: BPF_XDP,
+            flags: XDP_FLAGS_SKB_MODE,
+        };
+        // SAFETY: `attr` is a valid BPF_LINK_CREATE attribute of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_LINK_CREATE,
+                &attr as *const LinkCreateAttr,
+                size_of::<LinkCreateAttr>(),
+            )
+        };
+        if fd < 0 {
+            return Err(Error::Sandbox(format!(
+                "attaching the generator's XDP program: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: the kernel returned a new file descriptor that we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// `union bpf_attr` for BPF_PROG_LOAD, as far as the fields used.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+
+    /// `union bpf_attr` for BPF_PROG_TEST_RUN.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRunAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+
+    /// Loads an XDP program; the verifier's log comes back in the error.
+    pub fn load_xdp(insns: &[Insn]) -> Result<OwnedFd> {
+        let license = c"GPL";
+        let mut log = vec![0u8; 64 * 1024];
+        let mut name = [0u8; 16];
+        name[..11].copy_from_slice(b"lbbench_gen");
+        let attr = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_XDP,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: 1,
+            log_size: log.len() as u32,
+            log_buf: log.as_mut_ptr() as u64,
+            prog_name: name,
+            expected_attach_type: BPF_XDP,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid BPF_PROG_LOAD attribute of the size passed; the
+        // instructions, license and log buffer it points to outlive the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                &attr as *const ProgLoadAttr,
+                size_of::<ProgLoadAttr>(),
+            )
+        };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            return Err(Error::Sandbox(format!(
+                "loading the generator's XDP program: {e}; verifier: {}",
+                String::from_utf8_lossy(&log[..end]).trim()
+            )));
+        }
+        // SAFETY: the kernel returned a new file descriptor that we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Runs `prog` on `repeat` live frames made from `data` (their verdicts carried out).
+    pub fn test_run_live(prog: &OwnedFd, data: &[u8], repeat: u32) -> std::io::Result<()> {
+        let attr = TestRunAttr {
+            prog_fd: prog.as_raw_fd() as u32,
+            data_size_in: data.len() as u32,
+            data_in: data.as_ptr() as u64,
+            repeat,
+            flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid BPF_PROG_TEST_RUN attribute of the size passed; the
+        // data it points to outlives the call, and no output buffer is given.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &attr as *const TestRunAttr,
+                size_of::<TestRunAttr>(),
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// An AF_PACKET socket that receives nothing (protocol 0) and sends past the qdisc, and
+/// the address of `ifname` to send to (the frame's own destination MAC).
+fn packet_socket(ifname: &str, frame: &[u8]) -> Result<(OwnedFd, libc::sockaddr_ll)> {
+    // SAFETY: plain socket(2) call.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(os_err("socket(AF_PACKET)"));
+    }
+    // SAFETY: `raw` is a socket we own from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is a c_int of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            &one as *const libc::c_int as *const libc::c_void,
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(os_err("setsockopt(PACKET_QDISC_BYPASS)"));
+    }
+    let name = CString::new(ifname).map_err(|e| Error::Sandbox(e.to_string()))?;
+    // SAFETY: `name` is a NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(os_err(&format!("interface {ifname}")));
+    }
+    let mut addr_mac = [0u8; 8];
+    addr_mac[..6].copy_from_slice(&frame[..6]);
+    let addr = libc::sockaddr_ll {
+        sll_family: libc::AF_PACKET as u16,
+        sll_protocol: (libc::ETH_P_IP as u16).to_be(),
+        sll_ifindex: ifindex as i32,
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 6,
+        sll_addr: addr_mac,
+    };
+    Ok((fd, addr))
+}
+
+/// A UDP socket bound in a pod, drained by a pinned thread.
+pub struct Sink {
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    /// Binds UDP `port` in `netns` and drains it from a thread pinned to `cpu`.
+    pub fn start(netns: &str, port: u16, cpu: usize) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let netns = netns.to_string();
+        let (stop2, received2) = (stop.clone(), received.clone());
+        let handle = std::thread::spawn(move || {
+            let setup = (|| -> Result<UdpSocket> {
+                crate::sandbox::enter(&netns)?;
+                pin_to_cpu(0, cpu)?;
+                let s = UdpSocket::bind(("0.0.0.0", port))
+                    .map_err(|e| Error::Sandbox(format!("udp {port} in {netns}: {e}")))?;
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .map_err(|e| Error::Sandbox(e.to_string()))?;
+                Ok(s)
+            })();
+            let sock = match setup {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut bufs = vec![[0u8; 128]; BATCH];
+            let mut iov: Vec<libc::iovec> = bufs
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                })
+                .collect();
+            let mut msgs: Vec<libc::mmsghdr> = iov
+                .iter_mut()
+                .map(|v| {
+                    // SAFETY: msghdr is plain data; zeroed means no name, no control data.
+                    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+                    h.msg_iov = v;
+                    h.msg_iovlen = 1;
+                    libc::mmsghdr {
+                        msg_hdr: h,
+                        msg_len: 0,
+                    }
+                })
+                .collect();
+            while !stop2.load(Ordering::Relaxed) {
+                // SAFETY: `msgs` holds BATCH headers whose iovecs point into `bufs`, all
+                // alive and writable for the call. The socket's receive timeout bounds
+                // the wait for the first datagram.
+                let n = unsafe {
+                    libc::recvmmsg(
+                        sock.as_raw_fd(),
+                        msgs.as_mut_ptr(),
+                        BATCH as u32,
+                        libc::MSG_WAITFORONE,
+                        std::ptr::null_mut(),
+                    )
+                };
+                if n > 0 {
+                    received2.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                stop,
+                received,
+                handle: Some(handle),
+            }),
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(e)
+            }
+            Err(_) => Err(Error::Sandbox("sink thread died".into())),
+        }
+    }
+
+    /// Datagrams read so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_small_valid_udp_one_port_per_flow() {
+        let src = [0x02, 0, 0, 0, 0, 1];
+        let dst = [0x02, 0, 0, 0, 0, 2];
+        let frames = udp_frames(
+            src,
+            dst,
+            Ipv4Addr::new(192, 168, 50, 2),
+            Ipv4Addr::new(192, 168, 50, 1),
+            30009,
+            40000,
+            16,
+        );
+        assert_eq!(frames.len(), 16);
+        for (i, f) in frames.iter().enumerate() {
+            assert_eq!(f.len(), FRAME_LEN);
+            assert_eq!(&f[..6], &dst);
+            assert_eq!(&f[6..12], &src);
+            assert_eq!(&f[12..14], &[0x08, 0x00]);
+            packet::assert_checksums(f);
+            let v = packet::view(f);
+            assert_eq!(v.proto, packet::UDP);
+            assert_eq!((v.sport, v.dport), (40000 + i as u16, 30009));
+            assert_eq!(u16::from_be_bytes([f[16], f[17]]), 46, "IP total length");
+            assert_eq!(u16::from_be_bytes([f[38], f[39]]), 26, "UDP length");
+            assert_ne!(&f[40..42], &[0, 0], "a UDP checksum, not none");
+        }
+    }
+
+    /// Runs the generator's program as the kernel would, for one value of the random
+    /// number: the bytes it leaves in a packet and the interface it redirects to.
+    fn interpret(p: &[bpf::Insn], random: u32, packet: &mut [u8]) -> u32 {
+        let mut r = [0u64; 11];
+        let mut pc = 0;
+        loop {
+            let i = p[pc];
+            let (dst, src) = ((i.regs & 0xf) as usize, (i.regs >> 4) as usize);
+            pc += 1;
+            match i.code {
+                0xbf => r[dst] = r[src],
+                0xb7 => r[dst] = i.imm as u32 as u64,
+                0x07 => r[dst] = r[dst].wrapping_add(i.imm as i64 as u64),
+                0x97 => r[dst] %= i.imm as u64,
+                // ctx->data is offset 0 of the packet here, data_end its length.
+                0x61 => r[dst] = if i.off == 0 { 0 } else { packet.len() as u64 },
+                0x85 if i.imm == 7 => r[0] = random as u64,
+                0x85 if i.imm == 23 => r[0] = r[1],
+                0x2d => {
+                    if r[dst] > r[src] {
+                        pc = (pc as i64 + i.off as i64) as usize;
+                    }
+                }
+                0x15 => {
+                    if r[dst] == i.imm as u64 {
+                        pc = (pc as i64 + i.off as i64) as usize;
+                    }
+                }
+                0x05 => pc = (pc as i64 + i.off as i64) as usize,
+                0x18 => {
+                    r[dst] = (i.imm as u32 as u64) | ((p[pc].imm as u32 as u64) << 32);
+                    pc += 1;
+                }
+                0x7b => {
+                    let at = (r[dst] as i64 + i.off as i64) as usize;
+                    packet[at..at + 8].copy_from_slice(&r[src].to_le_bytes());
+                }
+                0x62 => {
+                    let at = (r[dst] as i64 + i.off as i64) as usize;
+                    packet[at..at + 4].copy_from_slice(&(i.imm as u32).to_le_bytes());
+                }
+                0x95 => return r[0] as u32,
+                c => panic!("unexpected opcode {c:#x}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_xdp_program_writes_a_random_flow_then_redirects() {
+        let frames = udp_frames(
+            [2, 0, 0, 0, 0, 1],
+            [2, 0, 0, 0, 0, 2],
+            Ipv4Addr::new(192, 168, 50, 2),
+            Ipv4Addr::new(192, 168, 50, 1),
+            30009,
+            40000,
+            16,
+        );
+        let p = bpf::write_and_redirect(&frames, 7).unwrap();
+        for random in [0, 1, 5, 15, 16, 17, 1234567] {
+            let mut packet = vec![0xffu8; FRAME_LEN];
+            assert_eq!(interpret(&p, random, &mut packet), 7, "redirected to eth0");
+            assert_eq!(packet, frames[random as usize % 16], "random {random}");
+        }
+        // A packet shorter than the frame is left alone (the verifier's bounds).
+        let mut short = vec![0xffu8; FRAME_LEN - 1];
+        assert_eq!(interpret(&p, 3, &mut short), 7);
+        assert!(short.iter().all(|&b| b == 0xff));
+        // Frames that differ in more than 8 bytes are refused.
+        let other = udp_frames(
+            [2, 0, 0, 0, 0, 1],
+            [2, 0, 0, 0, 0, 2],
+            Ipv4Addr::new(192, 168, 50, 2),
+            Ipv4Addr::new(10, 244, 0, 11),
+            9,
+            40000,
+            1,
+        );
+        assert!(bpf::write_and_redirect(&[frames[0].clone(), other[0].clone()], 7).is_err());
+    }
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(
+            parse_mac("ee:ee:ee:ee:ee:0f"),
+            Some([0xee, 0xee, 0xee, 0xee, 0xee, 0x0f])
+        );
+        assert_eq!(parse_mac("ee:ee:ee:ee:ee"), None);
+        assert_eq!(parse_mac("ee:ee:ee:ee:ee:ee:ee"), None);
+        assert_eq!(parse_mac("zz:ee:ee:ee:ee:ee"), None);
+    }
+}
