@@ -4,7 +4,30 @@
 //! always zeroed, no `bool`/`Option`/enums, and a compile-time size assertion per type.
 //! Addresses and ports are stored in network byte order, exactly as they appear in the
 //! packet, so the datapath never swaps bytes.
+//!
+//! One key type serves both address families: an address is 16 bytes ([`Addr`]), an IPv6
+//! address as it is, an IPv4 address IPv4-mapped (`::ffff:a.b.c.d`, RFC 4291 2.5.5.2).
+//! ARCHITECTURE.md says why (one set of maps, one algorithm) and what it costs.
 #![no_std]
+
+/// An address as the maps hold it: 16 bytes in network byte order, as four words loaded
+/// from memory; IPv4 addresses IPv4-mapped (see [`ipv4_mapped`]).
+pub type Addr = [u32; 4];
+
+/// The third word of an IPv4-mapped address (`0000:ffff`), as loaded from memory.
+pub const IPV4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4-mapped form of an IPv4 address (`addr` as loaded from the packet).
+#[inline(always)]
+pub const fn ipv4_mapped(addr: u32) -> Addr {
+    [0, 0, IPV4_MAPPED_WORD, addr]
+}
+
+/// Whether an address is IPv4-mapped (an IPv4 address); its IPv4 address is word 3.
+#[inline(always)]
+pub const fn is_ipv4_mapped(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == IPV4_MAPPED_WORD
+}
 
 /// IP protocol numbers used in keys.
 pub const PROTO_TCP: u8 = 6;
@@ -51,8 +74,8 @@ pub const DEFAULT_MAX_FRAGS: u32 = 8_192;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+    /// The frontend's address (IPv4-mapped for IPv4).
+    pub addr: Addr,
     /// L4 port, network byte order.
     pub port: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
@@ -102,8 +125,8 @@ pub struct Slot {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+    /// The backend's address (IPv4-mapped for IPv4); all zeroes: an unused id.
+    pub addr: Addr,
     /// L4 port, network byte order.
     pub port: u16,
     pub proto: u8,
@@ -123,8 +146,8 @@ pub const CT_DIR_REPLY: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
-    pub src_addr: u32,
-    pub dst_addr: u32,
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
@@ -144,7 +167,7 @@ pub struct CtValue {
     /// once a second per entry to keep cache lines quiet).
     pub last_seen_ns: u64,
     /// Forward entry: the backend's address; reply entry: the frontend's address.
-    pub nat_addr: u32,
+    pub nat_addr: Addr,
     /// Forward entry: the backend's port; reply entry: the frontend's port.
     pub nat_port: u16,
     /// `CT_STATE_*`.
@@ -160,7 +183,7 @@ pub struct CtValue {
     pub flags: u8,
     /// `CT_DIR_FORWARD` or `CT_DIR_REPLY`.
     pub dir: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// `CtValue::flags`: the flow entered from outside the cluster (a NodePort, external or
@@ -169,18 +192,21 @@ pub struct CtValue {
 /// the pod program routes them itself (FIB lookup, then redirect to the egress device).
 pub const CT_F_EXTERNAL: u8 = 1 << 0;
 
-/// Key of `LB_FRAGS` (an LRU hash): the identity of an IPv4 datagram's fragments, as
-/// they arrive (RFC 791: source, destination, identification, protocol). Every fragment
-/// of a datagram carries it, also those after the first, which have no L4 header.
+/// Key of `LB_FRAGS` (an LRU hash): the identity of a datagram's fragments, as they
+/// arrive (RFC 791 and RFC 8200: source, destination, identification, protocol). Every
+/// fragment of a datagram carries it, also those after the first, which have no L4
+/// header.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragKey {
-    pub src_addr: u32,
-    pub dst_addr: u32,
-    /// IPv4 identification field, network byte order.
-    pub id: u16,
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
+    /// The identification: IPv4's 16 bits (in the low-addressed half) or the IPv6
+    /// fragment header's 32, network byte order.
+    pub id: u32,
+    /// The transport protocol (IPv6: the fragment header's next header).
     pub proto: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
 
 /// `FragValue::field`: the fragments' source address is rewritten (a reply).
@@ -199,13 +225,13 @@ pub struct FragValue {
     /// ignores an entry older than a reassembly timeout (its datagram is gone, and its key
     /// may come again on another datagram).
     pub created_ns: u64,
-    /// The new address, network byte order.
-    pub addr: u32,
+    /// The new address.
+    pub addr: Addr,
     /// `FRAG_REWRITE_SRC` or `FRAG_REWRITE_DST`.
     pub field: u8,
     /// The conntrack entry's `CT_F_*` flags (`CT_F_EXTERNAL`: routed like the first).
     pub flags: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 6],
 }
 
 /// Indexes of the per-CPU `LB_COUNTERS` array.
@@ -220,8 +246,9 @@ pub mod counter {
     pub const PASSED: u32 = 3;
     /// A connection to a frontend without a ready backend was refused (TCP RST / ICMP).
     pub const REFUSED_NO_BACKEND: u32 = 4;
-    /// A packet whose IPv4 or L4 header is malformed or truncated was passed untouched:
-    /// its port cannot be read, so it matches no frontend and is never rewritten.
+    /// A packet whose IP header (IPv6: or extension headers) or L4 header is malformed
+    /// or truncated, or an IPv6 UDP datagram with a checksum of 0, was passed untouched:
+    /// it matches no frontend and is never rewritten.
     pub const PASSED_MALFORMED: u32 = 5;
     /// A non-first IP fragment was passed untouched: no first fragment of its datagram
     /// was translated (or not yet: it came first).
@@ -230,7 +257,8 @@ pub mod counter {
     /// (no fragment tracking in that direction yet; replies are tracked, `LB_FRAGS`).
     pub const DROP_FRAGMENT: u32 = 7;
     /// A packet to a frontend without a ready backend that we do not answer (a TCP RST,
-    /// or a packet with IP options that we do not echo in an ICMP error).
+    /// or a UDP datagram with IPv4 options or IPv6 extension headers, which we do not
+    /// echo in an ICMP error).
     pub const DROP_NO_BACKEND: u32 = 8;
     /// A conntrack entry could not be created.
     pub const DROP_CT_FULL: u32 = 9;
@@ -244,8 +272,11 @@ pub mod counter {
     /// A fragment after the first, of a datagram whose first fragment was
     /// reverse-translated, got the same source address (`LB_FRAGS`).
     pub const REVERSE_TRANSLATED_FRAGMENT: u32 = 13;
+    /// An IPv6 packet whose extension-header chain is longer than the datapath walks (6
+    /// headers) was passed untouched: its transport header was not reached.
+    pub const PASSED_LONG_EXT_CHAIN: u32 = 14;
     /// Number of counters (size of `LB_COUNTERS`).
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Names for the CLI and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -263,18 +294,19 @@ pub mod counter {
         "backend_reselected",
         "passed_no_backend",
         "reverse_translated_fragment",
+        "passed_long_ext_chain",
     ];
 }
 
-const _: () = assert!(size_of::<FrontendKey>() == 8);
+const _: () = assert!(size_of::<FrontendKey>() == 20);
 const _: () = assert!(size_of::<Frontend>() == 16);
 const _: () = assert!(size_of::<SlotKey>() == 8);
 const _: () = assert!(size_of::<Slot>() == 4);
-const _: () = assert!(size_of::<Backend>() == 8);
-const _: () = assert!(size_of::<CtKey>() == 16);
-const _: () = assert!(size_of::<CtValue>() == 32);
-const _: () = assert!(size_of::<FragKey>() == 12);
-const _: () = assert!(size_of::<FragValue>() == 16);
+const _: () = assert!(size_of::<Backend>() == 20);
+const _: () = assert!(size_of::<CtKey>() == 40);
+const _: () = assert!(size_of::<CtValue>() == 40);
+const _: () = assert!(size_of::<FragKey>() == 40);
+const _: () = assert!(size_of::<FragValue>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -1,10 +1,12 @@
 //! Connection tracking. Each translated flow has two entries in the LRU map:
 //! - forward, keyed by the client's packet (client -> frontend): which backend;
 //! - reply, keyed by the backend's reply (backend -> client): which frontend to restore.
+//!
 //! Both are keyed by a packet's 5-tuple as it arrives, so one lookup finds either; the
-//! value says which (`dir`).
+//! value says which (`dir`). Keys and values hold 16-byte addresses for both families
+//! (IPv4 mapped), so this file never asks which family a packet is.
 use lb_common::{
-    CtKey, CtValue, Frontend, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EXTERNAL, CT_STATE_CLOSING,
+    Addr, CtKey, CtValue, Frontend, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EXTERNAL, CT_STATE_CLOSING,
     CT_STATE_ESTABLISHED, CT_STATE_NEW,
 };
 
@@ -87,7 +89,7 @@ pub fn create(
     pkt: &Packet,
     frontend: &Frontend,
     backend_id: u32,
-    backend_addr: u32,
+    backend_addr: &Addr,
     backend_port: u16,
     now: u64,
 ) -> Result<(), ()> {
@@ -99,7 +101,7 @@ pub fn create(
         0
     };
     let reply = CtKey {
-        src_addr: backend_addr,
+        src_addr: *backend_addr,
         dst_addr: pkt.src,
         src_port: backend_port,
         dst_port: pkt.sport,
@@ -116,14 +118,14 @@ pub fn create(
         service_id,
         flags,
         dir: CT_DIR_REPLY,
-        _pad: [0; 6],
+        _pad: [0; 2],
     };
     LB_CONNTRACK
         .insert(&reply, &reply_value, 0)
         .map_err(|_| ())?;
     let forward_value = CtValue {
         last_seen_ns: now,
-        nat_addr: backend_addr,
+        nat_addr: *backend_addr,
         nat_port: backend_port,
         state: next_state(CT_STATE_NEW, pkt.tcp_flags),
         tcp_flags: pkt.tcp_flags,
@@ -131,7 +133,7 @@ pub fn create(
         service_id,
         flags,
         dir: CT_DIR_FORWARD,
-        _pad: [0; 6],
+        _pad: [0; 2],
     };
     LB_CONNTRACK
         .insert(&key(pkt), &forward_value, 0)
@@ -164,7 +166,7 @@ pub fn ensure_reply(pkt: &Packet, fwd: &CtValue, now: u64) {
         service_id: fwd.service_id,
         flags: fwd.flags,
         dir: CT_DIR_REPLY,
-        _pad: [0; 6],
+        _pad: [0; 2],
     };
     let _ = LB_CONNTRACK.insert(&reply, &value, 0);
 }

@@ -5,6 +5,7 @@
 //! Words are taken in memory order as loaded: one's-complement sums do not depend on
 //! byte order, as long as the checksum and the fields are loaded the same way.
 use aya_ebpf::helpers::bpf_csum_diff;
+use lb_common::Addr;
 
 /// Folds a 32-bit one's-complement sum to 16 bits (not complemented).
 #[inline(always)]
@@ -23,6 +24,35 @@ pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
         + (new & 0xffff)
         + (new >> 16);
     !fold(s)
+}
+
+/// RFC 1624 eqn. 3 for a 16-byte field (an IPv6 address: eight 16-bit words).
+#[inline(always)]
+pub fn replace16(csum: u16, old: &Addr, new: &Addr) -> u16 {
+    let mut s = (!csum) as u32;
+    for i in 0..4 {
+        s += (!(old[i] as u16)) as u32
+            + (!((old[i] >> 16) as u16)) as u32
+            + (new[i] & 0xffff)
+            + (new[i] >> 16);
+    }
+    !fold(s)
+}
+
+/// The one's-complement difference `new - old` of two 16-byte fields, unfolded, as the
+/// tc helpers take it (`l4_csum_replace` with size 0: "diff mode").
+#[inline(always)]
+pub fn diff16(old: &Addr, new: &Addr) -> u32 {
+    // SAFETY: both are 16-byte stack objects; nothing is written.
+    unsafe {
+        bpf_csum_diff(
+            old as *const Addr as *mut u32,
+            size_of::<Addr>() as u32,
+            new as *const Addr as *mut u32,
+            size_of::<Addr>() as u32,
+            0,
+        ) as u32
+    }
 }
 
 /// RFC 1624 eqn. 3 for one 16-bit field.

@@ -2,10 +2,11 @@
 //! fragment only: that one finds its conntrack entry by its ports and is reverse-translated
 //! like any reply; the later fragments have no ports, so the first leaves a note in
 //! `LB_FRAGS`, keyed by what every fragment of the datagram carries (source, destination,
-//! IP id, protocol, as they arrive), saying which address to give them.
+//! identification, protocol, as they arrive: IPv4's 16-bit IP id, or the 32-bit id of
+//! the IPv6 fragment header and its next header), saying which address to give them.
 //!
-//! A later fragment gets that address and a fixed IPv4 header checksum, nothing else:
-//! the L4 checksum, in the first fragment, already covers the new pseudo-header.
+//! A later fragment gets that address (and, for IPv4, a fixed header checksum), nothing
+//! else: the L4 checksum, in the first fragment, already covers the new pseudo-header.
 //!
 //! Rules (ARCHITECTURE.md, bad input):
 //! - a later fragment without a note (not ours, or it overtook its first fragment) passes
@@ -21,7 +22,7 @@ use crate::{
     counters::count,
     hook::{Hook, Verdict},
     maps::LB_FRAGS,
-    parse::{Fragment, Packet, IP_SRC_OFF},
+    parse::{Fragment, Packet},
 };
 
 /// Linux's default reassembly timeout (`net.ipv4.ipfrag_time`): the receiver has dropped
@@ -36,16 +37,16 @@ pub fn note_reply(pkt: &Packet, entry: &CtValue, now: u64) {
     let key = FragKey {
         src_addr: pkt.src,
         dst_addr: pkt.dst,
-        id: pkt.ip_id,
+        id: pkt.frag_id,
         proto: pkt.proto,
-        _pad: 0,
+        _pad: [0; 3],
     };
     let value = FragValue {
         created_ns: now,
         addr: entry.nat_addr,
         field: FRAG_REWRITE_SRC,
         flags: entry.flags,
-        _pad: [0; 2],
+        _pad: [0; 6],
     };
     let _ = LB_FRAGS.insert(&key, &value, 0);
 }
@@ -56,9 +57,9 @@ pub fn later<C: Hook>(ctx: &C, frag: &Fragment, now: u64) -> Verdict {
     let key = FragKey {
         src_addr: frag.src,
         dst_addr: frag.dst,
-        id: frag.ip_id,
+        id: frag.frag_id,
         proto: frag.proto,
-        _pad: 0,
+        _pad: [0; 3],
     };
     let Some(note) = LB_FRAGS.get_ptr(&key) else {
         count(counter::PASSED_FRAGMENT);
@@ -70,8 +71,9 @@ pub fn later<C: Hook>(ctx: &C, frag: &Fragment, now: u64) -> Verdict {
         count(counter::PASSED_FRAGMENT);
         return Verdict::Pass;
     }
+    let off = frag.l3_off + frag.family.src_off();
     if ctx
-        .rewrite_ip_addr(frag.l3_off, frag.l3_off + IP_SRC_OFF, frag.src, note.addr)
+        .rewrite_ip_addr(frag.family, frag.l3_off, off, &frag.src, &note.addr)
         .is_err()
     {
         count(counter::DROP_REWRITE_FAILED);
@@ -79,7 +81,7 @@ pub fn later<C: Hook>(ctx: &C, frag: &Fragment, now: u64) -> Verdict {
     }
     count(counter::REVERSE_TRANSLATED_FRAGMENT);
     if note.flags & CT_F_EXTERNAL != 0 {
-        return ctx.send_external_fragment(frag, note.addr);
+        return ctx.send_external_fragment(frag, &note.addr);
     }
     Verdict::Pass
 }

@@ -1,6 +1,8 @@
 //! What the algorithm (`lb::process`) needs from the hook it runs on, and what it answers.
 //! The tc program (`tc.rs`) and the XDP program (`xdp.rs`) implement [`Hook`]; the steps
 //! (`refuse`, `route`) return a [`Verdict`], which each hook maps to its return codes.
+use lb_common::Addr;
+
 use crate::{
     nat::Rewriter,
     parse::{Fragment, Packet, PacketData},
@@ -22,7 +24,7 @@ pub trait Hook: PacketData + Rewriter {
     /// A new connection to a frontend without a ready backend.
     fn refuse(&self, pkt: &Packet) -> Verdict;
     /// Sends on a reverse-translated reply of a flow that came from outside.
-    fn send_external_reply(&self, pkt: &Packet, src: u32, sport: u16) -> Verdict;
+    fn send_external_reply(&self, pkt: &Packet, src: &Addr, sport: u16) -> Verdict;
     /// The same for a later fragment of such a reply, given the first's new source.
-    fn send_external_fragment(&self, frag: &Fragment, src: u32) -> Verdict;
+    fn send_external_fragment(&self, frag: &Fragment, src: &Addr) -> Verdict;
 }

@@ -1,9 +1,11 @@
 //! The service path, top to bottom (cilium's lb.h / katran's process_packet), written
-//! once for both hooks: parse -> conntrack (a known flow, either way?) -> established:
-//! DNAT to its backend, reply: reverse NAT; otherwise frontend? -> select backend ->
-//! conntrack create -> DNAT. A fragment after the first (no ports) follows its first
-//! fragment's translation (`frag`).
-use lb_common::{counter, CtValue, Frontend, CT_DIR_REPLY, CT_F_EXTERNAL};
+//! once for both hooks and both address families (a `Packet` holds 16-byte addresses,
+//! IPv4 mapped; only `parse`, `nat`, `refuse` and `route` look at the family):
+//! parse -> conntrack (a known flow, either way?) -> established: DNAT to its backend,
+//! reply: reverse NAT; otherwise frontend? -> select backend -> conntrack create ->
+//! DNAT. A fragment after the first (no ports) follows its first fragment's
+//! translation (`frag`).
+use lb_common::{counter, Addr, CtValue, Frontend, CT_DIR_REPLY, CT_F_EXTERNAL};
 
 use crate::{
     conntrack,
@@ -17,7 +19,7 @@ use crate::{
 
 #[inline(always)]
 pub fn process<C: Hook>(ctx: &C) -> Verdict {
-    let pkt = match parse::parse_ipv4(ctx) {
+    let pkt = match parse::parse(ctx) {
         Parsed::Packet(pkt) => pkt,
         Parsed::Other => {
             count(counter::PASSED);
@@ -25,6 +27,10 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
         }
         Parsed::Malformed => {
             count(counter::PASSED_MALFORMED);
+            return Verdict::Pass;
+        }
+        Parsed::LongExtChain => {
+            count(counter::PASSED_LONG_EXT_CHAIN);
             return Verdict::Pass;
         }
         Parsed::LaterFragment(f) => return frag::later(ctx, &f, conntrack::now_ns()),
@@ -84,7 +90,7 @@ fn established<C: Hook>(
             Some(translate(
                 ctx,
                 pkt,
-                known.nat_addr,
+                &known.nat_addr,
                 known.nat_port,
                 counter::TRANSLATED,
             ))
@@ -104,15 +110,15 @@ fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Ve
     let Some((backend_id, backend)) = service::select_backend(pkt, frontend) else {
         return ctx.refuse(pkt);
     };
-    if conntrack::create(pkt, frontend, backend_id, backend.addr, backend.port, now).is_err() {
+    if conntrack::create(pkt, frontend, backend_id, &backend.addr, backend.port, now).is_err() {
         count(counter::DROP_CT_FULL);
         return Verdict::Drop;
     }
-    translate(ctx, pkt, backend.addr, backend.port, counter::NEW_FLOW)
+    translate(ctx, pkt, &backend.addr, backend.port, counter::NEW_FLOW)
 }
 
 #[inline(always)]
-fn translate<C: Hook>(ctx: &C, pkt: &Packet, addr: u32, port: u16, counter_ok: u32) -> Verdict {
+fn translate<C: Hook>(ctx: &C, pkt: &Packet, addr: &Addr, port: u16, counter_ok: u32) -> Verdict {
     match nat::dnat(ctx, pkt, addr, port) {
         Ok(()) => {
             count(counter_ok);
@@ -136,14 +142,14 @@ fn from_backend<C: Hook>(
     now: u64,
 ) -> Verdict {
     conntrack::touch(entry, pkt, now);
-    match nat::reverse_nat(ctx, pkt, e.nat_addr, e.nat_port) {
+    match nat::reverse_nat(ctx, pkt, &e.nat_addr, e.nat_port) {
         Ok(()) => {
             count(counter::REVERSE_TRANSLATED);
             if pkt.first_fragment {
                 frag::note_reply(pkt, e, now);
             }
             if e.flags & CT_F_EXTERNAL != 0 {
-                return ctx.send_external_reply(pkt, e.nat_addr, e.nat_port);
+                return ctx.send_external_reply(pkt, &e.nat_addr, e.nat_port);
             }
             Verdict::Pass
         }

@@ -1,11 +1,16 @@
 //! Program entry points only. Each hands its context to its hook (`tc`, `xdp`), which
-//! runs `lb::process`, the algorithm read top to bottom; the steps live in their own
-//! files: `parse` (headers) -> `conntrack` (a known flow?) -> `service` (frontend lookup,
-//! backend selection) -> `nat` (rewrite, with `csum`), and `refuse` (RST / ICMP for a
-//! Service without backends), `route` (replies of external flows) and `frag` (the
-//! fragments after the first of a translated reply).
+//! runs `lb::process`, the algorithm read top to bottom, the same for IPv4 and IPv6; the
+//! steps live in their own files: `parse` (headers, per family) -> `conntrack` (a known
+//! flow?) -> `service` (frontend lookup, backend selection) -> `nat` (rewrite, with
+//! `csum`), and `refuse` (RST / ICMP / ICMPv6 for a Service without backends), `route`
+//! (replies of external flows) and `frag` (the fragments after the first of a translated
+//! reply). Only `parse`, `nat`, `refuse` and `route` look at the address family.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values go by reference (STYLE.md): by value they are copied onto the 512-byte stack"
+)]
 
 mod conntrack;
 mod counters;

@@ -1,29 +1,38 @@
 //! Refusal for a frontend without a ready backend, as kube-proxy's REJECT does: the
-//! packet is turned, in place, into a TCP RST or an ICMP port unreachable and sent back
-//! out of the interface it came in by, so the client fails at once instead of timing out.
+//! packet is turned, in place, into a TCP RST, an ICMP port unreachable (IPv4) or an
+//! ICMPv6 port unreachable (IPv6), and sent back out of the interface it came in by, so
+//! the client fails at once instead of timing out. The TCP segment is built once; the IP
+//! header, the pseudo-header and the ICMP message are per family.
 //!
-//! Rules: a TCP RST is never answered; a UDP datagram with IP options is dropped rather
-//! than answered (counted `drop_no_backend`), the only case where we do not echo the
-//! header. Checksums of the new headers are computed in full.
+//! Rules: a TCP RST is never answered; a UDP datagram with IPv4 options or IPv6
+//! extension headers is dropped rather than answered (counted `drop_no_backend`), the
+//! only case where we do not echo the header. A TCP segment with them gets its RST (a
+//! plain header, built from scratch). Checksums of the new headers are computed in full;
+//! the new IP header has TTL / hop limit 64.
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_NET, TC_ACT_REDIRECT},
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{counter, PROTO_TCP};
+use lb_common::{counter, Addr, PROTO_TCP};
 
 use crate::{
     counters::count,
     csum,
     hook::Verdict,
     parse::{
-        Packet, ETH_HLEN, IPV4_MIN_HLEN, TCP_ACK, TCP_FIN, TCP_MIN_HLEN, TCP_RST, TCP_SYN, UDP_HLEN,
+        Family, Packet, ETH_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, TCP_ACK, TCP_FIN, TCP_MIN_HLEN,
+        TCP_RST, TCP_SYN, UDP_HLEN,
     },
 };
 
 const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const PROTO_ICMPV6: u8 = 58;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+const HOP_LIMIT: u8 = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -38,6 +47,18 @@ struct Ipv4Hdr {
     csum: u16,
     src: u32,
     dst: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Hdr {
+    /// Version, traffic class, flow label.
+    ver_tc_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    src: Addr,
+    dst: Addr,
 }
 
 #[repr(C)]
@@ -64,6 +85,18 @@ struct PseudoHdr {
     len: u16,
 }
 
+/// RFC 8200 8.1.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PseudoHdr6 {
+    src: Addr,
+    dst: Addr,
+    len: u32,
+    zero: [u8; 3],
+    next_header: u8,
+}
+
+/// The first 8 bytes of an ICMP / ICMPv6 error (type, code, checksum, unused).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct IcmpHdr {
@@ -81,7 +114,7 @@ fn ip_header(src: u32, dst: u32, proto: u8, tot_len: u16) -> Ipv4Hdr {
         tot_len: tot_len.to_be(),
         id: 0,
         frag_off: 0x4000u16.to_be(), // DF
-        ttl: 64,
+        ttl: HOP_LIMIT,
         proto,
         csum: 0,
         src,
@@ -89,6 +122,73 @@ fn ip_header(src: u32, dst: u32, proto: u8, tot_len: u16) -> Ipv4Hdr {
     };
     ip.csum = csum::finish(csum::sum(&ip, 0));
     ip
+}
+
+#[inline(always)]
+fn ipv6_header(src: &Addr, dst: &Addr, next_header: u8, payload_len: u16) -> Ipv6Hdr {
+    Ipv6Hdr {
+        ver_tc_flow: 0x6000_0000u32.to_be(),
+        payload_len: payload_len.to_be(),
+        next_header,
+        hop_limit: HOP_LIMIT,
+        src: *src,
+        dst: *dst,
+    }
+}
+
+/// The one's-complement sum of the pseudo-header of an answer to `pkt` (from its
+/// destination to its source) carrying `len` bytes of `proto`.
+#[inline(always)]
+fn answer_pseudo_sum(pkt: &Packet, proto: u8, len: u16) -> u32 {
+    match pkt.family {
+        Family::V4 => csum::sum(
+            &PseudoHdr {
+                src: pkt.dst[3],
+                dst: pkt.src[3],
+                zero: 0,
+                proto,
+                len: len.to_be(),
+            },
+            0,
+        ),
+        Family::V6 => csum::sum(
+            &PseudoHdr6 {
+                src: pkt.dst,
+                dst: pkt.src,
+                len: (len as u32).to_be(),
+                zero: [0; 3],
+                next_header: proto,
+            },
+            0,
+        ),
+    }
+}
+
+/// Writes the IP header of an answer to `pkt` (from its destination to its source)
+/// carrying `len` bytes of `proto`, right after the Ethernet header; returns its length.
+#[inline(always)]
+fn store_answer_header(ctx: &TcContext, pkt: &Packet, proto: u8, len: u16) -> Result<usize, ()> {
+    match pkt.family {
+        Family::V4 => {
+            let ip = ip_header(pkt.dst[3], pkt.src[3], proto, IPV4_MIN_HLEN as u16 + len);
+            ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
+            Ok(IPV4_MIN_HLEN)
+        }
+        Family::V6 => {
+            let ip = ipv6_header(&pkt.dst, &pkt.src, proto, len);
+            ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
+            Ok(IPV6_HLEN)
+        }
+    }
+}
+
+#[inline(always)]
+fn change_tail(ctx: &TcContext, len: usize) -> Result<(), ()> {
+    // SAFETY: helper on our own skb; packet pointers are re-derived by later loads.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb as *mut _, len as u32, 0) } != 0 {
+        return Err(());
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -102,10 +202,11 @@ fn swap_macs(ctx: &TcContext) -> Result<(), ()> {
 
 #[inline(always)]
 fn send_back(ctx: &TcContext) -> Verdict {
-    // SAFETY: plain helper call with the skb's own ingress interface.
+    // SAFETY: reading a field of the program's skb.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call with the skb's own ingress interface.
     let ret = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    if ret != TC_ACT_REDIRECT as i32 {
+    if ret != TC_ACT_REDIRECT {
         count(counter::DROP_NO_BACKEND);
         return Verdict::Drop;
     }
@@ -121,10 +222,13 @@ pub fn refuse(ctx: &TcContext, pkt: &Packet) -> Verdict {
         } else {
             build_rst(ctx, pkt)
         }
-    } else if pkt.ihl_bytes == IPV4_MIN_HLEN {
-        build_port_unreachable(ctx, pkt)
-    } else {
+    } else if pkt.has_ip_options() {
         Err(())
+    } else {
+        match pkt.family {
+            Family::V4 => build_port_unreachable(ctx, pkt),
+            Family::V6 => build_port_unreachable_v6(ctx, pkt),
+        }
     };
     match built.and_then(|()| swap_macs(ctx)) {
         Ok(()) => send_back(ctx),
@@ -141,8 +245,9 @@ pub fn refuse(ctx: &TcContext, pkt: &Packet) -> Verdict {
 fn build_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     let tcp: TcpHdr = ctx.load(pkt.l4_off).map_err(|_| ())?;
     let doff = ((tcp.doff >> 4) as u32) * 4;
-    let mut seg_len = (pkt.tot_len as u32)
-        .wrapping_sub(pkt.ihl_bytes as u32)
+    let mut seg_len = pkt
+        .l3_len
+        .wrapping_sub(pkt.l3_hlen() as u32)
         .wrapping_sub(doff);
     if tcp.flags & TCP_SYN != 0 {
         seg_len += 1;
@@ -171,25 +276,10 @@ fn build_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
         csum: 0,
         urg: 0,
     };
-    let pseudo = PseudoHdr {
-        src: pkt.dst,
-        dst: pkt.src,
-        zero: 0,
-        proto: PROTO_TCP,
-        len: tcp_len.to_be(),
-    };
-    rst.csum = csum::finish(csum::sum(&rst, csum::sum(&pseudo, 0)));
-    let ip = ip_header(pkt.dst, pkt.src, PROTO_TCP, IPV4_MIN_HLEN as u16 + tcp_len);
-
-    ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN + IPV4_MIN_HLEN, &rst, 0)
-        .map_err(|_| ())?;
-    let new_len = (ETH_HLEN + IPV4_MIN_HLEN + TCP_MIN_HLEN) as u32;
-    // SAFETY: helper on our own skb; packet pointers are re-derived by later loads.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb as *mut _, new_len, 0) } != 0 {
-        return Err(());
-    }
-    Ok(())
+    rst.csum = csum::finish(csum::sum(&rst, answer_pseudo_sum(pkt, PROTO_TCP, tcp_len)));
+    let hlen = store_answer_header(ctx, pkt, PROTO_TCP, tcp_len)?;
+    ctx.store(ETH_HLEN + hlen, &rst, 0).map_err(|_| ())?;
+    change_tail(ctx, ETH_HLEN + hlen + TCP_MIN_HLEN)
 }
 
 /// ICMP destination unreachable / port unreachable, quoting the original IP header and
@@ -209,26 +299,45 @@ fn build_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     };
     let sum = csum::sum(&orig_l4, csum::sum(&orig_ip, csum::sum(&icmp, 0)));
     icmp.csum = csum::finish(sum);
-    let ip = ip_header(
-        pkt.dst,
-        pkt.src,
-        PROTO_ICMP,
-        IPV4_MIN_HLEN as u16 + icmp_len,
-    );
 
     // [eth][ip][udp...] -> [eth][ip][28 bytes of room][udp...]
     let room = (IPV4_MIN_HLEN + 8) as i32;
     ctx.adjust_room(room, BPF_ADJ_ROOM_NET, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
+    store_answer_header(ctx, pkt, PROTO_ICMP, icmp_len)?;
     ctx.store(ETH_HLEN + IPV4_MIN_HLEN, &icmp, 0)
         .map_err(|_| ())?;
     ctx.store(ETH_HLEN + IPV4_MIN_HLEN + 8, &orig_ip, 0)
         .map_err(|_| ())?;
     // The original UDP header already sits right after, where adjust_room left it.
-    let new_len = (ETH_HLEN + IPV4_MIN_HLEN) as u32 + icmp_len as u32;
-    // SAFETY: helper on our own skb.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb as *mut _, new_len, 0) } != 0 {
-        return Err(());
-    }
-    Ok(())
+    change_tail(ctx, ETH_HLEN + IPV4_MIN_HLEN + icmp_len as usize)
+}
+
+/// ICMPv6 destination unreachable / port unreachable (RFC 4443 3.1), quoting the
+/// original IPv6 header and the first 8 bytes of its UDP header; its checksum covers the
+/// pseudo-header.
+#[inline(always)]
+fn build_port_unreachable_v6(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
+    let orig_ip: Ipv6Hdr = ctx.load(pkt.l3_off).map_err(|_| ())?;
+    let orig_l4: [u32; 2] = ctx.load(pkt.l4_off).map_err(|_| ())?;
+    let quoted = (IPV6_HLEN + UDP_HLEN) as u16;
+    let icmp_len = 8 + quoted;
+
+    let mut icmp = IcmpHdr {
+        ty: ICMPV6_DEST_UNREACH,
+        code: ICMPV6_PORT_UNREACH,
+        csum: 0,
+        unused: 0,
+    };
+    let pseudo = answer_pseudo_sum(pkt, PROTO_ICMPV6, icmp_len);
+    let sum = csum::sum(&orig_l4, csum::sum(&orig_ip, csum::sum(&icmp, pseudo)));
+    icmp.csum = csum::finish(sum);
+
+    // [eth][ip6][udp...] -> [eth][ip6][48 bytes of room][udp...]
+    let room = (IPV6_HLEN + 8) as i32;
+    ctx.adjust_room(room, BPF_ADJ_ROOM_NET, 0).map_err(|_| ())?;
+    store_answer_header(ctx, pkt, PROTO_ICMPV6, icmp_len)?;
+    ctx.store(ETH_HLEN + IPV6_HLEN, &icmp, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN + IPV6_HLEN + 8, &orig_ip, 0)
+        .map_err(|_| ())?;
+    change_tail(ctx, ETH_HLEN + IPV6_HLEN + icmp_len as usize)
 }

@@ -2,13 +2,14 @@
 //! this node's own address as its source when reverse-translated at the pod's veth; the
 //! kernel's input route check would drop it there as a martian (a packet from outside
 //! claiming a local source). So the program looks the route up (`bpf_fib_lookup`),
-//! decrements the TTL as forwarding would, and hands the packet to the egress device,
+//! decrements the TTL (IPv4, with the header checksum) or the hop limit (IPv6, which has
+//! no header checksum) as forwarding would, and hands the packet to the egress device,
 //! which resolves the next hop's MAC (`bpf_redirect_neigh`) — as Cilium does.
 //!
 //! The later fragments of such a reply get the same treatment (`frag.rs`): they carry
 //! the node's address too.
 //!
-//! Rules: no route, or a TTL that would reach 0: the packet goes to the kernel as it is
+//! Rules: no route, or a TTL / hop limit that would reach 0: the packet goes to the kernel as it is
 //! (which drops it, as it would have before); a failed rewrite: dropped and counted.
 use core::mem::size_of;
 
@@ -20,27 +21,32 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
-use lb_common::counter;
+use lb_common::{counter, Addr};
 
 use crate::{
     counters::count,
     hook::Verdict,
-    parse::{ptr_at, Fragment, Packet, IP_CSUM_OFF},
+    parse::{ptr_at, Family, Fragment, Packet, IP_CSUM_OFF},
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 /// Offset of the TTL / protocol word in the IPv4 header.
 const IP_TTL_OFF: usize = 8;
+/// Offset of the hop limit in the IPv6 header.
+const IPV6_HOP_LIMIT_OFF: usize = 7;
 
 /// What the route lookup needs of a reply, as it will leave (addresses and ports in
 /// network byte order). A fragment after the first has no ports: 0.
 pub struct Leaving {
-    /// Offset of the IPv4 header.
+    pub family: Family,
+    /// Offset of the IP header.
     pub l3_off: usize,
-    pub tot_len: u16,
+    /// Length of the IP packet (for the lookup's MTU check).
+    pub l3_len: u32,
     pub proto: u8,
-    pub src: u32,
-    pub dst: u32,
+    pub src: Addr,
+    pub dst: Addr,
     pub sport: u16,
     pub dport: u16,
 }
@@ -48,12 +54,13 @@ pub struct Leaving {
 impl Leaving {
     /// A reverse-translated packet: its new source address and port.
     #[inline(always)]
-    pub fn packet(pkt: &Packet, src: u32, sport: u16) -> Self {
+    pub fn packet(pkt: &Packet, src: &Addr, sport: u16) -> Self {
         Leaving {
+            family: pkt.family,
             l3_off: pkt.l3_off,
-            tot_len: pkt.tot_len,
+            l3_len: pkt.l3_len,
             proto: pkt.proto,
-            src,
+            src: *src,
             dst: pkt.dst,
             sport,
             dport: pkt.dport,
@@ -62,12 +69,13 @@ impl Leaving {
 
     /// A reverse-translated fragment after the first: its new source address.
     #[inline(always)]
-    pub fn fragment(frag: &Fragment, src: u32) -> Self {
+    pub fn fragment(frag: &Fragment, src: &Addr) -> Self {
         Leaving {
+            family: frag.family,
             l3_off: frag.l3_off,
-            tot_len: frag.tot_len,
+            l3_len: frag.l3_len,
             proto: frag.proto,
-            src,
+            src: *src,
             dst: frag.dst,
             sport: 0,
             dport: 0,
@@ -79,16 +87,37 @@ impl Leaving {
 pub fn redirect(ctx: &TcContext, out: &Leaving) -> Verdict {
     // SAFETY: a plain C struct; all-zero is its documented initial state.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
     fib.l4_protocol = out.proto;
     fib.sport = out.sport;
     fib.dport = out.dport;
-    fib.__bindgen_anon_1.tot_len = out.tot_len;
-    // The device the packet came in by (on tc ingress, the skb's own device).
-    // SAFETY: reading a field of the program's skb.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib.__bindgen_anon_3.ipv4_src = out.src;
-    fib.__bindgen_anon_4.ipv4_dst = out.dst;
+    // The device the packet came in by (on tc ingress, the skb's own device), and
+    // whether the skb is GSO.
+    // SAFETY: reading fields of the program's skb.
+    let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) };
+    fib.ifindex = ifindex;
+    // The lookup checks the packet's length against the route's MTU (too long: the
+    // kernel gets it, as before). Not for a GSO skb (a pod's TSO send, up to 64 KiB,
+    // cut to the MTU on the way out): without `tot_len` the kernel checks its segments
+    // itself, where the header's length would fail every large reply.
+    if gso_size == 0 {
+        fib.__bindgen_anon_1.tot_len = if out.l3_len > 0xffff {
+            0xffff
+        } else {
+            out.l3_len as u16
+        };
+    }
+    match out.family {
+        Family::V4 => {
+            fib.family = AF_INET;
+            fib.__bindgen_anon_3.ipv4_src = out.src[3];
+            fib.__bindgen_anon_4.ipv4_dst = out.dst[3];
+        }
+        Family::V6 => {
+            fib.family = AF_INET6;
+            fib.__bindgen_anon_3.ipv6_src = out.src;
+            fib.__bindgen_anon_4.ipv6_dst = out.dst;
+        }
+    }
     // SAFETY: ctx is the program's skb; fib is a valid, sized parameter block.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -101,29 +130,74 @@ pub fn redirect(ctx: &TcContext, out: &Leaving) -> Verdict {
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return Verdict::Pass;
     }
-    let Some(word) = ptr_at::<[u8; 2], _>(ctx, out.l3_off + IP_TTL_OFF) else {
-        return Verdict::Pass;
+    let hop = match out.family {
+        Family::V4 => decrement_ttl(ctx, out.l3_off),
+        Family::V6 => decrement_hop_limit(ctx, out.l3_off),
     };
-    // SAFETY: bounds-checked by ptr_at.
-    let old = unsafe { word.read_unaligned() };
-    if old[0] <= 1 {
-        return Verdict::Pass;
-    }
-    let new = [old[0] - 1, old[1]];
-    let (old16, new16) = (u16::from_ne_bytes(old), u16::from_ne_bytes(new));
-    if ctx
-        .l3_csum_replace(out.l3_off + IP_CSUM_OFF, old16 as u64, new16 as u64, 2)
-        .is_err()
-        || ctx.store(out.l3_off + IP_TTL_OFF, &new16, 0).is_err()
-    {
-        count(counter::DROP_REWRITE_FAILED);
-        return Verdict::Drop;
+    match hop {
+        Hop::Done => {}
+        Hop::Expired => return Verdict::Pass,
+        Hop::Failed => {
+            count(counter::DROP_REWRITE_FAILED);
+            return Verdict::Drop;
+        }
     }
     // SAFETY: no neighbour parameters: the helper resolves the next hop itself.
     let ret = unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-    if ret == TC_ACT_REDIRECT as i32 {
+    if ret == TC_ACT_REDIRECT {
         Verdict::Redirect(ret)
     } else {
         Verdict::Pass
     }
+}
+
+enum Hop {
+    Done,
+    /// It would reach 0: the kernel drops it (and answers time exceeded).
+    Expired,
+    /// A helper failed.
+    Failed,
+}
+
+/// IPv4: TTL - 1, with the header checksum.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, l3_off: usize) -> Hop {
+    let Some(word) = ptr_at::<[u8; 2], _>(ctx, l3_off + IP_TTL_OFF) else {
+        return Hop::Expired;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let old = unsafe { word.read_unaligned() };
+    if old[0] <= 1 {
+        return Hop::Expired;
+    }
+    let new = [old[0] - 1, old[1]];
+    let (old16, new16) = (u16::from_ne_bytes(old), u16::from_ne_bytes(new));
+    if ctx
+        .l3_csum_replace(l3_off + IP_CSUM_OFF, old16 as u64, new16 as u64, 2)
+        .is_err()
+        || ctx.store(l3_off + IP_TTL_OFF, &new16, 0).is_err()
+    {
+        return Hop::Failed;
+    }
+    Hop::Done
+}
+
+/// IPv6: hop limit - 1 (no header checksum; the L4 checksum does not cover it).
+#[inline(always)]
+fn decrement_hop_limit(ctx: &TcContext, l3_off: usize) -> Hop {
+    let Some(hop) = ptr_at::<u8, _>(ctx, l3_off + IPV6_HOP_LIMIT_OFF) else {
+        return Hop::Expired;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let old = unsafe { hop.read() };
+    if old <= 1 {
+        return Hop::Expired;
+    }
+    if ctx
+        .store(l3_off + IPV6_HOP_LIMIT_OFF, &(old - 1), 0)
+        .is_err()
+    {
+        return Hop::Failed;
+    }
+    Hop::Done
 }

@@ -1,5 +1,5 @@
 //! Service lookup and backend selection.
-use lb_common::{Backend, Frontend, FrontendKey, SlotKey};
+use lb_common::{Addr, Backend, Frontend, FrontendKey, SlotKey};
 
 use crate::{
     maps::{LB_BACKENDS, LB_FRONTENDS, LB_SLOTS},
@@ -22,14 +22,24 @@ pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
 /// A backend by id, if it still exists (an unused id holds zeroes).
 #[inline(always)]
 pub fn lookup_backend(backend_id: u32) -> Option<Backend> {
-    LB_BACKENDS.get(backend_id).copied().filter(|b| b.addr != 0)
+    LB_BACKENDS
+        .get(backend_id)
+        .copied()
+        .filter(|b| b.addr != [0; 4])
+}
+
+/// The four words of an address folded into one (an IPv4-mapped address gives its IPv4
+/// address and a constant).
+#[inline(always)]
+fn fold_addr(a: &Addr) -> u32 {
+    a[0] ^ a[1] ^ a[2] ^ a[3]
 }
 
 /// murmur3's 32-bit finaliser over the 5-tuple: cheap, and spreads client ports well.
 #[inline(always)]
 pub fn flow_hash(pkt: &Packet) -> u32 {
-    let mut h = pkt.src
-        ^ pkt.dst.rotate_left(16)
+    let mut h = fold_addr(&pkt.src)
+        ^ fold_addr(&pkt.dst).rotate_left(16)
         ^ (((pkt.sport as u32) << 16) | pkt.dport as u32)
         ^ ((pkt.proto as u32) << 8);
     h ^= h >> 16;

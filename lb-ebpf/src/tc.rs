@@ -6,6 +6,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
+use lb_common::Addr;
 
 use crate::{
     hook::{Hook, Verdict},
@@ -23,18 +24,20 @@ impl Hook for TcContext {
     /// Its source may now be this node's own address (a NodePort): routed here, by FIB
     /// lookup and redirect, since the kernel's input route check would drop it as martian.
     #[inline(always)]
-    fn send_external_reply(&self, pkt: &Packet, src: u32, sport: u16) -> Verdict {
+    fn send_external_reply(&self, pkt: &Packet, src: &Addr, sport: u16) -> Verdict {
         route::redirect(self, &route::Leaving::packet(pkt, src, sport))
     }
 
     #[inline(always)]
-    fn send_external_fragment(&self, frag: &Fragment, src: u32) -> Verdict {
+    fn send_external_fragment(&self, frag: &Fragment, src: &Addr) -> Verdict {
         route::redirect(self, &route::Leaving::fragment(frag, src))
     }
 }
 
 /// Makes sure the headers we parse are in the skb's linear area (packets from a socket
-/// usually are; a GRO'd or fragmented skb may not be).
+/// usually are; a GRO'd or fragmented skb may not be): the longest IPv4 header, or an
+/// IPv6 header without extension headers, and TCP. (The IPv6 parser pulls further
+/// itself when it walks extension headers, `PacketData::make_readable`.)
 #[inline(always)]
 fn pull_headers(ctx: &TcContext) {
     const WANT: u32 = (ETH_HLEN + 60 + TCP_MIN_HLEN) as u32;

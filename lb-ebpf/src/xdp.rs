@@ -2,7 +2,7 @@
 //! exists, always linear (multi-buffer frames are not enabled for this program), with
 //! complete checksums, rewritten in place.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::counter;
+use lb_common::{counter, Addr};
 
 use crate::{
     counters::count,
@@ -24,12 +24,12 @@ impl Hook for XdpContext {
     /// Does not happen: external flows only go to this node's backends, whose replies
     /// leave through the pod program.
     #[inline(always)]
-    fn send_external_reply(&self, _pkt: &Packet, _src: u32, _sport: u16) -> Verdict {
+    fn send_external_reply(&self, _pkt: &Packet, _src: &Addr, _sport: u16) -> Verdict {
         Verdict::Pass
     }
 
     #[inline(always)]
-    fn send_external_fragment(&self, _frag: &Fragment, _src: u32) -> Verdict {
+    fn send_external_fragment(&self, _frag: &Fragment, _src: &Addr) -> Verdict {
         Verdict::Pass
     }
 }

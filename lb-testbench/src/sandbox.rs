@@ -5,10 +5,15 @@
 //! Neighbour entries are static, so no ARP is involved. The node has no route out of the
 //! sandbox: a packet the dataplane misses dies there.
 //!
+//! Dual stack: every pod also has an IPv6 /128 (`fd00:10:244::<n>`) with a default route
+//! via a link-local gateway (`fe80::1`), the node a /128 route per pod, and the node and
+//! the outside an IPv6 /64 on their link (`fd00:50::1`, `fd00:50::2`), all without
+//! duplicate address detection (`nodad`), so addresses work at once.
+//!
 //! Everything it makes (namespaces, processes, pins, files) goes away on drop, also when
 //! a test fails.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::Mutex,
@@ -21,10 +26,14 @@ use crate::{Error, Result};
 pub const HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// The pods' default gateway (link-local, answered by the static neighbour entry).
 pub const GATEWAY: &str = "169.254.1.1";
-/// The node's external interface, its address, and the outside client's address.
+/// The pods' IPv6 default gateway (link-local, answered by the static neighbour entry).
+pub const GATEWAY6: &str = "fe80::1";
+/// The node's external interface, its addresses, and the outside client's addresses.
 pub const EXTERNAL_IF: &str = "eth0";
 pub const NODE_IP: &str = "192.168.50.1";
 pub const OUTSIDE_IP: &str = "192.168.50.2";
+pub const NODE_IP6: &str = "fd00:50::1";
+pub const OUTSIDE_IP6: &str = "fd00:50::2";
 
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -32,6 +41,8 @@ pub struct Pod {
     /// Network namespace name.
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address.
+    pub ip6: Ipv6Addr,
     /// The host side of the pod's veth, in the node namespace.
     pub host_if: String,
 }
@@ -149,6 +160,8 @@ impl Sandbox {
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv6.conf.default.forwarding", "1"),
         ] {
             run(Command::new("ip").args([
                 "netns",
@@ -199,7 +212,20 @@ impl Sandbox {
             ])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         }
+        for (ns, addr) in [(node, NODE_IP6), (out, OUTSIDE_IP6)] {
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
         ip(&["-n", out, "route", "add", "default", "via", NODE_IP])?;
+        ip(&["-6", "-n", out, "route", "add", "default", "via", NODE_IP6])?;
         Ok(())
     }
 
@@ -208,6 +234,7 @@ impl Sandbox {
         let idx = self.next_ip;
         self.next_ip += 1;
         let ip_addr = Ipv4Addr::new(10, 244, 0, idx);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, idx as u16);
         let netns = format!("{}-{name}", self.prefix);
         let mut host_if = format!("lxc-{name}");
         host_if.truncate(15);
@@ -241,8 +268,57 @@ impl Sandbox {
             "nud",
             "permanent",
         ])?;
+        // IPv6: the pod's /128, a link-local default gateway answered by a static entry.
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-6", "-n", &netns, "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "neigh",
+            "replace",
+            GATEWAY6,
+            "lladdr",
+            HOST_MAC,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
         ip(&["-n", &node, "link", "set", &host_if, "up"])?;
         ip(&["-n", &node, "route", "add", &cidr, "dev", &host_if])?;
+        ip(&[
+            "-n",
+            &node,
+            "route",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            &host_if,
+        ])?;
+        ip(&[
+            "-n",
+            &node,
+            "neigh",
+            "replace",
+            &ip6.to_string(),
+            "lladdr",
+            &pod_mac,
+            "dev",
+            &host_if,
+            "nud",
+            "permanent",
+        ])?;
         ip(&[
             "-n",
             &node,
@@ -260,6 +336,7 @@ impl Sandbox {
             name: name.to_string(),
             netns,
             ip: ip_addr,
+            ip6,
             host_if,
         };
         self.pods.push(pod.clone());
@@ -290,7 +367,7 @@ impl Sandbox {
     /// not be run).
     pub fn http_get(&self, netns: &str, url: &str) -> Result<String, i32> {
         match self
-            .cmd(netns, &["curl", "-s", "--max-time", "3", url])
+            .cmd(netns, &["curl", "-g", "-s", "--max-time", "3", url])
             .output()
         {
             Ok(o) if o.status.success() => {
@@ -358,7 +435,7 @@ impl Sandbox {
              events {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             server {{\n    listen {port};\n    location / {{ return 200 \"{pod}\\n\"; }}\n  }}\n}}\n"
+             server {{\n    listen {port};\n    listen [::]:{port};\n    location / {{ return 200 \"{pod}\\n\"; }}\n  }}\n}}\n"
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf).map_err(|e| Error::Sandbox(e.to_string()))?;
@@ -382,7 +459,8 @@ impl Sandbox {
         let name = p.name.clone();
         let handle = std::thread::spawn(move || {
             let bound = enter(&p.netns).and_then(|()| {
-                let s = std::net::UdpSocket::bind(("0.0.0.0", port))
+                // "::" takes both families (bindv6only is off in a new namespace).
+                let s = std::net::UdpSocket::bind(("::", port))
                     .map_err(|e| Error::Sandbox(format!("udp {port} in {}: {e}", p.netns)))?;
                 s.set_read_timeout(Some(Duration::from_millis(100)))
                     .map_err(|e| Error::Sandbox(e.to_string()))?;

@@ -137,7 +137,7 @@ impl Env {
                 let maps = Maps::from_pins(self.sb.pin_dir()).ok()?;
                 let st = maps.read_state().ok()?;
                 let key = lb_common::FrontendKey {
-                    addr: u32::from(WEB.parse::<std::net::Ipv4Addr>().unwrap()).to_be(),
+                    addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
                     port: 80u16.to_be(),
                     proto: lb_common::PROTO_TCP,
                     _pad: 0,
@@ -704,5 +704,218 @@ fn a_udp_reply_larger_than_the_mtu_reaches_an_outside_client_through_a_nodeport(
     assert!(
         answers.iter().all(|a| *a == (nodeport, 4000)),
         "{answers:?}"
+    );
+}
+
+// ---- Dual stack: IPv6 everywhere IPv4 works (named after kube's dual-stack e2e cases) ----
+
+const WEB6: &str = "fd00:10:96::a";
+const IPERF6: &str = "fd00:10:96::14";
+const NODE_IP6: &str = lb_testbench::sandbox::NODE_IP6;
+
+/// The backends' IPv6 addresses (the sandbox gives pod n the host part n).
+fn backend_ip6(name: &str) -> String {
+    match name {
+        "backend-1" => "fd00:10:244::c",
+        "backend-2" => "fd00:10:244::d",
+        "backend-3" => "fd00:10:244::e",
+        other => panic!("{other}"),
+    }
+    .to_string()
+}
+
+/// `[v6]:port` or `v4:port` for URLs and socket addresses.
+fn hostport(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// web: a dual-stack NodePort Service (ClusterIPs WEB and WEB6, NodePort 30080/TCP and
+/// 30053/UDP on both node addresses) on the three backends, one IPv4 and one IPv6 slice;
+/// iperf: dual-stack on backend-3. The node is `node-a`. 8 frontends.
+fn dual_stack_config() -> String {
+    let eps = |ip: fn(&str) -> String| -> String {
+        BACKENDS
+            .iter()
+            .map(|b| format!("      - {{addresses: [\"{}\"], nodeName: node-a}}\n", ip(b)))
+            .collect()
+    };
+    let (v4, v6) = (eps(backend_ip), eps(backend_ip6));
+    format!(
+        "node: {{name: node-a, addresses: [\"{NODE_IP}\", \"{NODE_IP6}\"]}}
+services:
+  - name: web
+    clusterIPs: [\"{WEB}\", \"{WEB6}\"]
+    ipFamilies: [IPv4, IPv6]
+    ipFamilyPolicy: RequireDualStack
+    type: NodePort
+    ports:
+      - {{name: http, port: 80, nodePort: 30080, protocol: TCP}}
+      - {{name: dns, port: 53, nodePort: 30053, protocol: UDP}}
+  - name: iperf
+    clusterIPs: [\"{IPERF6}\", \"{IPERF}\"]
+    ports:
+      - {{name: iperf, port: 5201, protocol: TCP}}
+endpointSlices:
+  - name: web-v4
+    serviceName: web
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+      - {{name: dns, port: 5353, protocol: UDP}}
+    endpoints:
+{v4}  - name: web-v6
+    serviceName: web
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+      - {{name: dns, port: 5353, protocol: UDP}}
+    endpoints:
+{v6}  - name: iperf-v6
+    serviceName: iperf
+    ports:
+      - {{name: iperf, port: 5201, protocol: TCP}}
+    endpoints:
+      - {{addresses: [\"{}\"], nodeName: node-a}}
+  - name: iperf-v4
+    serviceName: iperf
+    ports:
+      - {{name: iperf, port: 5201, protocol: TCP}}
+    endpoints:
+      - {{addresses: [\"{}\"], nodeName: node-a}}
+",
+        backend_ip6("backend-3"),
+        backend_ip("backend-3"),
+    )
+}
+
+/// 2 ClusterIPs x 2 ports + 2 NodePorts x 2 ports (web), 2 ClusterIPs (iperf).
+const DUAL_STACK_FRONTENDS: usize = 10;
+
+/// HTTP from `netns` to `url`, `n` times: who answered, how often.
+fn who_answers(env: &Env, netns: &str, url: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let who = env
+            .sb
+            .http_get(netns, url)
+            .unwrap_or_else(|code| panic!("curl {url} failed: exit {code}\n{}", env.agent_log()));
+        *seen.entry(who).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// UDP datagrams from `netns` to `to`, `n` times: (the source of each answer, who).
+fn udp_answers(netns: &str, to: String, n: usize) -> Vec<(SocketAddr, String)> {
+    let to: SocketAddr = to.parse().unwrap();
+    run_in(netns, move || {
+        (0..n)
+            .map(|_| {
+                let any: SocketAddr = if to.is_ipv6() {
+                    "[::]:0".parse().unwrap()
+                } else {
+                    "0.0.0.0:0".parse().unwrap()
+                };
+                let s = UdpSocket::bind(any).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.send_to(b"who?", to).unwrap();
+                let mut buf = [0u8; 64];
+                let (len, from) = s.recv_from(&mut buf).expect("an answer");
+                (
+                    from,
+                    String::from_utf8_lossy(&buf[..len]).trim().to_string(),
+                )
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+/// [sig-network] [Feature:IPv6DualStack] should function for pod-Service: http
+#[test]
+fn dual_stack_should_function_for_pod_service_http() {
+    let env = Env::with_frontends(&dual_stack_config(), &[], DUAL_STACK_FRONTENDS);
+    for ip in [WEB, WEB6] {
+        let url = format!("http://{}/", hostport(ip, 80));
+        let seen = who_answers(&env, &env.client(), &url, 30);
+        assert_eq!(
+            seen.keys().cloned().collect::<Vec<_>>(),
+            BACKENDS.to_vec(),
+            "{url}: {seen:?}"
+        );
+    }
+}
+
+/// [sig-network] [Feature:IPv6DualStack] should function for pod-Service: udp
+#[test]
+fn dual_stack_should_function_for_pod_service_udp() {
+    let env = Env::with_frontends(&dual_stack_config(), &[], DUAL_STACK_FRONTENDS);
+    for ip in [WEB, WEB6] {
+        let service: SocketAddr = hostport(ip, 53).parse().unwrap();
+        let answers = udp_answers(&env.client(), service.to_string(), 36);
+        let mut seen = BTreeMap::new();
+        for (from, who) in answers {
+            assert_eq!(from, service, "the client only ever sees the Service");
+            *seen.entry(who).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "{ip}: {seen:?}");
+    }
+}
+
+/// [sig-network] [Feature:IPv6DualStack] should function for endpoint-Service (the
+/// NodePort from outside the cluster, on the node's IPv6 and IPv4 addresses), http and
+/// udp; and a pod reaching the node's IPv6 NodePort (its reply routed by the program).
+#[test]
+fn dual_stack_node_ports_from_outside_and_from_a_pod_on_both_families() {
+    let env = Env::with_frontends(&dual_stack_config(), &[], DUAL_STACK_FRONTENDS);
+    let outside = env.sb.outside.clone();
+    for ip in [NODE_IP6, NODE_IP] {
+        let url = format!("http://{}/", hostport(ip, 30080));
+        let seen = who_answers(&env, &outside, &url, 30);
+        assert_eq!(
+            seen.keys().cloned().collect::<Vec<_>>(),
+            BACKENDS.to_vec(),
+            "{url}: {seen:?}"
+        );
+        let node_port: SocketAddr = hostport(ip, 30053).parse().unwrap();
+        for (from, _) in udp_answers(&outside, node_port.to_string(), 12) {
+            assert_eq!(from, node_port, "answered from the NodePort");
+        }
+    }
+    let seen = who_answers(
+        &env,
+        &env.client(),
+        &format!("http://{}/", hostport(NODE_IP6, 30080)),
+        6,
+    );
+    assert_eq!(seen.values().sum::<usize>(), 6);
+}
+
+/// iperf3 over IPv6 through the ClusterIP, beside the pod's IPv6 address (not an
+/// assertion on speed: prints both and checks both carry traffic).
+#[test]
+fn iperf3_over_ipv6_through_the_cluster_ip_beside_the_pod_ip() {
+    let env = Env::with_frontends(&dual_stack_config(), &[], DUAL_STACK_FRONTENDS);
+    let mut rows = Vec::new();
+    for round in 0..2 {
+        for (label, ip) in [
+            ("pod IP", backend_ip6("backend-3")),
+            ("ClusterIP", IPERF6.into()),
+        ] {
+            let log = format!("iperf6-{round}-{label}.json").replace(' ', "-");
+            let pid = env.start_iperf3(&ip, 2, &log);
+            let (intervals, total) = env.iperf3_result(pid, &log);
+            assert!(total > 0.0, "{label}: no traffic");
+            assert!(
+                intervals.iter().all(|b| *b > 0.0),
+                "{label}: an interval without traffic"
+            );
+            rows.push(format!("{label:<10} {:>8.2} Gbit/s", total / 1e9));
+        }
+    }
+    eprintln!(
+        "iperf3 over IPv6, client pod -> backend-3, 2 s each, interleaved:\n{}",
+        rows.join("\n")
     );
 }

@@ -1070,3 +1070,70 @@ async fn node_ports_follow_the_node_addresses_and_use_local_endpoints() {
     assert_eq!(agent.metrics.map_update_errors.get(), 0);
     agent.stop().await;
 }
+
+/// A dual-stack Service (both cluster IPs, an IPv4 and an IPv6 EndpointSlice, a Node
+/// with an address of each family): every frontend of each family, served by the
+/// endpoints of its own family; then the Service goes single-stack and the IPv6 side
+/// leaves the maps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_service_is_programmed_on_both_families() {
+    let api = FakeApi::start().await;
+    let mut n = node(NODE);
+    n["status"] = json!({"addresses": [
+        {"type": "InternalIP", "address": "192.168.50.1"},
+        {"type": "InternalIP", "address": "fd00:50::1"},
+    ]});
+    api.apply(n);
+    let dual = |families: &[&str]| {
+        let ips: Vec<&str> = families
+            .iter()
+            .map(|f| if *f == "IPv4" { WEB } else { "fd00:10:96::a" })
+            .collect();
+        json!({"kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"type": "NodePort", "clusterIP": ips[0], "clusterIPs": ips,
+                        "ipFamilies": families,
+                        "ipFamilyPolicy": if families.len() == 2 { "RequireDualStack" } else { "SingleStack" },
+                        "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]}})
+    };
+    api.apply(dual(&["IPv4", "IPv6"]));
+    let slice_of = |name: &str, family: &str, addrs: &[&str]| {
+        let eps: Vec<Value> = addrs
+            .iter()
+            .map(|a| json!({"addresses": [a], "nodeName": NODE}))
+            .collect();
+        json!({"kind": "EndpointSlice",
+               "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": family, "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+               "endpoints": eps})
+    };
+    api.apply(slice_of("web-v4", "IPv4", &["10.244.1.2", "10.244.1.3"]));
+    api.apply(slice_of(
+        "web-v6",
+        "IPv6",
+        &["fd00:10:244::2", "fd00:10:244::3"],
+    ));
+    let agent = Agent::start(&api).await;
+    agent.wait_ready().await;
+    let dir = agent.dir().to_path_buf();
+    let v4: &[&str] = &["10.244.1.2:8080/TCP", "10.244.1.3:8080/TCP"];
+    let v6: &[&str] = &["[fd00:10:244::2]:8080/TCP", "[fd00:10:244::3]:8080/TCP"];
+    wait_maps(&dir, "both families' frontends", |s| {
+        s.frontends
+            == fe(&[
+                ("10.96.0.10:80/TCP", v4),
+                ("192.168.50.1:30080/TCP", v4),
+                ("[fd00:10:96::a]:80/TCP", v6),
+                ("[fd00:50::1]:30080/TCP", v6),
+            ])
+    })
+    .await;
+    // Single stack again: the IPv6 frontends go, and the IPv6 backends with them.
+    api.apply(dual(&["IPv4"]));
+    wait_maps(&dir, "the IPv4 side only", |s| {
+        s.frontends == fe(&[("10.96.0.10:80/TCP", v4), ("192.168.50.1:30080/TCP", v4)])
+            && s.backends.iter().all(|b| !b.starts_with('['))
+    })
+    .await;
+    assert_eq!(agent.metrics.map_update_errors.get(), 0);
+    agent.stop().await;
+}

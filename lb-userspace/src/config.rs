@@ -28,7 +28,11 @@ pub fn parse(origin: &str, text: &str) -> Result<Config> {
     validated(origin, cfg)
 }
 
-fn validated(origin: &str, cfg: Config) -> Result<Config> {
+fn validated(origin: &str, mut cfg: Config) -> Result<Config> {
+    for svc in &mut cfg.services {
+        // `clusterIP` joins `clusterIPs` (a disagreement stays for validation to name).
+        svc.normalize();
+    }
     model::validate_config(&cfg).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
     Ok(cfg)
 }
@@ -110,7 +114,7 @@ mod tests {
             "services:\n  - name: web\n    clusterIP: 10.96.0.300\n    ports: [{port: 80}]\n";
         let e = parse("f.yaml", text).unwrap_err().to_string();
         assert!(e.contains("f.yaml: line 3"), "{e}");
-        assert!(e.contains("invalid IPv4 address"), "{e}");
+        assert!(e.contains("invalid IP address"), "{e}");
     }
 
     #[test]
@@ -177,7 +181,7 @@ endpointSlices:
         assert_eq!(web.external_traffic_policy, model::TrafficPolicy::Local);
         assert_eq!(
             web.external_ips,
-            vec!["203.0.113.5".parse::<std::net::Ipv4Addr>().unwrap()]
+            vec!["203.0.113.5".parse::<std::net::IpAddr>().unwrap()]
         );
         assert_eq!(web.ports[0].node_port, Some(30080));
         let lb = &cfg.services[1];
@@ -241,5 +245,73 @@ endpointSlices:
             e.contains("Node") && e.contains("node-a") && e.contains("224.0.0.1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn dual_stack_services_in_the_file_and_their_errors() {
+        let text = "\
+node: {name: node-a, addresses: [192.168.1.1, \"fd00:50::1\"]}
+services:
+  - name: dual
+    clusterIPs: [10.96.0.10, \"fd00:10:96::a\"]
+    ipFamilies: [IPv4, IPv6]
+    ipFamilyPolicy: RequireDualStack
+    ports: [{port: 80}]
+  - name: v6
+    clusterIP: \"fd00:10:96::b\"
+    ports: [{port: 80}]
+endpointSlices:
+  - name: dual-v6
+    serviceName: dual
+    ports: [{port: 8080}]
+    endpoints:
+      - {addresses: [\"fd00:10:244::2\"]}
+";
+        let cfg = parse("f.yaml", text).unwrap();
+        assert_eq!(cfg.services[0].cluster_ips.len(), 2);
+        assert_eq!(
+            cfg.services[1].cluster_ips,
+            vec!["fd00:10:96::b".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let st = model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
+        let got: Vec<String> = st
+            .frontends
+            .iter()
+            .map(|(fe, f)| format!("{fe} {}", f.active.len()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "10.96.0.10:80/TCP 0",
+                "[fd00:10:96::a]:80/TCP 1",
+                "[fd00:10:96::b]:80/TCP 0"
+            ]
+        );
+        for (bad, why) in [
+            (
+                "services:\n  - {name: a, clusterIP: 10.96.0.1, clusterIPs: [10.96.0.2], ports: [{port: 80}]}\n",
+                "clusterIP 10.96.0.1 is not clusterIPs' first address 10.96.0.2",
+            ),
+            (
+                "services:\n  - {name: a, clusterIPs: [10.96.0.1, 10.96.0.2], ports: [{port: 80}]}\n",
+                "at most one address per family",
+            ),
+            (
+                "services:\n  - {name: a, clusterIPs: [10.96.0.1], ipFamilies: [IPv6], ports: [{port: 80}]}\n",
+                "ipFamilies [IPv6] do not match",
+            ),
+            (
+                "services:\n  - {name: a, clusterIP: \"fd00::1\", ipFamilyPolicy: RequireDualStack, ports: [{port: 80}]}\n",
+                "RequireDualStack with 1 clusterIP",
+            ),
+            ("services:\n  - {name: a, ports: [{port: 80}]}\n", "has no clusterIP"),
+            (
+                "services:\n  - {name: a, clusterIP: \"ff02::1\", ports: [{port: 80}]}\n",
+                "cannot be a Service address",
+            ),
+        ] {
+            let e = parse("f", bad).unwrap_err().to_string();
+            assert!(e.contains("Service default/a") && e.contains(why), "{bad}: {e}");
+        }
     }
 }

@@ -69,6 +69,57 @@ impl Default for LoadOptions {
     }
 }
 
+/// (key size, value size, entries or 0 for "any") each map has in this build.
+fn layout(name: &str) -> Option<(usize, usize, u32)> {
+    use std::mem::size_of;
+
+    use lb_common::{counter, *};
+    Some(match name {
+        MAP_FRONTENDS => (size_of::<FrontendKey>(), size_of::<Frontend>(), 0),
+        MAP_SLOTS => (size_of::<SlotKey>(), size_of::<Slot>(), 0),
+        MAP_BACKENDS => (size_of::<u32>(), size_of::<Backend>(), 0),
+        MAP_CONNTRACK => (size_of::<CtKey>(), size_of::<CtValue>(), 0),
+        MAP_COUNTERS => (size_of::<u32>(), size_of::<u64>(), counter::COUNT),
+        MAP_FRAGS => (size_of::<FragKey>(), size_of::<FragValue>(), 0),
+        _ => return None,
+    })
+}
+
+/// Refuses maps pinned by an agent whose layout differs from this one's (another
+/// version): re-using them would make the datapath misread every entry.
+fn check_pinned_layouts(pins: &[(&str, PathBuf)]) -> Result<()> {
+    for (name, path) in pins.iter().filter(|(_, p)| p.exists()) {
+        let Some((key, value, entries)) = layout(name) else {
+            continue;
+        };
+        let info = aya::maps::MapInfo::from_pin(path)
+            .map_err(|e| Error::Load(format!("reading the pinned map {}: {e}", path.display())))?;
+        let (k, v, n) = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if k != key || v != value || (entries != 0 && n != entries) {
+            let dir = path.parent().unwrap_or(path);
+            return Err(Error::Load(format!(
+                "the map pinned at {} has another layout (key {k} bytes, value {v} bytes, \
+                 {n} entries; this lb has key {key}, value {value}{}): an agent of another \
+                 version pinned it, and this one would misread it. Stop that agent and \
+                 remove its pins to start afresh (the datapath stops until this agent \
+                 attaches): rm -r {}",
+                path.display(),
+                if entries != 0 {
+                    format!(", {entries} entries")
+                } else {
+                    String::new()
+                },
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Mounts bpffs on `/sys/fs/bpf` if `dir` is under it and nothing is mounted there yet.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     let root = Path::new("/sys/fs/bpf");
@@ -182,17 +233,18 @@ impl Datapath {
             ));
         }
         ensure_bpffs(&opts.pin_dir)?;
+        let pins: Vec<(&str, PathBuf)> = MAP_NAMES
+            .into_iter()
+            .map(|m| (m, opts.pin_dir.join(m)))
+            .collect();
+        let reused = pins.iter().filter(|(_, p)| p.exists()).count();
+        check_pinned_layouts(&pins)?;
         for hook in [Hook::Pod, Hook::External] {
             let dir = opts.pin_dir.join(hook.links_dir());
             fs::create_dir_all(&dir).map_err(|e| {
                 Error::Load(format!("cannot create pin folder {}: {e}", dir.display()))
             })?;
         }
-        let pins: Vec<(&str, PathBuf)> = MAP_NAMES
-            .into_iter()
-            .map(|m| (m, opts.pin_dir.join(m)))
-            .collect();
-        let reused = pins.iter().filter(|(_, p)| p.exists()).count();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());

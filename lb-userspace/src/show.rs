@@ -1,12 +1,12 @@
 //! `lb show`: what is in the maps, read from the pins (works while the agent runs, and
 //! after it exited with `--keep-pinned`).
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use lb_common::{CtValue, CT_DIR_FORWARD, CT_F_EXTERNAL, CT_STATE_CLOSING, CT_STATE_ESTABLISHED};
 
 use crate::{
     dataplane::{
-        plan::{backend_addr, frontend_addr},
+        plan::{backend_addr, frontend_addr, ip_addr},
         Maps,
     },
     model::{FrontendKind, Protocol},
@@ -41,6 +41,14 @@ pub fn render(pin_dir: &Path, what: What) -> Result<String> {
     Ok(out)
 }
 
+/// `ip:port` of an address and a port as the maps hold them (IPv6 in brackets).
+fn endpoint(a: &lb_common::Addr, port: u16) -> String {
+    match ip_addr(a) {
+        IpAddr::V4(ip) => format!("{ip}:{}", u16::from_be(port)),
+        IpAddr::V6(ip) => format!("[{ip}]:{}", u16::from_be(port)),
+    }
+}
+
 fn services(maps: &Maps, out: &mut String) -> Result<()> {
     let st = maps.read_state()?;
     let mut fes: Vec<_> = st.frontends.iter().collect();
@@ -55,11 +63,7 @@ fn services(maps: &Maps, out: &mut String) -> Result<()> {
             .slot_list(f)
             .iter()
             .map(|id| match st.backend(*id) {
-                Some(b) => format!(
-                    "{}:{}",
-                    Ipv4Addr::from(u32::from_be(b.addr)),
-                    u16::from_be(b.port)
-                ),
+                Some(b) => endpoint(&b.addr, b.port),
                 None => format!("#{id}?"),
             })
             .collect();
@@ -107,8 +111,7 @@ fn conntrack(maps: &Maps, out: &mut String) -> Result<()> {
     entries.sort_by_key(|(k, v)| (v.dir, k.src_addr, k.src_port, k.dst_addr, k.dst_port));
     let _ = writeln!(out, "DIR      PROTO  SOURCE                 DESTINATION            NAT                    BACKEND  STATE");
     for (k, v) in entries {
-        let ep =
-            |a: u32, p: u16| format!("{}:{}", Ipv4Addr::from(u32::from_be(a)), u16::from_be(p));
+        let ep = |a: lb_common::Addr, p: u16| endpoint(&a, p);
         let proto = Protocol::from_number(k.proto)
             .map(|p| p.to_string())
             .unwrap_or_else(|| k.proto.to_string());

@@ -132,7 +132,7 @@ fn slice(s: &Svc, not_ready: Option<usize>) -> Value {
 
 fn frontend_key(s: &Svc) -> FrontendKey {
     FrontendKey {
-        addr: u32::from(s.ip).to_be(),
+        addr: lb_userspace::dataplane::plan::map_addr(&s.ip.into()),
         port: s.port.to_be(),
         proto: PROTO_TCP,
         _pad: 0,

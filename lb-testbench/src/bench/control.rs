@@ -8,7 +8,7 @@
 //! - the agent path: `lb run --config` on the same services as a YAML file, in a sandbox
 //!   namespace with no interface to attach to: spawn to synced, RSS, map memory.
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -24,7 +24,7 @@ use lb_userspace::{
 use super::{
     agentpath, check_interrupted, datapath, progress,
     stats::{median, quantile},
-    workload::{self, Endpoints, WEB_IP, WEB_PORT},
+    workload::{self, Endpoints, WEB_IP, WEB_IP6, WEB_PORT},
     Opts,
 };
 use crate::{packet, sandbox::Sandbox, Error, Result};
@@ -108,19 +108,47 @@ fn load_opts(pin_dir: PathBuf, services: usize, endpoints: usize) -> LoadOptions
     }
 }
 
-const PING: Ipv4Addr = Ipv4Addr::new(10, 96, 255, 1);
-const PONG: Ipv4Addr = Ipv4Addr::new(10, 96, 255, 2);
+/// The addresses of the per-packet runs, for one family.
+struct Family {
+    client: IpAddr,
+    pod: IpAddr,
+    web: IpAddr,
+    ping: IpAddr,
+    pong: IpAddr,
+}
 
-/// PING:80 -> backend PONG:80 and PONG:80 -> backend PING:80.
+const FAMILIES: [Family; 2] = [
+    Family {
+        client: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 11)),
+        pod: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 12)),
+        web: IpAddr::V4(WEB_IP),
+        ping: IpAddr::V4(Ipv4Addr::new(10, 96, 255, 1)),
+        pong: IpAddr::V4(Ipv4Addr::new(10, 96, 255, 2)),
+    },
+    Family {
+        client: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0xb)),
+        pod: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0xc)),
+        web: IpAddr::V6(WEB_IP6),
+        ping: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0xff, 1)),
+        pong: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0xff, 2)),
+    },
+];
+
+/// In each family, PING:80 -> backend PONG:80 and PONG:80 -> backend PING:80.
 fn add_ping_pong(cfg: &mut lb_userspace::model::Config) {
     use lb_userspace::model::{
         Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort,
     };
-    for (name, ip, backend) in [("ping", PING, PONG), ("pong", PONG, PING)] {
+    for (i, (name, ip, backend)) in FAMILIES
+        .iter()
+        .flat_map(|f| [("ping", f.ping, f.pong), ("pong", f.pong, f.ping)])
+        .enumerate()
+    {
+        let name = format!("{name}-{i}");
         cfg.services.push(Service {
-            name: name.into(),
+            name: name.clone(),
             namespace: "bench".into(),
-            cluster_ip: ip,
+            cluster_ips: vec![ip],
             ports: vec![ServicePort {
                 name: String::new(),
                 port: 80,
@@ -131,9 +159,9 @@ fn add_ping_pong(cfg: &mut lb_userspace::model::Config) {
             ..Default::default()
         });
         cfg.endpoint_slices.push(EndpointSlice {
-            name: name.into(),
+            name: name.clone(),
             namespace: "bench".into(),
-            service_name: name.into(),
+            service_name: name,
             ports: vec![EndpointPort {
                 name: String::new(),
                 port: 80,
@@ -166,14 +194,31 @@ where
 
 /// ns per packet of both programs (the tc one on pods' veths and the XDP one on the
 /// node's external interfaces), each with the maps as they are.
+/// In each family (IPv4, then IPv6 beside it).
 fn packet_costs(datapath: &mut Datapath) -> Result<Vec<PacketCost>> {
-    let tc = &*datapath.program();
-    let tc = packet_cost("tc", &|p: &[u8], n| test_run(tc, p, n), 40_000)?;
-    let xdp = &*datapath.xdp_program();
-    Ok(vec![
-        tc,
-        packet_cost("XDP", &|p: &[u8], n| test_run(xdp, p, n), 50_000)?,
-    ])
+    let mut out = Vec::new();
+    for (f, ports) in FAMILIES.iter().zip([(40_000, 50_000), (42_000, 52_000)]) {
+        let tc = &*datapath.program();
+        out.push(packet_cost(
+            ("tc", "tc IPv6"),
+            f,
+            &|p: &[u8], n| test_run(tc, p, n),
+            ports.0,
+        )?);
+        let xdp = &*datapath.xdp_program();
+        out.push(packet_cost(
+            ("XDP", "XDP IPv6"),
+            f,
+            &|p: &[u8], n| test_run(xdp, p, n),
+            ports.1,
+        )?);
+    }
+    Ok(out)
+}
+
+/// A TCP frame of either family.
+fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Vec<u8> {
+    packet::Spec::tcp_ip(src, sport, dst, dport, flags).build()
 }
 
 /// ns per packet of one program, for a new flow, an established flow, a reply and a
@@ -187,7 +232,13 @@ fn packet_costs(datapath: &mut Datapath) -> Result<Vec<PacketCost>> {
 /// is estimated with the packet to no Service, which the program does not rewrite: its
 /// single-run median minus its average over 200000 repeats. Reported values have it
 /// subtracted; the raw single-run medians are kept beside them.
-fn packet_cost(program: &'static str, run: &RunFn<'_>, ports: u16) -> Result<PacketCost> {
+fn packet_cost(
+    names: (&'static str, &'static str),
+    f: &Family,
+    run: &RunFn<'_>,
+    ports: u16,
+) -> Result<PacketCost> {
+    let program = if f.client.is_ipv4() { names.0 } else { names.1 };
     let singles = |pkts: &mut dyn FnMut(u16) -> Vec<u8>| -> Result<(f64, u32)> {
         let mut v = Vec::with_capacity(2000);
         let mut ret = 0;
@@ -198,10 +249,10 @@ fn packet_cost(program: &'static str, run: &RunFn<'_>, ports: u16) -> Result<Pac
         }
         Ok((median(&v), ret))
     };
-    let client = Ipv4Addr::new(10, 244, 0, 11);
-    let pod = Ipv4Addr::new(10, 244, 0, 12);
+    let (client, pod, web) = (f.client, f.pod, f.web);
+    let (ping, pong) = (f.ping, f.pong);
     // Harness overhead of a single run, from the packet the program leaves alone.
-    let none = packet::tcp(client, ports - 1, pod, 8080, packet::ACK);
+    let none = tcp(client, ports - 1, pod, 8080, packet::ACK);
     let mut rep = Vec::new();
     let mut none_ret = 0;
     for _ in 0..5 {
@@ -214,33 +265,35 @@ fn packet_cost(program: &'static str, run: &RunFn<'_>, ports: u16) -> Result<Pac
     let overhead = (none_single - none_repeated).max(0.0);
     // New flows: a fresh source port each run.
     let (new_single, new_ret) =
-        singles(&mut |i| packet::tcp(client, ports - 20_000 + i, WEB_IP, WEB_PORT, packet::SYN))?;
+        singles(&mut |i| tcp(client, ports - 20_000 + i, web, WEB_PORT, packet::SYN))?;
     // Where did those flows go? (a check of the maps the benchmark wrote)
     let mut dsts = std::collections::BTreeMap::new();
     for i in 0..200u16 {
         let (_, _, out) = run(
-            &packet::tcp(client, ports - 10_000 + i, WEB_IP, WEB_PORT, packet::SYN),
+            &tcp(client, ports - 10_000 + i, web, WEB_PORT, packet::SYN),
             1,
         )?;
-        *dsts.entry(packet::dst_of(&out)).or_insert(0) += 1;
+        *dsts.entry(dst_of(&out)).or_insert(0) += 1;
     }
     progress(format!(
-        "   per packet ({program}): 200 new flows to {WEB_IP}:{WEB_PORT} went to {dsts:?}"
+        "   per packet ({program}): 200 new flows to {web} port {WEB_PORT} went to {dsts:?}"
     ));
     // One established flow, and its replies.
     let sport = ports;
-    let (_, _, syn_out) = run(
-        &packet::tcp(client, sport, WEB_IP, WEB_PORT, packet::SYN),
-        1,
-    )?;
+    let (_, _, syn_out) = run(&tcp(client, sport, web, WEB_PORT, packet::SYN), 1)?;
     let (backend, bport) =
-        packet::dst_of(&syn_out).ok_or_else(|| Error::Sandbox("SYN came back short".into()))?;
+        dst_of(&syn_out).ok_or_else(|| Error::Sandbox("SYN came back short".into()))?;
     progress(format!(
-        "   per packet ({program}): SYN to {WEB_IP}:{WEB_PORT} was sent to {backend}:{bport}"
+        "   per packet ({program}): SYN to {web} port {WEB_PORT} was sent to {backend} port {bport}"
     ));
-    let est = packet::tcp(client, sport, WEB_IP, WEB_PORT, packet::ACK);
+    if backend == web {
+        return Err(Error::Sandbox(format!(
+            "{program}: a SYN to {web} was not translated"
+        )));
+    }
+    let est = tcp(client, sport, web, WEB_PORT, packet::ACK);
     let (est_single, est_ret) = singles(&mut |_| est.clone())?;
-    let reply = packet::tcp(backend, bport, client, sport, packet::ACK);
+    let reply = tcp(backend, bport, client, sport, packet::ACK);
     let (reply_single, reply_ret) = singles(&mut |_| reply.clone())?;
     // Repeated (the method): PING <-> PONG flows, so every repeat translates.
     let repeated = |pkt: &[u8]| -> Result<(f64, u32)> {
@@ -255,13 +308,12 @@ fn packet_cost(program: &'static str, run: &RunFn<'_>, ports: u16) -> Result<Pac
         Ok((median(&v), ret))
     };
     let pp_sport = ports + 1_000;
-    let (est_rep, est_rep_ret) = repeated(&packet::tcp(client, pp_sport, PING, 80, packet::ACK))?;
+    let (est_rep, est_rep_ret) = repeated(&tcp(client, pp_sport, ping, 80, packet::ACK))?;
     // Replies: flows client -> PING and client -> PONG leave reply entries
     // PONG:80 -> client (restore PING) and PING:80 -> client (restore PONG).
-    run(&packet::tcp(client, pp_sport + 1, PING, 80, packet::SYN), 1)?;
-    run(&packet::tcp(client, pp_sport + 1, PONG, 80, packet::SYN), 1)?;
-    let (reply_rep, reply_rep_ret) =
-        repeated(&packet::tcp(PONG, 80, client, pp_sport + 1, packet::ACK))?;
+    run(&tcp(client, pp_sport + 1, ping, 80, packet::SYN), 1)?;
+    run(&tcp(client, pp_sport + 1, pong, 80, packet::SYN), 1)?;
+    let (reply_rep, reply_rep_ret) = repeated(&tcp(pong, 80, client, pp_sport + 1, packet::ACK))?;
     let cost = PacketCost {
         program,
         cases: vec![
@@ -307,19 +359,32 @@ fn packet_cost(program: &'static str, run: &RunFn<'_>, ports: u16) -> Result<Pac
     Ok(cost)
 }
 
-/// The control plane runs' Services: `scale` of them with 10 endpoints each.
+/// Destination address and port of a TCP/UDP frame of either family.
+fn dst_of(pkt: &[u8]) -> Option<(IpAddr, u16)> {
+    (pkt.len() >= 54).then(|| {
+        let v = packet::view(pkt);
+        (v.dst, v.dport)
+    })
+}
+
+/// The control plane runs' Services: `scale` of them with 10 endpoints each; the web
+/// Service under test is dual stack (for the per-packet runs of both families).
 fn control_workload(scale: usize) -> Vec<workload::Svc> {
     let web = [
         Ipv4Addr::new(10, 244, 0, 12),
         Ipv4Addr::new(10, 244, 0, 13),
         Ipv4Addr::new(10, 244, 0, 14),
     ];
-    workload::services(
+    let mut svcs = workload::services(
         scale,
         Endpoints::Exactly(10),
         &web,
         Ipv4Addr::new(10, 244, 0, 15),
-    )
+    );
+    let web6 = [0xc, 0xd, 0xe].map(|h| Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, h));
+    let iperf6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0xf);
+    workload::with_ipv6(&mut svcs, &web6, iperf6);
+    svcs
 }
 
 fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> {

@@ -2,7 +2,7 @@
 //! request latency, for each mode at each scale, interleaved.
 use std::{
     io::Read,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     check_interrupted, loadgen, progress, rules,
-    workload::{self, Endpoints, IPERF_IP, IPERF_PORT, WEB_IP, WEB_PORT, WEB_TARGET_PORT},
+    workload::{
+        self, Endpoints, IPERF_IP, IPERF_IP6, IPERF_PORT, WEB_IP, WEB_IP6, WEB_PORT,
+        WEB_TARGET_PORT,
+    },
     Opts,
 };
 use crate::{sandbox::Sandbox, Error, Result};
@@ -83,6 +86,20 @@ pub struct Run {
     pub p50_us: f64,
     pub p99_us: f64,
     pub errors: u64,
+    /// The same over IPv6, for the modes that have it (no LB, this dataplane); NaN for
+    /// the others (kube-proxy's rules here are IPv4's).
+    pub ipv6: Option<Run6>,
+}
+
+/// IPv6 figures of one repeat.
+#[derive(Clone, Debug, Serialize)]
+pub struct Run6 {
+    pub gbps: f64,
+    #[serde(rename = "conns_per_s")]
+    pub cps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub errors: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -147,10 +164,32 @@ impl Bed {
         }
     }
 
-    fn iperf_target(&self) -> Ipv4Addr {
+    fn iperf_target(&self) -> IpAddr {
         match self.mode {
-            Mode::Direct => self.sb.pod("iperf").ip,
-            _ => IPERF_IP,
+            Mode::Direct => self.sb.pod("iperf").ip.into(),
+            _ => IPERF_IP.into(),
+        }
+    }
+
+    /// Measured over IPv6 too: the path without a load balancer and this dataplane.
+    fn has_ipv6(&self) -> bool {
+        matches!(self.mode, Mode::Direct | Mode::Ebpf)
+    }
+
+    fn web_targets6(&self) -> Vec<SocketAddr> {
+        match self.mode {
+            Mode::Direct => ["be-1", "be-2", "be-3"]
+                .iter()
+                .map(|b| SocketAddr::new(self.sb.pod(b).ip6.into(), WEB_TARGET_PORT))
+                .collect(),
+            _ => vec![SocketAddr::new(WEB_IP6.into(), WEB_PORT)],
+        }
+    }
+
+    fn iperf_target6(&self) -> IpAddr {
+        match self.mode {
+            Mode::Direct => self.sb.pod("iperf").ip6.into(),
+            _ => IPERF_IP6.into(),
         }
     }
 }
@@ -413,9 +452,9 @@ fn busy_at(samples: &[(Instant, u64)], at: Instant) -> Option<f64> {
 /// the measured seconds only: iperf3 runs `-O 1` (its first second omitted), and the
 /// CPU is sampled (system-wide /proc/stat, every 50 ms) through the run and counted over
 /// the last `secs` measured seconds before iperf3 ended.
-fn iperf(bed: &Bed, secs: u64) -> Result<(f64, f64)> {
+fn iperf(bed: &Bed, target: IpAddr, secs: u64) -> Result<(f64, f64)> {
     let client = bed.sb.pod("client").netns.clone();
-    let target = bed.iperf_target().to_string();
+    let target = target.to_string();
     let mut child = bed
         .sb
         .cmd(
@@ -490,10 +529,10 @@ fn iperf(bed: &Bed, secs: u64) -> Result<(f64, f64)> {
     ))
 }
 
-fn conns(bed: &Bed, opts: &Opts, secs: f64) -> Result<loadgen::LoadResult> {
+fn conns(bed: &Bed, targets: &[SocketAddr], opts: &Opts, secs: f64) -> Result<loadgen::LoadResult> {
     loadgen::run(
         &bed.sb.pod("client").netns,
-        &bed.web_targets(),
+        targets,
         opts.threads,
         Duration::from_millis(500),
         Duration::from_secs_f64(secs),
@@ -602,11 +641,17 @@ pub fn run_all(opts: &Opts) -> Result<Vec<ScaleResult>> {
         .map(|b| beds[0].sb.pod(b).ip)
         .collect();
     let iperf_ip = beds[0].sb.pod("iperf").ip;
+    let web6: Vec<Ipv6Addr> = ["be-1", "be-2", "be-3"]
+        .iter()
+        .map(|b| beds[0].sb.pod(b).ip6)
+        .collect();
+    let iperf_ip6 = beds[0].sb.pod("iperf").ip6;
     let mut out = Vec::new();
     let mut gave_up: Vec<(Mode, String)> = Vec::new();
     for &scale in &opts.scales() {
         check_interrupted()?;
-        let svcs = workload::services(scale, Endpoints::Mixed, &web, iperf_ip);
+        let mut svcs = workload::services(scale, Endpoints::Mixed, &web, iperf_ip);
+        workload::with_ipv6(&mut svcs, &web6, iperf_ip6);
         let endpoints = workload::endpoint_count(&svcs);
         progress(format!(
             "scale {}: {} services, {endpoints} endpoints: loading every mode",
@@ -662,7 +707,8 @@ pub fn run_all(opts: &Opts) -> Result<Vec<ScaleResult>> {
             let mut tput = vec![(f64::NAN, f64::NAN); beds.len()];
             for &i in &order {
                 check_interrupted()?;
-                match iperf(&beds[i], opts.iperf_secs()) {
+                let target = beds[i].iperf_target();
+                match iperf(&beds[i], target, opts.iperf_secs()) {
                     Ok(v) => tput[i] = v,
                     Err(e) => {
                         results[i].first_error.get_or_insert(e.to_string());
@@ -671,7 +717,7 @@ pub fn run_all(opts: &Opts) -> Result<Vec<ScaleResult>> {
             }
             for &i in &order {
                 check_interrupted()?;
-                let lr = conns(&beds[i], opts, opts.conn_secs())?;
+                let lr = conns(&beds[i], &beds[i].web_targets(), opts, opts.conn_secs())?;
                 if results[i].first_error.is_none() {
                     results[i].first_error = lr.first_error.clone();
                 }
@@ -682,6 +728,7 @@ pub fn run_all(opts: &Opts) -> Result<Vec<ScaleResult>> {
                     p50_us: super::stats::quantile(&lr.latencies_us, 0.50),
                     p99_us: super::stats::quantile(&lr.latencies_us, 0.99),
                     errors: lr.errors,
+                    ipv6: None,
                 };
                 progress(format!(
                     "   scale {scale} repeat {}/{} {:<20} {:>6.2} Gbit/s {:>5.2} CPU-s/Gbit {:>8.0} conn/s p50 {:>6.0} us p99 {:>6.0} us errors {}",
@@ -696,6 +743,43 @@ pub fn run_all(opts: &Opts) -> Result<Vec<ScaleResult>> {
                     run.errors
                 ));
                 results[i].runs.push(run);
+            }
+            // The same over IPv6, where the mode has it, in the same rotated order.
+            for &i in order.iter().filter(|&&i| beds[i].has_ipv6()) {
+                check_interrupted()?;
+                let target = beds[i].iperf_target6();
+                let gbps = match iperf(&beds[i], target, opts.iperf_secs()) {
+                    Ok((g, _)) => g,
+                    Err(e) => {
+                        results[i].first_error.get_or_insert(format!("IPv6: {e}"));
+                        f64::NAN
+                    }
+                };
+                let lr = conns(&beds[i], &beds[i].web_targets6(), opts, opts.conn_secs())?;
+                if results[i].first_error.is_none() {
+                    results[i].first_error = lr.first_error.clone().map(|e| format!("IPv6: {e}"));
+                }
+                let run6 = Run6 {
+                    gbps,
+                    cps: lr.conns_per_sec(),
+                    p50_us: super::stats::quantile(&lr.latencies_us, 0.50),
+                    p99_us: super::stats::quantile(&lr.latencies_us, 0.99),
+                    errors: lr.errors,
+                };
+                progress(format!(
+                    "   scale {scale} repeat {}/{} {:<20} IPv6 {:>6.2} Gbit/s {:>8.0} conn/s p50 {:>6.0} us p99 {:>6.0} us errors {}",
+                    rep + 1,
+                    opts.repeats(),
+                    beds[i].mode.name(),
+                    run6.gbps,
+                    run6.cps,
+                    run6.p50_us,
+                    run6.p99_us,
+                    run6.errors
+                ));
+                if let Some(run) = results[i].runs.last_mut() {
+                    run.ipv6 = Some(run6);
+                }
             }
         }
         out.push(ScaleResult {

@@ -120,6 +120,60 @@ fn ratio(s: &ScaleResult, a: Mode, b: Mode, f: impl Fn(&Run) -> f64 + Copy) -> O
     (r.n > 0).then_some(r)
 }
 
+/// IPv6 beside IPv4: the same client, services and backends over both families, for
+/// the path without a load balancer and this dataplane (the Services under test are
+/// dual stack), run after the IPv4 runs of each repeat.
+fn ipv6_markdown(o: &mut String, datapath: &[ScaleResult]) {
+    let has = |s: &ScaleResult| {
+        s.modes
+            .iter()
+            .any(|m| m.runs.iter().any(|r| r.ipv6.is_some()))
+    };
+    if !datapath.iter().any(has) {
+        return;
+    }
+    o.push_str("\n#### IPv6 beside IPv4\n\n");
+    o.push_str("The Services under test are dual stack (an IPv6 cluster IP beside the IPv4 one, each served by the pods' addresses of its family); the same client, pods and measures as above, over IPv6, right after the IPv4 runs of each repeat. Ratios: pair by pair, median (min–max).\n\n");
+    o.push_str("| services | mode | TCP Gbit/s IPv4 | TCP Gbit/s IPv6 | new conn/s IPv4 | new conn/s IPv6 | p99 µs IPv4 | p99 µs IPv6 |\n");
+    o.push_str("|---|---|---|---|---|---|---|---|\n");
+    let v6 =
+        |f: fn(&super::datapath::Run6) -> f64| move |r: &Run| r.ipv6.as_ref().map_or(f64::NAN, f);
+    for s in datapath.iter().filter(|s| has(s)) {
+        for m in [Mode::Direct, Mode::Ebpf] {
+            let Some(mr) = mode(s, m) else { continue };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                s.services,
+                m.name(),
+                fmt_sum(&summarize(&col(mr, |r| r.gbps)), 2),
+                fmt_sum(&summarize(&col(mr, v6(|r| r.gbps))), 2),
+                fmt_sum(&summarize(&col(mr, |r| r.cps)), 0),
+                fmt_sum(&summarize(&col(mr, v6(|r| r.cps))), 0),
+                fmt_sum(&summarize(&col(mr, |r| r.p99_us)), 0),
+                fmt_sum(&summarize(&col(mr, v6(|r| r.p99_us))), 0),
+            );
+        }
+    }
+    o.push_str("\n| services | lb / no LB, Gbit/s, IPv4 | lb / no LB, Gbit/s, IPv6 | lb / no LB, conn/s, IPv4 | lb / no LB, conn/s, IPv6 |\n|---|---|---|---|---|\n");
+    for s in datapath.iter().filter(|s| has(s)) {
+        let r = |f: &dyn Fn(&Run) -> f64| {
+            ratio(s, Mode::Ebpf, Mode::Direct, f)
+                .map(|r| fmt_sum(&r, 2))
+                .unwrap_or("–".into())
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} |",
+            s.services,
+            r(&|r: &Run| r.gbps),
+            r(&v6(|r| r.gbps)),
+            r(&|r: &Run| r.cps),
+            r(&v6(|r| r.cps)),
+        );
+    }
+}
+
 struct Target {
     what: String,
     goal: String,
@@ -401,6 +455,7 @@ impl Report {
                 let _ = writeln!(o, "- {}", e.replace('\n', " "));
             }
         }
+        ipv6_markdown(&mut o, &self.datapath);
         if let Some(f) = &self.forwarding {
             forwarding_markdown(&mut o, f);
         }

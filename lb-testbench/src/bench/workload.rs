@@ -12,7 +12,7 @@
 //! The forwarding-rate runs (`forwarding`) use the same fillers and one Service under
 //! test of their own: `sink`, UDP, reached at NodePort 30009 of the node (type NodePort,
 //! `externalTrafficPolicy: Local`) and sent to one pod on this node.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_userspace::model::{
     Config, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Service, ServicePort,
@@ -20,6 +20,9 @@ use lb_userspace::model::{
 };
 
 pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The IPv6 cluster IPs of the services under test (dual stack: IPv6 beside IPv4).
+pub const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+pub const IPERF_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x20);
 pub const WEB_PORT: u16 = 80;
 pub const WEB_TARGET_PORT: u16 = 8080;
 pub const IPERF_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -47,6 +50,9 @@ pub struct Svc {
     pub under_test: bool,
     /// Ready endpoints: address and target port.
     pub endpoints: Vec<(Ipv4Addr, u16)>,
+    /// A dual-stack service: its IPv6 cluster IP and IPv6 endpoints (this dataplane's
+    /// config only; kube-proxy's rules here are IPv4's).
+    pub ipv6: Option<(Ipv6Addr, Vec<(Ipv6Addr, u16)>)>,
 }
 
 impl Svc {
@@ -99,6 +105,7 @@ pub fn services(
             .iter()
             .map(|ip| (*ip, WEB_TARGET_PORT))
             .collect(),
+        ipv6: None,
     });
     out.push(Svc {
         name: "iperf".into(),
@@ -108,8 +115,27 @@ pub fn services(
         node_port: None,
         under_test: true,
         endpoints: vec![(iperf_backend, IPERF_PORT)],
+        ipv6: None,
     });
     out
+}
+
+/// Makes the two services under test dual stack: IPv6 cluster IPs [`WEB_IP6`] and
+/// [`IPERF_IP6`] on the pods' IPv6 addresses.
+pub fn with_ipv6(svcs: &mut [Svc], web_backends: &[Ipv6Addr], iperf_backend: Ipv6Addr) {
+    for s in svcs.iter_mut().filter(|s| s.under_test) {
+        s.ipv6 = match s.name.as_str() {
+            "web" => Some((
+                WEB_IP6,
+                web_backends
+                    .iter()
+                    .map(|ip| (*ip, WEB_TARGET_PORT))
+                    .collect(),
+            )),
+            "iperf" => Some((IPERF_IP6, vec![(iperf_backend, IPERF_PORT)])),
+            _ => None,
+        };
+    }
 }
 
 /// The forwarding-rate workload: `total` services in all, the last one `sink` (UDP,
@@ -124,6 +150,7 @@ pub fn forwarding_services(total: usize, sink_pod: Ipv4Addr) -> Vec<Svc> {
         node_port: Some(SINK_NODE_PORT),
         under_test: true,
         endpoints: vec![(sink_pod, SINK_PORT)],
+        ipv6: None,
     });
     out
 }
@@ -153,6 +180,7 @@ fn fillers(n: usize, eps: Endpoints) -> Vec<Svc> {
             node_port: None,
             under_test: false,
             endpoints,
+            ipv6: None,
         });
     }
     out
@@ -176,7 +204,7 @@ pub fn to_config_on_node(svcs: &[Svc], node_ip: Option<Ipv4Addr>) -> Config {
     if node_ports {
         cfg.node = Node {
             name: Some(NODE_NAME.into()),
-            addresses: node_ip.into_iter().collect(),
+            addresses: node_ip.into_iter().map(Into::into).collect(),
         };
     }
     let node_name: lb_userspace::model::NodeName = NODE_NAME.into();
@@ -184,7 +212,9 @@ pub fn to_config_on_node(svcs: &[Svc], node_ip: Option<Ipv4Addr>) -> Config {
         cfg.services.push(Service {
             name: s.name.clone(),
             namespace: NAMESPACE.into(),
-            cluster_ip: s.ip,
+            cluster_ips: std::iter::once(IpAddr::from(s.ip))
+                .chain(s.ipv6.as_ref().map(|(ip, _)| IpAddr::from(*ip)))
+                .collect(),
             service_type: if s.node_port.is_some() {
                 ServiceType::NodePort
             } else {
@@ -223,6 +253,25 @@ pub fn to_config_on_node(svcs: &[Svc], node_ip: Option<Ipv4Addr>) -> Config {
                 })
                 .collect(),
         });
+        if let Some((_, eps)) = &s.ipv6 {
+            cfg.endpoint_slices.push(EndpointSlice {
+                name: format!("{}-v6", s.name),
+                namespace: NAMESPACE.into(),
+                service_name: s.name.clone(),
+                ports: vec![EndpointPort {
+                    name: s.port_label().into(),
+                    port,
+                    protocol: s.protocol,
+                }],
+                endpoints: eps
+                    .iter()
+                    .map(|(ip, _)| Endpoint {
+                        node_name: node_ports.then(|| node_name.clone()),
+                        ..Endpoint::new(*ip)
+                    })
+                    .collect(),
+            });
+        }
     }
     cfg
 }

@@ -345,7 +345,7 @@ impl Controller {
         for s in &t.skipped {
             let why = match s.reason {
                 SkipReason::Sctp => "the dataplane handles TCP and UDP only",
-                SkipReason::Ipv6 => "the dataplane is IPv4 only",
+                SkipReason::Family => "the Service has no cluster IP of that family",
                 SkipReason::Fqdn => "FQDN endpoints are not proxied",
                 SkipReason::Ignored(field) => {
                     self.metrics

@@ -4,16 +4,20 @@
 //!
 //! Services: headless (`clusterIP: None`), ExternalName, not yet allocated (no clusterIP),
 //! and those labelled `service.kubernetes.io/service-proxy-name` with another proxy's name
-//! are ignored. SCTP ports and IPv6-only Services are skipped (the dataplane is IPv4
-//! TCP/UDP); a dual-stack Service is programmed on its IPv4 address.
+//! are ignored. SCTP ports are skipped (the dataplane is TCP/UDP). Every cluster IP of
+//! `clusterIPs` is programmed: IPv4, IPv6, or both for a dual-stack Service
+//! (`ipFamilies` and `ipFamilyPolicy` are read and checked against them).
 //!
 //! NodePorts (type NodePort and LoadBalancer), `spec.externalIPs` and the IPs of
-//! `status.loadBalancer.ingress` become frontends too; IPv6 ones are skipped, ingress
-//! entries with only a hostname are ignored. `externalTrafficPolicy` is kept.
+//! `status.loadBalancer.ingress` become frontends too; an address of a family the Service
+//! has no cluster IP of is skipped (as kube-proxy's proxier of that family never sees the
+//! Service), ingress entries with only a hostname are ignored. `externalTrafficPolicy`
+//! is kept.
 //!
-//! EndpointSlices: only those labelled `kubernetes.io/service-name`, of address type
-//! IPv4. Ports without a port number are dropped (as kube-proxy does), SCTP ports too.
-use std::net::{IpAddr, Ipv4Addr};
+//! EndpointSlices: only those labelled `kubernetes.io/service-name`, of address type IPv4
+//! or IPv6 (FQDN ones are skipped). Ports without a port number are dropped (as
+//! kube-proxy does), SCTP ports too.
+use std::net::IpAddr;
 
 use k8s_openapi::{
     api::{core::v1 as core, discovery::v1 as discovery},
@@ -21,8 +25,8 @@ use k8s_openapi::{
 };
 
 use crate::model::{
-    self, Conditions, Endpoint, EndpointPort, EndpointSlice, Invalid, Protocol, Service,
-    ServicePort, ServiceType, TargetPort, TrafficPolicy,
+    self, Conditions, Endpoint, EndpointPort, EndpointSlice, Invalid, IpFamily, IpFamilyPolicy,
+    Protocol, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
 
 /// Label naming the Service an EndpointSlice belongs to.
@@ -38,8 +42,8 @@ pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-t
 pub enum SkipReason {
     /// SCTP: the dataplane handles TCP and UDP only.
     Sctp,
-    /// IPv6: the dataplane is IPv4 only.
-    Ipv6,
+    /// An address of a family the Service has no cluster IP of.
+    Family,
     /// An FQDN EndpointSlice (kube-proxy ignores those too).
     Fqdn,
     /// A field the dataplane does not implement yet: the object is programmed as if it
@@ -52,7 +56,7 @@ impl SkipReason {
     pub fn label(self) -> &'static str {
         match self {
             SkipReason::Sctp => "sctp",
-            SkipReason::Ipv6 => "ipv6",
+            SkipReason::Family => "family",
             SkipReason::Fqdn => "fqdn",
             SkipReason::Ignored(field) => field,
         }
@@ -153,24 +157,50 @@ fn port_number(what: &str, p: i32) -> Result<u16, String> {
         .ok_or_else(|| format!("{what}: port {p} is out of range 1-65535"))
 }
 
-/// The IPv4 address this proxy programs for a Service: clusterIP if IPv4, else the IPv4
-/// entry of clusterIPs (dual-stack). `Ok(None)` when the Service is IPv6 only.
-fn cluster_ipv4(spec: &core::ServiceSpec) -> Result<Option<Ipv4Addr>, String> {
-    let primary = spec.cluster_ip.as_deref().unwrap_or_default();
-    let all = std::iter::once(primary).chain(spec.cluster_ips.iter().flatten().map(String::as_str));
-    let mut saw_v6 = false;
-    for s in all.filter(|s| !s.is_empty()) {
-        match s.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => return Ok(Some(ip)),
-            Ok(IpAddr::V6(_)) => saw_v6 = true,
-            Err(_) => return Err(format!("clusterIP {s:?} is not an IP address")),
-        }
-    }
-    if saw_v6 {
-        Ok(None)
-    } else {
-        Err("clusterIP is empty".into())
-    }
+/// The cluster IPs a Service has: `clusterIPs` (one per family, the primary first), or
+/// `clusterIP` alone from an API server that does not fill `clusterIPs`.
+fn cluster_ips(spec: &core::ServiceSpec) -> Result<Vec<IpAddr>, String> {
+    let listed: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let primary = spec.cluster_ip.as_deref().filter(|s| !s.is_empty());
+    let all: Vec<&str> = match (primary, listed.is_empty()) {
+        (Some(p), true) => vec![p],
+        (_, false) => listed,
+        (None, true) => return Err("clusterIP is empty".into()),
+    };
+    all.iter()
+        .map(|s| {
+            s.parse::<IpAddr>()
+                .map_err(|_| format!("clusterIP {s:?} is not an IP address"))
+        })
+        .collect()
+}
+
+/// `spec.ipFamilies` and `spec.ipFamilyPolicy`, where set.
+fn families(spec: &core::ServiceSpec) -> Result<(Vec<IpFamily>, Option<IpFamilyPolicy>), String> {
+    let families = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .map(|f| match f.as_str() {
+            "IPv4" => Ok(IpFamily::IPv4),
+            "IPv6" => Ok(IpFamily::IPv6),
+            other => Err(format!("unknown ipFamily {other:?}")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let policy = match spec.ip_family_policy.as_deref() {
+        None | Some("") => None,
+        Some("SingleStack") => Some(IpFamilyPolicy::SingleStack),
+        Some("PreferDualStack") => Some(IpFamilyPolicy::PreferDualStack),
+        Some("RequireDualStack") => Some(IpFamilyPolicy::RequireDualStack),
+        Some(other) => return Err(format!("unknown ipFamilyPolicy {other:?}")),
+    };
+    Ok((families, policy))
 }
 
 /// Translates one Service.
@@ -221,22 +251,12 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
     }
     let ports_in = spec.ports.as_deref().unwrap_or_default();
     let mut skipped = Vec::new();
-    let cluster_ip = match cluster_ipv4(spec) {
-        Ok(Some(ip)) => ip,
-        Ok(None) => {
-            for p in ports_in {
-                skipped.push(Skip {
-                    reason: SkipReason::Ipv6,
-                    what: format!(
-                        "port {}/{} (IPv6 clusterIP {})",
-                        p.port,
-                        p.protocol.as_deref().unwrap_or("TCP"),
-                        spec.cluster_ip.as_deref().unwrap_or_default()
-                    ),
-                });
-            }
-            return Translated::ignore("IPv6 only: the dataplane is IPv4", skipped);
-        }
+    let cluster_ips = match cluster_ips(spec) {
+        Ok(ips) => ips,
+        Err(reason) => return reject("Service", &namespace, &name, reason),
+    };
+    let (ip_families, ip_family_policy) = match families(spec) {
+        Ok(f) => f,
         Err(reason) => return reject("Service", &namespace, &name, reason),
     };
     let mut ports = Vec::new();
@@ -302,14 +322,25 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
     if ports.is_empty() && !skipped.is_empty() {
         return Translated::ignore("no TCP or UDP port", skipped);
     }
-    let mut addresses = |what: &str, list: Vec<&str>| -> Result<Vec<Ipv4Addr>, String> {
+    // An address of a family the Service does not have is not programmed (kube-proxy's
+    // proxier of that family does not see the Service): skipped with a line.
+    let has = |ip: &IpAddr| {
+        cluster_ips
+            .iter()
+            .any(|c| IpFamily::of(c) == IpFamily::of(ip))
+    };
+    let mut addresses = |what: &str, list: Vec<&str>| -> Result<Vec<IpAddr>, String> {
         let mut out = Vec::new();
         for a in list {
             match a.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => out.push(ip),
-                Ok(IpAddr::V6(_)) => skipped.push(Skip {
-                    reason: SkipReason::Ipv6,
-                    what: format!("{what} {a}"),
+                Ok(ip) if has(&ip) => out.push(ip),
+                Ok(ip) => skipped.push(Skip {
+                    reason: SkipReason::Family,
+                    what: format!(
+                        "{what} {a} ({} while the Service has no {} clusterIP)",
+                        IpFamily::of(&ip),
+                        IpFamily::of(&ip)
+                    ),
                 }),
                 Err(_) => return Err(format!("{what} {a:?} is not an IP address")),
             }
@@ -352,7 +383,10 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
     let out = Service {
         name,
         namespace,
-        cluster_ip,
+        cluster_ip: None,
+        cluster_ips,
+        ip_families,
+        ip_family_policy,
         service_type,
         ports,
         external_ips,
@@ -427,9 +461,9 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
     };
     let skip_whole =
         |reason, what: String| Translated::ignore(what.clone(), vec![Skip { reason, what }]);
-    match slice.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" => return skip_whole(SkipReason::Ipv6, "addressType IPv6".into()),
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::IPv4,
+        "IPv6" => IpFamily::IPv6,
         "FQDN" => return skip_whole(SkipReason::Fqdn, "addressType FQDN".into()),
         other => {
             return reject(
@@ -439,7 +473,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
                 format!("unknown addressType {other:?}"),
             );
         }
-    }
+    };
     let mut skipped = Vec::new();
     let mut ports = Vec::new();
     for p in slice.ports.iter().flatten() {
@@ -475,11 +509,15 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
         let mut addresses = Vec::new();
         for a in &ep.addresses {
             match a.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => addresses.push(ip),
-                Ok(IpAddr::V6(_)) => skipped.push(Skip {
-                    reason: SkipReason::Ipv6,
-                    what: format!("endpoint address {a}"),
-                }),
+                Ok(ip) if IpFamily::of(&ip) == family => addresses.push(ip),
+                Ok(_) => {
+                    return reject(
+                        "EndpointSlice",
+                        &namespace,
+                        &name,
+                        format!("endpoint address {a} is not of addressType {family}"),
+                    );
+                }
                 Err(_) => {
                     return reject(
                         "EndpointSlice",
@@ -531,18 +569,18 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
     }
 }
 
-/// This node as the model needs it: its name (to tell local endpoints) and its IPv4
-/// InternalIP and ExternalIP addresses (where NodePorts open), as kube-proxy's default
-/// `--nodeport-addresses`.
+/// This node as the model needs it: its name (to tell local endpoints) and its
+/// InternalIP and ExternalIP addresses of both families (where NodePorts open), as
+/// kube-proxy's default `--nodeport-addresses`.
 pub fn node(n: &core::Node) -> model::Node {
-    let mut addresses: Vec<Ipv4Addr> = n
+    let mut addresses: Vec<IpAddr> = n
         .status
         .as_ref()
         .and_then(|s| s.addresses.as_ref())
         .into_iter()
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
         .collect();
     addresses.sort();
     addresses.dedup();
@@ -704,8 +742,8 @@ mod tests {
             proxy_name: Some("lb".into()),
         };
         assert_eq!(
-            used(&service(&svc, &mine)).cluster_ip,
-            Ipv4Addr::new(10, 96, 0, 10)
+            used(&service(&svc, &mine)).cluster_ips,
+            vec![IpAddr::from([10, 96, 0, 10])]
         );
         // A proxy with a name still programs unlabelled Services, as kube-proxy does.
         assert!(service(
@@ -735,23 +773,52 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_services_are_skipped_and_dual_stack_uses_ipv4() {
+    fn ipv6_and_dual_stack_services_keep_every_cluster_ip_and_their_families() {
         let v6 = web(
-            json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 81}]}),
+            json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ipFamilies": ["IPv6"],
+                   "ipFamilyPolicy": "SingleStack", "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 81}]}),
         );
         let t = service(&v6, &Rules::default());
-        assert!(matches!(t.outcome, Outcome::Ignore(_)), "{t:?}");
-        assert_eq!(
-            t.skipped.iter().map(|s| s.reason).collect::<Vec<_>>(),
-            vec![SkipReason::Ipv6; 2]
-        );
+        assert!(t.skipped.is_empty(), "{t:?}");
+        let s = used(&t);
+        assert_eq!(s.cluster_ips, vec!["fd00::10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(s.ip_families, vec![IpFamily::IPv6]);
+        assert_eq!(s.ip_family_policy, Some(IpFamilyPolicy::SingleStack));
         let dual = web(
-            json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"], "ports": [{"port": 80}]}),
+            json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"],
+                   "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}),
         );
         assert_eq!(
-            used(&service(&dual, &Rules::default())).cluster_ip,
-            Ipv4Addr::new(10, 96, 0, 10)
+            used(&service(&dual, &Rules::default())).cluster_ips,
+            vec![
+                "fd00::10".parse::<IpAddr>().unwrap(),
+                IpAddr::from([10, 96, 0, 10])
+            ]
         );
+        // Only clusterIP (an API server that does not fill clusterIPs): that one.
+        let old = web(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        assert_eq!(
+            used(&service(&old, &Rules::default())).cluster_ips,
+            vec![IpAddr::from([10, 96, 0, 10])]
+        );
+        // Families that do not match the addresses, or two of one family: rejected.
+        for (spec, why) in [
+            (
+                json!({"clusterIPs": ["10.96.0.10"], "clusterIP": "10.96.0.10", "ipFamilies": ["IPv6"], "ports": [{"port": 80}]}),
+                "ipFamilies",
+            ),
+            (
+                json!({"clusterIPs": ["10.96.0.10", "10.96.0.11"], "clusterIP": "10.96.0.10", "ports": [{"port": 80}]}),
+                "one address per family",
+            ),
+            (
+                json!({"clusterIPs": ["10.96.0.10"], "clusterIP": "10.96.0.10", "ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}),
+                "RequireDualStack",
+            ),
+        ] {
+            let msg = rejection(&service(&web(spec.clone()), &Rules::default()));
+            assert!(msg.contains(why), "{spec}: {msg}");
+        }
     }
 
     #[test]
@@ -895,14 +962,21 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_and_fqdn_slices_are_skipped() {
+    fn ipv6_slices_are_used_and_fqdn_ones_skipped() {
         let v6 = k8s_slice(json!({
             "metadata": {"name": "web-v6", "namespace": "shop", "labels": {LABEL_SERVICE_NAME: "web"}},
             "addressType": "IPv6", "endpoints": [{"addresses": ["fd00::2"]}],
         }));
         let t = endpoint_slice(&v6);
-        assert!(matches!(t.outcome, Outcome::Ignore(_)));
-        assert_eq!(t.skipped[0].reason, SkipReason::Ipv6);
+        assert!(t.skipped.is_empty(), "{t:?}");
+        assert_eq!(
+            used(&t).endpoints[0].address,
+            "fd00::2".parse::<IpAddr>().unwrap()
+        );
+        // An address that is not of the slice's addressType: rejected.
+        let mut mixed = v6.clone();
+        mixed.endpoints[0].addresses.push("10.244.1.2".into());
+        assert!(rejection(&endpoint_slice(&mixed)).contains("not of addressType IPv6"));
         let mut fqdn = v6.clone();
         fqdn.address_type = "FQDN".into();
         assert_eq!(endpoint_slice(&fqdn).skipped[0].reason, SkipReason::Fqdn);
@@ -992,7 +1066,7 @@ mod tests {
         );
     }
 
-    fn rejection(t: &Translated<Service>) -> String {
+    fn rejection<T: std::fmt::Debug>(t: &Translated<T>) -> String {
         match &t.outcome {
             Outcome::Reject(e) => e.to_string(),
             other => panic!("expected Reject, got {other:?}"),
@@ -1087,7 +1161,7 @@ mod tests {
     }
 
     #[test]
-    fn external_ips_are_read_ipv6_skipped_and_bad_ones_rejected() {
+    fn external_ips_of_the_services_families_are_read_others_skipped_bad_ones_rejected() {
         let r = Rules::default();
         let t = service(
             &web(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}],
@@ -1096,13 +1170,17 @@ mod tests {
         );
         assert_eq!(
             used(&t).external_ips,
-            vec![Ipv4Addr::new(203, 0, 113, 5), Ipv4Addr::new(203, 0, 113, 6)]
+            vec![
+                IpAddr::from([203, 0, 113, 5]),
+                IpAddr::from([203, 0, 113, 6])
+            ]
         );
         assert_eq!(
             t.skipped,
             vec![Skip {
-                reason: SkipReason::Ipv6,
-                what: "externalIPs 2001:db8::5".into()
+                reason: SkipReason::Family,
+                what: "externalIPs 2001:db8::5 (IPv6 while the Service has no IPv6 clusterIP)"
+                    .into()
             }]
         );
         let bad = web(
@@ -1140,15 +1218,16 @@ mod tests {
         assert_eq!(
             used(&t).load_balancer_ips,
             vec![
-                Ipv4Addr::new(198, 51, 100, 7),
-                Ipv4Addr::new(198, 51, 100, 8)
+                IpAddr::from([198, 51, 100, 7]),
+                IpAddr::from([198, 51, 100, 8])
             ]
         );
         assert_eq!(
             t.skipped,
             vec![Skip {
-                reason: SkipReason::Ipv6,
-                what: "status.loadBalancer.ingress ip 2001:db8::7".into()
+                reason: SkipReason::Family,
+                what: "status.loadBalancer.ingress ip 2001:db8::7 (IPv6 while the Service has no IPv6 clusterIP)"
+                    .into()
             }]
         );
         // A NodePort Service with a stale status (after a type change): no LB frontend.
@@ -1186,7 +1265,7 @@ mod tests {
     }
 
     #[test]
-    fn node_has_its_name_and_sorted_ipv4_internal_and_external_addresses() {
+    fn node_has_its_name_and_sorted_internal_and_external_addresses_of_both_families() {
         let n: core::Node = serde_json::from_value(json!({
             "metadata": {"name": "node-a"},
             "status": {"addresses": [
@@ -1205,9 +1284,10 @@ mod tests {
             model::Node {
                 name: Some("node-a".into()),
                 addresses: vec![
-                    Ipv4Addr::new(10, 0, 0, 2),
-                    Ipv4Addr::new(192, 168, 50, 2),
-                    Ipv4Addr::new(203, 0, 113, 9)
+                    IpAddr::from([10, 0, 0, 2]),
+                    IpAddr::from([192, 168, 50, 2]),
+                    IpAddr::from([203, 0, 113, 9]),
+                    "fd00::2".parse().unwrap(),
                 ],
             }
         );
@@ -1291,6 +1371,52 @@ mod tests {
                     "203.0.113.5:80/TCP",
                     &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
                 ),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_service_reaches_the_desired_state_family_by_family() {
+        let r = Rules::default();
+        let svc = web(json!({
+            "type": "NodePort", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"],
+            "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack",
+            "externalIPs": ["203.0.113.5", "2001:db8::5"],
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}],
+        }));
+        let v4 = slice(
+            "web-v4",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            json!([{"addresses": ["10.244.1.2"], "nodeName": "node-a"}]),
+        );
+        let mut v6 = slice(
+            "web-v6",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            json!([{"addresses": ["fd00:10:244::2"], "nodeName": "node-a"},
+                   {"addresses": ["fd00:10:244::3"], "nodeName": "node-b"}]),
+        );
+        v6.address_type = "IPv6".into();
+        let n: core::Node = serde_json::from_value(json!({
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.1"},
+                                     {"type": "InternalIP", "address": "fd00:50::1"}]},
+        }))
+        .unwrap();
+        let st = state_on(&[svc], &[v4, v6], &r, &node(&n));
+        assert_eq!(
+            active(&st),
+            pairs(&[
+                ("10.96.0.10:80/TCP", &["10.244.1.2:8080/TCP"]),
+                ("192.168.50.1:30080/TCP", &["10.244.1.2:8080/TCP"]),
+                ("203.0.113.5:80/TCP", &["10.244.1.2:8080/TCP"]),
+                ("[2001:db8::5]:80/TCP", &["[fd00:10:244::2]:8080/TCP"]),
+                (
+                    "[fd00:10:96::a]:80/TCP",
+                    &["[fd00:10:244::2]:8080/TCP", "[fd00:10:244::3]:8080/TCP"]
+                ),
+                ("[fd00:50::1]:30080/TCP", &["[fd00:10:244::2]:8080/TCP"]),
             ])
         );
     }

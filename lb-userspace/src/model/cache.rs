@@ -164,10 +164,11 @@ impl ModelCache {
         self.update();
         // Taken, not drained: a drained map keeps its capacity, and the first delta of a
         // big cluster holds every frontend.
-        let mut changed: Vec<(FrontendAddr, Option<FrontendSpec>)> = std::mem::take(&mut self.before)
-            .into_iter()
-            .filter(|(fe, old)| self.desired.frontends.get(fe) != old.as_ref())
-            .collect();
+        let mut changed: Vec<(FrontendAddr, Option<FrontendSpec>)> =
+            std::mem::take(&mut self.before)
+                .into_iter()
+                .filter(|(fe, old)| self.desired.frontends.get(fe) != old.as_ref())
+                .collect();
         changed.sort_by_key(|(fe, _)| *fe);
         Delta { changed }
     }
@@ -281,7 +282,7 @@ mod tests {
         // nodes whose addresses overlap (and may equal a Service's external IP).
         let nodes = [
             Node::default(),
-            node(Some("node-a"), &["192.168.1.1"]),
+            node(Some("node-a"), &["192.168.1.1", "fd00:50::1"]),
             node(Some("node-b"), &["192.168.1.1", "192.168.1.2"]),
         ];
         let node_names = [None, Some("node-a"), Some("node-b")];
@@ -301,6 +302,14 @@ mod tests {
                     // on the same node address): the first name wins.
                     let cip = format!("10.96.0.{}", rnd(4) + 1);
                     let mut s = svc(&name, &cip, &[("http", 80 + rnd(2) as u16, Protocol::Tcp)]);
+                    // Dual stack a third of the time, IPv6 first or second.
+                    match rnd(6) {
+                        0 => s.cluster_ips.push(ip(&format!("fd00::{}", rnd(4) + 1))),
+                        1 => s
+                            .cluster_ips
+                            .insert(0, ip(&format!("fd00::{}", rnd(4) + 1))),
+                        _ => {}
+                    }
                     match rnd(5) {
                         0 => {
                             s.service_type = ServiceType::NodePort;
@@ -332,7 +341,11 @@ mod tests {
                             on(
                                 node_names[rnd(3) as usize],
                                 ep(
-                                    &format!("10.244.0.{}", rnd(6) + 2),
+                                    &if rnd(3) == 0 {
+                                        format!("fd00:10:244::{}", rnd(6) + 2)
+                                    } else {
+                                        format!("10.244.0.{}", rnd(6) + 2)
+                                    },
                                     Some(rnd(3) > 0),
                                     None,
                                     Some(rnd(2) == 0),

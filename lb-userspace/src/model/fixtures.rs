@@ -1,5 +1,5 @@
 //! Builders for the model's tests.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use super::{
     objects::{
@@ -9,7 +9,7 @@ use super::{
     state::{BackendAddr, DesiredState, FrontendAddr, FrontendKind},
 };
 
-pub fn ip(s: &str) -> Ipv4Addr {
+pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -17,7 +17,7 @@ pub fn svc(name: &str, cip: &str, ports: &[(&str, u16, Protocol)]) -> Service {
     Service {
         name: name.into(),
         namespace: "default".into(),
-        cluster_ip: ip(cip),
+        cluster_ips: vec![ip(cip)],
         ports: ports
             .iter()
             .map(|(n, p, proto)| ServicePort {

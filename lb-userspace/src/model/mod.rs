@@ -18,8 +18,9 @@ mod validate;
 
 pub use cache::ModelCache;
 pub use objects::{
-    object_key, Conditions, Config, Endpoint, EndpointPort, EndpointSlice, Node, NodeName,
-    ObjectKey, Protocol, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+    object_key, Conditions, Config, Endpoint, EndpointPort, EndpointSlice, IpFamily,
+    IpFamilyPolicy, Node, NodeName, ObjectKey, Protocol, Service, ServicePort, ServiceType,
+    TargetPort, TrafficPolicy,
 };
 pub use rules::{desired_state, port_frontends, service_frontends};
 pub use state::{

@@ -6,7 +6,7 @@
 //! address (an EndpointSlice endpoint with several addresses becomes several, which
 //! means the same to the rules), its conditions, and its node's name, shared between the
 //! endpoints of one node (`ModelCache` interns it).
-use std::{fmt, net::Ipv4Addr, sync::Arc};
+use std::{fmt, net::IpAddr, sync::Arc};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -92,39 +92,86 @@ pub enum TrafficPolicy {
     Local,
 }
 
+/// An address family, spelled as in Kubernetes (`spec.ipFamilies`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+impl IpFamily {
+    pub fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::IPv4,
+            IpAddr::V6(_) => IpFamily::IPv6,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// `spec.ipFamilyPolicy`: how many families the Service has (checked against its cluster
+/// IPs; the API server allocates them by it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IpFamilyPolicy {
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+/// A Service, as the file writes it: `clusterIP` (its primary address) and `clusterIPs`
+/// (one address per family, the primary first: a dual-stack Service has two), either or
+/// both, as in Kubernetes. In memory the model keeps `clusterIPs` only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Service {
     pub name: String,
     #[serde(default = "default_namespace")]
     pub namespace: String,
-    #[serde(rename = "clusterIP")]
-    pub cluster_ip: Ipv4Addr,
+    /// The file's `clusterIP`: moved into `cluster_ips` by `normalize` (it must be
+    /// their first); only a file's disagreeing one stays here, for validation to name.
+    #[serde(rename = "clusterIP", default, skip_serializing)]
+    pub cluster_ip: Option<IpAddr>,
+    /// One address per family, the primary first.
+    #[serde(rename = "clusterIPs", default)]
+    pub cluster_ips: Vec<IpAddr>,
+    /// `spec.ipFamilies`, if given: the families of `clusterIPs`, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_families: Vec<IpFamily>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_family_policy: Option<IpFamilyPolicy>,
     #[serde(rename = "type", default)]
     pub service_type: ServiceType,
     pub ports: Vec<ServicePort>,
     /// `spec.externalIPs`: more addresses the Service's ports answer on.
     #[serde(rename = "externalIPs", default, skip_serializing_if = "Vec::is_empty")]
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip` (type LoadBalancer).
     #[serde(
         rename = "loadBalancerIPs",
         default,
         skip_serializing_if = "Vec::is_empty"
     )]
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<IpAddr>,
     #[serde(default)]
     pub external_traffic_policy: TrafficPolicy,
 }
 
 /// A ClusterIP Service with no address until one is set (for building Services in code
-/// with `..Default::default()`; validation rejects the unspecified address).
+/// with `..Default::default()`; validation rejects a Service without a cluster IP).
 impl Default for Service {
     fn default() -> Self {
         Self {
             name: String::new(),
             namespace: default_namespace(),
-            cluster_ip: Ipv4Addr::UNSPECIFIED,
+            cluster_ip: None,
+            cluster_ips: Vec::new(),
+            ip_families: Vec::new(),
+            ip_family_policy: None,
             service_type: ServiceType::default(),
             ports: Vec::new(),
             external_ips: Vec::new(),
@@ -135,6 +182,36 @@ impl Default for Service {
 }
 
 impl Service {
+    /// A Service with one cluster IP (for building Services in code).
+    pub fn with_cluster_ip(mut self, ip: impl Into<IpAddr>) -> Self {
+        self.cluster_ips = vec![ip.into()];
+        self
+    }
+
+    /// Moves a file's `clusterIP` into `clusterIPs` (where it must come first); false if
+    /// the two disagree (validation names the Service then).
+    pub fn normalize(&mut self) -> bool {
+        match (self.cluster_ip.take(), self.cluster_ips.first()) {
+            (None, _) => true,
+            (Some(ip), None) => {
+                self.cluster_ips.push(ip);
+                true
+            }
+            (Some(ip), Some(first)) => {
+                let same = ip == *first;
+                if !same {
+                    self.cluster_ip = Some(ip);
+                }
+                same
+            }
+        }
+    }
+
+    /// The families the Service has: one per cluster IP.
+    pub fn families(&self) -> impl Iterator<Item = IpFamily> + '_ {
+        self.cluster_ips.iter().map(IpFamily::of)
+    }
+
     /// Whether the Service has frontends reached from outside (which depend on this
     /// node: its addresses for NodePorts, its endpoints for all of them).
     pub fn has_external_frontends(&self) -> bool {
@@ -171,19 +248,19 @@ pub struct Conditions {
 pub type NodeName = Arc<str>;
 
 /// One endpoint address. In the file (and the API) an endpoint lists its addresses; each
-/// becomes one of these, with the endpoint's conditions and node (24 bytes).
+/// becomes one of these, with the endpoint's conditions and node (40 bytes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub conditions: Conditions,
     /// The node the endpoint runs on.
     pub node_name: Option<NodeName>,
 }
 
 impl Endpoint {
-    pub fn new(address: Ipv4Addr) -> Self {
+    pub fn new(address: impl Into<IpAddr>) -> Self {
         Self {
-            address,
+            address: address.into(),
             conditions: Conditions::default(),
             node_name: None,
         }
@@ -212,7 +289,7 @@ pub struct EndpointSlice {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct FileEndpoint {
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     #[serde(default)]
     conditions: Conditions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,10 +330,11 @@ pub struct Node {
     /// node): every endpoint is local.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// The node's addresses (Kubernetes: the Node's InternalIP and ExternalIP): each
-    /// NodePort is a frontend on each of them.
+    /// The node's addresses (Kubernetes: the Node's InternalIP and ExternalIP), of
+    /// either family: each NodePort is a frontend on each of them of the Service's
+    /// families.
     #[serde(default)]
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
 }
 
 impl Node {

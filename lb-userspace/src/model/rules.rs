@@ -2,47 +2,63 @@
 //! which frontends a Service port opens, which endpoints it matches (slice ports by name
 //! and protocol), which of them are ready (or serving while terminating, when none is),
 //! and which are local to this node (for the frontends reached from outside).
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+//!
+//! Dual stack, as kube-proxy runs one proxier per family: a Service has frontends of a
+//! family only if it has a cluster IP of that family, and each frontend is served by the
+//! endpoints of its own family. The NodePorts of a family open on the node's addresses of
+//! that family; external and LoadBalancer IPs of a family the Service does not have are
+//! not programmed.
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use super::{
-    objects::{Conditions, EndpointSlice, Node, Service, ServicePort, ServiceType},
+    objects::{Conditions, EndpointSlice, IpFamily, Node, Service, ServicePort, ServiceType},
     state::{BackendAddr, Backends, DesiredState, FrontendAddr, FrontendKind, FrontendSpec},
 };
 
-/// Every frontend a Service port yields, with its kind: the ClusterIP, the NodePort on
-/// each node address, the external IPs and the LoadBalancer IPs (all with the Service
-/// port, as kube-proxy does).
+/// Every frontend a Service port yields, with its kind: for each of the Service's
+/// families, its cluster IP, the NodePort on each node address, the external IPs and
+/// the LoadBalancer IPs of that family (all with the Service port, as kube-proxy does).
 pub fn port_frontends(
     svc: &Service,
     sp: &ServicePort,
     node: &Node,
 ) -> Vec<(FrontendAddr, FrontendKind)> {
-    let fe = |ip: Ipv4Addr, port: u16| FrontendAddr {
+    let fe = |ip: IpAddr, port: u16| FrontendAddr {
         ip,
         port,
         proto: sp.protocol,
     };
-    let mut out = vec![(fe(svc.cluster_ip, sp.port), FrontendKind::ClusterIP)];
-    if let Some(np) = sp.node_port {
-        if svc.service_type != ServiceType::ClusterIP {
+    let mut out = Vec::new();
+    for cluster_ip in &svc.cluster_ips {
+        let family = IpFamily::of(cluster_ip);
+        let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+            ips.iter()
+                .copied()
+                .filter(|a| IpFamily::of(a) == family)
+                .collect()
+        };
+        out.push((fe(*cluster_ip, sp.port), FrontendKind::ClusterIP));
+        if let Some(np) = sp.node_port {
+            if svc.service_type != ServiceType::ClusterIP {
+                out.extend(
+                    of_family(&node.addresses)
+                        .into_iter()
+                        .map(|a| (fe(a, np), FrontendKind::NodePort)),
+                );
+            }
+        }
+        out.extend(
+            of_family(&svc.external_ips)
+                .into_iter()
+                .map(|a| (fe(a, sp.port), FrontendKind::ExternalIP)),
+        );
+        if svc.service_type == ServiceType::LoadBalancer {
             out.extend(
-                node.addresses
-                    .iter()
-                    .map(|a| (fe(*a, np), FrontendKind::NodePort)),
+                of_family(&svc.load_balancer_ips)
+                    .into_iter()
+                    .map(|a| (fe(a, sp.port), FrontendKind::LoadBalancer)),
             );
         }
-    }
-    out.extend(
-        svc.external_ips
-            .iter()
-            .map(|a| (fe(*a, sp.port), FrontendKind::ExternalIP)),
-    );
-    if svc.service_type == ServiceType::LoadBalancer {
-        out.extend(
-            svc.load_balancer_ips
-                .iter()
-                .map(|a| (fe(*a, sp.port), FrontendKind::LoadBalancer)),
-        );
     }
     out
 }
@@ -116,57 +132,67 @@ pub fn service_frontends<'a>(
 ) -> BTreeMap<FrontendAddr, FrontendSpec> {
     let mut out = BTreeMap::new();
     for sp in &svc.ports {
-        // Endpoints from all slices, deduplicated by (address, port); an address listed
-        // as ready anywhere counts as ready.
-        let mut all = Pool::default();
-        let mut local = Pool::default();
-        let mut known = Vec::new();
-        for slice in slices.clone() {
-            if slice.namespace != svc.namespace || slice.service_name != svc.name {
-                continue;
-            }
-            let Some(ep_port) = slice
-                .ports
-                .iter()
-                .find(|p| p.name == sp.name && p.protocol == sp.protocol)
-            else {
-                continue;
-            };
-            for ep in &slice.endpoints {
-                let b = BackendAddr {
-                    ip: ep.address,
-                    port: ep_port.port,
-                    proto: sp.protocol,
+        let service: Arc<str> = format!("{}/{}:{}", svc.namespace, svc.name, sp.name).into();
+        let frontends = port_frontends(svc, sp, node);
+        for family in svc.families() {
+            // Endpoints of this family from all slices, deduplicated by (address, port);
+            // an address listed as ready anywhere counts as ready.
+            let mut all = Pool::default();
+            let mut local = Pool::default();
+            let mut known = Vec::new();
+            for slice in slices.clone() {
+                if slice.namespace != svc.namespace || slice.service_name != svc.name {
+                    continue;
+                }
+                let Some(ep_port) = slice
+                    .ports
+                    .iter()
+                    .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+                else {
+                    continue;
                 };
-                known.push(b);
-                all.add(b, &ep.conditions);
-                if node.is_local(ep.node_name.as_deref()) {
-                    local.add(b, &ep.conditions);
+                for ep in slice
+                    .endpoints
+                    .iter()
+                    .filter(|ep| IpFamily::of(&ep.address) == family)
+                {
+                    let b = BackendAddr {
+                        ip: ep.address,
+                        port: ep_port.port,
+                        proto: sp.protocol,
+                    };
+                    known.push(b);
+                    all.add(b, &ep.conditions);
+                    if node.is_local(ep.node_name.as_deref()) {
+                        local.add(b, &ep.conditions);
+                    }
                 }
             }
-        }
-        let service: Arc<str> = format!("{}/{}:{}", svc.namespace, svc.name, sp.name).into();
-        known.sort_unstable();
-        known.dedup();
-        all.finish();
-        local.finish();
-        let known: Backends = known.into();
-        let all = shared(all.active(), &known);
-        let mut local_active = None;
-        for (fe, kind) in port_frontends(svc, sp, node) {
-            let active = if kind.is_external() {
-                local_active
-                    .get_or_insert_with(|| shared(local.active(), &known))
-                    .clone()
-            } else {
-                all.clone()
-            };
-            out.entry(fe).or_insert_with(|| FrontendSpec {
-                service: service.clone(),
-                kind,
-                active,
-                known: known.clone(),
-            });
+            known.sort_unstable();
+            known.dedup();
+            all.finish();
+            local.finish();
+            let known: Backends = known.into();
+            let all = shared(all.active(), &known);
+            let mut local_active = None;
+            for (fe, kind) in frontends
+                .iter()
+                .filter(|(fe, _)| IpFamily::of(&fe.ip) == family)
+            {
+                let active = if kind.is_external() {
+                    local_active
+                        .get_or_insert_with(|| shared(local.active(), &known))
+                        .clone()
+                } else {
+                    all.clone()
+                };
+                out.entry(*fe).or_insert_with(|| FrontendSpec {
+                    service: service.clone(),
+                    kind: *kind,
+                    active,
+                    known: known.clone(),
+                });
+            }
         }
     }
     out

@@ -1,33 +1,46 @@
 //! The model's output: every frontend the maps should hold, with its backends.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use super::objects::Protocol;
 
 /// A Service frontend as the dataplane matches it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
 
+/// `ip:port/proto`, an IPv6 address in brackets (`[fd00::10]:80/TCP`).
+fn write_endpoint(
+    f: &mut fmt::Formatter<'_>,
+    ip: &IpAddr,
+    port: u16,
+    proto: Protocol,
+) -> fmt::Result {
+    match ip {
+        IpAddr::V4(a) => write!(f, "{a}:{port}/{proto}"),
+        IpAddr::V6(a) => write!(f, "[{a}]:{port}/{proto}"),
+    }
+}
+
 impl fmt::Display for FrontendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+        write_endpoint(f, &self.ip, self.port, self.proto)
     }
 }
 
 /// A backend as the dataplane rewrites to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+        write_endpoint(f, &self.ip, self.port, self.proto)
     }
 }
 

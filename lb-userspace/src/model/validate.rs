@@ -4,11 +4,14 @@
 //! keeps working, the standalone file is all-or-nothing.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use super::{
-    objects::{Config, EndpointSlice, Node, Protocol, Service, ServiceType, TargetPort},
+    objects::{
+        Config, EndpointSlice, IpFamily, IpFamilyPolicy, Node, Protocol, Service, ServiceType,
+        TargetPort,
+    },
     rules::port_frontends,
     state::FrontendAddr,
 };
@@ -53,9 +56,43 @@ pub fn validate_service(svc: &Service) -> Result<(), Invalid> {
     if svc.name.is_empty() {
         return Err(bad("name is empty".into()));
     }
-    let ip = svc.cluster_ip;
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+    if let Some(ip) = svc.cluster_ip {
+        return Err(bad(match svc.cluster_ips.first() {
+            Some(first) => format!("clusterIP {ip} is not clusterIPs' first address {first}"),
+            None => "clusterIP is set but not moved into clusterIPs (normalize first)".into(),
+        }));
+    }
+    if svc.cluster_ips.is_empty() {
+        return Err(bad("has no clusterIP".into()));
+    }
+    if let Some(ip) = svc.cluster_ips.iter().find(|ip| !is_unicast(**ip)) {
         return Err(bad(format!("clusterIP {ip} cannot be a Service address")));
+    }
+    let families: Vec<IpFamily> = svc.families().collect();
+    if families.len() > 2 || (families.len() == 2 && families[0] == families[1]) {
+        return Err(bad(format!(
+            "clusterIPs {:?}: at most one address per family",
+            svc.cluster_ips
+        )));
+    }
+    if !svc.ip_families.is_empty() && svc.ip_families != families {
+        return Err(bad(format!(
+            "ipFamilies {:?} do not match clusterIPs {:?}",
+            svc.ip_families, svc.cluster_ips
+        )));
+    }
+    match (svc.ip_family_policy, families.len()) {
+        (Some(IpFamilyPolicy::SingleStack), n) if n != 1 => {
+            return Err(bad(format!(
+                "ipFamilyPolicy SingleStack with {n} clusterIPs"
+            )));
+        }
+        (Some(IpFamilyPolicy::RequireDualStack), n) if n != 2 => {
+            return Err(bad(format!(
+                "ipFamilyPolicy RequireDualStack with {n} clusterIP(s)"
+            )));
+        }
+        _ => {}
     }
     if svc.ports.is_empty() {
         return Err(bad("has no ports".into()));
@@ -108,8 +145,21 @@ pub fn validate_service(svc: &Service) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn is_unicast(ip: Ipv4Addr) -> bool {
-    !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback())
+/// An address a Service, endpoint or node can have: not unspecified, multicast,
+/// broadcast or loopback (nor an IPv6 link-local one, which names no single host).
+fn is_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_unspecified()
+                || a.is_multicast()
+                || a.is_loopback()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some())
+        }
+    }
 }
 
 /// Checks the node section of a standalone config.
@@ -142,7 +192,7 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), Invalid> {
     }
     for e in &slice.endpoints {
         let a = e.address;
-        if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
+        if !is_unicast(a) && !a.is_loopback() {
             return Err(bad(format!(
                 "endpoint address {a} is not a unicast address"
             )));
@@ -234,7 +284,7 @@ mod tests {
             e.to_string(),
             "Service default/b: frontend 10.96.0.10:80/TCP is already used by Service default/a"
         );
-        cfg.services[1].cluster_ip = ip("0.0.0.0");
+        cfg.services[1].cluster_ips = vec![ip("0.0.0.0")];
         assert!(validate_config(&cfg)
             .unwrap_err()
             .to_string()

@@ -5,16 +5,18 @@
 //! Laid out for a million backends: backends in a vector indexed by id (the kernel array's
 //! own layout), their address index a hash table of ids (4 bytes an entry), and each
 //! service's slots one vector.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 use ahash::AHashMap as HashMap;
 use hashbrown::HashTable;
-use lb_common::{Backend, Frontend, FrontendKey, SlotKey};
+use lb_common::{ipv4_mapped, is_ipv4_mapped, Addr, Backend, Frontend, FrontendKey, SlotKey};
 
 use super::ids::IdPool;
 use crate::model::{BackendAddr, FrontendAddr, Protocol};
 
 /// What an unused backend id holds (in the kernel array and here).
 pub const NO_BACKEND: Backend = Backend {
-    addr: 0,
+    addr: [0; 4],
     port: 0,
     proto: 0,
     flags: 0,
@@ -48,9 +50,34 @@ impl Op {
     }
 }
 
+/// An address as the maps hold it: 16 bytes in network byte order, IPv4 IPv4-mapped.
+pub fn map_addr(ip: &IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(a) => ipv4_mapped(u32::from_ne_bytes(a.octets())),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// An address as the maps hold it, back.
+pub fn ip_addr(a: &Addr) -> IpAddr {
+    if is_ipv4_mapped(a) {
+        IpAddr::V4(Ipv4Addr::from(a[3].to_ne_bytes()))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in a.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    }
+}
+
 pub fn frontend_key(f: &FrontendAddr) -> FrontendKey {
     FrontendKey {
-        addr: u32::from(f.ip).to_be(),
+        addr: map_addr(&f.ip),
         port: f.port.to_be(),
         proto: f.proto.number(),
         _pad: 0,
@@ -59,7 +86,7 @@ pub fn frontend_key(f: &FrontendAddr) -> FrontendKey {
 
 pub fn backend_value(b: &BackendAddr) -> Backend {
     Backend {
-        addr: u32::from(b.ip).to_be(),
+        addr: map_addr(&b.ip),
         port: b.port.to_be(),
         proto: b.proto.number(),
         flags: 0,
@@ -68,7 +95,7 @@ pub fn backend_value(b: &BackendAddr) -> Backend {
 
 pub fn frontend_addr(k: &FrontendKey) -> FrontendAddr {
     FrontendAddr {
-        ip: u32::from_be(k.addr).into(),
+        ip: ip_addr(&k.addr),
         port: u16::from_be(k.port),
         proto: Protocol::from_number(k.proto).unwrap_or(Protocol::Tcp),
     }
@@ -76,7 +103,7 @@ pub fn frontend_addr(k: &FrontendKey) -> FrontendAddr {
 
 pub fn backend_addr(b: &Backend) -> BackendAddr {
     BackendAddr {
-        ip: u32::from_be(b.addr).into(),
+        ip: ip_addr(&b.addr),
         port: u16::from_be(b.port),
         proto: Protocol::from_number(b.proto).unwrap_or(Protocol::Tcp),
     }
@@ -334,4 +361,29 @@ pub struct MapContent {
     pub frontends: Vec<(FrontendKey, Frontend)>,
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(u32, Backend)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_go_to_the_maps_and_back_in_network_order() {
+        let v4: IpAddr = "10.96.0.10".parse().unwrap();
+        let a = map_addr(&v4);
+        assert!(is_ipv4_mapped(&a));
+        // The bytes in memory are those of ::ffff:10.96.0.10, as on the wire.
+        let bytes: Vec<u8> = a.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 10]
+        );
+        assert_eq!(ip_addr(&a), v4);
+        let v6: IpAddr = "fd00:10:96::a".parse().unwrap();
+        let a = map_addr(&v6);
+        assert!(!is_ipv4_mapped(&a));
+        let bytes: Vec<u8> = a.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes[..4], [0xfd, 0, 0, 0x10]);
+        assert_eq!(ip_addr(&a), v6);
+    }
 }

@@ -19,7 +19,8 @@ mod mirror;
 
 pub use diff::{plan, plan_delta, RefChanges, Refs};
 pub use mirror::{
-    backend_addr, backend_value, frontend_addr, frontend_key, MapContent, MapState, Op, NO_BACKEND,
+    backend_addr, backend_value, frontend_addr, frontend_key, ip_addr, map_addr, MapContent,
+    MapState, Op, NO_BACKEND,
 };
 
 #[cfg(test)]
@@ -33,7 +34,7 @@ mod tests {
 
     fn fe(last: u8, port: u16) -> FrontendAddr {
         FrontendAddr {
-            ip: Ipv4Addr::new(10, 96, 0, last),
+            ip: Ipv4Addr::new(10, 96, 0, last).into(),
             port,
             proto: Protocol::Tcp,
         }
@@ -41,7 +42,7 @@ mod tests {
 
     fn be(last: u8) -> BackendAddr {
         BackendAddr {
-            ip: Ipv4Addr::new(10, 244, 0, last),
+            ip: Ipv4Addr::new(10, 244, 0, last).into(),
             port: 8080,
             proto: Protocol::Tcp,
         }
