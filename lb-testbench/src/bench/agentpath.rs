@@ -393,7 +393,7 @@ fn file_agent_run(scale: usize, changes: usize, r: &mut AgentRun) -> Result<()> 
     let pid = agent.0.id();
     let probe = &svcs[svcs.len() - 1];
     let key = frontend_key(probe);
-    let want_frontends = svcs.len();
+    let want_frontends = workload::cluster_ip_frontend_count(&svcs);
     wait(
         "synced maps",
         Duration::from_secs(300),

@@ -529,10 +529,10 @@ fn yaml_agent_path(scale: usize, r: &mut ControlResult) -> Result<()> {
         .frontends
         .keys()
         .count();
-    if n != svcs.len() {
+    let want = workload::cluster_ip_frontend_count(&svcs);
+    if n != want {
         return Err(Error::Sandbox(format!(
-            "agent synced {n} frontends, expected {}",
-            svcs.len()
+            "agent synced {n} frontends, expected {want}"
         )));
     }
     let (rss, hwm) = rss.unwrap_or((f64::NAN, f64::NAN));

@@ -186,6 +186,12 @@ fn fillers(n: usize, eps: Endpoints) -> Vec<Svc> {
     out
 }
 
+/// The ClusterIP frontends the services make: one per service and family (one port
+/// each). NodePorts are not counted.
+pub fn cluster_ip_frontend_count(svcs: &[Svc]) -> usize {
+    svcs.iter().map(|s| 1 + usize::from(s.ipv6.is_some())).sum()
+}
+
 pub fn endpoint_count(svcs: &[Svc]) -> usize {
     svcs.iter().map(|s| s.endpoints.len()).sum()
 }
