@@ -976,85 +976,6 @@ fn fib_namespace(prefix: &str) -> Ns {
     ns
 }
 
-#[test]
-fn a_nodeport_reply_is_routed_by_the_program_with_its_ttl_decremented() {
-    // Reverse-translated, the reply's source is the node's own address, which the
-    // kernel's input route check would drop as martian: the pod program looks the route
-    // up and redirects it itself.
-    let ns = fib_namespace("lbt-kfib");
-    let (nodeport, clusterip) = run_in(&ns.0, || {
-        let mut k = Kernel::new(&nodeport_config());
-        k.run_xdp(&Spec::tcp(OUTSIDE, 40700, NODE_IP, 30080, SYN).build());
-        let nodeport = k.run(&Spec::tcp(B1, 8080, OUTSIDE, 40700, SYN | ACK).build());
-        // A ClusterIP flow's reply is left to the kernel's routing, as before.
-        k.run(&Spec::tcp(CLIENT, 40701, VIP, 80, SYN).build());
-        let replies: Vec<(u32, Vec<u8>)> = [B1, B2]
-            .iter()
-            .map(|b| k.run(&Spec::tcp(b, 8080, CLIENT, 40701, SYN | ACK).build()))
-            .collect();
-        (nodeport, replies)
-    })
-    .unwrap();
-
-    let synack = Spec::tcp(B1, 8080, OUTSIDE, 40700, SYN | ACK);
-    let mut expected = rewritten(&synack, None, Some((NODE_IP, 30080)));
-    expected[14 + 8] -= 1; // TTL
-    expected[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
-    let c = checksum(&expected[14..34], 0);
-    expected[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
-    assert_eq!(
-        nodeport.0, TC_ACT_REDIRECT,
-        "routed and redirected by the program"
-    );
-    assert_checksums(&nodeport.1);
-    assert_eq!(nodeport.1, expected);
-
-    let translated: Vec<&(u32, Vec<u8>)> = clusterip
-        .iter()
-        .filter(|(_, out)| view(out).src.to_string() == VIP)
-        .collect();
-    assert_eq!(translated.len(), 1, "one of the two is the flow's backend");
-    assert_eq!(
-        translated[0].0, TC_ACT_OK,
-        "a ClusterIP reply goes to the kernel"
-    );
-    assert_eq!(translated[0].1[14 + 8], 64, "TTL untouched");
-}
-
-#[test]
-fn the_fragments_of_a_nodeport_reply_are_routed_like_its_first() {
-    // Each fragment of a NodePort's reply gets the node's address as its source: the
-    // later ones must be routed by the program too, or the kernel drops them as martian.
-    let ns = fib_namespace("lbt-kfrag");
-    let reply = fragmented_reply((B1, 5353), (OUTSIDE, 50500), 0x6161);
-    let frames = reply.fragments(CHUNK);
-    let (out, routed) = run_in(&ns.0, move || {
-        let mut k = Kernel::new(&nodeport_config());
-        let q = Spec::udp(OUTSIDE, 50500, NODE_IP, 30053, b"query");
-        assert_eq!(k.run_xdp(&q.build()).0, XDP_PASS);
-        let out: Vec<(u32, Vec<u8>)> = frames.iter().map(|f| k.run(f)).collect();
-        (out, k.counter("reverse_translated_fragment"))
-    })
-    .unwrap();
-    assert_eq!(routed, 2);
-    assert!(
-        out.iter().all(|(verdict, _)| *verdict == TC_ACT_REDIRECT),
-        "every fragment routed and redirected by the program"
-    );
-    let out: Vec<Vec<u8>> = out.into_iter().map(|(_, o)| o).collect();
-    let mut forwarded = out.clone();
-    for f in &mut forwarded {
-        assert_eq!(f[14 + 8], 63, "TTL decremented");
-        // As before the hop, to compare with the from-scratch rewrite.
-        f[14 + 8] = 64;
-        set_ip_checksum(f);
-    }
-    assert_fragments_translated(&forwarded, &reply, (NODE_IP, 30053));
-    for f in &out {
-        assert_ip_checksum(f);
-    }
-}
-
 // ---- IPv6: the same datapath, the other family ----
 
 const VIP6: &str = "fd00:10:96::a";
@@ -1079,12 +1000,15 @@ fn one_backend_each() -> Kernel {
 }
 
 /// `nodeport_config` with a dual-stack node (NODE_IP and NODE_IP6) and `web` dual stack
-/// (also VIP6): B1_6 on this node, B2_6 on `node-b`; `remote6` (IPv6 only, NodePort
-/// 30082) has only an endpoint on `node-b`.
+/// (also VIP6), a LoadBalancer with an external and a load-balancer IP of each family:
+/// B1_6 on this node, B2_6 on `node-b`; `remote6` (IPv6 only, NodePort 30082) has only
+/// an endpoint on `node-b`.
 fn nodeport6_config() -> String {
     "node: {name: node-a, addresses: [192.168.50.1, \"2001:db8:50::1\"]}\n\
      services:\n\
-     - name: web\n  clusterIPs: [10.96.0.10, \"fd00:10:96::a\"]\n  type: NodePort\n  ports:\n\
+     - name: web\n  clusterIPs: [10.96.0.10, \"fd00:10:96::a\"]\n  type: LoadBalancer\n\
+     \x20 externalIPs: [203.0.113.10, \"2001:db8:113::10\"]\n\
+     \x20 loadBalancerIPs: [203.0.113.20, \"2001:db8:114::10\"]\n  ports:\n\
      \x20   - {name: http, port: 80, nodePort: 30080, protocol: TCP}\n\
      \x20   - {name: dns, port: 53, nodePort: 30053, protocol: UDP}\n\
      - name: remote6\n  clusterIP: \"fd00:10:96::b\"\n  type: NodePort\n  ports:\n\
@@ -1616,6 +1540,40 @@ fn xdp_ipv6_nodeport_is_translated_to_a_local_backend_only() {
 }
 
 #[test]
+fn xdp_external_and_load_balancer_ips_of_both_families_reach_a_local_backend() {
+    let mut k = Kernel::new(&nodeport6_config());
+    for (i, (dst, backend)) in [
+        ("203.0.113.10", B1),
+        ("203.0.113.20", B1),
+        ("2001:db8:113::10", B1_6),
+        ("2001:db8:114::10", B1_6),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let client = if backend == B1 { OUTSIDE } else { OUTSIDE6 };
+        for port in 0..10 {
+            let syn = Spec::tcp(client, 41000 + 100 * i as u16 + port, dst, 80, SYN);
+            let (verdict, out) = k.run_xdp(&syn.build());
+            assert_eq!(verdict, XDP_PASS, "{dst}");
+            assert_checksums(&out);
+            assert_eq!(
+                out,
+                rewritten(&syn, Some((backend, 8080)), None),
+                "{dst}: only this node's endpoint of the family serves it"
+            );
+        }
+        let q = Spec::udp(client, 51000 + i as u16, dst, 53, b"query");
+        assert_eq!(
+            k.run_xdp(&q.build()).1,
+            rewritten(&q, Some((backend, 5353)), None),
+            "{dst}/UDP"
+        );
+    }
+    assert_eq!(k.counter("new_flow"), 4 * 11);
+}
+
+#[test]
 fn xdp_and_tc_rewrite_the_same_ipv6_packets_to_the_same_bytes() {
     // As for IPv4: the XDP rewrite (RFC 1624 over the 16-byte address) and the tc rewrite
     // (bpf_csum_diff + l4_csum_replace in diff mode) must agree on every byte, and both
@@ -1682,74 +1640,130 @@ fn xdp_and_tc_rewrite_the_same_ipv6_packets_to_the_same_bytes() {
     .unwrap();
 }
 
-#[test]
-fn an_ipv6_nodeport_reply_is_routed_by_the_program_with_its_hop_limit_decremented() {
-    let ns = fib_namespace("lbt-kfib6");
-    let (nodeport, clusterip) = run_in(&ns.0, || {
-        let mut k = Kernel::new(&nodeport6_config());
-        k.run_xdp(&Spec::tcp(OUTSIDE6, 40700, NODE_IP6, 30080, SYN).build());
-        let nodeport = k.run(&Spec::tcp(B1_6, 8080, OUTSIDE6, 40700, SYN | ACK).build());
-        // A ClusterIP flow's reply is left to the kernel's routing, as before.
-        k.run(&Spec::tcp(CLIENT6, 40701, VIP6, 80, SYN).build());
-        let replies: Vec<(u32, Vec<u8>)> = [B1_6, B2_6]
-            .iter()
-            .map(|b| k.run(&Spec::tcp(b, 8080, CLIENT6, 40701, SYN | ACK).build()))
-            .collect();
-        (nodeport, replies)
-    })
-    .unwrap();
+/// One address family's side of the NodePort route tests: the addresses and the
+/// config where `b1` is on this node and `b2` on another.
+struct Fam {
+    name: &'static str,
+    vip: &'static str,
+    client: &'static str,
+    b1: &'static str,
+    b2: &'static str,
+    node_ip: &'static str,
+    outside: &'static str,
+    nodeport_config: fn() -> String,
+}
 
-    let synack = Spec::tcp(B1_6, 8080, OUTSIDE6, 40700, SYN | ACK);
-    let mut forwarded = synack.clone();
-    forwarded.hop_limit -= 1;
-    assert_eq!(
-        nodeport.0, TC_ACT_REDIRECT,
-        "routed and redirected by the program"
-    );
-    assert_checksums(&nodeport.1);
-    assert_eq!(
-        nodeport.1,
-        rewritten(&forwarded, None, Some((NODE_IP6, 30080))),
-        "the source restored, the hop limit one less"
-    );
+const FAMILIES: [Fam; 2] = [
+    Fam {
+        name: "IPv4",
+        vip: VIP,
+        client: CLIENT,
+        b1: B1,
+        b2: B2,
+        node_ip: NODE_IP,
+        outside: OUTSIDE,
+        nodeport_config,
+    },
+    Fam {
+        name: "IPv6",
+        vip: VIP6,
+        client: CLIENT6,
+        b1: B1_6,
+        b2: B2_6,
+        node_ip: NODE_IP6,
+        outside: OUTSIDE6,
+        nodeport_config: nodeport6_config,
+    },
+];
 
-    let translated: Vec<&(u32, Vec<u8>)> = clusterip
-        .iter()
-        .filter(|(_, out)| view(out).src.to_string() == VIP6)
-        .collect();
-    assert_eq!(translated.len(), 1, "one of the two is the flow's backend");
-    assert_eq!(
-        translated[0].0, TC_ACT_OK,
-        "a ClusterIP reply goes to the kernel"
-    );
-    assert_eq!(translated[0].1[14 + 7], 64, "hop limit untouched");
+/// The TTL (IPv4) or hop limit (IPv6) of a frame.
+fn hop_limit(frame: &[u8]) -> u8 {
+    if frame[12..14] == [0x86, 0xdd] {
+        frame[14 + 7]
+    } else {
+        frame[14 + 8]
+    }
 }
 
 #[test]
-fn the_fragments_of_an_ipv6_nodeport_reply_are_routed_like_its_first() {
-    let ns = fib_namespace("lbt-kfrag6");
-    let reply = fragmented_reply((B1_6, 5353), (OUTSIDE6, 50500), 0x6161_6161);
-    let frames = reply.fragments(CHUNK);
-    let (out, routed) = run_in(&ns.0, move || {
-        let mut k = Kernel::new(&nodeport6_config());
-        let q = Spec::udp(OUTSIDE6, 50500, NODE_IP6, 30053, b"query");
-        assert_eq!(k.run_xdp(&q.build()).0, XDP_PASS);
-        let out: Vec<(u32, Vec<u8>)> = frames.iter().map(|f| k.run(f)).collect();
-        (out, k.counter("reverse_translated_fragment"))
-    })
-    .unwrap();
-    assert_eq!(routed, 2);
-    assert!(
-        out.iter().all(|(verdict, _)| *verdict == TC_ACT_REDIRECT),
-        "every fragment routed and redirected by the program"
-    );
-    let mut forwarded: Vec<Vec<u8>> = out.into_iter().map(|(_, o)| o).collect();
-    for f in &mut forwarded {
-        assert_eq!(f[14 + 7], 63, "hop limit decremented");
-        // As before the hop, to compare with the from-scratch rewrite.
-        f[14 + 7] = 64;
+fn a_nodeport_reply_is_routed_by_the_program_with_its_ttl_or_hop_limit_decremented() {
+    // Reverse-translated, the reply's source is the node's own address, which the
+    // kernel's input route check would drop as martian: the pod program looks the route
+    // up and redirects it itself.
+    let ns = fib_namespace("lbt-kfib");
+    for f in &FAMILIES {
+        let (nodeport, clusterip) = run_in(&ns.0, || {
+            let mut k = Kernel::new(&(f.nodeport_config)());
+            k.run_xdp(&Spec::tcp(f.outside, 40700, f.node_ip, 30080, SYN).build());
+            let nodeport = k.run(&Spec::tcp(f.b1, 8080, f.outside, 40700, SYN | ACK).build());
+            // A ClusterIP flow's reply is left to the kernel's routing, as before.
+            k.run(&Spec::tcp(f.client, 40701, f.vip, 80, SYN).build());
+            let replies: Vec<(u32, Vec<u8>)> = [f.b1, f.b2]
+                .iter()
+                .map(|b| k.run(&Spec::tcp(b, 8080, f.client, 40701, SYN | ACK).build()))
+                .collect();
+            (nodeport, replies)
+        })
+        .unwrap();
+
+        let mut forwarded = Spec::tcp(f.b1, 8080, f.outside, 40700, SYN | ACK);
+        forwarded.hop_limit -= 1;
+        assert_eq!(
+            nodeport.0, TC_ACT_REDIRECT,
+            "{}: routed and redirected by the program",
+            f.name
+        );
+        assert_checksums(&nodeport.1);
+        assert_eq!(
+            nodeport.1,
+            rewritten(&forwarded, None, Some((f.node_ip, 30080))),
+            "{}: the source restored, the TTL or hop limit one less",
+            f.name
+        );
+
+        let translated: Vec<&(u32, Vec<u8>)> = clusterip
+            .iter()
+            .filter(|(_, out)| view(out).src.to_string() == f.vip)
+            .collect();
+        assert_eq!(translated.len(), 1, "one of the two is the flow's backend");
+        assert_eq!(
+            translated[0].0, TC_ACT_OK,
+            "{}: a ClusterIP reply goes to the kernel",
+            f.name
+        );
+        assert_eq!(hop_limit(&translated[0].1), 64, "{}: untouched", f.name);
     }
-    assert_fragments_translated(&forwarded, &reply, (NODE_IP6, 30053));
+}
+
+#[test]
+fn the_fragments_of_a_nodeport_reply_are_routed_like_its_first() {
+    // Each fragment of a NodePort's reply gets the node's address as its source: the
+    // later ones must be routed by the program too, or the kernel drops them as martian.
+    let ns = fib_namespace("lbt-kfrag");
+    for (f, id) in FAMILIES.iter().zip([0x6161, 0x6161_6161]) {
+        let reply = fragmented_reply((f.b1, 5353), (f.outside, 50500), id);
+        let frames = reply.fragments(CHUNK);
+        let (out, routed) = run_in(&ns.0, move || {
+            let mut k = Kernel::new(&(f.nodeport_config)());
+            let q = Spec::udp(f.outside, 50500, f.node_ip, 30053, b"query");
+            assert_eq!(k.run_xdp(&q.build()).0, XDP_PASS);
+            let out: Vec<(u32, Vec<u8>)> = frames.iter().map(|fr| k.run(fr)).collect();
+            (out, k.counter("reverse_translated_fragment"))
+        })
+        .unwrap();
+        assert_eq!(routed, 2, "{}", f.name);
+        assert!(
+            out.iter().all(|(verdict, _)| *verdict == TC_ACT_REDIRECT),
+            "{}: every fragment routed and redirected by the program",
+            f.name
+        );
+        let out: Vec<Vec<u8>> = out.into_iter().map(|(_, o)| o).collect();
+        // The reply one hop on: the TTL or hop limit one less (and the IPv4 header
+        // checksum updated) in every fragment.
+        let mut forwarded = reply.clone();
+        forwarded.hop_limit -= 1;
+        assert_fragments_translated(&out, &forwarded, (f.node_ip, 30053));
+    }
 }
 
 #[test]

@@ -201,6 +201,41 @@ fn picks(svcs: &[Svc], changes: usize) -> Vec<usize> {
     (0..changes).map(|i| (i * 7919) % fillers).collect()
 }
 
+/// Flips endpoint 0 of `changes` picked services, one at a time: `change(i, ready)`
+/// makes the change to service `i`, whose frontend has `ready` ready backends (10 or
+/// 9), and returns when it was made; the time from then until the kernel map shows the
+/// other count is one sample. Then the agent's memory.
+fn readiness_changes(
+    r: &mut AgentRun,
+    svcs: &[Svc],
+    changes: usize,
+    timeout: Duration,
+    agent: &mut Proc,
+    maps: &Maps,
+    mut change: impl FnMut(usize, u32) -> Result<Instant>,
+) -> Result<()> {
+    for i in picks(svcs, changes) {
+        check_interrupted()?;
+        let key = frontend_key(&svcs[i]);
+        let ready = ready_count(maps, &key).unwrap_or(0);
+        let want = if ready == 10 { 9 } else { 10 };
+        let t = change(i, ready)?;
+        wait(
+            "a readiness change in the maps",
+            timeout,
+            TIGHT,
+            agent,
+            || ready_count(maps, &key) == Some(want),
+        )?;
+        r.change_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    if let Some((rss, hwm)) = rss_mib(agent.0.id()) {
+        r.rss_after_changes_mib = Some(rss);
+        r.peak_mib = Some(hwm);
+    }
+    Ok(())
+}
+
 /// `lb agent` against the test API server.
 pub fn k8s_agent(scale: usize, changes: usize) -> AgentRun {
     let mut r = AgentRun {
@@ -297,32 +332,14 @@ fn k8s_agent_run(scale: usize, changes: usize, r: &mut AgentRun) -> Result<()> {
         || api.watches(crate::fake_api::Res::EndpointSlices) > 0,
     )?;
     let maps = Maps::from_pins(&pins.0)?;
-    for i in picks(&svcs, changes) {
-        check_interrupted()?;
-        let s = &svcs[i];
-        let key = frontend_key(s);
+    let timeout = Duration::from_secs(30);
+    readiness_changes(r, &svcs, changes, timeout, &mut agent, &maps, |i, ready| {
         // Endpoint 0 goes not ready, or ready again.
-        let want = if ready_count(&maps, &key) == Some(10) {
-            9
-        } else {
-            10
-        };
-        let obj = slice(s, (want == 9).then_some(0));
+        let obj = slice(&svcs[i], (ready == 10).then_some(0));
         let t = Instant::now();
         api.apply(obj);
-        wait(
-            "a readiness change in the maps",
-            Duration::from_secs(30),
-            TIGHT,
-            &mut agent,
-            || ready_count(&maps, &key) == Some(want),
-        )?;
-        r.change_ms.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    if let Some((rss, hwm)) = rss_mib(pid) {
-        r.rss_after_changes_mib = Some(rss);
-        r.peak_mib = Some(hwm);
-    }
+        Ok(t)
+    })?;
     drop(maps);
     drop(agent);
     let _ = std::fs::copy(work.join("agent.log"), "/tmp/lbbench-last-agent.log");
@@ -418,29 +435,13 @@ fn file_agent_run(scale: usize, changes: usize, r: &mut AgentRun) -> Result<()> 
         r.rss_synced_mib.unwrap_or(f64::NAN)
     ));
     let maps = Maps::from_pins(&pins.0)?;
-    for i in picks(&svcs, changes) {
-        check_interrupted()?;
-        let s = &svcs[i];
-        let key = frontend_key(s);
-        let c = &mut cfg.endpoint_slices[i].endpoints[0].conditions;
-        let now_ready = c.ready == Some(false);
-        c.ready = Some(now_ready);
-        let want = if now_ready { 10 } else { 9 };
+    let timeout = Duration::from_secs(60);
+    readiness_changes(r, &svcs, changes, timeout, &mut agent, &maps, |i, ready| {
+        // Endpoint 0 goes not ready, or ready again; the change is the file's rename.
+        cfg.endpoint_slices[i].endpoints[0].conditions.ready = Some(ready != 10);
         write_config(&path, &cfg)?;
-        let t = Instant::now();
-        wait(
-            "a readiness change in the maps",
-            Duration::from_secs(60),
-            TIGHT,
-            &mut agent,
-            || ready_count(&maps, &key) == Some(want),
-        )?;
-        r.change_ms.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    if let Some((rss, hwm)) = rss_mib(pid) {
-        r.rss_after_changes_mib = Some(rss);
-        r.peak_mib = Some(hwm);
-    }
+        Ok(Instant::now())
+    })?;
     drop(maps);
     drop(agent);
     let _ = std::fs::remove_dir_all(&work);

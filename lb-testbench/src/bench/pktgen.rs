@@ -179,12 +179,83 @@ impl GenKind {
     }
 }
 
-/// A running generator; [`Generator::stop`] ends it.
-pub struct Generator {
+/// A thread that sets itself up (in a namespace, pinned to a CPU) before `spawn`
+/// returns, then works until stopped, counting what it did where the caller reads it
+/// live. Dropped, it is stopped and joined.
+struct Worker<T> {
+    what: &'static str,
     stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    handle: Option<JoinHandle<Result<GenStats>>>,
+    count: Arc<AtomicU64>,
+    handle: Option<JoinHandle<Result<T>>>,
 }
+
+impl<T: Send + 'static> Worker<T> {
+    /// Runs `setup` on a new thread and returns once it succeeded (or with its error);
+    /// the thread then runs `work` on what `setup` made until the stop flag is set.
+    fn spawn<S>(
+        what: &'static str,
+        setup: impl FnOnce() -> Result<S> + Send + 'static,
+        work: impl FnOnce(S, &AtomicBool, &AtomicU64) -> Result<T> + Send + 'static,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let (stop2, count2) = (stop.clone(), count.clone());
+        let handle = std::thread::spawn(move || -> Result<T> {
+            let state = match setup() {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Err(Error::Sandbox(format!("{what}: set-up failed")));
+                }
+            };
+            work(state, &stop2, &count2)
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                what,
+                stop,
+                count,
+                handle: Some(handle),
+            }),
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(e)
+            }
+            Err(_) => Err(Error::Sandbox(format!("{what} thread died"))),
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Stops the thread; what its work returned.
+    fn stop(mut self) -> Result<T> {
+        self.stop.store(true, Ordering::Relaxed);
+        let what = self.what;
+        self.handle
+            .take()
+            .expect("running")
+            .join()
+            .map_err(|_| Error::Sandbox(format!("{what} thread panicked")))?
+    }
+}
+
+impl<T> Drop for Worker<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A running generator; [`Generator::stop`] ends it.
+pub struct Generator(Worker<GenStats>);
 
 /// What a generator did.
 #[derive(Clone, Debug, Default)]
@@ -218,30 +289,20 @@ impl Generator {
         if frames.is_empty() {
             return Err(Error::Sandbox("packet generator: no frames".into()));
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let (netns, ifname) = (netns.to_string(), ifname.to_string());
-        let (stop2, sent2) = (stop.clone(), sent.clone());
-        let handle = std::thread::spawn(move || -> Result<GenStats> {
-            let setup = (|| -> Result<(OwnedFd, libc::sockaddr_ll, Vec<usize>)> {
-                crate::sandbox::enter(&netns)?;
-                pin_to_cpu(0, cpu)?;
-                raise_priority()?;
-                let cpus = allowed_cpus(0)?;
-                let (fd, addr) = packet_socket(&ifname, &frames[0])?;
-                Ok((fd, addr, cpus))
-            })();
-            let (fd, mut addr, cpus) = match setup {
-                Ok(v) => {
-                    let _ = ready_tx.send(Ok(()));
-                    v
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(Error::Sandbox(e.to_string())));
-                    return Err(e);
-                }
-            };
+        let first = frames[0].clone();
+        let setup = move || -> Result<(OwnedFd, libc::sockaddr_ll, Vec<usize>)> {
+            crate::sandbox::enter(&netns)?;
+            pin_to_cpu(0, cpu)?;
+            raise_priority()?;
+            let cpus = allowed_cpus(0)?;
+            let (fd, addr) = packet_socket(&ifname, &first)?;
+            Ok((fd, addr, cpus))
+        };
+        let work = move |(fd, mut addr, cpus): (OwnedFd, libc::sockaddr_ll, Vec<usize>),
+                         stop: &AtomicBool,
+                         sent: &AtomicU64|
+              -> Result<GenStats> {
             if cpus != [cpu] {
                 return Err(Error::Sandbox(format!(
                     "packet generator: pinned to CPU {cpu}, allowed on {cpus:?}"
@@ -276,7 +337,7 @@ impl Generator {
                     }
                 })
                 .collect();
-            while !stop2.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 // SAFETY: `msgs` holds BATCH headers whose name, iovecs and frames
                 // (`addr`, `iov`, `frames`) outlive the call; the kernel only reads them.
                 let n =
@@ -285,7 +346,7 @@ impl Generator {
                 // veth's ring towards the node is full).
                 if n == BATCH as i32 {
                     stats.sent += BATCH as u64;
-                    sent2.fetch_add(BATCH as u64, Ordering::Relaxed);
+                    sent.fetch_add(BATCH as u64, Ordering::Relaxed);
                     continue;
                 }
                 let e = std::io::Error::last_os_error();
@@ -300,36 +361,20 @@ impl Generator {
                 let taken = n.max(0) as u64;
                 stats.sent += taken;
                 stats.refused += 1;
-                sent2.fetch_add(taken + 1, Ordering::Relaxed);
+                sent.fetch_add(taken + 1, Ordering::Relaxed);
             }
             Ok(stats)
-        });
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
-                stop,
-                sent,
-                handle: Some(handle),
-            }),
-            Ok(Err(e)) => {
-                let _ = handle.join();
-                Err(e)
-            }
-            Err(_) => Err(Error::Sandbox("packet generator thread died".into())),
-        }
+        };
+        Worker::spawn("packet generator", setup, work).map(Self)
     }
 
     /// Frames offered so far: sent, and (AF_PACKET) refused.
     pub fn offered(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+        self.0.count()
     }
 
-    pub fn stop(mut self) -> Result<GenStats> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle
-            .take()
-            .expect("running")
-            .join()
-            .map_err(|_| Error::Sandbox("packet generator thread panicked".into()))?
+    pub fn stop(self) -> Result<GenStats> {
+        self.0.stop()
     }
 }
 
@@ -338,49 +383,38 @@ impl Generator {
         if frames.is_empty() {
             return Err(Error::Sandbox("packet generator: no frames".into()));
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let (netns, ifname) = (netns.to_string(), ifname.to_string());
-        let (stop2, sent2) = (stop.clone(), sent.clone());
-        let handle = std::thread::spawn(move || -> Result<GenStats> {
-            let setup = (|| -> Result<((OwnedFd, OwnedFd), Vec<usize>)> {
-                crate::sandbox::enter(&netns)?;
-                pin_to_cpu(0, cpu)?;
-                raise_priority()?;
-                let cpus = allowed_cpus(0)?;
-                let name =
-                    CString::new(ifname.as_str()).map_err(|e| Error::Sandbox(e.to_string()))?;
-                // SAFETY: `name` is a NUL-terminated string.
-                let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-                if ifindex == 0 {
-                    return Err(os_err(&format!("interface {ifname}")));
-                }
-                let prog = bpf::load_xdp(&bpf::write_and_redirect(&frames, ifindex)?)?;
-                // The spare veth that keeps the program in the XDP dispatcher.
-                let _ = Command::new("ip")
-                    .args(["-n", &netns, "link", "add", ANCHOR, "type", "veth"])
-                    .args(["peer", "name", "lbgen1"])
-                    .output();
-                let anchor = CString::new(ANCHOR).expect("no NUL");
-                // SAFETY: `anchor` is a NUL-terminated string.
-                let anchor = unsafe { libc::if_nametoindex(anchor.as_ptr()) };
-                if anchor == 0 {
-                    return Err(os_err(&format!("interface {ANCHOR} in {netns}")));
-                }
-                let link = bpf::attach_xdp_generic(&prog, anchor)?;
-                Ok(((prog, link), cpus))
-            })();
-            let ((prog, _link), cpus) = match setup {
-                Ok(v) => {
-                    let _ = ready_tx.send(Ok(()));
-                    v
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(Error::Sandbox(e.to_string())));
-                    return Err(e);
-                }
-            };
+        let first = frames[0].clone();
+        let setup = move || -> Result<((OwnedFd, OwnedFd), Vec<usize>)> {
+            crate::sandbox::enter(&netns)?;
+            pin_to_cpu(0, cpu)?;
+            raise_priority()?;
+            let cpus = allowed_cpus(0)?;
+            let name = CString::new(ifname.as_str()).map_err(|e| Error::Sandbox(e.to_string()))?;
+            // SAFETY: `name` is a NUL-terminated string.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if ifindex == 0 {
+                return Err(os_err(&format!("interface {ifname}")));
+            }
+            let prog = bpf::load_xdp(&bpf::write_and_redirect(&frames, ifindex)?)?;
+            // The spare veth that keeps the program in the XDP dispatcher.
+            let _ = Command::new("ip")
+                .args(["-n", &netns, "link", "add", ANCHOR, "type", "veth"])
+                .args(["peer", "name", "lbgen1"])
+                .output();
+            let anchor = CString::new(ANCHOR).expect("no NUL");
+            // SAFETY: `anchor` is a NUL-terminated string.
+            let anchor = unsafe { libc::if_nametoindex(anchor.as_ptr()) };
+            if anchor == 0 {
+                return Err(os_err(&format!("interface {ANCHOR} in {netns}")));
+            }
+            let link = bpf::attach_xdp_generic(&prog, anchor)?;
+            Ok(((prog, link), cpus))
+        };
+        let work = move |((prog, _link), cpus): ((OwnedFd, OwnedFd), Vec<usize>),
+                         stop: &AtomicBool,
+                         sent: &AtomicU64|
+              -> Result<GenStats> {
             if cpus != [cpu] {
                 return Err(Error::Sandbox(format!(
                     "packet generator: pinned to CPU {cpu}, allowed on {cpus:?}"
@@ -396,16 +430,16 @@ impl Generator {
             // at the end of the call.
             const REPEAT: u32 = 1 << 20;
             let t0 = std::time::Instant::now();
-            while !stop2.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let t = std::time::Instant::now();
-                let r = bpf::test_run_live(&prog, &frames[0], REPEAT);
+                let r = bpf::test_run_live(&prog, &first, REPEAT);
                 stats.calls += 1;
                 stats.secs_in_calls += t.elapsed().as_secs_f64();
                 stats.secs = t0.elapsed().as_secs_f64();
                 match r {
                     Ok(()) => {
                         stats.sent += REPEAT as u64;
-                        sent2.fetch_add(REPEAT as u64, Ordering::Relaxed);
+                        sent.fetch_add(REPEAT as u64, Ordering::Relaxed);
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                     Err(e) => {
@@ -416,19 +450,8 @@ impl Generator {
                 }
             }
             Ok(stats)
-        });
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
-                stop,
-                sent,
-                handle: Some(handle),
-            }),
-            Ok(Err(e)) => {
-                let _ = handle.join();
-                Err(e)
-            }
-            Err(_) => Err(Error::Sandbox("packet generator thread died".into())),
-        }
+        };
+        Worker::spawn("packet generator", setup, work).map(Self)
     }
 }
 
@@ -722,15 +745,6 @@ mod bpf {
     }
 }
 
-impl Drop for Generator {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 /// An AF_PACKET socket that receives nothing (protocol 0) and sends past the qdisc, and
 /// the address of `ifname` to send to (the frame's own destination MAC).
 fn packet_socket(ifname: &str, frame: &[u8]) -> Result<(OwnedFd, libc::sockaddr_ll)> {
@@ -776,40 +790,22 @@ fn packet_socket(ifname: &str, frame: &[u8]) -> Result<(OwnedFd, libc::sockaddr_
 }
 
 /// A UDP socket bound in a pod, drained by a pinned thread.
-pub struct Sink {
-    stop: Arc<AtomicBool>,
-    received: Arc<AtomicU64>,
-    handle: Option<JoinHandle<()>>,
-}
+pub struct Sink(Worker<()>);
 
 impl Sink {
     /// Binds UDP `port` in `netns` and drains it from a thread pinned to `cpu`.
     pub fn start(netns: &str, port: u16, cpu: usize) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let netns = netns.to_string();
-        let (stop2, received2) = (stop.clone(), received.clone());
-        let handle = std::thread::spawn(move || {
-            let setup = (|| -> Result<UdpSocket> {
-                crate::sandbox::enter(&netns)?;
-                pin_to_cpu(0, cpu)?;
-                let s = UdpSocket::bind(("0.0.0.0", port))
-                    .map_err(|e| Error::Sandbox(format!("udp {port} in {netns}: {e}")))?;
-                s.set_read_timeout(Some(Duration::from_millis(100)))
-                    .map_err(|e| Error::Sandbox(e.to_string()))?;
-                Ok(s)
-            })();
-            let sock = match setup {
-                Ok(s) => {
-                    let _ = ready_tx.send(Ok(()));
-                    s
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
+        let setup = move || -> Result<UdpSocket> {
+            crate::sandbox::enter(&netns)?;
+            pin_to_cpu(0, cpu)?;
+            let s = UdpSocket::bind(("0.0.0.0", port))
+                .map_err(|e| Error::Sandbox(format!("udp {port} in {netns}: {e}")))?;
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .map_err(|e| Error::Sandbox(e.to_string()))?;
+            Ok(s)
+        };
+        let work = |sock: UdpSocket, stop: &AtomicBool, received: &AtomicU64| -> Result<()> {
             let mut bufs = vec![[0u8; 128]; BATCH];
             let mut iov: Vec<libc::iovec> = bufs
                 .iter_mut()
@@ -831,7 +827,7 @@ impl Sink {
                     }
                 })
                 .collect();
-            while !stop2.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 // SAFETY: `msgs` holds BATCH headers whose iovecs point into `bufs`, all
                 // alive and writable for the call. The socket's receive timeout bounds
                 // the wait for the first datagram.
@@ -845,36 +841,17 @@ impl Sink {
                     )
                 };
                 if n > 0 {
-                    received2.fetch_add(n as u64, Ordering::Relaxed);
+                    received.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
-        });
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
-                stop,
-                received,
-                handle: Some(handle),
-            }),
-            Ok(Err(e)) => {
-                let _ = handle.join();
-                Err(e)
-            }
-            Err(_) => Err(Error::Sandbox("sink thread died".into())),
-        }
+            Ok(())
+        };
+        Worker::spawn("sink", setup, work).map(Self)
     }
 
     /// Datagrams read so far.
     pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        self.0.count()
     }
 }
 
