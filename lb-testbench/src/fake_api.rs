@@ -475,21 +475,32 @@ fn list(
         .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
     let mut st = inner.store.lock().unwrap();
-    let (list_rv, offset) = match q.get("continue").filter(|c| !c.is_empty()) {
+    // A continue token is the list's resourceVersion and the last key sent
+    // ("rv-namespace/name"): the next page starts after that key, found in the tree
+    // (as the API server continues from a key in etcd), not by counting from the start.
+    let (list_rv, after) = match q.get("continue").filter(|c| !c.is_empty()) {
         Some(c) => {
-            let (rv, off) = c.split_once('-').unwrap_or(("", ""));
-            (rv.parse().unwrap_or(st.rv), off.parse().unwrap_or(0usize))
+            let (rv, key) = c.split_once('-').unwrap_or(("", ""));
+            let (ns, n) = key.split_once('/').unwrap_or(("", ""));
+            (
+                rv.parse().unwrap_or(st.rv),
+                Some((ns.to_string(), n.to_string())),
+            )
         }
         None => {
             *st.lists.entry(res).or_default() += 1;
             st.listed_at.insert(res, std::time::Instant::now());
-            (st.rv, 0)
+            (st.rv, None)
         }
     };
-    let all = st.objects.get(&res);
+    let empty = BTreeMap::new();
+    let all = st.objects.get(&res).unwrap_or(&empty);
+    let from = match &after {
+        Some(k) => std::ops::Bound::Excluded(k),
+        None => std::ops::Bound::Unbounded,
+    };
     let matching = all
-        .into_iter()
-        .flatten()
+        .range((from, std::ops::Bound::Unbounded))
         .filter(|((_, n), _)| name.is_none_or(|want| n == want));
     let mut body = Vec::new();
     body.extend_from_slice(
@@ -501,8 +512,9 @@ fn list(
         .as_bytes(),
     );
     let mut items = Vec::new();
+    let mut last = None;
     let mut more = false;
-    for (i, (_, text)) in matching.skip(offset).enumerate() {
+    for (i, (key, text)) in matching.enumerate() {
         if i == limit {
             more = true;
             break;
@@ -511,11 +523,10 @@ fn list(
             items.push(b',');
         }
         items.extend_from_slice(text);
+        last = Some(key);
     }
-    if more {
-        body.extend_from_slice(
-            format!(",\"continue\":\"{list_rv}-{}\"", offset + limit).as_bytes(),
-        );
+    if let (true, Some((ns, n))) = (more, last) {
+        body.extend_from_slice(format!(",\"continue\":\"{list_rv}-{ns}/{n}\"").as_bytes());
     }
     body.extend_from_slice(b"},\"items\":[");
     body.extend_from_slice(&items);
