@@ -1,17 +1,34 @@
-//! A one-node cluster made of network namespaces, for the demo and the end-to-end tests:
-//! a "node" namespace and one namespace per pod, joined by veth pairs and routed the way
-//! a CNI does it (cilium / calico style): each pod has a /32 address and a default route
-//! via a link-local gateway; the node has a /32 route per pod on the pod's `lxc-*` veth.
-//! Neighbour entries are static, so no ARP is involved. The node has no route out of the
-//! sandbox: a packet the dataplane misses dies there.
+//! Nodes and pods made of network namespaces, for the demo, the benchmark and the
+//! end-to-end tests, routed the way a CNI without overlay does it (cilium / calico in
+//! native-routing mode): each pod has a /32 address and a default route via a link-local
+//! gateway; its node has a /32 route per pod on the pod's `lxc-*` veth. Neighbour entries
+//! between a pod and its node are static, so no ARP is involved there.
 //!
-//! Dual stack: every pod also has an IPv6 /128 (`fd00:10:244::<n>`) with a default route
-//! via a link-local gateway (`fe80::1`), the node a /128 route per pod, and the node and
-//! the outside an IPv6 /64 on their link (`fd00:50::1`, `fd00:50::2`), all without
-//! duplicate address detection (`nodad`), so addresses work at once.
+//! Two shapes:
+//! - [`Sandbox::create`], one node (`<prefix>-node`) and "the outside" (`<prefix>-out`),
+//!   joined by one veth pair: the node's `eth0` (192.168.50.1) and the outside's `eth0`
+//!   (192.168.50.2), which routes everything to the node. The node has no route out of
+//!   the sandbox: a packet the dataplane misses dies there. Pods get 10.244.0.<n>, n
+//!   from 11.
+//! - [`Sandbox::cluster`], N >= 2 nodes on one L2 underlay: node k is `<prefix>-n<k>`
+//!   (node 0 keeps `<prefix>-node`), its `eth0` a veth whose peer is a port of the bridge
+//!   `br0` in the outside namespace, which holds the outside's own addresses. Node 0 is
+//!   192.168.50.1, node k >= 1 192.168.50.<k+2> (the outside keeps .2). ARP and neighbour
+//!   discovery run normally on the underlay. Node k's pods get 10.244.k.<n> (n from 11 on
+//!   each node), and every other node routes that /24 via node k's address, as a routed
+//!   CNI installs it. The outside has only its on-link /24 and /64 (no route to any pod
+//!   CIDR): a packet to a pod from outside dies there.
 //!
-//! Everything it makes (namespaces, processes, pins, files) goes away on drop, also when
-//! a test fails.
+//! Dual stack: every pod also has an IPv6 /128 (`fd00:10:244:<k>::<n>`) with a default
+//! route via a link-local gateway (`fe80::1`), its node a /128 route per pod, and the nodes
+//! and the outside an IPv6 /64 on the underlay (`fd00:50::1`, `fd00:50::<k+2>` for node
+//! k >= 1, `fd00:50::2` for the outside), all without duplicate address detection
+//! (`nodad`), so addresses work at once; in a cluster every node routes node k's
+//! `fd00:10:244:<k>::/64` via node k's IPv6 address.
+//!
+//! Each node has its own bpffs folder for its agent ([`NodeInfo::pin_dir`]). Everything
+//! the sandbox makes (namespaces, processes, pins, files) goes away on drop, also when a
+//! test fails.
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -35,34 +52,55 @@ pub const OUTSIDE_IP: &str = "192.168.50.2";
 pub const NODE_IP6: &str = "fd00:50::1";
 pub const OUTSIDE_IP6: &str = "fd00:50::2";
 
+/// A node of the sandbox.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    /// Its Kubernetes node name ("node-0", "node-1", ...), for the endpoints' `nodeName`
+    /// and the agent's `node:` section.
+    pub name: String,
+    /// Network namespace name.
+    pub netns: String,
+    /// The address of its external interface (`eth0`).
+    pub ip: Ipv4Addr,
+    /// Its IPv6 address on `eth0`.
+    pub ip6: Ipv6Addr,
+    /// bpffs folder for this node's agent.
+    pub pin_dir: PathBuf,
+}
+
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
+    /// The index of its node in [`Sandbox::nodes`].
+    pub node: usize,
     /// Network namespace name.
     pub netns: String,
     pub ip: Ipv4Addr,
     /// Its IPv6 address.
     pub ip6: Ipv6Addr,
-    /// The host side of the pod's veth, in the node namespace.
+    /// The host side of the pod's veth, in its node's namespace.
     pub host_if: String,
 }
 
 pub struct Sandbox {
     pub prefix: String,
-    /// The node's network namespace.
+    /// Node 0's network namespace (the only node of a one-node sandbox).
     pub node: String,
-    /// The namespace outside the node, joined to its external interface.
+    /// Every node, node 0 first (one for [`Sandbox::create`]).
+    pub nodes: Vec<NodeInfo>,
+    /// The namespace outside the nodes, joined to their external interfaces.
     pub outside: String,
     pub pods: Vec<Pod>,
     /// Scratch folder for configs and logs.
     pub workdir: PathBuf,
-    /// bpffs folder for this sandbox's agent.
+    /// bpffs folder for node 0's agent.
     pub pin_dir: PathBuf,
     children: Mutex<Vec<Child>>,
     /// Threads serving in pods (UDP responders), stopped on drop.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    next_ip: u8,
+    /// The host part of the next pod's address, per node.
+    next_ip: Vec<u8>,
 }
 
 /// Moves the calling thread into a network namespace (see `lb_userspace::netns`).
@@ -93,6 +131,11 @@ fn run(cmd: &mut Command) -> Result<Output> {
         )));
     }
     Ok(out)
+}
+
+/// Node k's IPv6 pod prefix (a /64): `fd00:10:244:<k>::`.
+pub fn pod_cidr6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, k as u16, 0, 0, 0, 0)
 }
 
 fn ip(args: &[&str]) -> Result<Output> {
@@ -132,31 +175,99 @@ pub fn clean_prefix(prefix: &str) {
     }
 }
 
+/// The name of the bridge in the outside namespace that joins a cluster's nodes.
+pub const UNDERLAY_BRIDGE: &str = "br0";
+
 impl Sandbox {
     /// Makes the node and the given pods. `prefix` must be unique on the machine (tests
     /// use their name and the process id) and short: namespace names derive from it.
     pub fn create(prefix: &str, pods: &[&str]) -> Result<Self> {
+        let mut sb = Self::empty(prefix, 1)?;
+        sb.create_node(0)?;
+        sb.create_outside()?;
+        for p in pods {
+            sb.add_pod(p)?;
+        }
+        Ok(sb)
+    }
+
+    /// Makes a cluster: node k gets the pods named in `nodes[k]` (pod names are unique
+    /// in the sandbox, and none is `node`, `out` or `n<k>`). One node is
+    /// [`Sandbox::create`]; two or more share a bridged underlay (see the module doc).
+    pub fn cluster(prefix: &str, nodes: &[&[&str]]) -> Result<Self> {
+        match nodes {
+            [] => return Err(Error::Sandbox("a cluster needs a node".into())),
+            [pods] => return Self::create(prefix, pods),
+            _ => {}
+        }
+        let mut sb = Self::empty(prefix, nodes.len())?;
+        for k in 0..nodes.len() {
+            sb.create_node(k)?;
+        }
+        sb.create_underlay()?;
+        for (k, pods) in nodes.iter().enumerate() {
+            for p in *pods {
+                sb.add_pod_on(k, p)?;
+            }
+        }
+        Ok(sb)
+    }
+
+    /// The sandbox's bookkeeping for `n` nodes, before any namespace exists (so that a
+    /// failure from here on drops it, which removes what was made).
+    fn empty(prefix: &str, n: usize) -> Result<Self> {
         require_tools(&["ip"])?;
+        if n > 200 {
+            return Err(Error::Sandbox(format!("{n} nodes: at most 200")));
+        }
         clean_prefix(prefix);
         let workdir = std::env::temp_dir().join(format!("{prefix}-work"));
         let _ = std::fs::remove_dir_all(&workdir);
         std::fs::create_dir_all(&workdir)
             .map_err(|e| Error::Sandbox(format!("{}: {e}", workdir.display())))?;
-        let mut sb = Sandbox {
+        let nodes: Vec<NodeInfo> = (0..n)
+            .map(|k| {
+                // Node 0 keeps the one-node names and addresses; the outside keeps .2.
+                let (netns, pin_dir, host) = if k == 0 {
+                    (format!("{prefix}-node"), format!("/sys/fs/bpf/{prefix}"), 1)
+                } else {
+                    (
+                        format!("{prefix}-n{k}"),
+                        format!("/sys/fs/bpf/{prefix}-n{k}"),
+                        k as u8 + 2,
+                    )
+                };
+                NodeInfo {
+                    name: format!("node-{k}"),
+                    netns,
+                    ip: Ipv4Addr::new(192, 168, 50, host),
+                    ip6: Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, host as u16),
+                    pin_dir: PathBuf::from(pin_dir),
+                }
+            })
+            .collect();
+        debug_assert_eq!(nodes[0].ip.to_string(), NODE_IP);
+        debug_assert_eq!(nodes[0].ip6.to_string(), NODE_IP6);
+        Ok(Sandbox {
             prefix: prefix.to_string(),
-            node: format!("{prefix}-node"),
+            node: nodes[0].netns.clone(),
+            pin_dir: nodes[0].pin_dir.clone(),
+            nodes,
             outside: format!("{prefix}-out"),
             pods: Vec::new(),
             workdir,
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
             children: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             stop: Default::default(),
-            next_ip: 11,
-        };
-        ip(&["netns", "add", &sb.node])?;
-        let node = sb.node.clone();
-        for (k, v) in [
+            next_ip: vec![11; n],
+        })
+    }
+
+    /// Node k's namespace: forwarding on, reverse-path filtering off, `lo` up.
+    fn create_node(&self, k: usize) -> Result<()> {
+        let node = self.nodes[k].netns.as_str();
+        ip(&["netns", "add", node])?;
+        for (key, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
@@ -166,18 +277,14 @@ impl Sandbox {
             run(Command::new("ip").args([
                 "netns",
                 "exec",
-                &node,
+                node,
                 "sysctl",
                 "-qw",
-                &format!("{k}={v}"),
+                &format!("{key}={v}"),
             ]))?;
         }
-        ip(&["-n", &node, "link", "set", "lo", "up"])?;
-        sb.create_outside()?;
-        for p in pods {
-            sb.add_pod(p)?;
-        }
-        Ok(sb)
+        ip(&["-n", node, "link", "set", "lo", "up"])?;
+        Ok(())
     }
 
     /// The outside namespace and the node's external interface: a /24 on a veth pair,
@@ -229,17 +336,152 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Adds a pod (also after the agent started: it must pick up the new interface).
+    /// A cluster's underlay: the outside namespace with a bridge, each node's `eth0` a
+    /// veth whose peer (`veth-n<k>`) is a port of it, the outside's addresses on the
+    /// bridge, and on every node a route to every other node's pod CIDRs via that node.
+    /// Multicast snooping is off (a plain switch: neighbour solicitations are flooded
+    /// whatever the MLD state), and no neighbour entry is static.
+    fn create_underlay(&self) -> Result<()> {
+        let out = self.outside.as_str();
+        ip(&["netns", "add", out])?;
+        ip(&["-n", out, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            out,
+            "link",
+            "add",
+            UNDERLAY_BRIDGE,
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        ip(&["-n", out, "link", "set", UNDERLAY_BRIDGE, "up"])?;
+        for (k, n) in self.nodes.iter().enumerate() {
+            let port = format!("veth-n{k}");
+            ip(&[
+                "-n",
+                &n.netns,
+                "link",
+                "add",
+                EXTERNAL_IF,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                out,
+            ])?;
+            ip(&[
+                "-n",
+                out,
+                "link",
+                "set",
+                &port,
+                "master",
+                UNDERLAY_BRIDGE,
+                "up",
+            ])?;
+            ip(&[
+                "-n",
+                &n.netns,
+                "addr",
+                "add",
+                &format!("{}/24", n.ip),
+                "dev",
+                EXTERNAL_IF,
+            ])?;
+            ip(&[
+                "-n",
+                &n.netns,
+                "addr",
+                "add",
+                &format!("{}/64", n.ip6),
+                "dev",
+                EXTERNAL_IF,
+                "nodad",
+            ])?;
+            ip(&["-n", &n.netns, "link", "set", EXTERNAL_IF, "up"])?;
+        }
+        ip(&[
+            "-n",
+            out,
+            "addr",
+            "add",
+            &format!("{OUTSIDE_IP}/24"),
+            "dev",
+            UNDERLAY_BRIDGE,
+        ])?;
+        ip(&[
+            "-n",
+            out,
+            "addr",
+            "add",
+            &format!("{OUTSIDE_IP6}/64"),
+            "dev",
+            UNDERLAY_BRIDGE,
+            "nodad",
+        ])?;
+        for (j, from) in self.nodes.iter().enumerate() {
+            for (k, to) in self.nodes.iter().enumerate() {
+                if j == k {
+                    continue;
+                }
+                ip(&[
+                    "-n",
+                    &from.netns,
+                    "route",
+                    "add",
+                    &format!("10.244.{k}.0/24"),
+                    "via",
+                    &to.ip.to_string(),
+                    "dev",
+                    EXTERNAL_IF,
+                ])?;
+                ip(&[
+                    "-6",
+                    "-n",
+                    &from.netns,
+                    "route",
+                    "add",
+                    &format!("{}/64", pod_cidr6(k)),
+                    "via",
+                    &to.ip6.to_string(),
+                    "dev",
+                    EXTERNAL_IF,
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a pod on node 0 (also after the agent started: it must pick up the new
+    /// interface).
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
-        let idx = self.next_ip;
-        self.next_ip += 1;
-        let ip_addr = Ipv4Addr::new(10, 244, 0, idx);
-        let ip6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, idx as u16);
+        self.add_pod_on(0, name)
+    }
+
+    /// Adds a pod on node `node` (also after its agent started).
+    pub fn add_pod_on(&mut self, node: usize, name: &str) -> Result<Pod> {
+        let Some(info) = self.nodes.get(node) else {
+            return Err(Error::Sandbox(format!(
+                "no node {node} (the sandbox has {})",
+                self.nodes.len()
+            )));
+        };
+        let (k, node) = (node, info.netns.clone());
+        let idx = self.next_ip[k];
+        if idx == u8::MAX {
+            return Err(Error::Sandbox(format!("node {k}: no pod address left")));
+        }
+        self.next_ip[k] += 1;
+        let ip_addr = Ipv4Addr::new(10, 244, k as u8, idx);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, k as u16, 0, 0, 0, idx as u16);
         let netns = format!("{}-{name}", self.prefix);
         let mut host_if = format!("lxc-{name}");
         host_if.truncate(15);
-        let pod_mac = format!("02:00:0a:f4:00:{idx:02x}");
-        let node = self.node.clone();
+        let pod_mac = format!("02:00:0a:f4:{k:02x}:{idx:02x}");
         ip(&["netns", "add", &netns])?;
         ip(&[
             "-n", &node, "link", "add", &host_if, "address", HOST_MAC, "type", "veth", "peer",
@@ -334,6 +576,7 @@ impl Sandbox {
         ])?;
         let pod = Pod {
             name: name.to_string(),
+            node: k,
             netns,
             ip: ip_addr,
             ip6,
@@ -576,11 +819,13 @@ impl Drop for Sandbox {
         for p in &self.pods {
             let _ = Command::new("ip").args(["netns", "del", &p.netns]).status();
         }
-        for ns in [&self.node, &self.outside] {
+        for ns in self.nodes.iter().map(|n| &n.netns).chain([&self.outside]) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         clean_prefix(&format!("{}-", self.prefix));
-        let _ = lb_userspace::loader::remove_pins(&self.pin_dir);
+        for n in &self.nodes {
+            let _ = lb_userspace::loader::remove_pins(&n.pin_dir);
+        }
         let _ = std::fs::remove_dir_all(&self.workdir);
     }
 }
