@@ -1,4 +1,5 @@
-//! Running the real `lb` binary on a sandbox, and Ctrl-C handling for the bench's
+//! Running the real `lb` binary on a sandbox's nodes (one agent per node, each in its
+//! node's namespace with its own pin folder and log), and Ctrl-C handling for the bench's
 //! long-running commands (the demo, the benchmark): a signal only sets a flag, and each
 //! step checks it, so the sandbox is always dropped (and removed) on the way out.
 use std::{
@@ -10,7 +11,10 @@ use std::{
 
 use lb_userspace::dataplane::Maps;
 
-use crate::{sandbox::Sandbox, Error, Result};
+use crate::{
+    sandbox::{NodeInfo, Sandbox},
+    Error, Result,
+};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -55,13 +59,32 @@ pub fn lb_binary() -> Result<PathBuf> {
         })
 }
 
-/// Starts `lb run` for a sandbox, in its node namespace, on `config`, with small maps.
-pub fn spawn_agent(sb: &Sandbox, lb: &Path, config: &Path, extra: &[&str]) -> Result<u32> {
+/// The log of node `node`'s agent, in the sandbox's workdir: `agent.log` on a one-node
+/// sandbox, `agent-n<k>.log` in a cluster.
+pub fn agent_log(sb: &Sandbox, node: usize) -> String {
+    if sb.nodes.len() == 1 {
+        "agent.log".into()
+    } else {
+        format!("agent-n{node}.log")
+    }
+}
+
+/// Starts `lb run` for node `node` of a sandbox (0 on a one-node sandbox), in its
+/// namespace, with its pin folder, on `config`, with small maps; its output goes to
+/// [`agent_log`].
+pub fn spawn_agent(
+    sb: &Sandbox,
+    node: usize,
+    lb: &Path,
+    config: &Path,
+    extra: &[&str],
+) -> Result<u32> {
+    let n = node_info(sb, node)?;
     let mut cmd = Command::new(lb);
     cmd.args([
         "run",
         "--netns",
-        &sb.node,
+        &n.netns,
         "--interfaces",
         sb.interface_glob(),
         "--external-interfaces",
@@ -70,7 +93,7 @@ pub fn spawn_agent(sb: &Sandbox, lb: &Path, config: &Path, extra: &[&str]) -> Re
     .arg("--config")
     .arg(config)
     .arg("--pin-dir")
-    .arg(sb.pin_dir())
+    .arg(&n.pin_dir)
     .args(["--poll-ms", "100"])
     // Small maps: the sandbox has a handful of services.
     .args([
@@ -88,27 +111,29 @@ pub fn spawn_agent(sb: &Sandbox, lb: &Path, config: &Path, extra: &[&str]) -> Re
         "RUST_LOG",
         std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
     );
-    sb.spawn(cmd, "agent.log")
+    sb.spawn(cmd, &agent_log(sb, node))
 }
 
-/// Waits until the agent's pinned maps hold `frontends` frontends and it attached to
-/// `links` pod interfaces and to the node's external interface.
+/// Waits until node `node`'s agent's pinned maps hold `frontends` frontends and it
+/// attached to `links` pod interfaces and to the node's external interface.
 pub fn wait_agent_ready(
     sb: &Sandbox,
+    node: usize,
     frontends: usize,
     links: usize,
     timeout: Duration,
 ) -> Result<()> {
+    let pin_dir = &node_info(sb, node)?.pin_dir;
     let deadline = Instant::now() + timeout;
     loop {
         check_interrupted()?;
         let count = |dir: &str| {
-            std::fs::read_dir(sb.pin_dir().join(dir))
+            std::fs::read_dir(pin_dir.join(dir))
                 .map(|d| d.count())
                 .unwrap_or(0)
         };
         let (n_links, n_xdp) = (count("links"), count("xdp-links"));
-        if let Ok(maps) = Maps::from_pins(sb.pin_dir()) {
+        if let Ok(maps) = Maps::from_pins(pin_dir) {
             if let Ok(st) = maps.read_state() {
                 if st.frontends.len() == frontends && n_links >= links && n_xdp >= 1 {
                     return Ok(());
@@ -117,10 +142,19 @@ pub fn wait_agent_ready(
         }
         if Instant::now() > deadline {
             return Err(Error::Sandbox(format!(
-                "the agent did not become ready in {timeout:?}; its log:\n{}",
-                sb.log("agent.log")
+                "the agent of node {node} did not become ready in {timeout:?}; its log:\n{}",
+                sb.log(&agent_log(sb, node))
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn node_info(sb: &Sandbox, node: usize) -> Result<&NodeInfo> {
+    sb.nodes.get(node).ok_or_else(|| {
+        Error::Sandbox(format!(
+            "no node {node} (the sandbox has {})",
+            sb.nodes.len()
+        ))
+    })
 }

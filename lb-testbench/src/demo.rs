@@ -40,8 +40,8 @@ pub fn run_demo(requests: usize) -> Result<()> {
         "== starting the agent (standalone mode, built-in config: Service demo/web \
          {DEMO_CLUSTER_IP}:80 and NodePort {NODE_IP}:{DEMO_NODE_PORT} -> :8080)"
     );
-    let agent = spawn_agent(&sb, &lb, &config, &[])?;
-    wait_agent_ready(&sb, 2, 4, Duration::from_secs(30))?;
+    let agent = spawn_agent(&sb, 0, &lb, &config, &[])?;
+    wait_agent_ready(&sb, 0, 2, 4, Duration::from_secs(30))?;
     print!("{}", show::render(sb.pin_dir(), show::What::Services)?);
 
     let mut all_counts: BTreeMap<String, usize> = BTreeMap::new();

@@ -147,7 +147,7 @@ pub fn run_vm_load(seconds: u32, repeats: usize) -> Result<()> {
          {NODE_IP}:{NODE_PORT} -> {}:{PORT}",
         backend.ip
     );
-    let agent = spawn_agent(&sb, &lb, &cfg, &[])?;
+    let agent = spawn_agent(&sb, 0, &lb, &cfg, &[])?;
     wait_ready(&sb, Duration::from_secs(60))?;
     let log = sb.log("agent.log");
     let attachment = if log.contains("held=true") {

@@ -109,8 +109,8 @@ impl Env {
         }
         let config = sb.path("services.yaml");
         std::fs::write(&config, cfg).unwrap();
-        let agent = spawn_agent(&sb, &lb_binary().unwrap(), &config, agent_args).unwrap();
-        wait_agent_ready(&sb, frontends, 4, Duration::from_secs(30)).unwrap();
+        let agent = spawn_agent(&sb, 0, &lb_binary().unwrap(), &config, agent_args).unwrap();
+        wait_agent_ready(&sb, 0, frontends, 4, Duration::from_secs(30)).unwrap();
         Env { sb, config, agent }
     }
 
@@ -411,6 +411,7 @@ fn an_agent_restart_with_pins_kept_does_not_interrupt_a_tcp_stream() {
     std::thread::sleep(Duration::from_millis(1000)); // no agent at all for a second
     let again = spawn_agent(
         &env.sb,
+        0,
         &lb_binary().unwrap(),
         &env.config,
         &["--keep-pinned"],
