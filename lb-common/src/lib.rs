@@ -40,14 +40,18 @@ pub const MAP_BACKENDS: &str = "LB_BACKENDS";
 pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
 pub const MAP_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_FRAGS: &str = "LB_FRAGS";
+pub const MAP_NODE: &str = "LB_NODE";
+pub const MAP_SNAT: &str = "LB_SNAT";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 6] = [
+pub const MAP_NAMES: [&str; 8] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
     MAP_CONNTRACK,
     MAP_COUNTERS,
     MAP_FRAGS,
+    MAP_NODE,
+    MAP_SNAT,
 ];
 
 /// Program names.
@@ -92,8 +96,9 @@ pub struct Frontend {
     /// Number of ready backends: slots `1..=count` of `LB_SLOTS` are valid.
     /// 0 means "no ready backend": the datapath refuses the connection.
     pub count: u32,
-    /// `FRONTEND_F_*`: what kind of frontend this is (for `lb show` and `bpftool`; the
-    /// datapath treats every kind alike).
+    /// `FRONTEND_F_*`: what kind of frontend this is (the datapath source-NATs a flow
+    /// from outside, any kind but a ClusterIP, to a remote backend), and
+    /// `FRONTEND_F_LOCAL`.
     pub flags: u32,
     pub _pad: u32,
 }
@@ -102,6 +107,13 @@ pub struct Frontend {
 pub const FRONTEND_F_NODEPORT: u32 = 1 << 0;
 pub const FRONTEND_F_EXTERNAL_IP: u32 = 1 << 1;
 pub const FRONTEND_F_LOADBALANCER: u32 = 1 << 2;
+/// The kind bits: any of them means the frontend is reached from outside.
+pub const FRONTEND_F_KINDS: u32 =
+    FRONTEND_F_NODEPORT | FRONTEND_F_EXTERNAL_IP | FRONTEND_F_LOADBALANCER;
+/// `Frontend::flags`: externalTrafficPolicy Local. Served by this node's endpoints only
+/// (userspace lists no other); with none, a new connection is dropped (as kube-proxy
+/// does), not refused.
+pub const FRONTEND_F_LOCAL: u32 = 1 << 3;
 
 /// Key of `LB_SLOTS`: the `slot`-th ready backend of a frontend (1-based).
 #[repr(C)]
@@ -130,8 +142,37 @@ pub struct Backend {
     /// L4 port, network byte order.
     pub port: u16,
     pub proto: u8,
-    /// `BACKEND_F_*` bits; reserved.
+    /// `BACKEND_F_*` bits.
     pub flags: u8,
+}
+
+/// `Backend::flags`: the backend runs on another node. A flow from outside (a NodePort,
+/// external or LoadBalancer IP, externalTrafficPolicy Cluster) sent to it gets this
+/// node's address as its source (SNAT), so that the reply comes back through this node
+/// to be translated back. A ClusterIP flow keeps its source: the client is a pod, whose
+/// address routes back to this node.
+pub const BACKEND_F_REMOTE: u8 = 1 << 0;
+
+/// Default range of the source ports of SNAT flows (`NodeConfig`): above Linux's default
+/// ephemeral range (32768-60999, `net.ipv4.ip_local_port_range`) and the NodePort range
+/// (30000-32767), so they do not meet the node's own sockets.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 61_000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 65_535;
+
+/// The one value of `LB_NODE` (an array of one, index 0): what the datapath needs to
+/// know about this node. Written by userspace from the node's addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// The IPv4 source of SNAT flows (IPv4-mapped; this node's first IPv4 address), all
+    /// zeroes: none (IPv4 flows are then never sent to remote backends).
+    pub snat_v4: Addr,
+    /// The IPv6 source of SNAT flows; all zeroes: none.
+    pub snat_v6: Addr,
+    /// SNAT source ports, host byte order, inclusive; min 0: SNAT off.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
 }
 
 /// Conntrack direction of an entry (`CtValue::dir`).
@@ -166,7 +207,8 @@ pub struct CtValue {
     /// `bpf_ktime_get_ns()` of the last packet that refreshed the entry (refreshed at most
     /// once a second per entry to keep cache lines quiet).
     pub last_seen_ns: u64,
-    /// Forward entry: the backend's address; reply entry: the frontend's address.
+    /// Forward entry: the backend's address (the new destination); reply entry: the
+    /// frontend's address (the new source).
     pub nat_addr: Addr,
     /// Forward entry: the backend's port; reply entry: the frontend's port.
     pub nat_port: u16,
@@ -186,11 +228,30 @@ pub struct CtValue {
     pub _pad: [u8; 2],
 }
 
+/// Value of `LB_SNAT` (an LRU hash keyed like conntrack, `CtKey`), for the entries of a
+/// SNAT flow (`CT_F_SNAT`): the other side of the translation. Forward key: the new
+/// source (this node's address and the allocated port); reply key: the new destination
+/// (the client). Kept apart from `CtValue` so that every other flow's entry stays 40
+/// bytes and the common path does not carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatPeer {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
 /// `CtValue::flags`: the flow entered from outside the cluster (a NodePort, external or
 /// LoadBalancer IP). Its reverse-translated replies may carry one of the node's own
 /// addresses as their source, which the kernel's input route check drops as martian, so
 /// the pod program routes them itself (FIB lookup, then redirect to the egress device).
 pub const CT_F_EXTERNAL: u8 = 1 << 0;
+/// `CtValue::flags`: the flow's source is translated too (SNAT to this node's address,
+/// toward a backend on another node): `LB_SNAT` holds the other side of the translation
+/// under the same key. Its packets are sent on by the program itself in both directions
+/// (their source is this node's own address, or the frontend's).
+pub const CT_F_SNAT: u8 = 1 << 1;
 
 /// Key of `LB_FRAGS` (an LRU hash): the identity of a datagram's fragments, as they
 /// arrive (RFC 791 and RFC 8200: source, destination, identification, protocol). Every
@@ -275,8 +336,16 @@ pub mod counter {
     /// An IPv6 packet whose extension-header chain is longer than the datapath walks (6
     /// headers) was passed untouched: its transport header was not reached.
     pub const PASSED_LONG_EXT_CHAIN: u32 = 14;
+    /// A new flow from outside to a backend on another node could not be given a source
+    /// port: every port of the node's SNAT range is taken toward that backend (or this
+    /// node has no address of the packet's family). Dropped.
+    pub const DROP_SNAT_EXHAUSTED: u32 = 15;
+    /// XDP: a packet of a SNAT flow (from outside to another node's backend, either
+    /// direction) was handed on untranslated to the tc program behind XDP on the same
+    /// interface, which translates it and sends it on.
+    pub const PASSED_TO_TC: u32 = 16;
     /// Number of counters (size of `LB_COUNTERS`).
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
 
     /// Names for the CLI and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -295,6 +364,8 @@ pub mod counter {
         "passed_no_backend",
         "reverse_translated_fragment",
         "passed_long_ext_chain",
+        "drop_snat_exhausted",
+        "passed_to_tc",
     ];
 }
 
@@ -305,6 +376,8 @@ const _: () = assert!(size_of::<Slot>() == 4);
 const _: () = assert!(size_of::<Backend>() == 20);
 const _: () = assert!(size_of::<CtKey>() == 40);
 const _: () = assert!(size_of::<CtValue>() == 40);
+const _: () = assert!(size_of::<SnatPeer>() == 24);
+const _: () = assert!(size_of::<NodeConfig>() == 40);
 const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 32);
 
@@ -330,6 +403,8 @@ mod pod {
         CtKey,
         CtValue,
         FragKey,
-        FragValue
+        FragValue,
+        NodeConfig,
+        SnatPeer
     );
 }

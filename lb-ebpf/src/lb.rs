@@ -5,7 +5,10 @@
 //! reply: reverse NAT; otherwise frontend? -> select backend -> conntrack create ->
 //! DNAT. A fragment after the first (no ports) follows its first fragment's
 //! translation (`frag`).
-use lb_common::{counter, Addr, CtValue, Frontend, CT_DIR_REPLY, CT_F_EXTERNAL};
+use lb_common::{
+    counter, Addr, CtValue, Frontend, BACKEND_F_REMOTE, CT_DIR_REPLY, CT_F_EXTERNAL, CT_F_SNAT,
+    FRONTEND_F_KINDS, FRONTEND_F_LOCAL,
+};
 
 use crate::{
     conntrack,
@@ -14,6 +17,7 @@ use crate::{
     hook::{Hook, Verdict},
     nat,
     parse::{self, Packet, Parsed},
+    route::Leaving,
     service,
 };
 
@@ -82,6 +86,9 @@ fn established<C: Hook>(
     if conntrack::is_new_connection_attempt(pkt, known) {
         return None;
     }
+    if known.flags & CT_F_SNAT != 0 {
+        return snat_established(ctx, pkt, entry, known, now);
+    }
     match service::lookup_backend(known.backend_id) {
         Some(b) if b.addr == known.nat_addr && b.port == known.nat_port => {
             if conntrack::touch(entry, pkt, now) {
@@ -108,8 +115,40 @@ fn established<C: Hook>(
 #[inline(always)]
 fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Verdict {
     let Some((backend_id, backend)) = service::select_backend(pkt, frontend) else {
+        // externalTrafficPolicy Local without a local endpoint: dropped, as kube-proxy
+        // does (the client retries; a load balancer's health check sends it elsewhere).
+        if frontend.flags & FRONTEND_F_LOCAL != 0 {
+            count(counter::DROP_NO_BACKEND);
+            return Verdict::Drop;
+        }
         return ctx.refuse(pkt);
     };
+    // From outside to another node's backend: its source becomes this node's, so the
+    // reply comes back here (externalTrafficPolicy Cluster; with Local, and for a
+    // ClusterIP, userspace lists no backend of another node here, or the client's
+    // address routes back by itself).
+    if frontend.flags & FRONTEND_F_KINDS != 0 && backend.flags & BACKEND_F_REMOTE != 0 {
+        if !C::SENDS_SNAT {
+            count(counter::PASSED_TO_TC);
+            return Verdict::Pass;
+        }
+        return match conntrack::create_snat(pkt, frontend.service_id, backend_id, &backend, now) {
+            // SAFETY: this CPU's scratch, filled by create_snat.
+            Ok(src) => unsafe {
+                translate_snat(
+                    ctx,
+                    pkt,
+                    (&backend.addr, backend.port),
+                    (&(*src).addr, (*src).port),
+                    counter::NEW_FLOW,
+                )
+            },
+            Err(c) => {
+                count(c);
+                Verdict::Drop
+            }
+        };
+    }
     if conntrack::create(pkt, frontend, backend_id, &backend.addr, backend.port, now).is_err() {
         count(counter::DROP_CT_FULL);
         return Verdict::Drop;
@@ -142,6 +181,9 @@ fn from_backend<C: Hook>(
     now: u64,
 ) -> Verdict {
     conntrack::touch(entry, pkt, now);
+    if e.flags & CT_F_SNAT != 0 {
+        return snat_reply(ctx, pkt, e);
+    }
     match nat::reverse_nat(ctx, pkt, &e.nat_addr, e.nat_port) {
         Ok(()) => {
             count(counter::REVERSE_TRANSLATED);
@@ -158,4 +200,87 @@ fn from_backend<C: Hook>(
             Verdict::Drop
         }
     }
+}
+
+/// Client -> frontend of a SNAT flow: DNAT to its backend, SNAT to its source in
+/// `LB_SNAT`, sent on by the hook (XDP leaves it to tc). (Its reply entry is not
+/// re-created if the LRU evicted it, as for other flows: the reply then passes
+/// untranslated.)
+#[inline(always)]
+fn snat_established<C: Hook>(
+    ctx: &C,
+    pkt: &Packet,
+    entry: *mut CtValue,
+    known: &CtValue,
+    now: u64,
+) -> Option<Verdict> {
+    if !C::SENDS_SNAT {
+        count(counter::PASSED_TO_TC);
+        return Some(Verdict::Pass);
+    }
+    let b = service::lookup_backend(known.backend_id)?;
+    if b.addr != known.nat_addr || b.port != known.nat_port {
+        // The backend was deleted: pick a new one.
+        count(counter::BACKEND_RESELECTED);
+        return None;
+    }
+    let Some(src) = conntrack::snat_peer(&conntrack::key(pkt)) else {
+        // Its SNAT peer was evicted: the flow starts over.
+        return None;
+    };
+    conntrack::touch(entry, pkt, now);
+    Some(translate_snat(
+        ctx,
+        pkt,
+        (&known.nat_addr, known.nat_port),
+        (&src.addr, src.port),
+        counter::TRANSLATED,
+    ))
+}
+
+/// Client -> frontend of a SNAT flow: DNAT to the backend and SNAT to this node's
+/// address and port, then sent on by the hook (the kernel would drop a packet arriving
+/// with a source of its own).
+#[inline(always)]
+fn translate_snat<C: Hook>(
+    ctx: &C,
+    pkt: &Packet,
+    (daddr, dport): (&Addr, u16),
+    (saddr, sport): (&Addr, u16),
+    counter_ok: u32,
+) -> Verdict {
+    if nat::dnat(ctx, pkt, daddr, dport).is_err() || nat::snat(ctx, pkt, saddr, sport).is_err() {
+        count(counter::DROP_REWRITE_FAILED);
+        return Verdict::Drop;
+    }
+    count(counter_ok);
+    ctx.send_routed(&Leaving::packet(pkt, (saddr, sport), (daddr, dport)))
+}
+
+/// Backend -> this node's SNAT address and port: the frontend as source, the client
+/// (`LB_SNAT`) as destination, sent on by the hook (XDP leaves it to tc). Its later
+/// fragments would need their destination rewritten too, which the fragment notes do
+/// not do yet: they pass untouched (and the datagram is lost).
+#[inline(always)]
+fn snat_reply<C: Hook>(ctx: &C, pkt: &Packet, e: &CtValue) -> Verdict {
+    if !C::SENDS_SNAT {
+        count(counter::PASSED_TO_TC);
+        return Verdict::Pass;
+    }
+    let Some(client) = conntrack::snat_peer(&conntrack::key(pkt)) else {
+        count(counter::PASSED);
+        return Verdict::Pass;
+    };
+    if nat::reverse_nat(ctx, pkt, &e.nat_addr, e.nat_port).is_err()
+        || nat::reverse_snat(ctx, pkt, &client.addr, client.port).is_err()
+    {
+        count(counter::DROP_REWRITE_FAILED);
+        return Verdict::Drop;
+    }
+    count(counter::REVERSE_TRANSLATED);
+    ctx.send_routed(&Leaving::packet(
+        pkt,
+        (&e.nat_addr, e.nat_port),
+        (&client.addr, client.port),
+    ))
 }

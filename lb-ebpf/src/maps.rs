@@ -8,9 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    counter, Backend, CtKey, CtValue, FragKey, FragValue, Frontend, FrontendKey, Slot, SlotKey,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS,
-    DEFAULT_MAX_SLOTS,
+    counter, Backend, CtKey, CtValue, FragKey, FragValue, Frontend, FrontendKey, NodeConfig, Slot,
+    SlotKey, SnatPeer, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS,
+    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
 };
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
@@ -43,3 +43,24 @@ pub static LB_FRAGS: LruHashMap<FragKey, FragValue, { DEFAULT_MAX_FRAGS as usize
 /// Per-CPU decision counters, indexed by `lb_common::counter::*`.
 #[btf_map]
 pub static LB_COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
+
+/// The other side of each SNAT flow's translation, keyed like conntrack.
+#[btf_map]
+pub static LB_SNAT: LruHashMap<CtKey, SnatPeer, { DEFAULT_MAX_CONNTRACK as usize / 4 }> =
+    LruHashMap::new();
+
+/// Scratch space for the entries of a new SNAT flow (`conntrack::create_snat`): the tc
+/// program's 512-byte stack cannot hold them beside the rest of the program.
+#[repr(C)]
+pub struct SnatScratch {
+    pub key: CtKey,
+    pub value: CtValue,
+    pub peer: SnatPeer,
+}
+
+#[btf_map]
+pub static LB_SNAT_SCRATCH: PerCpuArray<SnatScratch, 1> = PerCpuArray::new();
+
+/// This node's configuration (one entry, index 0): the SNAT addresses and port range.
+#[btf_map]
+pub static LB_NODE: Array<NodeConfig, 1> = Array::new();

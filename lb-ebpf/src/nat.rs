@@ -226,7 +226,8 @@ impl Rewriter for XdpContext {
     }
 }
 
-/// Client -> frontend becomes client -> backend.
+/// Client -> frontend becomes client -> backend (the destination address and port, with
+/// their checksums).
 #[inline(always)]
 pub fn dnat<R: Rewriter>(ctx: &R, pkt: &Packet, addr: &Addr, port: u16) -> Result<(), ()> {
     if *addr != pkt.dst {
@@ -242,6 +243,24 @@ pub fn dnat<R: Rewriter>(ctx: &R, pkt: &Packet, addr: &Addr, port: u16) -> Resul
 /// Backend -> client becomes frontend -> client.
 #[inline(always)]
 pub fn reverse_nat<R: Rewriter>(ctx: &R, pkt: &Packet, addr: &Addr, port: u16) -> Result<(), ()> {
+    rewrite_src(ctx, pkt, addr, port)
+}
+
+/// A SNAT flow's client -> backend becomes node -> backend (after `dnat`).
+#[inline(always)]
+pub fn snat<R: Rewriter>(ctx: &R, pkt: &Packet, addr: &Addr, port: u16) -> Result<(), ()> {
+    rewrite_src(ctx, pkt, addr, port)
+}
+
+/// A SNAT flow's reply, backend -> node, becomes backend -> client (with `reverse_nat`).
+#[inline(always)]
+pub fn reverse_snat<R: Rewriter>(ctx: &R, pkt: &Packet, addr: &Addr, port: u16) -> Result<(), ()> {
+    dnat(ctx, pkt, addr, port)
+}
+
+/// The source address and port, with their checksums.
+#[inline(always)]
+fn rewrite_src<R: Rewriter>(ctx: &R, pkt: &Packet, addr: &Addr, port: u16) -> Result<(), ()> {
     if *addr != pkt.src {
         let off = pkt.l3_off + pkt.family.src_off();
         ctx.rewrite_addr(pkt, off, &pkt.src, addr)?;

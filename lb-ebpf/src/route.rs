@@ -1,10 +1,13 @@
-//! Routing a reply ourselves. A reply of a flow that came from outside (a NodePort) gets
-//! this node's own address as its source when reverse-translated at the pod's veth; the
-//! kernel's input route check would drop it there as a martian (a packet from outside
-//! claiming a local source). So the program looks the route up (`bpf_fib_lookup`),
-//! decrements the TTL (IPv4, with the header checksum) or the hop limit (IPv6, which has
-//! no header checksum) as forwarding would, and hands the packet to the egress device,
-//! which resolves the next hop's MAC (`bpf_redirect_neigh`) — as Cilium does.
+//! Routing a translated packet ourselves. A reply of a flow that came from outside (a
+//! NodePort) gets this node's own address as its source when reverse-translated, and
+//! so does the client's packet of a SNAT flow (toward a backend on another node); the
+//! kernel's input route check would drop either as a martian (a packet arriving with a
+//! local source). So the program looks the route up (`bpf_fib_lookup`), decrements the
+//! TTL (IPv4, with the header checksum) or the hop limit (IPv6, which has no header
+//! checksum) as forwarding would, and sends the packet on itself — as Cilium does:
+//! to the egress device, which resolves the next hop's MAC (`bpf_redirect_neigh`).
+//! This is tc's: the XDP program leaves such packets, untranslated, to the tc program
+//! behind it on the same interface (`passed_to_tc`).
 //!
 //! The later fragments of such a reply get the same treatment (`frag.rs`): they carry
 //! the node's address too.
@@ -36,8 +39,8 @@ const IP_TTL_OFF: usize = 8;
 /// Offset of the hop limit in the IPv6 header.
 const IPV6_HOP_LIMIT_OFF: usize = 7;
 
-/// What the route lookup needs of a reply, as it will leave (addresses and ports in
-/// network byte order). A fragment after the first has no ports: 0.
+/// What the route lookup needs of a translated packet, as it will leave (addresses and
+/// ports in network byte order). A fragment after the first has no ports: 0.
 pub struct Leaving {
     pub family: Family,
     /// Offset of the IP header.
@@ -52,18 +55,18 @@ pub struct Leaving {
 }
 
 impl Leaving {
-    /// A reverse-translated packet: its new source address and port.
+    /// A translated packet: its new source and destination.
     #[inline(always)]
-    pub fn packet(pkt: &Packet, src: &Addr, sport: u16) -> Self {
+    pub fn packet(pkt: &Packet, (src, sport): (&Addr, u16), (dst, dport): (&Addr, u16)) -> Self {
         Leaving {
             family: pkt.family,
             l3_off: pkt.l3_off,
             l3_len: pkt.l3_len,
             proto: pkt.proto,
             src: *src,
-            dst: pkt.dst,
+            dst: *dst,
             sport,
-            dport: pkt.dport,
+            dport,
         }
     }
 
@@ -83,23 +86,18 @@ impl Leaving {
     }
 }
 
+/// The lookup's parameters for `out`, arriving by `ifindex`. With `check_mtu`, the
+/// lookup checks the packet's length against the route's MTU (too long: the kernel
+/// gets it, as before).
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, out: &Leaving) -> Verdict {
+fn fib_params(out: &Leaving, ifindex: u32, check_mtu: bool) -> FibParams {
     // SAFETY: a plain C struct; all-zero is its documented initial state.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.l4_protocol = out.proto;
     fib.sport = out.sport;
     fib.dport = out.dport;
-    // The device the packet came in by (on tc ingress, the skb's own device), and
-    // whether the skb is GSO.
-    // SAFETY: reading fields of the program's skb.
-    let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) };
     fib.ifindex = ifindex;
-    // The lookup checks the packet's length against the route's MTU (too long: the
-    // kernel gets it, as before). Not for a GSO skb (a pod's TSO send, up to 64 KiB,
-    // cut to the MTU on the way out): without `tot_len` the kernel checks its segments
-    // itself, where the header's length would fail every large reply.
-    if gso_size == 0 {
+    if check_mtu {
         fib.__bindgen_anon_1.tot_len = if out.l3_len > 0xffff {
             0xffff
         } else {
@@ -118,6 +116,19 @@ pub fn redirect(ctx: &TcContext, out: &Leaving) -> Verdict {
             fib.__bindgen_anon_4.ipv6_dst = out.dst;
         }
     }
+    fib
+}
+
+#[inline(always)]
+pub fn redirect(ctx: &TcContext, out: &Leaving) -> Verdict {
+    // The device the packet came in by (on tc ingress, the skb's own device), and
+    // whether the skb is GSO.
+    // SAFETY: reading fields of the program's skb.
+    let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) };
+    // Not for a GSO skb (a pod's TSO send, up to 64 KiB, cut to the MTU on the way
+    // out): the kernel checks its segments itself, where the header's length would fail
+    // every large reply.
+    let mut fib = fib_params(out, ifindex, gso_size == 0);
     // SAFETY: ctx is the program's skb; fib is a valid, sized parameter block.
     let rc = unsafe {
         bpf_fib_lookup(

@@ -21,11 +21,23 @@ impl Hook for TcContext {
         refuse::refuse(self, pkt)
     }
 
-    /// Its source may now be this node's own address (a NodePort): routed here, by FIB
+    const SENDS_SNAT: bool = true;
+
+    /// Its source is now this node's own address or a frontend's: routed here, by FIB
     /// lookup and redirect, since the kernel's input route check would drop it as martian.
     #[inline(always)]
+    fn send_routed(&self, out: &route::Leaving) -> Verdict {
+        route::redirect(self, out)
+    }
+
+    /// Its source may now be this node's own address (a NodePort): routed here, like
+    /// the packets of a SNAT flow.
+    #[inline(always)]
     fn send_external_reply(&self, pkt: &Packet, src: &Addr, sport: u16) -> Verdict {
-        route::redirect(self, &route::Leaving::packet(pkt, src, sport))
+        route::redirect(
+            self,
+            &route::Leaving::packet(pkt, (src, sport), (&pkt.dst, pkt.dport)),
+        )
     }
 
     #[inline(always)]

@@ -9,6 +9,7 @@ use crate::{
     hook::{Hook, Verdict},
     lb,
     parse::{Fragment, Packet},
+    route::Leaving,
 };
 
 impl Hook for XdpContext {
@@ -21,13 +22,22 @@ impl Hook for XdpContext {
         Verdict::Pass
     }
 
-    /// Does not happen: external flows only go to this node's backends, whose replies
-    /// leave through the pod program.
+    const SENDS_SNAT: bool = false;
+
+    /// Not called (`SENDS_SNAT` is false).
+    #[inline(always)]
+    fn send_routed(&self, _out: &Leaving) -> Verdict {
+        Verdict::Pass
+    }
+
+    /// Does not happen: external flows to this node's backends are replied through the
+    /// pod program, and SNAT flows are left to tc.
     #[inline(always)]
     fn send_external_reply(&self, _pkt: &Packet, _src: &Addr, _sport: u16) -> Verdict {
         Verdict::Pass
     }
 
+    /// Does not happen (see `send_external_reply`).
     #[inline(always)]
     fn send_external_fragment(&self, _frag: &Fragment, _src: &Addr) -> Verdict {
         Verdict::Pass

@@ -27,8 +27,13 @@ use lb_userspace::dataplane::Maps;
 /// The Service's ClusterIPs (one per family).
 const WEB: &str = "10.96.0.10";
 const WEB6: &str = "fd00:10:96::a";
-/// 2 ClusterIPs x (80/TCP, 53/UDP).
-const FRONTENDS: usize = 4;
+/// NodePorts of web: 30080/TCP, 30053/UDP.
+const NODE_PORT_HTTP: u16 = 30080;
+const NODE_PORT_DNS: u16 = 30053;
+/// (2 ClusterIPs + the node's 2 addresses) x (80/TCP, 53/UDP).
+const FRONTENDS: usize = 8;
+/// Where a request comes from: a pod, or the client outside the cluster.
+const OUTSIDE: &str = "outside";
 /// Node 0 runs the first client and a backend; node 1 two backends and the second
 /// client. Each backend runs nginx (8080) and a UDP responder (5353), both answering
 /// with the pod's name.
@@ -47,9 +52,10 @@ fn prefix() -> String {
 }
 
 /// The agent file of node `node`: this node (its name and both its addresses) and web, a
-/// dual-stack ClusterIP Service (80 -> 8080/TCP, 53 -> 5353/UDP) on `backends`, one
-/// EndpointSlice per family, every endpoint with its pod's node as `nodeName`.
-fn config(sb: &Sandbox, node: usize, backends: &[&str]) -> String {
+/// dual-stack NodePort Service (80 -> 8080/TCP, 53 -> 5353/UDP, NodePorts 30080 and
+/// 30053, the given externalTrafficPolicy) on `backends`, one EndpointSlice per family,
+/// every endpoint with its pod's node as `nodeName`.
+fn config(sb: &Sandbox, node: usize, backends: &[&str], policy: &str) -> String {
     let n = &sb.nodes[node];
     let eps = |v6: bool| -> String {
         backends
@@ -77,9 +83,11 @@ services:
     clusterIPs: [\"{WEB}\", \"{WEB6}\"]
     ipFamilies: [IPv4, IPv6]
     ipFamilyPolicy: RequireDualStack
+    type: NodePort
+    externalTrafficPolicy: {policy}
     ports:
-      - {{name: http, port: 80, protocol: TCP}}
-      - {{name: dns, port: 53, protocol: UDP}}
+      - {{name: http, port: 80, nodePort: {NODE_PORT_HTTP}, protocol: TCP}}
+      - {{name: dns, port: 53, nodePort: {NODE_PORT_DNS}, protocol: UDP}}
 endpointSlices:
   - name: web-v4
     serviceName: web
@@ -102,8 +110,12 @@ struct Cluster {
 
 impl Cluster {
     /// The two nodes and their pods, the servers in every backend pod, and an agent per
-    /// node, on files whose web Service has `backends`.
+    /// node, on files whose web Service has `backends` (externalTrafficPolicy Cluster).
     fn new(backends: &[&str]) -> Cluster {
+        Self::with_policy(backends, "Cluster")
+    }
+
+    fn with_policy(backends: &[&str], policy: &str) -> Cluster {
         let sb = Sandbox::cluster(&prefix(), &[NODE_0, NODE_1]).unwrap();
         for b in BACKENDS {
             sb.start_nginx(b, 8080).unwrap();
@@ -112,7 +124,7 @@ impl Cluster {
         let lb = lb_binary().unwrap();
         for k in 0..sb.nodes.len() {
             let file = sb.path(&format!("services-n{k}.yaml"));
-            std::fs::write(&file, config(&sb, k, backends)).unwrap();
+            std::fs::write(&file, config(&sb, k, backends, policy)).unwrap();
             spawn_agent(&sb, k, &lb, &file, &[]).unwrap();
         }
         for k in 0..sb.nodes.len() {
@@ -122,8 +134,12 @@ impl Cluster {
         Cluster { sb }
     }
 
-    fn netns(&self, pod: &str) -> String {
-        self.sb.pod(pod).netns.clone()
+    /// The namespace of a pod, or of the client outside (`OUTSIDE`).
+    fn netns(&self, from: &str) -> String {
+        if from == OUTSIDE {
+            return self.sb.outside.clone();
+        }
+        self.sb.pod(from).netns.clone()
     }
 
     /// Both agents' logs, for failure messages.
@@ -139,7 +155,12 @@ impl Cluster {
     /// HTTP from `pod` to `ip`:80, `n` times, each on a new connection: who answered,
     /// how often.
     fn who_answers_http(&self, pod: &str, ip: &str, n: usize) -> BTreeMap<String, usize> {
-        let url = format!("http://{}/", hostport(ip, 80));
+        self.who_answers_http_at(pod, &hostport(ip, 80), n)
+    }
+
+    /// HTTP from `pod` (or `OUTSIDE`) to `to` ("ip:port"), `n` times.
+    fn who_answers_http_at(&self, pod: &str, to: &str, n: usize) -> BTreeMap<String, usize> {
+        let url = format!("http://{to}/");
         let mut seen = BTreeMap::new();
         for _ in 0..n {
             let who = self
@@ -157,7 +178,12 @@ impl Cluster {
     /// source port): who answered, how often. Every answer must come from the Service's
     /// address and port.
     fn who_answers_udp(&self, pod: &str, ip: &str, n: usize) -> BTreeMap<String, usize> {
-        let service: SocketAddr = hostport(ip, 53).parse().unwrap();
+        self.who_answers_udp_at(pod, &hostport(ip, 53), n)
+    }
+
+    /// UDP from `pod` (or `OUTSIDE`) to `to` ("ip:port"), `n` times.
+    fn who_answers_udp_at(&self, pod: &str, to: &str, n: usize) -> BTreeMap<String, usize> {
+        let service: SocketAddr = to.parse().unwrap();
         let answers = run_in(&self.netns(pod), move || {
             (0..n)
                 .map(|_| {
@@ -312,4 +338,67 @@ fn leftovers(prefix: &str) -> BTreeSet<String> {
         .chain(pins)
         .filter(|n| n == prefix || n.starts_with(&format!("{prefix}-")))
         .collect()
+}
+
+/// [sig-network] Services should be able to create a functioning NodePort service, on
+/// two nodes, externalTrafficPolicy Cluster: a client outside the cluster reaches node
+/// 0's NodePort, TCP and UDP, both families, and the backends on node 1 answer as well
+/// as node 0's own; node 0 source-NATs the flows it sends to node 1 (so their replies
+/// come back through it, to be translated back: the client only ever sees node 0's
+/// address), node 1 translates nothing.
+#[test]
+fn should_be_able_to_create_a_functioning_node_port_service_with_backends_on_both_nodes() {
+    let c = Cluster::new(&["backend-0", "backend-1a", "backend-1b"]);
+    let node0 = &c.sb.nodes[0];
+    for ip in [node0.ip.to_string(), node0.ip6.to_string()] {
+        let seen = c.who_answers_http_at(OUTSIDE, &hostport(&ip, NODE_PORT_HTTP), 40);
+        assert_eq!(
+            names(&seen),
+            ["backend-0", "backend-1a", "backend-1b"],
+            "{ip}: {seen:?}\n{}",
+            c.logs()
+        );
+        let seen = c.who_answers_udp_at(OUTSIDE, &hostport(&ip, NODE_PORT_DNS), 40);
+        assert_eq!(
+            names(&seen),
+            ["backend-0", "backend-1a", "backend-1b"],
+            "{ip}: {seen:?}"
+        );
+    }
+    let (n0, n1) = (c.counters(0), c.counters(1));
+    assert!(n0["new_flow"] >= 160, "node 0: {n0:?}");
+    assert_eq!(n0["drop_snat_exhausted"], 0, "node 0: {n0:?}");
+    assert_eq!(n1["new_flow"], 0, "node 1 translates nothing: {n1:?}");
+    // Node 1 saw node 0's address, not the client's: every reply came back through node
+    // 0, reverse-translated there (at least one per request).
+    assert!(n0["reverse_translated"] >= 160, "node 0: {n0:?}");
+}
+
+/// [sig-network] Services should only target nodes with endpoints (externalTrafficPolicy
+/// Local): node 0's NodePort with endpoints only on node 1 answers nothing (dropped, as
+/// kube-proxy does, not refused); node 1's NodePort answers from its own pods.
+#[test]
+fn should_only_target_nodes_with_endpoints_with_external_traffic_policy_local() {
+    let c = Cluster::with_policy(&["backend-1a", "backend-1b"], "Local");
+    let (node0, node1) = (&c.sb.nodes[0], &c.sb.nodes[1]);
+    for (ip0, ip1) in [
+        (node0.ip.to_string(), node1.ip.to_string()),
+        (node0.ip6.to_string(), node1.ip6.to_string()),
+    ] {
+        let seen = c.who_answers_http_at(OUTSIDE, &hostport(&ip1, NODE_PORT_HTTP), 20);
+        assert_eq!(
+            names(&seen),
+            ["backend-1a", "backend-1b"],
+            "{ip1}: {seen:?}"
+        );
+        let to = hostport(&ip0, NODE_PORT_HTTP);
+        assert_eq!(
+            c.sb.http_get(&c.sb.outside, &format!("http://{to}/")),
+            Err(28),
+            "{to}: no local endpoint: dropped (curl times out), not refused"
+        );
+    }
+    let n0 = c.counters(0);
+    assert!(n0["drop_no_backend"] >= 2, "node 0: {n0:?}");
+    assert_eq!(n0["new_flow"], 0, "node 0 sends nothing to node 1: {n0:?}");
 }

@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! /sys/fs/bpf/lb/LB_FRONTENDS  LB_SLOTS  LB_BACKENDS  LB_CONNTRACK               maps
-//! /sys/fs/bpf/lb/LB_COUNTERS  LB_FRAGS                                           maps
+//! /sys/fs/bpf/lb/LB_COUNTERS  LB_FRAGS  LB_NODE  LB_SNAT                         maps
 //! /sys/fs/bpf/lb/lb_tc_pod  lb_xdp_ext                                           programs
 //! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                 tcx links (pod interfaces)
 //! /sys/fs/bpf/lb/xdp-links/<ifname>@<ifindex>             XDP links (external interfaces)
+//! /sys/fs/bpf/lb/ext-tc-links/<ifname>@<ifindex>          tcx links (external interfaces,
+//!                                                         behind XDP)
 //! ```
 //!
 //! Maps are re-used when pinned, so a restarted agent keeps services and conntrack.
@@ -31,8 +33,8 @@ use aya::{
 };
 use lb_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
-    MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTENDS, MAP_NAMES, MAP_SLOTS, PROG_NAMES, PROG_TC_POD,
-    PROG_XDP_EXT,
+    MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTENDS, MAP_NAMES, MAP_SLOTS, MAP_SNAT, PROG_NAMES,
+    PROG_TC_POD, PROG_XDP_EXT,
 };
 use tracing::{info, warn};
 
@@ -81,6 +83,8 @@ fn layout(name: &str) -> Option<(usize, usize, u32)> {
         MAP_CONNTRACK => (size_of::<CtKey>(), size_of::<CtValue>(), 0),
         MAP_COUNTERS => (size_of::<u32>(), size_of::<u64>(), counter::COUNT),
         MAP_FRAGS => (size_of::<FragKey>(), size_of::<FragValue>(), 0),
+        MAP_NODE => (size_of::<u32>(), size_of::<NodeConfig>(), 1),
+        MAP_SNAT => (size_of::<CtKey>(), size_of::<SnatPeer>(), 0),
         _ => return None,
     })
 }
@@ -191,12 +195,18 @@ pub enum Hook {
     Pod,
     /// XDP on a node's external interface (`lb_xdp_ext`).
     External,
+    /// tc ingress on a node's external interface, behind XDP (`lb_tc_pod`): it finishes
+    /// what XDP cannot, a SNAT flow's packet whose next hop has no neighbour entry yet
+    /// (tc's redirect resolves it). Attached wherever XDP is.
+    ExternalTc,
 }
 
 impl Hook {
+    pub const ALL: [Hook; 3] = [Hook::Pod, Hook::External, Hook::ExternalTc];
+
     pub fn program_name(self) -> &'static str {
         match self {
-            Hook::Pod => PROG_TC_POD,
+            Hook::Pod | Hook::ExternalTc => PROG_TC_POD,
             Hook::External => PROG_XDP_EXT,
         }
     }
@@ -206,6 +216,7 @@ impl Hook {
         match self {
             Hook::Pod => "links",
             Hook::External => "xdp-links",
+            Hook::ExternalTc => "ext-tc-links",
         }
     }
 }
@@ -239,7 +250,7 @@ impl Datapath {
             .collect();
         let reused = pins.iter().filter(|(_, p)| p.exists()).count();
         check_pinned_layouts(&pins)?;
-        for hook in [Hook::Pod, Hook::External] {
+        for hook in Hook::ALL {
             let dir = opts.pin_dir.join(hook.links_dir());
             fs::create_dir_all(&dir).map_err(|e| {
                 Error::Load(format!("cannot create pin folder {}: {e}", dir.display()))
@@ -254,7 +265,10 @@ impl Datapath {
             .map_max_entries(MAP_SLOTS, opts.max_slots)
             // Backend ids start at 1: index 0 of the array stays unused.
             .map_max_entries(MAP_BACKENDS, opts.max_backends + 1)
-            .map_max_entries(MAP_CONNTRACK, opts.max_conntrack);
+            .map_max_entries(MAP_CONNTRACK, opts.max_conntrack)
+            // Two entries per SNAT flow, as in conntrack; SNAT flows (from outside to
+            // another node) are a part of all flows: a quarter of conntrack's size.
+            .map_max_entries(MAP_SNAT, (opts.max_conntrack / 4).max(1024));
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| Error::Load(format!("loading the eBPF object failed: {e}")))?;
@@ -339,7 +353,7 @@ impl Datapath {
         let mut held = false;
         if !replaced {
             let fd = match hook {
-                Hook::Pod => self.attach_tc(ifname)?,
+                Hook::Pod | Hook::ExternalTc => self.attach_tc(ifname)?,
                 Hook::External => self.attach_xdp(ifname)?,
             };
             match fd {
@@ -374,7 +388,7 @@ impl Datapath {
             Error::Attach(format!("replacing the program in {}: {e}", pin.display()))
         };
         match hook {
-            Hook::Pod => {
+            Hook::Pod | Hook::ExternalTc => {
                 let link = SchedClassifierLink::try_from(fd).map_err(|e| err(&e))?;
                 let id = self.program().attach_to_link(link).map_err(|e| err(&e))?;
                 // The pin keeps the link; our fd may go.
@@ -479,7 +493,7 @@ impl Datapath {
     /// Removes link pins of interfaces that no longer exist (left by an agent that died).
     pub fn prune_stale_link_pins(&self) {
         let present: BTreeMap<String, u32> = interfaces().into_iter().collect();
-        for hook in [Hook::Pod, Hook::External] {
+        for hook in Hook::ALL {
             let Ok(dir) = fs::read_dir(self.pin_dir.join(hook.links_dir())) else {
                 continue;
             };
@@ -520,7 +534,7 @@ impl Datapath {
 /// Removes every pin the agent makes under `dir`, and the folder. Links whose pin goes
 /// away are detached once no fd holds them.
 pub fn remove_pins(dir: &Path) -> Result<()> {
-    for hook in [Hook::Pod, Hook::External] {
+    for hook in Hook::ALL {
         let links = dir.join(hook.links_dir());
         if let Ok(entries) = fs::read_dir(&links) {
             for entry in entries.flatten() {

@@ -71,6 +71,7 @@ impl Interfaces {
         datapath.sync_interfaces(Hook::Pod, &self.pods);
         if !self.external.is_empty() {
             datapath.sync_interfaces(Hook::External, &self.external);
+            datapath.sync_interfaces(Hook::ExternalTc, &self.external);
         }
     }
 }

@@ -7,8 +7,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, Slot, SlotKey, MAP_BACKENDS,
-    MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_SLOTS,
+    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, NodeConfig, Slot, SlotKey,
+    MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_NODE, MAP_SLOTS,
 };
 
 use super::{
@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{Error, Result};
 
-/// Handles on the five maps.
+/// Handles on the maps (not the fragment notes, which only the datapath uses).
 pub struct Maps {
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
     pub slots: HashMap<MapData, SlotKey, Slot>,
@@ -25,6 +25,8 @@ pub struct Maps {
     pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// This node's configuration, index 0.
+    pub node: Array<MapData, NodeConfig>,
     /// Duplicated fds of the three service maps, for batch updates.
     batch_fds: [OwnedFd; 3],
 }
@@ -55,14 +57,14 @@ impl Maps {
             ebpf.take_map(name)
                 .ok_or_else(|| map_err(name, "not in the eBPF object"))
         };
-        let (f, s, b, c, n) = (
+        Self::from_maps([
             take(MAP_FRONTENDS)?,
             take(MAP_SLOTS)?,
             take(MAP_BACKENDS)?,
             take(MAP_CONNTRACK)?,
             take(MAP_COUNTERS)?,
-        );
-        Self::from_maps(f, s, b, c, n)
+            take(MAP_NODE)?,
+        ])
     }
 
     /// Opens the maps a running (or stopped, pins kept) agent pinned under `dir`.
@@ -81,16 +83,17 @@ impl Maps {
             })?;
             Map::from_map_data(data).map_err(|e| map_err(name, e))
         };
-        Self::from_maps(
+        Self::from_maps([
             open(MAP_FRONTENDS)?,
             open(MAP_SLOTS)?,
             open(MAP_BACKENDS)?,
             open(MAP_CONNTRACK)?,
             open(MAP_COUNTERS)?,
-        )
+            open(MAP_NODE)?,
+        ])
     }
 
-    fn from_maps(f: Map, s: Map, b: Map, c: Map, n: Map) -> Result<Self> {
+    fn from_maps([f, s, b, c, n, node]: [Map; 6]) -> Result<Self> {
         let batch_fds = [
             dup_fd(MAP_FRONTENDS, &f)?,
             dup_fd(MAP_SLOTS, &s)?,
@@ -103,7 +106,20 @@ impl Maps {
             backends: Array::try_from(b).map_err(|e| map_err(MAP_BACKENDS, e))?,
             conntrack: HashMap::try_from(c).map_err(|e| map_err(MAP_CONNTRACK, e))?,
             counters: PerCpuArray::try_from(n).map_err(|e| map_err(MAP_COUNTERS, e))?,
+            node: Array::try_from(node).map_err(|e| map_err(MAP_NODE, e))?,
         })
+    }
+
+    /// This node's configuration as the datapath sees it.
+    pub fn node_config(&self) -> Result<NodeConfig> {
+        self.node.get(&0, 0).map_err(|e| map_err(MAP_NODE, e))
+    }
+
+    /// Writes this node's configuration.
+    pub fn set_node_config(&mut self, config: &NodeConfig) -> Result<()> {
+        self.node
+            .set(0, config, 0)
+            .map_err(|e| map_err(MAP_NODE, e))
     }
 
     /// Reads the service maps (not conntrack) into a mirror.

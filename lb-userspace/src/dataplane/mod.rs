@@ -13,12 +13,12 @@ pub mod plan;
 pub mod writer;
 
 use ahash::AHashSet as HashSet;
-use lb_common::SlotKey;
+use lb_common::{NodeConfig, SlotKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN};
 pub use maps::{Counters, Maps};
 use plan::{MapState, Op, RefChanges, Refs};
 
 use crate::{
-    model::{Delta, DesiredState},
+    model::{Delta, DesiredState, SnatSources},
     Result,
 };
 
@@ -36,15 +36,33 @@ pub struct Dataplane {
     /// How many frontends list each backend, once a sync fully succeeded: later syncs
     /// then look only at what changed. `None` (at start, after a failed op): compare all.
     refs: Option<Refs>,
+    /// `LB_NODE` as last read or written.
+    node: NodeConfig,
+}
+
+/// The datapath's view of this node: the SNAT sources, and the default port range when
+/// there is one.
+pub fn node_config(snat: &SnatSources) -> NodeConfig {
+    let addr = |a: Option<std::net::IpAddr>| a.map(|a| plan::map_addr(&a)).unwrap_or([0; 4]);
+    let any = snat.v4.is_some() || snat.v6.is_some();
+    NodeConfig {
+        snat_v4: addr(snat.v4),
+        snat_v6: addr(snat.v6),
+        snat_port_min: if any { DEFAULT_SNAT_PORT_MIN } else { 0 },
+        snat_port_max: if any { DEFAULT_SNAT_PORT_MAX } else { 0 },
+        _pad: 0,
+    }
 }
 
 impl Dataplane {
     pub fn new(maps: Maps) -> Result<Self> {
         let mirror = maps.read_state()?;
+        let node = maps.node_config()?;
         Ok(Self {
             maps,
             mirror,
             refs: None,
+            node,
         })
     }
 
@@ -63,6 +81,16 @@ impl Dataplane {
     /// and the next sync compares everything again, so it retries.
     pub fn sync_delta(&mut self, desired: &DesiredState, delta: Option<&Delta>) -> SyncReport {
         let t0 = std::time::Instant::now();
+        let mut node_error = None;
+        let node = node_config(&desired.snat);
+        if node != self.node {
+            // Written before the frontends: a backend marked remote is only ever chosen
+            // with the source it needs already there.
+            match self.maps.set_node_config(&node) {
+                Ok(()) => self.node = node,
+                Err(e) => node_error = Some(e.to_string()),
+            }
+        }
         let (ops, changes): (Vec<Op>, Option<RefChanges>) = match (&self.refs, delta) {
             (Some(refs), Some(delta)) => {
                 let (ops, changes) = plan::plan_delta(&self.mirror, refs, desired, delta);
@@ -71,7 +99,8 @@ impl Dataplane {
             _ => (plan::plan(&self.mirror, desired), None),
         };
         let t_plan = t0.elapsed();
-        let report = self.apply(ops);
+        let mut report = self.apply(ops);
+        report.errors.extend(node_error);
         let t_apply = t0.elapsed();
         self.refs = match (report.errors.is_empty(), changes, self.refs.take()) {
             (true, Some(changes), Some(mut refs)) => {

@@ -571,19 +571,26 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
 
 /// This node as the model needs it: its name (to tell local endpoints) and its
 /// InternalIP and ExternalIP addresses of both families (where NodePorts open), as
-/// kube-proxy's default `--nodeport-addresses`.
+/// kube-proxy's default `--nodeport-addresses`. InternalIPs first, in the Node's order:
+/// the first of each family is the source of the flows sent to other nodes (SNAT).
 pub fn node(n: &core::Node) -> model::Node {
-    let mut addresses: Vec<IpAddr> = n
+    let listed: Vec<&core::NodeAddress> = n
         .status
         .as_ref()
         .and_then(|s| s.addresses.as_ref())
         .into_iter()
         .flatten()
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse::<IpAddr>().ok())
         .collect();
-    addresses.sort();
-    addresses.dedup();
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for kind in ["InternalIP", "ExternalIP"] {
+        for a in listed.iter().filter(|a| a.type_ == kind) {
+            if let Ok(ip) = a.address.parse::<IpAddr>() {
+                if !addresses.contains(&ip) {
+                    addresses.push(ip);
+                }
+            }
+        }
+    }
     model::Node {
         name: n.metadata.name.clone(),
         addresses,
@@ -1265,7 +1272,7 @@ mod tests {
     }
 
     #[test]
-    fn node_has_its_name_and_sorted_internal_and_external_addresses_of_both_families() {
+    fn node_has_its_name_and_internal_then_external_addresses_of_both_families() {
         let n: core::Node = serde_json::from_value(json!({
             "metadata": {"name": "node-a"},
             "status": {"addresses": [
@@ -1284,13 +1291,17 @@ mod tests {
             model::Node {
                 name: Some("node-a".into()),
                 addresses: vec![
-                    IpAddr::from([10, 0, 0, 2]),
                     IpAddr::from([192, 168, 50, 2]),
-                    IpAddr::from([203, 0, 113, 9]),
                     "fd00::2".parse().unwrap(),
+                    IpAddr::from([10, 0, 0, 2]),
+                    IpAddr::from([203, 0, 113, 9]),
                 ],
             }
         );
+        // The first InternalIP of each family is the SNAT source.
+        let snat = model::SnatSources::of(&node(&n));
+        assert_eq!(snat.v4, Some(IpAddr::from([192, 168, 50, 2])));
+        assert_eq!(snat.v6, Some("fd00::2".parse().unwrap()));
         let bare: core::Node =
             serde_json::from_value(json!({"metadata": {"name": "node-b"}})).unwrap();
         assert_eq!(
@@ -1337,7 +1348,7 @@ mod tests {
             pairs(&[
                 (
                     "10.96.0.10:80/TCP",
-                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
+                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP (remote)"]
                 ),
                 ("192.168.50.1:30080/TCP", &["10.244.1.2:8080/TCP"]),
                 ("198.51.100.7:80/TCP", &["10.244.1.2:8080/TCP"]),
@@ -1411,12 +1422,28 @@ mod tests {
                 ("10.96.0.10:80/TCP", &["10.244.1.2:8080/TCP"]),
                 ("192.168.50.1:30080/TCP", &["10.244.1.2:8080/TCP"]),
                 ("203.0.113.5:80/TCP", &["10.244.1.2:8080/TCP"]),
-                ("[2001:db8::5]:80/TCP", &["[fd00:10:244::2]:8080/TCP"]),
+                // externalTrafficPolicy Cluster: node-b's endpoint too, from outside.
+                (
+                    "[2001:db8::5]:80/TCP",
+                    &[
+                        "[fd00:10:244::2]:8080/TCP",
+                        "[fd00:10:244::3]:8080/TCP (remote)"
+                    ]
+                ),
                 (
                     "[fd00:10:96::a]:80/TCP",
-                    &["[fd00:10:244::2]:8080/TCP", "[fd00:10:244::3]:8080/TCP"]
+                    &[
+                        "[fd00:10:244::2]:8080/TCP",
+                        "[fd00:10:244::3]:8080/TCP (remote)"
+                    ]
                 ),
-                ("[fd00:50::1]:30080/TCP", &["[fd00:10:244::2]:8080/TCP"]),
+                (
+                    "[fd00:50::1]:30080/TCP",
+                    &[
+                        "[fd00:10:244::2]:8080/TCP",
+                        "[fd00:10:244::3]:8080/TCP (remote)"
+                    ]
+                ),
             ])
         );
     }

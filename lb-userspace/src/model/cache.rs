@@ -37,16 +37,21 @@ pub struct ModelCache {
 }
 
 impl ModelCache {
-    /// Sets this node (its addresses and name). A change recomputes the Services that
-    /// have frontends reached from outside: NodePorts, external or LoadBalancer IPs.
+    /// Sets this node (its addresses and name). New addresses recompute the Services
+    /// that have frontends reached from outside (NodePorts, external or LoadBalancer
+    /// IPs); a new name every Service (which endpoints are remote).
     /// Returns whether anything changed.
     pub fn set_node(&mut self, node: Node) -> bool {
         if node == self.node {
             return false;
         }
+        self.desired.snat = super::state::SnatSources::of(&node);
+        // Another name changes which endpoints are remote, for every Service; other
+        // addresses change the frontends reached from outside only.
+        let renamed = node.name != self.node.name;
         self.node = node;
         for (key, svc) in &self.services {
-            if svc.has_external_frontends() {
+            if renamed || svc.has_external_frontends() {
                 self.dirty.insert(key.clone());
             }
         }
@@ -385,7 +390,10 @@ mod tests {
                         None => replayed.frontends.remove(&fe),
                     };
                 }
-                assert_eq!(replayed, want, "step {step}: the deltas replayed");
+                assert_eq!(
+                    replayed.frontends, want.frontends,
+                    "step {step}: the deltas replayed"
+                );
                 for f in want.frontends.values() {
                     if f.kind == FrontendKind::NodePort {
                         node_port_states += 1;
@@ -501,9 +509,14 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![b("10.244.1.2", 8080)]
         );
+        // The ClusterIP keeps its backends; which of them are remote is node-b's view.
         assert_eq!(
-            renamed.frontends[&fa("10.96.0.10", 80)],
-            after.frontends[&fa("10.96.0.10", 80)]
+            renamed.frontends[&fa("10.96.0.10", 80)].active[..],
+            [rb("10.244.0.2", 8080), b("10.244.1.2", 8080)]
+        );
+        assert_eq!(
+            after.frontends[&fa("10.96.0.10", 80)].active[..],
+            [b("10.244.0.2", 8080), rb("10.244.1.2", 8080)]
         );
 
         // No address any more: the NodePort frontends go.

@@ -71,6 +71,15 @@ pub fn b(addr: &str, port: u16) -> BackendAddr {
         ip: ip(addr),
         port,
         proto: Protocol::Tcp,
+        remote: false,
+    }
+}
+
+/// A backend on another node.
+pub fn rb(addr: &str, port: u16) -> BackendAddr {
+    BackendAddr {
+        remote: true,
+        ..b(addr, port)
     }
 }
 

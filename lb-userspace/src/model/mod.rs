@@ -25,5 +25,6 @@ pub use objects::{
 pub use rules::{desired_state, port_frontends, service_frontends};
 pub use state::{
     BackendAddr, Backends, Delta, DesiredState, FrontendAddr, FrontendKind, FrontendSpec,
+    SnatSources,
 };
 pub use validate::{validate_config, validate_node, validate_service, validate_slice, Invalid};

@@ -11,8 +11,12 @@
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use super::{
-    objects::{Conditions, EndpointSlice, IpFamily, Node, Service, ServicePort, ServiceType},
-    state::{BackendAddr, Backends, DesiredState, FrontendAddr, FrontendKind, FrontendSpec},
+    objects::{
+        Conditions, EndpointSlice, IpFamily, Node, Service, ServicePort, ServiceType, TrafficPolicy,
+    },
+    state::{
+        BackendAddr, Backends, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, SnatSources,
+    },
 };
 
 /// Every frontend a Service port yields, with its kind: for each of the Service's
@@ -121,16 +125,18 @@ fn shared(set: &[BackendAddr], known: &Backends) -> Backends {
 /// Frontends and backends of one Service, from the slices that belong to it.
 ///
 /// The ClusterIP uses every endpoint. Frontends reached from outside (NodePort, external
-/// and LoadBalancer IPs) use this node's endpoints only, whatever the
-/// externalTrafficPolicy: with `Local` that is Kubernetes' rule; with `Cluster`, sending
-/// to another node's endpoint would need a source NAT so the reply comes back through
-/// this node, which the dataplane does not do yet (ARCHITECTURE.md, known limits).
+/// and LoadBalancer IPs) follow the externalTrafficPolicy, as kube-proxy does: `Cluster`
+/// (the default), every endpoint, those of other nodes marked `remote` (the datapath
+/// source-NATs flows to them to this node's address); `Local`, this node's endpoints
+/// only (the client's address is kept). A family in which this node has no address to
+/// source-NAT to (`SnatSources`) serves its external frontends locally only.
 pub fn service_frontends<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice> + Clone,
     node: &Node,
 ) -> BTreeMap<FrontendAddr, FrontendSpec> {
     let mut out = BTreeMap::new();
+    let snat = SnatSources::of(node);
     for sp in &svc.ports {
         let service: Arc<str> = format!("{}/{}:{}", svc.namespace, svc.name, sp.name).into();
         let frontends = port_frontends(svc, sp, node);
@@ -156,14 +162,16 @@ pub fn service_frontends<'a>(
                     .iter()
                     .filter(|ep| IpFamily::of(&ep.address) == family)
                 {
+                    let is_local = node.is_local(ep.node_name.as_deref());
                     let b = BackendAddr {
                         ip: ep.address,
                         port: ep_port.port,
                         proto: sp.protocol,
+                        remote: !is_local,
                     };
                     known.push(b);
                     all.add(b, &ep.conditions);
-                    if node.is_local(ep.node_name.as_deref()) {
+                    if is_local {
                         local.add(b, &ep.conditions);
                     }
                 }
@@ -175,11 +183,13 @@ pub fn service_frontends<'a>(
             let known: Backends = known.into();
             let all = shared(all.active(), &known);
             let mut local_active = None;
+            let policy_local = svc.external_traffic_policy == TrafficPolicy::Local;
+            let external_local = policy_local || !snat.has(family);
             for (fe, kind) in frontends
                 .iter()
                 .filter(|(fe, _)| IpFamily::of(&fe.ip) == family)
             {
-                let active = if kind.is_external() {
+                let active = if kind.is_external() && external_local {
                     local_active
                         .get_or_insert_with(|| shared(local.active(), &known))
                         .clone()
@@ -189,6 +199,7 @@ pub fn service_frontends<'a>(
                 out.entry(*fe).or_insert_with(|| FrontendSpec {
                     service: service.clone(),
                     kind: *kind,
+                    local: policy_local && kind.is_external(),
                     active,
                     known: known.clone(),
                 });
@@ -212,7 +223,10 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice], node: &Node
     }
     let mut sorted: Vec<&Service> = services.iter().collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    let mut state = DesiredState::default();
+    let mut state = DesiredState {
+        snat: SnatSources::of(node),
+        ..DesiredState::default()
+    };
     for svc in sorted {
         let mine = by_service
             .get(&(svc.namespace.as_str(), svc.name.as_str()))
@@ -484,8 +498,10 @@ mod tests {
         }
     }
 
+    /// kube-proxy's rule: from outside, Cluster reaches every endpoint (those of other
+    /// nodes marked remote, for the datapath's SNAT), Local this node's only.
     #[test]
-    fn external_frontends_use_only_local_endpoints_and_the_cluster_ip_all() {
+    fn external_frontends_follow_the_external_traffic_policy() {
         let me = node(Some("node-a"), &["192.168.1.1"]);
         let sl = web_slice(vec![
             on(Some("node-a"), ep("10.244.0.2", None, None, None)),
@@ -496,15 +512,19 @@ mod tests {
                 ep("10.244.0.3", Some(false), Some(false), None),
             ),
         ]);
+        // 10.244.2.2 has no nodeName: not local, as kube-proxy counts it.
         let all = vec![
             b("10.244.0.2", 8080),
-            b("10.244.1.2", 8080),
-            b("10.244.2.2", 8080),
+            rb("10.244.1.2", 8080),
+            rb("10.244.2.2", 8080),
         ];
-        // 10.244.2.2 has no nodeName: not local, as kube-proxy counts it.
         let local = vec![b("10.244.0.2", 8080)];
-        // No SNAT yet: Cluster behaves as Local for traffic from outside.
         for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+            let external = if policy == TrafficPolicy::Cluster {
+                all.clone()
+            } else {
+                local.clone()
+            };
             let mut s = web(ServiceType::LoadBalancer, Some(30080));
             s.external_ips = vec![ip("203.0.113.5")];
             s.load_balancer_ips = vec![ip("198.51.100.7")];
@@ -516,15 +536,15 @@ mod tests {
                     (fa("10.96.0.10", 80), (FrontendKind::ClusterIP, all.clone())),
                     (
                         fa("192.168.1.1", 30080),
-                        (FrontendKind::NodePort, local.clone())
+                        (FrontendKind::NodePort, external.clone())
                     ),
                     (
                         fa("198.51.100.7", 80),
-                        (FrontendKind::LoadBalancer, local.clone())
+                        (FrontendKind::LoadBalancer, external.clone())
                     ),
                     (
                         fa("203.0.113.5", 80),
-                        (FrontendKind::ExternalIP, local.clone())
+                        (FrontendKind::ExternalIP, external.clone())
                     ),
                 ]),
                 "{policy:?}"
@@ -534,12 +554,28 @@ mod tests {
                 assert_eq!(f.known.len(), 4, "{policy:?}: {f:?}");
             }
         }
+        // A node without an address of the family has no source to give a flow sent
+        // to another node: its external IPs of that family stay local (and it has no
+        // NodePort there).
+        let v6_only = node(Some("node-a"), &["fd00::1"]);
+        let mut s = web(ServiceType::LoadBalancer, Some(30080));
+        s.external_ips = vec![ip("203.0.113.5")];
+        let st = desired_state(&[s], std::slice::from_ref(&sl), &v6_only);
+        assert_eq!(st.snat.v4, None);
+        assert_eq!(st.snat.v6, Some(ip("fd00::1")));
+        assert_eq!(
+            st.frontends[&fa("203.0.113.5", 80)].active[..],
+            local[..],
+            "no IPv4 source to SNAT to"
+        );
+        assert_eq!(st.frontends[&fa("10.96.0.10", 80)].active[..], all[..]);
     }
 
     #[test]
     fn terminating_fallback_applies_to_the_local_subset() {
         let me = node(Some("node-a"), &["192.168.1.1"]);
-        let s = web(ServiceType::NodePort, Some(30080));
+        let mut s = web(ServiceType::NodePort, Some(30080));
+        s.external_traffic_policy = TrafficPolicy::Local;
         let remote_ready = on(Some("node-b"), ep("10.244.1.2", Some(true), None, None));
         let local_term = on(
             Some("node-a"),
@@ -565,7 +601,7 @@ mod tests {
             BTreeMap::from([
                 (
                     fa("10.96.0.10", 80),
-                    (FrontendKind::ClusterIP, vec![b("10.244.1.2", 8080)])
+                    (FrontendKind::ClusterIP, vec![rb("10.244.1.2", 8080)])
                 ),
                 (
                     fa("192.168.1.1", 30080),

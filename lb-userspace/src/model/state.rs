@@ -36,11 +36,18 @@ pub struct BackendAddr {
     pub ip: IpAddr,
     pub port: u16,
     pub proto: Protocol,
+    /// It runs on another node (its endpoint's `nodeName` is not this node's): a flow
+    /// from outside sent to it is source-NATed to this node (`BACKEND_F_REMOTE`).
+    pub remote: bool,
 }
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_endpoint(f, &self.ip, self.port, self.proto)
+        write_endpoint(f, &self.ip, self.port, self.proto)?;
+        if self.remote {
+            f.write_str(" (remote)")?;
+        }
+        Ok(())
     }
 }
 
@@ -76,7 +83,7 @@ impl FrontendKind {
         }
     }
 
-    /// Reached from outside the cluster: served by this node's endpoints only.
+    /// Reached from outside the cluster (externalTrafficPolicy applies).
     pub fn is_external(self) -> bool {
         self != FrontendKind::ClusterIP
     }
@@ -99,6 +106,9 @@ pub struct FrontendSpec {
     /// "namespace/name:port-name", for logs and the CLI.
     pub service: Arc<str>,
     pub kind: FrontendKind,
+    /// externalTrafficPolicy Local applies (a frontend reached from outside): this
+    /// node's endpoints only, and without one, new connections are dropped.
+    pub local: bool,
     /// Backends that get new connections (sorted).
     pub active: Backends,
     /// Every backend listed, ready or not (sorted): these stay in the backend map so
@@ -111,6 +121,7 @@ impl Default for FrontendSpec {
         Self {
             service: Arc::from(""),
             kind: FrontendKind::default(),
+            local: false,
             active: Arc::new([]),
             known: Arc::new([]),
         }
@@ -121,6 +132,34 @@ impl Default for FrontendSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendAddr, FrontendSpec>,
+    /// The source addresses of SNAT flows (`LB_NODE`).
+    pub snat: SnatSources,
+}
+
+/// The addresses this node gives the flows from outside it sends to another node's
+/// backend (externalTrafficPolicy Cluster): its first address of each family, as the
+/// node lists them (Kubernetes: InternalIP before ExternalIP). A family without one
+/// sends such flows to this node's backends only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatSources {
+    pub v4: Option<IpAddr>,
+    pub v6: Option<IpAddr>,
+}
+
+impl SnatSources {
+    pub fn of(node: &super::objects::Node) -> Self {
+        Self {
+            v4: node.addresses.iter().copied().find(IpAddr::is_ipv4),
+            v6: node.addresses.iter().copied().find(IpAddr::is_ipv6),
+        }
+    }
+
+    pub fn has(&self, family: super::objects::IpFamily) -> bool {
+        match family {
+            super::objects::IpFamily::IPv4 => self.v4.is_some(),
+            super::objects::IpFamily::IPv6 => self.v6.is_some(),
+        }
+    }
 }
 
 /// What changed in a desired state since the last look: each frontend whose spec

@@ -151,7 +151,12 @@ fn plan_frontend(
     let value = Frontend {
         service_id,
         count: slots.len() as u32,
-        flags: spec.kind.flags(),
+        flags: spec.kind.flags()
+            | if spec.local {
+                lb_common::FRONTEND_F_LOCAL
+            } else {
+                0
+            },
         _pad: 0,
     };
     if cur != Some(value) {

@@ -89,7 +89,11 @@ pub fn backend_value(b: &BackendAddr) -> Backend {
         addr: map_addr(&b.ip),
         port: b.port.to_be(),
         proto: b.proto.number(),
-        flags: 0,
+        flags: if b.remote {
+            lb_common::BACKEND_F_REMOTE
+        } else {
+            0
+        },
     }
 }
 
@@ -106,6 +110,7 @@ pub fn backend_addr(b: &Backend) -> BackendAddr {
         ip: ip_addr(&b.addr),
         port: u16::from_be(b.port),
         proto: Protocol::from_number(b.proto).unwrap_or(Protocol::Tcp),
+        remote: b.flags & lb_common::BACKEND_F_REMOTE != 0,
     }
 }
 

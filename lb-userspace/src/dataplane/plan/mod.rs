@@ -45,6 +45,7 @@ mod tests {
             ip: Ipv4Addr::new(10, 244, 0, last).into(),
             port: 8080,
             proto: Protocol::Tcp,
+            remote: false,
         }
     }
 
@@ -59,6 +60,7 @@ mod tests {
                 FrontendSpec {
                     service: "default/x:".into(),
                     kind: Default::default(),
+                    local: false,
                     active: active.into_iter().collect(),
                     known: known.into_iter().collect(),
                 },
