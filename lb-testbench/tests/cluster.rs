@@ -53,9 +53,10 @@ fn prefix() -> String {
 
 /// The agent file of node `node`: this node (its name and both its addresses) and web, a
 /// dual-stack NodePort Service (80 -> 8080/TCP, 53 -> 5353/UDP, NodePorts 30080 and
-/// 30053, the given externalTrafficPolicy) on `backends`, one EndpointSlice per family,
+/// 30053, the given traffic policies) on `backends`, one EndpointSlice per family,
 /// every endpoint with its pod's node as `nodeName`.
-fn config(sb: &Sandbox, node: usize, backends: &[&str], policy: &str) -> String {
+fn config(sb: &Sandbox, node: usize, backends: &[&str], policies: Policies) -> String {
+    let Policies { external, internal } = policies;
     let n = &sb.nodes[node];
     let eps = |v6: bool| -> String {
         backends
@@ -84,7 +85,8 @@ services:
     ipFamilies: [IPv4, IPv6]
     ipFamilyPolicy: RequireDualStack
     type: NodePort
-    externalTrafficPolicy: {policy}
+    externalTrafficPolicy: {external}
+    internalTrafficPolicy: {internal}
     ports:
       - {{name: http, port: 80, nodePort: {NODE_PORT_HTTP}, protocol: TCP}}
       - {{name: dns, port: 53, nodePort: {NODE_PORT_DNS}, protocol: UDP}}
@@ -104,6 +106,18 @@ endpointSlices:
     )
 }
 
+/// web's externalTrafficPolicy and internalTrafficPolicy.
+#[derive(Clone, Copy)]
+struct Policies {
+    external: &'static str,
+    internal: &'static str,
+}
+
+const CLUSTER: Policies = Policies {
+    external: "Cluster",
+    internal: "Cluster",
+};
+
 struct Cluster {
     sb: Sandbox,
 }
@@ -112,10 +126,10 @@ impl Cluster {
     /// The two nodes and their pods, the servers in every backend pod, and an agent per
     /// node, on files whose web Service has `backends` (externalTrafficPolicy Cluster).
     fn new(backends: &[&str]) -> Cluster {
-        Self::with_policy(backends, "Cluster")
+        Self::with_policies(backends, CLUSTER)
     }
 
-    fn with_policy(backends: &[&str], policy: &str) -> Cluster {
+    fn with_policies(backends: &[&str], policies: Policies) -> Cluster {
         let sb = Sandbox::cluster(&prefix(), &[NODE_0, NODE_1]).unwrap();
         for b in BACKENDS {
             sb.start_nginx(b, 8080).unwrap();
@@ -124,7 +138,7 @@ impl Cluster {
         let lb = lb_binary().unwrap();
         for k in 0..sb.nodes.len() {
             let file = sb.path(&format!("services-n{k}.yaml"));
-            std::fs::write(&file, config(&sb, k, backends, policy)).unwrap();
+            std::fs::write(&file, config(&sb, k, backends, policies)).unwrap();
             spawn_agent(&sb, k, &lb, &file, &[]).unwrap();
         }
         for k in 0..sb.nodes.len() {
@@ -365,6 +379,18 @@ fn should_be_able_to_create_a_functioning_node_port_service_with_backends_on_bot
             "{ip}: {seen:?}"
         );
     }
+    // A pod on node 0 reaching its own node's NodePort: the same (source-NATed by the
+    // tc program on the pod's veth toward node 1).
+    let seen = c.who_answers_http_at(
+        "client-0",
+        &hostport(&node0.ip.to_string(), NODE_PORT_HTTP),
+        30,
+    );
+    assert_eq!(
+        names(&seen),
+        ["backend-0", "backend-1a", "backend-1b"],
+        "from a pod: {seen:?}"
+    );
     let (n0, n1) = (c.counters(0), c.counters(1));
     assert!(n0["new_flow"] >= 160, "node 0: {n0:?}");
     assert_eq!(n0["drop_snat_exhausted"], 0, "node 0: {n0:?}");
@@ -379,7 +405,13 @@ fn should_be_able_to_create_a_functioning_node_port_service_with_backends_on_bot
 /// kube-proxy does, not refused); node 1's NodePort answers from its own pods.
 #[test]
 fn should_only_target_nodes_with_endpoints_with_external_traffic_policy_local() {
-    let c = Cluster::with_policy(&["backend-1a", "backend-1b"], "Local");
+    let c = Cluster::with_policies(
+        &["backend-1a", "backend-1b"],
+        Policies {
+            external: "Local",
+            ..CLUSTER
+        },
+    );
     let (node0, node1) = (&c.sb.nodes[0], &c.sb.nodes[1]);
     for (ip0, ip1) in [
         (node0.ip.to_string(), node1.ip.to_string()),
@@ -401,4 +433,34 @@ fn should_only_target_nodes_with_endpoints_with_external_traffic_policy_local() 
     let n0 = c.counters(0);
     assert!(n0["drop_no_backend"] >= 2, "node 0: {n0:?}");
     assert_eq!(n0["new_flow"], 0, "node 0 sends nothing to node 1: {n0:?}");
+}
+
+/// [sig-network] Services should respect internalTrafficPolicy=Local Pod to Pod: with
+/// a backend on each node, a pod reaches only its own node's through the ClusterIP, TCP
+/// and UDP, both families; a NodePort (externalTrafficPolicy Cluster) still reaches
+/// both from outside.
+#[test]
+fn should_respect_internal_traffic_policy_local_pod_to_pod() {
+    let c = Cluster::with_policies(
+        &["backend-0", "backend-1a"],
+        Policies {
+            internal: "Local",
+            ..CLUSTER
+        },
+    );
+    for (client, own) in [("client-0", "backend-0"), ("client-1", "backend-1a")] {
+        for ip in [WEB, WEB6] {
+            let seen = c.who_answers_http(client, ip, 20);
+            assert_eq!(names(&seen), [own], "{client} -> {ip}: {seen:?}");
+            let seen = c.who_answers_udp(client, ip, 20);
+            assert_eq!(names(&seen), [own], "{client} -> {ip} (UDP): {seen:?}");
+        }
+    }
+    let node0 = &c.sb.nodes[0];
+    let seen = c.who_answers_http_at(
+        OUTSIDE,
+        &hostport(&node0.ip.to_string(), NODE_PORT_HTTP),
+        30,
+    );
+    assert_eq!(names(&seen), ["backend-0", "backend-1a"], "{seen:?}");
 }

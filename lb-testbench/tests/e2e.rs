@@ -542,8 +542,10 @@ const EXTERNAL_IP: &str = "203.0.113.10";
 const ELSEWHERE: &str = "10.244.9.9";
 
 /// The node is `node-a` at NODE_IP. web: NodePort 30080/TCP and 30053/UDP, external IP
-/// EXTERNAL_IP, the three backends here plus one on `node-b`; iperf: NodePort 30201 on
-/// backend-3; far: NodePort 30081 with its only endpoint on `node-b`. 10 frontends.
+/// EXTERNAL_IP, externalTrafficPolicy Local, the three backends here plus one on `node-b`
+/// (which this one-node sandbox has not: `tests/cluster.rs` sends there); iperf:
+/// NodePort 30201 on backend-3; far: NodePort 30081 with its only endpoint, on `node-b`,
+/// not ready. 10 frontends.
 fn nodeport_config() -> String {
     let here: String = BACKENDS
         .iter()
@@ -560,6 +562,7 @@ services:
   - name: web
     clusterIP: {WEB}
     type: NodePort
+    externalTrafficPolicy: Local
     externalIPs: [{EXTERNAL_IP}]
     ports:
       - {{name: http, port: 80, nodePort: 30080, protocol: TCP}}
@@ -593,7 +596,7 @@ endpointSlices:
     ports:
       - {{name: http, port: 8080, protocol: TCP}}
     endpoints:
-      - {{addresses: [{ELSEWHERE}], nodeName: node-b}}
+      - {{addresses: [{ELSEWHERE}], nodeName: node-b, conditions: {{ready: false}}}}
 ",
         backend_ip("backend-3")
     )
@@ -658,7 +661,7 @@ fn nodeports_and_external_ips_from_outside_reach_only_this_nodes_backends() {
     let nodeport: SocketAddr = format!("{NODE_IP}:30053").parse().unwrap();
     assert!(answers.iter().all(|a| *a == nodeport), "{answers:?}");
 
-    // Only an endpoint on another node: refused at once by the node's kernel.
+    // No ready endpoint anywhere: refused at once by the node's kernel.
     let t = Instant::now();
     assert_eq!(
         env.sb

@@ -244,6 +244,18 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
             )
         }
     };
+    let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
+        None | Some("") | Some("Cluster") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            return reject(
+                "Service",
+                &namespace,
+                &name,
+                format!("unknown internalTrafficPolicy {other:?}"),
+            )
+        }
+    };
     match spec.cluster_ip.as_deref() {
         Some("None") => return Translated::ignore("headless (clusterIP None)", vec![]),
         None | Some("") => return Translated::ignore("no clusterIP allocated yet", vec![]),
@@ -392,6 +404,7 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
         external_ips,
         load_balancer_ips,
         external_traffic_policy,
+        internal_traffic_policy,
     };
     match model::validate_service(&out) {
         Ok(()) => Translated {
@@ -410,13 +423,6 @@ fn ignored_fields(spec: &core::ServiceSpec) -> Vec<(&'static str, String)> {
         out.push((
             "sessionAffinity",
             "sessionAffinity ClientIP: connections are balanced without affinity".into(),
-        ));
-    }
-    if spec.internal_traffic_policy.as_deref() == Some("Local") {
-        out.push((
-            "internalTrafficPolicy",
-            "internalTrafficPolicy Local: traffic from inside the cluster goes to every endpoint"
-                .into(),
         ));
     }
     if spec
@@ -1081,6 +1087,27 @@ mod tests {
     }
 
     #[test]
+    fn internal_traffic_policy_is_read_and_not_counted_as_ignored() {
+        let r = Rules::default();
+        for (itp, want) in [
+            (json!(null), TrafficPolicy::Cluster),
+            (json!("Cluster"), TrafficPolicy::Cluster),
+            (json!("Local"), TrafficPolicy::Local),
+        ] {
+            let spec = json!({"clusterIP": "10.96.0.10", "internalTrafficPolicy": itp,
+                              "ports": [{"port": 80}]});
+            let t = service(&web(spec), &r);
+            assert!(t.skipped.is_empty(), "{itp}: {:?}", t.skipped);
+            assert_eq!(used(&t).internal_traffic_policy, want, "{itp}");
+        }
+        let bad = web(
+            json!({"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Nearby",
+                             "ports": [{"port": 80}]}),
+        );
+        assert!(matches!(service(&bad, &r).outcome, Outcome::Reject(_)));
+    }
+
+    #[test]
     fn service_type_and_external_traffic_policy_are_read() {
         let r = Rules::default();
         for (spec, t, policy) in [
@@ -1348,7 +1375,7 @@ mod tests {
             pairs(&[
                 (
                     "10.96.0.10:80/TCP",
-                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP (remote)"]
+                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
                 ),
                 ("192.168.50.1:30080/TCP", &["10.244.1.2:8080/TCP"]),
                 ("198.51.100.7:80/TCP", &["10.244.1.2:8080/TCP"]),
@@ -1425,24 +1452,15 @@ mod tests {
                 // externalTrafficPolicy Cluster: node-b's endpoint too, from outside.
                 (
                     "[2001:db8::5]:80/TCP",
-                    &[
-                        "[fd00:10:244::2]:8080/TCP",
-                        "[fd00:10:244::3]:8080/TCP (remote)"
-                    ]
+                    &["[fd00:10:244::2]:8080/TCP", "[fd00:10:244::3]:8080/TCP"]
                 ),
                 (
                     "[fd00:10:96::a]:80/TCP",
-                    &[
-                        "[fd00:10:244::2]:8080/TCP",
-                        "[fd00:10:244::3]:8080/TCP (remote)"
-                    ]
+                    &["[fd00:10:244::2]:8080/TCP", "[fd00:10:244::3]:8080/TCP"]
                 ),
                 (
                     "[fd00:50::1]:30080/TCP",
-                    &[
-                        "[fd00:10:244::2]:8080/TCP",
-                        "[fd00:10:244::3]:8080/TCP (remote)"
-                    ]
+                    &["[fd00:10:244::2]:8080/TCP", "[fd00:10:244::3]:8080/TCP"]
                 ),
             ])
         );

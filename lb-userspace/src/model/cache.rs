@@ -332,6 +332,9 @@ mod tests {
                     if rnd(2) == 0 {
                         s.external_traffic_policy = TrafficPolicy::Local;
                     }
+                    if rnd(3) == 0 {
+                        s.internal_traffic_policy = TrafficPolicy::Local;
+                    }
                     services.insert(name, s.clone());
                     cache.upsert_service(s);
                 }

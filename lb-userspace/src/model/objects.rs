@@ -159,6 +159,10 @@ pub struct Service {
     pub load_balancer_ips: Vec<IpAddr>,
     #[serde(default)]
     pub external_traffic_policy: TrafficPolicy,
+    /// `spec.internalTrafficPolicy`: with `Local`, the cluster IPs are served by this
+    /// node's endpoints only.
+    #[serde(default)]
+    pub internal_traffic_policy: TrafficPolicy,
 }
 
 /// A ClusterIP Service with no address until one is set (for building Services in code
@@ -177,6 +181,7 @@ impl Default for Service {
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
             external_traffic_policy: TrafficPolicy::default(),
+            internal_traffic_policy: TrafficPolicy::default(),
         }
     }
 }

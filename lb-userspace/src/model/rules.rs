@@ -124,7 +124,9 @@ fn shared(set: &[BackendAddr], known: &Backends) -> Backends {
 
 /// Frontends and backends of one Service, from the slices that belong to it.
 ///
-/// The ClusterIP uses every endpoint. Frontends reached from outside (NodePort, external
+/// The ClusterIP uses every endpoint, or with internalTrafficPolicy `Local` this node's
+/// only (none: refused, the terminating fallback applying to the local subset, as
+/// kube-proxy does). Frontends reached from outside (NodePort, external
 /// and LoadBalancer IPs) follow the externalTrafficPolicy, as kube-proxy does: `Cluster`
 /// (the default), every endpoint, those of other nodes marked `remote` (the datapath
 /// source-NATs flows to them to this node's address); `Local`, this node's endpoints
@@ -189,7 +191,12 @@ pub fn service_frontends<'a>(
                 .iter()
                 .filter(|(fe, _)| IpFamily::of(&fe.ip) == family)
             {
-                let active = if kind.is_external() && external_local {
+                let local_only = if kind.is_external() {
+                    external_local
+                } else {
+                    svc.internal_traffic_policy == TrafficPolicy::Local
+                };
+                let active = if local_only {
                     local_active
                         .get_or_insert_with(|| shared(local.active(), &known))
                         .clone()
@@ -569,6 +576,58 @@ mod tests {
             "no IPv4 source to SNAT to"
         );
         assert_eq!(st.frontends[&fa("10.96.0.10", 80)].active[..], all[..]);
+    }
+
+    /// [sig-network] Services should respect internalTrafficPolicy=Local Pod to Pod, and
+    /// should fallback to local terminating endpoints when there are no ready endpoints
+    /// with internalTrafficPolicy=Local: the cluster IP is served by this node's
+    /// endpoints only (the terminating ones when none is ready), none: no backend
+    /// (refused); the NodePort keeps following the externalTrafficPolicy.
+    #[test]
+    fn internal_traffic_policy_local_serves_the_cluster_ip_from_this_node_only() {
+        let me = node(Some("node-a"), &["192.168.1.1"]);
+        let mut s = web(ServiceType::NodePort, Some(30080));
+        s.internal_traffic_policy = TrafficPolicy::Local;
+        let remote = on(Some("node-b"), ep("10.244.1.2", None, None, None));
+        let local = on(Some("node-a"), ep("10.244.0.2", None, None, None));
+        let local_terminating = on(
+            Some("node-a"),
+            ep("10.244.0.3", Some(false), Some(true), Some(true)),
+        );
+        let st = desired_state(
+            std::slice::from_ref(&s),
+            &[web_slice(vec![remote.clone(), local.clone()])],
+            &me,
+        );
+        assert_eq!(
+            kinds_and_active(&st),
+            BTreeMap::from([
+                (
+                    fa("10.96.0.10", 80),
+                    (FrontendKind::ClusterIP, vec![b("10.244.0.2", 8080)])
+                ),
+                (
+                    fa("192.168.1.1", 30080),
+                    (
+                        FrontendKind::NodePort,
+                        vec![b("10.244.0.2", 8080), rb("10.244.1.2", 8080)]
+                    )
+                ),
+            ])
+        );
+        let st = desired_state(
+            std::slice::from_ref(&s),
+            &[web_slice(vec![remote.clone(), local_terminating])],
+            &me,
+        );
+        assert_eq!(
+            st.frontends[&fa("10.96.0.10", 80)].active[..],
+            [b("10.244.0.3", 8080)],
+            "the local terminating endpoint, not the remote ready one"
+        );
+        let st = desired_state(&[s], &[web_slice(vec![remote])], &me);
+        assert!(st.frontends[&fa("10.96.0.10", 80)].active.is_empty());
+        assert_eq!(st.frontends[&fa("10.96.0.10", 80)].known.len(), 1);
     }
 
     #[test]

@@ -43,11 +43,7 @@ pub struct BackendAddr {
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_endpoint(f, &self.ip, self.port, self.proto)?;
-        if self.remote {
-            f.write_str(" (remote)")?;
-        }
-        Ok(())
+        write_endpoint(f, &self.ip, self.port, self.proto)
     }
 }
 
