@@ -953,8 +953,8 @@ async fn agent_binary_serves_health_metrics_and_restarts_on_pinned_maps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_ports_follow_the_node_addresses_and_use_local_endpoints() {
-    use lb_common::FRONTEND_F_NODEPORT;
+async fn node_ports_follow_the_node_addresses_and_the_external_traffic_policy() {
+    use lb_common::{FRONTEND_F_LOCAL, FRONTEND_F_NODEPORT};
     let api = FakeApi::start().await;
     api.apply(node_at(NODE, "192.168.50.1"));
     // Another node, which the agent must not take for its own.
@@ -985,16 +985,17 @@ async fn node_ports_follow_the_node_addresses_and_use_local_endpoints() {
     let flags = |v: &[(&str, u32)]| -> BTreeMap<String, u32> {
         v.iter().map(|(f, x)| (f.to_string(), *x)).collect()
     };
-    // The NodePort opens on this node's address only, with this node's endpoint only;
-    // the ClusterIP keeps both.
+    // The NodePort opens on this node's address only; with externalTrafficPolicy
+    // Cluster it has both endpoints (node-2's source-NATed by the datapath), as the
+    // ClusterIP.
     wait_maps(
         &dir,
-        "the NodePort on 192.168.50.1 with the local endpoint",
+        "the NodePort on 192.168.50.1 with both endpoints",
         |s| {
             s.frontends
                 == fe(&[
                     ("10.96.0.10:80/TCP", both),
-                    ("192.168.50.1:30080/TCP", local),
+                    ("192.168.50.1:30080/TCP", both),
                 ])
         },
     )
@@ -1015,7 +1016,7 @@ async fn node_ports_follow_the_node_addresses_and_use_local_endpoints() {
         s.frontends
             == fe(&[
                 ("10.96.0.10:80/TCP", both),
-                ("192.168.50.2:30080/TCP", local),
+                ("192.168.50.2:30080/TCP", both),
             ])
             && s.flags
                 == flags(&[
@@ -1025,14 +1026,25 @@ async fn node_ports_follow_the_node_addresses_and_use_local_endpoints() {
     })
     .await;
 
-    // externalTrafficPolicy Local: the same frontends (Cluster already uses the local
-    // endpoints only, there being no SNAT).
-    let syncs = agent.health.syncs();
-    let before = snapshot(&dir);
+    // externalTrafficPolicy Local: the NodePort keeps this node's endpoint only, and
+    // says so (it drops rather than refuses without one).
     api.apply(node_port_web("Local"));
-    let h = agent.health.clone();
-    wait_until("a sync after the policy change", move || h.syncs() > syncs).await;
-    assert_eq!(snapshot(&dir), before);
+    wait_maps(&dir, "the NodePort with the local endpoint", |s| {
+        s.frontends
+            == fe(&[
+                ("10.96.0.10:80/TCP", both),
+                ("192.168.50.2:30080/TCP", local),
+            ])
+            && s.flags
+                == flags(&[
+                    ("10.96.0.10:80/TCP", 0),
+                    (
+                        "192.168.50.2:30080/TCP",
+                        FRONTEND_F_NODEPORT | FRONTEND_F_LOCAL,
+                    ),
+                ])
+    })
+    .await;
 
     // The local endpoint moves to the other node: the NodePort has no backend left.
     let mut sl = slice(
