@@ -16,9 +16,10 @@ use lb_testbench::fake_api::{FakeApi, Res};
 use lb_userspace::{
     dataplane::{
         plan::{backend_addr, frontend_addr},
-        writer::Writer,
+        writer::{Writer, WriterOptions},
         Dataplane, Maps,
     },
+    healthcheck::{HealthChecks, HealthServer},
     k8s::{
         metrics::Metrics, translate::Rules, writer_options, Controller, ControllerOptions, Health,
     },
@@ -189,6 +190,7 @@ struct Running {
     metrics: Metrics,
     health: Health,
     writer: Option<Writer>,
+    _health_checks: HealthServer,
 }
 
 impl Running {
@@ -196,8 +198,19 @@ impl Running {
         let config = kube::Config::new(api.url().parse().unwrap());
         let client = kube::Client::try_from(config).expect("kube client");
         let metrics = Metrics::default();
-        let writer = Writer::spawn(plane, writer_options(Duration::ZERO), metrics.on_sync())
-            .expect("writer thread");
+        let checks = HealthChecks::default();
+        let writer = Writer::spawn(
+            plane,
+            WriterOptions {
+                health_checks: Some(checks.clone()),
+                ..writer_options(Duration::ZERO)
+            },
+            metrics.on_sync(),
+        )
+        .expect("writer thread");
+        // The healthCheckNodePorts on the loopback address only (the agent's default is
+        // every address of the node).
+        let health_checks = HealthServer::start(checks, Ipv4Addr::LOCALHOST.into());
         let health = Health::new(writer.status());
         let opts = ControllerOptions {
             node_name: NODE.into(),
@@ -214,6 +227,7 @@ impl Running {
             metrics,
             health,
             writer: Some(writer),
+            _health_checks: health_checks,
         }
     }
 
@@ -1187,4 +1201,75 @@ async fn the_test_api_server_pages_lists_after_the_last_key() {
     }
     assert_eq!(names, ["s0", "s1", "s2", "s3", "s5", "s6"]);
     assert_eq!(pages, 2);
+}
+
+/// [sig-network] Services should fail health check node port if there are only
+/// terminating endpoints: a LoadBalancer Service with externalTrafficPolicy Local and a
+/// healthCheckNodePort is answered there as kube-proxy answers (any path): 200 with this
+/// node's count of ready endpoints in kube-proxy's JSON body; 503 once its only local
+/// endpoint is terminating (serving or not), or when its endpoints are on another node;
+/// the port closes when the Service goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints() {
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    let agent = Agent::start(&api).await;
+    agent.wait_ready().await;
+    let port = free_port();
+    let mut svc = service("web", WEB, &[("http", 80, "TCP")]);
+    svc["spec"]["type"] = json!("LoadBalancer");
+    svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    svc["spec"]["healthCheckNodePort"] = json!(port);
+    svc["spec"]["ports"][0]["nodePort"] = json!(30080);
+    api.apply(svc);
+    let web_slice = |eps: Value| {
+        let mut sl = slice("web-a", "web", &[("http", 8080, "TCP")], &[]);
+        sl["endpoints"] = eps;
+        sl
+    };
+    api.apply(web_slice(json!([
+        {"addresses": ["10.244.1.2"], "nodeName": NODE},
+        {"addresses": ["10.244.1.3"], "nodeName": NODE, "conditions": {"ready": false}},
+        {"addresses": ["10.244.2.2"], "nodeName": "node-2"},
+    ])));
+    let check = |want: u16, local: u64| async move {
+        let body = json!({"service": {"namespace": "shop", "name": "web"},
+                          "localEndpoints": local, "serviceProxyHealthy": true});
+        wait_until(
+            &format!("the health check answers {want} {body}"),
+            move || {
+                http_get(port, "/healthz").is_some_and(|(code, text)| {
+                    code == want && serde_json::from_str::<Value>(&text).ok() == Some(body.clone())
+                })
+            },
+        )
+        .await;
+    };
+    // One ready endpoint here (the not-ready one and node-2's do not count).
+    check(200, 1).await;
+    let (_, any_path) = http_get(port, "/any/path").unwrap();
+    assert!(any_path.contains("\"localEndpoints\":1"), "{any_path}");
+    // Its only local endpoint terminating (still serving): 503, as kube-proxy.
+    api.apply(web_slice(json!([
+        {"addresses": ["10.244.1.2"], "nodeName": NODE,
+         "conditions": {"ready": false, "serving": true, "terminating": true}},
+        {"addresses": ["10.244.2.2"], "nodeName": "node-2"},
+    ])));
+    check(503, 0).await;
+    // Ready again, then only on another node.
+    api.apply(web_slice(
+        json!([{"addresses": ["10.244.1.2"], "nodeName": NODE}]),
+    ));
+    check(200, 1).await;
+    api.apply(web_slice(
+        json!([{"addresses": ["10.244.2.2"], "nodeName": "node-2"}]),
+    ));
+    check(503, 0).await;
+    // The Service gone: the port closes.
+    api.delete("Service", "shop", "web");
+    wait_until("the health check port closed", move || {
+        http_get(port, "/").is_none()
+    })
+    .await;
+    agent.stop().await;
 }

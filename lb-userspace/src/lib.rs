@@ -3,9 +3,11 @@
 //! Data flows one way: a source (`config` file, or the Kubernetes watch in `k8s`) fills
 //! the `model`, which yields the desired map entries; `dataplane` diffs them against the
 //! maps and applies the difference; `loader` loads, pins and attaches the programs;
-//! `run` is the standalone agent's loop; `show` prints what is in the maps.
+//! `run` is the standalone agent's loop; `show` prints what is in the maps;
+//! `healthcheck` serves the Services' health check node ports.
 pub mod config;
 pub mod dataplane;
+pub mod healthcheck;
 pub mod k8s;
 pub mod loader;
 pub mod model;

@@ -86,6 +86,10 @@ enum Cmd {
         /// Address of /healthz, /readyz and /metrics.
         #[arg(long, default_value = k8s::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
+        /// Address the Services' healthCheckNodePorts are served on (each on its port),
+        /// as kube-proxy does: 200 with this node's count of ready endpoints, else 503.
+        #[arg(long, default_value = "0.0.0.0")]
+        health_check_address: std::net::IpAddr,
         /// After the first event of a burst, wait this long for more before syncing.
         #[arg(long, default_value_t = k8s::DEFAULT_DEBOUNCE.as_millis() as u64)]
         debounce_ms: u64,
@@ -168,6 +172,7 @@ fn main() -> ExitCode {
             node_name,
             proxy_name,
             listen,
+            health_check_address,
             debounce_ms,
             datapath: d,
         } => run_in(
@@ -181,6 +186,7 @@ fn main() -> ExitCode {
                 load: d.maps.load_options(),
                 keep_pinned: d.keep_pinned,
                 listen,
+                health_check_address,
                 debounce: Duration::from_millis(debounce_ms),
                 poll: Duration::from_millis(d.poll_ms),
             }),

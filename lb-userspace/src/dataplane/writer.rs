@@ -113,6 +113,9 @@ pub struct WriterOptions {
     pub debounce: Duration,
     /// After a sync with errors, compare everything again after this long.
     pub retry: Duration,
+    /// Where the health checks of the Services with a `healthCheckNodePort` go, if
+    /// they are served.
+    pub health_checks: Option<crate::healthcheck::HealthChecks>,
 }
 
 impl Default for WriterOptions {
@@ -121,6 +124,7 @@ impl Default for WriterOptions {
             lists: BTreeSet::new(),
             debounce: Duration::ZERO,
             retry: Duration::from_secs(1),
+            health_checks: None,
         }
     }
 }
@@ -340,6 +344,11 @@ impl Loop {
     fn sync(&mut self) {
         let t0 = Instant::now();
         let delta = self.model.take_delta();
+        if self.model.take_health_changed() {
+            if let Some(h) = &self.opts.health_checks {
+                h.publish(self.model.health_checks());
+            }
+        }
         let desired = self.model.current();
         let report = if self.failed {
             self.plane.sync(desired)

@@ -57,6 +57,8 @@ pub struct AgentOptions {
     pub load: LoadOptions,
     pub keep_pinned: bool,
     pub listen: SocketAddr,
+    /// Where the healthCheckNodePorts are served.
+    pub health_check_address: std::net::IpAddr,
     pub debounce: Duration,
     /// How often the interface list is checked.
     pub poll: Duration,
@@ -100,8 +102,17 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let reused_state = !plane.state().frontends.is_empty();
     let counters = plane.maps.counters_handle()?;
     let metrics = Metrics::default();
-    let writer = Writer::spawn(plane, writer_options(opts.debounce), metrics.on_sync())
-        .map_err(|e| Error::Load(format!("starting the writer thread: {e}")))?;
+    let checks = crate::healthcheck::HealthChecks::default();
+    let writer = Writer::spawn(
+        plane,
+        WriterOptions {
+            health_checks: Some(checks.clone()),
+            ..writer_options(opts.debounce)
+        },
+        metrics.on_sync(),
+    )
+    .map_err(|e| Error::Load(format!("starting the writer thread: {e}")))?;
+    let _health_checks = crate::healthcheck::HealthServer::start(checks, opts.health_check_address);
     let health = Health::new(writer.status());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

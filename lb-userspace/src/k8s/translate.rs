@@ -405,6 +405,10 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
         load_balancer_ips,
         external_traffic_policy,
         internal_traffic_policy,
+        health_check_node_port: spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0),
     };
     match model::validate_service(&out) {
         Ok(()) => Translated {
@@ -433,12 +437,6 @@ fn ignored_fields(spec: &core::ServiceSpec) -> Vec<(&'static str, String)> {
         out.push((
             "loadBalancerSourceRanges",
             "loadBalancerSourceRanges: every source reaches the LoadBalancer IPs".into(),
-        ));
-    }
-    if spec.health_check_node_port.is_some_and(|p| p != 0) {
-        out.push((
-            "healthCheckNodePort",
-            "healthCheckNodePort: not served".into(),
         ));
     }
     if let Some(td) = spec

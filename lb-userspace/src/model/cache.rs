@@ -10,8 +10,8 @@ use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 
 use super::{
     objects::{EndpointSlice, Node, NodeName, ObjectKey, Service},
-    rules::service_frontends,
-    state::{Delta, DesiredState, FrontendAddr, FrontendSpec},
+    rules::{health_check, service_frontends},
+    state::{Delta, DesiredState, FrontendAddr, FrontendSpec, HealthCheck},
 };
 
 #[derive(Clone, Debug, Default)]
@@ -32,6 +32,10 @@ pub struct ModelCache {
     /// of those changes.
     before: HashMap<FrontendAddr, Option<FrontendSpec>>,
     node: Node,
+    /// The health checks of the Services that have a `healthCheckNodePort`.
+    health: HashMap<ObjectKey, HealthCheck>,
+    /// A health check changed since the last `take_health_changed`.
+    health_changed: bool,
     /// Node names, one allocation each, shared by every endpoint on that node.
     node_names: HashSet<NodeName>,
 }
@@ -190,6 +194,22 @@ impl ModelCache {
         // deleted, its ports or addresses changed, or two Services on one frontend).
         let mut unsettled: HashSet<FrontendAddr> = HashSet::new();
         for key in dirty {
+            let check = self.services.get(&key).and_then(|svc| {
+                let slices = self
+                    .slices_of
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| self.slices.get(k));
+                health_check(svc, slices, &self.node)
+            });
+            if self.health.get(&key) != check.as_ref() {
+                self.health_changed = true;
+                match check {
+                    Some(c) => self.health.insert(key.clone(), c),
+                    None => self.health.remove(&key),
+                };
+            }
             let new = self.compute(&key);
             for fe in self.frontends_of.remove(&key).unwrap_or_default() {
                 if !new.contains_key(&fe) {
@@ -223,6 +243,18 @@ impl ModelCache {
             let spec = owner.and_then(|o| self.compute(&o).remove(&fe));
             self.set_desired(fe, spec);
         }
+    }
+
+    /// The health checks of the Services with a `healthCheckNodePort`, as of the last
+    /// update.
+    pub fn health_checks(&self) -> impl Iterator<Item = &HealthCheck> {
+        self.health.values()
+    }
+
+    /// Whether a health check changed since the last call.
+    pub fn take_health_changed(&mut self) -> bool {
+        self.update();
+        std::mem::take(&mut self.health_changed)
     }
 
     /// The frontends a Service yields now (none if it is gone).

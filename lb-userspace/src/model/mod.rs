@@ -22,9 +22,9 @@ pub use objects::{
     IpFamilyPolicy, Node, NodeName, ObjectKey, Protocol, Service, ServicePort, ServiceType,
     TargetPort, TrafficPolicy,
 };
-pub use rules::{desired_state, port_frontends, service_frontends};
+pub use rules::{desired_state, health_check, port_frontends, service_frontends};
 pub use state::{
     BackendAddr, Backends, Delta, DesiredState, FrontendAddr, FrontendKind, FrontendSpec,
-    SnatSources,
+    HealthCheck, SnatSources,
 };
 pub use validate::{validate_config, validate_node, validate_service, validate_slice, Invalid};

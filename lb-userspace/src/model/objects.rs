@@ -163,6 +163,11 @@ pub struct Service {
     /// node's endpoints only.
     #[serde(default)]
     pub internal_traffic_policy: TrafficPolicy,
+    /// `spec.healthCheckNodePort` (Kubernetes sets it for a LoadBalancer Service with
+    /// externalTrafficPolicy Local): the agent answers HTTP there with this node's count
+    /// of ready endpoints, as kube-proxy does, for the load balancer's health checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
 }
 
 /// A ClusterIP Service with no address until one is set (for building Services in code
@@ -182,6 +187,7 @@ impl Default for Service {
             load_balancer_ips: Vec::new(),
             external_traffic_policy: TrafficPolicy::default(),
             internal_traffic_policy: TrafficPolicy::default(),
+            health_check_node_port: None,
         }
     }
 }

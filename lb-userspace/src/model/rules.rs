@@ -15,7 +15,8 @@ use super::{
         Conditions, EndpointSlice, IpFamily, Node, Service, ServicePort, ServiceType, TrafficPolicy,
     },
     state::{
-        BackendAddr, Backends, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, SnatSources,
+        BackendAddr, Backends, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, HealthCheck,
+        SnatSources,
     },
 };
 
@@ -214,6 +215,33 @@ pub fn service_frontends<'a>(
         }
     }
     out
+}
+
+/// The health check of a Service with a `healthCheckNodePort`: this node's ready
+/// endpoints, as kube-proxy counts them (a terminating endpoint is not counted, even
+/// serving: "should fail health check node port if there are only terminating
+/// endpoints").
+pub fn health_check<'a>(
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &Node,
+) -> Option<HealthCheck> {
+    let port = svc.health_check_node_port?;
+    let mut ready: Vec<IpAddr> = slices
+        .into_iter()
+        .filter(|s| s.namespace == svc.namespace && s.service_name == svc.name)
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|ep| node.is_local(ep.node_name.as_deref()) && is_ready(&ep.conditions))
+        .map(|ep| ep.address)
+        .collect();
+    ready.sort_unstable();
+    ready.dedup();
+    Some(HealthCheck {
+        port,
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
+        local_endpoints: ready.len(),
+    })
 }
 
 /// The whole desired state from a set of Services and EndpointSlices, computed from

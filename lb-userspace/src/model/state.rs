@@ -124,6 +124,17 @@ impl Default for FrontendSpec {
     }
 }
 
+/// A Service's health check on its `healthCheckNodePort`, as kube-proxy serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub namespace: String,
+    pub name: String,
+    /// This node's ready endpoints of the Service (distinct addresses, any family): 0
+    /// fails the check (503), also when some are serving but terminating.
+    pub local_endpoints: usize,
+}
+
 /// Everything the maps should contain.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
