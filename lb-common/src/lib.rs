@@ -60,13 +60,8 @@ pub const PROG_TC_POD: &str = "lb_tc_pod";
 /// XDP on the node's external interfaces (NodePort, external and LoadBalancer IPs, and
 /// replies from backends on other nodes).
 pub const PROG_XDP_EXT: &str = "lb_xdp_ext";
-/// XDP, reached by a tail call from `lb_xdp_ext`: the packets of SNAT flows.
-pub const PROG_XDP_SNAT: &str = "lb_xdp_snat";
-/// The program array `lb_xdp_ext` tail-calls `lb_xdp_snat` through (made with each load,
-/// not pinned: it belongs to the programs of that load).
-pub const MAP_XDP_SNAT_PROG: &str = "LB_XDP_SNAT_PROG";
 /// Every program, in the order above.
-pub const PROG_NAMES: [&str; 3] = [PROG_TC_POD, PROG_XDP_EXT, PROG_XDP_SNAT];
+pub const PROG_NAMES: [&str; 2] = [PROG_TC_POD, PROG_XDP_EXT];
 
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_MAX_FRONTENDS: u32 = 65_536;

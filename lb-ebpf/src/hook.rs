@@ -27,15 +27,11 @@ pub trait Hook: PacketData + Rewriter {
     /// Whether this hook handles SNAT flows (toward another node's backend). tc does,
     /// and sends their packets on itself (`route.rs`): the kernel would drop them, their
     /// new source being this node's own address (the client's packets) or a frontend's
-    /// (the replies). XDP does not in this program (written in, the SNAT paths took its
-    /// verification past the kernel's limit of a million instructions): it tail-calls
-    /// `lb_xdp_snat` (`snat_fast_path`), verified apart, for the packets of flows tc
-    /// started, and leaves the rest untranslated to the tc program behind it on the same
-    /// interface (`passed_to_tc`).
+    /// (the replies). XDP does not: it leaves them untranslated to the tc program behind
+    /// it on the same interface (`passed_to_tc`). (Doing it in XDP too took the XDP
+    /// program's verification past the kernel's limit of a million instructions; see
+    /// ARCHITECTURE.md.)
     const SENDS_SNAT: bool;
-    /// XDP: hands a packet of a known SNAT flow to `lb_xdp_snat` (a tail call, which
-    /// does not return); returns if that program is not there. tc: nothing.
-    fn snat_fast_path(&self);
     /// Sends on a translated packet of a SNAT flow (only called when `SENDS_SNAT`);
     /// `out` is the packet as it leaves.
     fn send_routed(&self, out: &Leaving) -> Verdict;

@@ -215,7 +215,6 @@ fn snat_established<C: Hook>(
     now: u64,
 ) -> Option<Verdict> {
     if !C::SENDS_SNAT {
-        ctx.snat_fast_path();
         count(counter::PASSED_TO_TC);
         return Some(Verdict::Pass);
     }
@@ -265,7 +264,6 @@ fn translate_snat<C: Hook>(
 #[inline(always)]
 fn snat_reply<C: Hook>(ctx: &C, pkt: &Packet, e: &CtValue) -> Verdict {
     if !C::SENDS_SNAT {
-        ctx.snat_fast_path();
         count(counter::PASSED_TO_TC);
         return Verdict::Pass;
     }

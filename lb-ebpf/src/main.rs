@@ -4,8 +4,7 @@
 //! flow?) -> `service` (frontend lookup, backend selection) -> `nat` (rewrite, with
 //! `csum`), and `refuse` (RST / ICMP / ICMPv6 for a Service without backends), `route`
 //! (replies of external flows) and `frag` (the fragments after the first of a translated
-//! reply); `xdp_snat` is the XDP fast path of SNAT flows, its own program (tail-called).
-//! Only `parse`, `nat`, `refuse` and `route` look at the address family.
+//! reply). Only `parse`, `nat`, `refuse` and `route` look at the address family.
 #![no_std]
 #![no_main]
 #![expect(
@@ -27,7 +26,6 @@ mod route;
 mod service;
 mod tc;
 mod xdp;
-mod xdp_snat;
 
 use aya_ebpf::{
     macros::{classifier, xdp},
@@ -46,15 +44,6 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb_xdp_ext(ctx: XdpContext) -> u32 {
     xdp::process(&ctx)
-}
-
-/// XDP, reached only by a tail call from `lb_xdp_ext`: the packets of SNAT flows
-/// (from outside to another node's backend, and their replies), translated and sent on
-/// at once when the next hop is resolved (`xdp_snat.rs`). A program of its own so that
-/// its verification does not add to `lb_xdp_ext`'s.
-#[xdp]
-pub fn lb_xdp_snat(ctx: XdpContext) -> u32 {
-    xdp_snat::process(&ctx)
 }
 
 #[cfg(not(test))]

@@ -4,7 +4,7 @@
 //! writing a million entries costs no allocation per entry (100k Services x 10
 //! endpoints from empty: 3.3 s with NO_PREALLOC, 2.1 s without).
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -60,10 +60,6 @@ pub struct SnatScratch {
 
 #[btf_map]
 pub static LB_SNAT_SCRATCH: PerCpuArray<SnatScratch, 1> = PerCpuArray::new();
-
-/// `lb_xdp_snat` at index 0, for `lb_xdp_ext`'s tail call (set by userspace at load).
-#[btf_map]
-pub static LB_XDP_SNAT_PROG: ProgramArray<1> = ProgramArray::new();
 
 /// This node's configuration (one entry, index 0): the SNAT addresses and port range.
 #[btf_map]

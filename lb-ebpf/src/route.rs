@@ -6,11 +6,8 @@
 //! TTL (IPv4, with the header checksum) or the hop limit (IPv6, which has no header
 //! checksum) as forwarding would, and sends the packet on itself — as Cilium does:
 //! to the egress device, which resolves the next hop's MAC (`bpf_redirect_neigh`).
-//! XDP (`xdp_lookup`, `xdp_send`, for `xdp_snat.rs`) has no neighbour resolution: it
-//! sends a packet on only when the kernel already knows the next hop's MAC (the lookup
-//! returns both MACs, which the program writes), by `XDP_TX` (out of the interface it
-//! came in by) or `bpf_redirect`; otherwise it leaves the packet, untranslated, to the
-//! tc program behind it on the same interface (`passed_to_tc`).
+//! This is tc's: the XDP program leaves such packets, untranslated, to the tc program
+//! behind it on the same interface (`passed_to_tc`).
 //!
 //! The later fragments of such a reply get the same treatment (`frag.rs`): they carry
 //! the node's address too.
@@ -21,17 +18,16 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        TC_ACT_REDIRECT,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
-    programs::{TcContext, XdpContext},
+    helpers::{bpf_fib_lookup, bpf_redirect_neigh},
+    programs::TcContext,
 };
 use lb_common::{counter, Addr};
 
 use crate::{
     counters::count,
-    csum,
     hook::Verdict,
     parse::{ptr_at, Family, Fragment, Packet, IP_CSUM_OFF},
 };
@@ -215,84 +211,4 @@ fn decrement_hop_limit(ctx: &TcContext, l3_off: usize) -> Hop {
         return Hop::Failed;
     }
     Hop::Done
-}
-
-/// XDP: the route of `out`, if the kernel knows its next hop's MAC (`None`: no route, a
-/// packet over the route's MTU, or no neighbour entry yet).
-#[inline(always)]
-pub fn xdp_lookup(ctx: &XdpContext, out: &Leaving) -> Option<FibParams> {
-    // SAFETY: reading a field of the program's xdp_md.
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    let mut fib = fib_params(out, ifindex, true);
-    // SAFETY: ctx is the program's xdp_md; fib is a valid, sized parameter block.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            &mut fib,
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(fib)
-}
-
-/// XDP: sends a translated frame on by the route `xdp_lookup` found: TTL or hop limit
-/// one less (a packet it would expire goes to the kernel), the route's MACs, then out
-/// of the interface it came in by (`XDP_TX`) or another (`bpf_redirect`). Returns the
-/// XDP action.
-#[inline(always)]
-pub fn xdp_send(ctx: &XdpContext, out: &Leaving, fib: &FibParams) -> u32 {
-    let l3 = out.l3_off;
-    match out.family {
-        Family::V4 => {
-            let (Some(word), Some(sum)) = (
-                ptr_at::<u16, _>(ctx, l3 + IP_TTL_OFF),
-                ptr_at::<u16, _>(ctx, l3 + IP_CSUM_OFF),
-            ) else {
-                return xdp_action::XDP_PASS;
-            };
-            let (word, sum) = (word as *mut u16, sum as *mut u16);
-            // SAFETY: both bounds-checked by ptr_at (2-byte fields at even offsets of
-            // the IPv4 header).
-            unsafe {
-                let old = word.read();
-                let bytes = old.to_ne_bytes();
-                if bytes[0] <= 1 {
-                    return xdp_action::XDP_PASS;
-                }
-                let new = u16::from_ne_bytes([bytes[0] - 1, bytes[1]]);
-                sum.write(csum::replace2(sum.read(), old, new));
-                word.write(new);
-            }
-        }
-        Family::V6 => {
-            let Some(hop) = ptr_at::<u8, _>(ctx, l3 + IPV6_HOP_LIMIT_OFF) else {
-                return xdp_action::XDP_PASS;
-            };
-            let hop = hop as *mut u8;
-            // SAFETY: bounds-checked by ptr_at.
-            unsafe {
-                let old = hop.read();
-                if old <= 1 {
-                    return xdp_action::XDP_PASS;
-                }
-                hop.write(old - 1);
-            }
-        }
-    }
-    let Some(eth) = ptr_at::<[u8; 12], _>(ctx, 0) else {
-        return xdp_action::XDP_PASS;
-    };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&fib.dmac);
-    macs[6..].copy_from_slice(&fib.smac);
-    // SAFETY: bounds-checked by ptr_at.
-    unsafe { (eth as *mut [u8; 12]).write_unaligned(macs) };
-    // SAFETY: reading a field of the program's xdp_md.
-    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    if fib.ifindex == ingress {
-        return xdp_action::XDP_TX;
-    }
-    // SAFETY: a plain helper call on an ifindex the kernel's FIB gave.
-    unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
 }

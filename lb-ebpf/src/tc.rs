@@ -23,9 +23,6 @@ impl Hook for TcContext {
 
     const SENDS_SNAT: bool = true;
 
-    #[inline(always)]
-    fn snat_fast_path(&self) {}
-
     /// Its source is now this node's own address or a frontend's: routed here, by FIB
     /// lookup and redirect, since the kernel's input route check would drop it as martian.
     #[inline(always)]

@@ -8,7 +8,6 @@ use crate::{
     counters::count,
     hook::{Hook, Verdict},
     lb,
-    maps::LB_XDP_SNAT_PROG,
     parse::{Fragment, Packet},
     route::Leaving,
 };
@@ -24,13 +23,6 @@ impl Hook for XdpContext {
     }
 
     const SENDS_SNAT: bool = false;
-
-    #[inline(always)]
-    fn snat_fast_path(&self) {
-        // SAFETY: a tail call with this program's own context; on failure (the slot
-        // empty) it returns and the caller goes on.
-        unsafe { LB_XDP_SNAT_PROG.tail_call(self, 0) };
-    }
 
     /// Not called (`SENDS_SNAT` is false).
     #[inline(always)]

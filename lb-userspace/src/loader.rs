@@ -4,7 +4,7 @@
 //! ```text
 //! /sys/fs/bpf/lb/LB_FRONTENDS  LB_SLOTS  LB_BACKENDS  LB_CONNTRACK               maps
 //! /sys/fs/bpf/lb/LB_COUNTERS  LB_FRAGS  LB_NODE  LB_SNAT                         maps
-//! /sys/fs/bpf/lb/lb_tc_pod  lb_xdp_ext  lb_xdp_snat                              programs
+//! /sys/fs/bpf/lb/lb_tc_pod  lb_xdp_ext                                           programs
 //! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                 tcx links (pod interfaces)
 //! /sys/fs/bpf/lb/xdp-links/<ifname>@<ifindex>             XDP links (external interfaces)
 //! /sys/fs/bpf/lb/ext-tc-links/<ifname>@<ifindex>          tcx links (external interfaces,
@@ -289,8 +289,6 @@ impl Datapath {
         dp.xdp_program()
             .load()
             .map_err(|e| verifier(PROG_XDP_EXT, &e))?;
-        dp.load_xdp_snat()
-            .map_err(|e| verifier(lb_common::PROG_XDP_SNAT, &e))?;
         for name in PROG_NAMES {
             let pin = opts.pin_dir.join(name);
             let _ = fs::remove_file(&pin);
@@ -303,43 +301,6 @@ impl Datapath {
             res.map_err(|e| Error::Load(format!("pinning {}: {e}", pin.display())))?;
         }
         Ok((dp, maps))
-    }
-
-    /// Each program with the number of instructions the verifier processed to accept it
-    /// (`None` where the kernel does not say, before 5.16).
-    pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
-        PROG_NAMES
-            .iter()
-            .map(|name| {
-                let n = self
-                    .ebpf
-                    .program(name)
-                    .and_then(|p| p.info().ok())
-                    .and_then(|i| i.verified_instruction_count());
-                (*name, n)
-            })
-            .collect()
-    }
-
-    /// Loads `lb_xdp_snat` and puts it where `lb_xdp_ext` tail-calls it.
-    fn load_xdp_snat(&mut self) -> std::result::Result<(), String> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(lb_common::PROG_XDP_SNAT)
-            .ok_or("not in the object")?
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
-        prog.load().map_err(|e| format!("{e:#}"))?;
-        let fd = prog
-            .fd()
-            .and_then(|fd| fd.try_clone().map_err(Into::into))
-            .map_err(|e| format!("{e}"))?;
-        let map = self
-            .ebpf
-            .map_mut(lb_common::MAP_XDP_SNAT_PROG)
-            .ok_or("its program array is not in the object")?;
-        let mut slots = aya::maps::ProgramArray::try_from(map).map_err(|e| format!("{e}"))?;
-        slots.set(0, &fd, 0).map_err(|e| format!("{e}"))
     }
 
     /// The loaded tc program (the kernel tests run it through BPF_PROG_TEST_RUN).
