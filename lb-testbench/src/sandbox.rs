@@ -743,6 +743,37 @@ impl Sandbox {
             .map_err(|_| Error::Sandbox("udp responder thread died".into()))?
     }
 
+    /// `n` UDP datagrams ("who?") from `netns` to `to`, each from a new socket (a new
+    /// source port), each waiting up to 3 s for its answer: (the answer's source, its
+    /// trimmed text), or the receive error.
+    pub fn udp_ask(
+        &self,
+        netns: &str,
+        to: std::net::SocketAddr,
+        n: usize,
+    ) -> Result<Vec<std::io::Result<(std::net::SocketAddr, String)>>> {
+        run_in(netns, move || {
+            (0..n)
+                .map(|_| {
+                    let any = if to.is_ipv6() {
+                        std::net::SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+                    } else {
+                        std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+                    };
+                    let s = std::net::UdpSocket::bind(any)?;
+                    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                    s.send_to(b"who?", to)?;
+                    let mut buf = [0u8; 64];
+                    let (len, from) = s.recv_from(&mut buf)?;
+                    Ok((
+                        from,
+                        String::from_utf8_lossy(&buf[..len]).trim().to_string(),
+                    ))
+                })
+                .collect()
+        })
+    }
+
     /// Starts an iperf3 server.
     pub fn start_iperf3(&self, pod: &str, port: u16) -> Result<u32> {
         let p = self.pod(pod).clone();

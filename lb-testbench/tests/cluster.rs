@@ -11,7 +11,7 @@
 //! no namespace and no pin. Needs root; run one at a time.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{SocketAddr, UdpSocket},
+    net::SocketAddr,
     path::Path,
     process::Command,
     sync::atomic::{AtomicUsize, Ordering},
@@ -20,7 +20,7 @@ use std::{
 
 use lb_testbench::{
     agent::{agent_log, lb_binary, spawn_agent, wait_agent_ready},
-    sandbox::{run_in, Sandbox},
+    sandbox::Sandbox,
 };
 use lb_userspace::dataplane::Maps;
 
@@ -198,28 +198,7 @@ impl Cluster {
     /// UDP from `pod` (or `OUTSIDE`) to `to` ("ip:port"), `n` times.
     fn who_answers_udp_at(&self, pod: &str, to: &str, n: usize) -> BTreeMap<String, usize> {
         let service: SocketAddr = to.parse().unwrap();
-        let answers = run_in(&self.netns(pod), move || {
-            (0..n)
-                .map(|_| {
-                    let any: SocketAddr = if service.is_ipv6() {
-                        "[::]:0".parse().unwrap()
-                    } else {
-                        "0.0.0.0:0".parse().unwrap()
-                    };
-                    let s = UdpSocket::bind(any).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                    s.send_to(b"who?", service).unwrap();
-                    let mut buf = [0u8; 64];
-                    s.recv_from(&mut buf).map(|(len, from)| {
-                        (
-                            from,
-                            String::from_utf8_lossy(&buf[..len]).trim().to_string(),
-                        )
-                    })
-                })
-                .collect::<Vec<_>>()
-        })
-        .unwrap();
+        let answers = self.sb.udp_ask(&self.netns(pod), service, n).unwrap();
         let mut seen = BTreeMap::new();
         for answer in answers {
             let (from, who) =

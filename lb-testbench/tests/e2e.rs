@@ -811,29 +811,13 @@ fn who_answers(env: &Env, netns: &str, url: &str, n: usize) -> BTreeMap<String, 
 }
 
 /// UDP datagrams from `netns` to `to`, `n` times: (the source of each answer, who).
-fn udp_answers(netns: &str, to: String, n: usize) -> Vec<(SocketAddr, String)> {
-    let to: SocketAddr = to.parse().unwrap();
-    run_in(netns, move || {
-        (0..n)
-            .map(|_| {
-                let any: SocketAddr = if to.is_ipv6() {
-                    "[::]:0".parse().unwrap()
-                } else {
-                    "0.0.0.0:0".parse().unwrap()
-                };
-                let s = UdpSocket::bind(any).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                s.send_to(b"who?", to).unwrap();
-                let mut buf = [0u8; 64];
-                let (len, from) = s.recv_from(&mut buf).expect("an answer");
-                (
-                    from,
-                    String::from_utf8_lossy(&buf[..len]).trim().to_string(),
-                )
-            })
-            .collect()
-    })
-    .unwrap()
+fn udp_answers(env: &Env, netns: &str, to: String, n: usize) -> Vec<(SocketAddr, String)> {
+    env.sb
+        .udp_ask(netns, to.parse().unwrap(), n)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.expect("an answer"))
+        .collect()
 }
 
 /// [sig-network] [Feature:IPv6DualStack] should function for pod-Service: http
@@ -857,7 +841,7 @@ fn dual_stack_should_function_for_pod_service_udp() {
     let env = Env::with_frontends(&dual_stack_config(), &[], DUAL_STACK_FRONTENDS);
     for ip in [WEB, WEB6] {
         let service: SocketAddr = hostport(ip, 53).parse().unwrap();
-        let answers = udp_answers(&env.client(), service.to_string(), 36);
+        let answers = udp_answers(&env, &env.client(), service.to_string(), 36);
         let mut seen = BTreeMap::new();
         for (from, who) in answers {
             assert_eq!(from, service, "the client only ever sees the Service");
@@ -883,7 +867,7 @@ fn dual_stack_node_ports_from_outside_and_from_a_pod_on_both_families() {
             "{url}: {seen:?}"
         );
         let node_port: SocketAddr = hostport(ip, 30053).parse().unwrap();
-        for (from, _) in udp_answers(&outside, node_port.to_string(), 12) {
+        for (from, _) in udp_answers(&env, &outside, node_port.to_string(), 12) {
             assert_eq!(from, node_port, "answered from the NodePort");
         }
     }

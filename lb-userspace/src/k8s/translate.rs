@@ -232,29 +232,25 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
             )
         }
     };
-    let external_traffic_policy = match spec.external_traffic_policy.as_deref() {
-        None | Some("") | Some("Cluster") => TrafficPolicy::Cluster,
-        Some("Local") => TrafficPolicy::Local,
-        Some(other) => {
-            return reject(
-                "Service",
-                &namespace,
-                &name,
-                format!("unknown externalTrafficPolicy {other:?}"),
-            )
-        }
+    let policy = |field: &str, value: Option<&str>| match value {
+        None | Some("") | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(format!("unknown {field} {other:?}")),
     };
-    let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
-        None | Some("") | Some("Cluster") => TrafficPolicy::Cluster,
-        Some("Local") => TrafficPolicy::Local,
-        Some(other) => {
-            return reject(
-                "Service",
-                &namespace,
-                &name,
-                format!("unknown internalTrafficPolicy {other:?}"),
-            )
-        }
+    let policies = policy(
+        "externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+    )
+    .and_then(|e| {
+        policy(
+            "internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+        )
+        .map(|i| (e, i))
+    });
+    let (external_traffic_policy, internal_traffic_policy) = match policies {
+        Ok(p) => p,
+        Err(why) => return reject("Service", &namespace, &name, why),
     };
     match spec.cluster_ip.as_deref() {
         Some("None") => return Translated::ignore("headless (clusterIP None)", vec![]),
