@@ -42,8 +42,9 @@ pub const MAP_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_FRAGS: &str = "LB_FRAGS";
 pub const MAP_NODE: &str = "LB_NODE";
 pub const MAP_SNAT: &str = "LB_SNAT";
+pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -52,6 +53,7 @@ pub const MAP_NAMES: [&str; 8] = [
     MAP_FRAGS,
     MAP_NODE,
     MAP_SNAT,
+    MAP_AFFINITY,
 ];
 
 /// Program names.
@@ -100,7 +102,30 @@ pub struct Frontend {
     /// from outside, any kind but a ClusterIP, to a remote backend), and
     /// `FRONTEND_F_LOCAL`.
     pub flags: u32,
+    /// sessionAffinity ClientIP: how long (seconds) a client's new connections go to
+    /// the backend its last one went to (`LB_AFFINITY`); 0: no affinity.
+    pub affinity_timeout_s: u32,
+}
+
+/// Key of `LB_AFFINITY` (an LRU hash): a client address and a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: Addr,
+    pub service_id: u32,
     pub _pad: u32,
+}
+
+/// Value of `LB_AFFINITY`: the backend the client's last new connection to the frontend
+/// went to, in which slot, and when. Used while younger than the frontend's timeout and
+/// while that slot still holds that backend (a backend that left the ready set, or
+/// moved, ends the affinity).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    pub slot: u32,
 }
 
 /// `Frontend::flags`: a ClusterIP frontend has none of these bits.
@@ -377,6 +402,8 @@ const _: () = assert!(size_of::<Backend>() == 20);
 const _: () = assert!(size_of::<CtKey>() == 40);
 const _: () = assert!(size_of::<CtValue>() == 40);
 const _: () = assert!(size_of::<SnatPeer>() == 24);
+const _: () = assert!(size_of::<AffinityKey>() == 24);
+const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<NodeConfig>() == 40);
 const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 32);
@@ -405,6 +432,8 @@ mod pod {
         FragKey,
         FragValue,
         NodeConfig,
-        SnatPeer
+        SnatPeer,
+        AffinityKey,
+        AffinityValue
     );
 }

@@ -114,7 +114,7 @@ fn established<C: Hook>(
 /// remember it.
 #[inline(always)]
 fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Verdict {
-    let Some((backend_id, backend)) = service::select_backend(pkt, frontend) else {
+    let Some((backend_id, backend)) = service::select_backend(pkt, frontend, now) else {
         // externalTrafficPolicy Local without a local endpoint: dropped, as kube-proxy
         // does (the client retries; a load balancer's health check sends it elsewhere).
         if frontend.flags & FRONTEND_F_LOCAL != 0 {

@@ -8,9 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    counter, Backend, CtKey, CtValue, FragKey, FragValue, Frontend, FrontendKey, NodeConfig, Slot,
-    SlotKey, SnatPeer, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS,
-    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
+    counter, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Frontend,
+    FrontendKey, NodeConfig, Slot, SlotKey, SnatPeer, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
+    DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
 };
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
@@ -60,6 +60,15 @@ pub struct SnatScratch {
 
 #[btf_map]
 pub static LB_SNAT_SCRATCH: PerCpuArray<SnatScratch, 1> = PerCpuArray::new();
+
+/// sessionAffinity ClientIP: (client, frontend) -> the backend of its last new
+/// connection (`service::select_backend`).
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<
+    AffinityKey,
+    AffinityValue,
+    { DEFAULT_MAX_CONNTRACK as usize / 4 },
+> = LruHashMap::new();
 
 /// This node's configuration (one entry, index 0): the SNAT addresses and port range.
 #[btf_map]

@@ -1,8 +1,8 @@
 //! Service lookup and backend selection.
-use lb_common::{Addr, Backend, Frontend, FrontendKey, SlotKey};
+use lb_common::{Addr, AffinityKey, AffinityValue, Backend, Frontend, FrontendKey, SlotKey};
 
 use crate::{
-    maps::{LB_BACKENDS, LB_FRONTENDS, LB_SLOTS},
+    maps::{LB_AFFINITY, LB_BACKENDS, LB_FRONTENDS, LB_SLOTS},
     parse::Packet,
 };
 
@@ -50,15 +50,59 @@ pub fn flow_hash(pkt: &Packet) -> u32 {
     h
 }
 
-/// The one place a backend is chosen for a new flow (Maglev and affinity plug in here).
-/// Returns the backend id and the backend, or None if the frontend has no ready backend
-/// or its slot table is being rewritten under us.
+/// The one place a backend is chosen for a new flow. Returns the backend id and the
+/// backend, or None if the frontend has no ready backend or its slot table is being
+/// rewritten under us.
+///
+/// Without affinity: `slot = hash(5-tuple) % count + 1`. With sessionAffinity ClientIP
+/// (`affinity_timeout_s`): the slot of the client's last new connection to this
+/// frontend (`LB_AFFINITY`), if that is younger than the timeout and the slot still holds
+/// that backend (a backend that left the ready set, or moved, ends the affinity);
+/// otherwise the hash's choice, recorded. Each new connection refreshes the record, as
+/// kube-proxy's `recent` match does.
 #[inline(always)]
-pub fn select_backend(pkt: &Packet, frontend: &Frontend) -> Option<(u32, Backend)> {
+pub fn select_backend(pkt: &Packet, frontend: &Frontend, now: u64) -> Option<(u32, Backend)> {
     if frontend.count == 0 {
         return None;
     }
+    if frontend.affinity_timeout_s == 0 {
+        let slot = flow_hash(pkt) % frontend.count + 1;
+        return slot_backend(frontend, slot);
+    }
+    let key = AffinityKey {
+        client: pkt.src,
+        service_id: frontend.service_id,
+        _pad: 0,
+    };
+    let timeout_ns = frontend.affinity_timeout_s as u64 * 1_000_000_000;
+    if let Some(a) = LB_AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: pointer from a successful lookup.
+        let (last, id, slot) = unsafe { ((*a).last_seen_ns, (*a).backend_id, (*a).slot) };
+        if now.wrapping_sub(last) < timeout_ns && slot >= 1 && slot <= frontend.count {
+            if let Some((bid, b)) = slot_backend(frontend, slot) {
+                if bid == id {
+                    // SAFETY: as above; a racing writer stores whole scalars.
+                    unsafe { (*a).last_seen_ns = now };
+                    return Some((bid, b));
+                }
+            }
+        }
+    }
     let slot = flow_hash(pkt) % frontend.count + 1;
+    let (bid, b) = slot_backend(frontend, slot)?;
+    let value = AffinityValue {
+        last_seen_ns: now,
+        backend_id: bid,
+        slot,
+    };
+    // A failed insert only loses the affinity of this connection.
+    let _ = LB_AFFINITY.insert(&key, &value, 0);
+    Some((bid, b))
+}
+
+/// The backend in slot `slot` of the frontend.
+#[inline(always)]
+fn slot_backend(frontend: &Frontend, slot: u32) -> Option<(u32, Backend)> {
     let key = SlotKey {
         service_id: frontend.service_id,
         slot,

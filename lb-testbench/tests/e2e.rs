@@ -907,3 +907,56 @@ fn iperf3_over_ipv6_through_the_cluster_ip_beside_the_pod_ip() {
         rows.join("\n")
     );
 }
+
+// ---- sessionAffinity ClientIP ----
+
+/// web's sessionAffinity (`Some(timeout)`: ClientIP) as the maps hold it for its
+/// ClusterIP frontend: waits until it is `want`.
+fn wait_affinity(env: &Env, want: u32) {
+    wait_until(Duration::from_secs(10), "the affinity in the maps", || {
+        let maps = Maps::from_pins(env.sb.pin_dir()).ok()?;
+        let st = maps.read_state().ok()?;
+        let key = lb_common::FrontendKey {
+            addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
+            port: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            _pad: 0,
+        };
+        (st.frontends.get(&key)?.affinity_timeout_s == want).then_some(())
+    });
+}
+
+/// [sig-network] Services should have session affinity work for service with type
+/// clusterIP, for NodePort service, and should be able to switch session affinity for
+/// service with type clusterIP: with ClientIP affinity every request of the client pod
+/// (to the ClusterIP) and of the outside (to the NodePort) is answered by one backend;
+/// switched off on the live Service, the client's requests spread over the three;
+/// switched on again, they stick to one.
+#[test]
+fn should_have_session_affinity_work_and_switch_for_cluster_ip_and_node_port() {
+    // Without web's endpoint on another node (which this one-node sandbox has not).
+    let elsewhere = format!("      - {{addresses: [{ELSEWHERE}], nodeName: node-b}}\n");
+    let plain = nodeport_config().replace(&elsewhere, "");
+    let web = "    type: NodePort\n    externalTrafficPolicy: Local\n";
+    assert!(plain.contains(web));
+    let sticky = plain.replace(web, &format!("{web}    sessionAffinity: ClientIP\n"));
+    let env = Env::with_frontends(&sticky, &[], 10);
+    wait_affinity(&env, 10_800);
+    let cluster_ip = format!("http://{WEB}/");
+    let node_port = format!("http://{NODE_IP}:30080/");
+    let seen = who_answers(&env, &env.client(), &cluster_ip, 20);
+    assert_eq!(seen.len(), 1, "ClusterIP: {seen:?}");
+    let outside = env.sb.outside.clone();
+    let seen = who_answers(&env, &outside, &node_port, 20);
+    assert_eq!(seen.len(), 1, "NodePort: {seen:?}");
+
+    std::fs::write(&env.config, &plain).unwrap();
+    wait_affinity(&env, 0);
+    let seen = who_answers(&env, &env.client(), &cluster_ip, 40);
+    assert_eq!(seen.len(), 3, "affinity off: {seen:?}");
+
+    std::fs::write(&env.config, &sticky).unwrap();
+    wait_affinity(&env, 10_800);
+    let seen = who_answers(&env, &env.client(), &cluster_ip, 20);
+    assert_eq!(seen.len(), 1, "affinity on again: {seen:?}");
+}

@@ -316,7 +316,7 @@ async fn services_and_slices_reach_the_maps_and_converge() {
     ));
     // A field not implemented yet: programmed without it, with a log line and a metric.
     let mut sticky = service("sticky", "10.96.0.50", &[("http", 80, "TCP")]);
-    sticky["spec"]["sessionAffinity"] = json!("ClientIP");
+    sticky["spec"]["loadBalancerSourceRanges"] = json!(["198.51.100.0/24"]);
     api.apply(sticky);
     let agent = Agent::start(&api).await;
     agent.wait_ready().await;
@@ -329,7 +329,7 @@ async fn services_and_slices_reach_the_maps_and_converge() {
     .await;
     let field = lb_userspace::k8s::metrics::FieldLabel {
         kind: "Service".into(),
-        field: "sessionAffinity".into(),
+        field: "loadBalancerSourceRanges".into(),
     };
     assert_eq!(agent.metrics.ignored_fields.get_or_create(&field).get(), 1);
     api.delete("Service", "shop", "sticky");

@@ -2078,3 +2078,84 @@ fn the_programs_verify_well_under_the_kernels_instruction_limit() {
         assert!(n < 500_000, "{name}: {n} instructions verified");
     }
 }
+
+// ---- sessionAffinity ClientIP ----
+
+/// `config_with` where web has sessionAffinity ClientIP (with `timeout` seconds, or the
+/// default).
+fn affinity_config(ready: &[(&str, bool)], timeout: Option<u32>) -> String {
+    let cfg = config_with(ready);
+    let svc = "  - name: web\n    clusterIP: 10.96.0.10\n";
+    assert!(cfg.contains(svc));
+    let extra = match timeout {
+        Some(t) => {
+            format!("    sessionAffinity: ClientIP\n    sessionAffinityTimeoutSeconds: {t}\n")
+        }
+        None => "    sessionAffinity: ClientIP\n".to_string(),
+    };
+    cfg.replace(svc, &format!("{svc}{extra}"))
+}
+
+/// The backend a new connection from `client`:`port` to web goes to.
+fn chosen(k: &mut Kernel, client: &str, port: u16) -> String {
+    let (verdict, out) = k.run(&Spec::tcp(client, port, VIP, 80, SYN).build());
+    assert_eq!(verdict, TC_ACT_OK);
+    view(&out).dst.to_string()
+}
+
+/// sessionAffinity ClientIP: every new connection of a client goes to one backend,
+/// whatever its source port, while other clients spread; when that backend leaves the
+/// ready set, the client's connections go to another, and stay there; with the
+/// affinity turned off on the live Service, its connections spread at once.
+#[test]
+fn session_affinity_sends_a_clients_new_connections_to_one_backend() {
+    let all = [(B1, true), (B2, true), (B3, true)];
+    let mut k = Kernel::new(&affinity_config(&all, None));
+    let first = chosen(&mut k, CLIENT, 31000);
+    for port in 31001..31030 {
+        assert_eq!(chosen(&mut k, CLIENT, port), first, "port {port}");
+    }
+    let others: std::collections::BTreeSet<String> = (20..50)
+        .map(|i| chosen(&mut k, &format!("10.244.3.{i}"), 31000))
+        .collect();
+    assert!(others.len() > 1, "other clients spread: {others:?}");
+
+    // Its backend turns not-ready: another one, then that one again and again.
+    let ready: Vec<(&str, bool)> = all.iter().map(|(b, _)| (*b, *b != first)).collect();
+    k.sync(&affinity_config(&ready, None));
+    let second = chosen(&mut k, CLIENT, 31100);
+    assert_ne!(second, first);
+    for port in 31101..31120 {
+        assert_eq!(chosen(&mut k, CLIENT, port), second, "port {port}");
+    }
+
+    // Affinity off on the live Service: the client's new connections spread.
+    k.sync(&config_with(&all));
+    let spread: std::collections::BTreeSet<String> =
+        (31200..31260).map(|p| chosen(&mut k, CLIENT, p)).collect();
+    assert_eq!(spread.len(), 3, "{spread:?}");
+}
+
+/// The affinity lasts its timeout from the client's last new connection: within it the
+/// backend stays; once it passed, the next connection is balanced afresh (over ten such
+/// rounds, more than one backend is chosen: the chance that all ten pick the same of
+/// three is 3^-9).
+#[test]
+fn session_affinity_ends_after_its_timeout() {
+    let mut k = Kernel::new(&affinity_config(
+        &[(B1, true), (B2, true), (B3, true)],
+        Some(1),
+    ));
+    let mut rounds = std::collections::BTreeSet::new();
+    for r in 0..10u16 {
+        let b = chosen(&mut k, CLIENT, 32000 + r * 10);
+        assert_eq!(
+            chosen(&mut k, CLIENT, 32001 + r * 10),
+            b,
+            "within the timeout"
+        );
+        rounds.insert(b);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert!(rounds.len() > 1, "{rounds:?}");
+}

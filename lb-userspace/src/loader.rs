@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! /sys/fs/bpf/lb/LB_FRONTENDS  LB_SLOTS  LB_BACKENDS  LB_CONNTRACK               maps
-//! /sys/fs/bpf/lb/LB_COUNTERS  LB_FRAGS  LB_NODE  LB_SNAT                         maps
+//! /sys/fs/bpf/lb/LB_COUNTERS  LB_FRAGS  LB_NODE  LB_SNAT  LB_AFFINITY            maps
 //! /sys/fs/bpf/lb/lb_tc_pod  lb_xdp_ext                                           programs
 //! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                 tcx links (pod interfaces)
 //! /sys/fs/bpf/lb/xdp-links/<ifname>@<ifindex>             XDP links (external interfaces)
@@ -33,8 +33,8 @@ use aya::{
 };
 use lb_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
-    MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTENDS, MAP_NAMES, MAP_SLOTS, MAP_SNAT, PROG_NAMES,
-    PROG_TC_POD, PROG_XDP_EXT,
+    MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTENDS, MAP_NAMES, MAP_SLOTS, MAP_SNAT,
+    PROG_NAMES, PROG_TC_POD, PROG_XDP_EXT,
 };
 use tracing::{info, warn};
 
@@ -85,6 +85,7 @@ fn layout(name: &str) -> Option<(usize, usize, u32)> {
         MAP_FRAGS => (size_of::<FragKey>(), size_of::<FragValue>(), 0),
         MAP_NODE => (size_of::<u32>(), size_of::<NodeConfig>(), 1),
         MAP_SNAT => (size_of::<CtKey>(), size_of::<SnatPeer>(), 0),
+        MAP_AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>(), 0),
         _ => return None,
     })
 }
@@ -268,7 +269,9 @@ impl Datapath {
             .map_max_entries(MAP_CONNTRACK, opts.max_conntrack)
             // Two entries per SNAT flow, as in conntrack; SNAT flows (from outside to
             // another node) are a part of all flows: a quarter of conntrack's size.
-            .map_max_entries(MAP_SNAT, (opts.max_conntrack / 4).max(1024));
+            .map_max_entries(MAP_SNAT, (opts.max_conntrack / 4).max(1024))
+            // One entry per (client, frontend with affinity).
+            .map_max_entries(MAP_AFFINITY, (opts.max_conntrack / 4).max(1024));
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| Error::Load(format!("loading the eBPF object failed: {e}")))?;

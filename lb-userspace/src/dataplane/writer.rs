@@ -136,6 +136,10 @@ pub struct Writer {
     thread: Option<JoinHandle<Dataplane>>,
 }
 
+#[expect(
+    clippy::large_enum_variant,
+    reason = "messages move through the channel one at a time; a Box would cost an allocation per watch event"
+)]
 enum Msg {
     Update(Update),
     Stop,

@@ -252,6 +252,18 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
         Ok(p) => p,
         Err(why) => return reject("Service", &namespace, &name, why),
     };
+    let session_affinity = match spec.session_affinity.as_deref() {
+        None | Some("") | Some("None") => model::SessionAffinity::None,
+        Some("ClientIP") => model::SessionAffinity::ClientIp,
+        Some(other) => {
+            return reject(
+                "Service",
+                &namespace,
+                &name,
+                format!("unknown sessionAffinity {other:?}"),
+            )
+        }
+    };
     match spec.cluster_ip.as_deref() {
         Some("None") => return Translated::ignore("headless (clusterIP None)", vec![]),
         None | Some("") => return Translated::ignore("no clusterIP allocated yet", vec![]),
@@ -405,6 +417,13 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
             .health_check_node_port
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0),
+        session_affinity,
+        session_affinity_timeout_seconds: spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map(|t| t.max(0) as u32),
     };
     match model::validate_service(&out) {
         Ok(()) => Translated {
@@ -419,12 +438,6 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
 /// (to other than its default) is named, with what the Service gets instead.
 fn ignored_fields(spec: &core::ServiceSpec) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
-    if spec.session_affinity.as_deref() == Some("ClientIP") {
-        out.push((
-            "sessionAffinity",
-            "sessionAffinity ClientIP: connections are balanced without affinity".into(),
-        ));
-    }
     if spec
         .load_balancer_source_ranges
         .as_ref()
@@ -1078,6 +1091,33 @@ mod tests {
             Outcome::Reject(e) => e.to_string(),
             other => panic!("expected Reject, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn session_affinity_is_read_with_its_timeout() {
+        let r = Rules::default();
+        for (spec, want) in [
+            (json!({}), 0),
+            (json!({"sessionAffinity": "None"}), 0),
+            (json!({"sessionAffinity": "ClientIP"}), 10_800),
+            (
+                json!({"sessionAffinity": "ClientIP",
+                       "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+                60,
+            ),
+        ] {
+            let mut s = json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]});
+            for (k, v) in spec.as_object().unwrap() {
+                s[k] = v.clone();
+            }
+            let t = service(&web(s), &r);
+            assert!(t.skipped.is_empty(), "{spec}: {:?}", t.skipped);
+            assert_eq!(used(&t).affinity_timeout_s(), want, "{spec}");
+        }
+        let too_long = web(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}],
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 100000}}}));
+        assert!(matches!(service(&too_long, &r).outcome, Outcome::Reject(_)));
     }
 
     #[test]

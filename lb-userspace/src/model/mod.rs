@@ -20,7 +20,7 @@ pub use cache::ModelCache;
 pub use objects::{
     object_key, Conditions, Config, Endpoint, EndpointPort, EndpointSlice, IpFamily,
     IpFamilyPolicy, Node, NodeName, ObjectKey, Protocol, Service, ServicePort, ServiceType,
-    TargetPort, TrafficPolicy,
+    SessionAffinity, TargetPort, TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT_SECONDS,
 };
 pub use rules::{desired_state, health_check, port_frontends, service_frontends};
 pub use state::{

@@ -168,6 +168,44 @@ pub struct Service {
     /// of ready endpoints, as kube-proxy does, for the load balancer's health checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check_node_port: Option<u16>,
+    /// `spec.sessionAffinity`: `ClientIP` sends a client's new connections to the
+    /// backend of its last one, for `sessionAffinityTimeoutSeconds`.
+    #[serde(default, skip_serializing_if = "SessionAffinity::is_none")]
+    pub session_affinity: SessionAffinity,
+    /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds` (1..=86400; default
+    /// 10800, 3 hours, as Kubernetes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_timeout_seconds: Option<u32>,
+}
+
+/// `spec.sessionAffinity`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+}
+
+impl SessionAffinity {
+    pub fn is_none(&self) -> bool {
+        *self == SessionAffinity::None
+    }
+}
+
+/// Kubernetes' default sessionAffinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
+
+impl Service {
+    /// The affinity timeout the datapath gets: 0 without ClientIP affinity.
+    pub fn affinity_timeout_s(&self) -> u32 {
+        match self.session_affinity {
+            SessionAffinity::None => 0,
+            SessionAffinity::ClientIp => self
+                .session_affinity_timeout_seconds
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS),
+        }
+    }
 }
 
 /// A ClusterIP Service with no address until one is set (for building Services in code
@@ -188,6 +226,8 @@ impl Default for Service {
             external_traffic_policy: TrafficPolicy::default(),
             internal_traffic_policy: TrafficPolicy::default(),
             health_check_node_port: None,
+            session_affinity: SessionAffinity::None,
+            session_affinity_timeout_seconds: None,
         }
     }
 }

@@ -208,6 +208,7 @@ pub fn service_frontends<'a>(
                     service: service.clone(),
                     kind: *kind,
                     local: policy_local && kind.is_external(),
+                    affinity_timeout_s: svc.affinity_timeout_s(),
                     active,
                     known: known.clone(),
                 });

@@ -105,6 +105,8 @@ pub struct FrontendSpec {
     /// externalTrafficPolicy Local applies (a frontend reached from outside): this
     /// node's endpoints only, and without one, new connections are dropped.
     pub local: bool,
+    /// sessionAffinity ClientIP's timeout in seconds; 0: no affinity.
+    pub affinity_timeout_s: u32,
     /// Backends that get new connections (sorted).
     pub active: Backends,
     /// Every backend listed, ready or not (sorted): these stay in the backend map so
@@ -118,6 +120,7 @@ impl Default for FrontendSpec {
             service: Arc::from(""),
             kind: FrontendKind::default(),
             local: false,
+            affinity_timeout_s: 0,
             active: Arc::new([]),
             known: Arc::new([]),
         }

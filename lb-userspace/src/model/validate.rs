@@ -62,6 +62,14 @@ pub fn validate_service(svc: &Service) -> Result<(), Invalid> {
             None => "clusterIP is set but not moved into clusterIPs (normalize first)".into(),
         }));
     }
+    if let Some(t) = svc
+        .session_affinity_timeout_seconds
+        .filter(|t| !(1..=86_400).contains(t))
+    {
+        return Err(bad(format!(
+            "sessionAffinity timeout {t} s is not within 1..=86400"
+        )));
+    }
     if svc.cluster_ips.is_empty() {
         return Err(bad("has no clusterIP".into()));
     }

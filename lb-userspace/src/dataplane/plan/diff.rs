@@ -157,7 +157,7 @@ fn plan_frontend(
             } else {
                 0
             },
-        _pad: 0,
+        affinity_timeout_s: spec.affinity_timeout_s,
     };
     if cur != Some(value) {
         ops.push(Op::PutFrontend(key, value));

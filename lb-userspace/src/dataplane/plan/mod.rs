@@ -61,6 +61,7 @@ mod tests {
                     service: "default/x:".into(),
                     kind: Default::default(),
                     local: false,
+                    affinity_timeout_s: 0,
                     active: active.into_iter().collect(),
                     known: known.into_iter().collect(),
                 },
