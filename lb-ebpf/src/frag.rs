@@ -20,7 +20,7 @@ use lb_common::{counter, CtValue, FragKey, FragValue, CT_F_EXTERNAL, FRAG_REWRIT
 
 use crate::{
     counters::count,
-    hook::{Hook, Verdict},
+    hook::{Hook, Leaving, Verdict},
     maps::LB_FRAGS,
     parse::{Fragment, Packet},
 };
@@ -81,7 +81,7 @@ pub fn later<C: Hook>(ctx: &C, frag: &Fragment, now: u64) -> Verdict {
     }
     count(counter::REVERSE_TRANSLATED_FRAGMENT);
     if note.flags & CT_F_EXTERNAL != 0 {
-        return ctx.send_external_fragment(frag, &note.addr);
+        return ctx.send_routed(&Leaving::fragment(frag, &note.addr));
     }
     Verdict::Pass
 }

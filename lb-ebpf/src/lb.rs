@@ -14,10 +14,9 @@ use crate::{
     conntrack,
     counters::count,
     frag,
-    hook::{Hook, Verdict},
+    hook::{Hook, Leaving, Verdict},
     nat,
     parse::{self, Packet, Parsed},
-    route::Leaving,
     service,
 };
 
@@ -89,23 +88,31 @@ fn established<C: Hook>(
     if known.flags & CT_F_SNAT != 0 {
         return snat_established(ctx, pkt, entry, known, now);
     }
+    if !keeps_backend(known) {
+        return None;
+    }
+    if conntrack::touch(entry, pkt, now) {
+        conntrack::ensure_reply(pkt, known, now);
+    }
+    Some(translate(
+        ctx,
+        pkt,
+        &known.nat_addr,
+        known.nat_port,
+        counter::TRANSLATED,
+    ))
+}
+
+/// Whether the flow's backend still exists as it was chosen (same id, address and port:
+/// one indexed load). A deleted backend (not merely made not-ready) is counted, and the
+/// flow picks a new one.
+#[inline(always)]
+fn keeps_backend(known: &CtValue) -> bool {
     match service::lookup_backend(known.backend_id) {
-        Some(b) if b.addr == known.nat_addr && b.port == known.nat_port => {
-            if conntrack::touch(entry, pkt, now) {
-                conntrack::ensure_reply(pkt, known, now);
-            }
-            Some(translate(
-                ctx,
-                pkt,
-                &known.nat_addr,
-                known.nat_port,
-                counter::TRANSLATED,
-            ))
-        }
-        // The backend was deleted (not merely made not-ready): pick a new one.
+        Some(b) if b.addr == known.nat_addr && b.port == known.nat_port => true,
         _ => {
             count(counter::BACKEND_RESELECTED);
-            None
+            false
         }
     }
 }
@@ -191,7 +198,11 @@ fn from_backend<C: Hook>(
                 frag::note_reply(pkt, e, now);
             }
             if e.flags & CT_F_EXTERNAL != 0 {
-                return ctx.send_external_reply(pkt, &e.nat_addr, e.nat_port);
+                return ctx.send_routed(&Leaving::packet(
+                    pkt,
+                    (&e.nat_addr, e.nat_port),
+                    (&pkt.dst, pkt.dport),
+                ));
             }
             Verdict::Pass
         }
@@ -218,10 +229,7 @@ fn snat_established<C: Hook>(
         count(counter::PASSED_TO_TC);
         return Some(Verdict::Pass);
     }
-    let b = service::lookup_backend(known.backend_id)?;
-    if b.addr != known.nat_addr || b.port != known.nat_port {
-        // The backend was deleted: pick a new one.
-        count(counter::BACKEND_RESELECTED);
+    if !keeps_backend(known) {
         return None;
     }
     let Some(src) = conntrack::snat_peer(&conntrack::key(pkt)) else {

@@ -24,12 +24,12 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
-use lb_common::{counter, Addr};
+use lb_common::counter;
 
 use crate::{
     counters::count,
-    hook::Verdict,
-    parse::{ptr_at, Family, Fragment, Packet, IP_CSUM_OFF},
+    hook::{Leaving, Verdict},
+    parse::{ptr_at, Family, IP_CSUM_OFF},
 };
 
 const AF_INET: u8 = 2;
@@ -38,53 +38,6 @@ const AF_INET6: u8 = 10;
 const IP_TTL_OFF: usize = 8;
 /// Offset of the hop limit in the IPv6 header.
 const IPV6_HOP_LIMIT_OFF: usize = 7;
-
-/// What the route lookup needs of a translated packet, as it will leave (addresses and
-/// ports in network byte order). A fragment after the first has no ports: 0.
-pub struct Leaving {
-    pub family: Family,
-    /// Offset of the IP header.
-    pub l3_off: usize,
-    /// Length of the IP packet (for the lookup's MTU check).
-    pub l3_len: u32,
-    pub proto: u8,
-    pub src: Addr,
-    pub dst: Addr,
-    pub sport: u16,
-    pub dport: u16,
-}
-
-impl Leaving {
-    /// A translated packet: its new source and destination.
-    #[inline(always)]
-    pub fn packet(pkt: &Packet, (src, sport): (&Addr, u16), (dst, dport): (&Addr, u16)) -> Self {
-        Leaving {
-            family: pkt.family,
-            l3_off: pkt.l3_off,
-            l3_len: pkt.l3_len,
-            proto: pkt.proto,
-            src: *src,
-            dst: *dst,
-            sport,
-            dport,
-        }
-    }
-
-    /// A reverse-translated fragment after the first: its new source address.
-    #[inline(always)]
-    pub fn fragment(frag: &Fragment, src: &Addr) -> Self {
-        Leaving {
-            family: frag.family,
-            l3_off: frag.l3_off,
-            l3_len: frag.l3_len,
-            proto: frag.proto,
-            src: *src,
-            dst: frag.dst,
-            sport: 0,
-            dport: 0,
-        }
-    }
-}
 
 /// The lookup's parameters for `out`, arriving by `ifindex`. With `check_mtu`, the
 /// lookup checks the packet's length against the route's MTU (too long: the kernel

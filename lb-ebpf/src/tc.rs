@@ -6,12 +6,11 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use lb_common::Addr;
 
 use crate::{
-    hook::{Hook, Verdict},
+    hook::{Hook, Leaving, Verdict},
     lb,
-    parse::{Fragment, Packet, ETH_HLEN, IPV4_MIN_HLEN, TCP_MIN_HLEN},
+    parse::{Packet, ETH_HLEN, IPV4_MIN_HLEN, TCP_MIN_HLEN},
     refuse, route,
 };
 
@@ -26,23 +25,8 @@ impl Hook for TcContext {
     /// Its source is now this node's own address or a frontend's: routed here, by FIB
     /// lookup and redirect, since the kernel's input route check would drop it as martian.
     #[inline(always)]
-    fn send_routed(&self, out: &route::Leaving) -> Verdict {
+    fn send_routed(&self, out: &Leaving) -> Verdict {
         route::redirect(self, out)
-    }
-
-    /// Its source may now be this node's own address (a NodePort): routed here, like
-    /// the packets of a SNAT flow.
-    #[inline(always)]
-    fn send_external_reply(&self, pkt: &Packet, src: &Addr, sport: u16) -> Verdict {
-        route::redirect(
-            self,
-            &route::Leaving::packet(pkt, (src, sport), (&pkt.dst, pkt.dport)),
-        )
-    }
-
-    #[inline(always)]
-    fn send_external_fragment(&self, frag: &Fragment, src: &Addr) -> Verdict {
-        route::redirect(self, &route::Leaving::fragment(frag, src))
     }
 }
 

@@ -2,14 +2,13 @@
 //! exists, always linear (multi-buffer frames are not enabled for this program), with
 //! complete checksums, rewritten in place.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{counter, Addr};
+use lb_common::counter;
 
 use crate::{
     counters::count,
-    hook::{Hook, Verdict},
+    hook::{Hook, Leaving, Verdict},
     lb,
-    parse::{Fragment, Packet},
-    route::Leaving,
+    parse::Packet,
 };
 
 impl Hook for XdpContext {
@@ -24,22 +23,10 @@ impl Hook for XdpContext {
 
     const SENDS_SNAT: bool = false;
 
-    /// Not called (`SENDS_SNAT` is false).
+    /// Does not happen: SNAT flows are left to tc, and the replies of external flows to
+    /// this node's backends leave by a pod's tc program.
     #[inline(always)]
     fn send_routed(&self, _out: &Leaving) -> Verdict {
-        Verdict::Pass
-    }
-
-    /// Does not happen: external flows to this node's backends are replied through the
-    /// pod program, and SNAT flows are left to tc.
-    #[inline(always)]
-    fn send_external_reply(&self, _pkt: &Packet, _src: &Addr, _sport: u16) -> Verdict {
-        Verdict::Pass
-    }
-
-    /// Does not happen (see `send_external_reply`).
-    #[inline(always)]
-    fn send_external_fragment(&self, _frag: &Fragment, _src: &Addr) -> Verdict {
         Verdict::Pass
     }
 }

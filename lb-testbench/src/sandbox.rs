@@ -103,6 +103,15 @@ pub struct Sandbox {
     next_ip: Vec<u8>,
 }
 
+/// `ip:port`, with the brackets an IPv6 address needs (`[ip]:port`).
+pub fn hostport(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
 /// Moves the calling thread into a network namespace (see `lb_userspace::netns`).
 pub fn enter(netns: &str) -> Result<()> {
     Ok(lb_userspace::netns::enter(netns)?)

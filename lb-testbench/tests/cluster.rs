@@ -20,7 +20,7 @@ use std::{
 
 use lb_testbench::{
     agent::{agent_log, lb_binary, spawn_agent, wait_agent_ready},
-    sandbox::Sandbox,
+    sandbox::{hostport, Sandbox},
 };
 use lb_userspace::dataplane::Maps;
 
@@ -229,15 +229,6 @@ impl Cluster {
             .conntrack_entries()
             .unwrap()
             .len()
-    }
-}
-
-/// `[v6]:port` or `v4:port`.
-fn hostport(ip: &str, port: u16) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 
 use lb_testbench::{
     agent::{lb_binary, spawn_agent, wait_agent_ready},
-    sandbox::{run_in, Sandbox},
+    sandbox::{hostport, run_in, Sandbox},
 };
 use lb_userspace::dataplane::Maps;
 const WEB: &str = "10.96.0.10";
@@ -133,18 +133,21 @@ impl Env {
         wait_until(
             Duration::from_secs(10),
             "the agent to apply the new file",
-            || {
-                let maps = Maps::from_pins(self.sb.pin_dir()).ok()?;
-                let st = maps.read_state().ok()?;
-                let key = lb_common::FrontendKey {
-                    addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
-                    port: 80u16.to_be(),
-                    proto: lb_common::PROTO_TCP,
-                    _pad: 0,
-                };
-                (st.frontends.get(&key)?.count == web_ready).then_some(())
-            },
+            || (self.web_frontend()?.count == web_ready).then_some(()),
         );
+    }
+
+    /// web's ClusterIP frontend (port 80) as the pinned maps hold it.
+    fn web_frontend(&self) -> Option<lb_common::Frontend> {
+        let maps = Maps::from_pins(self.sb.pin_dir()).ok()?;
+        let st = maps.read_state().ok()?;
+        let key = lb_common::FrontendKey {
+            addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
+            port: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            _pad: 0,
+        };
+        st.frontends.get(&key).copied()
     }
 
     fn agent_log(&self) -> String {
@@ -728,15 +731,6 @@ fn backend_ip6(name: &str) -> String {
     .to_string()
 }
 
-/// `[v6]:port` or `v4:port` for URLs and socket addresses.
-fn hostport(ip: &str, port: u16) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    }
-}
-
 /// web: a dual-stack NodePort Service (ClusterIPs WEB and WEB6, NodePort 30080/TCP and
 /// 30053/UDP on both node addresses) on the three backends, one IPv4 and one IPv6 slice;
 /// iperf: dual-stack on backend-3. The node is `node-a`. 8 frontends.
@@ -910,19 +904,10 @@ fn iperf3_over_ipv6_through_the_cluster_ip_beside_the_pod_ip() {
 
 // ---- sessionAffinity ClientIP ----
 
-/// web's sessionAffinity (`Some(timeout)`: ClientIP) as the maps hold it for its
-/// ClusterIP frontend: waits until it is `want`.
+/// Waits until web's ClusterIP frontend has the affinity timeout `want` (0: none).
 fn wait_affinity(env: &Env, want: u32) {
     wait_until(Duration::from_secs(10), "the affinity in the maps", || {
-        let maps = Maps::from_pins(env.sb.pin_dir()).ok()?;
-        let st = maps.read_state().ok()?;
-        let key = lb_common::FrontendKey {
-            addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
-            port: 80u16.to_be(),
-            proto: lb_common::PROTO_TCP,
-            _pad: 0,
-        };
-        (st.frontends.get(&key)?.affinity_timeout_s == want).then_some(())
+        (env.web_frontend()?.affinity_timeout_s == want).then_some(())
     });
 }
 

@@ -194,15 +194,10 @@ impl ModelCache {
         // deleted, its ports or addresses changed, or two Services on one frontend).
         let mut unsettled: HashSet<FrontendAddr> = HashSet::new();
         for key in dirty {
-            let check = self.services.get(&key).and_then(|svc| {
-                let slices = self
-                    .slices_of
-                    .get(&key)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|k| self.slices.get(k));
-                health_check(svc, slices, &self.node)
-            });
+            let check = self
+                .services
+                .get(&key)
+                .and_then(|svc| health_check(svc, self.slices_named(&key), &self.node));
             if self.health.get(&key) != check.as_ref() {
                 self.health_changed = true;
                 match check {
@@ -257,18 +252,22 @@ impl ModelCache {
         std::mem::take(&mut self.health_changed)
     }
 
+    /// The slices that name the Service `key`.
+    fn slices_named<'a>(
+        &'a self,
+        key: &ObjectKey,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + Clone + 'a {
+        self.slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+    }
+
     /// The frontends a Service yields now (none if it is gone).
     fn compute(&self, key: &ObjectKey) -> std::collections::BTreeMap<FrontendAddr, FrontendSpec> {
         match self.services.get(key) {
-            Some(svc) => {
-                let slices = self
-                    .slices_of
-                    .get(key)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|k| self.slices.get(k));
-                service_frontends(svc, slices, &self.node)
-            }
+            Some(svc) => service_frontends(svc, self.slices_named(key), &self.node),
             None => Default::default(),
         }
     }
