@@ -293,6 +293,9 @@ fn clean_sandboxes() -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     build_ebpf()?;
+    // Two runs on one machine (a second checkout, a helper's worktree) would remove each
+    // other's namespaces in `clean_sandboxes`: they take turns instead.
+    let _turn = machine_lock("test")?;
     // The workspace lints (Cargo.toml) hold: a warning fails the run.
     run(Command::new("cargo").current_dir(root()).args([
         "clippy",
@@ -348,6 +351,30 @@ fn test(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Holds an exclusive lock on `/run/lb-xtask-<what>.lock` until dropped, waiting (and
+/// saying so) while another run holds it. The kernel releases it when the holder dies.
+fn machine_lock(what: &str) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/lb-xtask-{what}.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {path}"))?;
+    let flock = |op: i32| {
+        // SAFETY: flock on a file descriptor this function owns.
+        unsafe { libc::flock(f.as_raw_fd(), op) }
+    };
+    if flock(libc::LOCK_EX | libc::LOCK_NB) != 0 {
+        eprintln!("another `cargo xtask {what}` holds {path}: waiting for it to finish");
+        if flock(libc::LOCK_EX) != 0 {
+            bail!("locking {path}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(f)
+}
+
 fn demo(requests: usize) -> Result<()> {
     setup()?;
     build(false)?;
@@ -375,6 +402,8 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, args } => {
             setup()?;
             build(true)?;
+            // The benchmark cleans sandboxes too, and wants the machine to itself.
+            let _turn = machine_lock("test")?;
             clean_sandboxes()?;
             let r = bench::bench(&root(), quick, &args);
             clean_sandboxes()?;
