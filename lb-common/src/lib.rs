@@ -43,8 +43,9 @@ pub const MAP_FRAGS: &str = "LB_FRAGS";
 pub const MAP_NODE: &str = "LB_NODE";
 pub const MAP_SNAT: &str = "LB_SNAT";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
+pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 10] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -54,16 +55,30 @@ pub const MAP_NAMES: [&str; 9] = [
     MAP_NODE,
     MAP_SNAT,
     MAP_AFFINITY,
+    MAP_SOURCE_RANGES,
 ];
 
 /// Program names.
-/// tc ingress on the host side of each pod's veth.
+/// tc ingress on the host side of each pod's veth (and behind XDP on the external
+/// interfaces): packets toward frontends, and both directions of the flows the program
+/// sends on itself (SNAT and hairpin flows).
 pub const PROG_TC_POD: &str = "lb_tc_pod";
-/// XDP on the node's external interfaces (NodePort, external and LoadBalancer IPs, and
-/// replies from backends on other nodes).
+/// XDP on the node's external interfaces: NodePort, external and LoadBalancer IPs from
+/// outside.
 pub const PROG_XDP_EXT: &str = "lb_xdp_ext";
+/// tc egress on the pods' veths and the external interfaces: the replies of translated
+/// flows get the frontend back as their source where they leave the node's stack.
+pub const PROG_TC_EGRESS: &str = "lb_tc_egress";
+/// Tail-called by `lb_xdp_ext` (`LB_XDP_PROGS[XDP_PROG_CARRY]`): the XDP fast path of
+/// SNAT flows.
+pub const PROG_XDP_CARRY: &str = "lb_xdp_carry";
 /// Every program, in the order above.
-pub const PROG_NAMES: [&str; 2] = [PROG_TC_POD, PROG_XDP_EXT];
+pub const PROG_NAMES: [&str; 4] = [PROG_TC_POD, PROG_XDP_EXT, PROG_TC_EGRESS, PROG_XDP_CARRY];
+
+/// The program array the XDP program tail-calls (not pinned: made with each load).
+pub const MAP_XDP_PROGS: &str = "LB_XDP_PROGS";
+/// Index of `lb_xdp_carry` in `LB_XDP_PROGS`.
+pub const XDP_PROG_CARRY: u32 = 0;
 
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_MAX_FRONTENDS: u32 = 65_536;
@@ -74,6 +89,8 @@ pub const DEFAULT_MAX_CONNTRACK: u32 = 524_288;
 /// Fragmented datagrams being translated at once (a fixed size: an entry is needed only
 /// while its datagram's fragments pass, so the LRU recycles them quickly).
 pub const DEFAULT_MAX_FRAGS: u32 = 8_192;
+/// loadBalancerSourceRanges entries, one per (LoadBalancer IP frontend, range).
+pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 
 /// A Service frontend: ClusterIP (or later NodePort/LB IP) + port + protocol.
 /// Key of `LB_FRONTENDS`.
@@ -139,6 +156,27 @@ pub const FRONTEND_F_KINDS: u32 =
 /// (userspace lists no other); with none, a new connection is dropped (as kube-proxy
 /// does), not refused.
 pub const FRONTEND_F_LOCAL: u32 = 1 << 3;
+/// `Frontend::flags`: a LoadBalancer IP with `loadBalancerSourceRanges`: a new flow is
+/// served only if its source is in one of the frontend's ranges (`LB_SRC_RANGES`), and
+/// dropped otherwise.
+pub const FRONTEND_F_SOURCE_RANGES: u32 = 1 << 4;
+
+/// The data of a key of `LB_SRC_RANGES` (an LPM trie; the key is this behind a `u32`
+/// prefix length in bits, which covers `service_id`, 32 bits, and then the range's
+/// prefix of `addr`, IPv4 ranges IPv4-mapped: 96 + the IPv4 prefix length). A lookup is
+/// the frontend's id and the packet's source with all 160 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    /// The frontend's `service_id` (its 32 bits are the first the prefix covers, always
+    /// all of them, so its byte order does not matter).
+    pub service_id: u32,
+    pub addr: Addr,
+}
+
+/// Value of `LB_SRC_RANGES`: the range allows its sources (any value; the entry's
+/// presence is what matters, a non-zero size is what the kernel needs).
+pub const SOURCE_RANGE_ALLOW: u32 = 1;
 
 /// Key of `LB_SLOTS`: the `slot`-th ready backend of a frontend (1-based).
 #[repr(C)]
@@ -267,16 +305,24 @@ pub struct SnatPeer {
     pub _pad: [u8; 6],
 }
 
-/// `CtValue::flags`: the flow entered from outside the cluster (a NodePort, external or
-/// LoadBalancer IP). Its reverse-translated replies may carry one of the node's own
-/// addresses as their source, which the kernel's input route check drops as martian, so
-/// the pod program routes them itself (FIB lookup, then redirect to the egress device).
+/// `CtValue::flags`: the flow came to a frontend reached from outside the cluster (a
+/// NodePort, external or LoadBalancer IP), not a ClusterIP. (Its replies are
+/// reverse-translated where they leave, like any other: the node's stack routed them
+/// with the backend's address, so the node's own address as their new source is no
+/// martian to it.)
 pub const CT_F_EXTERNAL: u8 = 1 << 0;
 /// `CtValue::flags`: the flow's source is translated too (SNAT to this node's address,
-/// toward a backend on another node): `LB_SNAT` holds the other side of the translation
-/// under the same key. Its packets are sent on by the program itself in both directions
-/// (their source is this node's own address, or the frontend's).
+/// toward a backend on another node; or a hairpin flow, `CT_F_HAIRPIN`): `LB_SNAT`
+/// holds the other side of the translation under the same key. Its packets are
+/// translated where they enter and sent on by the program itself in both directions
+/// (their source is this node's own address, or the frontend's), so the node's stack
+/// never sees them.
 pub const CT_F_SNAT: u8 = 1 << 1;
+/// `CtValue::flags` (with `CT_F_SNAT`): a hairpin flow, a pod reaching itself through a
+/// Service. Its source becomes the frontend's address (with the client's own port), so
+/// the pod sees a peer other than itself, and both directions are sent back out of the
+/// pod's veth by the program, never through the node's stack.
+pub const CT_F_HAIRPIN: u8 = 1 << 2;
 
 /// Key of `LB_FRAGS` (an LRU hash): the identity of a datagram's fragments, as they
 /// arrive (RFC 791 and RFC 8200: source, destination, identification, protocol). Every
@@ -365,12 +411,31 @@ pub mod counter {
     /// port: every port of the node's SNAT range is taken toward that backend (or this
     /// node has no address of the packet's family). Dropped.
     pub const DROP_SNAT_EXHAUSTED: u32 = 15;
-    /// XDP: a packet of a SNAT flow (from outside to another node's backend, either
-    /// direction) was handed on untranslated to the tc program behind XDP on the same
-    /// interface, which translates it and sends it on.
+    /// XDP: a packet of a flow the program carries itself was handed on untranslated to
+    /// the tc program behind XDP on the same interface, which translates it and sends it
+    /// on: a new SNAT flow (from outside to another node's backend), or a packet of one
+    /// whose next hop has no neighbour entry yet (or no route from XDP's view).
     pub const PASSED_TO_TC: u32 = 16;
+    /// A backend's reply passed on untouched where it entered the node (tc ingress,
+    /// XDP): it is reverse-translated where it leaves (tc egress), after the node's
+    /// stack (routing, netfilter) has seen it as it was sent.
+    pub const PASSED_REPLY: u32 = 17;
+    /// A new flow to a LoadBalancer IP from a source outside its
+    /// `loadBalancerSourceRanges` was dropped.
+    pub const DROP_SOURCE_RANGE: u32 = 18;
+    /// A new hairpin flow (a pod reaching itself through a Service): translated both
+    /// ways and sent back to the pod (also counted `new_flow`).
+    pub const NEW_HAIRPIN: u32 = 19;
+    /// tc egress: a packet that is no reply of a translated flow left untouched.
+    pub const EGRESS_PASSED: u32 = 20;
+    /// A packet of a flow the program carries itself (SNAT) was dropped: no route to
+    /// where it goes (or one whose MTU it exceeds), or its TTL / hop limit would reach 0.
+    pub const DROP_NO_ROUTE: u32 = 21;
+    /// XDP sent a SNAT flow's packet on itself, translated (the fast path: `XDP_TX`, or
+    /// a redirect to another interface), with the MACs of its next hop.
+    pub const XDP_SENT: u32 = 22;
     /// Number of counters (size of `LB_COUNTERS`).
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 23;
 
     /// Names for the CLI and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -391,6 +456,12 @@ pub mod counter {
         "passed_long_ext_chain",
         "drop_snat_exhausted",
         "passed_to_tc",
+        "passed_reply",
+        "drop_source_range",
+        "new_hairpin",
+        "egress_passed",
+        "drop_no_route",
+        "xdp_sent",
     ];
 }
 
@@ -407,6 +478,7 @@ const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<NodeConfig>() == 40);
 const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 32);
+const _: () = assert!(size_of::<SourceRange>() == 20);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -434,6 +506,7 @@ mod pod {
         NodeConfig,
         SnatPeer,
         AffinityKey,
-        AffinityValue
+        AffinityValue,
+        SourceRange
     );
 }

@@ -7,7 +7,7 @@
 //! (IPv4 mapped), so this file never asks which family a packet is.
 use lb_common::{
     counter, Addr, Backend, CtKey, CtValue, Frontend, SnatPeer, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_EXTERNAL, CT_F_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
+    CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
     FRONTEND_F_KINDS,
 };
 
@@ -187,40 +187,81 @@ pub fn snat_peer(key: &CtKey) -> Option<SnatPeer> {
     unsafe { LB_SNAT.get(key) }.copied()
 }
 
-/// Creates the entries of a new flow from outside to a backend on another node, whose
-/// source becomes this node's address and a port of its SNAT range (`LB_NODE`), so that
-/// the backend's reply comes back here. The port is one whose reply key (backend, node
-/// address, backend port, port) is free: the reply entry is inserted only if absent
-/// (`BPF_NOEXIST`), from a start given by the flow's hash, at most `SNAT_TRIES` ports,
-/// so two flows never share a reply key. The port is free again when its reply entry
-/// goes. Each entry has its `LB_SNAT` peer, written before it. Returns the new source
-/// (in `LB_SNAT_SCRATCH`'s peer), or the counter of the failure.
+/// This node's SNAT source of the family (`LB_NODE`, in the map: no copy on the
+/// stack), if it has one.
+#[inline(always)]
+pub fn snat_source(family: Family) -> Option<&'static Addr> {
+    let node = LB_NODE.get(0)?;
+    // The two addresses lead `NodeConfig` (`snat_v4`, then `snat_v6`): indexed with a
+    // bound the verifier can see. (A `match` compiles to `family * 16` from a byte the
+    // verifier can only bound by 255; the volatile read keeps the compiler from
+    // dropping the mask it knows to be redundant.)
+    let i = (family == Family::V6) as usize;
+    // SAFETY: reading a local.
+    let i = unsafe { core::ptr::read_volatile(&i) } & 1;
+    // SAFETY: `NodeConfig` is `#[repr(C)]` and starts with two `Addr`s; i is 0 or 1.
+    let addr = unsafe { &*(node as *const lb_common::NodeConfig as *const Addr).add(i) };
+    (*addr != [0; 4]).then_some(addr)
+}
+
+/// Whose source a new SNAT flow gets (`create_snat`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SnatTo {
+    /// This node's address of the family and a free port of its SNAT range (`LB_NODE`):
+    /// a flow from outside toward a backend on another node.
+    Node,
+    /// The frontend's address and the client's own port: a hairpin flow, the pod is its
+    /// own backend. The reply key (pod, target port, frontend, client port) belongs to
+    /// the client's own socket, so an entry already there is an earlier connection of it
+    /// and is replaced.
+    Frontend,
+}
+
+/// Creates the entries of a new flow whose source is translated too (`SnatTo`), so
+/// that the backend's reply comes back to this program: toward a backend on another
+/// node, the source becomes this node's address and a port of its SNAT range; for a
+/// hairpin flow, the frontend's address. A port of the range is one whose reply key
+/// (backend, node address, backend port, port) is free: the reply entry is inserted
+/// only if absent (`BPF_NOEXIST`), from a start given by the flow's hash, at most
+/// `SNAT_TRIES` ports, so two flows never share a reply key; the port is free again when
+/// its reply entry goes. Each entry has its `LB_SNAT` peer, written before it. Returns
+/// the new source (in `LB_SNAT_SCRATCH`'s peer), or the counter of the failure.
 ///
 /// Keys and values are built in a per-CPU scratch map: the tc program's stack (one
 /// frame for the whole inlined path) cannot hold them beside the rest.
 #[inline(always)]
 pub fn create_snat(
     pkt: &Packet,
-    service_id: u32,
+    frontend: &Frontend,
     backend_id: u32,
     backend: &Backend,
+    to: SnatTo,
     now: u64,
 ) -> Result<*const SnatPeer, u32> {
-    let node = LB_NODE.get(0).ok_or(counter::DROP_SNAT_EXHAUSTED)?;
-    let src = match pkt.family {
-        Family::V4 => node.snat_v4,
-        Family::V6 => node.snat_v6,
+    let (src, min, range, tries, insert_flags) = match to {
+        SnatTo::Node => {
+            let node = LB_NODE.get(0).ok_or(counter::DROP_SNAT_EXHAUSTED)?;
+            let src = *snat_source(pkt.family).ok_or(counter::DROP_SNAT_EXHAUSTED)?;
+            let (min, max) = (node.snat_port_min as u32, node.snat_port_max as u32);
+            if min == 0 || max < min {
+                return Err(counter::DROP_SNAT_EXHAUSTED);
+            }
+            (src, min, max - min + 1, SNAT_TRIES, BPF_NOEXIST)
+        }
+        SnatTo::Frontend => (pkt.dst, u16::from_be(pkt.sport) as u32, 1, 1, 0),
     };
-    let (min, max) = (node.snat_port_min as u32, node.snat_port_max as u32);
-    if src == [0; 4] || min == 0 || max < min {
-        return Err(counter::DROP_SNAT_EXHAUSTED);
-    }
     let sc = LB_SNAT_SCRATCH
         .get_ptr_mut(0)
         .ok_or(counter::DROP_SNAT_EXHAUSTED)?;
     // SAFETY: this CPU's scratch, used only here while the program runs.
     let sc = unsafe { &mut *sc };
-    let flags = CT_F_EXTERNAL | CT_F_SNAT;
+    let mut flags = CT_F_SNAT;
+    if frontend.flags & FRONTEND_F_KINDS != 0 {
+        flags |= CT_F_EXTERNAL;
+    }
+    if to == SnatTo::Frontend {
+        flags |= CT_F_HAIRPIN;
+    }
     sc.value = CtValue {
         last_seen_ns: now,
         nat_addr: pkt.dst,
@@ -228,7 +269,7 @@ pub fn create_snat(
         state: CT_STATE_NEW,
         tcp_flags: 0,
         backend_id,
-        service_id,
+        service_id: frontend.service_id,
         flags,
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
@@ -239,10 +280,12 @@ pub fn create_snat(
         port: pkt.sport,
         _pad: [0; 6],
     };
-    let range = max - min + 1;
-    let start = flow_hash(pkt) % range;
+    let start = if range > 1 { flow_hash(pkt) % range } else { 0 };
     let mut port = 0u16;
     for i in 0..SNAT_TRIES {
+        if i >= tries {
+            break;
+        }
         let p = ((min + (start + i) % range) as u16).to_be();
         sc.key = CtKey {
             src_addr: backend.addr,
@@ -252,18 +295,24 @@ pub fn create_snat(
             proto: pkt.proto,
             _pad: [0; 3],
         };
-        if LB_CONNTRACK.insert(&sc.key, &sc.value, BPF_NOEXIST).is_ok() {
+        if LB_CONNTRACK
+            .insert(&sc.key, &sc.value, insert_flags)
+            .is_ok()
+        {
             port = p;
             break;
         }
     }
     if port == 0 {
-        return Err(counter::DROP_SNAT_EXHAUSTED);
+        return Err(match to {
+            SnatTo::Node => counter::DROP_SNAT_EXHAUSTED,
+            SnatTo::Frontend => counter::DROP_CT_FULL,
+        });
     }
     LB_SNAT
         .insert(&sc.key, &sc.peer, 0)
         .map_err(|_| counter::DROP_CT_FULL)?;
-    // The client's packets: to the backend, from this node's address and the port.
+    // The client's packets: to the backend, from the new source.
     sc.key = key(pkt);
     sc.value.nat_addr = backend.addr;
     sc.value.nat_port = backend.port;

@@ -1,6 +1,7 @@
-//! Fragments of a translated reply. A fragmented datagram has its L4 header in the first
-//! fragment only: that one finds its conntrack entry by its ports and is reverse-translated
-//! like any reply; the later fragments have no ports, so the first leaves a note in
+//! Fragments of a translated reply, where it leaves (tc egress, `reply.rs`). A fragmented
+//! datagram has its L4 header in the first fragment only: that one finds its conntrack
+//! entry by its ports and is reverse-translated like any reply; the later fragments have
+//! no ports, so the first leaves a note in
 //! `LB_FRAGS`, keyed by what every fragment of the datagram carries (source, destination,
 //! identification, protocol, as they arrive: IPv4's 16-bit IP id, or the 32-bit id of
 //! the IPv6 fragment header and its next header), saying which address to give them.
@@ -16,12 +17,13 @@
 //!   key may come again on another datagram (the IP id wraps);
 //! - notes are never deleted (fragments may come twice or out of order, so the last one
 //!   seen says nothing): the LRU recycles them.
-use lb_common::{counter, CtValue, FragKey, FragValue, CT_F_EXTERNAL, FRAG_REWRITE_SRC};
+use lb_common::{counter, CtValue, FragKey, FragValue, FRAG_REWRITE_SRC};
 
 use crate::{
     counters::count,
-    hook::{Hook, Leaving, Verdict},
+    hook::Verdict,
     maps::LB_FRAGS,
+    nat::Rewriter,
     parse::{Fragment, Packet},
 };
 
@@ -51,9 +53,10 @@ pub fn note_reply(pkt: &Packet, entry: &CtValue, now: u64) {
     let _ = LB_FRAGS.insert(&key, &value, 0);
 }
 
-/// A fragment after the first: translated as its first fragment was, if it was noted.
+/// A fragment after the first, leaving: translated as its first fragment was, if it was
+/// noted.
 #[inline(always)]
-pub fn later<C: Hook>(ctx: &C, frag: &Fragment, now: u64) -> Verdict {
+pub fn later<C: Rewriter>(ctx: &C, frag: &Fragment, now: u64) -> Verdict {
     let key = FragKey {
         src_addr: frag.src,
         dst_addr: frag.dst,
@@ -80,8 +83,5 @@ pub fn later<C: Hook>(ctx: &C, frag: &Fragment, now: u64) -> Verdict {
         return Verdict::Drop;
     }
     count(counter::REVERSE_TRANSLATED_FRAGMENT);
-    if note.flags & CT_F_EXTERNAL != 0 {
-        return ctx.send_routed(&Leaving::fragment(frag, &note.addr));
-    }
     Verdict::Pass
 }

@@ -1,19 +1,20 @@
 //! The service path, top to bottom (cilium's lb.h / katran's process_packet), written
-//! once for both hooks and both address families (a `Packet` holds 16-byte addresses,
-//! IPv4 mapped; only `parse`, `nat`, `refuse` and `route` look at the family):
-//! parse -> conntrack (a known flow, either way?) -> established: DNAT to its backend,
-//! reply: reverse NAT; otherwise frontend? -> select backend -> conntrack create ->
-//! DNAT. A fragment after the first (no ports) follows its first fragment's
-//! translation (`frag`).
+//! once for both ingress hooks (tc and XDP) and both address families (a `Packet` holds
+//! 16-byte addresses, IPv4 mapped; only `parse`, `nat`, `refuse` and `route` look at
+//! the family): parse -> conntrack (a known flow, either way?) -> a client's packet:
+//! DNAT to its backend; a backend's reply: passed on, to be reverse-translated where it
+//! leaves (`reply.rs`, tc egress), after the node's stack has routed and tracked it as
+//! it was sent; otherwise frontend? -> source ranges -> select backend -> conntrack
+//! create -> DNAT. The flows the node's stack cannot carry (SNAT toward another node,
+//! hairpin) are translated here both ways and sent on by the program itself.
 use lb_common::{
-    counter, Addr, CtValue, Frontend, BACKEND_F_REMOTE, CT_DIR_REPLY, CT_F_EXTERNAL, CT_F_SNAT,
-    FRONTEND_F_KINDS, FRONTEND_F_LOCAL,
+    counter, Addr, CtValue, Frontend, BACKEND_F_REMOTE, CT_DIR_REPLY, CT_F_HAIRPIN, CT_F_SNAT,
+    FRONTEND_F_KINDS, FRONTEND_F_LOCAL, FRONTEND_F_SOURCE_RANGES,
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, SnatTo},
     counters::count,
-    frag,
     hook::{Hook, Leaving, Verdict},
     nat,
     parse::{self, Packet, Parsed},
@@ -36,7 +37,13 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
             count(counter::PASSED_LONG_EXT_CHAIN);
             return Verdict::Pass;
         }
-        Parsed::LaterFragment(f) => return frag::later(ctx, &f, conntrack::now_ns()),
+        // A later fragment of a reply is translated where it leaves (`reply.rs`); the
+        // forward direction has no fragment tracking yet (its first fragment is
+        // dropped below).
+        Parsed::LaterFragment(_) => {
+            count(counter::PASSED_FRAGMENT);
+            return Verdict::Pass;
+        }
     };
 
     // 1. A packet of a flow we translate? One lookup finds a client's packet (forward
@@ -45,14 +52,24 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
         // SAFETY: pointer from a successful lookup; copied.
         let known = unsafe { *entry };
         let now = conntrack::now_ns();
-        if known.dir == CT_DIR_REPLY {
-            return from_backend(ctx, &pkt, entry, &known, now);
+        let reply = known.dir == CT_DIR_REPLY;
+        if reply && known.flags & CT_F_SNAT == 0 {
+            // The node's stack carries it untranslated, as it saw the client's packets
+            // (after DNAT); tc egress gives it the frontend back where it leaves.
+            count(counter::PASSED_REPLY);
+            return Verdict::Pass;
         }
-        if pkt.first_fragment {
+        if !reply && pkt.first_fragment {
             count(counter::DROP_FRAGMENT);
             return Verdict::Drop;
         }
-        if let Some(v) = established(ctx, &pkt, entry, &known, now) {
+        // (One call site each: every inlined copy is verified again.)
+        let known_flow = if known.flags & CT_F_SNAT != 0 {
+            ctx.carry(&pkt, entry, &known, now)
+        } else {
+            established(ctx, &pkt, entry, &known, now)
+        };
+        if let Some(v) = known_flow {
             return v;
         }
         // Otherwise a new connection on a reused port, or a deleted backend: the flow
@@ -73,6 +90,29 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
     Verdict::Pass
 }
 
+/// The XDP fast path's program (`lb_xdp_carry`, tail-called for a packet of a SNAT
+/// flow): the packet parsed again, its entry found again, then `carried`. Anything that
+/// is not such a packet, or a flow that must start over, goes to tc untouched.
+#[inline(always)]
+pub fn process_carried<C: Hook>(ctx: &C) -> Verdict {
+    let Parsed::Packet(pkt) = parse::parse(ctx) else {
+        count(counter::PASSED_TO_TC);
+        return Verdict::Pass;
+    };
+    if let Some(entry) = conntrack::lookup(&conntrack::key(&pkt)) {
+        // SAFETY: pointer from a successful lookup; copied.
+        let known = unsafe { *entry };
+        let reply = known.dir == CT_DIR_REPLY;
+        if known.flags & CT_F_SNAT != 0 && (reply || !pkt.first_fragment) {
+            if let Some(v) = carried(ctx, &pkt, entry, &known, conntrack::now_ns()) {
+                return v;
+            }
+        }
+    }
+    count(counter::PASSED_TO_TC);
+    Verdict::Pass
+}
+
 /// Client -> frontend on a known flow: its backend, if the flow may keep it.
 #[inline(always)]
 fn established<C: Hook>(
@@ -84,9 +124,6 @@ fn established<C: Hook>(
 ) -> Option<Verdict> {
     if conntrack::is_new_connection_attempt(pkt, known) {
         return None;
-    }
-    if known.flags & CT_F_SNAT != 0 {
-        return snat_established(ctx, pkt, entry, known, now);
     }
     if !keeps_backend(known) {
         return None;
@@ -121,6 +158,12 @@ fn keeps_backend(known: &CtValue) -> bool {
 /// remember it.
 #[inline(always)]
 fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Verdict {
+    // loadBalancerSourceRanges: only the listed sources reach a LoadBalancer IP (new
+    // flows only, as kube-proxy's firewall chain matches connections in state NEW).
+    if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 && !service::source_allowed(pkt, frontend) {
+        count(counter::DROP_SOURCE_RANGE);
+        return Verdict::Drop;
+    }
     let Some((backend_id, backend)) = service::select_backend(pkt, frontend, now) else {
         // externalTrafficPolicy Local without a local endpoint: dropped, as kube-proxy
         // does (the client retries; a load balancer's health check sends it elsewhere).
@@ -130,37 +173,69 @@ fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Ve
         }
         return ctx.refuse(pkt);
     };
-    // From outside to another node's backend: its source becomes this node's, so the
-    // reply comes back here (externalTrafficPolicy Cluster; with Local, and for a
-    // ClusterIP, userspace lists no backend of another node here, or the client's
-    // address routes back by itself).
-    if frontend.flags & FRONTEND_F_KINDS != 0 && backend.flags & BACKEND_F_REMOTE != 0 {
-        if !C::SENDS_SNAT {
-            count(counter::PASSED_TO_TC);
-            return Verdict::Pass;
+    // A pod reaching itself through a Service (hairpin): the kernel would drop a packet
+    // arriving with the pod's own address as its source, so the source becomes the
+    // frontend's, and the program sends both directions back to the pod.
+    let to = if backend.addr == pkt.src {
+        SnatTo::Frontend
+    } else if frontend.flags & FRONTEND_F_KINDS != 0 && backend.flags & BACKEND_F_REMOTE != 0 {
+        // From outside to another node's backend: its source becomes this node's, so
+        // the reply comes back here (externalTrafficPolicy Cluster; with Local, and for a
+        // ClusterIP, userspace lists no backend of another node here, or the client's
+        // address routes back by itself).
+        SnatTo::Node
+    } else {
+        if conntrack::create(pkt, frontend, backend_id, &backend.addr, backend.port, now).is_err() {
+            count(counter::DROP_CT_FULL);
+            return Verdict::Drop;
         }
-        return match conntrack::create_snat(pkt, frontend.service_id, backend_id, &backend, now) {
-            // SAFETY: this CPU's scratch, filled by create_snat.
-            Ok(src) => unsafe {
-                translate_snat(
-                    ctx,
-                    pkt,
-                    (&backend.addr, backend.port),
-                    (&(*src).addr, (*src).port),
-                    counter::NEW_FLOW,
-                )
-            },
-            Err(c) => {
-                count(c);
-                Verdict::Drop
+        return translate(ctx, pkt, &backend.addr, backend.port, counter::NEW_FLOW);
+    };
+    if !C::CREATES_CARRIED {
+        count(counter::PASSED_TO_TC);
+        return Verdict::Pass;
+    }
+    // Where a SNAT flow's packet goes, before anything is made or rewritten: to the
+    // backend, from this node's address (the port is not known yet; the lookup does not
+    // depend on it). A hairpin flow goes back to the pod, from the frontend's address.
+    let hairpin = to == SnatTo::Frontend;
+    let src = if hairpin {
+        &pkt.dst
+    } else {
+        match conntrack::snat_source(pkt.family) {
+            Some(a) => a,
+            None => {
+                count(counter::DROP_SNAT_EXHAUSTED);
+                return Verdict::Drop;
             }
-        };
+        }
+    };
+    let mut out = Leaving::packet(pkt, (src, pkt.sport), (&backend.addr, backend.port));
+    let route = if hairpin {
+        None
+    } else {
+        match ctx.route(&out) {
+            Ok(r) => Some(r),
+            Err(v) => return v,
+        }
+    };
+    match conntrack::create_snat(pkt, frontend, backend_id, &backend, to, now) {
+        Ok(src) => {
+            if hairpin {
+                count(counter::NEW_HAIRPIN);
+            }
+            // SAFETY: this CPU's scratch, filled by create_snat, valid while the program
+            // runs.
+            let src = unsafe { &*src };
+            out.src = &src.addr;
+            out.sport = src.port;
+            translate_sent(ctx, pkt, &out, route.as_ref(), counter::NEW_FLOW)
+        }
+        Err(c) => {
+            count(c);
+            Verdict::Drop
+        }
     }
-    if conntrack::create(pkt, frontend, backend_id, &backend.addr, backend.port, now).is_err() {
-        count(counter::DROP_CT_FULL);
-        return Verdict::Drop;
-    }
-    translate(ctx, pkt, &backend.addr, backend.port, counter::NEW_FLOW)
 }
 
 #[inline(always)]
@@ -177,118 +252,97 @@ fn translate<C: Hook>(ctx: &C, pkt: &Packet, addr: &Addr, port: u16, counter_ok:
     }
 }
 
-/// Backend -> client: restore the frontend's address and port as the source (and note it
-/// for the later fragments, if this is the first of a fragmented datagram).
+/// A known packet of a flow the program carries itself (SNAT, hairpin), either way: a
+/// client's packet gets its backend as destination and its `LB_SNAT` peer as source; a
+/// backend's reply the frontend as source and its peer, the client, as destination.
+/// Then it is sent on by the hook (XDP carries SNAT flows whose next hop it knows, and
+/// leaves the rest to tc). None: a client's flow starts over (a new connection on a
+/// reused port, a deleted backend, its peer evicted). (A reply entry the LRU evicted is
+/// not re-created, as for other flows: the reply then passes untranslated. Later
+/// fragments of a reply would need their destination rewritten too, which the
+/// fragment notes do not do yet: they pass untouched, and the datagram is lost.)
 #[inline(always)]
-fn from_backend<C: Hook>(
-    ctx: &C,
-    pkt: &Packet,
-    entry: *mut CtValue,
-    e: &CtValue,
-    now: u64,
-) -> Verdict {
-    conntrack::touch(entry, pkt, now);
-    if e.flags & CT_F_SNAT != 0 {
-        return snat_reply(ctx, pkt, e);
-    }
-    match nat::reverse_nat(ctx, pkt, &e.nat_addr, e.nat_port) {
-        Ok(()) => {
-            count(counter::REVERSE_TRANSLATED);
-            if pkt.first_fragment {
-                frag::note_reply(pkt, e, now);
-            }
-            if e.flags & CT_F_EXTERNAL != 0 {
-                return ctx.send_routed(&Leaving::packet(
-                    pkt,
-                    (&e.nat_addr, e.nat_port),
-                    (&pkt.dst, pkt.dport),
-                ));
-            }
-            Verdict::Pass
-        }
-        Err(()) => {
-            count(counter::DROP_REWRITE_FAILED);
-            Verdict::Drop
-        }
-    }
-}
-
-/// Client -> frontend of a SNAT flow: DNAT to its backend, SNAT to its source in
-/// `LB_SNAT`, sent on by the hook (XDP leaves it to tc). (Its reply entry is not
-/// re-created if the LRU evicted it, as for other flows: the reply then passes
-/// untranslated.)
-#[inline(always)]
-fn snat_established<C: Hook>(
+pub fn carried<C: Hook>(
     ctx: &C,
     pkt: &Packet,
     entry: *mut CtValue,
     known: &CtValue,
     now: u64,
 ) -> Option<Verdict> {
-    if !C::SENDS_SNAT {
+    let reply = known.dir == CT_DIR_REPLY;
+    if known.flags & CT_F_HAIRPIN != 0 && !C::CREATES_CARRIED {
         count(counter::PASSED_TO_TC);
         return Some(Verdict::Pass);
     }
-    if !keeps_backend(known) {
+    if !reply && (conntrack::is_new_connection_attempt(pkt, known) || !keeps_backend(known)) {
         return None;
     }
-    let Some(src) = conntrack::snat_peer(&conntrack::key(pkt)) else {
-        // Its SNAT peer was evicted: the flow starts over.
+    let Some(peer) = conntrack::snat_peer(&conntrack::key(pkt)) else {
+        if reply {
+            count(counter::PASSED);
+            return Some(Verdict::Pass);
+        }
         return None;
+    };
+    let out = if reply {
+        Leaving::packet(
+            pkt,
+            (&known.nat_addr, known.nat_port),
+            (&peer.addr, peer.port),
+        )
+    } else {
+        Leaving::packet(
+            pkt,
+            (&peer.addr, peer.port),
+            (&known.nat_addr, known.nat_port),
+        )
+    };
+    let route = match carried_route(ctx, known.flags, &out) {
+        Ok(r) => r,
+        Err(v) => return Some(v),
     };
     conntrack::touch(entry, pkt, now);
-    Some(translate_snat(
-        ctx,
-        pkt,
-        (&known.nat_addr, known.nat_port),
-        (&src.addr, src.port),
-        counter::TRANSLATED,
-    ))
+    let done = if reply {
+        counter::REVERSE_TRANSLATED
+    } else {
+        counter::TRANSLATED
+    };
+    Some(translate_sent(ctx, pkt, &out, route.as_ref(), done))
 }
 
-/// Client -> frontend of a SNAT flow: DNAT to the backend and SNAT to this node's
-/// address and port, then sent on by the hook (the kernel would drop a packet arriving
-/// with a source of its own).
+/// The route of a carried flow's packet: a SNAT flow's from the FIB (or what to do if
+/// the hook has none), none for a hairpin flow (back out of the pod's veth).
 #[inline(always)]
-fn translate_snat<C: Hook>(
+fn carried_route<C: Hook>(
+    ctx: &C,
+    flags: u8,
+    out: &Leaving<'_>,
+) -> Result<Option<C::Route>, Verdict> {
+    if flags & CT_F_HAIRPIN != 0 {
+        return Ok(None);
+    }
+    ctx.route(out).map(Some)
+}
+
+/// A packet of a SNAT or hairpin flow, either way: its destination and source rewritten
+/// to `out`'s, then sent on along `route` (none: a hairpin flow, back to the pod).
+#[inline(always)]
+fn translate_sent<C: Hook>(
     ctx: &C,
     pkt: &Packet,
-    (daddr, dport): (&Addr, u16),
-    (saddr, sport): (&Addr, u16),
+    out: &Leaving<'_>,
+    route: Option<&C::Route>,
     counter_ok: u32,
 ) -> Verdict {
-    if nat::dnat(ctx, pkt, daddr, dport).is_err() || nat::snat(ctx, pkt, saddr, sport).is_err() {
-        count(counter::DROP_REWRITE_FAILED);
-        return Verdict::Drop;
-    }
-    count(counter_ok);
-    ctx.send_routed(&Leaving::packet(pkt, (saddr, sport), (daddr, dport)))
-}
-
-/// Backend -> this node's SNAT address and port: the frontend as source, the client
-/// (`LB_SNAT`) as destination, sent on by the hook (XDP leaves it to tc). Its later
-/// fragments would need their destination rewritten too, which the fragment notes do
-/// not do yet: they pass untouched (and the datagram is lost).
-#[inline(always)]
-fn snat_reply<C: Hook>(ctx: &C, pkt: &Packet, e: &CtValue) -> Verdict {
-    if !C::SENDS_SNAT {
-        count(counter::PASSED_TO_TC);
-        return Verdict::Pass;
-    }
-    let Some(client) = conntrack::snat_peer(&conntrack::key(pkt)) else {
-        count(counter::PASSED);
-        return Verdict::Pass;
-    };
-    if nat::reverse_nat(ctx, pkt, &e.nat_addr, e.nat_port).is_err()
-        || nat::reverse_snat(ctx, pkt, &client.addr, client.port).is_err()
+    if nat::dnat(ctx, pkt, out.dst, out.dport).is_err()
+        || nat::snat(ctx, pkt, out.src, out.sport).is_err()
     {
         count(counter::DROP_REWRITE_FAILED);
         return Verdict::Drop;
     }
-    count(counter::REVERSE_TRANSLATED);
-    ctx.send_routed(&Leaving::packet(
-        pkt,
-        (&e.nat_addr, e.nat_port),
-        (&client.addr, client.port),
-    ))
+    count(counter_ok);
+    match route {
+        Some(r) => ctx.send(out, r),
+        None => ctx.send_back(),
+    }
 }

@@ -4,13 +4,14 @@
 //! writing a million entries costs no allocation per entry (100k Services x 10
 //! endpoints from empty: 3.3 s with NO_PREALLOC, 2.1 s without).
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use lb_common::{
     counter, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Frontend,
-    FrontendKey, NodeConfig, Slot, SlotKey, SnatPeer, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
-    DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
+    FrontendKey, NodeConfig, Slot, SlotKey, SnatPeer, SourceRange, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
+    DEFAULT_MAX_SOURCE_RANGES,
 };
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
@@ -61,6 +62,11 @@ pub struct SnatScratch {
 #[btf_map]
 pub static LB_SNAT_SCRATCH: PerCpuArray<SnatScratch, 1> = PerCpuArray::new();
 
+/// Scratch space for the FIB lookup's parameters (`route.rs`, 64 bytes): kept off the
+/// tc program's stack, which holds the rest of the inlined path.
+#[btf_map]
+pub static LB_FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
+
 /// sessionAffinity ClientIP: (client, frontend) -> the backend of its last new
 /// connection (`service::select_backend`).
 #[btf_map]
@@ -73,3 +79,15 @@ pub static LB_AFFINITY: LruHashMap<
 /// This node's configuration (one entry, index 0): the SNAT addresses and port range.
 #[btf_map]
 pub static LB_NODE: Array<NodeConfig, 1> = Array::new();
+
+/// loadBalancerSourceRanges: (frontend id, source prefix) -> allowed, for the frontends
+/// with `FRONTEND_F_SOURCE_RANGES` (`service::source_allowed`). An LPM trie (never
+/// preallocated: the kernel requires `BPF_F_NO_PREALLOC`, the default here).
+#[btf_map]
+pub static LB_SRC_RANGES: LpmTrie<SourceRange, u32, { DEFAULT_MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+/// The programs the XDP program tail-calls (`lb_common::XDP_PROG_*`), filled by the
+/// loader. Not pinned: made with each load, for the programs of that load.
+#[btf_map]
+pub static LB_XDP_PROGS: ProgramArray<1> = ProgramArray::new();

@@ -246,16 +246,12 @@ pub fn reverse_nat<R: Rewriter>(ctx: &R, pkt: &Packet, addr: &Addr, port: u16) -
     rewrite_src(ctx, pkt, addr, port)
 }
 
-/// A SNAT flow's client -> backend becomes node -> backend (after `dnat`).
+/// The new source of a packet the program carries (after `dnat` to its new destination):
+/// a SNAT flow's client -> backend becomes node -> backend; its reply, backend -> node,
+/// becomes frontend -> client (with `dnat` to the client).
 #[inline(always)]
 pub fn snat<R: Rewriter>(ctx: &R, pkt: &Packet, addr: &Addr, port: u16) -> Result<(), ()> {
     rewrite_src(ctx, pkt, addr, port)
-}
-
-/// A SNAT flow's reply, backend -> node, becomes backend -> client (with `reverse_nat`).
-#[inline(always)]
-pub fn reverse_snat<R: Rewriter>(ctx: &R, pkt: &Packet, addr: &Addr, port: u16) -> Result<(), ()> {
-    dnat(ctx, pkt, addr, port)
 }
 
 /// The source address and port, with their checksums.

@@ -159,8 +159,6 @@ pub struct Fragment {
     pub family: Family,
     /// Offset of the IP header.
     pub l3_off: usize,
-    /// Length of the IP packet from `l3_off`, as in `Packet`.
-    pub l3_len: u32,
     pub frag_id: u32,
     pub proto: u8,
     pub src: Addr,
@@ -373,7 +371,6 @@ fn parse_ipv4<C: PacketData>(ctx: &C) -> Parsed {
         return Parsed::LaterFragment(Fragment {
             family: Family::V4,
             l3_off,
-            l3_len: tot_len as u32,
             frag_id,
             proto,
             src,
@@ -490,7 +487,6 @@ fn parse_ipv6<C: PacketData>(ctx: &C) -> Parsed {
                 return Parsed::LaterFragment(Fragment {
                     family: Family::V6,
                     l3_off,
-                    l3_len: l3_len as u32,
                     frag_id: id,
                     proto: this,
                     src,

@@ -10,8 +10,7 @@
 //! plain header, built from scratch). Checksums of the new headers are computed in full;
 //! the new IP header has TTL / hop limit 64.
 use aya_ebpf::{
-    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_NET, TC_ACT_REDIRECT},
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_NET, helpers::bpf_skb_change_tail,
     programs::TcContext,
 };
 use lb_common::{counter, Addr, PROTO_TCP};
@@ -24,6 +23,7 @@ use crate::{
         Family, Packet, ETH_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, TCP_ACK, TCP_FIN, TCP_MIN_HLEN,
         TCP_RST, TCP_SYN, UDP_HLEN,
     },
+    route,
 };
 
 const PROTO_ICMP: u8 = 1;
@@ -192,29 +192,6 @@ fn change_tail(ctx: &TcContext, len: usize) -> Result<(), ()> {
 }
 
 #[inline(always)]
-fn swap_macs(ctx: &TcContext) -> Result<(), ()> {
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&macs[6..]);
-    swapped[6..].copy_from_slice(&macs[..6]);
-    ctx.store(0, &swapped, 0).map_err(|_| ())
-}
-
-#[inline(always)]
-fn send_back(ctx: &TcContext) -> Verdict {
-    // SAFETY: reading a field of the program's skb.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: plain helper call with the skb's own ingress interface.
-    let ret = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    if ret != TC_ACT_REDIRECT {
-        count(counter::DROP_NO_BACKEND);
-        return Verdict::Drop;
-    }
-    count(counter::REFUSED_NO_BACKEND);
-    Verdict::Redirect(ret)
-}
-
-#[inline(always)]
 pub fn refuse(ctx: &TcContext, pkt: &Packet) -> Verdict {
     let built = if pkt.proto == PROTO_TCP {
         if pkt.tcp_flags & TCP_RST != 0 {
@@ -230,8 +207,11 @@ pub fn refuse(ctx: &TcContext, pkt: &Packet) -> Verdict {
             Family::V6 => build_port_unreachable_v6(ctx, pkt),
         }
     };
-    match built.and_then(|()| swap_macs(ctx)) {
-        Ok(()) => send_back(ctx),
+    match built.and_then(|()| route::back(ctx)) {
+        Ok(code) => {
+            count(counter::REFUSED_NO_BACKEND);
+            Verdict::Redirect(code)
+        }
         Err(()) => {
             count(counter::DROP_NO_BACKEND);
             Verdict::Drop

@@ -1,10 +1,16 @@
-//! Service lookup and backend selection.
-use lb_common::{Addr, AffinityKey, AffinityValue, Backend, Frontend, FrontendKey, SlotKey};
+//! Service lookup, the source-range check, and backend selection.
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use lb_common::{
+    Addr, AffinityKey, AffinityValue, Backend, Frontend, FrontendKey, SlotKey, SourceRange,
+};
 
 use crate::{
-    maps::{LB_AFFINITY, LB_BACKENDS, LB_FRONTENDS, LB_SLOTS},
+    maps::{LB_AFFINITY, LB_BACKENDS, LB_FRONTENDS, LB_SLOTS, LB_SRC_RANGES},
     parse::Packet,
 };
+
+/// Bits of a full `LB_SRC_RANGES` lookup key: the frontend's id and a 16-byte address.
+const SOURCE_RANGE_BITS: u32 = 32 + 128;
 
 /// The frontend the packet is addressed to, if any.
 #[inline(always)]
@@ -17,6 +23,20 @@ pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
     };
     // SAFETY: the value is copied out at once; userspace replaces whole entries.
     unsafe { LB_FRONTENDS.get(&key) }.copied()
+}
+
+/// loadBalancerSourceRanges: whether the packet's source lies in one of the frontend's
+/// ranges (one longest-prefix lookup of the frontend's id and the source).
+#[inline(always)]
+pub fn source_allowed(pkt: &Packet, frontend: &Frontend) -> bool {
+    let key = Key::new(
+        SOURCE_RANGE_BITS,
+        SourceRange {
+            service_id: frontend.service_id,
+            addr: pkt.src,
+        },
+    );
+    LB_SRC_RANGES.get(&key).is_some()
 }
 
 /// A backend by id, if it still exists (an unused id holds zeroes).

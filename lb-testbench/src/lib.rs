@@ -6,6 +6,7 @@
 //! - `fake_api`: an HTTP server that speaks the Kubernetes API's list and watch protocol
 //!   to the real kube client;
 //! - `packet`: crafted frames for BPF_PROG_TEST_RUN, and checksums to check them;
+//! - `rawbpf`: the few programs the bench assembles itself (no object file);
 //! - `demo` (`cargo xtask demo`), `vmload` (the workload inside `cargo xtask vm-test`'s
 //!   VM) and `bench` (`cargo xtask bench`).
 //!
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod demo;
 pub mod fake_api;
 pub mod packet;
+pub mod rawbpf;
 pub mod sandbox;
 pub mod vmload;
 

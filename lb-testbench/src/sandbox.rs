@@ -98,6 +98,8 @@ pub struct Sandbox {
     children: Mutex<Vec<Child>>,
     /// Threads serving in pods (UDP responders), stopped on drop.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The XDP links of the underlay bridge's ports (detached when these close).
+    underlay_xdp: Mutex<Vec<std::os::fd::OwnedFd>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The host part of the next pod's address, per node.
     next_ip: Vec<u8>,
@@ -172,6 +174,29 @@ pub fn require_tools(tools: &[&str]) -> Result<()> {
     }
 }
 
+/// The lock of the test bench's namespaces and pins on this machine: every process that
+/// makes some holds it shared for its whole life ([`hold_sandbox_lock`]), and `cargo
+/// xtask clean-sandboxes` (also run by `cargo xtask test` and `bench`) takes it
+/// exclusively, so it removes only what no running test, of any checkout, is using.
+pub const SANDBOX_LOCK: &str = "/run/lb-sandboxes.lock";
+
+/// Takes [`SANDBOX_LOCK`] shared, once per process, until it exits (waiting while a
+/// clean-up holds it). Without the lock file (no /run), the test goes on unprotected.
+pub fn hold_sandbox_lock() {
+    use std::os::fd::AsRawFd;
+    static HELD: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    HELD.get_or_init(|| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(SANDBOX_LOCK)
+            .ok()?;
+        // SAFETY: flock on a file descriptor this function owns.
+        (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } == 0).then_some(f)
+    });
+}
+
 /// Deletes namespaces left by a sandbox with this prefix that was killed before its drop.
 pub fn clean_prefix(prefix: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
@@ -183,6 +208,20 @@ pub fn clean_prefix(prefix: &str) {
         }
     }
 }
+
+/// The firewall rule every node of a sandbox has (`iptables` and `ip6tables`):
+/// forwarded packets in connection-tracking state INVALID are dropped.
+pub const NODE_FIREWALL_RULE: [&str; 8] = [
+    "-A",
+    "FORWARD",
+    "-m",
+    "conntrack",
+    "--ctstate",
+    "INVALID",
+    "-j",
+    "DROP",
+];
+const NODE_FIREWALL_TABLES: [&str; 2] = ["iptables", "ip6tables"];
 
 /// The name of the bridge in the outside namespace that joins a cluster's nodes.
 pub const UNDERLAY_BRIDGE: &str = "br0";
@@ -226,6 +265,7 @@ impl Sandbox {
     /// failure from here on drops it, which removes what was made).
     fn empty(prefix: &str, n: usize) -> Result<Self> {
         require_tools(&["ip"])?;
+        hold_sandbox_lock();
         if n > 200 {
             return Err(Error::Sandbox(format!("{n} nodes: at most 200")));
         }
@@ -267,19 +307,65 @@ impl Sandbox {
             workdir,
             children: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
+            underlay_xdp: Mutex::new(Vec::new()),
             stop: Default::default(),
             next_ip: vec![11; n],
         })
     }
 
-    /// Node k's namespace: forwarding on, reverse-path filtering off, `lo` up.
+    /// Makes the veth underlay behave as a physical one for what the nodes' XDP programs
+    /// send back onto it (`XDP_TX`, redirects): every frame on it carries full checksums
+    /// (transmit checksum offload off on the nodes' `eth0` and the outside's bridge, as
+    /// a NIC computes them before the wire; a veth otherwise hands its peer a
+    /// CHECKSUM_PARTIAL skb, whose checksum is only completed later, which an XDP frame
+    /// sent back loses), and each bridge port has an XDP program that passes everything
+    /// (a veth takes frames that its peer's XDP sends back only into the NAPI ring an XDP
+    /// program gives it; GRO alone does not, seen on 6.18).
+    fn wire_like_underlay(&self) -> Result<()> {
+        let out = self.outside.clone();
+        let ethtool_off = |netns: &str, dev: &str| {
+            run(Command::new("ip")
+                .args(["netns", "exec", netns, "ethtool", "-K", dev, "tx", "off"]))
+        };
+        for n in &self.nodes {
+            ethtool_off(&n.netns, EXTERNAL_IF)?;
+        }
+        ethtool_off(&out, UNDERLAY_BRIDGE)?;
+        let prog = crate::rawbpf::load_xdp("lbt_wire_pass", &crate::rawbpf::xdp_pass())?;
+        let ports: Vec<String> = (0..self.nodes.len())
+            .map(|k| format!("veth-n{k}"))
+            .collect();
+        let links = run_in(&out, move || -> Result<Vec<std::os::fd::OwnedFd>> {
+            let present = lb_userspace::loader::interfaces();
+            ports
+                .iter()
+                .map(|port| {
+                    let ifindex = present
+                        .iter()
+                        .find(|(n, _)| n == port)
+                        .map(|(_, i)| *i)
+                        .ok_or_else(|| Error::Sandbox(format!("no {port} in the outside")))?;
+                    crate::rawbpf::attach_xdp_native(&prog, ifindex)
+                })
+                .collect()
+        })??;
+        self.underlay_xdp.lock().unwrap().extend(links);
+        Ok(())
+    }
+
+    /// Node k's namespace: forwarding on, strict reverse-path filtering (RFC 3704, as
+    /// several distributions set it), `lo` up, and the firewall rule many nodes carry
+    /// (kube-proxy leaves the like behind, and so do several distributions): forwarded
+    /// packets whose connection-tracking state is INVALID are dropped, for both
+    /// families. Translated packets must never depend on the node's netfilter state (see
+    /// ARCHITECTURE.md), and every test on a sandbox checks it.
     fn create_node(&self, k: usize) -> Result<()> {
         let node = self.nodes[k].netns.as_str();
         ip(&["netns", "add", node])?;
         for (key, v) in [
             ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.all.rp_filter", "1"),
+            ("net.ipv4.conf.default.rp_filter", "1"),
             ("net.ipv6.conf.all.forwarding", "1"),
             ("net.ipv6.conf.default.forwarding", "1"),
         ] {
@@ -293,6 +379,11 @@ impl Sandbox {
             ]))?;
         }
         ip(&["-n", node, "link", "set", "lo", "up"])?;
+        for tables in NODE_FIREWALL_TABLES {
+            run(Command::new("ip")
+                .args(["netns", "exec", node, tables])
+                .args(NODE_FIREWALL_RULE))?;
+        }
         Ok(())
     }
 
@@ -413,6 +504,7 @@ impl Sandbox {
             ])?;
             ip(&["-n", &n.netns, "link", "set", EXTERNAL_IF, "up"])?;
         }
+        self.wire_like_underlay()?;
         ip(&[
             "-n",
             out,
@@ -676,7 +768,8 @@ impl Sandbox {
         std::fs::read_to_string(self.workdir.join(name)).unwrap_or_default()
     }
 
-    /// Writes an nginx config answering every request with the pod's name, and starts it.
+    /// Writes an nginx config answering every request with the pod's name (and
+    /// `/peer` with the address the request came from, as nginx sees it), and starts it.
     pub fn start_nginx(&self, pod: &str, port: u16) -> Result<u32> {
         let p = self.pod(pod).clone();
         let dir = self.workdir.join(format!("nginx-{pod}"));
@@ -687,7 +780,7 @@ impl Sandbox {
              events {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             server {{\n    listen {port};\n    listen [::]:{port};\n    location / {{ return 200 \"{pod}\\n\"; }}\n  }}\n}}\n"
+             server {{\n    listen {port};\n    listen [::]:{port};\n    location / {{ return 200 \"{pod}\\n\"; }}\n    location = /peer {{ return 200 \"$remote_addr\\n\"; }}\n  }}\n}}\n"
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf).map_err(|e| Error::Sandbox(e.to_string()))?;

@@ -368,6 +368,10 @@ fn should_be_able_to_create_a_functioning_node_port_service_with_backends_on_bot
     // Node 1 saw node 0's address, not the client's: every reply came back through node
     // 0, reverse-translated there (at least one per request).
     assert!(n0["reverse_translated"] >= 160, "node 0: {n0:?}");
+    // After a flow's first packet (tc's), XDP carried its packets both ways, with the
+    // MACs of the next hops it learned (the XDP fast path): at least the replies and the
+    // requests' later packets of the flows from outside.
+    assert!(n0["xdp_sent"] >= 80, "node 0: {n0:?}");
 }
 
 /// [sig-network] Services should only target nodes with endpoints (externalTrafficPolicy

@@ -638,8 +638,9 @@ fn nodeports_and_external_ips_from_outside_reach_only_this_nodes_backends() {
         BACKENDS.to_vec(),
         "{seen:?}"
     );
-    // A pod reaches the NodePort too (the reply, from the node's address, is routed by
-    // the pod program: the kernel would drop it as martian).
+    // A pod reaches the NodePort too (the reply crosses the node as the backend sent
+    // it, and gets the node's address as its source where it leaves, at the client's
+    // veth).
     for _ in 0..6 {
         let who = env
             .sb
@@ -691,8 +692,8 @@ fn nodeports_and_external_ips_from_outside_reach_only_this_nodes_backends() {
 
 #[test]
 fn a_udp_reply_larger_than_the_mtu_reaches_an_outside_client_through_a_nodeport() {
-    // Every fragment of the reply gets the node's address as its source, and each is
-    // routed by the pod program (the kernel would drop them as martian).
+    // Every fragment of the reply gets the node's address as its source where it leaves
+    // by the external interface (tc egress), the later ones by the first's note.
     let env = Env::with_frontends(&nodeport_config(), &[], 10);
     let answers: Vec<(SocketAddr, usize)> = run_in(&env.sb.outside.clone(), || {
         (0..6)
@@ -944,4 +945,145 @@ fn should_have_session_affinity_work_and_switch_for_cluster_ip_and_node_port() {
     wait_affinity(&env, 10_800);
     let seen = who_answers(&env, &env.client(), &cluster_ip, 20);
     assert_eq!(seen.len(), 1, "affinity on again: {seen:?}");
+}
+
+/// [sig-network] Services should allow pods to hairpin back to themselves through
+/// services: a pod that is its Service's only backend reaches itself through the
+/// ClusterIP (TCP and UDP), and sees the Service's address as its peer.
+#[test]
+fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
+    let env = Env::new(&config(&[("backend-1", true)], &[]), &[]);
+    let pod = env.sb.pod("backend-1").netns.clone();
+    for _ in 0..5 {
+        assert_eq!(
+            env.sb.http_get(&pod, &format!("http://{WEB}/")),
+            Ok("backend-1".to_string()),
+            "{}",
+            env.agent_log()
+        );
+    }
+    assert_eq!(
+        env.sb.http_get(&pod, &format!("http://{WEB}/peer")),
+        Ok(WEB.to_string()),
+        "the pod sees the Service's address as its peer"
+    );
+    let web_dns: SocketAddr = format!("{WEB}:53").parse().unwrap();
+    for answer in env.sb.udp_ask(&pod, web_dns, 5).unwrap() {
+        let (from, who) = answer.expect("an answer");
+        assert_eq!((from, who.as_str()), (web_dns, "backend-1"));
+    }
+    // Other clients still reach it as before.
+    assert_eq!(env.curl(WEB), Ok("backend-1".to_string()));
+    let maps = Maps::from_pins(env.sb.pin_dir()).unwrap();
+    let counters: BTreeMap<&str, u64> = maps.counters().unwrap().into_iter().collect();
+    assert!(counters["new_hairpin"] >= 11, "{counters:?}");
+}
+
+/// The LoadBalancer IP of `guarded` (backend-1, this node's), its
+/// loadBalancerSourceRanges, and a second address of the outside namespace, outside them.
+const GUARDED_LB: &str = "198.51.100.20";
+const OUTSIDE_OTHER: &str = "192.168.50.99";
+
+fn guarded_config(ranges: &[&str]) -> String {
+    let ranges = if ranges.is_empty() {
+        String::new()
+    } else {
+        format!("    loadBalancerSourceRanges: [{}]\n", ranges.join(", "))
+    };
+    format!(
+        "node: {{name: node-a, addresses: [{NODE_IP}]}}
+services:
+  - name: guarded
+    clusterIP: {WEB}
+    type: LoadBalancer
+    loadBalancerIPs: [{GUARDED_LB}]
+{ranges}    ports:
+      - {{name: http, port: 80, nodePort: 30080, protocol: TCP}}
+endpointSlices:
+  - name: guarded-1
+    serviceName: guarded
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+    endpoints:
+      - {{addresses: [{}], nodeName: node-a}}
+",
+        backend_ip("backend-1")
+    )
+}
+
+/// [sig-network] LoadBalancers should only allow access from service loadbalancer
+/// source ranges: from outside, the LoadBalancer IP answers the sources in its ranges
+/// only (the others' connections time out: dropped), follows a change of the ranges at
+/// once, and the Service's NodePort stays open to all.
+#[test]
+fn should_only_allow_access_from_service_loadbalancer_source_ranges() {
+    let env = Env::with_frontends(&guarded_config(&["192.168.50.2/32"]), &[], 3);
+    let outside = env.sb.outside.clone();
+    env.sb
+        .exec(
+            &outside,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{OUTSIDE_OTHER}/24"),
+                "dev",
+                "eth0",
+            ],
+        )
+        .unwrap();
+    let get_from = |src: &str, url: &str| -> Result<String, i32> {
+        match env
+            .sb
+            .cmd(
+                &outside,
+                &["curl", "-s", "--max-time", "2", "--interface", src, url],
+            )
+            .output()
+        {
+            Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().into()),
+            Ok(o) => Err(o.status.code().unwrap_or(-1)),
+            Err(_) => Err(-1),
+        }
+    };
+    let lb_url = format!("http://{GUARDED_LB}/");
+    let np_url = format!("http://{NODE_IP}:30080/");
+    assert_eq!(
+        get_from("192.168.50.2", &lb_url),
+        Ok("backend-1".into()),
+        "{}",
+        env.agent_log()
+    );
+    assert_eq!(
+        get_from(OUTSIDE_OTHER, &lb_url),
+        Err(28),
+        "dropped: curl times out"
+    );
+    assert_eq!(
+        get_from(OUTSIDE_OTHER, &np_url),
+        Ok("backend-1".into()),
+        "the NodePort is open"
+    );
+    let dropped = |env: &Env| -> u64 {
+        let maps = Maps::from_pins(env.sb.pin_dir()).unwrap();
+        let c: BTreeMap<&str, u64> = maps.counters().unwrap().into_iter().collect();
+        c["drop_source_range"]
+    };
+    assert!(dropped(&env) >= 1);
+    // The ranges change: the other address gets in, the first one no longer does.
+    std::fs::write(
+        &env.config,
+        guarded_config(&[&format!("{OUTSIDE_OTHER}/32")]),
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), "the new ranges", || {
+        (get_from(OUTSIDE_OTHER, &lb_url) == Ok("backend-1".into())).then_some(())
+    });
+    assert_eq!(get_from("192.168.50.2", &lb_url), Err(28));
+    // No ranges: every source.
+    std::fs::write(&env.config, guarded_config(&[])).unwrap();
+    wait_until(Duration::from_secs(10), "the ranges to go", || {
+        (get_from("192.168.50.2", &lb_url) == Ok("backend-1".into())).then_some(())
+    });
+    assert_eq!(get_from(OUTSIDE_OTHER, &lb_url), Ok("backend-1".into()));
 }

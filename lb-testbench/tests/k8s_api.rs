@@ -39,6 +39,7 @@ struct Pins(PathBuf);
 
 impl Pins {
     fn new() -> Self {
+        lb_testbench::sandbox::hold_sandbox_lock();
         let n = N.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("/sys/fs/bpf/lbt-k8s-{}-{n}", std::process::id()));
         let _ = loader::remove_pins(&dir);
@@ -52,6 +53,7 @@ impl Pins {
             max_backends: 1024,
             max_slots: 1024,
             max_conntrack: 1024,
+            ..Default::default()
         }
     }
 }
@@ -316,7 +318,7 @@ async fn services_and_slices_reach_the_maps_and_converge() {
     ));
     // A field not implemented yet: programmed without it, with a log line and a metric.
     let mut sticky = service("sticky", "10.96.0.50", &[("http", 80, "TCP")]);
-    sticky["spec"]["loadBalancerSourceRanges"] = json!(["198.51.100.0/24"]);
+    sticky["spec"]["trafficDistribution"] = json!("PreferClose");
     api.apply(sticky);
     let agent = Agent::start(&api).await;
     agent.wait_ready().await;
@@ -329,7 +331,7 @@ async fn services_and_slices_reach_the_maps_and_converge() {
     .await;
     let field = lb_userspace::k8s::metrics::FieldLabel {
         kind: "Service".into(),
-        field: "loadBalancerSourceRanges".into(),
+        field: "trafficDistribution".into(),
     };
     assert_eq!(agent.metrics.ignored_fields.get_or_create(&field).get(), 1);
     api.delete("Service", "shop", "sticky");

@@ -85,6 +85,7 @@ impl Kernel {
 
     /// The program and empty maps of the given sizes, in a pin folder of its own.
     fn load(mut opts: LoadOptions) -> Self {
+        lb_testbench::sandbox::hold_sandbox_lock();
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/lbt-kern-{}-{}",
             std::process::id(),
@@ -117,19 +118,42 @@ impl Kernel {
     }
 
     fn try_run(&mut self, pkt: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
-        let mut out = vec![0u8; 4096];
-        let r = self.datapath.program().test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        tc_test_run(self.datapath.program(), pkt)
     }
 
-    /// Runs the tc program on `pkt` as a GSO skb (a pod's TSO send: one skb of several
-    /// segments of `gso_size` bytes): (verdict, output bytes).
-    fn run_gso(&mut self, pkt: &[u8], gso_size: u32) -> (u32, Vec<u8>) {
+    /// Runs the tc egress program (the reply path) on `pkt`: (verdict, output bytes).
+    fn run_egress(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        tc_test_run(self.datapath.egress_program(), pkt)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (egress) on {pkt:02x?}: {e}"))
+    }
+
+    /// A backend's reply to a pod of this node, as the node carries it: tc ingress where
+    /// it enters (the backend's veth) must leave it as it is (the node's stack routes and
+    /// tracks it as sent), then tc egress where it leaves (the client's veth, or the
+    /// external interface): what egress made of it.
+    fn reply(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        assert_eq!(
+            self.run(pkt),
+            (TC_ACT_OK, pkt.to_vec()),
+            "tc ingress leaves a reply untouched"
+        );
+        self.run_egress(pkt)
+    }
+
+    /// A reply coming in from another node by the external interface: XDP and the tc
+    /// program behind it leave it as it is, tc egress of the client's veth translates it.
+    fn reply_from_outside(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        assert_eq!(
+            self.run_xdp(pkt),
+            (XDP_PASS, pkt.to_vec()),
+            "XDP leaves a reply untouched"
+        );
+        self.reply(pkt)
+    }
+
+    /// Runs the tc egress program on `pkt` as a GSO skb (a pod's TSO send: one skb of
+    /// several segments of `gso_size` bytes): (verdict, output bytes).
+    fn run_gso_egress(&mut self, pkt: &[u8], gso_size: u32) -> (u32, Vec<u8>) {
         // `struct __sk_buff`: gso_segs at 164, gso_size at 176 (the test run takes these
         // and refuses other fields it does not use).
         let mut skb = [0u8; 192];
@@ -139,7 +163,7 @@ impl Kernel {
         let mut out = vec![0u8; 4096];
         let r = self
             .datapath
-            .program()
+            .egress_program()
             .test_run(TestRunOptions {
                 data_in: Some(pkt),
                 data_out: Some(&mut out),
@@ -167,6 +191,30 @@ impl Kernel {
         (r.return_value, out)
     }
 
+    /// Runs the XDP program on `pkt` as a frame arriving by `ifindex` (an interface of
+    /// the current namespace: the FIB lookups of the fast path start there).
+    fn run_xdp_on(&mut self, pkt: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex (the test run takes the interface and the queue only).
+        // (data_end is the frame's length: the test run checks it.)
+        let mut md = [0u8; 24];
+        md[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
+        md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; 4096];
+        let r = self
+            .datapath
+            .xdp_program()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ctx_in: Some(&md),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (XDP on {ifindex}) on {pkt:02x?}: {e}"));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
     fn counter(&self, name: &str) -> u64 {
         let maps = Maps::from_pins(&self.pin_dir).unwrap();
         maps.counters()
@@ -176,6 +224,21 @@ impl Kernel {
             .unwrap_or_else(|| panic!("no counter {name}"))
             .1
     }
+}
+
+/// Runs a tc program on `pkt` through BPF_PROG_TEST_RUN: (verdict, output bytes).
+fn tc_test_run(
+    prog: &mut aya::programs::SchedClassifier,
+    pkt: &[u8],
+) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+    let mut out = vec![0u8; 4096];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
 }
 
 fn one_backend() -> Kernel {
@@ -202,14 +265,21 @@ fn reply_from_the_backend_is_reverse_translated_to_the_service() {
     let mut k = one_backend();
     k.run(&Spec::tcp(CLIENT, 40001, VIP, 80, SYN).build());
     let synack = Spec::tcp(B1, 8080, CLIENT, 40001, SYN | ACK);
-    let (verdict, out) = k.run(&synack.build());
+    let (verdict, out) = k.reply(&synack.build());
     assert_eq!(verdict, TC_ACT_OK);
     assert_checksums(&out);
     assert_eq!(out, rewritten(&synack, None, Some((VIP, 80))));
-    assert_eq!(k.counter("reverse_translated"), 1);
+    assert_eq!(k.counter("passed_reply"), 1, "at ingress");
+    assert_eq!(k.counter("reverse_translated"), 1, "at egress");
     // A packet from the backend to the client on another port is not ours: untouched.
     let other = Spec::tcp(B1, 8080, CLIENT, 40999, ACK).build();
     assert_eq!(k.run(&other), (TC_ACT_OK, other.clone()));
+    assert_eq!(k.run_egress(&other), (TC_ACT_OK, other.clone()));
+    // Nor does egress touch the client's own packets, before or after translation.
+    let fwd = Spec::tcp(CLIENT, 40001, VIP, 80, ACK);
+    for p in [fwd.build(), rewritten(&fwd, Some((B1, 8080)), None)] {
+        assert_eq!(k.run_egress(&p), (TC_ACT_OK, p.clone()));
+    }
 }
 
 #[test]
@@ -221,7 +291,7 @@ fn udp_datagram_is_translated_and_its_reply_reverse_translated() {
     assert_checksums(&out);
     assert_eq!(out, rewritten(&q, Some((B1, 5353)), None));
     let a = Spec::udp(B1, 5353, CLIENT, 50000, b"answer");
-    let (_, out) = k.run(&a.build());
+    let (_, out) = k.reply(&a.build());
     assert_checksums(&out);
     assert_eq!(out, rewritten(&a, None, Some((VIP, 53))));
 }
@@ -386,7 +456,7 @@ fn a_fragmented_udp_reply_is_reverse_translated_fragment_by_fragment() {
     let out: Vec<Vec<u8>> = frames
         .iter()
         .map(|f| {
-            let (verdict, out) = k.run(f);
+            let (verdict, out) = k.reply(f);
             assert_eq!(verdict, TC_ACT_OK);
             out
         })
@@ -394,7 +464,11 @@ fn a_fragmented_udp_reply_is_reverse_translated_fragment_by_fragment() {
     assert_fragments_translated(&out, &reply, (VIP, 53));
     assert_eq!(k.counter("reverse_translated"), 1, "the first fragment");
     assert_eq!(k.counter("reverse_translated_fragment"), 2, "the other two");
-    assert_eq!(k.counter("passed_fragment"), 0);
+    assert_eq!(
+        k.counter("passed_fragment"),
+        2,
+        "the later two at ingress, which leaves every later fragment to egress"
+    );
 }
 
 #[test]
@@ -404,20 +478,20 @@ fn a_later_fragment_whose_first_was_not_translated_passes_untouched() {
     let reply = fragmented_reply((B1, 5353), (CLIENT, 50011), 0x4343);
     let frames = reply.fragments(CHUNK);
     // The last fragment overtakes the first: nothing says what it becomes yet.
-    assert_eq!(k.run(&frames[2]), (TC_ACT_OK, frames[2].clone()));
+    assert_eq!(k.run_egress(&frames[2]), (TC_ACT_OK, frames[2].clone()));
     assert_eq!(k.counter("passed_fragment"), 1);
     // The first, then the middle one: translated.
     let expected = translated_fragments(&reply, (VIP, 53));
-    assert_eq!(k.run(&frames[0]), (TC_ACT_OK, expected[0].clone()));
-    assert_eq!(k.run(&frames[1]), (TC_ACT_OK, expected[1].clone()));
+    assert_eq!(k.run_egress(&frames[0]), (TC_ACT_OK, expected[0].clone()));
+    assert_eq!(k.run_egress(&frames[1]), (TC_ACT_OK, expected[1].clone()));
     assert_eq!(k.counter("reverse_translated_fragment"), 1);
     // Another datagram of the flow (another id) whose first fragment was not seen, and
     // a fragmented datagram between the same pods outside any Service: untouched.
     let other = fragmented_reply((B1, 5353), (CLIENT, 50011), 0x4344).fragments(CHUNK);
-    assert_eq!(k.run(&other[1]), (TC_ACT_OK, other[1].clone()));
+    assert_eq!(k.run_egress(&other[1]), (TC_ACT_OK, other[1].clone()));
     let direct = fragmented_reply((B1, 7000), (CLIENT, 50011), 0x4345).fragments(CHUNK);
     for f in &direct {
-        assert_eq!(k.run(f), (TC_ACT_OK, f.clone()));
+        assert_eq!(k.run_egress(f), (TC_ACT_OK, f.clone()));
     }
     assert_eq!(k.counter("passed_fragment"), 1 + 1 + 2);
     assert_eq!(k.counter("reverse_translated_fragment"), 1);
@@ -565,6 +639,7 @@ fn a_service_with_only_not_ready_backends_refuses() {
 
 #[test]
 fn the_writer_batches_and_its_mirror_always_equals_the_kernel_maps() {
+    lb_testbench::sandbox::hold_sandbox_lock();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbt-kern-batch-{}", std::process::id()));
     let opts = LoadOptions {
         pin_dir: pin_dir.clone(),
@@ -572,6 +647,7 @@ fn the_writer_batches_and_its_mirror_always_equals_the_kernel_maps() {
         max_backends: 8, // too small on purpose: 10 endpoints x 2 ports will not fit
         max_slots: 1024,
         max_conntrack: 1024,
+        ..Default::default()
     };
     let _pins = Pins(pin_dir.clone());
     let (_datapath, maps) = Datapath::load(&opts).unwrap();
@@ -731,13 +807,14 @@ fn xdp_nodeport_is_translated_to_a_local_backend_only() {
 }
 
 #[test]
-fn xdp_nodeport_reply_is_reverse_translated_by_the_pod_program() {
+fn xdp_nodeport_reply_is_reverse_translated_where_it_leaves() {
     let mut k = Kernel::new(&nodeport_config());
     let syn = Spec::tcp(OUTSIDE, 40300, NODE_IP, 30080, SYN);
     k.run_xdp(&syn.build());
-    // The backend's reply leaves its pod through the tc program, which shares conntrack.
+    // The backend's reply crosses the node as sent and gets the NodePort back as its
+    // source by tc egress of the external interface, which shares conntrack.
     let synack = Spec::tcp(B1, 8080, OUTSIDE, 40300, SYN | ACK);
-    let (verdict, out) = k.run(&synack.build());
+    let (verdict, out) = k.reply(&synack.build());
     assert_eq!(verdict, TC_ACT_OK);
     assert_checksums(&out);
     assert_eq!(out, rewritten(&synack, None, Some((NODE_IP, 30080))));
@@ -750,9 +827,10 @@ fn xdp_nodeport_reply_is_reverse_translated_by_the_pod_program() {
 }
 
 #[test]
-fn xdp_reverse_translates_replies_that_arrive_from_other_nodes() {
+fn replies_that_arrive_from_other_nodes_are_reverse_translated_where_they_leave() {
     // A pod on this node talks to a ClusterIP whose backend runs elsewhere: the reply
-    // comes back in by the external interface and is reverse-translated there.
+    // comes back in by the external interface, crosses the node as sent, and is
+    // reverse-translated by tc egress of the client's veth.
     let mut k = Kernel::new(&nodeport_config());
     let mut chosen = None;
     for port in 40400..40500 {
@@ -764,15 +842,15 @@ fn xdp_reverse_translates_replies_that_arrive_from_other_nodes() {
     }
     let port = chosen.expect("some flow picks the remote endpoint");
     let synack = Spec::tcp(B2, 8080, CLIENT, port, SYN | ACK);
-    let (verdict, out) = k.run_xdp(&synack.build());
-    assert_eq!(verdict, XDP_PASS);
+    let (verdict, out) = k.reply_from_outside(&synack.build());
+    assert_eq!(verdict, TC_ACT_OK);
     assert_checksums(&out);
     assert_eq!(out, rewritten(&synack, None, Some((VIP, 80))));
     assert_eq!(k.counter("reverse_translated"), 1);
 }
 
 #[test]
-fn xdp_reverse_translates_every_fragment_of_a_reply_from_another_node() {
+fn every_fragment_of_a_reply_from_another_node_is_reverse_translated() {
     let mut k = Kernel::new(&nodeport_config());
     let port = (50300..50400)
         .find(|port| {
@@ -787,8 +865,8 @@ fn xdp_reverse_translates_every_fragment_of_a_reply_from_another_node() {
         .fragments(CHUNK)
         .iter()
         .map(|f| {
-            let (verdict, out) = k.run_xdp(f);
-            assert_eq!(verdict, XDP_PASS);
+            let (verdict, out) = k.reply_from_outside(f);
+            assert_eq!(verdict, TC_ACT_OK);
             out
         })
         .collect();
@@ -796,9 +874,10 @@ fn xdp_reverse_translates_every_fragment_of_a_reply_from_another_node() {
     assert_eq!(k.counter("reverse_translated"), 1);
     assert_eq!(k.counter("reverse_translated_fragment"), 2);
     // A later fragment of a datagram whose first fragment was not seen: untouched.
+    let before = k.counter("passed_fragment");
     let stray = fragmented_reply((B2, 5353), (CLIENT, port), 0x5152).fragments(CHUNK);
-    assert_eq!(k.run_xdp(&stray[1]), (XDP_PASS, stray[1].clone()));
-    assert_eq!(k.counter("passed_fragment"), 1);
+    assert_eq!(k.run_egress(&stray[1]), (TC_ACT_OK, stray[1].clone()));
+    assert_eq!(k.counter("passed_fragment"), before + 1);
 }
 
 #[test]
@@ -896,7 +975,7 @@ fn xdp_and_tc_rewrite_the_same_packets_to_the_same_bytes() {
     // Two datapaths with the same maps: the XDP rewrite (RFC 1624 by hand) and the tc
     // rewrite (the kernel's csum helpers) must agree on every byte, and both must match
     // the from-scratch rewrite, for random ports, payload lengths (odd too), IP
-    // options, both protocols, and the replies.
+    // options, both protocols; and the replies (tc egress's, on both) too.
     let mut tc = Kernel::new(&nodeport_config());
     let mut xdp = Kernel::new(&nodeport_config());
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -925,12 +1004,12 @@ fn xdp_and_tc_rewrite_the_same_packets_to_the_same_bytes() {
         assert_checksums(&out_xdp);
         assert_eq!(out_xdp, out_tc, "packet {i}: {spec:?}");
         assert_eq!(out_xdp, rewritten(&spec, Some(backend), None), "packet {i}");
-        // The reply, through XDP (as if from another node) and through tc.
+        // The reply, reverse-translated where it leaves.
         let mut reply = spec.clone();
         (reply.src, reply.sport) = (backend.0.parse().unwrap(), backend.1);
         (reply.dst, reply.dport) = (spec.src, spec.sport);
-        let (_, r_tc) = tc.run(&reply.build());
-        let (_, r_xdp) = xdp.run_xdp(&reply.build());
+        let (_, r_tc) = tc.reply(&reply.build());
+        let (_, r_xdp) = xdp.reply(&reply.build());
         assert_eq!(r_xdp, r_tc, "reply {i}");
         assert_eq!(r_xdp, rewritten(&reply, None, Some((NODE_IP, spec.dport))));
     }
@@ -950,6 +1029,7 @@ impl Drop for Ns {
 /// A namespace of its own where OUTSIDE's network (and OUTSIDE6's) is on a veth and the
 /// node forwards (both families): what the FIB lookup of a routed reply needs.
 fn fib_namespace(prefix: &str) -> Ns {
+    lb_testbench::sandbox::hold_sandbox_lock();
     let ns = Ns(format!("{prefix}-{}", std::process::id()));
     let ip = |args: &[&str]| {
         let st = std::process::Command::new("ip")
@@ -1062,7 +1142,7 @@ fn ipv6_tcp_syn_is_translated_and_its_reply_reverse_translated() {
         "only the destination, its port and the TCP checksum change"
     );
     let synack = Spec::tcp(B1_6, 8080, CLIENT6, 40000, SYN | ACK);
-    let (verdict, out) = k.run(&synack.build());
+    let (verdict, out) = k.reply(&synack.build());
     assert_eq!(verdict, TC_ACT_OK);
     assert_checksums(&out);
     assert_eq!(out, rewritten(&synack, None, Some((VIP6, 80))));
@@ -1080,6 +1160,7 @@ fn ipv6_tcp_syn_is_translated_and_its_reply_reverse_translated() {
     // A packet from the backend to the client on another port is not ours: untouched.
     let other = Spec::tcp(B1_6, 8080, CLIENT6, 40999, ACK).build();
     assert_eq!(k.run(&other), (TC_ACT_OK, other.clone()));
+    assert_eq!(k.run_egress(&other), (TC_ACT_OK, other.clone()));
 }
 
 #[test]
@@ -1091,7 +1172,7 @@ fn ipv6_udp_is_translated_both_ways() {
     assert_checksums(&out);
     assert_eq!(out, rewritten(&q, Some((B1_6, 5353)), None));
     let a = Spec::udp(B1_6, 5353, CLIENT6, 50000, b"an answer");
-    let (verdict, out) = k.run(&a.build());
+    let (verdict, out) = k.reply(&a.build());
     assert_eq!(verdict, TC_ACT_OK);
     assert_checksums(&out);
     assert_eq!(out, rewritten(&a, None, Some((VIP6, 53))));
@@ -1114,6 +1195,7 @@ fn ipv6_udp_with_checksum_zero_is_passed_untouched_and_counted() {
     a.udp_no_checksum = true;
     let pkt = a.build();
     assert_eq!(k.run(&pkt), (TC_ACT_OK, pkt.clone()));
+    assert_eq!(k.run_egress(&pkt), (TC_ACT_OK, pkt.clone()));
     assert_eq!(k.counter("passed_malformed"), 3);
     assert_eq!(k.counter("reverse_translated"), 0);
 }
@@ -1147,7 +1229,7 @@ fn ipv6_extension_headers_are_walked_and_kept_intact() {
         (ROUTING, h)
     };
     synack.ext_headers = vec![routing, options_header(DSTOPTS, 1), auth_header()];
-    let (verdict, out) = k.run(&synack.build());
+    let (verdict, out) = k.reply(&synack.build());
     assert_eq!(verdict, TC_ACT_OK);
     assert_checksums(&out);
     assert_eq!(out, rewritten(&synack, None, Some((VIP6, 80))));
@@ -1334,8 +1416,8 @@ fn ipv6_fragments_to_a_service_are_dropped_or_passed_by_rule() {
 #[test]
 fn ipv6_fragmented_udp_replies_are_reverse_translated_fragment_by_fragment() {
     let mut k = one_backend_each();
-    // One flow's reply through tc, another's through XDP (as from another node); the
-    // second has destination options before its fragment header.
+    // One flow's reply from a pod of this node, another's from another node (through
+    // XDP first); the second has destination options before its fragment header.
     for (port, id, xdp) in [(50050, 0x4242_4242, false), (50051, 0x4343_4343, true)] {
         k.run(&Spec::udp(CLIENT6, port, VIP6, 53, b"query").build());
         let mut reply = fragmented_reply((B1_6, 5353), (CLIENT6, port), id);
@@ -1347,8 +1429,12 @@ fn ipv6_fragmented_udp_replies_are_reverse_translated_fragment_by_fragment() {
         let out: Vec<Vec<u8>> = frames
             .iter()
             .map(|f| {
-                let (verdict, out) = if xdp { k.run_xdp(f) } else { k.run(f) };
-                assert_eq!(verdict, if xdp { XDP_PASS } else { TC_ACT_OK });
+                let (verdict, out) = if xdp {
+                    k.reply_from_outside(f)
+                } else {
+                    k.reply(f)
+                };
+                assert_eq!(verdict, TC_ACT_OK);
                 out
             })
             .collect();
@@ -1358,13 +1444,14 @@ fn ipv6_fragmented_udp_replies_are_reverse_translated_fragment_by_fragment() {
     assert_eq!(k.counter("reverse_translated_fragment"), 4, "the others");
     // A later fragment whose first was not seen (another id), and one of a datagram
     // outside any Service: untouched.
+    let before = k.counter("passed_fragment");
     let stray = fragmented_reply((B1_6, 5353), (CLIENT6, 50050), 0x4242_4243).fragments(CHUNK);
-    assert_eq!(k.run(&stray[1]), (TC_ACT_OK, stray[1].clone()));
+    assert_eq!(k.run_egress(&stray[1]), (TC_ACT_OK, stray[1].clone()));
     let direct = fragmented_reply((B1_6, 7000), (CLIENT6, 50050), 0x4444).fragments(CHUNK);
     for f in &direct {
-        assert_eq!(k.run(f), (TC_ACT_OK, f.clone()));
+        assert_eq!(k.run_egress(f), (TC_ACT_OK, f.clone()));
     }
-    assert_eq!(k.counter("passed_fragment"), 1 + 2);
+    assert_eq!(k.counter("passed_fragment"), before + 1 + 2);
     assert_eq!(k.counter("reverse_translated_fragment"), 4);
 }
 
@@ -1481,14 +1568,14 @@ fn a_dual_stack_service_answers_on_both_addresses() {
     let b4 = view(&out4).dst.to_string();
     let reply4 = Spec::tcp(&b4, 8080, CLIENT, 40300, ACK);
     assert_eq!(
-        k.run(&reply4.build()).1,
+        k.reply(&reply4.build()).1,
         rewritten(&reply4, None, Some((VIP, 80)))
     );
     let out6 = k.run(&Spec::tcp(CLIENT6, 40300, VIP6, 80, ACK).build()).1;
     let b6 = view(&out6).dst.to_string();
     let reply6 = Spec::tcp(&b6, 8080, CLIENT6, 40300, ACK);
     assert_eq!(
-        k.run(&reply6.build()).1,
+        k.reply(&reply6.build()).1,
         rewritten(&reply6, None, Some((VIP6, 80)))
     );
 }
@@ -1597,6 +1684,7 @@ fn xdp_and_tc_rewrite_the_same_ipv6_packets_to_the_same_bytes() {
     // match the from-scratch rewrite, for random clients, ports, payload lengths,
     // extension headers, both protocols, and the replies. In a namespace of its own, so
     // the replies (of external flows) find no route, whatever the machine's.
+    lb_testbench::sandbox::hold_sandbox_lock();
     let ns = Ns(format!("lbt-krand6-{}", std::process::id()));
     let st = std::process::Command::new("ip")
         .args(["netns", "add", &ns.0])
@@ -1647,8 +1735,8 @@ fn xdp_and_tc_rewrite_the_same_ipv6_packets_to_the_same_bytes() {
             let mut reply = spec.clone();
             (reply.src, reply.sport) = (backend.0.parse().unwrap(), backend.1);
             (reply.dst, reply.dport) = (spec.src, spec.sport);
-            let (_, r_tc) = tc.run(&reply.build());
-            let (_, r_xdp) = xdp.run_xdp(&reply.build());
+            let (_, r_tc) = tc.reply(&reply.build());
+            let (_, r_xdp) = xdp.reply(&reply.build());
             assert_eq!(r_xdp, r_tc, "reply {i}");
             assert_checksums(&r_xdp);
             assert_eq!(r_xdp, rewritten(&reply, None, Some((NODE_IP6, spec.dport))));
@@ -1657,14 +1745,11 @@ fn xdp_and_tc_rewrite_the_same_ipv6_packets_to_the_same_bytes() {
     .unwrap();
 }
 
-/// One address family's side of the NodePort route tests: the addresses and the
-/// config where `b1` is on this node and `b2` on another.
+/// One address family's side of the NodePort tests: the addresses and the config where
+/// `b1` is on this node.
 struct Fam {
     name: &'static str,
-    vip: &'static str,
-    client: &'static str,
     b1: &'static str,
-    b2: &'static str,
     node_ip: &'static str,
     outside: &'static str,
     nodeport_config: fn() -> String,
@@ -1680,10 +1765,7 @@ struct Fam {
 const FAMILIES: [Fam; 2] = [
     Fam {
         name: "IPv4",
-        vip: VIP,
-        client: CLIENT,
         b1: B1,
-        b2: B2,
         node_ip: NODE_IP,
         outside: OUTSIDE,
         nodeport_config,
@@ -1694,10 +1776,7 @@ const FAMILIES: [Fam; 2] = [
     },
     Fam {
         name: "IPv6",
-        vip: VIP6,
-        client: CLIENT6,
         b1: B1_6,
-        b2: B2_6,
         node_ip: NODE_IP6,
         outside: OUTSIDE6,
         nodeport_config: nodeport6_config,
@@ -1718,111 +1797,77 @@ fn hop_limit(frame: &[u8]) -> u8 {
 }
 
 #[test]
-fn a_nodeport_reply_is_routed_by_the_program_with_its_ttl_or_hop_limit_decremented() {
-    // Reverse-translated, the reply's source is the node's own address, which the
-    // kernel's input route check would drop as martian: the pod program looks the route
-    // up and redirects it itself.
-    let ns = fib_namespace("lbt-kfib");
+fn a_nodeport_reply_crosses_the_node_as_sent_and_gets_the_node_port_back_where_it_leaves() {
+    // Reverse-translated where it enters, the reply's source would be the node's own
+    // address, which the kernel's input route check drops as martian, and the node's
+    // connection tracking would not know the flow by it. So ingress leaves it as the
+    // backend sent it (the kernel routes it, its TTL or hop limit one less, and tracks
+    // it as the reply of the client's packets after DNAT), and tc egress of the external
+    // interface gives it the NodePort back, nothing else.
     for f in &FAMILIES {
-        let (nodeport, clusterip) = run_in(&ns.0, || {
-            let mut k = Kernel::new(&(f.nodeport_config)());
-            k.run_xdp(&Spec::tcp(f.outside, 40700, f.node_ip, 30080, SYN).build());
-            let nodeport = k.run(&Spec::tcp(f.b1, 8080, f.outside, 40700, SYN | ACK).build());
-            // A ClusterIP flow's reply is left to the kernel's routing, as before.
-            k.run(&Spec::tcp(f.client, 40701, f.vip, 80, SYN).build());
-            let replies: Vec<(u32, Vec<u8>)> = [f.b1, f.b2]
-                .iter()
-                .map(|b| k.run(&Spec::tcp(b, 8080, f.client, 40701, SYN | ACK).build()))
-                .collect();
-            (nodeport, replies)
-        })
-        .unwrap();
-
-        let mut forwarded = Spec::tcp(f.b1, 8080, f.outside, 40700, SYN | ACK);
-        forwarded.hop_limit -= 1;
+        let mut k = Kernel::new(&(f.nodeport_config)());
+        k.run_xdp(&Spec::tcp(f.outside, 40700, f.node_ip, 30080, SYN).build());
+        let mut synack = Spec::tcp(f.b1, 8080, f.outside, 40700, SYN | ACK);
+        let (verdict, out) = k.reply(&synack.build());
+        assert_eq!(verdict, TC_ACT_OK, "{}", f.name);
+        assert_checksums(&out);
         assert_eq!(
-            nodeport.0, TC_ACT_REDIRECT,
-            "{}: routed and redirected by the program",
+            out,
+            rewritten(&synack, None, Some((f.node_ip, 30080))),
+            "{}: the source restored, nothing else",
             f.name
         );
-        assert_checksums(&nodeport.1);
+        // As it leaves after the kernel forwarded it: one hop less, translated the same.
+        synack.hop_limit -= 1;
+        let (_, out) = k.run_egress(&synack.build());
+        assert_eq!(out, rewritten(&synack, None, Some((f.node_ip, 30080))));
         assert_eq!(
-            nodeport.1,
-            rewritten(&forwarded, None, Some((f.node_ip, 30080))),
-            "{}: the source restored, the TTL or hop limit one less",
+            hop_limit(&out),
+            63,
+            "{}: egress leaves the hop count alone",
             f.name
         );
-
-        let translated: Vec<&(u32, Vec<u8>)> = clusterip
-            .iter()
-            .filter(|(_, out)| view(out).src.to_string() == f.vip)
-            .collect();
-        assert_eq!(translated.len(), 1, "one of the two is the flow's backend");
-        assert_eq!(
-            translated[0].0, TC_ACT_OK,
-            "{}: a ClusterIP reply goes to the kernel",
-            f.name
-        );
-        assert_eq!(hop_limit(&translated[0].1), 64, "{}: untouched", f.name);
+        assert_eq!(k.counter("passed_reply"), 1);
+        assert_eq!(k.counter("reverse_translated"), 2);
     }
 }
 
 #[test]
-fn the_fragments_of_a_nodeport_reply_are_routed_like_its_first() {
-    // Each fragment of a NodePort's reply gets the node's address as its source: the
-    // later ones must be routed by the program too, or the kernel drops them as martian.
-    let ns = fib_namespace("lbt-kfrag");
+fn every_fragment_of_a_nodeport_reply_gets_the_node_port_back_where_it_leaves() {
     for (f, id) in FAMILIES.iter().zip([0x6161, 0x6161_6161]) {
         let reply = fragmented_reply((f.b1, 5353), (f.outside, 50500), id);
-        let frames = reply.fragments(CHUNK);
-        let (out, routed) = run_in(&ns.0, move || {
-            let mut k = Kernel::new(&(f.nodeport_config)());
-            let q = Spec::udp(f.outside, 50500, f.node_ip, 30053, b"query");
-            assert_eq!(k.run_xdp(&q.build()).0, XDP_PASS);
-            let out: Vec<(u32, Vec<u8>)> = frames.iter().map(|fr| k.run(fr)).collect();
-            (out, k.counter("reverse_translated_fragment"))
-        })
-        .unwrap();
-        assert_eq!(routed, 2, "{}", f.name);
-        assert!(
-            out.iter().all(|(verdict, _)| *verdict == TC_ACT_REDIRECT),
-            "{}: every fragment routed and redirected by the program",
-            f.name
-        );
-        let out: Vec<Vec<u8>> = out.into_iter().map(|(_, o)| o).collect();
-        // The reply one hop on: the TTL or hop limit one less (and the IPv4 header
-        // checksum updated) in every fragment.
-        let mut forwarded = reply.clone();
-        forwarded.hop_limit -= 1;
-        assert_fragments_translated(&out, &forwarded, (f.node_ip, 30053));
+        let mut k = Kernel::new(&(f.nodeport_config)());
+        let q = Spec::udp(f.outside, 50500, f.node_ip, 30053, b"query");
+        assert_eq!(k.run_xdp(&q.build()).0, XDP_PASS);
+        let out: Vec<Vec<u8>> = reply
+            .fragments(CHUNK)
+            .iter()
+            .map(|fr| {
+                let (verdict, out) = k.reply(fr);
+                assert_eq!(verdict, TC_ACT_OK, "{}", f.name);
+                out
+            })
+            .collect();
+        assert_eq!(k.counter("reverse_translated_fragment"), 2, "{}", f.name);
+        assert_fragments_translated(&out, &reply, (f.node_ip, 30053));
     }
 }
 
 #[test]
-fn a_nodeport_reply_larger_than_the_mtu_is_routed_when_it_is_one_gso_skb() {
+fn a_reply_larger_than_the_mtu_is_reverse_translated_when_it_is_one_gso_skb() {
     // A pod's TCP sends segments of up to 64 KiB as one skb (TSO on its veth), cut to
-    // the MTU only on the way out: the route lookup must not refuse them for their
-    // length (the kernel checks a GSO skb's segments itself), or every large NodePort
-    // reply would go to the kernel, which drops it as martian.
-    let ns = fib_namespace("lbt-kgso");
-    let out = run_in(&ns.0, || {
-        let mut k = Kernel::new(&nodeport6_config());
-        let mut out = Vec::new();
-        for (client, node, backend) in [(OUTSIDE, NODE_IP, B1), (OUTSIDE6, NODE_IP6, B1_6)] {
-            k.run_xdp(&Spec::tcp(client, 40800, node, 30080, SYN).build());
-            let mut reply = Spec::tcp(backend, 8080, client, 40800, ACK);
-            reply.payload = vec![0x42; 2 * 1400];
-            let pkt = reply.build();
-            out.push((k.run_gso(&pkt, 1400).0, k.run(&pkt).0));
-        }
-        out
-    })
-    .unwrap();
-    for (family, (gso, plain)) in ["IPv4", "IPv6"].iter().zip(out) {
-        assert_eq!(gso, TC_ACT_REDIRECT, "{family}: a GSO skb is routed");
+    // the MTU only on the way out: egress rewrites it as one packet.
+    let mut k = Kernel::new(&nodeport6_config());
+    for (client, node, backend) in [(OUTSIDE, NODE_IP, B1), (OUTSIDE6, NODE_IP6, B1_6)] {
+        k.run_xdp(&Spec::tcp(client, 40800, node, 30080, SYN).build());
+        let mut reply = Spec::tcp(backend, 8080, client, 40800, ACK);
+        reply.payload = vec![0x42; 2 * 1400];
+        let (verdict, out) = k.run_gso_egress(&reply.build(), 1400);
+        assert_eq!(verdict, TC_ACT_OK, "{client}");
         assert_eq!(
-            plain, TC_ACT_OK,
-            "{family}: a single packet over the MTU goes to the kernel"
+            out,
+            rewritten(&reply, None, Some((node, 30080))),
+            "{client}"
         );
     }
 }
@@ -1832,6 +1877,7 @@ fn maps_pinned_with_another_layout_are_refused_and_left_alone() {
     // An agent of the IPv4-only version pinned a conntrack map keyed by 16 bytes; this
     // one keys it by 40. Re-using it would make the program misread every entry, so the
     // load stops with the path, both layouts and the way out, and touches nothing.
+    lb_testbench::sandbox::hold_sandbox_lock();
     let pin_dir = PathBuf::from(format!(
         "/sys/fs/bpf/lbt-kern-old-{}-{}",
         std::process::id(),
@@ -2012,6 +2058,138 @@ fn a_flow_from_outside_to_another_nodes_backend_is_source_natted_both_ways() {
     }
 }
 
+const XDP_TX: u32 = 3;
+/// MACs of the other node and of the outside client in the fast-path test's namespace.
+const NODE_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const OUTSIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x07];
+
+/// The MAC address of an interface of a namespace.
+fn mac_of(netns: &str, ifname: &str) -> [u8; 6] {
+    let out = std::process::Command::new("ip")
+        .args(["-n", netns, "-br", "link", "show", ifname])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .nth(2)
+        .expect("ip -br link: name state mac");
+    let b: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    b.try_into().unwrap()
+}
+
+/// The XDP fast path of a SNAT flow: its first packet goes to tc, which makes the flow;
+/// from then on, with the next hops' neighbour entries known, XDP translates the
+/// client's packets and the backend's replies itself, both ways, and sends them back out
+/// of the interface they came by (`XDP_TX`) with the next hop's MACs and the TTL or hop
+/// limit one less: the same IP bytes tc makes. Without the neighbour entry, XDP leaves
+/// the packet to tc untouched.
+#[test]
+fn xdp_carries_the_later_packets_of_a_snat_flow_both_ways_when_it_knows_the_next_hop() {
+    let ns = snat_namespace("lbt-kfast");
+    for f in &FAMILIES {
+        for (ip, mac) in [(f.node_b, NODE_B_MAC), (f.outside, OUTSIDE_MAC)] {
+            let lladdr = mac.map(|b| format!("{b:02x}")).join(":");
+            ip_cmd(&[
+                "-n", &ns.0, "neigh", "replace", ip, "lladdr", &lladdr, "dev", "ext0",
+            ]);
+        }
+        let syn = Spec::tcp(f.outside, 40850, f.node_ip, f.remote_port, SYN);
+        let ack = Spec::tcp(f.outside, 40850, f.node_ip, f.remote_port, ACK);
+        let netns = ns.0.clone();
+        let out = run_in(&ns.0, {
+            let (syn, ack) = (syn.clone(), ack.clone());
+            move || {
+                let ext0 = lb_userspace::loader::interfaces()
+                    .into_iter()
+                    .find(|(n, _)| n == "ext0")
+                    .unwrap()
+                    .1;
+                let mut k = Kernel::new(&(f.nodeport_config)());
+                let first = k.run_xdp_on(&syn.build(), ext0);
+                let port = view(&k.run(&syn.build()).1).sport;
+                let next = k.run_xdp_on(&ack.build(), ext0);
+                let by_tc = k.run(&ack.build());
+                let synack = Spec::tcp(f.b_remote, 8080, f.node_ip, port, SYN | ACK);
+                let reply = k.run_xdp_on(&synack.build(), ext0);
+                let reply_by_tc = k.run(&synack.build());
+                let sent = k.counter("xdp_sent");
+                // The next hop forgotten: tc's again.
+                ip_cmd(&["-n", &netns, "neigh", "del", f.node_b, "dev", "ext0"]);
+                let unknown = k.run_xdp_on(&ack.build(), ext0);
+                (
+                    first,
+                    port,
+                    (next, by_tc),
+                    (synack, reply, reply_by_tc),
+                    sent,
+                    unknown,
+                )
+            }
+        })
+        .unwrap();
+        let (first, port, (next, by_tc), (synack, reply, reply_by_tc), sent, unknown) = out;
+        let ext0_mac = mac_of(&ns.0, "ext0");
+        assert_eq!(
+            first,
+            (XDP_PASS, syn.build()),
+            "{}: tc makes the flow",
+            f.name
+        );
+        // The client's next packet, by XDP.
+        let (verdict, frame) = next;
+        assert_eq!(verdict, XDP_TX, "{}: sent back out of ext0 by XDP", f.name);
+        assert_checksums(&frame);
+        assert_eq!(frame[..6], NODE_B_MAC, "{}: to the backend's node", f.name);
+        assert_eq!(
+            frame[6..12],
+            ext0_mac,
+            "{}: from this node's interface",
+            f.name
+        );
+        let mut leaving = ack.clone();
+        leaving.hop_limit -= 1;
+        let want = rewritten(&leaving, Some((f.b_remote, 8080)), Some((f.node_ip, port)));
+        assert_eq!(
+            frame[12..],
+            want[12..],
+            "{}: DNAT, SNAT, one hop less",
+            f.name
+        );
+        assert_eq!(by_tc.0, TC_ACT_REDIRECT);
+        assert_eq!(frame[12..], by_tc.1[12..], "{}: the bytes tc makes", f.name);
+        // The backend's reply, by XDP.
+        let (verdict, frame) = reply;
+        assert_eq!(verdict, XDP_TX, "{}: the reply too", f.name);
+        assert_checksums(&frame);
+        assert_eq!(frame[..6], OUTSIDE_MAC, "{}: to the client", f.name);
+        let mut leaving = synack.clone();
+        leaving.hop_limit -= 1;
+        let want = rewritten(
+            &leaving,
+            Some((f.outside, 40850)),
+            Some((f.node_ip, f.remote_port)),
+        );
+        assert_eq!(
+            frame[12..],
+            want[12..],
+            "{}: from the NodePort to the client",
+            f.name
+        );
+        assert_eq!(frame[12..], reply_by_tc.1[12..], "{}", f.name);
+        assert_eq!(sent, 2, "{}: xdp_sent", f.name);
+        assert_eq!(
+            unknown,
+            (XDP_PASS, ack.build()),
+            "{}: no neighbour: tc's",
+            f.name
+        );
+    }
+}
+
 /// Two flows never share a SNAT port toward one backend: with a range of one port, the
 /// second client's flow finds it taken (its reply key would be the first's) and is
 /// dropped and counted, while the first keeps its port.
@@ -2072,8 +2250,27 @@ fn the_programs_verify_well_under_the_kernels_instruction_limit() {
         .info()
         .unwrap()
         .verified_instruction_count();
-    eprintln!("verified instructions: tc {tc:?}, XDP {xdp:?}");
-    for (name, n) in [("tc", tc), ("XDP", xdp)] {
+    let egress = k
+        .datapath
+        .egress_program()
+        .info()
+        .unwrap()
+        .verified_instruction_count();
+    let carry = k
+        .datapath
+        .carry_program()
+        .info()
+        .unwrap()
+        .verified_instruction_count();
+    eprintln!(
+        "verified instructions: tc {tc:?}, XDP {xdp:?}, tc egress {egress:?}, XDP carry {carry:?}"
+    );
+    for (name, n) in [
+        ("tc", tc),
+        ("XDP", xdp),
+        ("tc egress", egress),
+        ("XDP carry", carry),
+    ] {
         let n = n.expect("the kernel reports the count (5.16+)");
         assert!(n < 500_000, "{name}: {n} instructions verified");
     }
@@ -2158,4 +2355,148 @@ fn session_affinity_ends_after_its_timeout() {
         std::thread::sleep(std::time::Duration::from_millis(1100));
     }
     assert!(rounds.len() > 1, "{rounds:?}");
+}
+
+// ---- hairpin ----
+
+/// `frame` with its Ethernet destination and source swapped: sent back where it came
+/// from.
+fn macs_swapped(mut frame: Vec<u8>) -> Vec<u8> {
+    let (dst, src): ([u8; 6], [u8; 6]) = (
+        frame[..6].try_into().unwrap(),
+        frame[6..12].try_into().unwrap(),
+    );
+    frame[..6].copy_from_slice(&src);
+    frame[6..12].copy_from_slice(&dst);
+    frame
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_is_translated_both_ways_and_sent_back() {
+    // The pod is web's only backend. Its packet to the ClusterIP comes back to it from
+    // the frontend's address (the kernel would drop one with the pod's own address as
+    // source), sent back out of its veth by the program; so is its reply.
+    for (vip, pod) in [(VIP, B1), (VIP6, B1_6)] {
+        let mut k = one_backend_each();
+        let syn = Spec::tcp(pod, 40000, vip, 80, SYN);
+        let (verdict, out) = k.run(&syn.build());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{vip}: sent back by the program");
+        assert_checksums(&out);
+        assert_eq!(
+            out,
+            macs_swapped(rewritten(&syn, Some((pod, 8080)), Some((vip, 40000)))),
+            "{vip}: to the pod's target port, from the frontend and the pod's own port"
+        );
+        let synack = Spec::tcp(pod, 8080, vip, 40000, SYN | ACK);
+        let (verdict, out) = k.run(&synack.build());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{vip}");
+        assert_checksums(&out);
+        assert_eq!(
+            out,
+            macs_swapped(rewritten(&synack, Some((pod, 40000)), Some((vip, 80)))),
+            "{vip}: the reply comes from the Service to the client's port"
+        );
+        let ack = Spec::tcp(pod, 40000, vip, 80, ACK);
+        let (verdict, out) = k.run(&ack.build());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            out,
+            macs_swapped(rewritten(&ack, Some((pod, 8080)), Some((vip, 40000))))
+        );
+        // Where they leave the pod's veth, egress leaves the translated frames alone.
+        for frame in [
+            rewritten(&syn, Some((pod, 8080)), Some((vip, 40000))),
+            rewritten(&synack, Some((pod, 40000)), Some((vip, 80))),
+        ] {
+            assert_eq!(k.run_egress(&frame), (TC_ACT_OK, frame.clone()));
+        }
+        assert_eq!(
+            [
+                "new_flow",
+                "new_hairpin",
+                "translated",
+                "reverse_translated"
+            ]
+            .map(|c| k.counter(c)),
+            [1, 1, 1, 1],
+            "{vip}"
+        );
+        // UDP too.
+        let q = Spec::udp(pod, 50000, vip, 53, b"query");
+        let (verdict, out) = k.run(&q.build());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_checksums(&out);
+        assert_eq!(
+            out,
+            macs_swapped(rewritten(&q, Some((pod, 5353)), Some((vip, 50000))))
+        );
+        let a = Spec::udp(pod, 5353, vip, 50000, b"answer");
+        let (_, out) = k.run(&a.build());
+        assert_eq!(
+            out,
+            macs_swapped(rewritten(&a, Some((pod, 50000)), Some((vip, 53))))
+        );
+    }
+}
+
+// ---- loadBalancerSourceRanges ----
+
+/// `nodeport6_config` where web (a LoadBalancer Service with externalTrafficPolicy
+/// Local) has loadBalancerSourceRanges that hold the outside client of each family.
+fn source_ranges_config() -> String {
+    let cfg = nodeport6_config();
+    let at = "  loadBalancerIPs: [203.0.113.20, \"2001:db8:114::10\"]\n";
+    assert!(cfg.contains(at));
+    cfg.replace(
+        at,
+        &format!("{at}  loadBalancerSourceRanges: [198.51.100.0/24, \"2001:db8:100::/48\"]\n"),
+    )
+}
+
+#[test]
+fn load_balancer_source_ranges_let_only_their_sources_reach_the_load_balancer_ips() {
+    let mut k = Kernel::new(&source_ranges_config());
+    for (lb_ip, allowed, other, node_ip, external_ip, backend) in [
+        (
+            "203.0.113.20",
+            OUTSIDE,
+            "192.0.2.9",
+            NODE_IP,
+            EXTERNAL_IP,
+            B1,
+        ),
+        (
+            "2001:db8:114::10",
+            OUTSIDE6,
+            "2001:db8:999::9",
+            NODE_IP6,
+            "2001:db8:113::10",
+            B1_6,
+        ),
+    ] {
+        let ok = Spec::tcp(allowed, 40900, lb_ip, 80, SYN);
+        let (verdict, out) = k.run_xdp(&ok.build());
+        assert_eq!(verdict, XDP_PASS, "{lb_ip}");
+        assert_eq!(out, rewritten(&ok, Some((backend, 8080)), None), "{lb_ip}");
+        let before = k.counter("drop_source_range");
+        let denied = Spec::tcp(other, 40900, lb_ip, 80, SYN).build();
+        assert_eq!(k.run_xdp(&denied), (XDP_DROP, denied.clone()), "{lb_ip}");
+        assert_eq!(k.run(&denied).0, TC_ACT_SHOT, "{lb_ip}: tc alike");
+        assert_eq!(k.counter("drop_source_range"), before + 2);
+        // The same Service's NodePort and external IP are open to every source, as
+        // kube-proxy's firewall covers the LoadBalancer IPs only.
+        for (ip, port) in [(node_ip, 30080), (external_ip, 80)] {
+            let syn = Spec::tcp(other, 40901, ip, port, SYN);
+            let (verdict, out) = k.run_xdp(&syn.build());
+            assert_eq!(verdict, XDP_PASS, "{ip}");
+            assert_eq!(out, rewritten(&syn, Some((backend, 8080)), None), "{ip}");
+        }
+    }
+    // Without the ranges, every source gets in again (the file changed; no restart).
+    let cfg = nodeport6_config();
+    k.sync(&cfg);
+    let syn = Spec::tcp("192.0.2.9", 40902, "203.0.113.20", 80, SYN);
+    let (verdict, out) = k.run_xdp(&syn.build());
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, rewritten(&syn, Some((B1, 8080)), None));
 }

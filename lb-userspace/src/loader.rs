@@ -4,11 +4,15 @@
 //! ```text
 //! /sys/fs/bpf/lb/LB_FRONTENDS  LB_SLOTS  LB_BACKENDS  LB_CONNTRACK               maps
 //! /sys/fs/bpf/lb/LB_COUNTERS  LB_FRAGS  LB_NODE  LB_SNAT  LB_AFFINITY            maps
-//! /sys/fs/bpf/lb/lb_tc_pod  lb_xdp_ext                                           programs
-//! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                 tcx links (pod interfaces)
+//! /sys/fs/bpf/lb/LB_SRC_RANGES                                                   map
+//! /sys/fs/bpf/lb/lb_tc_pod  lb_xdp_ext  lb_tc_egress  lb_xdp_carry               programs
+//! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                 tcx ingress links (pod interfaces)
+//! /sys/fs/bpf/lb/egress-links/<ifname>@<ifindex>          tcx egress links (pod interfaces)
 //! /sys/fs/bpf/lb/xdp-links/<ifname>@<ifindex>             XDP links (external interfaces)
-//! /sys/fs/bpf/lb/ext-tc-links/<ifname>@<ifindex>          tcx links (external interfaces,
-//!                                                         behind XDP)
+//! /sys/fs/bpf/lb/ext-tc-links/<ifname>@<ifindex>          tcx ingress links (external
+//!                                                         interfaces, behind XDP)
+//! /sys/fs/bpf/lb/ext-egress-links/<ifname>@<ifindex>      tcx egress links (external
+//!                                                         interfaces)
 //! ```
 //!
 //! Maps are re-used when pinned, so a restarted agent keeps services and conntrack.
@@ -23,6 +27,7 @@ use std::{
 };
 
 use aya::{
+    maps::ProgramArray,
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink},
@@ -33,8 +38,9 @@ use aya::{
 };
 use lb_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
-    MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTENDS, MAP_NAMES, MAP_SLOTS, MAP_SNAT,
-    PROG_NAMES, PROG_TC_POD, PROG_XDP_EXT,
+    DEFAULT_MAX_SOURCE_RANGES, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTENDS, MAP_NAMES,
+    MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES, MAP_XDP_PROGS, PROG_NAMES, PROG_TC_EGRESS, PROG_TC_POD,
+    PROG_XDP_CARRY, PROG_XDP_EXT, XDP_PROG_CARRY,
 };
 use tracing::{info, warn};
 
@@ -57,6 +63,7 @@ pub struct LoadOptions {
     pub max_backends: u32,
     pub max_slots: u32,
     pub max_conntrack: u32,
+    pub max_source_ranges: u32,
 }
 
 impl Default for LoadOptions {
@@ -67,6 +74,7 @@ impl Default for LoadOptions {
             max_backends: DEFAULT_MAX_BACKENDS,
             max_slots: DEFAULT_MAX_SLOTS,
             max_conntrack: DEFAULT_MAX_CONNTRACK,
+            max_source_ranges: DEFAULT_MAX_SOURCE_RANGES,
         }
     }
 }
@@ -86,6 +94,7 @@ fn layout(name: &str) -> Option<(usize, usize, u32)> {
         MAP_NODE => (size_of::<u32>(), size_of::<NodeConfig>(), 1),
         MAP_SNAT => (size_of::<CtKey>(), size_of::<SnatPeer>(), 0),
         MAP_AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>(), 0),
+        MAP_SOURCE_RANGES => (4 + size_of::<SourceRange>(), size_of::<u32>(), 0),
         _ => return None,
     })
 }
@@ -189,25 +198,42 @@ pub fn interfaces() -> Vec<(String, u32)> {
     out
 }
 
-/// Where a program is attached: the two hooks of the datapath.
+/// Where a program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
     /// tc ingress on the host side of a pod's veth (`lb_tc_pod`).
     Pod,
+    /// tc egress on the host side of a pod's veth (`lb_tc_egress`): replies to the pod.
+    PodEgress,
     /// XDP on a node's external interface (`lb_xdp_ext`).
     External,
-    /// tc ingress on a node's external interface, behind XDP (`lb_tc_pod`): it finishes
-    /// what XDP cannot, a SNAT flow's packet whose next hop has no neighbour entry yet
-    /// (tc's redirect resolves it). Attached wherever XDP is.
+    /// tc ingress on a node's external interface, behind XDP (`lb_tc_pod`): the packets
+    /// XDP leaves to tc, those of the flows the program sends on itself (SNAT).
+    /// Attached wherever XDP is.
     ExternalTc,
+    /// tc egress on a node's external interface (`lb_tc_egress`): replies to clients
+    /// outside. Attached wherever XDP is.
+    ExternalEgress,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 3] = [Hook::Pod, Hook::External, Hook::ExternalTc];
+    pub const ALL: [Hook; 5] = [
+        Hook::Pod,
+        Hook::PodEgress,
+        Hook::External,
+        Hook::ExternalTc,
+        Hook::ExternalEgress,
+    ];
+    /// The hooks of a pod interface, and of an external one, in the order they are
+    /// attached: a program that translates a flow's packets goes on only after the one
+    /// its replies need (egress), and XDP after the tc program it leaves packets to.
+    pub const POD: [Hook; 2] = [Hook::PodEgress, Hook::Pod];
+    pub const EXTERNAL: [Hook; 3] = [Hook::ExternalEgress, Hook::ExternalTc, Hook::External];
 
     pub fn program_name(self) -> &'static str {
         match self {
             Hook::Pod | Hook::ExternalTc => PROG_TC_POD,
+            Hook::PodEgress | Hook::ExternalEgress => PROG_TC_EGRESS,
             Hook::External => PROG_XDP_EXT,
         }
     }
@@ -216,8 +242,18 @@ impl Hook {
     fn links_dir(self) -> &'static str {
         match self {
             Hook::Pod => "links",
+            Hook::PodEgress => "egress-links",
             Hook::External => "xdp-links",
             Hook::ExternalTc => "ext-tc-links",
+            Hook::ExternalEgress => "ext-egress-links",
+        }
+    }
+
+    /// The tc attach point of a tc hook.
+    fn tc_attach_type(self) -> TcAttachType {
+        match self {
+            Hook::PodEgress | Hook::ExternalEgress => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
         }
     }
 }
@@ -271,7 +307,8 @@ impl Datapath {
             // another node) are a part of all flows: a quarter of conntrack's size.
             .map_max_entries(MAP_SNAT, (opts.max_conntrack / 4).max(1024))
             // One entry per (client, frontend with affinity).
-            .map_max_entries(MAP_AFFINITY, (opts.max_conntrack / 4).max(1024));
+            .map_max_entries(MAP_AFFINITY, (opts.max_conntrack / 4).max(1024))
+            .map_max_entries(MAP_SOURCE_RANGES, opts.max_source_ranges);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| Error::Load(format!("loading the eBPF object failed: {e}")))?;
@@ -292,6 +329,32 @@ impl Datapath {
         dp.xdp_program()
             .load()
             .map_err(|e| verifier(PROG_XDP_EXT, &e))?;
+        dp.egress_program()
+            .load()
+            .map_err(|e| verifier(PROG_TC_EGRESS, &e))?;
+        dp.carry_program()
+            .load()
+            .map_err(|e| verifier(PROG_XDP_CARRY, &e))?;
+        // The XDP program's tail call into the fast path of SNAT flows.
+        {
+            let fd = dp
+                .ebpf
+                .program(PROG_XDP_CARRY)
+                .expect("loaded above")
+                .fd()
+                .map_err(|e| Error::Load(format!("{PROG_XDP_CARRY}: {e}")))?
+                .try_clone()
+                .map_err(|e| Error::Load(format!("{PROG_XDP_CARRY}: {e}")))?;
+            let map = dp
+                .ebpf
+                .map_mut(MAP_XDP_PROGS)
+                .ok_or_else(|| Error::Load(format!("{MAP_XDP_PROGS} is not in the object")))?;
+            let mut progs = ProgramArray::try_from(map)
+                .map_err(|e| Error::Load(format!("{MAP_XDP_PROGS}: {e}")))?;
+            progs
+                .set(XDP_PROG_CARRY, &fd, 0)
+                .map_err(|e| Error::Load(format!("{MAP_XDP_PROGS}[{XDP_PROG_CARRY}]: {e}")))?;
+        }
         for name in PROG_NAMES {
             let pin = opts.pin_dir.join(name);
             let _ = fs::remove_file(&pin);
@@ -299,7 +362,7 @@ impl Datapath {
             let res = match prog {
                 aya::programs::Program::SchedClassifier(p) => p.pin(&pin),
                 aya::programs::Program::Xdp(p) => p.pin(&pin),
-                _ => unreachable!("the object has a tc and an XDP program"),
+                _ => unreachable!("the object has tc and XDP programs only"),
             };
             res.map_err(|e| Error::Load(format!("pinning {}: {e}", pin.display())))?;
         }
@@ -308,11 +371,29 @@ impl Datapath {
 
     /// The loaded tc program (the kernel tests run it through BPF_PROG_TEST_RUN).
     pub fn program(&mut self) -> &mut SchedClassifier {
+        self.tc_program(PROG_TC_POD)
+    }
+
+    /// The loaded tc egress program (the reply path).
+    pub fn egress_program(&mut self) -> &mut SchedClassifier {
+        self.tc_program(PROG_TC_EGRESS)
+    }
+
+    fn tc_program(&mut self, name: &str) -> &mut SchedClassifier {
         self.ebpf
-            .program_mut(PROG_TC_POD)
+            .program_mut(name)
             .expect("in the object")
             .try_into()
             .expect("a tc program")
+    }
+
+    /// The loaded XDP fast path of SNAT flows (tail-called by the XDP program).
+    pub fn carry_program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROG_XDP_CARRY)
+            .expect("in the object")
+            .try_into()
+            .expect("an XDP program")
     }
 
     /// The loaded XDP program.
@@ -356,8 +437,8 @@ impl Datapath {
         let mut held = false;
         if !replaced {
             let fd = match hook {
-                Hook::Pod | Hook::ExternalTc => self.attach_tc(ifname)?,
                 Hook::External => self.attach_xdp(ifname)?,
+                _ => self.attach_tc(hook, ifname)?,
             };
             match fd {
                 Ok(fd) => {
@@ -391,12 +472,6 @@ impl Datapath {
             Error::Attach(format!("replacing the program in {}: {e}", pin.display()))
         };
         match hook {
-            Hook::Pod | Hook::ExternalTc => {
-                let link = SchedClassifierLink::try_from(fd).map_err(|e| err(&e))?;
-                let id = self.program().attach_to_link(link).map_err(|e| err(&e))?;
-                // The pin keeps the link; our fd may go.
-                let _ = self.program().take_link(id);
-            }
             Hook::External => {
                 let link = XdpLink::try_from(fd).map_err(|e| err(&e))?;
                 let id = self
@@ -405,13 +480,22 @@ impl Datapath {
                     .map_err(|e| err(&e))?;
                 let _ = self.xdp_program().take_link(id);
             }
+            _ => {
+                let link = SchedClassifierLink::try_from(fd).map_err(|e| err(&e))?;
+                let prog = self.tc_program(hook.program_name());
+                let id = prog.attach_to_link(link).map_err(|e| err(&e))?;
+                // The pin keeps the link; our fd may go.
+                let _ = prog.take_link(id);
+            }
         }
         Ok(())
     }
 
-    /// A new tc ingress link: a pinnable tcx link, or a netlink filter to hold.
+    /// A new tc link of `hook` (ingress or egress): a pinnable tcx link, or a netlink
+    /// filter to hold.
     fn attach_tc(
         &mut self,
+        hook: Hook,
         ifname: &str,
     ) -> Result<std::result::Result<FdLink, SchedClassifierLink>> {
         if !has_tcx() {
@@ -419,12 +503,12 @@ impl Datapath {
             // (an error here means the interface already has one).
             let _ = tc::qdisc_add_clsact(ifname);
         }
-        let id = self
-            .program()
-            .attach(ifname, TcAttachType::Ingress)
-            .map_err(|e| Error::Attach(format!("tc ingress on {ifname}: {e}")))?;
-        let link = self
-            .program()
+        let point = hook.tc_attach_type();
+        let prog = self.tc_program(hook.program_name());
+        let id = prog
+            .attach(ifname, point)
+            .map_err(|e| Error::Attach(format!("tc {point:?} on {ifname}: {e}")))?;
+        let link = prog
             .take_link(id)
             .map_err(|e| Error::Attach(format!("{ifname}: {e}")))?;
         if link.priority().is_ok() {

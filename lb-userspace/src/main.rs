@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use lb_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
+    DEFAULT_MAX_SOURCE_RANGES,
 };
 use lb_userspace::{
     config, k8s,
@@ -36,6 +37,9 @@ struct MapArgs {
     /// Size of the conntrack LRU map (two entries per flow).
     #[arg(long, default_value_t = DEFAULT_MAX_CONNTRACK)]
     max_conntrack: u32,
+    /// Size of the loadBalancerSourceRanges map (one entry per LoadBalancer IP and range).
+    #[arg(long, default_value_t = DEFAULT_MAX_SOURCE_RANGES)]
+    max_source_ranges: u32,
 }
 
 /// What both agents (`run` and `agent`) take: where to attach, and the maps.
@@ -45,7 +49,7 @@ struct DatapathArgs {
     #[arg(long, required = true)]
     interfaces: Vec<String>,
     /// The node's external interfaces ("eth0", "ens*"): XDP there translates NodePorts,
-    /// external and LoadBalancer IPs, and replies from backends on other nodes.
+    /// external and LoadBalancer IPs from outside; tc egress there the replies to them.
     #[arg(long)]
     external_interfaces: Vec<String>,
     /// Keep maps, program and links pinned on exit, for a restart without loss.
@@ -118,6 +122,7 @@ impl MapArgs {
             max_backends: self.max_backends,
             max_slots: self.max_slots,
             max_conntrack: self.max_conntrack,
+            max_source_ranges: self.max_source_ranges,
         }
     }
 }

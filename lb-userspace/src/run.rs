@@ -66,12 +66,15 @@ impl Interfaces {
         Ok(Self { pods, external })
     }
 
-    /// Attaches to new interfaces and forgets vanished ones, for both hooks.
+    /// Attaches to new interfaces and forgets vanished ones, for every hook.
     pub fn sync(&self, datapath: &mut Datapath) {
-        datapath.sync_interfaces(Hook::Pod, &self.pods);
+        for hook in Hook::POD {
+            datapath.sync_interfaces(hook, &self.pods);
+        }
         if !self.external.is_empty() {
-            datapath.sync_interfaces(Hook::External, &self.external);
-            datapath.sync_interfaces(Hook::ExternalTc, &self.external);
+            for hook in Hook::EXTERNAL {
+                datapath.sync_interfaces(hook, &self.external);
+            }
         }
     }
 }

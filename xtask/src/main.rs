@@ -269,7 +269,13 @@ fn build(release: bool) -> Result<()> {
     run(&mut cmd)
 }
 
+/// The test bench's lock of its namespaces and pins (`lb_testbench::sandbox::SANDBOX_LOCK`:
+/// every test process holds it shared): taken exclusively here, so only leftovers of
+/// killed runs are removed, never what a running test of any checkout uses.
+const SANDBOX_LOCK: &str = "/run/lb-sandboxes.lock";
+
 fn clean_sandboxes() -> Result<()> {
+    let _lock = lock_file(SANDBOX_LOCK, "running tests")?;
     let list = output(Command::new("ip").args(["netns", "list"])).unwrap_or_default();
     for line in list.lines() {
         let name = line.split_whitespace().next().unwrap_or("");
@@ -354,20 +360,27 @@ fn test(args: &[String]) -> Result<()> {
 /// Holds an exclusive lock on `/run/lb-xtask-<what>.lock` until dropped, waiting (and
 /// saying so) while another run holds it. The kernel releases it when the holder dies.
 fn machine_lock(what: &str) -> Result<std::fs::File> {
+    lock_file(
+        &format!("/run/lb-xtask-{what}.lock"),
+        &format!("another `cargo xtask {what}`"),
+    )
+}
+
+/// An exclusive lock on `path`, waiting (and saying for whom) while it is held.
+fn lock_file(path: &str, holder: &str) -> Result<std::fs::File> {
     use std::os::fd::AsRawFd;
-    let path = format!("/run/lb-xtask-{what}.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("opening {path}"))?;
     let flock = |op: i32| {
         // SAFETY: flock on a file descriptor this function owns.
         unsafe { libc::flock(f.as_raw_fd(), op) }
     };
     if flock(libc::LOCK_EX | libc::LOCK_NB) != 0 {
-        eprintln!("another `cargo xtask {what}` holds {path}: waiting for it to finish");
+        eprintln!("{holder} hold {path}: waiting for them to finish");
         if flock(libc::LOCK_EX) != 0 {
             bail!("locking {path}: {}", std::io::Error::last_os_error());
         }

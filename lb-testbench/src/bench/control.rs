@@ -31,7 +31,8 @@ use crate::{packet, sandbox::Sandbox, Error, Result};
 
 #[derive(Clone, Debug, Default)]
 pub struct PacketCost {
-    /// "tc" (the pod program) or "XDP" (the external-interface program).
+    /// "tc" (the pod program, ingress), "XDP" (the external-interface program) or "tc
+    /// egress" (the reply path), and their IPv6 rows.
     pub program: &'static str,
     /// (name, ns per packet, raw single-run median ns, program return value)
     pub cases: Vec<(&'static str, f64, f64, u32)>,
@@ -105,6 +106,7 @@ fn load_opts(pin_dir: PathBuf, services: usize, endpoints: usize) -> LoadOptions
         max_backends: be,
         max_slots: be,
         max_conntrack: 262_144,
+        ..Default::default()
     }
 }
 
@@ -192,9 +194,9 @@ where
     Ok((r.duration.as_nanos() as f64, r.return_value, out))
 }
 
-/// ns per packet of both programs (the tc one on pods' veths and the XDP one on the
-/// node's external interfaces), each with the maps as they are.
-/// In each family (IPv4, then IPv6 beside it).
+/// ns per packet of the programs (the tc one on pods' veths, the XDP one on the node's
+/// external interfaces, and the tc egress one that translates replies), each with the
+/// maps as they are. In each family (IPv4, then IPv6 beside it).
 fn packet_costs(datapath: &mut Datapath) -> Result<Vec<PacketCost>> {
     let mut out = Vec::new();
     for (f, ports) in FAMILIES.iter().zip([(40_000, 50_000), (42_000, 52_000)]) {
@@ -213,7 +215,77 @@ fn packet_costs(datapath: &mut Datapath) -> Result<Vec<PacketCost>> {
             ports.1,
         )?);
     }
+    // The replies of the flows the tc rows made, where they leave.
+    for (f, port) in FAMILIES.iter().zip([40_000, 42_000]) {
+        out.push(egress_cost(datapath, f, port)?);
+    }
     Ok(out)
+}
+
+/// ns per packet of the tc egress program: a reply (of the flow `packet_cost` left on
+/// `sport`, and repeated over the ping-pong flows it made), and a packet that is no
+/// reply, measured as `packet_cost` measures.
+fn egress_cost(datapath: &mut Datapath, f: &Family, sport: u16) -> Result<PacketCost> {
+    let program = if f.client.is_ipv4() {
+        "tc egress"
+    } else {
+        "tc egress IPv6"
+    };
+    let tc = &*datapath.program();
+    // The backend the tc rows' established flow went to (its entry is still there).
+    let (_, _, out) = test_run(tc, &tcp(f.client, sport, f.web, WEB_PORT, packet::ACK), 1)?;
+    let (backend, bport) =
+        dst_of(&out).ok_or_else(|| Error::Sandbox("ACK came back short".into()))?;
+    let egress = &*datapath.egress_program();
+    let run = |p: &[u8], n| test_run(egress, p, n);
+    let single = |pkt: &[u8]| -> Result<(f64, u32)> {
+        let mut v = Vec::with_capacity(2000);
+        let mut ret = 0;
+        for _ in 0..2000 {
+            let (d, r, _) = run(pkt, 1)?;
+            v.push(d);
+            ret = r;
+        }
+        Ok((median(&v), ret))
+    };
+    let repeated = |pkt: &[u8]| -> Result<(f64, u32)> {
+        let mut v = Vec::new();
+        let mut ret = 0;
+        for _ in 0..5 {
+            let (d, r, _) = run(pkt, 200_000)?;
+            v.push(d);
+            ret = r;
+        }
+        Ok((median(&v), ret))
+    };
+    let none = tcp(f.client, sport - 1, f.pod, 8080, packet::ACK);
+    let (none_repeated, none_ret) = repeated(&none)?;
+    let (none_single, _) = single(&none)?;
+    let overhead = (none_single - none_repeated).max(0.0);
+    let (reply_single, reply_ret) = single(&tcp(backend, bport, f.client, sport, packet::ACK))?;
+    // The ping-pong flows of `packet_cost` (client -> PING and -> PONG on sport 1001 up):
+    // each repeat turns PONG's reply into PING's and back, a real translation each time.
+    let (reply_rep, reply_rep_ret) =
+        repeated(&tcp(f.pong, 80, f.client, sport + 1_001, packet::ACK))?;
+    Ok(PacketCost {
+        program,
+        cases: vec![
+            (
+                "reply, repeated (ping-pong)",
+                reply_rep,
+                reply_rep,
+                reply_rep_ret,
+            ),
+            (
+                "reply (backend to client)",
+                reply_single - overhead,
+                reply_single,
+                reply_ret,
+            ),
+            ("not a reply (passes)", none_repeated, none_single, none_ret),
+        ],
+        overhead_ns: overhead,
+    })
 }
 
 /// A TCP frame of either family.
@@ -324,7 +396,7 @@ fn packet_cost(
                 est_rep_ret,
             ),
             (
-                "reply, repeated (ping-pong)",
+                "reply where it enters (passed on), repeated (ping-pong)",
                 reply_rep,
                 reply_rep,
                 reply_rep_ret,
@@ -342,7 +414,7 @@ fn packet_cost(
                 est_ret,
             ),
             (
-                "reply (backend to client)",
+                "reply where it enters (passed on)",
                 reply_single - overhead,
                 reply_single,
                 reply_ret,

@@ -5,15 +5,19 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray};
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    Array, HashMap, IterableMap, Map, MapData, PerCpuArray,
+};
 use lb_common::{
     counter, Backend, CtKey, CtValue, Frontend, FrontendKey, NodeConfig, Slot, SlotKey,
-    MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_NODE, MAP_SLOTS,
+    SourceRange, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_NODE, MAP_SLOTS,
+    MAP_SOURCE_RANGES, SOURCE_RANGE_ALLOW,
 };
 
 use super::{
     batch,
-    plan::{MapState, Op, NO_BACKEND},
+    plan::{MapState, Op, RangeKey, NO_BACKEND},
 };
 use crate::{Error, Result};
 
@@ -27,6 +31,8 @@ pub struct Maps {
     pub counters: PerCpuArray<MapData, u64>,
     /// This node's configuration, index 0.
     pub node: Array<MapData, NodeConfig>,
+    /// loadBalancerSourceRanges: (frontend id, source prefix) -> allowed.
+    pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
     /// Duplicated fds of the three service maps, for batch updates.
     batch_fds: [OwnedFd; 3],
 }
@@ -64,6 +70,7 @@ impl Maps {
             take(MAP_CONNTRACK)?,
             take(MAP_COUNTERS)?,
             take(MAP_NODE)?,
+            take(MAP_SOURCE_RANGES)?,
         ])
     }
 
@@ -90,10 +97,11 @@ impl Maps {
             open(MAP_CONNTRACK)?,
             open(MAP_COUNTERS)?,
             open(MAP_NODE)?,
+            open(MAP_SOURCE_RANGES)?,
         ])
     }
 
-    fn from_maps([f, s, b, c, n, node]: [Map; 6]) -> Result<Self> {
+    fn from_maps([f, s, b, c, n, node, ranges]: [Map; 7]) -> Result<Self> {
         let batch_fds = [
             dup_fd(MAP_FRONTENDS, &f)?,
             dup_fd(MAP_SLOTS, &s)?,
@@ -107,6 +115,7 @@ impl Maps {
             conntrack: HashMap::try_from(c).map_err(|e| map_err(MAP_CONNTRACK, e))?,
             counters: PerCpuArray::try_from(n).map_err(|e| map_err(MAP_COUNTERS, e))?,
             node: Array::try_from(node).map_err(|e| map_err(MAP_NODE, e))?,
+            source_ranges: LpmTrie::try_from(ranges).map_err(|e| map_err(MAP_SOURCE_RANGES, e))?,
         })
     }
 
@@ -147,10 +156,22 @@ impl Maps {
                 .map_err(|e| map_err(MAP_BACKENDS, e))?,
             Err(e) => return Err(map_err(MAP_BACKENDS, e)),
         };
+        let ranges = self
+            .source_ranges
+            .keys()
+            .map(|k| {
+                k.map(|k| RangeKey {
+                    prefix_len: k.prefix_len(),
+                    data: k.data(),
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| map_err(MAP_SOURCE_RANGES, e))?;
         Ok(MapState::from_entries(
             frontends,
             slots,
             backends.into_iter().filter(|(_, v)| *v != NO_BACKEND),
+            ranges,
         ))
     }
 
@@ -162,6 +183,11 @@ impl Maps {
             Op::DelSlot(k) => self.slots.remove(k),
             Op::DelFrontend(k) => self.frontends.remove(k),
             Op::DelBackend(id) => self.backends.set(*id, NO_BACKEND, 0),
+            Op::PutRange(k) => {
+                self.source_ranges
+                    .insert(&Key::new(k.prefix_len, k.data), SOURCE_RANGE_ALLOW, 0)
+            }
+            Op::DelRange(k) => self.source_ranges.remove(&Key::new(k.prefix_len, k.data)),
         };
         r.map_err(|e| {
             let cause = std::error::Error::source(&e)
@@ -181,6 +207,8 @@ impl Maps {
             run.iter().map(f).unzip()
         }
         let r = match &run[0] {
+            // A handful per LoadBalancer IP: written one by one.
+            Op::PutRange(..) | Op::DelRange(..) => return 0,
             Op::PutBackend(..) => {
                 let (k, v) = keys_values(run, |op| match op {
                     Op::PutBackend(id, b) => (*id, *b),

@@ -394,6 +394,22 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
         Ok(v) => v,
         Err(reason) => return reject("Service", &namespace, &name, reason),
     };
+    // As kube-proxy reads them: each CIDR trimmed; the API server validates them, so a
+    // bad one is an object it did not check, rejected whole rather than opened up.
+    let mut load_balancer_source_ranges = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        match r.trim().parse::<ipnet::IpNet>() {
+            Ok(net) => load_balancer_source_ranges.push(net),
+            Err(_) => {
+                return reject(
+                    "Service",
+                    &namespace,
+                    &name,
+                    format!("loadBalancerSourceRanges {r:?} is not a CIDR"),
+                )
+            }
+        }
+    }
     for (field, what) in ignored_fields(spec) {
         skipped.push(Skip {
             reason: SkipReason::Ignored(field),
@@ -411,6 +427,7 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
         ports,
         external_ips,
         load_balancer_ips,
+        load_balancer_source_ranges,
         external_traffic_policy,
         internal_traffic_policy,
         health_check_node_port: spec
@@ -438,16 +455,6 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
 /// (to other than its default) is named, with what the Service gets instead.
 fn ignored_fields(spec: &core::ServiceSpec) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
-    if spec
-        .load_balancer_source_ranges
-        .as_ref()
-        .is_some_and(|r| !r.is_empty())
-    {
-        out.push((
-            "loadBalancerSourceRanges",
-            "loadBalancerSourceRanges: every source reaches the LoadBalancer IPs".into(),
-        ));
-    }
     if let Some(td) = spec
         .traffic_distribution
         .as_deref()
@@ -1262,6 +1269,32 @@ mod tests {
             json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}], "externalIPs": ["224.0.0.1"]}),
         );
         assert!(rejection(&service(&multicast, &r)).contains("cannot be a Service address"));
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_are_read_trimmed_and_a_bad_one_rejects_the_service() {
+        let r = Rules::default();
+        let mut svc = lb_svc("LoadBalancer", json!([{"ip": "198.51.100.7"}]));
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges =
+            Some(vec![" 203.0.113.0/24".into(), "2001:db8::/32 ".into()]);
+        let t = service(&svc, &r);
+        assert_eq!(
+            used(&t).load_balancer_source_ranges,
+            vec![
+                "203.0.113.0/24".parse::<ipnet::IpNet>().unwrap(),
+                "2001:db8::/32".parse().unwrap()
+            ]
+        );
+        assert!(
+            t.skipped.is_empty(),
+            "implemented, not ignored: {:?}",
+            t.skipped
+        );
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["203.0.113/24".into()]);
+        assert_eq!(
+            rejection(&service(&svc, &r)),
+            "Service shop/web: loadBalancerSourceRanges \"203.0.113/24\" is not a CIDR"
+        );
     }
 
     fn lb_svc(type_: &str, ingress: serde_json::Value) -> core::Service {

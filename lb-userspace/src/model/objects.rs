@@ -8,6 +8,7 @@
 //! endpoints of one node (`ModelCache` interns it).
 use std::{fmt, net::IpAddr, sync::Arc};
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// L4 protocol of a Service port, spelled as in Kubernetes.
@@ -157,6 +158,11 @@ pub struct Service {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`: with any, only sources in these CIDRs reach the
+    /// LoadBalancer IPs (kube-proxy's firewall; NodePorts and external IPs are open to
+    /// all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_source_ranges: Vec<IpNet>,
     #[serde(default)]
     pub external_traffic_policy: TrafficPolicy,
     /// `spec.internalTrafficPolicy`: with `Local`, the cluster IPs are served by this
@@ -223,6 +229,7 @@ impl Default for Service {
             ports: Vec::new(),
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
             external_traffic_policy: TrafficPolicy::default(),
             internal_traffic_policy: TrafficPolicy::default(),
             health_check_node_port: None,

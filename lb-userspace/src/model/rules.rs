@@ -10,6 +10,8 @@
 //! not programmed.
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
+use ipnet::IpNet;
+
 use super::{
     objects::{
         Conditions, EndpointSlice, IpFamily, Node, Service, ServicePort, ServiceType, TrafficPolicy,
@@ -209,6 +211,7 @@ pub fn service_frontends<'a>(
                     kind: *kind,
                     local: policy_local && kind.is_external(),
                     affinity_timeout_s: svc.affinity_timeout_s(),
+                    source_ranges: source_ranges(svc, fe, *kind, node),
                     active,
                     known: known.clone(),
                 });
@@ -216,6 +219,44 @@ pub fn service_frontends<'a>(
         }
     }
     out
+}
+
+/// The loadBalancerSourceRanges of a frontend, as kube-proxy applies them: a
+/// LoadBalancer IP gets the ranges of its own family (host bits cleared); when one of
+/// them holds an address of this node, also the frontend's own address (a request of
+/// the node to a VIP it holds loops back with the VIP as its source). Other frontends
+/// (the ClusterIP, NodePorts, external IPs) are open to every source.
+fn source_ranges(
+    svc: &Service,
+    fe: &FrontendAddr,
+    kind: FrontendKind,
+    node: &Node,
+) -> Arc<[IpNet]> {
+    if kind != FrontendKind::LoadBalancer || svc.load_balancer_source_ranges.is_empty() {
+        return Arc::new([]);
+    }
+    let family = IpFamily::of(&fe.ip);
+    let mut ranges: Vec<IpNet> = svc
+        .load_balancer_source_ranges
+        .iter()
+        .filter(|r| IpFamily::of(&r.addr()) == family)
+        .map(IpNet::trunc)
+        .collect();
+    if ranges.is_empty() {
+        // Only ranges of the other family: open, as kube-proxy's proxier of this family
+        // filters them out as the wrong version and then has none (ARCHITECTURE.md).
+        return Arc::new([]);
+    }
+    if node
+        .addresses
+        .iter()
+        .any(|a| ranges.iter().any(|r| r.contains(a)))
+    {
+        ranges.push(IpNet::from(fe.ip));
+    }
+    ranges.sort_unstable();
+    ranges.dedup();
+    ranges.into()
 }
 
 /// The health check of a Service with a `healthCheckNodePort`: this node's ready
@@ -508,6 +549,57 @@ mod tests {
                 (fa("203.0.113.5", 80), FrontendKind::ExternalIP),
             ]
         );
+    }
+
+    /// kube-proxy's firewall: loadBalancerSourceRanges filter the LoadBalancer IPs only,
+    /// each frontend with the ranges of its family, and let the node reach a VIP it holds
+    /// when a range holds the node's address.
+    #[test]
+    fn load_balancer_source_ranges_filter_the_load_balancer_ips_only() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let me = node(None, &["192.168.1.1"]);
+        let mut s = web(ServiceType::LoadBalancer, Some(30080));
+        s.external_ips = vec![ip("203.0.113.5")];
+        s.load_balancer_ips = vec![ip("198.51.100.7")];
+        s.load_balancer_source_ranges = vec![net("10.1.2.3/16"), net("2001:db8::/32")];
+        assert_eq!(validate_service(&s), Ok(()));
+        let slices = [web_slice(vec![ep("10.244.0.2", None, None, None)])];
+        let st = desired_state(std::slice::from_ref(&s), &slices, &me);
+        for (fe, spec) in &st.frontends {
+            let want: Vec<IpNet> = if spec.kind == FrontendKind::LoadBalancer {
+                vec![net("10.1.0.0/16")]
+            } else {
+                vec![]
+            };
+            assert_eq!(
+                &spec.source_ranges[..],
+                &want[..],
+                "{fe}: host bits cleared, IPv4 only"
+            );
+        }
+        // A range holding the node's address also lets the VIP itself in.
+        s.load_balancer_source_ranges.push(net("192.168.0.0/16"));
+        let st = desired_state(std::slice::from_ref(&s), &slices, &me);
+        assert_eq!(
+            &st.frontends[&fa("198.51.100.7", 80)].source_ranges[..],
+            &[
+                net("10.1.0.0/16"),
+                net("192.168.0.0/16"),
+                net("198.51.100.7/32")
+            ]
+        );
+        // Only ranges of the other family: open, as kube-proxy's proxier of this family.
+        s.load_balancer_source_ranges = vec![net("2001:db8::/32")];
+        let st = desired_state(std::slice::from_ref(&s), &slices, &me);
+        assert!(st.frontends[&fa("198.51.100.7", 80)]
+            .source_ranges
+            .is_empty());
+        // An IPv4-mapped IPv6 range would reach IPv4 sources in the maps: refused.
+        s.load_balancer_source_ranges = vec![net("::ffff:10.0.0.0/104")];
+        assert!(validate_service(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("IPv4-mapped"));
     }
 
     #[test]

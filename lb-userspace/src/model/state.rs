@@ -1,6 +1,8 @@
 //! The model's output: every frontend the maps should hold, with its backends.
 use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
+use ipnet::IpNet;
+
 use super::objects::Protocol;
 
 /// A Service frontend as the dataplane matches it.
@@ -107,6 +109,9 @@ pub struct FrontendSpec {
     pub local: bool,
     /// sessionAffinity ClientIP's timeout in seconds; 0: no affinity.
     pub affinity_timeout_s: u32,
+    /// loadBalancerSourceRanges (a LoadBalancer IP only): the sources that may open
+    /// connections, host bits cleared, sorted; empty: every source.
+    pub source_ranges: Arc<[IpNet]>,
     /// Backends that get new connections (sorted).
     pub active: Backends,
     /// Every backend listed, ready or not (sorted): these stay in the backend map so
@@ -121,6 +126,7 @@ impl Default for FrontendSpec {
             kind: FrontendKind::default(),
             local: false,
             affinity_timeout_s: 0,
+            source_ranges: Arc::new([]),
             active: Arc::new([]),
             known: Arc::new([]),
         }

@@ -150,6 +150,14 @@ pub fn validate_service(svc: &Service) -> Result<(), Invalid> {
     if !svc.load_balancer_ips.is_empty() && svc.service_type != ServiceType::LoadBalancer {
         return Err(bad("loadBalancerIPs needs type LoadBalancer".into()));
     }
+    if let Some(r) = svc.load_balancer_source_ranges.iter().find(|r| match r {
+        ipnet::IpNet::V6(n) => n.addr().to_ipv4_mapped().is_some() && n.prefix_len() >= 96,
+        ipnet::IpNet::V4(_) => false,
+    }) {
+        return Err(bad(format!(
+            "loadBalancerSourceRanges: {r} is an IPv4-mapped IPv6 range; write the IPv4 range"
+        )));
+    }
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use lb_common::{Frontend, FrontendKey, SlotKey};
 
 use super::{
     ids::IdPool,
-    mirror::{backend_addr, backend_value, frontend_key, MapState, Op},
+    mirror::{backend_addr, backend_value, frontend_key, range_key, MapState, Op, RangeKey},
 };
 use crate::model::{BackendAddr, Delta, DesiredState, FrontendAddr, FrontendSpec};
 
@@ -148,15 +148,36 @@ fn plan_frontend(
             ops.push(Op::PutSlot(k, *id));
         }
     }
+    // Source ranges: the new ones before the frontend names them, the old ones after.
+    let want_ranges: BTreeSet<RangeKey> = spec
+        .source_ranges
+        .iter()
+        .map(|r| range_key(service_id, r))
+        .collect();
+    let have_ranges = current.ranges_of(service_id);
+    ops.extend(
+        want_ranges
+            .iter()
+            .filter(|k| have_ranges.binary_search(k).is_err())
+            .map(|k| Op::PutRange(*k)),
+    );
+    ops.extend(
+        have_ranges
+            .iter()
+            .filter(|k| !want_ranges.contains(k))
+            .map(|k| Op::DelRange(*k)),
+    );
+    let mut flags = spec.kind.flags();
+    if spec.local {
+        flags |= lb_common::FRONTEND_F_LOCAL;
+    }
+    if !want_ranges.is_empty() {
+        flags |= lb_common::FRONTEND_F_SOURCE_RANGES;
+    }
     let value = Frontend {
         service_id,
         count: slots.len() as u32,
-        flags: spec.kind.flags()
-            | if spec.local {
-                lb_common::FRONTEND_F_LOCAL
-            } else {
-                0
-            },
+        flags,
         affinity_timeout_s: spec.affinity_timeout_s,
     };
     if cur != Some(value) {
@@ -171,7 +192,7 @@ fn plan_frontend(
     );
 }
 
-/// A frontend that is no longer wanted: the frontend first, then its slots.
+/// A frontend that is no longer wanted: the frontend first, then its slots and ranges.
 fn plan_gone_frontend(current: &MapState, key: &FrontendKey, ops: &mut Vec<Op>) {
     if let Some(f) = current.frontends.get(key) {
         ops.push(Op::DelFrontend(*key));
@@ -180,6 +201,12 @@ fn plan_gone_frontend(current: &MapState, key: &FrontendKey, ops: &mut Vec<Op>) 
                 .slots_from(f.service_id, 1)
                 .into_iter()
                 .map(Op::DelSlot),
+        );
+        ops.extend(
+            current
+                .ranges_of(f.service_id)
+                .iter()
+                .map(|k| Op::DelRange(*k)),
         );
     }
 }
@@ -256,6 +283,26 @@ pub fn plan(current: &MapState, desired: &DesiredState) -> Vec<Op> {
         .collect();
     orphan.sort();
     ops.extend(orphan.into_iter().map(Op::DelSlot));
+    // Likewise source ranges of a service id no frontend will have.
+    let mut orphan_ranges: Vec<RangeKey> = current
+        .ranges()
+        .filter(|k| !counts.contains_key(&k.data.service_id))
+        .copied()
+        .collect();
+    orphan_ranges.sort();
+    let planned: HashSet<RangeKey> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::DelRange(k) => Some(*k),
+            _ => None,
+        })
+        .collect();
+    ops.extend(
+        orphan_ranges
+            .into_iter()
+            .filter(|k| !planned.contains(k))
+            .map(Op::DelRange),
+    );
 
     let mut unused: Vec<u32> = current
         .backends()

@@ -9,7 +9,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ahash::AHashMap as HashMap;
 use hashbrown::HashTable;
-use lb_common::{ipv4_mapped, is_ipv4_mapped, Addr, Backend, Frontend, FrontendKey, SlotKey};
+use ipnet::IpNet;
+use lb_common::{
+    ipv4_mapped, is_ipv4_mapped, Addr, Backend, Frontend, FrontendKey, SlotKey, SourceRange,
+};
 
 use super::ids::IdPool;
 use crate::model::{BackendAddr, FrontendAddr, Protocol};
@@ -22,30 +25,61 @@ pub const NO_BACKEND: Backend = Backend {
     flags: 0,
 };
 
+/// An entry of `LB_SRC_RANGES`: a frontend's id, and a source range as the trie keys it
+/// (the prefix length counts the id's 32 bits too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RangeKey {
+    /// Bits of `data` the range covers: 32 (the id) + 96 + an IPv4 prefix, or 32 + an
+    /// IPv6 prefix.
+    pub prefix_len: u32,
+    pub data: SourceRange,
+}
+
+/// The trie entry of `range` (host bits cleared) for the frontend `service_id`.
+pub fn range_key(service_id: u32, range: &IpNet) -> RangeKey {
+    let range = range.trunc();
+    let bits = match range {
+        IpNet::V4(n) => 96 + n.prefix_len() as u32,
+        IpNet::V6(n) => n.prefix_len() as u32,
+    };
+    RangeKey {
+        prefix_len: 32 + bits,
+        data: SourceRange {
+            service_id,
+            addr: map_addr(&range.addr()),
+        },
+    }
+}
+
 /// One change to the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     PutBackend(u32, Backend),
     PutSlot(SlotKey, u32),
+    PutRange(RangeKey),
     PutFrontend(FrontendKey, Frontend),
     DelSlot(SlotKey),
     DelFrontend(FrontendKey),
+    DelRange(RangeKey),
     DelBackend(u32),
 }
 
 impl Op {
     /// Position of this kind of op in a plan. Grouping a plan by kind, stably, keeps
-    /// every ordering rule of the planner (each frontend's slots before its count, its
-    /// count before its leftover slots go; backends first and last) and lets the writer
-    /// send each group to the kernel in batches.
+    /// every ordering rule of the planner (each frontend's slots and source ranges
+    /// before the frontend names them, its leftover slots and ranges after it no longer
+    /// does; backends first and last) and lets the writer send each group to the kernel
+    /// in batches.
     pub fn rank(&self) -> u8 {
         match self {
             Op::PutBackend(..) => 0,
             Op::PutSlot(..) => 1,
-            Op::PutFrontend(..) => 2,
-            Op::DelFrontend(..) => 3,
-            Op::DelSlot(..) => 4,
-            Op::DelBackend(..) => 5,
+            Op::PutRange(..) => 2,
+            Op::PutFrontend(..) => 3,
+            Op::DelFrontend(..) => 4,
+            Op::DelRange(..) => 5,
+            Op::DelSlot(..) => 6,
+            Op::DelBackend(..) => 7,
         }
     }
 }
@@ -186,6 +220,8 @@ pub struct MapState {
     /// Service id -> the backend id in each slot (index 0 is slot 1); 0 where the
     /// kernel map has no entry. No trailing zeroes.
     slots: HashMap<u32, Vec<u32>>,
+    /// Service id -> its source ranges (`LB_SRC_RANGES`), sorted.
+    ranges: HashMap<u32, Vec<RangeKey>>,
     backends: BackendTable,
     backend_pool: IdPool,
     service_pool: IdPool,
@@ -197,6 +233,7 @@ impl std::fmt::Debug for MapState {
             .field("frontends", &self.frontends.len())
             .field("slots", &self.slot_count())
             .field("backends", &self.backends.len)
+            .field("ranges", &self.ranges().count())
             .finish()
     }
 }
@@ -207,6 +244,7 @@ impl MapState {
         frontends: impl IntoIterator<Item = (FrontendKey, Frontend)>,
         slots: impl IntoIterator<Item = (SlotKey, u32)>,
         backends: impl IntoIterator<Item = (u32, Backend)>,
+        ranges: impl IntoIterator<Item = RangeKey>,
     ) -> Self {
         let mut st = MapState {
             frontends: frontends.into_iter().collect(),
@@ -214,6 +252,9 @@ impl MapState {
         };
         for (k, id) in slots {
             st.set_slot(k, id);
+        }
+        for k in ranges {
+            st.add_range(k);
         }
         for (id, b) in backends {
             st.backends.insert(id, b);
@@ -246,9 +287,39 @@ impl MapState {
         }
     }
 
+    fn add_range(&mut self, k: RangeKey) {
+        let v = self.ranges.entry(k.data.service_id).or_default();
+        if let Err(at) = v.binary_search(&k) {
+            v.insert(at, k);
+        }
+    }
+
+    fn remove_range(&mut self, k: &RangeKey) {
+        if let Some(v) = self.ranges.get_mut(&k.data.service_id) {
+            if let Ok(at) = v.binary_search(k) {
+                v.remove(at);
+            }
+            if v.is_empty() {
+                self.ranges.remove(&k.data.service_id);
+            }
+        }
+    }
+
+    /// The source ranges of a frontend (by its service id), sorted.
+    pub fn ranges_of(&self, service_id: u32) -> &[RangeKey] {
+        self.ranges.get(&service_id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every source range entry.
+    pub fn ranges(&self) -> impl Iterator<Item = &RangeKey> {
+        self.ranges.values().flatten()
+    }
+
     /// Applies one op (after the kernel accepted it).
     pub fn apply(&mut self, op: &Op) {
         match op {
+            Op::PutRange(k) => self.add_range(*k),
+            Op::DelRange(k) => self.remove_range(k),
             Op::PutBackend(id, b) => {
                 self.backends.insert(*id, *b);
                 self.backend_pool.mark_used(*id);
@@ -352,10 +423,13 @@ impl MapState {
         let mut slots: Vec<_> = self.slots().collect();
         slots.sort();
         let backends = self.backends().map(|(id, b)| (id, *b)).collect();
+        let mut ranges: Vec<RangeKey> = self.ranges().copied().collect();
+        ranges.sort();
         MapContent {
             frontends,
             slots,
             backends,
+            ranges,
         }
     }
 }
@@ -366,6 +440,7 @@ pub struct MapContent {
     pub frontends: Vec<(FrontendKey, Frontend)>,
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(u32, Backend)>,
+    pub ranges: Vec<RangeKey>,
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 //! Ordering rules, so a packet racing with an update never reads a half-made entry:
 //! 1. new backends are written before any slot points at them;
 //! 2. a frontend's slots are written before its count grows, and removed after it shrinks;
-//! 3. a deleted frontend goes before its slots; unreferenced backends go last.
+//!    its source ranges are written before it names them (`FRONTEND_F_SOURCE_RANGES`)
+//!    and removed after (so an allowed source is never dropped in between);
+//! 3. a deleted frontend goes before its slots and ranges; unreferenced backends go last.
 //!
 //! Plans come grouped by op kind (`Op::rank`), which keeps these rules and lets the
 //! writer send each group in batches.
@@ -19,13 +21,13 @@ mod mirror;
 
 pub use diff::{plan, plan_delta, RefChanges, Refs};
 pub use mirror::{
-    backend_addr, backend_value, frontend_addr, frontend_key, ip_addr, map_addr, MapContent,
-    MapState, Op, NO_BACKEND,
+    backend_addr, backend_value, frontend_addr, frontend_key, ip_addr, map_addr, range_key,
+    MapContent, MapState, Op, RangeKey, NO_BACKEND,
 };
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeSet, net::Ipv4Addr};
+    use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
     use lb_common::SlotKey;
 
@@ -62,6 +64,7 @@ mod tests {
                     kind: Default::default(),
                     local: false,
                     affinity_timeout_s: 0,
+                    source_ranges: Arc::new([]),
                     active: active.into_iter().collect(),
                     known: known.into_iter().collect(),
                 },
@@ -105,6 +108,18 @@ mod tests {
             let active: Vec<u8> = (0..r.next(6)).map(|_| 2 + r.next(10) as u8).collect();
             let not_ready: Vec<u8> = (0..r.next(3)).map(|_| 2 + r.next(10) as u8).collect();
             let mut s = state(&[(fe(10 + f, 80), &active, &not_ready)]);
+            // Some frontends with source ranges (a LoadBalancer IP's), some of them
+            // shared between frontends and states.
+            for spec in s.frontends.values_mut() {
+                let ranges: Vec<ipnet::IpNet> = (0..r.next(4))
+                    .map(|_| {
+                        format!("192.0.{}.0/{}", r.next(3), 22 + r.next(3))
+                            .parse()
+                            .unwrap()
+                    })
+                    .collect();
+                spec.source_ranges = ranges.into();
+            }
             d.frontends.append(&mut s.frontends);
         }
         d
@@ -280,6 +295,72 @@ mod tests {
         ));
         let (s2, _) = applied_ops(&s, &state(&[(fe(10, 80), &[2], &[])]));
         assert_eq!(s2.slot_count(), 1);
+    }
+
+    fn with_ranges(mut d: DesiredState, ranges: &[&str]) -> DesiredState {
+        for spec in d.frontends.values_mut() {
+            spec.source_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+        }
+        d
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_their_frontend_names_them_and_removed_after() {
+        let f = fe(10, 80);
+        let (s, ops) = applied_ops(
+            &MapState::default(),
+            &with_ranges(
+                state(&[(f, &[2], &[])]),
+                &["192.0.2.0/24", "198.51.100.7/32"],
+            ),
+        );
+        let at = |ops: &[Op], p: fn(&Op) -> bool| ops.iter().position(p).unwrap();
+        let put_fe = at(&ops, |o| matches!(o, Op::PutFrontend(..)));
+        assert!(ops[..put_fe]
+            .iter()
+            .filter(|o| matches!(o, Op::PutRange(_)))
+            .eq([
+                Op::PutRange(range_key(1, &"192.0.2.0/24".parse().unwrap())),
+                Op::PutRange(range_key(1, &"198.51.100.7/32".parse().unwrap()))
+            ]
+            .iter()));
+        let fv = s.frontends[&frontend_key(&f)];
+        assert_ne!(fv.flags & lb_common::FRONTEND_F_SOURCE_RANGES, 0);
+        let k = s.ranges_of(fv.service_id)[0];
+        assert_eq!(
+            k.prefix_len,
+            32 + 96 + 24,
+            "the id, then the IPv4-mapped prefix"
+        );
+        // One range less: only that one goes; then none: the flag goes first.
+        let (s, ops) = applied_ops(
+            &s,
+            &with_ranges(state(&[(f, &[2], &[])]), &["192.0.2.0/24"]),
+        );
+        assert_eq!(ops.len(), 1);
+        assert!(matches!(ops[0], Op::DelRange(_)));
+        let (s, ops) = applied_ops(&s, &state(&[(f, &[2], &[])]));
+        let put_fe = at(&ops, |o| matches!(o, Op::PutFrontend(..)));
+        let del = at(&ops, |o| matches!(o, Op::DelRange(_)));
+        assert!(put_fe < del, "{ops:?}");
+        assert_eq!(
+            s.frontends[&frontend_key(&f)].flags & lb_common::FRONTEND_F_SOURCE_RANGES,
+            0
+        );
+        assert_eq!(s.ranges().count(), 0);
+        // A deleted frontend takes its ranges with it, after itself.
+        let (s, _) = applied_ops(&s, &with_ranges(state(&[(f, &[2], &[])]), &["10.0.0.0/8"]));
+        let (s, ops) = applied_ops(&s, &DesiredState::default());
+        assert!(
+            at(&ops, |o| matches!(o, Op::DelFrontend(_)))
+                < at(&ops, |o| matches!(o, Op::DelRange(_)))
+        );
+        assert_eq!(s.ranges().count(), 0);
+        // Ranges left by an interrupted agent under an id no frontend has: removed.
+        let mut s = s;
+        s.apply(&Op::PutRange(range_key(77, &"10.0.0.0/8".parse().unwrap())));
+        let (s, _) = applied_ops(&s, &state(&[(f, &[2], &[])]));
+        assert_eq!(s.ranges().count(), 0);
     }
 
     #[test]
