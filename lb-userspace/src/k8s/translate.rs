@@ -11,8 +11,9 @@
 //! NodePorts (type NodePort and LoadBalancer), `spec.externalIPs` and the IPs of
 //! `status.loadBalancer.ingress` become frontends too; an address of a family the Service
 //! has no cluster IP of is skipped (as kube-proxy's proxier of that family never sees the
-//! Service), ingress entries with only a hostname are ignored. `externalTrafficPolicy`
-//! is kept.
+//! Service), ingress entries with only a hostname are ignored, and so are those with
+//! `ipMode: Proxy` (as kube-proxy: that load balancer proxies to the nodes itself).
+//! `externalTrafficPolicy` is kept.
 //!
 //! EndpointSlices: only those labelled `kubernetes.io/service-name`, of address type IPv4
 //! or IPv6 (FQDN ones are skipped). Ports without a port number are dropped (as
@@ -380,6 +381,8 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
         Ok(v) => v,
         Err(reason) => return reject("Service", &namespace, &name, reason),
     };
+    // An ingress IP with `ipMode: Proxy` is the load balancer's own address, which
+    // it proxies to the nodes: not programmed, as kube-proxy does (VIP, or unset, is).
     let ingress: Vec<&str> = if service_type == ServiceType::LoadBalancer {
         svc.status
             .as_ref()
@@ -387,6 +390,7 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
             .and_then(|lb| lb.ingress.as_ref())
             .into_iter()
             .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
             .filter_map(|i| i.ip.as_deref())
             .collect()
     } else {
@@ -1629,5 +1633,43 @@ mod tests {
             vec![SkipReason::Ignored("hints.forNodes")]
         );
         assert!(used(&t).endpoints[0].zone_hints.is_some());
+    }
+
+    /// kube-proxy programs an ingress IP whose ipMode is VIP (or unset); one with
+    /// ipMode Proxy belongs to a load balancer that proxies to the nodes itself.
+    #[test]
+    fn load_balancer_ingress_ips_with_ip_mode_proxy_are_not_programmed() {
+        let r = Rules::default();
+        let t = service(
+            &lb_svc(
+                "LoadBalancer",
+                json!([{"ip": "198.51.100.7", "ipMode": "Proxy"}, {"ip": "198.51.100.8", "ipMode": "VIP"},
+                       {"ip": "198.51.100.9"}]),
+            ),
+            &r,
+        );
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert_eq!(
+            used(&t).load_balancer_ips,
+            vec![
+                IpAddr::from([198, 51, 100, 8]),
+                IpAddr::from([198, 51, 100, 9])
+            ]
+        );
+        let st = state(
+            &[lb_svc(
+                "LoadBalancer",
+                json!([{"ip": "198.51.100.7", "ipMode": "Proxy"}]),
+            )],
+            &[],
+            &r,
+        );
+        assert_eq!(
+            st.frontends
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.96.0.10:80/TCP"]
+        );
     }
 }
