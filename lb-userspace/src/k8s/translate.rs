@@ -2,7 +2,8 @@
 //! Pure: no client, no maps. Each object is translated on its own, so a malformed one is
 //! rejected (with its namespace/name and the reason) and every other keeps working.
 //!
-//! Services: headless (`clusterIP: None`), ExternalName, not yet allocated (no clusterIP),
+//! Services: headless (`clusterIP: None`, or labelled `service.kubernetes.io/headless`,
+//! which kube-proxy's watch excludes), ExternalName, not yet allocated (no clusterIP),
 //! and those labelled `service.kubernetes.io/service-proxy-name` with another proxy's name
 //! are ignored. SCTP ports are skipped (the dataplane is TCP/UDP). Every cluster IP of
 //! `clusterIPs` is programmed: IPv4, IPv6, or both for a dual-stack Service
@@ -34,6 +35,9 @@ use crate::model::{
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Label that hands a Service to an alternative proxy.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label that makes a Service headless for proxies, whatever its clusterIP (kube-proxy
+/// watches only Services without it).
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// The Node label naming its zone, which the endpoints' zone hints name.
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// Annotation the EndpointSlice controller sets to the time of the change that caused
@@ -217,6 +221,9 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
                 vec![],
             );
         }
+    }
+    if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+        return Translated::ignore(format!("headless (label {LABEL_HEADLESS})"), vec![]);
     }
     let Some(spec) = &svc.spec else {
         return reject("Service", &namespace, &name, "has no spec".into());
@@ -770,6 +777,26 @@ mod tests {
             assert!(matches!(t.outcome, Outcome::Ignore(_)), "{spec}: {t:?}");
             assert!(t.skipped.is_empty());
         }
+    }
+
+    /// kube-proxy lists Services with the selector `!service.kubernetes.io/headless`: a
+    /// Service with that label is not proxied, whatever its value and clusterIP.
+    #[test]
+    fn the_headless_label_makes_a_service_headless_for_the_proxy() {
+        for value in ["", "true"] {
+            let svc = k8s_svc(json!({
+                "metadata": {"name": "web", "namespace": "shop", "labels": {LABEL_HEADLESS: value}},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
+            }));
+            let t = service(&svc, &Rules::default());
+            assert!(matches!(t.outcome, Outcome::Ignore(_)), "{value:?}: {t:?}");
+            assert!(t.skipped.is_empty());
+        }
+        let other = k8s_svc(json!({
+            "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
+        }));
+        assert!(service(&other, &Rules::default()).used().is_some());
     }
 
     #[test]
