@@ -1,71 +1,28 @@
 //! The real `lb agent` binary in a namespace sandbox, fed by the fake API server over the
 //! real kube client, with real traffic: what kube-proxy's users do on a node. The fake API
 //! server runs inside the node's network namespace (the agent reaches it on 127.0.0.1
-//! there, as a hostNetwork pod reaches a local API server). Needs root.
+//! there, as a hostNetwork pod reaches a local API server). And clusters of two or more
+//! nodes (`Sandbox::cluster`), one `lb agent` per node with its own Node object, all
+//! against one API server in the outside namespace: the upstream Services cases that
+//! need Kubernetes objects changing under a running agent, named after them. Needs root;
+//! run one at a time.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
     path::Path,
     process::Command,
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use lb_testbench::{
-    fake_api::FakeApi,
-    sandbox::{enter, Sandbox},
+    agent::{agent_log, frontends, lb_binary, spawn_k8s_agent, wait_attached},
+    fake_api::{ApiInNetns, FakeApi},
+    sandbox::Sandbox,
 };
 use lb_userspace::dataplane::Maps;
 use serde_json::{json, Value};
 
 const NODE: &str = "node-1";
-
-/// The fake API server on a runtime whose threads live in `netns`; stopped on drop.
-struct ApiInNetns {
-    api: Option<FakeApi>,
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ApiInNetns {
-    fn start(netns_name: &str) -> Self {
-        let (tx, rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let ns = netns_name.to_string();
-        let thread = std::thread::spawn(move || {
-            enter(&ns).unwrap();
-            // Worker threads are made by this thread, so they are inside the namespace too.
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            let api = rt.block_on(FakeApi::start());
-            tx.send(api).unwrap();
-            let _ = stop_rx.recv();
-            drop(rt);
-        });
-        let api = rx.recv().expect("the fake API server started");
-        Self {
-            api: Some(api),
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn api(&self) -> &FakeApi {
-        self.api.as_ref().unwrap()
-    }
-}
-
-impl Drop for ApiInNetns {
-    fn drop(&mut self) {
-        drop(self.api.take());
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 fn service(ip: &str) -> Value {
     json!({"kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
@@ -103,7 +60,7 @@ fn the_agent_programs_services_from_the_api_and_traffic_follows() {
     for b in ["backend-1", "backend-2"] {
         sb.start_nginx(b, 8080).unwrap();
     }
-    let server = ApiInNetns::start(&sb.node);
+    let server = ApiInNetns::start(&sb.node, Ipv4Addr::LOCALHOST.into()).unwrap();
     let api = server.api();
     api.apply(json!({"kind": "Node", "metadata": {"name": NODE}}));
     api.apply(service("10.96.0.10"));
@@ -111,7 +68,7 @@ fn the_agent_programs_services_from_the_api_and_traffic_follows() {
 
     let kubeconfig = sb.path("kubeconfig.yaml");
     api.write_kubeconfig(&kubeconfig);
-    let mut cmd = Command::new(lb_testbench::agent::lb_binary().unwrap());
+    let mut cmd = Command::new(lb_binary().unwrap());
     cmd.args([
         "agent",
         "--netns",
@@ -173,4 +130,341 @@ fn the_agent_programs_services_from_the_api_and_traffic_follows() {
             .unwrap_or(false)
     });
     assert!(curl().is_err(), "a deleted Service must not answer");
+}
+
+// ---------------------------------------------------------------------------------------
+// A cluster of two (or more) nodes, one `lb agent` per node against one test API server.
+
+/// The Service every cluster test uses unless it says otherwise: web, a NodePort Service
+/// (80 -> 8080/TCP "http", NodePort 30080; 53 -> 5353/UDP "dns", NodePort 30053).
+const WEB: &str = "10.96.0.10";
+const NODE_PORT_HTTP: u16 = 30080;
+const NODE_PORT_DNS: u16 = 30053;
+/// Node 0 runs a client and a backend, node 1 two backends and a client (as
+/// `tests/cluster.rs`). Every `backend-*` pod runs nginx (8080) and a UDP responder
+/// (5353), both answering with the pod's name.
+const NODE_0: &[&str] = &["client-0", "backend-0"];
+const NODE_1: &[&str] = &["backend-1a", "backend-1b", "client-1"];
+/// Where a request comes from when it is not a pod: the client outside the cluster.
+const OUTSIDE: &str = "outside";
+/// EndpointSlice conditions as the EndpointSlice controller writes them.
+const READY: &str = "ready";
+/// A pod being deleted that still serves (its grace period).
+const TERMINATING: &str = "terminating";
+/// A pod being deleted of a Service with publishNotReadyAddresses: the controller
+/// publishes it as ready, not serving, terminating.
+const PUBLISHED_TERMINATING: &str = "published-terminating";
+/// A pod that is not ready (its readiness probe fails).
+const NOT_READY: &str = "not-ready";
+/// A pod being deleted that no longer serves.
+const GONE: &str = "gone";
+
+static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn cluster_prefix() -> String {
+    format!(
+        "lbt{}q{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    )
+}
+
+fn conditions(state: &str) -> Value {
+    match state {
+        READY => json!({"ready": true, "serving": true, "terminating": false}),
+        TERMINATING => json!({"ready": false, "serving": true, "terminating": true}),
+        PUBLISHED_TERMINATING => json!({"ready": true, "serving": false, "terminating": true}),
+        NOT_READY => json!({"ready": false, "serving": false, "terminating": false}),
+        GONE => json!({"ready": false, "serving": false, "terminating": true}),
+        other => panic!("no endpoint state {other:?}"),
+    }
+}
+
+/// A Service in namespace shop.
+fn k8s_service(name: &str, spec: Value) -> Value {
+    json!({"kind": "Service", "metadata": {"name": name, "namespace": "shop"}, "spec": spec})
+}
+
+/// web's spec, with `extra`'s fields set over it.
+fn web_spec(extra: Value) -> Value {
+    let mut spec = json!({
+    "type": "NodePort", "clusterIP": WEB, "clusterIPs": [WEB],
+    "ports": [
+        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": NODE_PORT_HTTP},
+        {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": NODE_PORT_DNS},
+    ]});
+    for (k, v) in extra.as_object().expect("an object of spec fields") {
+        spec[k] = v.clone();
+    }
+    spec
+}
+
+/// web's slice ports: http 8080/TCP, dns 5353/UDP.
+fn web_ports() -> Value {
+    json!([{"name": "http", "port": 8080, "protocol": "TCP"},
+           {"name": "dns", "port": 5353, "protocol": "UDP"}])
+}
+
+/// An IPv4 EndpointSlice of Service `svc` in namespace shop.
+fn k8s_slice(name: &str, svc: &str, ports: Value, endpoints: Vec<Value>) -> Value {
+    json!({"kind": "EndpointSlice",
+           "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": svc}},
+           "addressType": "IPv4", "ports": ports, "endpoints": endpoints})
+}
+
+struct K8sCluster {
+    /// First, so the API server stops before the sandbox's namespaces go.
+    server: ApiInNetns,
+    sb: Sandbox,
+}
+
+impl K8sCluster {
+    /// Two nodes (`NODE_0`, `NODE_1`) without zones.
+    fn new() -> Self {
+        Self::with_nodes(&[(NODE_0, None), (NODE_1, None)])
+    }
+
+    /// Nodes with their pods and zones (`topology.kubernetes.io/zone`); the servers in
+    /// every `backend-*` pod; the test API server in the outside namespace on its
+    /// underlay address (every node reaches it over the underlay, as a control plane
+    /// on the nodes' network), holding a Node object per node (its name, its InternalIPs
+    /// of both families, its zone label); and one `lb agent` per node as that node
+    /// (`--node-name`), each attached to its pods and its `eth0`.
+    fn with_nodes(nodes: &[(&[&str], Option<&str>)]) -> Self {
+        let pods: Vec<&[&str]> = nodes.iter().map(|(p, _)| *p).collect();
+        let sb = Sandbox::cluster(&cluster_prefix(), &pods).unwrap();
+        for p in sb.pods.clone() {
+            if p.name.starts_with("backend") {
+                sb.start_nginx(&p.name, 8080).unwrap();
+                sb.start_udp_echo(&p.name, 5353).unwrap();
+            }
+        }
+        let api_ip: std::net::IpAddr = lb_testbench::sandbox::OUTSIDE_IP.parse().unwrap();
+        let server = ApiInNetns::start(&sb.outside, api_ip).unwrap();
+        let c = K8sCluster { server, sb };
+        for (k, (_, zone)) in nodes.iter().enumerate() {
+            c.api().apply(c.node_object(k, *zone));
+        }
+        let kubeconfig = c.sb.path("kubeconfig.yaml");
+        c.api().write_kubeconfig(&kubeconfig);
+        let lb = lb_binary().unwrap();
+        for k in 0..nodes.len() {
+            spawn_k8s_agent(&c.sb, k, &lb, &kubeconfig, &[]).unwrap();
+        }
+        for k in 0..nodes.len() {
+            let links = c.sb.pods.iter().filter(|p| p.node == k).count();
+            wait_attached(&c.sb, k, links, Duration::from_secs(30)).unwrap();
+        }
+        c
+    }
+
+    fn api(&self) -> &FakeApi {
+        self.server.api()
+    }
+
+    /// Node `k` as the API server lists it.
+    fn node_object(&self, k: usize, zone: Option<&str>) -> Value {
+        let n = &self.sb.nodes[k];
+        let mut obj = json!({"kind": "Node", "metadata": {"name": n.name},
+        "status": {"addresses": [
+            {"type": "Hostname", "address": n.name},
+            {"type": "InternalIP", "address": n.ip.to_string()},
+            {"type": "InternalIP", "address": n.ip6.to_string()},
+        ]}});
+        if let Some(z) = zone {
+            obj["metadata"]["labels"] = json!({"topology.kubernetes.io/zone": z});
+        }
+        obj
+    }
+
+    /// The endpoint of pod `pod` (its IPv4 address and node) in state `state`.
+    fn ep(&self, pod: &str, state: &str) -> Value {
+        let p = self.sb.pod(pod);
+        json!({"addresses": [p.ip.to_string()], "nodeName": self.sb.nodes[p.node].name,
+               "conditions": conditions(state)})
+    }
+
+    /// web's slice with the given endpoints (pod, state).
+    fn web_slice(&self, eps: &[(&str, &str)]) -> Value {
+        k8s_slice(
+            "web-abc",
+            "web",
+            web_ports(),
+            eps.iter().map(|(p, s)| self.ep(p, s)).collect(),
+        )
+    }
+
+    /// `ip:port/TCP` of pod `pod` at `port`, as the maps show a backend.
+    fn backend(&self, pod: &str, port: u16) -> String {
+        format!("{}:{port}/TCP", self.sb.pod(pod).ip)
+    }
+
+    /// Node `k`'s NodePort frontend (its IPv4 address) of `port`/TCP.
+    fn node_port(&self, k: usize, port: u16) -> String {
+        format!("{}:{port}/TCP", self.sb.nodes[k].ip)
+    }
+
+    /// Every agent's log, for failure messages.
+    fn logs(&self) -> String {
+        (0..self.sb.nodes.len())
+            .map(|k| {
+                let name = agent_log(&self.sb, k);
+                format!("--- {name}\n{}", self.sb.log(&name))
+            })
+            .collect()
+    }
+
+    /// Waits until node `k`'s maps satisfy `want` (frontend -> its backends, as
+    /// [`frontends`] gives them).
+    fn wait_maps(
+        &self,
+        k: usize,
+        what: &str,
+        want: impl Fn(&BTreeMap<String, Vec<String>>) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = frontends(&self.sb, k).unwrap_or_default();
+            if want(&got) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {k}: timed out waiting for {what}; its maps hold {got:#?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until frontend `fe` of node `k` has exactly `backends` (pods at `port`).
+    fn wait_backends(&self, k: usize, fe: &str, port: u16, pods: &[&str]) {
+        let mut want: Vec<String> = pods.iter().map(|p| self.backend(p, port)).collect();
+        want.sort();
+        self.wait_maps(k, &format!("{fe} -> {pods:?}"), |m| {
+            m.get(fe) == Some(&want)
+        });
+    }
+
+    fn netns(&self, from: &str) -> String {
+        if from == OUTSIDE {
+            return self.sb.outside.clone();
+        }
+        self.sb.pod(from).netns.clone()
+    }
+
+    /// HTTP from `from` (a pod or `OUTSIDE`) to `to` ("ip:port"), `n` new connections:
+    /// the names of who answered.
+    fn http(&self, from: &str, to: &str, n: usize) -> BTreeSet<String> {
+        let url = format!("http://{to}/");
+        self.sb
+            .who_answers_http(&self.netns(from), &url, n)
+            .unwrap_or_else(|code| panic!("{from}: curl {url}: exit {code}\n{}", self.logs()))
+            .into_keys()
+            .collect()
+    }
+
+    /// One HTTP request's failure: curl's exit code (7 refused, 28 timed out); panics if
+    /// it is answered.
+    fn http_fails(&self, from: &str, to: &str) -> i32 {
+        let url = format!("http://{to}/");
+        match self.sb.http_get(&self.netns(from), &url) {
+            Ok(who) => panic!("{from}: {url} answered by {who}, expected no answer"),
+            Err(code) => code,
+        }
+    }
+
+    /// UDP from `from` to `to` ("ip:port"), `n` datagrams from new sockets: the names
+    /// of who answered (every answer from `to` itself).
+    fn udp(&self, from: &str, to: &str, n: usize) -> BTreeSet<String> {
+        self.sb
+            .who_answers_udp(&self.netns(from), to.parse().unwrap(), n)
+            .unwrap_or_else(|e| panic!("{from}: {e}\n{}", self.logs()))
+            .into_keys()
+            .collect()
+    }
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// `ip:port` of a frontend string (`ip:port/PROTO`).
+fn addr(fe: &str) -> &str {
+    fe.split('/').next().unwrap()
+}
+
+/// One agent per node, each with its own Node object, against one API server: a
+/// Service with endpoints on both nodes, its traffic policies changed on the live
+/// Service, followed by both agents, each as its own node must see it (its maps and the
+/// traffic through it): externalTrafficPolicy Local narrows each node's NodePort to its
+/// own endpoint (node 1's to node 1's), internalTrafficPolicy Local each node's cluster
+/// IP; with no endpoint left on node 0, its cluster IP refuses and its NodePort drops,
+/// while node 1's keep serving; Cluster again sends node 0's traffic to node 1.
+#[test]
+fn both_agents_follow_traffic_policy_changes_each_as_its_own_node() {
+    let c = K8sCluster::new();
+    let cip = format!("{WEB}:80/TCP");
+    let (np0, np1) = (
+        c.node_port(0, NODE_PORT_HTTP),
+        c.node_port(1, NODE_PORT_HTTP),
+    );
+    let web = |etp: &str, itp: &str| {
+        k8s_service(
+            "web",
+            web_spec(json!({"externalTrafficPolicy": etp, "internalTrafficPolicy": itp})),
+        )
+    };
+    c.api().apply(web("Cluster", "Cluster"));
+    c.api()
+        .apply(c.web_slice(&[("backend-0", READY), ("backend-1a", READY)]));
+    let both = ["backend-0", "backend-1a"];
+    for (k, np) in [(0, &np0), (1, &np1)] {
+        c.wait_backends(k, &cip, 8080, &both);
+        c.wait_backends(k, np, 8080, &both);
+    }
+    assert_eq!(c.http(OUTSIDE, addr(&np0), 20), set(&both));
+    assert_eq!(c.http(OUTSIDE, addr(&np1), 20), set(&both));
+    assert_eq!(c.http("client-0", addr(&cip), 20), set(&both));
+    assert_eq!(c.http("client-1", addr(&cip), 20), set(&both));
+    assert_eq!(c.udp("client-1", &format!("{WEB}:53"), 20), set(&both));
+    let dns1 = format!("{}:{NODE_PORT_DNS}", c.sb.nodes[1].ip);
+    assert_eq!(c.udp(OUTSIDE, &dns1, 20), set(&both));
+
+    // externalTrafficPolicy Local: each node's NodePort, its own endpoint.
+    c.api().apply(web("Local", "Cluster"));
+    c.wait_backends(0, &np0, 8080, &["backend-0"]);
+    c.wait_backends(1, &np1, 8080, &["backend-1a"]);
+    for k in 0..2 {
+        c.wait_backends(k, &cip, 8080, &both);
+    }
+    assert_eq!(c.http(OUTSIDE, addr(&np0), 10), set(&["backend-0"]));
+    assert_eq!(c.http(OUTSIDE, addr(&np1), 10), set(&["backend-1a"]));
+    assert_eq!(c.udp(OUTSIDE, &dns1, 10), set(&["backend-1a"]));
+    assert_eq!(c.http("client-1", addr(&cip), 20), set(&both));
+
+    // internalTrafficPolicy Local too: each node's cluster IP, its own endpoint.
+    c.api().apply(web("Local", "Local"));
+    c.wait_backends(0, &cip, 8080, &["backend-0"]);
+    c.wait_backends(1, &cip, 8080, &["backend-1a"]);
+    assert_eq!(c.http("client-0", addr(&cip), 10), set(&["backend-0"]));
+    assert_eq!(c.http("client-1", addr(&cip), 10), set(&["backend-1a"]));
+
+    // Node 0's endpoint goes: node 0 has none left, node 1 keeps its own.
+    c.api().apply(c.web_slice(&[("backend-1a", READY)]));
+    c.wait_backends(0, &cip, 8080, &[]);
+    c.wait_backends(0, &np0, 8080, &[]);
+    c.wait_backends(1, &cip, 8080, &["backend-1a"]);
+    assert_eq!(c.http_fails("client-0", addr(&cip)), 7, "refused");
+    assert_eq!(c.http_fails(OUTSIDE, addr(&np0)), 28, "dropped");
+    assert_eq!(c.http("client-1", addr(&cip), 5), set(&["backend-1a"]));
+    assert_eq!(c.http(OUTSIDE, addr(&np1), 5), set(&["backend-1a"]));
+
+    // Cluster again: node 0 sends its traffic to node 1's endpoint (from outside,
+    // source-NATed to node 0).
+    c.api().apply(web("Cluster", "Cluster"));
+    c.wait_backends(0, &cip, 8080, &["backend-1a"]);
+    c.wait_backends(0, &np0, 8080, &["backend-1a"]);
+    assert_eq!(c.http("client-0", addr(&cip), 5), set(&["backend-1a"]));
+    assert_eq!(c.http(OUTSIDE, addr(&np0), 5), set(&["backend-1a"]));
 }
