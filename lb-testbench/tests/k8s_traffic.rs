@@ -468,3 +468,72 @@ fn both_agents_follow_traffic_policy_changes_each_as_its_own_node() {
     assert_eq!(c.http("client-0", addr(&cip), 5), set(&["backend-1a"]));
     assert_eq!(c.http(OUTSIDE, addr(&np0), 5), set(&["backend-1a"]));
 }
+
+/// Topology (kube-proxy's `pkg/proxy/topology.go`): three nodes in two zones, node 0
+/// (a client, no backend) and node 1 (a backend) in zone-a, node 2 (a backend and a
+/// client) in zone-b; web has `trafficDistribution: PreferClose`, its slice the hints
+/// the EndpointSlice controller writes for it (each endpoint for its own zone). A pod on
+/// node 0 reaches only node 1's backend, the zone's, though node 2's is as remote; node
+/// 2's client its own zone's; from outside, node 0's NodePort (externalTrafficPolicy
+/// Cluster) zone-a's. An endpoint without hints, and then node 0 without a zone label
+/// or in a zone nobody is hinted for, turn hints off: every endpoint again.
+#[test]
+fn endpoints_hinted_for_the_nodes_zone_take_its_cluster_wide_traffic() {
+    let c = K8sCluster::with_nodes(&[
+        (&["client-0"], Some("zone-a")),
+        (&["backend-1"], Some("zone-a")),
+        (&["backend-2", "client-2"], Some("zone-b")),
+    ]);
+    let hinted = |pod: &str, zone: Option<&str>| {
+        let mut ep = c.ep(pod, READY);
+        if let Some(z) = zone {
+            ep["zone"] = json!(z);
+            ep["hints"] = json!({"forZones": [{"name": z}]});
+        }
+        ep
+    };
+    let slice = |eps: Vec<Value>| k8s_slice("web-abc", "web", web_ports(), eps);
+    c.api().apply(k8s_service(
+        "web",
+        web_spec(json!({"trafficDistribution": "PreferClose"})),
+    ));
+    c.api().apply(slice(vec![
+        hinted("backend-1", Some("zone-a")),
+        hinted("backend-2", Some("zone-b")),
+    ]));
+    let cip = format!("{WEB}:80/TCP");
+    let np0 = c.node_port(0, NODE_PORT_HTTP);
+    c.wait_backends(0, &cip, 8080, &["backend-1"]);
+    c.wait_backends(0, &np0, 8080, &["backend-1"]);
+    c.wait_backends(1, &cip, 8080, &["backend-1"]);
+    c.wait_backends(2, &cip, 8080, &["backend-2"]);
+    assert_eq!(c.http("client-0", addr(&cip), 20), set(&["backend-1"]));
+    assert_eq!(c.http("client-2", addr(&cip), 20), set(&["backend-2"]));
+    assert_eq!(c.http(OUTSIDE, addr(&np0), 20), set(&["backend-1"]));
+    let both = ["backend-1", "backend-2"];
+
+    // An endpoint without hints: hints are not used, on every node.
+    c.api().apply(slice(vec![
+        hinted("backend-1", Some("zone-a")),
+        hinted("backend-2", None),
+    ]));
+    for k in 0..3 {
+        c.wait_backends(k, &cip, 8080, &both);
+    }
+    assert_eq!(c.http("client-0", addr(&cip), 20), set(&both));
+
+    // Hints again, then node 0 loses its zone label, then is in zone-c: node 0 uses
+    // every endpoint, node 2 (zone-b) keeps its own.
+    c.api().apply(slice(vec![
+        hinted("backend-1", Some("zone-a")),
+        hinted("backend-2", Some("zone-b")),
+    ]));
+    c.wait_backends(0, &cip, 8080, &["backend-1"]);
+    for zone in [None, Some("zone-c")] {
+        c.api().apply(c.node_object(0, zone));
+        c.wait_backends(0, &cip, 8080, &both);
+        c.wait_backends(0, &np0, 8080, &both);
+        c.wait_backends(2, &cip, 8080, &["backend-2"]);
+        assert_eq!(c.http("client-0", addr(&cip), 20), set(&both), "{zone:?}");
+    }
+}
