@@ -212,10 +212,16 @@ fn k8s_slice(name: &str, svc: &str, ports: Value, endpoints: Vec<Value>) -> Valu
            "addressType": "IPv4", "ports": ports, "endpoints": endpoints})
 }
 
+/// The cluster IP of the marker Service `K8sCluster::settle` uses (hidden from
+/// `K8sCluster::wait_maps`).
+const MARKER: &str = "10.96.0.250";
+
 struct K8sCluster {
     /// First, so the API server stops before the sandbox's namespaces go.
     server: ApiInNetns,
     sb: Sandbox,
+    /// How many times `settle` ran.
+    settled: std::sync::atomic::AtomicU16,
 }
 
 impl K8sCluster {
@@ -241,7 +247,11 @@ impl K8sCluster {
         }
         let api_ip: std::net::IpAddr = lb_testbench::sandbox::OUTSIDE_IP.parse().unwrap();
         let server = ApiInNetns::start(&sb.outside, api_ip).unwrap();
-        let c = K8sCluster { server, sb };
+        let c = K8sCluster {
+            server,
+            sb,
+            settled: Default::default(),
+        };
         for (k, (_, zone)) in nodes.iter().enumerate() {
             c.api().apply(c.node_object(k, *zone));
         }
@@ -314,8 +324,44 @@ impl K8sCluster {
             .collect()
     }
 
+    /// Waits until every agent has applied every Service and EndpointSlice change made
+    /// so far, for a change that leaves the maps as they were: a marker Service and its
+    /// slice, changed after them on the same watches (each watch delivers in order, and
+    /// the writer applies in order), until every node's maps show the marker's change.
+    fn settle(&self) {
+        let n = self
+            .settled
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let port = 1000 + n;
+        self.api().apply(k8s_service(
+            "marker",
+            json!({"clusterIP": MARKER, "clusterIPs": [MARKER],
+                   "ports": [{"name": "m", "port": port, "protocol": "TCP"}]}),
+        ));
+        let ep = format!("10.244.250.{}", n % 250 + 1);
+        self.api().apply(k8s_slice(
+            "marker-abc",
+            "marker",
+            json!([{"name": "m", "port": 9, "protocol": "TCP"}]),
+            vec![json!({"addresses": [ep], "conditions": conditions(READY)})],
+        ));
+        let (fe, backend) = (format!("{MARKER}:{port}/TCP"), vec![format!("{ep}:9/TCP")]);
+        for k in 0..self.sb.nodes.len() {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while frontends(&self.sb, k).unwrap_or_default().get(&fe) != Some(&backend) {
+                assert!(
+                    Instant::now() < deadline,
+                    "node {k} did not apply the marker {fe} -> {backend:?}\n{}",
+                    self.logs()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     /// Waits until node `k`'s maps satisfy `want` (frontend -> its backends, as
-    /// [`frontends`] gives them).
+    /// [`frontends`] gives them; `settle`'s marker left out).
     fn wait_maps(
         &self,
         k: usize,
@@ -324,7 +370,8 @@ impl K8sCluster {
     ) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let got = frontends(&self.sb, k).unwrap_or_default();
+            let mut got = frontends(&self.sb, k).unwrap_or_default();
+            got.retain(|fe, _| !fe.starts_with(MARKER));
             if want(&got) {
                 return;
             }
@@ -535,5 +582,80 @@ fn endpoints_hinted_for_the_nodes_zone_take_its_cluster_wide_traffic() {
         c.wait_backends(0, &np0, 8080, &both);
         c.wait_backends(2, &cip, 8080, &["backend-2"]);
         assert_eq!(c.http("client-0", addr(&cip), 20), set(&both), "{zone:?}");
+    }
+}
+
+/// web as the upstream case makes it: NodePort, `publishNotReadyAddresses` as given, one
+/// webserver on node 0 (backend-0) in state `state` (as the EndpointSlice controller
+/// publishes it), a client on node 1 (client-1); waits until both nodes have
+/// programmed it (`count` backends on every frontend).
+fn tolerate_unready(c: &K8sCluster, publish: bool, state: &str, count: usize) {
+    c.api().apply(k8s_service(
+        "web",
+        web_spec(json!({"publishNotReadyAddresses": publish})),
+    ));
+    c.api().apply(c.web_slice(&[("backend-0", state)]));
+    c.settle();
+    for k in 0..2 {
+        c.wait_maps(k, &format!("web with {count} backend(s)"), |m| {
+            m.len() == 4 && m.values().all(|b| b.len() == count)
+        });
+    }
+}
+
+/// [sig-network] Services should be able to connect to terminating and unready
+/// endpoints if PublishNotReadyAddresses is true: the webserver on node 0 is deleted
+/// and turns unready; the EndpointSlice controller publishes it as ready (not serving,
+/// terminating) since the Service publishes not-ready addresses, and kube-proxy uses an
+/// endpoint whose ready condition is true. The client on node 1 reaches it through the
+/// cluster IP, node 0's NodePort and node 1's own NodePort (node 1 source-NATs that flow
+/// toward node 0), five times each.
+#[test]
+fn should_be_able_to_connect_to_terminating_and_unready_endpoints_if_publish_not_ready_addresses_is_true(
+) {
+    let c = K8sCluster::new();
+    tolerate_unready(&c, true, READY, 1);
+    let to = [
+        format!("{WEB}:80"),
+        addr(&c.node_port(0, NODE_PORT_HTTP)).to_string(),
+        addr(&c.node_port(1, NODE_PORT_HTTP)).to_string(),
+    ];
+    for a in &to {
+        assert_eq!(c.http("client-1", a, 1), set(&["backend-0"]), "{a}");
+    }
+    // Deleted, unready: still published (ready: true, serving: false, terminating).
+    tolerate_unready(&c, true, PUBLISHED_TERMINATING, 1);
+    for a in &to {
+        assert_eq!(c.http("client-1", a, 5), set(&["backend-0"]), "{a}");
+    }
+    let n1 = frontends(&c.sb, 1).unwrap();
+    assert_eq!(
+        n1[&c.node_port(1, NODE_PORT_HTTP)],
+        [c.backend("backend-0", 8080)]
+    );
+}
+
+/// [sig-network] Services should not be able to connect to terminating and unready
+/// endpoints if PublishNotReadyAddresses is false: the same pod, deleted and unready, is
+/// published as not ready and not serving: the cluster IP and both NodePorts refuse the
+/// client on node 1.
+#[test]
+fn should_not_be_able_to_connect_to_terminating_and_unready_endpoints_if_publish_not_ready_addresses_is_false(
+) {
+    let c = K8sCluster::new();
+    tolerate_unready(&c, false, READY, 1);
+    assert_eq!(
+        c.http("client-1", &format!("{WEB}:80"), 1),
+        set(&["backend-0"])
+    );
+    tolerate_unready(&c, false, GONE, 0);
+    for a in [
+        format!("{WEB}:80"),
+        addr(&c.node_port(0, NODE_PORT_HTTP)).to_string(),
+        addr(&c.node_port(1, NODE_PORT_HTTP)).to_string(),
+    ] {
+        for _ in 0..5 {
+            assert_eq!(c.http_fails("client-1", &a), 7, "{a}: refused");
+        }
     }
 }

@@ -904,4 +904,44 @@ mod tests {
             (vec![rb("10.244.2.2", 8080)], vec![b("10.244.0.3", 8080)])
         );
     }
+
+    /// [sig-network] Services should be able to connect to terminating and unready
+    /// endpoints if PublishNotReadyAddresses is true: the EndpointSlice controller then
+    /// publishes a terminating, not serving pod as ready (`ready: true, serving: false,
+    /// terminating: true`), and kube-proxy uses an endpoint whose ready condition is
+    /// true, terminating or not; so does the model, on every frontend, here or not.
+    #[test]
+    fn a_published_not_ready_endpoint_is_used_while_terminating() {
+        let me = node(Some("node-b"), &["192.168.1.1"]);
+        let published = on(
+            Some("node-a"),
+            ep("10.244.0.2", Some(true), Some(false), Some(true)),
+        );
+        let st = desired_state(
+            &[web(ServiceType::NodePort, Some(30080))],
+            &[web_slice(vec![published.clone()])],
+            &me,
+        );
+        for fe in [fa("10.96.0.10", 80), fa("192.168.1.1", 30080)] {
+            assert_eq!(
+                st.frontends[&fe].active[..],
+                [rb("10.244.0.2", 8080)],
+                "{fe}"
+            );
+        }
+        // It counts as ready: a serving terminating endpoint is not used beside it.
+        let serving = on(
+            Some("node-a"),
+            ep("10.244.0.3", Some(false), Some(true), Some(true)),
+        );
+        let st = desired_state(
+            &[web(ServiceType::ClusterIP, None)],
+            &[web_slice(vec![published, serving])],
+            &me,
+        );
+        assert_eq!(
+            st.frontends[&fa("10.96.0.10", 80)].active[..],
+            [rb("10.244.0.2", 8080)]
+        );
+    }
 }
