@@ -294,6 +294,16 @@ impl K8sCluster {
                "conditions": conditions(state)})
     }
 
+    /// A slice `name` of Service `svc` with `ports` and the given endpoints (pod, state).
+    fn slice(&self, name: &str, svc: &str, ports: Value, eps: &[(&str, &str)]) -> Value {
+        k8s_slice(
+            name,
+            svc,
+            ports,
+            eps.iter().map(|(p, s)| self.ep(p, s)).collect(),
+        )
+    }
+
     /// web's slice with the given endpoints (pod, state).
     fn web_slice(&self, eps: &[(&str, &str)]) -> Value {
         k8s_slice(
@@ -393,6 +403,20 @@ impl K8sCluster {
         });
     }
 
+    /// Waits until every node's frontend `fe` has exactly `pods` (at `port`).
+    fn wait_everywhere(&self, fe: &str, port: u16, pods: &[&str]) {
+        for k in 0..self.sb.nodes.len() {
+            self.wait_backends(k, fe, port, pods);
+        }
+    }
+
+    /// Waits until no node has the frontend `fe`.
+    fn wait_gone(&self, fe: &str) {
+        for k in 0..self.sb.nodes.len() {
+            self.wait_maps(k, &format!("{fe} gone"), |m| !m.contains_key(fe));
+        }
+    }
+
     fn netns(&self, from: &str) -> String {
         if from == OUTSIDE {
             return self.sb.outside.clone();
@@ -418,6 +442,18 @@ impl K8sCluster {
         match self.sb.http_get(&self.netns(from), &url) {
             Ok(who) => panic!("{from}: {url} answered by {who}, expected no answer"),
             Err(code) => code,
+        }
+    }
+
+    /// One UDP datagram from `from` to `to` ("ip:port") that gets no answer (refused, or
+    /// none in 3 s); panics if it is answered.
+    fn udp_fails(&self, from: &str, to: &str) {
+        let answers = self
+            .sb
+            .udp_ask(&self.netns(from), to.parse().unwrap(), 1)
+            .unwrap();
+        if let Some(Ok((src, who))) = answers.first() {
+            panic!("{from}: UDP to {to} answered by {who} from {src}, expected no answer");
         }
     }
 
@@ -658,4 +694,304 @@ fn should_not_be_able_to_connect_to_terminating_and_unready_endpoints_if_publish
             assert_eq!(c.http_fails("client-1", &a), 7, "{a}: refused");
         }
     }
+}
+
+/// A ClusterIP Service `name` at `cip` with `ports` and `extra` spec fields.
+fn cluster_ip_service(name: &str, cip: &str, ports: Value, extra: Value) -> Value {
+    let mut spec =
+        json!({"type": "ClusterIP", "clusterIP": cip, "clusterIPs": [cip], "ports": ports});
+    for (k, v) in extra.as_object().expect("an object of spec fields") {
+        spec[k] = v.clone();
+    }
+    k8s_service(name, spec)
+}
+
+/// [sig-network] Services should serve multiport endpoints from pods: two ports
+/// (portname1 80, portname2 81) whose named target ports only one pod each has
+/// (backend-0 on node 0: portname1; backend-1a on node 1: portname2), so the
+/// EndpointSlice controller writes a slice per port set. From a pod on node 1, each
+/// port reaches its pod once it exists, and refuses once it is gone.
+#[test]
+fn should_serve_multiport_endpoints_from_pods() {
+    let c = K8sCluster::new();
+    let cip = "10.96.0.20";
+    c.api().apply(cluster_ip_service(
+        "multi-endpoint-test",
+        cip,
+        json!([{"name": "portname1", "port": 80, "targetPort": "svc1"},
+               {"name": "portname2", "port": 81, "targetPort": "svc2"}]),
+        json!({}),
+    ));
+    let (p1, p2) = (format!("{cip}:80"), format!("{cip}:81"));
+    let slice1 = |eps: &[(&str, &str)]| {
+        c.slice(
+            "multi-endpoint-test-1",
+            "multi-endpoint-test",
+            json!([{"name": "portname1", "port": 8080, "protocol": "TCP"}]),
+            eps,
+        )
+    };
+    let slice2 = |eps: &[(&str, &str)]| {
+        c.slice(
+            "multi-endpoint-test-2",
+            "multi-endpoint-test",
+            json!([{"name": "portname2", "port": 8080, "protocol": "TCP"}]),
+            eps,
+        )
+    };
+    c.wait_everywhere(&format!("{p1}/TCP"), 8080, &[]);
+    c.wait_everywhere(&format!("{p2}/TCP"), 8080, &[]);
+    assert_eq!(c.http_fails("client-1", &p1), 7);
+    c.api().apply(slice1(&[("backend-0", READY)]));
+    c.wait_everywhere(&format!("{p1}/TCP"), 8080, &["backend-0"]);
+    assert_eq!(c.http("client-1", &p1, 5), set(&["backend-0"]));
+    assert_eq!(c.http_fails("client-1", &p2), 7);
+    c.api().apply(slice2(&[("backend-1a", READY)]));
+    c.wait_everywhere(&format!("{p2}/TCP"), 8080, &["backend-1a"]);
+    assert_eq!(c.http("client-1", &p1, 5), set(&["backend-0"]));
+    assert_eq!(c.http("client-1", &p2, 5), set(&["backend-1a"]));
+    c.api().apply(slice1(&[]));
+    c.wait_everywhere(&format!("{p1}/TCP"), 8080, &[]);
+    assert_eq!(c.http_fails("client-1", &p1), 7);
+    assert_eq!(c.http("client-1", &p2, 5), set(&["backend-1a"]));
+    c.api().apply(slice2(&[]));
+    c.wait_everywhere(&format!("{p2}/TCP"), 8080, &[]);
+    assert_eq!(c.http_fails("client-1", &p2), 7);
+}
+
+/// [sig-network] Services should serve endpoints on same port and different protocols:
+/// port 80 over TCP and over UDP, one pod serving both (backend-1a, on node 1), a
+/// client on node 0. Both answer; with only the TCP port left, UDP gets no answer; with
+/// only the UDP port, TCP fails.
+#[test]
+fn should_serve_endpoints_on_same_port_and_different_protocols() {
+    let c = K8sCluster::new();
+    let cip = "10.96.0.21";
+    let tcp = json!({"name": "tcp-port", "port": 80, "targetPort": 8080, "protocol": "TCP"});
+    let udp = json!({"name": "udp-port", "port": 80, "targetPort": 5353, "protocol": "UDP"});
+    let svc = |ports: Value| cluster_ip_service("multiprotocol-test", cip, ports, json!({}));
+    c.api().apply(svc(json!([tcp, udp])));
+    c.api().apply(c.slice(
+        "multiprotocol-test-1",
+        "multiprotocol-test",
+        json!([{"name": "tcp-port", "port": 8080, "protocol": "TCP"},
+               {"name": "udp-port", "port": 5353, "protocol": "UDP"}]),
+        &[("backend-1a", READY)],
+    ));
+    let to = format!("{cip}:80");
+    c.wait_everywhere(&format!("{to}/TCP"), 8080, &["backend-1a"]);
+    c.wait_maps(0, "the UDP port", |m| {
+        m.get(&format!("{to}/UDP")).is_some_and(|b| b.len() == 1)
+    });
+    assert_eq!(c.http("client-0", &to, 3), set(&["backend-1a"]));
+    assert_eq!(c.udp("client-0", &to, 3), set(&["backend-1a"]));
+    c.api().apply(svc(json!([tcp])));
+    c.wait_gone(&format!("{to}/UDP"));
+    assert_eq!(c.http("client-0", &to, 3), set(&["backend-1a"]));
+    c.udp_fails("client-0", &to);
+    c.api().apply(svc(json!([udp])));
+    c.wait_gone(&format!("{to}/TCP"));
+    assert_eq!(c.udp("client-0", &to, 3), set(&["backend-1a"]));
+    c.http_fails("client-0", &to);
+}
+
+/// [sig-network] Services should be able to update service type to NodePort listening
+/// on same port number but different protocols: a ClusterIP Service on port 80/TCP
+/// becomes a NodePort Service, then gets port 80/UDP too (its NodePort the same number
+/// as the TCP one's); both are reached through the cluster IP from a pod and through
+/// both nodes' NodePorts from outside.
+#[test]
+fn should_be_able_to_update_service_type_to_node_port_listening_on_same_port_number_but_different_protocols(
+) {
+    let c = K8sCluster::new();
+    let cip = "10.96.0.22";
+    let name = "nodeport-update-service";
+    let tcp = json!({"name": "tcp-port", "port": 80, "targetPort": 8080, "protocol": "TCP"});
+    c.api()
+        .apply(cluster_ip_service(name, cip, json!([tcp]), json!({})));
+    c.api().apply(c.slice(
+        "nodeport-update-service-1",
+        name,
+        json!([{"name": "tcp-port", "port": 8080, "protocol": "TCP"},
+               {"name": "udp-port", "port": 5353, "protocol": "UDP"}]),
+        &[("backend-0", READY), ("backend-1a", READY)],
+    ));
+    let both = ["backend-0", "backend-1a"];
+    c.wait_everywhere(&format!("{cip}:80/TCP"), 8080, &both);
+    let mut tcp_np = tcp.clone();
+    tcp_np["nodePort"] = json!(30100);
+    let mut spec = json!({"type": "NodePort", "ports": [tcp_np]});
+    c.api()
+        .apply(cluster_ip_service(name, cip, json!([]), spec.clone()));
+    for k in 0..2 {
+        c.wait_backends(k, &c.node_port(k, 30100), 8080, &both);
+    }
+    for k in 0..2 {
+        let np = format!("{}:30100", c.sb.nodes[k].ip);
+        assert_eq!(c.http(OUTSIDE, &np, 20), set(&both), "{np}");
+    }
+    spec["ports"] = json!([tcp_np,
+        {"name": "udp-port", "port": 80, "targetPort": 5353, "protocol": "UDP", "nodePort": 30100}]);
+    c.api()
+        .apply(cluster_ip_service(name, cip, json!([]), spec));
+    for k in 0..2 {
+        let fe = format!("{}:30100/UDP", c.sb.nodes[k].ip);
+        c.wait_maps(k, &fe, |m| m.get(&fe).is_some_and(|b| b.len() == 2));
+    }
+    assert_eq!(c.http("client-1", &format!("{cip}:80"), 20), set(&both));
+    assert_eq!(c.udp("client-1", &format!("{cip}:80"), 20), set(&both));
+    for k in 0..2 {
+        let np = format!("{}:30100", c.sb.nodes[k].ip);
+        assert_eq!(c.http(OUTSIDE, &np, 20), set(&both), "{np}");
+        assert_eq!(c.udp(OUTSIDE, &np, 20), set(&both), "{np}/UDP");
+    }
+}
+
+/// [sig-network] Services should preserve source pod IP for traffic thru service
+/// cluster IP: a server echoing the address a request came from (backend-0, on node 0)
+/// behind a cluster IP; a pod on each node sees its own address echoed (no SNAT for
+/// cluster IP traffic, on either node).
+#[test]
+fn should_preserve_source_pod_ip_for_traffic_thru_service_cluster_ip() {
+    let c = K8sCluster::new();
+    let cip = "10.96.0.23";
+    c.api().apply(cluster_ip_service(
+        "sourceip-test",
+        cip,
+        json!([{"name": "http", "port": 8080, "targetPort": 8080}]),
+        json!({}),
+    ));
+    c.api().apply(c.slice(
+        "sourceip-test-1",
+        "sourceip-test",
+        json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+        &[("backend-0", READY)],
+    ));
+    c.wait_everywhere(&format!("{cip}:8080/TCP"), 8080, &["backend-0"]);
+    for client in ["client-0", "client-1"] {
+        let url = format!("http://{cip}:8080/clientip");
+        let seen = c.sb.http_get(&c.netns(client), &url);
+        assert_eq!(
+            seen,
+            Ok(c.sb.pod(client).ip.to_string()),
+            "{client} through {url}"
+        );
+    }
+}
+
+/// [sig-network] Services should be possible to connect to a service via ExternalIP
+/// when the external IP is not assigned to a node: a ClusterIP Service with the
+/// external IP 203.0.113.250 (no node has it), two pods (one per node); a pod on node 1
+/// reaches both through the cluster IP and through the external IP (toward node 0's,
+/// source-NATed by node 1: externalTrafficPolicy Cluster).
+#[test]
+fn should_be_possible_to_connect_to_a_service_via_external_ip_when_the_external_ip_is_not_assigned_to_a_node(
+) {
+    let c = K8sCluster::new();
+    let (cip, external) = ("10.96.0.24", "203.0.113.250");
+    c.api().apply(cluster_ip_service(
+        "externalip-test",
+        cip,
+        json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+        json!({"externalIPs": [external]}),
+    ));
+    c.api().apply(c.slice(
+        "externalip-test-1",
+        "externalip-test",
+        json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+        &[("backend-0", READY), ("backend-1a", READY)],
+    ));
+    let both = ["backend-0", "backend-1a"];
+    c.wait_everywhere(&format!("{external}:80/TCP"), 8080, &both);
+    assert_eq!(c.http("client-1", &format!("{cip}:80"), 20), set(&both));
+    assert_eq!(
+        c.http("client-1", &format!("{external}:80"), 20),
+        set(&both)
+    );
+}
+
+/// [sig-network] Services should work after the service has been recreated: a Service
+/// and its pod; the Service is deleted (its frontends leave both nodes, and its slice
+/// goes with it, as the EndpointSlice controller does) and created again under the same
+/// name with a new cluster IP: it answers there.
+#[test]
+fn should_work_after_the_service_has_been_recreated() {
+    let c = K8sCluster::new();
+    let name = "service-deletion";
+    let svc = |cip: &str| {
+        cluster_ip_service(
+            name,
+            cip,
+            json!([{"name": "", "port": 80, "targetPort": 8080}]),
+            json!({}),
+        )
+    };
+    let slice = c.slice(
+        "service-deletion-1",
+        name,
+        json!([{"name": "", "port": 8080, "protocol": "TCP"}]),
+        &[("backend-1a", READY)],
+    );
+    c.api().apply(svc("10.96.0.25"));
+    c.api().apply(slice.clone());
+    c.wait_everywhere("10.96.0.25:80/TCP", 8080, &["backend-1a"]);
+    assert_eq!(c.http("client-0", "10.96.0.25:80", 3), set(&["backend-1a"]));
+    c.api().delete("Service", "shop", name);
+    c.api()
+        .delete("EndpointSlice", "shop", "service-deletion-1");
+    c.wait_gone("10.96.0.25:80/TCP");
+    c.http_fails("client-0", "10.96.0.25:80");
+    c.api().apply(svc("10.96.0.26"));
+    c.api().apply(slice);
+    c.wait_everywhere("10.96.0.26:80/TCP", 8080, &["backend-1a"]);
+    assert_eq!(c.http("client-0", "10.96.0.26:80", 3), set(&["backend-1a"]));
+}
+
+/// [sig-network] Services should be updated after adding or deleting ports: a Service
+/// with portname1 (80) and its pod (backend-0); portname2 (81) is added, with a pod
+/// of its own (backend-1a, in a slice of its own: the pods' port sets differ); both
+/// answer; portname2 is deleted: 80 still answers, 81 no longer does.
+#[test]
+fn should_be_updated_after_adding_or_deleting_ports() {
+    let c = K8sCluster::new();
+    let (cip, name) = ("10.96.0.27", "edit-port-test");
+    let p1 = json!({"name": "portname1", "port": 80, "targetPort": "svc1"});
+    let p2 = json!({"name": "portname2", "port": 81, "targetPort": "svc2"});
+    c.api()
+        .apply(cluster_ip_service(name, cip, json!([p1]), json!({})));
+    c.api().apply(c.slice(
+        "edit-port-test-1",
+        name,
+        json!([{"name": "portname1", "port": 8080, "protocol": "TCP"}]),
+        &[("backend-0", READY)],
+    ));
+    c.wait_everywhere(&format!("{cip}:80/TCP"), 8080, &["backend-0"]);
+    assert_eq!(
+        c.http("client-1", &format!("{cip}:80"), 3),
+        set(&["backend-0"])
+    );
+    c.api()
+        .apply(cluster_ip_service(name, cip, json!([p1, p2]), json!({})));
+    let slice2 = |ports: Value| c.slice("edit-port-test-2", name, ports, &[("backend-1a", READY)]);
+    c.api().apply(slice2(
+        json!([{"name": "portname2", "port": 8080, "protocol": "TCP"}]),
+    ));
+    c.wait_everywhere(&format!("{cip}:81/TCP"), 8080, &["backend-1a"]);
+    assert_eq!(
+        c.http("client-1", &format!("{cip}:80"), 3),
+        set(&["backend-0"])
+    );
+    assert_eq!(
+        c.http("client-1", &format!("{cip}:81"), 3),
+        set(&["backend-1a"])
+    );
+    c.api()
+        .apply(cluster_ip_service(name, cip, json!([p1]), json!({})));
+    c.api().apply(slice2(json!([])));
+    c.wait_gone(&format!("{cip}:81/TCP"));
+    assert_eq!(
+        c.http("client-1", &format!("{cip}:80"), 3),
+        set(&["backend-0"])
+    );
+    c.http_fails("client-1", &format!("{cip}:81"));
 }
