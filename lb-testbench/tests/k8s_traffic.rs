@@ -17,7 +17,7 @@ use std::{
 use lb_testbench::{
     agent::{agent_log, frontends, lb_binary, spawn_k8s_agent, wait_attached},
     fake_api::{ApiInNetns, FakeApi},
-    sandbox::Sandbox,
+    sandbox::{Sandbox, NODE_IP},
 };
 use lb_userspace::dataplane::Maps;
 use serde_json::{json, Value};
@@ -994,4 +994,532 @@ fn should_be_updated_after_adding_or_deleting_ports() {
         set(&["backend-0"])
     );
     c.http_fails("client-1", &format!("{cip}:81"));
+}
+
+/// An ExternalName Service `name` (no cluster IP: the API server clears it).
+fn external_name_service(name: &str, target: &str) -> Value {
+    k8s_service(
+        name,
+        json!({"type": "ExternalName", "externalName": target}),
+    )
+}
+
+/// A slice of Service `svc` (port "http" 8080/TCP) on backend-0 and backend-1a, the
+/// pods `jig.CreateServicePods(2)` makes in the upstream cases.
+fn two_pods(c: &K8sCluster, svc: &str) -> Value {
+    c.slice(
+        &format!("{svc}-1"),
+        svc,
+        json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+        &[("backend-0", READY), ("backend-1a", READY)],
+    )
+}
+
+const TWO_PODS: [&str; 2] = ["backend-0", "backend-1a"];
+
+/// [sig-network] Services should be able to change the type from ExternalName to
+/// ClusterIP: nothing is programmed for the ExternalName Service; changed to ClusterIP
+/// (a cluster IP allocated, port 80), it reaches its two pods from a pod.
+#[test]
+fn should_be_able_to_change_the_type_from_external_name_to_cluster_ip() {
+    let c = K8sCluster::new();
+    let name = "externalname-service";
+    c.api()
+        .apply(external_name_service(name, "foo.example.com"));
+    c.api().apply(two_pods(&c, name));
+    c.settle();
+    for k in 0..2 {
+        assert!(
+            frontends(&c.sb, k)
+                .unwrap()
+                .keys()
+                .all(|fe| fe.starts_with(MARKER)),
+            "node {k}: nothing for an ExternalName Service"
+        );
+    }
+    let cip = "10.96.0.30";
+    c.api().apply(cluster_ip_service(
+        name,
+        cip,
+        json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+        json!({}),
+    ));
+    c.wait_everywhere(&format!("{cip}:80/TCP"), 8080, &TWO_PODS);
+    assert_eq!(c.http("client-1", &format!("{cip}:80"), 20), set(&TWO_PODS));
+}
+
+/// [sig-network] Services should be able to change the type from ExternalName to
+/// NodePort: changed to NodePort, it reaches its two pods through the cluster IP and
+/// through both nodes' NodePort, from a pod and from outside.
+#[test]
+fn should_be_able_to_change_the_type_from_external_name_to_node_port() {
+    let c = K8sCluster::new();
+    let name = "externalname-service";
+    c.api()
+        .apply(external_name_service(name, "foo.example.com"));
+    c.api().apply(two_pods(&c, name));
+    c.settle();
+    let cip = "10.96.0.31";
+    c.api().apply(cluster_ip_service(
+        name,
+        cip,
+        json!([]),
+        json!({"type": "NodePort",
+               "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30110}]}),
+    ));
+    for k in 0..2 {
+        c.wait_backends(k, &c.node_port(k, 30110), 8080, &TWO_PODS);
+    }
+    assert_eq!(c.http("client-1", &format!("{cip}:80"), 20), set(&TWO_PODS));
+    for k in 0..2 {
+        let np = format!("{}:30110", c.sb.nodes[k].ip);
+        assert_eq!(c.http("client-1", &np, 20), set(&TWO_PODS), "{np}");
+        assert_eq!(c.http(OUTSIDE, &np, 20), set(&TWO_PODS), "{np}");
+    }
+}
+
+/// The `externalsvc` Service of the upstream "... to ExternalName" cases (what the
+/// ExternalName Service's DNS name leads to), on backend-1b; waits until it answers.
+fn external_service(c: &K8sCluster) -> String {
+    let cip = "10.96.0.39";
+    c.api().apply(cluster_ip_service(
+        "externalsvc",
+        cip,
+        json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+        json!({}),
+    ));
+    c.api().apply(c.slice(
+        "externalsvc-1",
+        "externalsvc",
+        json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+        &[("backend-1b", READY)],
+    ));
+    c.wait_everywhere(&format!("{cip}:80/TCP"), 8080, &["backend-1b"]);
+    format!("{cip}:80")
+}
+
+/// [sig-network] Services should be able to change the type from ClusterIP to
+/// ExternalName: changed to ExternalName (pointing at externalsvc), its cluster IP
+/// leaves both nodes' maps and no longer answers, while externalsvc, which the name
+/// resolves to, does.
+#[test]
+fn should_be_able_to_change_the_type_from_cluster_ip_to_external_name() {
+    let c = K8sCluster::new();
+    let (name, cip) = ("clusterip-service", "10.96.0.32");
+    c.api().apply(cluster_ip_service(
+        name,
+        cip,
+        json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+        json!({}),
+    ));
+    c.api().apply(two_pods(&c, name));
+    c.wait_everywhere(&format!("{cip}:80/TCP"), 8080, &TWO_PODS);
+    assert_eq!(c.http("client-1", &format!("{cip}:80"), 20), set(&TWO_PODS));
+    let external = external_service(&c);
+    c.api().apply(external_name_service(
+        name,
+        "externalsvc.shop.svc.cluster.local",
+    ));
+    c.wait_gone(&format!("{cip}:80/TCP"));
+    c.http_fails("client-1", &format!("{cip}:80"));
+    assert_eq!(c.http("client-1", &external, 3), set(&["backend-1b"]));
+}
+
+/// [sig-network] Services should be able to change the type from NodePort to
+/// ExternalName: its cluster IP and both nodes' NodePorts leave the maps; the NodePort
+/// no longer answers from outside; externalsvc does.
+#[test]
+fn should_be_able_to_change_the_type_from_node_port_to_external_name() {
+    let c = K8sCluster::new();
+    let (name, cip) = ("nodeport-service", "10.96.0.33");
+    c.api().apply(cluster_ip_service(
+        name,
+        cip,
+        json!([]),
+        json!({"type": "NodePort",
+               "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30111}]}),
+    ));
+    c.api().apply(two_pods(&c, name));
+    for k in 0..2 {
+        c.wait_backends(k, &c.node_port(k, 30111), 8080, &TWO_PODS);
+    }
+    let np0 = format!("{}:30111", c.sb.nodes[0].ip);
+    assert_eq!(c.http(OUTSIDE, &np0, 20), set(&TWO_PODS));
+    let external = external_service(&c);
+    c.api().apply(external_name_service(
+        name,
+        "externalsvc.shop.svc.cluster.local",
+    ));
+    c.wait_gone(&format!("{cip}:80/TCP"));
+    for k in 0..2 {
+        c.wait_gone(&c.node_port(k, 30111));
+    }
+    c.http_fails(OUTSIDE, &np0);
+    c.http_fails("client-1", &format!("{cip}:80"));
+    assert_eq!(c.http("client-1", &external, 3), set(&["backend-1b"]));
+}
+
+/// The upstream label cases: `disabled` created with `labels`, `toggled` without; the
+/// label put on `toggled` and taken off again; each step checked through both cluster
+/// IPs from a pod on node 1 (up: its three pods answer; down: no answer).
+fn label_toggles_the_service(labels: Value, disabled: &str, toggled: &str) {
+    let c = K8sCluster::new();
+    let pods = ["backend-0", "backend-1a", "backend-1b"];
+    let (ip_disabled, ip_toggled) = ("10.96.0.34", "10.96.0.35");
+    let svc = |name: &str, cip: &str, labels: Option<&Value>| {
+        let mut s = cluster_ip_service(
+            name,
+            cip,
+            json!([{"name": "", "port": 80, "targetPort": 8080}]),
+            json!({}),
+        );
+        if let Some(l) = labels {
+            s["metadata"]["labels"] = l.clone();
+        }
+        s
+    };
+    for (name, cip, l) in [
+        (disabled, ip_disabled, Some(&labels)),
+        (toggled, ip_toggled, None),
+    ] {
+        c.api().apply(svc(name, cip, l));
+        let eps: Vec<(&str, &str)> = pods.iter().map(|p| (*p, READY)).collect();
+        c.api().apply(c.slice(
+            &format!("{name}-1"),
+            name,
+            json!([{"name": "", "port": 8080, "protocol": "TCP"}]),
+            &eps,
+        ));
+    }
+    let up = |cip: &str| {
+        c.wait_everywhere(&format!("{cip}:80/TCP"), 8080, &pods);
+        assert_eq!(
+            c.http("client-1", &format!("{cip}:80"), 30),
+            set(&pods),
+            "{cip}"
+        );
+    };
+    let down = |cip: &str| {
+        c.wait_gone(&format!("{cip}:80/TCP"));
+        c.http_fails("client-1", &format!("{cip}:80"));
+    };
+    up(ip_toggled);
+    c.settle();
+    down(ip_disabled);
+    c.api().apply(svc(toggled, ip_toggled, Some(&labels)));
+    down(ip_toggled);
+    c.api().apply(svc(toggled, ip_toggled, None));
+    up(ip_toggled);
+    c.settle();
+    down(ip_disabled);
+}
+
+/// [sig-network] Services should implement service.kubernetes.io/service-proxy-name:
+/// a Service labelled for another proxy (foo-bar) is left alone by both agents;
+/// labelling a live Service takes it away, removing the label gives it back.
+#[test]
+fn should_implement_service_kubernetes_io_service_proxy_name() {
+    label_toggles_the_service(
+        json!({"service.kubernetes.io/service-proxy-name": "foo-bar"}),
+        "service-proxy-disabled",
+        "service-proxy-toggled",
+    );
+}
+
+/// [sig-network] Services should implement service.kubernetes.io/headless: a Service
+/// labelled headless (with a cluster IP all the same) is not proxied, as kube-proxy's
+/// watch excludes it; the label toggled on a live Service takes it away and back.
+#[test]
+fn should_implement_service_kubernetes_io_headless() {
+    label_toggles_the_service(
+        json!({"service.kubernetes.io/headless": ""}),
+        "service-headless",
+        "service-headless-toggled",
+    );
+}
+
+/// [sig-network] EndpointSlice should support a Service with multiple ports specified
+/// in multiple EndpointSlices: a Service without selector, two ports, and a hand-made
+/// slice per port, each with a pod of its own: each port reaches its pod.
+#[test]
+fn should_support_a_service_with_multiple_ports_specified_in_multiple_endpoint_slices() {
+    let c = K8sCluster::new();
+    let (name, cip) = ("example-custom-endpoints", "10.96.0.36");
+    c.api().apply(cluster_ip_service(
+        name,
+        cip,
+        json!([{"name": "example-int-port", "port": 80, "targetPort": 8080},
+               {"name": "example-named-port", "port": 81, "targetPort": "http"}]),
+        json!({}),
+    ));
+    for (slice, port, pod) in [
+        ("e2e-custom-slice-1", "example-int-port", "backend-0"),
+        ("e2e-custom-slice-2", "example-named-port", "backend-1a"),
+    ] {
+        c.api().apply(c.slice(
+            slice,
+            name,
+            json!([{"name": port, "port": 8080, "protocol": "TCP"}]),
+            &[(pod, READY)],
+        ));
+    }
+    c.wait_everywhere(&format!("{cip}:80/TCP"), 8080, &["backend-0"]);
+    c.wait_everywhere(&format!("{cip}:81/TCP"), 8080, &["backend-1a"]);
+    assert_eq!(
+        c.http("client-1", &format!("{cip}:80"), 5),
+        set(&["backend-0"])
+    );
+    assert_eq!(
+        c.http("client-0", &format!("{cip}:81"), 5),
+        set(&["backend-1a"])
+    );
+}
+
+/// [sig-network] EndpointSlice should support a Service with multiple endpoint IPs
+/// specified in multiple EndpointSlices: one port, a hand-made slice per pod: both
+/// pods answer.
+#[test]
+fn should_support_a_service_with_multiple_endpoint_ips_specified_in_multiple_endpoint_slices() {
+    let c = K8sCluster::new();
+    let (name, cip) = ("example-custom-endpoints", "10.96.0.37");
+    c.api().apply(cluster_ip_service(
+        name,
+        cip,
+        json!([{"name": "example-int-port", "port": 80, "targetPort": 8080}]),
+        json!({}),
+    ));
+    for (slice, pod) in [
+        ("e2e-custom-slice-1", "backend-0"),
+        ("e2e-custom-slice-2", "backend-1a"),
+    ] {
+        c.api().apply(c.slice(
+            slice,
+            name,
+            json!([{"name": "example-int-port", "port": 8080, "protocol": "TCP"}]),
+            &[(pod, READY)],
+        ));
+    }
+    c.wait_everywhere(&format!("{cip}:80/TCP"), 8080, &TWO_PODS);
+    assert_eq!(c.http("client-1", &format!("{cip}:80"), 20), set(&TWO_PODS));
+}
+
+/// The upstream terminating-fallback cases: a Service (`extra` spec fields over web's)
+/// whose one webserver (backend-0, on node 0) is deleted and still serves during its
+/// grace period; pause pods on both nodes (client-0, client-1). Waits until node
+/// `k`'s frontend `fe` has the terminating endpoint for every `k` in `serving`.
+fn all_terminating(extra: Value, serving: &[(usize, String)]) -> K8sCluster {
+    let c = K8sCluster::new();
+    c.api().apply(k8s_service("web", web_spec(extra)));
+    c.api().apply(c.web_slice(&[("backend-0", READY)]));
+    for (k, fe) in serving {
+        c.wait_backends(*k, fe, 8080, &["backend-0"]);
+    }
+    // Deleted: terminating, serving, the only endpoint.
+    c.api().apply(c.web_slice(&[("backend-0", TERMINATING)]));
+    c.settle();
+    for (k, fe) in serving {
+        c.wait_backends(*k, fe, 8080, &["backend-0"]);
+    }
+    c
+}
+
+/// [sig-network] Services should fallback to terminating endpoints when there are no
+/// ready endpoints with internalTrafficPolicy=Cluster: both pause pods reach the
+/// terminating webserver through the cluster IP, five times each.
+#[test]
+fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_cluster(
+) {
+    let cip = format!("{WEB}:80/TCP");
+    let c = all_terminating(
+        json!({"type": "ClusterIP", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+        &[(0, cip.clone()), (1, cip.clone())],
+    );
+    for _ in 0..5 {
+        assert_eq!(c.http("client-0", addr(&cip), 1), set(&["backend-0"]));
+        assert_eq!(c.http("client-1", addr(&cip), 1), set(&["backend-0"]));
+    }
+}
+
+/// [sig-network] Services should fallback to local terminating endpoints when there are
+/// no ready endpoints with internalTrafficPolicy=Local: the pause pod on the
+/// webserver's node reaches it through the cluster IP; the one on the other node gets
+/// an error (no local endpoint there: refused), five times each.
+#[test]
+fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_local(
+) {
+    let cip = format!("{WEB}:80/TCP");
+    let c = all_terminating(
+        json!({"type": "ClusterIP", "internalTrafficPolicy": "Local",
+               "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+        &[(0, cip.clone())],
+    );
+    c.wait_backends(1, &cip, 8080, &[]);
+    for _ in 0..5 {
+        assert_eq!(c.http("client-0", addr(&cip), 1), set(&["backend-0"]));
+        assert_eq!(c.http_fails("client-1", addr(&cip)), 7, "refused");
+    }
+}
+
+/// [sig-network] Services should fallback to terminating endpoints when there are no
+/// ready endpoints with externallTrafficPolicy=Cluster (the upstream name's spelling):
+/// both pause pods reach the terminating webserver through node 0's NodePort.
+#[test]
+fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_externall_traffic_policy_cluster(
+) {
+    let np0 = format!("{}:{NODE_PORT_HTTP}/TCP", NODE_IP);
+    let c = all_terminating(json!({}), &[(0, np0.clone())]);
+    for _ in 0..5 {
+        assert_eq!(c.http("client-0", addr(&np0), 1), set(&["backend-0"]));
+        assert_eq!(c.http("client-1", addr(&np0), 1), set(&["backend-0"]));
+    }
+}
+
+/// [sig-network] Services should fallback to local terminating endpoints when there are
+/// no ready endpoints with externalTrafficPolicy=Local: node 0's NodePort (the
+/// webserver's node) serves both pause pods from the terminating endpoint; node 1's
+/// NodePort, with no local endpoint, fails for the pause pod on node 0 (dropped).
+#[test]
+fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_external_traffic_policy_local(
+) {
+    let np0 = format!("{}:{NODE_PORT_HTTP}/TCP", NODE_IP);
+    let c = all_terminating(
+        json!({"externalTrafficPolicy": "Local"}),
+        &[(0, np0.clone())],
+    );
+    let np1 = c.node_port(1, NODE_PORT_HTTP);
+    c.wait_backends(1, &np1, 8080, &[]);
+    for _ in 0..5 {
+        c.http_fails("client-0", addr(&np1));
+        assert_eq!(c.http("client-0", addr(&np0), 1), set(&["backend-0"]));
+        assert_eq!(c.http("client-1", addr(&np0), 1), set(&["backend-0"]));
+    }
+}
+
+/// A UDP client that keeps asking from one socket, on the fixed source port the upstream
+/// Conntrack cases use (12345, their `nc -u -p`), every 100 ms: so every datagram is
+/// the same flow. It records who answered each (an empty name: no answer within 300 ms);
+/// stopped on drop.
+struct UdpProber {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answers: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpProber {
+    fn start(netns: &str, to: std::net::SocketAddr) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop2, answers2, ns) = (stop.clone(), answers.clone(), netns.to_string());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            lb_testbench::sandbox::enter(&ns).unwrap();
+            let sock = std::net::UdpSocket::bind(("0.0.0.0", 12345)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 256];
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                let who = match sock
+                    .send_to(b"who?", to)
+                    .and_then(|_| sock.recv_from(&mut buf))
+                {
+                    Ok((n, from)) if from == to => {
+                        String::from_utf8_lossy(&buf[..n]).trim().to_string()
+                    }
+                    Ok((_, from)) => format!("(answered from {from})"),
+                    Err(_) => String::new(),
+                };
+                answers2.lock().unwrap().push(who);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        ready_rx.recv().expect("the UDP prober started");
+        Self {
+            stop,
+            answers,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits (up to 20 s) until the last three answers come from `who`.
+    fn wait_for(&self, who: &str, c: &K8sCluster) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let answers = self.answers.lock().unwrap().clone();
+            if answers.len() >= 3 && answers[answers.len() - 3..].iter().all(|a| a == who) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the flow never reached {who}; the answers: {answers:?}\n{}",
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for UdpProber {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The upstream "server pod cycles" cases, to `to` ("ip:port"): the client (on node 0)
+/// keeps sending one flow to web's UDP port before it has any endpoint; a server on node
+/// 1 (backend-1a) appears and gets the flow; a second (backend-1b) appears and the first
+/// is deleted: the same flow reaches the second (its entry pointed at a backend that is
+/// gone, so it is sent anew).
+fn udp_flow_follows_the_server_pods(c: &K8sCluster, to: &str) {
+    c.api().apply(k8s_service("web", web_spec(json!({}))));
+    c.api().apply(c.web_slice(&[]));
+    c.settle();
+    let prober = UdpProber::start(&c.sb.pod("client-0").netns, to.parse().unwrap());
+    c.api().apply(c.web_slice(&[("backend-1a", READY)]));
+    prober.wait_for("backend-1a", c);
+    c.api()
+        .apply(c.web_slice(&[("backend-1a", READY), ("backend-1b", READY)]));
+    c.settle();
+    prober.wait_for("backend-1a", c);
+    c.api().apply(c.web_slice(&[("backend-1b", READY)]));
+    prober.wait_for("backend-1b", c);
+}
+
+/// [sig-network] Conntrack should be able to preserve UDP traffic when server pod
+/// cycles for a NodePort service: the client on node 0 sends to node 1's NodePort.
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_node_port_service() {
+    let c = K8sCluster::new();
+    let to = format!("{}:{NODE_PORT_DNS}", c.sb.nodes[1].ip);
+    udp_flow_follows_the_server_pods(&c, &to);
+}
+
+/// [sig-network] Conntrack should be able to preserve UDP traffic when server pod
+/// cycles for a ClusterIP service: the client on node 0 sends to the cluster IP.
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_ip_service() {
+    let c = K8sCluster::new();
+    udp_flow_follows_the_server_pods(&c, &format!("{WEB}:53"));
+}
+
+/// [sig-network] Conntrack should be able to preserve UDP traffic when initial unready
+/// endpoints get ready: the client on node 0 keeps sending one flow to the cluster IP;
+/// the server on node 1 is listed first not ready (its slice exists, nothing answers:
+/// refused), then ready: the same flow reaches it.
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_initial_unready_endpoints_get_ready() {
+    let c = K8sCluster::new();
+    c.api().apply(k8s_service("web", web_spec(json!({}))));
+    c.api().apply(c.web_slice(&[]));
+    c.settle();
+    let to = format!("{WEB}:53");
+    let prober = UdpProber::start(&c.sb.pod("client-0").netns, to.parse().unwrap());
+    c.api().apply(c.web_slice(&[("backend-1a", NOT_READY)]));
+    c.settle();
+    prober.wait_for("", &c);
+    c.api().apply(c.web_slice(&[("backend-1a", READY)]));
+    prober.wait_for("backend-1a", &c);
 }
