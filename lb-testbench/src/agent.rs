@@ -3,13 +3,17 @@
 //! long-running commands (the demo, the benchmark): a signal only sets a flag, and each
 //! step checks it, so the sandbox is always dropped (and removed) on the way out.
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
-use lb_userspace::dataplane::Maps;
+use lb_userspace::dataplane::{
+    plan::{backend_addr, frontend_addr, MapState},
+    Maps,
+};
 
 use crate::{
     sandbox::{NodeInfo, Sandbox},
@@ -79,10 +83,37 @@ pub fn spawn_agent(
     config: &Path,
     extra: &[&str],
 ) -> Result<u32> {
+    let mut cmd = agent_command(sb, node, lb, "run")?;
+    cmd.arg("--config").arg(config).args(extra);
+    sb.spawn(cmd, &agent_log(sb, node))
+}
+
+/// Starts `lb agent` for node `node` of a sandbox, as [`spawn_agent`] does `lb run`:
+/// against the API server of `kubeconfig`, as the Kubernetes node named
+/// [`NodeInfo::name`], its metrics on 127.0.0.1:19100 of its namespace.
+pub fn spawn_k8s_agent(
+    sb: &Sandbox,
+    node: usize,
+    lb: &Path,
+    kubeconfig: &Path,
+    extra: &[&str],
+) -> Result<u32> {
+    let name = node_info(sb, node)?.name.clone();
+    let mut cmd = agent_command(sb, node, lb, "agent")?;
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--node-name", &name, "--listen", "127.0.0.1:19100"])
+        .args(extra);
+    sb.spawn(cmd, &agent_log(sb, node))
+}
+
+/// `lb <subcommand>` in node `node`'s namespace, on its pods' and external interfaces,
+/// with its pin folder and small maps (the sandbox has a handful of services).
+fn agent_command(sb: &Sandbox, node: usize, lb: &Path, subcommand: &str) -> Result<Command> {
     let n = node_info(sb, node)?;
     let mut cmd = Command::new(lb);
     cmd.args([
-        "run",
+        subcommand,
         "--netns",
         &n.netns,
         "--interfaces",
@@ -90,12 +121,9 @@ pub fn spawn_agent(
         "--external-interfaces",
         sb.external_interface(),
     ])
-    .arg("--config")
-    .arg(config)
     .arg("--pin-dir")
     .arg(&n.pin_dir)
     .args(["--poll-ms", "100"])
-    // Small maps: the sandbox has a handful of services.
     .args([
         "--max-frontends",
         "1024",
@@ -106,12 +134,11 @@ pub fn spawn_agent(
         "--max-conntrack",
         "65536",
     ])
-    .args(extra)
     .env(
         "RUST_LOG",
         std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
     );
-    sb.spawn(cmd, &agent_log(sb, node))
+    Ok(cmd)
 }
 
 /// Waits until node `node`'s agent's pinned maps hold `frontends` frontends and it
@@ -122,6 +149,24 @@ pub fn wait_agent_ready(
     frontends: usize,
     links: usize,
     timeout: Duration,
+) -> Result<()> {
+    wait_agent(sb, node, links, timeout, |st| {
+        st.frontends.len() == frontends
+    })
+}
+
+/// Waits until node `node`'s agent attached to `links` pod interfaces and to the node's
+/// external interface (`lb agent` attaches after its first sync), whatever its maps hold.
+pub fn wait_attached(sb: &Sandbox, node: usize, links: usize, timeout: Duration) -> Result<()> {
+    wait_agent(sb, node, links, timeout, |_| true)
+}
+
+fn wait_agent(
+    sb: &Sandbox,
+    node: usize,
+    links: usize,
+    timeout: Duration,
+    ready: impl Fn(&MapState) -> bool,
 ) -> Result<()> {
     let pin_dir = &node_info(sb, node)?.pin_dir;
     let deadline = Instant::now() + timeout;
@@ -135,7 +180,7 @@ pub fn wait_agent_ready(
         let (n_links, n_xdp) = (count("links"), count("xdp-links"));
         if let Ok(maps) = Maps::from_pins(pin_dir) {
             if let Ok(st) = maps.read_state() {
-                if st.frontends.len() == frontends && n_links >= links && n_xdp >= 1 {
+                if ready(&st) && n_links >= links && n_xdp >= 1 {
                     return Ok(());
                 }
             }
@@ -148,6 +193,29 @@ pub fn wait_agent_ready(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Node `node`'s frontends as its pinned maps hold them: `ip:port/proto` -> the
+/// backends of its slots (the ones that get new connections), `ip:port/proto`, sorted.
+pub fn frontends(sb: &Sandbox, node: usize) -> Result<BTreeMap<String, Vec<String>>> {
+    let st = Maps::from_pins(&node_info(sb, node)?.pin_dir)?.read_state()?;
+    Ok(st
+        .frontends
+        .iter()
+        .map(|(k, f)| {
+            let mut active: Vec<String> = st
+                .slot_list(f)
+                .iter()
+                .map(|id| {
+                    st.backend(*id)
+                        .map(|b| backend_addr(b).to_string())
+                        .unwrap_or_else(|| format!("#{id}?"))
+                })
+                .collect();
+            active.sort();
+            (frontend_addr(k).to_string(), active)
+        })
+        .collect())
 }
 
 fn node_info(sb: &Sandbox, node: usize) -> Result<&NodeInfo> {

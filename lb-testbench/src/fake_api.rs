@@ -14,6 +14,9 @@
 //!
 //! Objects are kept as their JSON text, so a list of a hundred thousand is a
 //! concatenation, and `load()` puts many in place at once (history starting after them).
+//!
+//! [`ApiInNetns`] runs one inside a sandbox's namespace: on a node's loopback address for
+//! that node's agent, or on the outside's underlay address for every node of a cluster.
 use std::{
     collections::{BTreeMap, BTreeSet},
     convert::Infallible,
@@ -155,8 +158,14 @@ fn event_line(kind: &str, text: &Bytes) -> Bytes {
 }
 
 impl FakeApi {
+    /// On the loopback address, a port the kernel chooses.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// On `ip` (of the calling thread's network namespace), a port the kernel chooses.
+    pub async fn start_on(ip: std::net::IpAddr) -> Self {
+        let listener = TcpListener::bind((ip, 0))
             .await
             .expect("binding the fake API server");
         let addr = listener.local_addr().unwrap();
@@ -633,4 +642,64 @@ fn watch_stream(
         StatusCode::OK,
         BodyExt::boxed(StreamBody::new(stream.map(|b| b.map(Frame::data)))),
     )
+}
+
+/// A [`FakeApi`] on a runtime whose threads live in the network namespace `netns`,
+/// listening on `ip` there; stopped on drop.
+pub struct ApiInNetns {
+    api: Option<FakeApi>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ApiInNetns {
+    pub fn start(netns: &str, ip: std::net::IpAddr) -> crate::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let ns = netns.to_string();
+        let thread = std::thread::spawn(move || {
+            if let Err(e) = crate::sandbox::enter(&ns) {
+                let _ = tx.send(Err(e));
+                return;
+            }
+            // Worker threads are made by this thread, so they are inside the namespace too.
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(crate::Error::Sandbox(format!("runtime: {e}"))));
+                    return;
+                }
+            };
+            let api = rt.block_on(FakeApi::start_on(ip));
+            let _ = tx.send(Ok(api));
+            let _ = stop_rx.recv();
+            drop(rt);
+        });
+        let api = rx
+            .recv()
+            .map_err(|_| crate::Error::Sandbox("the fake API server's thread died".into()))??;
+        Ok(Self {
+            api: Some(api),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn api(&self) -> &FakeApi {
+        self.api.as_ref().expect("the API server until dropped")
+    }
+}
+
+impl Drop for ApiInNetns {
+    fn drop(&mut self) {
+        drop(self.api.take());
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

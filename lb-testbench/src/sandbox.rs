@@ -722,6 +722,45 @@ impl Sandbox {
         }
     }
 
+    /// `n` HTTP GETs from `netns` to `url`, each on a new connection: who answered (the
+    /// trimmed bodies), how often; or the first failure's curl exit code (as
+    /// [`Sandbox::http_get`]).
+    pub fn who_answers_http(
+        &self,
+        netns: &str,
+        url: &str,
+        n: usize,
+    ) -> Result<std::collections::BTreeMap<String, usize>, i32> {
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            *seen.entry(self.http_get(netns, url)?).or_insert(0) += 1;
+        }
+        Ok(seen)
+    }
+
+    /// `n` UDP datagrams from `netns` to `to`, each from a new socket (see
+    /// [`Sandbox::udp_ask`]): who answered, how often. Every answer must come from `to`
+    /// itself (a Service's client only ever sees the Service); a missing answer or one
+    /// from elsewhere is an error that says so.
+    pub fn who_answers_udp(
+        &self,
+        netns: &str,
+        to: std::net::SocketAddr,
+        n: usize,
+    ) -> Result<std::collections::BTreeMap<String, usize>, String> {
+        let mut seen = std::collections::BTreeMap::new();
+        for answer in self.udp_ask(netns, to, n).map_err(|e| e.to_string())? {
+            let (from, who) = answer.map_err(|e| format!("{netns} -> {to}: {e}"))?;
+            if from != to {
+                return Err(format!(
+                    "{netns} -> {to}: answered from {from} (by {who}), not from {to}"
+                ));
+            }
+            *seen.entry(who).or_insert(0) += 1;
+        }
+        Ok(seen)
+    }
+
     /// Starts a long-running process; it is killed when the sandbox is dropped.
     /// Its output goes to `<workdir>/<log>`.
     pub fn spawn(&self, mut cmd: Command, log: &str) -> Result<u32> {
@@ -769,7 +808,8 @@ impl Sandbox {
     }
 
     /// Writes an nginx config answering every request with the pod's name (and
-    /// `/peer` with the address the request came from, as nginx sees it), and starts it.
+    /// `/clientip` with the address the request came from, as agnhost's netexec answers
+    /// it for the upstream tests), and starts it.
     pub fn start_nginx(&self, pod: &str, port: u16) -> Result<u32> {
         let p = self.pod(pod).clone();
         let dir = self.workdir.join(format!("nginx-{pod}"));
@@ -780,7 +820,7 @@ impl Sandbox {
              events {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             server {{\n    listen {port};\n    listen [::]:{port};\n    location / {{ return 200 \"{pod}\\n\"; }}\n    location = /peer {{ return 200 \"$remote_addr\\n\"; }}\n  }}\n}}\n"
+             server {{\n    listen {port};\n    listen [::]:{port};\n    location / {{ return 200 \"{pod}\\n\"; }}\n    location /clientip {{ return 200 \"$remote_addr\\n\"; }}\n  }}\n}}\n"
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf).map_err(|e| Error::Sandbox(e.to_string()))?;

@@ -947,6 +947,38 @@ fn should_have_session_affinity_work_and_switch_for_cluster_ip_and_node_port() {
     assert_eq!(seen.len(), 1, "affinity on again: {seen:?}");
 }
 
+/// [sig-network] Services should have session affinity timeout work for service with
+/// type clusterIP, and for NodePort service: with a 1 s timeout, back-to-back requests
+/// stick to one backend, and requests each sent after the timeout has run out are
+/// balanced afresh (three backends: all ten on one by chance has odds of 5e-5).
+#[test]
+fn should_have_session_affinity_timeout_work_for_cluster_ip_and_node_port() {
+    let elsewhere = format!("      - {{addresses: [{ELSEWHERE}], nodeName: node-b}}\n");
+    let plain = nodeport_config().replace(&elsewhere, "");
+    let web = "    type: NodePort\n    externalTrafficPolicy: Local\n";
+    assert!(plain.contains(web));
+    let sticky = plain.replace(
+        web,
+        &format!("{web}    sessionAffinity: ClientIP\n    sessionAffinityTimeoutSeconds: 1\n"),
+    );
+    let env = Env::with_frontends(&sticky, &[], 10);
+    wait_affinity(&env, 1);
+    for (netns, url) in [
+        (env.client(), format!("http://{WEB}/")),
+        (env.sb.outside.clone(), format!("http://{NODE_IP}:30080/")),
+    ] {
+        let seen = who_answers(&env, &netns, &url, 10);
+        assert_eq!(seen.len(), 1, "{url}, within the timeout: {seen:?}");
+        let mut after = BTreeMap::new();
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(1_300));
+            let who = env.sb.http_get(&netns, &url).expect("an answer");
+            *after.entry(who).or_insert(0) += 1;
+        }
+        assert!(after.len() > 1, "{url}, each after the timeout: {after:?}");
+    }
+}
+
 /// [sig-network] Services should allow pods to hairpin back to themselves through
 /// services: a pod that is its Service's only backend reaches itself through the
 /// ClusterIP (TCP and UDP), and sees the Service's address as its peer.
@@ -963,7 +995,7 @@ fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
         );
     }
     assert_eq!(
-        env.sb.http_get(&pod, &format!("http://{WEB}/peer")),
+        env.sb.http_get(&pod, &format!("http://{WEB}/clientip")),
         Ok(WEB.to_string()),
         "the pod sees the Service's address as its peer"
     );

@@ -318,7 +318,7 @@ async fn services_and_slices_reach_the_maps_and_converge() {
     ));
     // A field not implemented yet: programmed without it, with a log line and a metric.
     let mut sticky = service("sticky", "10.96.0.50", &[("http", 80, "TCP")]);
-    sticky["spec"]["trafficDistribution"] = json!("PreferClose");
+    sticky["spec"]["trafficDistribution"] = json!("PreferSameNode");
     api.apply(sticky);
     let agent = Agent::start(&api).await;
     agent.wait_ready().await;

@@ -174,6 +174,7 @@ endpointSlices:
             model::Node {
                 name: Some("node-a".into()),
                 addresses: vec!["192.168.1.1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+                zone: None,
             }
         );
         let web = &cfg.services[0];
@@ -313,5 +314,45 @@ endpointSlices:
             let e = parse("f", bad).unwrap_err().to_string();
             assert!(e.contains("Service default/a") && e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_nodes_zone_and_zone_hints_parse_and_are_followed() {
+        let text = "\
+node: {name: node-a, zone: zone-a, addresses: [192.168.1.1]}
+services:
+  - {name: web, clusterIP: 10.96.0.10, ports: [{port: 80}]}
+endpointSlices:
+  - name: web-1
+    serviceName: web
+    ports: [{port: 8080}]
+    endpoints:
+      - {addresses: [10.244.0.2], nodeName: node-a, hints: {forZones: [{name: zone-a}]}}
+      - {addresses: [10.244.1.2], nodeName: node-b, hints: {forZones: [{name: zone-b}]}}
+";
+        let cfg = parse("f.yaml", text).unwrap();
+        assert_eq!(cfg.node.zone.as_deref(), Some("zone-a"));
+        let st = model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
+        let active: Vec<String> = st
+            .frontends
+            .values()
+            .next()
+            .unwrap()
+            .active
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(active, ["10.244.0.2:8080/TCP"]);
+        // The same as JSON, written back by serde.
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(
+            json.contains("\"forZones\":[{\"name\":\"zone-a\"}]"),
+            "{json}"
+        );
+        assert_eq!(parse("j", &json).unwrap(), cfg);
+        let e = parse("f", "node: {name: a}\nendpointSlices:\n  - {name: s, serviceName: x, endpoints: [{addresses: [10.244.0.2], hints: {forZone: []}}]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `forZone`"), "{e}");
     }
 }

@@ -211,6 +211,7 @@ pub fn to_config_on_node(svcs: &[Svc], node_ip: Option<Ipv4Addr>) -> Config {
         cfg.node = Node {
             name: Some(NODE_NAME.into()),
             addresses: node_ip.into_iter().map(Into::into).collect(),
+            zone: None,
         };
     }
     let node_name: lb_userspace::model::NodeName = NODE_NAME.into();

@@ -194,7 +194,7 @@ impl Metrics {
         );
         r.register(
             "lb_ignored_fields",
-            "Fields of Services (and hints of EndpointSlices) set but not implemented by this dataplane, per object version",
+            "Fields of Services (and node hints of EndpointSlices) set but not implemented by this dataplane, per object version",
             self.ignored_fields.clone(),
         );
         r.register(

@@ -2,7 +2,8 @@
 //! Pure: no client, no maps. Each object is translated on its own, so a malformed one is
 //! rejected (with its namespace/name and the reason) and every other keeps working.
 //!
-//! Services: headless (`clusterIP: None`), ExternalName, not yet allocated (no clusterIP),
+//! Services: headless (`clusterIP: None`, or labelled `service.kubernetes.io/headless`,
+//! which kube-proxy's watch excludes), ExternalName, not yet allocated (no clusterIP),
 //! and those labelled `service.kubernetes.io/service-proxy-name` with another proxy's name
 //! are ignored. SCTP ports are skipped (the dataplane is TCP/UDP). Every cluster IP of
 //! `clusterIPs` is programmed: IPv4, IPv6, or both for a dual-stack Service
@@ -11,8 +12,9 @@
 //! NodePorts (type NodePort and LoadBalancer), `spec.externalIPs` and the IPs of
 //! `status.loadBalancer.ingress` become frontends too; an address of a family the Service
 //! has no cluster IP of is skipped (as kube-proxy's proxier of that family never sees the
-//! Service), ingress entries with only a hostname are ignored. `externalTrafficPolicy`
-//! is kept.
+//! Service), ingress entries with only a hostname are ignored, and so are those with
+//! `ipMode: Proxy` (as kube-proxy: that load balancer proxies to the nodes itself).
+//! `externalTrafficPolicy` is kept.
 //!
 //! EndpointSlices: only those labelled `kubernetes.io/service-name`, of address type IPv4
 //! or IPv6 (FQDN ones are skipped). Ports without a port number are dropped (as
@@ -33,6 +35,11 @@ use crate::model::{
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Label that hands a Service to an alternative proxy.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label that makes a Service headless for proxies, whatever its clusterIP (kube-proxy
+/// watches only Services without it).
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The Node label naming its zone, which the endpoints' zone hints name.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// Annotation the EndpointSlice controller sets to the time of the change that caused
 /// the slice's last update (source of the network programming latency).
 pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -215,6 +222,9 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
             );
         }
     }
+    if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+        return Translated::ignore(format!("headless (label {LABEL_HEADLESS})"), vec![]);
+    }
     let Some(spec) = &svc.spec else {
         return reject("Service", &namespace, &name, "has no spec".into());
     };
@@ -378,6 +388,8 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
         Ok(v) => v,
         Err(reason) => return reject("Service", &namespace, &name, reason),
     };
+    // An ingress IP with `ipMode: Proxy` is the load balancer's own address, which
+    // it proxies to the nodes: not programmed, as kube-proxy does (VIP, or unset, is).
     let ingress: Vec<&str> = if service_type == ServiceType::LoadBalancer {
         svc.status
             .as_ref()
@@ -385,6 +397,7 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
             .and_then(|lb| lb.ingress.as_ref())
             .into_iter()
             .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
             .filter_map(|i| i.ip.as_deref())
             .collect()
     } else {
@@ -455,14 +468,18 @@ pub fn service(svc: &core::Service, rules: &Rules) -> Translated<Service> {
 /// (to other than its default) is named, with what the Service gets instead.
 fn ignored_fields(spec: &core::ServiceSpec) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
+    // PreferClose (and its newer name PreferSameZone) is carried out by the
+    // EndpointSlice controller, which hints each ready endpoint for its own zone: the
+    // hints are followed (`rules::service_frontends`), as kube-proxy does. PreferSameNode
+    // adds node hints, which are not followed (its zone hints are).
     if let Some(td) = spec
         .traffic_distribution
         .as_deref()
-        .filter(|t| !t.is_empty())
+        .filter(|t| !t.is_empty() && !matches!(*t, "PreferClose" | "PreferSameZone"))
     {
         out.push((
             "trafficDistribution",
-            format!("trafficDistribution {td}: every endpoint is used"),
+            format!("trafficDistribution {td}: only the zone hints are followed"),
         ));
     }
     out
@@ -524,7 +541,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
         });
     }
     let mut endpoints = Vec::new();
-    let mut hinted = false;
+    let mut node_hinted = false;
     for ep in &slice.endpoints {
         let mut addresses = Vec::new();
         for a in &ep.addresses {
@@ -551,9 +568,17 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
         if addresses.is_empty() {
             continue;
         }
-        if ep.hints.as_ref().is_some_and(|h| h.for_zones.is_some()) {
-            hinted = true;
+        let hints = ep.hints.as_ref();
+        if hints.is_some_and(|h| h.for_nodes.as_ref().is_some_and(|n| !n.is_empty())) {
+            node_hinted = true;
         }
+        let zone_hints = model::zone_hints(
+            hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.as_str()),
+        );
         let c = ep.conditions.clone().unwrap_or_default();
         let conditions = Conditions {
             ready: c.ready,
@@ -565,12 +590,13 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
             address,
             conditions,
             node_name: node_name.clone(),
+            zone_hints: zone_hints.clone(),
         }));
     }
-    if hinted {
+    if node_hinted {
         skipped.push(Skip {
-            reason: SkipReason::Ignored("hints"),
-            what: "topology hints (forZones): every endpoint is used".into(),
+            reason: SkipReason::Ignored("hints.forNodes"),
+            what: "topology hints forNodes (trafficDistribution PreferSameNode): only the zone hints are followed".into(),
         });
     }
     let out = EndpointSlice {
@@ -589,10 +615,11 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
     }
 }
 
-/// This node as the model needs it: its name (to tell local endpoints) and its
+/// This node as the model needs it: its name (to tell local endpoints), its
 /// InternalIP and ExternalIP addresses of both families (where NodePorts open), as
-/// kube-proxy's default `--nodeport-addresses`. InternalIPs first, in the Node's order:
-/// the first of each family is the source of the flows sent to other nodes (SNAT).
+/// kube-proxy's default `--nodeport-addresses`, InternalIPs first, in the Node's order
+/// (the first of each family is the source of the flows sent to other nodes, SNAT), and
+/// its zone (label `topology.kubernetes.io/zone`, for the endpoints' zone hints).
 pub fn node(n: &core::Node) -> model::Node {
     let listed: Vec<&core::NodeAddress> = n
         .status
@@ -611,9 +638,17 @@ pub fn node(n: &core::Node) -> model::Node {
             }
         }
     }
+    let zone = n
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_ZONE))
+        .filter(|z| !z.is_empty())
+        .cloned();
     model::Node {
         name: n.metadata.name.clone(),
         addresses,
+        zone,
     }
 }
 
@@ -749,6 +784,26 @@ mod tests {
             assert!(matches!(t.outcome, Outcome::Ignore(_)), "{spec}: {t:?}");
             assert!(t.skipped.is_empty());
         }
+    }
+
+    /// kube-proxy lists Services with the selector `!service.kubernetes.io/headless`: a
+    /// Service with that label is not proxied, whatever its value and clusterIP.
+    #[test]
+    fn the_headless_label_makes_a_service_headless_for_the_proxy() {
+        for value in ["", "true"] {
+            let svc = k8s_svc(json!({
+                "metadata": {"name": "web", "namespace": "shop", "labels": {LABEL_HEADLESS: value}},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
+            }));
+            let t = service(&svc, &Rules::default());
+            assert!(matches!(t.outcome, Outcome::Ignore(_)), "{value:?}: {t:?}");
+            assert!(t.skipped.is_empty());
+        }
+        let other = k8s_svc(json!({
+            "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
+        }));
+        assert!(service(&other, &Rules::default()).used().is_some());
     }
 
     #[test]
@@ -1390,6 +1445,7 @@ mod tests {
                     IpAddr::from([10, 0, 0, 2]),
                     IpAddr::from([203, 0, 113, 9]),
                 ],
+                zone: None,
             }
         );
         // The first InternalIP of each family is the SNAT source.
@@ -1403,6 +1459,7 @@ mod tests {
             model::Node {
                 name: Some("node-b".into()),
                 addresses: vec![],
+                zone: None,
             }
         );
     }
@@ -1530,6 +1587,149 @@ mod tests {
                     &["[fd00:10:244::2]:8080/TCP", "[fd00:10:244::3]:8080/TCP"]
                 ),
             ])
+        );
+    }
+
+    #[test]
+    fn zone_hints_and_the_nodes_zone_are_read_and_followed() {
+        let r = Rules::default();
+        let sl = slice(
+            "web-a",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            json!([
+                {"addresses": ["10.244.1.2"], "nodeName": "node-a", "zone": "zone-a",
+                 "hints": {"forZones": [{"name": "zone-a"}]}},
+                {"addresses": ["10.244.2.2"], "nodeName": "node-b", "zone": "zone-b",
+                 "hints": {"forZones": [{"name": "zone-b"}, {"name": "zone-a"}]}},
+                {"addresses": ["10.244.3.2"], "nodeName": "node-c", "zone": "zone-c",
+                 "hints": {"forZones": [{"name": "zone-c"}]}},
+            ]),
+        );
+        let t = endpoint_slice(&sl);
+        assert!(
+            t.skipped.is_empty(),
+            "zone hints are followed: {:?}",
+            t.skipped
+        );
+        assert_eq!(
+            used(&t)
+                .endpoints
+                .iter()
+                .map(|e| e.zone_hints.as_deref().cloned().unwrap_or_default())
+                .collect::<Vec<_>>(),
+            vec![
+                vec!["zone-a".to_string()],
+                vec!["zone-a".into(), "zone-b".into()],
+                vec!["zone-c".into()]
+            ]
+        );
+        let n = |zone: Option<&str>| -> core::Node {
+            let mut n = json!({"metadata": {"name": "node-x"}});
+            if let Some(z) = zone {
+                n["metadata"]["labels"] = json!({LABEL_ZONE: z});
+            }
+            serde_json::from_value(n).unwrap()
+        };
+        assert_eq!(node(&n(Some("zone-a"))).zone.as_deref(), Some("zone-a"));
+        assert_eq!(node(&n(Some(""))).zone, None);
+        assert_eq!(node(&n(None)).zone, None);
+        // trafficDistribution PreferClose (the controller made the hints above): the
+        // node of zone-a uses the two endpoints hinted for it, a node without a zone
+        // label all three.
+        let svc = web(
+            json!({"clusterIP": "10.96.0.10", "trafficDistribution": "PreferClose",
+                             "ports": [{"name": "http", "port": 80}]}),
+        );
+        assert!(service(&svc, &r).skipped.is_empty());
+        let st = state_on(
+            std::slice::from_ref(&svc),
+            std::slice::from_ref(&sl),
+            &r,
+            &node(&n(Some("zone-a"))),
+        );
+        assert_eq!(
+            active(&st),
+            pairs(&[(
+                "10.96.0.10:80/TCP",
+                &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
+            )])
+        );
+        let st = state_on(&[svc], &[sl], &r, &node(&n(None)));
+        assert_eq!(active(&st)[0].1.len(), 3);
+    }
+
+    #[test]
+    fn node_hints_and_prefer_same_node_are_counted_as_ignored() {
+        let r = Rules::default();
+        for (td, ignored) in [
+            ("PreferClose", false),
+            ("PreferSameZone", false),
+            ("PreferSameNode", true),
+        ] {
+            let svc = web(json!({"clusterIP": "10.96.0.10", "trafficDistribution": td,
+                                 "ports": [{"port": 80}]}));
+            let skipped = service(&svc, &r).skipped;
+            assert_eq!(
+                skipped.iter().map(|s| s.reason).collect::<Vec<_>>(),
+                if ignored {
+                    vec![SkipReason::Ignored("trafficDistribution")]
+                } else {
+                    vec![]
+                },
+                "{td}"
+            );
+        }
+        let sl = slice(
+            "web-a",
+            "web",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.244.1.2"], "nodeName": "node-a",
+                    "hints": {"forZones": [{"name": "zone-a"}], "forNodes": [{"name": "node-a"}]}}]),
+        );
+        let t = endpoint_slice(&sl);
+        assert_eq!(
+            t.skipped.iter().map(|s| s.reason).collect::<Vec<_>>(),
+            vec![SkipReason::Ignored("hints.forNodes")]
+        );
+        assert!(used(&t).endpoints[0].zone_hints.is_some());
+    }
+
+    /// kube-proxy programs an ingress IP whose ipMode is VIP (or unset); one with
+    /// ipMode Proxy belongs to a load balancer that proxies to the nodes itself.
+    #[test]
+    fn load_balancer_ingress_ips_with_ip_mode_proxy_are_not_programmed() {
+        let r = Rules::default();
+        let t = service(
+            &lb_svc(
+                "LoadBalancer",
+                json!([{"ip": "198.51.100.7", "ipMode": "Proxy"}, {"ip": "198.51.100.8", "ipMode": "VIP"},
+                       {"ip": "198.51.100.9"}]),
+            ),
+            &r,
+        );
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert_eq!(
+            used(&t).load_balancer_ips,
+            vec![
+                IpAddr::from([198, 51, 100, 8]),
+                IpAddr::from([198, 51, 100, 9])
+            ]
+        );
+        let st = state(
+            &[lb_svc(
+                "LoadBalancer",
+                json!([{"ip": "198.51.100.7", "ipMode": "Proxy"}]),
+            )],
+            &[],
+            &r,
+        );
+        assert_eq!(
+            st.frontends
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.96.0.10:80/TCP"]
         );
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 
 use super::{
-    objects::{EndpointSlice, Node, NodeName, ObjectKey, Service},
+    objects::{EndpointSlice, Node, NodeName, ObjectKey, Service, ZoneHints},
     rules::{health_check, service_frontends},
     state::{Delta, DesiredState, FrontendAddr, FrontendSpec, HealthCheck},
 };
@@ -38,21 +38,24 @@ pub struct ModelCache {
     health_changed: bool,
     /// Node names, one allocation each, shared by every endpoint on that node.
     node_names: HashSet<NodeName>,
+    /// Zone hints, one allocation per distinct set, shared by the endpoints that have it.
+    zone_hints: HashSet<ZoneHints>,
 }
 
 impl ModelCache {
-    /// Sets this node (its addresses and name). New addresses recompute the Services
-    /// that have frontends reached from outside (NodePorts, external or LoadBalancer
-    /// IPs); a new name every Service (which endpoints are remote).
-    /// Returns whether anything changed.
+    /// Sets this node (its addresses, name and zone). New addresses recompute the
+    /// Services that have frontends reached from outside (NodePorts, external or
+    /// LoadBalancer IPs); a new name or zone every Service (which endpoints are remote,
+    /// which zone hints apply). Returns whether anything changed.
     pub fn set_node(&mut self, node: Node) -> bool {
         if node == self.node {
             return false;
         }
         self.desired.snat = super::state::SnatSources::of(&node);
-        // Another name changes which endpoints are remote, for every Service; other
-        // addresses change the frontends reached from outside only.
-        let renamed = node.name != self.node.name;
+        // Another name changes which endpoints are remote, another zone which hints
+        // match, for every Service; other addresses change the frontends reached from
+        // outside only.
+        let renamed = node.name != self.node.name || node.zone != self.node.zone;
         self.node = node;
         for (key, svc) in &self.services {
             if renamed || svc.has_external_frontends() {
@@ -85,6 +88,9 @@ impl ModelCache {
         for ep in &mut slice.endpoints {
             if let Some(name) = &mut ep.node_name {
                 *name = intern(&mut self.node_names, name);
+            }
+            if let Some(hints) = &mut ep.zone_hints {
+                *hints = intern_hints(&mut self.zone_hints, hints);
             }
         }
         if self.slices.get(&key) == Some(&slice) {
@@ -289,6 +295,14 @@ impl ModelCache {
     }
 }
 
+fn intern_hints(known: &mut HashSet<ZoneHints>, hints: &ZoneHints) -> ZoneHints {
+    if let Some(k) = known.get(hints) {
+        return k.clone();
+    }
+    known.insert(hints.clone());
+    hints.clone()
+}
+
 fn intern(names: &mut HashSet<NodeName>, name: &NodeName) -> NodeName {
     if let Some(known) = names.get(name) {
         return known.clone();
@@ -316,11 +330,15 @@ mod tests {
         };
         // The node flips between a few values: no name and no address, and two named
         // nodes whose addresses overlap (and may equal a Service's external IP).
+        // Named nodes may have a zone, which endpoints' zone hints may name.
         let nodes = [
             Node::default(),
             node(Some("node-a"), &["192.168.1.1", "fd00:50::1"]),
             node(Some("node-b"), &["192.168.1.1", "192.168.1.2"]),
+            in_zone("z1", node(Some("node-a"), &["192.168.1.1", "fd00:50::1"])),
+            in_zone("z2", node(Some("node-b"), &["192.168.1.1"])),
         ];
+        let hint_sets: [&[&str]; 3] = [&["z1"], &["z2"], &["z1", "z2"]];
         let node_names = [None, Some("node-a"), Some("node-b")];
         let mut cache = ModelCache::default();
         // The state rebuilt from the deltas alone, as the writer sees it.
@@ -329,7 +347,7 @@ mod tests {
         let mut current = Node::default();
         let mut services: BTreeMap<String, Service> = BTreeMap::new();
         let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
-        let (mut node_port_states, mut local_subsets) = (0, 0);
+        let (mut node_port_states, mut local_subsets, mut zone_subsets) = (0, 0, 0);
         for step in 0..4000 {
             let name = format!("s{}", rnd(6));
             match rnd(7) {
@@ -375,19 +393,29 @@ mod tests {
                 }
                 2 | 3 => {
                     let sl_name = format!("sl{}", rnd(8));
+                    // A slice's endpoints all have hints, or none has, most of the time.
+                    let hints_of_slice = rnd(4) > 0;
                     let eps = (0..rnd(4))
                         .map(|_| {
-                            on(
-                                node_names[rnd(3) as usize],
-                                ep(
-                                    &if rnd(3) == 0 {
-                                        format!("fd00:10:244::{}", rnd(6) + 2)
-                                    } else {
-                                        format!("10.244.0.{}", rnd(6) + 2)
-                                    },
-                                    Some(rnd(3) > 0),
-                                    None,
-                                    Some(rnd(2) == 0),
+                            let hints = if hints_of_slice != (rnd(8) == 0) {
+                                hint_sets[rnd(3) as usize]
+                            } else {
+                                &[]
+                            };
+                            hinted(
+                                hints,
+                                on(
+                                    node_names[rnd(3) as usize],
+                                    ep(
+                                        &if rnd(3) == 0 {
+                                            format!("fd00:10:244::{}", rnd(6) + 2)
+                                        } else {
+                                            format!("10.244.0.{}", rnd(6) + 2)
+                                        },
+                                        Some(rnd(3) > 0),
+                                        None,
+                                        Some(rnd(2) == 0),
+                                    ),
                                 ),
                             )
                         })
@@ -397,7 +425,7 @@ mod tests {
                     cache.upsert_slice(sl);
                 }
                 4 => {
-                    current = nodes[rnd(3) as usize].clone();
+                    current = nodes[rnd(nodes.len() as u64) as usize].clone();
                     cache.set_node(current.clone());
                 }
                 _ => {
@@ -428,6 +456,19 @@ mod tests {
                     replayed.frontends, want.frontends,
                     "step {step}: the deltas replayed"
                 );
+                if current.zone.is_some() {
+                    // The same node without its zone: hints unused.
+                    let unzoned = Node {
+                        zone: None,
+                        ..current.clone()
+                    };
+                    let all = desired_state(&svcs, &sls, &unzoned);
+                    zone_subsets += want
+                        .frontends
+                        .iter()
+                        .filter(|(fe, f)| f.active != all.frontends[*fe].active)
+                        .count();
+                }
                 for f in want.frontends.values() {
                     if f.kind == FrontendKind::NodePort {
                         node_port_states += 1;
@@ -441,6 +482,7 @@ mod tests {
         // The sequence exercised what it is meant to.
         assert!(node_port_states > 100, "{node_port_states}");
         assert!(local_subsets > 10, "{local_subsets}");
+        assert!(zone_subsets > 10, "{zone_subsets}");
         assert!(deltas > 500, "{deltas}");
         let svcs: Vec<Service> = services.values().cloned().collect();
         let sls: Vec<EndpointSlice> = slices.values().cloned().collect();

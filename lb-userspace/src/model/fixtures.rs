@@ -3,8 +3,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use super::{
     objects::{
-        Conditions, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Service, ServicePort,
-        ServiceType,
+        zone_hints, Conditions, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Service,
+        ServicePort, ServiceType,
     },
     state::{BackendAddr, DesiredState, FrontendAddr, FrontendKind},
 };
@@ -41,6 +41,7 @@ pub fn ep(addr: &str, ready: Option<bool>, serving: Option<bool>, term: Option<b
             terminating: term,
         },
         node_name: None,
+        zone_hints: None,
     }
 }
 
@@ -95,6 +96,23 @@ pub fn node(name: Option<&str>, addresses: &[&str]) -> Node {
     Node {
         name: name.map(String::from),
         addresses: addresses.iter().map(|a| ip(a)).collect(),
+        zone: None,
+    }
+}
+
+/// `n` in zone `zone`.
+pub fn in_zone(zone: &str, n: Node) -> Node {
+    Node {
+        zone: Some(zone.into()),
+        ..n
+    }
+}
+
+/// `e` with the zone hints `zones` (`hints.forZones`; empty: none).
+pub fn hinted(zones: &[&str], e: Endpoint) -> Endpoint {
+    Endpoint {
+        zone_hints: zone_hints(zones.iter().copied()),
+        ..e
     }
 }
 

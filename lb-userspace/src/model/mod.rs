@@ -18,9 +18,9 @@ mod validate;
 
 pub use cache::ModelCache;
 pub use objects::{
-    object_key, Conditions, Config, Endpoint, EndpointPort, EndpointSlice, IpFamily,
+    object_key, zone_hints, Conditions, Config, Endpoint, EndpointPort, EndpointSlice, IpFamily,
     IpFamilyPolicy, Node, NodeName, ObjectKey, Protocol, Service, ServicePort, ServiceType,
-    SessionAffinity, TargetPort, TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT_SECONDS,
+    SessionAffinity, TargetPort, TrafficPolicy, ZoneHints, DEFAULT_AFFINITY_TIMEOUT_SECONDS,
 };
 pub use rules::{desired_state, health_check, port_frontends, service_frontends};
 pub use state::{

@@ -305,14 +305,22 @@ pub struct Conditions {
 /// A node's name, shared by every endpoint on that node.
 pub type NodeName = Arc<str>;
 
+/// An endpoint's topology hints (`hints.forZones`): the zones whose nodes should send it
+/// their cluster-wide traffic, sorted, never empty. One allocation per distinct set,
+/// shared by every endpoint with the same hints (`ModelCache` interns them), behind a
+/// thin pointer so an endpoint stays small.
+pub type ZoneHints = Arc<Vec<String>>;
+
 /// One endpoint address. In the file (and the API) an endpoint lists its addresses; each
-/// becomes one of these, with the endpoint's conditions and node (40 bytes).
+/// becomes one of these, with the endpoint's conditions, node and zone hints (48 bytes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub address: IpAddr,
     pub conditions: Conditions,
     /// The node the endpoint runs on.
     pub node_name: Option<NodeName>,
+    /// `hints.forZones`, if any (see [`zone_hints`]).
+    pub zone_hints: Option<ZoneHints>,
 }
 
 impl Endpoint {
@@ -321,8 +329,18 @@ impl Endpoint {
             address: address.into(),
             conditions: Conditions::default(),
             node_name: None,
+            zone_hints: None,
         }
     }
+}
+
+/// Zone hints from the zone names listed: sorted and deduplicated, `None` for an empty
+/// list (an endpoint without hints, as kube-proxy counts it).
+pub fn zone_hints<S: Into<String>>(zones: impl IntoIterator<Item = S>) -> Option<ZoneHints> {
+    let mut v: Vec<String> = zones.into_iter().map(Into::into).collect();
+    v.sort_unstable();
+    v.dedup();
+    (!v.is_empty()).then(|| Arc::new(v))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,7 +361,8 @@ pub struct EndpointSlice {
     pub endpoints: Vec<Endpoint>,
 }
 
-/// An endpoint as the file writes it: `{addresses: [...], conditions, nodeName}`.
+/// An endpoint as the file writes it: `{addresses: [...], conditions, nodeName,
+/// hints: {forZones: [{name: ...}]}}`.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct FileEndpoint {
@@ -352,6 +371,22 @@ struct FileEndpoint {
     conditions: Conditions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hints: Option<FileHints>,
+}
+
+/// `hints` of an endpoint, as in Kubernetes.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileHints {
+    #[serde(default)]
+    for_zones: Vec<FileZone>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileZone {
+    name: String,
 }
 
 fn endpoints_from_file<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Endpoint>, D::Error> {
@@ -359,10 +394,14 @@ fn endpoints_from_file<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Endpoint>,
     let mut out = Vec::with_capacity(file.len());
     for e in file {
         let node_name: Option<NodeName> = e.node_name.map(Into::into);
+        let hints = e
+            .hints
+            .and_then(|h| zone_hints(h.for_zones.into_iter().map(|z| z.name)));
         out.extend(e.addresses.into_iter().map(|address| Endpoint {
             address,
             conditions: e.conditions,
             node_name: node_name.clone(),
+            zone_hints: hints.clone(),
         }));
     }
     Ok(out)
@@ -373,6 +412,14 @@ fn endpoints_to_file<S: Serializer>(eps: &[Endpoint], s: S) -> Result<S::Ok, S::
         addresses: vec![e.address],
         conditions: e.conditions,
         node_name: e.node_name.as_deref().map(String::from),
+        hints: e.zone_hints.as_ref().map(|z| {
+            FileHints {
+                for_zones: z
+                    .iter()
+                    .map(|name| FileZone { name: name.clone() })
+                    .collect(),
+            }
+        }),
     }))
 }
 
@@ -393,6 +440,11 @@ pub struct Node {
     /// families.
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
+    /// The node's zone (Kubernetes: its label `topology.kubernetes.io/zone`): endpoints
+    /// hinted for it (`hints.forZones`) take this node's cluster-wide traffic, with
+    /// kube-proxy's rules (see `rules::service_frontends`). Unset: hints are not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 impl Node {
@@ -486,5 +538,16 @@ impl EndpointSlice {
     /// The key of the Service the slice belongs to.
     pub fn service_key(&self) -> ObjectKey {
         object_key(&self.namespace, &self.service_name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent holds every endpoint of the cluster: the size ARCHITECTURE.md states.
+    #[test]
+    fn an_endpoint_is_48_bytes() {
+        assert_eq!(size_of::<Endpoint>(), 48);
     }
 }

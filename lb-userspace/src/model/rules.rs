@@ -14,7 +14,8 @@ use ipnet::IpNet;
 
 use super::{
     objects::{
-        Conditions, EndpointSlice, IpFamily, Node, Service, ServicePort, ServiceType, TrafficPolicy,
+        Conditions, Endpoint, EndpointSlice, IpFamily, Node, Service, ServicePort, ServiceType,
+        TrafficPolicy,
     },
     state::{
         BackendAddr, Backends, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, HealthCheck,
@@ -87,19 +88,33 @@ fn is_serving_terminating(c: &Conditions) -> bool {
 struct Pool {
     ready: Vec<BackendAddr>,
     terminating: Vec<BackendAddr>,
+    /// The ready ones hinted for this node's zone (`hints.forZones`).
+    in_zone: Vec<BackendAddr>,
+    /// Some ready endpoint has no zone hint.
+    unhinted: bool,
 }
 
 impl Pool {
-    fn add(&mut self, b: BackendAddr, c: &Conditions) {
+    /// Adds an endpoint's backend; `zone` is this node's.
+    fn add(&mut self, b: BackendAddr, ep: &Endpoint, zone: Option<&str>) {
+        let c = &ep.conditions;
         if is_ready(c) {
             self.ready.push(b);
+            match &ep.zone_hints {
+                None => self.unhinted = true,
+                Some(hints) => {
+                    if zone.is_some_and(|z| hints.iter().any(|h| h == z)) {
+                        self.in_zone.push(b);
+                    }
+                }
+            }
         } else if is_serving_terminating(c) {
             self.terminating.push(b);
         }
     }
 
     fn finish(&mut self) {
-        for v in [&mut self.ready, &mut self.terminating] {
+        for v in [&mut self.ready, &mut self.terminating, &mut self.in_zone] {
             v.sort_unstable();
             v.dedup();
         }
@@ -111,6 +126,19 @@ impl Pool {
             &self.terminating
         } else {
             &self.ready
+        }
+    }
+
+    /// Who gets new cluster-wide connections (a Cluster traffic policy), with
+    /// kube-proxy's topology rule (`pkg/proxy/topology.go`): if every ready endpoint has
+    /// a zone hint and at least one is hinted for this node's zone, the ready ones hinted
+    /// for it; otherwise hints are not used (`active`). No ready endpoint anywhere: the
+    /// serving terminating ones, whatever their hints.
+    fn active_in_zone(&self) -> &[BackendAddr] {
+        if !self.unhinted && !self.in_zone.is_empty() {
+            &self.in_zone
+        } else {
+            self.active()
         }
     }
 }
@@ -135,6 +163,14 @@ fn shared(set: &[BackendAddr], known: &Backends) -> Backends {
 /// source-NATs flows to them to this node's address); `Local`, this node's endpoints
 /// only (the client's address is kept). A family in which this node has no address to
 /// source-NAT to (`SnatSources`) serves its external frontends locally only.
+///
+/// Topology, as kube-proxy: the endpoints a Cluster policy uses (the ClusterIP with
+/// internalTrafficPolicy `Cluster`, the external frontends with externalTrafficPolicy
+/// `Cluster`) are narrowed to those hinted for this node's zone (`hints.forZones`, which
+/// the EndpointSlice controller sets for `trafficDistribution: PreferClose` or the
+/// topology-mode annotation), when every ready endpoint of the port has a zone hint and
+/// at least one is for this zone; otherwise every endpoint. A Local policy uses this
+/// node's endpoints, whatever their hints.
 pub fn service_frontends<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice> + Clone,
@@ -142,6 +178,7 @@ pub fn service_frontends<'a>(
 ) -> BTreeMap<FrontendAddr, FrontendSpec> {
     let mut out = BTreeMap::new();
     let snat = SnatSources::of(node);
+    let zone = node.zone.as_deref();
     for sp in &svc.ports {
         let service: Arc<str> = format!("{}/{}:{}", svc.namespace, svc.name, sp.name).into();
         let frontends = port_frontends(svc, sp, node);
@@ -175,9 +212,9 @@ pub fn service_frontends<'a>(
                         remote: !is_local,
                     };
                     known.push(b);
-                    all.add(b, &ep.conditions);
+                    all.add(b, ep, zone);
                     if is_local {
-                        local.add(b, &ep.conditions);
+                        local.add(b, ep, zone);
                     }
                 }
             }
@@ -186,7 +223,9 @@ pub fn service_frontends<'a>(
             all.finish();
             local.finish();
             let known: Backends = known.into();
-            let all = shared(all.active(), &known);
+            // Cluster-wide traffic follows the topology hints; this node's own
+            // endpoints (the Local policies) do not (kube-proxy's CategorizeEndpoints).
+            let all = shared(all.active_in_zone(), &known);
             let mut local_active = None;
             let policy_local = svc.external_traffic_policy == TrafficPolicy::Local;
             let external_local = policy_local || !snat.has(family);
@@ -834,5 +873,167 @@ mod tests {
         assert!(a.is_local(Some("node-a")));
         assert!(!a.is_local(None));
         assert!(!a.is_local(Some("node-b")));
+    }
+
+    /// kube-proxy's topology rule (pkg/proxy/topology.go): traffic under a Cluster
+    /// policy goes to the ready endpoints hinted for this node's zone, when every ready
+    /// endpoint has a zone hint and one is for this zone; a Local policy keeps this
+    /// node's endpoints whatever their hints.
+    #[test]
+    fn zone_hints_narrow_cluster_wide_traffic_to_this_zone() {
+        let me = in_zone("zone-a", node(Some("node-a"), &["192.168.1.1"]));
+        let a1 = hinted(
+            &["zone-a"],
+            on(Some("node-a"), ep("10.244.0.2", None, None, None)),
+        );
+        let a2 = hinted(
+            &["zone-a"],
+            on(Some("node-c"), ep("10.244.2.2", None, None, None)),
+        );
+        let b1 = hinted(
+            &["zone-b"],
+            on(Some("node-b"), ep("10.244.1.2", None, None, None)),
+        );
+        let svc = web(ServiceType::NodePort, Some(30080));
+        let in_a = vec![b("10.244.0.2", 8080), rb("10.244.2.2", 8080)];
+        let every = vec![
+            b("10.244.0.2", 8080),
+            rb("10.244.1.2", 8080),
+            rb("10.244.2.2", 8080),
+        ];
+        let active = |s: &Service, eps: Vec<Endpoint>, n: &Node| {
+            let st = desired_state(std::slice::from_ref(s), &[web_slice(eps)], n);
+            (
+                st.frontends[&fa("10.96.0.10", 80)].active.to_vec(),
+                st.frontends[&fa("192.168.1.1", 30080)].active.to_vec(),
+            )
+        };
+        let all3 = vec![a1.clone(), a2.clone(), b1.clone()];
+        // Every endpoint hinted, two for zone-a: the ClusterIP and the NodePort
+        // (externalTrafficPolicy Cluster) use those two; both stay known.
+        assert_eq!(
+            active(&svc, all3.clone(), &me),
+            (in_a.clone(), in_a.clone())
+        );
+        let st = desired_state(std::slice::from_ref(&svc), &[web_slice(all3.clone())], &me);
+        assert_eq!(st.frontends[&fa("10.96.0.10", 80)].known.len(), 3);
+        // A node of zone-b (node-b) uses zone-b's.
+        let zone_b = in_zone("zone-b", node(Some("node-b"), &["192.168.1.1"]));
+        assert_eq!(
+            active(&svc, all3.clone(), &zone_b).0,
+            [b("10.244.1.2", 8080)]
+        );
+        // Fallbacks, every endpoint used: one ready endpoint without a hint; no hint
+        // for this zone; a node without a zone label.
+        let unhinted = on(Some("node-b"), ep("10.244.1.2", None, None, None));
+        let every_unhinted = active(&svc, vec![a1.clone(), a2.clone(), unhinted], &me);
+        assert_eq!(
+            every_unhinted,
+            (every.clone(), every.clone()),
+            "an endpoint without hints"
+        );
+        let zone_c = in_zone("zone-c", node(Some("node-a"), &["192.168.1.1"]));
+        assert_eq!(
+            active(&svc, all3.clone(), &zone_c),
+            (every.clone(), every.clone())
+        );
+        let no_zone = node(Some("node-a"), &["192.168.1.1"]);
+        assert_eq!(
+            active(&svc, all3.clone(), &no_zone),
+            (every.clone(), every.clone())
+        );
+        // Only ready endpoints count: an unhinted one that is not ready changes nothing.
+        let not_ready = on(Some("node-b"), ep("10.244.1.3", Some(false), None, None));
+        assert_eq!(
+            active(
+                &svc,
+                vec![a1.clone(), a2.clone(), b1.clone(), not_ready],
+                &me
+            ),
+            (in_a.clone(), in_a.clone())
+        );
+        // An endpoint hinted for two zones serves both.
+        let ab = hinted(
+            &["zone-a", "zone-b"],
+            on(Some("node-b"), ep("10.244.1.2", None, None, None)),
+        );
+        assert_eq!(
+            active(&svc, vec![a1.clone(), ab.clone()], &zone_b).0,
+            [b("10.244.1.2", 8080)]
+        );
+        assert_eq!(
+            active(&svc, vec![a1.clone(), ab], &me).0,
+            [b("10.244.0.2", 8080), rb("10.244.1.2", 8080)]
+        );
+        // No ready endpoint anywhere: the serving terminating ones, whatever their hints.
+        let term_b = hinted(
+            &["zone-b"],
+            on(
+                Some("node-b"),
+                ep("10.244.1.2", Some(false), Some(true), Some(true)),
+            ),
+        );
+        assert_eq!(active(&svc, vec![term_b], &me).0, [rb("10.244.1.2", 8080)]);
+        // Local policies: this node's endpoints, whatever the hints (a zone-b endpoint
+        // on this node serves its Local frontends, zone-a's on other nodes do not).
+        let mut local = svc.clone();
+        local.internal_traffic_policy = TrafficPolicy::Local;
+        local.external_traffic_policy = TrafficPolicy::Local;
+        let here_b = hinted(
+            &["zone-b"],
+            on(Some("node-a"), ep("10.244.0.3", None, None, None)),
+        );
+        assert_eq!(
+            active(&local, vec![a2.clone(), b1.clone(), here_b.clone()], &me),
+            (vec![b("10.244.0.3", 8080)], vec![b("10.244.0.3", 8080)])
+        );
+        // Mixed: internalTrafficPolicy Cluster follows the hints, externalTrafficPolicy
+        // Local does not.
+        let mut mixed = svc.clone();
+        mixed.external_traffic_policy = TrafficPolicy::Local;
+        assert_eq!(
+            active(&mixed, vec![a2.clone(), b1.clone(), here_b], &me),
+            (vec![rb("10.244.2.2", 8080)], vec![b("10.244.0.3", 8080)])
+        );
+    }
+
+    /// [sig-network] Services should be able to connect to terminating and unready
+    /// endpoints if PublishNotReadyAddresses is true: the EndpointSlice controller then
+    /// publishes a terminating, not serving pod as ready (`ready: true, serving: false,
+    /// terminating: true`), and kube-proxy uses an endpoint whose ready condition is
+    /// true, terminating or not; so does the model, on every frontend, here or not.
+    #[test]
+    fn a_published_not_ready_endpoint_is_used_while_terminating() {
+        let me = node(Some("node-b"), &["192.168.1.1"]);
+        let published = on(
+            Some("node-a"),
+            ep("10.244.0.2", Some(true), Some(false), Some(true)),
+        );
+        let st = desired_state(
+            &[web(ServiceType::NodePort, Some(30080))],
+            &[web_slice(vec![published.clone()])],
+            &me,
+        );
+        for fe in [fa("10.96.0.10", 80), fa("192.168.1.1", 30080)] {
+            assert_eq!(
+                st.frontends[&fe].active[..],
+                [rb("10.244.0.2", 8080)],
+                "{fe}"
+            );
+        }
+        // It counts as ready: a serving terminating endpoint is not used beside it.
+        let serving = on(
+            Some("node-a"),
+            ep("10.244.0.3", Some(false), Some(true), Some(true)),
+        );
+        let st = desired_state(
+            &[web(ServiceType::ClusterIP, None)],
+            &[web_slice(vec![published, serving])],
+            &me,
+        );
+        assert_eq!(
+            st.frontends[&fa("10.96.0.10", 80)].active[..],
+            [rb("10.244.0.2", 8080)]
+        );
     }
 }
