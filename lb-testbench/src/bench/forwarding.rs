@@ -309,6 +309,8 @@ impl Bed {
                 detail = lb_userspace::show::render(
                     self.sb.pin_dir(),
                     lb_userspace::show::What::Counters,
+                    Default::default(),
+                    &Default::default(),
                 )
                 .unwrap_or_default();
             }

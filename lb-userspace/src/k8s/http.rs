@@ -68,11 +68,11 @@ async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// Binds the listen address (so a bad flag fails at start, not later).
-pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
+/// Binds a listen address (so a bad flag fails at start, not later); `flag` names it.
+pub async fn bind(addr: std::net::SocketAddr, flag: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
         Error::Config(format!(
-            "--listen {addr}: cannot bind the HTTP server: {e} (pick a free port)"
+            "{flag} {addr}: cannot bind the HTTP server: {e} (pick a free port)"
         ))
     })
 }

@@ -54,8 +54,11 @@ pub struct Metrics {
 }
 
 impl Default for Metrics {
+    /// Every labelled family starts with all its known label values at zero, so each
+    /// series exists from the first scrape (an alert on `increase(...)` needs no special
+    /// case for a series that appears with its first event).
     fn default() -> Self {
-        Self {
+        let m = Self {
             services: Gauge::default(),
             frontends: Gauge::default(),
             backends: Gauge::default(),
@@ -71,7 +74,9 @@ impl Default for Metrics {
             rejected_objects: Family::default(),
             ignored_fields: Family::default(),
             watch_errors: Family::default(),
-        }
+        };
+        m.create_known_series();
+        m
     }
 }
 
@@ -115,6 +120,47 @@ impl Collector for DataplaneCounters {
 }
 
 impl Metrics {
+    /// Creates the series of every label value the agent can report, at zero.
+    fn create_known_series(&self) {
+        use super::translate::{
+            IGNORED_SERVICE_FIELDS, IGNORED_SLICE_FIELDS, SERVICE_SKIP_REASONS, SLICE_SKIP_REASONS,
+        };
+        use crate::dataplane::writer::Kind;
+        let reason = |r: super::translate::SkipReason| ReasonLabel {
+            reason: r.label().into(),
+        };
+        for r in SERVICE_SKIP_REASONS {
+            drop(self.skipped_service_ports.get_or_create(&reason(r)));
+        }
+        for r in SLICE_SKIP_REASONS {
+            drop(self.skipped_endpoint_slices.get_or_create(&reason(r)));
+        }
+        let kind = |k: Kind| KindLabel {
+            kind: k.name().into(),
+        };
+        // Nodes are never rejected (a Node without addresses is still this node).
+        for k in [Kind::Service, Kind::EndpointSlice] {
+            drop(self.rejected_objects.get_or_create(&kind(k)));
+        }
+        for k in [Kind::Service, Kind::EndpointSlice, Kind::Node] {
+            drop(self.watch_errors.get_or_create(&kind(k)));
+        }
+        let fields = IGNORED_SERVICE_FIELDS
+            .iter()
+            .map(|f| (Kind::Service, f))
+            .chain(
+                IGNORED_SLICE_FIELDS
+                    .iter()
+                    .map(|f| (Kind::EndpointSlice, f)),
+            );
+        for (k, f) in fields {
+            drop(self.ignored_fields.get_or_create(&FieldLabel {
+                kind: k.name().into(),
+                field: (*f).into(),
+            }));
+        }
+    }
+
     /// What the writer calls after each sync.
     pub fn on_sync(&self) -> OnSync {
         let m = self.clone();
@@ -179,12 +225,12 @@ impl Metrics {
         );
         r.register(
             "lb_skipped_service_ports",
-            "Service ports left out of the dataplane (SCTP, IPv6), counted per object version",
+            "Service ports left out of the dataplane (SCTP; external or LoadBalancer IPs of a family without a cluster IP), counted per object version",
             self.skipped_service_ports.clone(),
         );
         r.register(
             "lb_skipped_endpoint_slices",
-            "EndpointSlices or addresses left out (IPv6, FQDN), counted per object version",
+            "EndpointSlices left out (FQDN), counted per object version",
             self.skipped_endpoint_slices.clone(),
         );
         r.register(
@@ -216,4 +262,32 @@ pub fn render(registry: &Registry) -> String {
         let _ = writeln!(out, "# encoding failed: {e}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_labelled_series_exists_at_zero_before_its_first_event() {
+        let text = render(&Metrics::default().registry(None));
+        for series in [
+            r#"lb_skipped_service_ports_total{reason="sctp"} 0"#,
+            r#"lb_skipped_service_ports_total{reason="family"} 0"#,
+            r#"lb_skipped_endpoint_slices_total{reason="fqdn"} 0"#,
+            r#"lb_rejected_objects_total{kind="Service"} 0"#,
+            r#"lb_rejected_objects_total{kind="EndpointSlice"} 0"#,
+            r#"lb_watch_errors_total{kind="Service"} 0"#,
+            r#"lb_watch_errors_total{kind="EndpointSlice"} 0"#,
+            r#"lb_watch_errors_total{kind="Node"} 0"#,
+            r#"lb_ignored_fields_total{kind="Service",field="loadBalancerSourceRanges"} 0"#,
+            r#"lb_ignored_fields_total{kind="Service",field="trafficDistribution"} 0"#,
+            r#"lb_ignored_fields_total{kind="EndpointSlice",field="hints"} 0"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} missing from a fresh registry:\n{text}"
+            );
+        }
+    }
 }

@@ -63,6 +63,15 @@ impl SkipReason {
     }
 }
 
+/// Every reason a Service port is skipped for (`lb_skipped_service_ports_total{reason}`).
+pub const SERVICE_SKIP_REASONS: [SkipReason; 2] = [SkipReason::Sctp, SkipReason::Family];
+/// Every reason an EndpointSlice is skipped for (`lb_skipped_endpoint_slices_total{reason}`).
+pub const SLICE_SKIP_REASONS: [SkipReason; 1] = [SkipReason::Fqdn];
+/// Service fields set but not implemented yet (`lb_ignored_fields_total{kind="Service"}`).
+pub const IGNORED_SERVICE_FIELDS: [&str; 2] = ["loadBalancerSourceRanges", "trafficDistribution"];
+/// EndpointSlice fields set but not implemented yet (`kind="EndpointSlice"`).
+pub const IGNORED_SLICE_FIELDS: [&str; 1] = ["hints"];
+
 /// One part left out: a Service port, a whole slice, or an endpoint address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Skip {
@@ -444,7 +453,7 @@ fn ignored_fields(spec: &core::ServiceSpec) -> Vec<(&'static str, String)> {
         .is_some_and(|r| !r.is_empty())
     {
         out.push((
-            "loadBalancerSourceRanges",
+            IGNORED_SERVICE_FIELDS[0],
             "loadBalancerSourceRanges: every source reaches the LoadBalancer IPs".into(),
         ));
     }
@@ -454,7 +463,7 @@ fn ignored_fields(spec: &core::ServiceSpec) -> Vec<(&'static str, String)> {
         .filter(|t| !t.is_empty())
     {
         out.push((
-            "trafficDistribution",
+            IGNORED_SERVICE_FIELDS[1],
             format!("trafficDistribution {td}: every endpoint is used"),
         ));
     }
@@ -562,7 +571,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
     }
     if hinted {
         skipped.push(Skip {
-            reason: SkipReason::Ignored("hints"),
+            reason: SkipReason::Ignored(IGNORED_SLICE_FIELDS[0]),
             what: "topology hints (forZones): every endpoint is used".into(),
         });
     }
