@@ -6,6 +6,7 @@
 //! - `fake_api`: an HTTP server that speaks the Kubernetes API's list and watch protocol
 //!   to the real kube client;
 //! - `packet`: crafted frames for BPF_PROG_TEST_RUN, and checksums to check them;
+//! - `image`: the agent's container image as an OCI archive (`cargo xtask image`);
 //! - `demo` (`cargo xtask demo`), `vmload` (the workload inside `cargo xtask vm-test`'s
 //!   VM) and `bench` (`cargo xtask bench`).
 //!
@@ -14,6 +15,7 @@ pub mod agent;
 pub mod bench;
 pub mod demo;
 pub mod fake_api;
+pub mod image;
 pub mod packet;
 pub mod sandbox;
 pub mod vmload;

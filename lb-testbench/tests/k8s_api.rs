@@ -933,12 +933,33 @@ async fn agent_binary_serves_health_metrics_and_restarts_on_pinned_maps() {
         r#"lb_ignored_fields_total{kind="EndpointSlice",field="hints"} 0"#,
         r#"lb_dataplane_packets_total{kind="drop_no_backend"} 0"#,
         "lb_map_update_errors_total 0",
+        "lb_conntrack_entries 0",
+        "lb_conntrack_max_entries 1024",
     ] {
         assert!(
             first.lines().any(|l| l == series),
             "{series} missing from a fresh agent's first scrape:\n{first}"
         );
     }
+    // The conntrack fill is counted from the map at each scrape.
+    {
+        let mut maps = Maps::from_pins(&pins.0).unwrap();
+        for port in [1000u16, 1001, 1002] {
+            let key = lb_common::CtKey {
+                src_addr: lb_userspace::dataplane::plan::map_addr(&"10.244.9.9".parse().unwrap()),
+                dst_addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
+                src_port: port.to_be(),
+                dst_port: 80u16.to_be(),
+                proto: 6,
+                _pad: [0; 3],
+            };
+            // SAFETY: CtValue is plain data; zeroes are a valid (new, forward) entry.
+            let value: lb_common::CtValue = unsafe { std::mem::zeroed() };
+            maps.conntrack.insert(key, value, 0).unwrap();
+        }
+    }
+    let text = wait_http(port, "/metrics", 200).await;
+    assert_eq!(metric(&text, "lb_conntrack_entries"), Some(3.0), "{text}");
     // A slice whose change was triggered just now: the programming latency is observed.
     let now = jiff::Timestamp::now().to_string();
     web_seed(&api);

@@ -63,10 +63,12 @@ fn documents(file: &str) -> Vec<Value> {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[expect(dead_code, reason = "fields are checked by deserialization only")]
 struct Kustomization {
+    #[expect(dead_code, reason = "checked by deserialization only")]
     api_version: String,
+    #[expect(dead_code, reason = "checked by deserialization only")]
     kind: String,
+    #[expect(dead_code, reason = "checked by deserialization only")]
     namespace: String,
     resources: Vec<String>,
     #[serde(default)]
@@ -75,9 +77,10 @@ struct Kustomization {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[expect(dead_code, reason = "fields are checked by deserialization only")]
 struct Image {
+    #[expect(dead_code, reason = "checked by deserialization only")]
     name: String,
+    #[expect(dead_code, reason = "checked by deserialization only")]
     new_name: Option<String>,
     new_tag: Option<String>,
 }
@@ -98,6 +101,16 @@ fn every_manifest_parses_strictly_and_the_kustomization_lists_them_all() {
         k.resources.iter().cloned().collect::<BTreeSet<_>>(),
         yamls,
         "kustomization resources vs deploy/*.yaml"
+    );
+    // The image `cargo xtask image` makes (lb-agent:<version>, loaded on a node) is the
+    // one the DaemonSet runs.
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(k.images.len(), 1);
+    assert_eq!(k.images[0].new_tag.as_deref(), Some(version));
+    let ds = documents("daemonset.yaml").remove(0);
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("lb-agent:{version}")
     );
     let mut kinds = Vec::new();
     for file in &yamls {

@@ -8,7 +8,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{exponential_buckets, Histogram},
     },
     registry::Registry,
@@ -16,8 +16,17 @@ use prometheus_client::{
 
 use crate::dataplane::{
     writer::{OnSync, SyncStats},
-    Counters,
+    Conntrack, Counters,
 };
+
+/// The families read from the maps at scrape time (not in the registry's own metrics),
+/// with their type: `lb_dataplane_packets` (counter), `lb_conntrack_entries` and
+/// `lb_conntrack_max_entries` (gauges).
+pub const DATAPLANE_FAMILIES: [(&str, &str); 3] = [
+    ("lb_dataplane_packets", "counter"),
+    ("lb_conntrack_entries", "gauge"),
+    ("lb_conntrack_max_entries", "gauge"),
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -80,19 +89,45 @@ impl Default for Metrics {
     }
 }
 
-/// The dataplane's counters, read on each scrape from a handle of their own (never
-/// waiting for the writer).
-struct DataplaneCounters(Counters);
+/// The dataplane's counters and conntrack fill, read on each scrape from handles of
+/// their own (never waiting for the writer).
+struct Dataplane {
+    counters: Counters,
+    conntrack: Option<Conntrack>,
+}
 
-impl std::fmt::Debug for DataplaneCounters {
+impl std::fmt::Debug for Dataplane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DataplaneCounters")
+        f.write_str("Dataplane")
     }
 }
 
-impl Collector for DataplaneCounters {
+impl Collector for Dataplane {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let counters = self.0.read();
+        if let Some(ct) = &self.conntrack {
+            // Counted on each scrape (the kernel keeps no count a program can ask for):
+            // batched reads, about 130 syscalls for a full default map.
+            match ct.entries() {
+                Ok(n) => {
+                    let e = encoder.encode_descriptor(
+                        DATAPLANE_FAMILIES[1].0,
+                        "Conntrack entries now (LB_CONNTRACK, an LRU: two per flow; at the size it evicts the least recently used)",
+                        None,
+                        prometheus_client::metrics::MetricType::Gauge,
+                    )?;
+                    ConstGauge::new(n as i64).encode(e)?;
+                }
+                Err(e) => tracing::warn!("counting conntrack entries for /metrics failed: {e}"),
+            }
+            let e = encoder.encode_descriptor(
+                DATAPLANE_FAMILIES[2].0,
+                "Size of the conntrack map (--max-conntrack)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            ConstGauge::new(ct.max_entries() as i64).encode(e)?;
+        }
+        let counters = self.counters.read();
         // A failed read leaves the family out of this scrape (and is logged) rather than
         // failing the whole scrape.
         let counters = match counters {
@@ -103,7 +138,7 @@ impl Collector for DataplaneCounters {
             }
         };
         let mut family = encoder.encode_descriptor(
-            "lb_dataplane_packets",
+            DATAPLANE_FAMILIES[0].0,
             "Packets per datapath decision, summed over CPUs (LB_COUNTERS)",
             None,
             prometheus_client::metrics::MetricType::Counter,
@@ -180,8 +215,9 @@ impl Metrics {
         })
     }
 
-    /// A registry with every metric, and the dataplane counters if given.
-    pub fn registry(&self, counters: Option<Counters>) -> Registry {
+    /// A registry with every metric, and the dataplane's counters and conntrack fill if
+    /// given.
+    pub fn registry(&self, counters: Option<Counters>, conntrack: Option<Conntrack>) -> Registry {
         let mut r = Registry::default();
         r.register(
             "lb_services",
@@ -249,7 +285,10 @@ impl Metrics {
             self.watch_errors.clone(),
         );
         if let Some(counters) = counters {
-            r.register_collector(Box::new(DataplaneCounters(counters)));
+            r.register_collector(Box::new(Dataplane {
+                counters,
+                conntrack,
+            }));
         }
         r
     }
@@ -270,7 +309,7 @@ mod tests {
 
     #[test]
     fn every_labelled_series_exists_at_zero_before_its_first_event() {
-        let text = render(&Metrics::default().registry(None));
+        let text = render(&Metrics::default().registry(None, None));
         for series in [
             r#"lb_skipped_service_ports_total{reason="sctp"} 0"#,
             r#"lb_skipped_service_ports_total{reason="family"} 0"#,

@@ -210,6 +210,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     // maps are filled by the first sync before any interface sees the program.
     let reused_state = !plane.state().frontends.is_empty();
     let counters = plane.maps.counters_handle()?;
+    let conntrack = plane.maps.conntrack_handle()?;
     let metrics = Metrics::default();
     let checks = crate::healthcheck::HealthChecks::default();
     let proxy_health = proxyhealth::ProxyHealth::new(opts.healthz_timeout);
@@ -239,7 +240,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let router = http::router(health.clone(), metrics.registry(Some(counters)));
+    let router = http::router(
+        health.clone(),
+        metrics.registry(Some(counters), Some(conntrack)),
+    );
     let server = tokio::spawn(http::serve(listener, router, stopped(stop_rx.clone())));
     info!(listen = %opts.listen, "serving /healthz, /readyz and /metrics");
     let healthz_server = healthz_listener.map(|l| {
