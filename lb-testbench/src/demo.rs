@@ -63,7 +63,8 @@ pub fn run_demo(requests: usize) -> Result<()> {
                 &node.pin_dir,
                 show::What::Services,
                 show::Format::Table,
-                &Default::default()
+                &Default::default(),
+                None,
             )?
         );
     }
@@ -107,7 +108,8 @@ pub fn run_demo(requests: usize) -> Result<()> {
             sb.pin_dir(),
             show::What::Counters,
             show::Format::Table,
-            &Default::default()
+            &Default::default(),
+            None,
         )?
     );
     println!("== stopping the agents and removing the sandbox");

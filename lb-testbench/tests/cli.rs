@@ -120,7 +120,7 @@ fn show_json(pins: &Pins, args: &[&str]) -> Value {
     let pin_dir = pins.0.to_str().unwrap();
     let mut all = vec!["show"];
     all.extend_from_slice(args);
-    all.extend(["-o", "json", "--pin-dir", pin_dir]);
+    all.extend(["-o", "json", "--agent", "", "--pin-dir", pin_dir]);
     let (ok, out, err) = lb(&all);
     assert!(ok, "lb {all:?}: {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("lb {all:?}: {e}: {out}"))
@@ -203,7 +203,14 @@ fn lb_show_prints_every_table_as_json_and_filters_it() {
     let other = show_json(&pins, &["conntrack", "--service", "10.96.0.53"]);
     assert_eq!(other["conntrack"], Value::Array(vec![]));
     // The table says it too.
-    let (ok, table, _) = lb(&["show", "conntrack", "--pin-dir", pins.0.to_str().unwrap()]);
+    let (ok, table, _) = lb(&[
+        "show",
+        "conntrack",
+        "--agent",
+        "",
+        "--pin-dir",
+        pins.0.to_str().unwrap(),
+    ]);
     assert!(ok);
     let line = table.lines().find(|l| l.contains("10.244.0.99")).unwrap();
     assert!(line.ends_with(" 5s") || line.ends_with(" 6s"), "{line}");
@@ -250,6 +257,8 @@ fn output_into_a_closed_pipe_ends_quietly() {
         let (st, err) = into_closed_pipe(&[
             "show",
             "all",
+            "--agent",
+            "",
             "-o",
             format,
             "--pin-dir",

@@ -1547,3 +1547,116 @@ async fn the_api_server_address_is_explicit_without_kube_proxy() {
     assert!(sigterm_and_wait(&mut agent).success());
     assert!(!pins.0.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_show_names_services_and_endpoint_conditions_from_the_agent() {
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    api.apply(service("web", WEB, &[("http", 80, "TCP")]));
+    let mut sl = slice(
+        "web-a",
+        "web",
+        &[("http", 8080, "TCP")],
+        &[
+            ("10.244.1.2", Some(true)),
+            ("10.244.1.3", Some(false)),
+            ("10.244.1.4", Some(false)),
+        ],
+    );
+    sl["endpoints"][0]["nodeName"] = json!(NODE);
+    sl["endpoints"][2]["conditions"] =
+        json!({"ready": false, "serving": true, "terminating": true});
+    api.apply(sl);
+    let pins = Pins::new();
+    let kubeconfig = Kubeconfig::new(&api.url());
+    let port = free_port();
+    let mut agent = Proc(
+        agent_command(Some(&kubeconfig.0), &pins, port, &[])
+            .spawn()
+            .unwrap(),
+    );
+    wait_http(port, "/readyz", 200).await;
+    wait_maps(&pins.0, "web in the maps", |s| {
+        active(s, "10.96.0.10:80/TCP").len() == 1
+    })
+    .await;
+    let show = |args: &[&str]| {
+        let out = Command::new(lb_testbench::agent::lb_binary().unwrap())
+            .arg("show")
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&pins.0)
+            .args(["--agent", &format!("127.0.0.1:{port}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = show(&["services", "-o", "json", "--service", "shop/web"]);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["agent"], json!(format!("127.0.0.1:{port}")), "{v}");
+    let rows = v["services"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{v}");
+    assert_eq!(rows[0]["service"], "shop/web:http");
+    let b: BTreeMap<String, Value> = rows[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().to_string(), b.clone()))
+        .collect();
+    let ready = &b["10.244.1.2:8080/TCP"];
+    assert_eq!(
+        (&ready["state"], &ready["ready"], &ready["node"]),
+        (&json!("active"), &json!(true), &json!(NODE))
+    );
+    assert!(ready["id"].as_u64().unwrap() > 0);
+    let not_ready = &b["10.244.1.3:8080/TCP"];
+    assert_eq!(
+        (&not_ready["state"], &not_ready["ready"]),
+        (&json!("not ready"), &json!(false))
+    );
+    let terminating = &b["10.244.1.4:8080/TCP"];
+    assert_eq!(
+        (
+            &terminating["state"],
+            &terminating["serving"],
+            &terminating["terminating"]
+        ),
+        (&json!("terminating"), &json!(true), &json!(true))
+    );
+    // The table says the same.
+    let table = show(&["services", "--service", "shop/web:http"]);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("10.96.0.10:80"))
+        .unwrap();
+    assert!(line.contains("shop/web:http"), "{line}");
+    assert!(line.contains("10.244.1.2:8080/TCP(active,ready)"), "{line}");
+    assert!(line.contains("10.244.1.3:8080/TCP(not ready)"), "{line}");
+    assert!(
+        line.contains("10.244.1.4:8080/TCP(terminating,serving)"),
+        "{line}"
+    );
+    // Without the agent the maps alone: no name, so no frontend matches a name.
+    let out = Command::new(lb_testbench::agent::lb_binary().unwrap())
+        .args(["show", "services", "-o", "json", "--service", "shop/web"])
+        .arg("--pin-dir")
+        .arg(&pins.0)
+        .args(["--agent", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["agent"]
+            .as_str()
+            .unwrap()
+            .starts_with("no agent answered"),
+        "{v}"
+    );
+    assert_eq!(v["services"], json!([]));
+    assert!(sigterm_and_wait(&mut agent).success());
+}

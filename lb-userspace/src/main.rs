@@ -137,6 +137,10 @@ enum Cmd {
         /// Only rows in which this address appears.
         #[arg(long)]
         address: Option<std::net::IpAddr>,
+        /// The `lb agent` to ask for Service names and endpoint conditions (its --listen
+        /// address); "" for the maps alone.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        agent: String,
     },
 }
 
@@ -178,7 +182,7 @@ fn parse_bind(s: &str, flag: &str) -> anyhow::Result<Option<std::net::SocketAddr
         return Ok(None);
     }
     s.parse().map(Some).map_err(|e| {
-        anyhow::anyhow!("{flag} {s:?}: {e} (want IP:PORT, e.g. 0.0.0.0:10256, or \"\" for none)")
+        anyhow::anyhow!("{flag} {s:?}: {e} (want IP:PORT, e.g. 127.0.0.1:9100, or \"\" for none)")
     })
 }
 
@@ -279,16 +283,17 @@ fn main() -> ExitCode {
             service,
             backend,
             address,
-        } => {
+            agent,
+        } => parse_bind(&agent, "--agent").and_then(|agent| {
             let filter = show::Filter {
                 service,
                 backend,
                 address,
             };
-            show::render(&pin_dir, what, format, &filter)
+            show::render(&pin_dir, what, format, &filter, agent)
                 .with_context(|| format!("reading the maps pinned under {}", pin_dir.display()))
                 .and_then(|s| print_out(&s))
-        }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

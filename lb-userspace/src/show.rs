@@ -27,6 +27,90 @@ use crate::{
     Error, Result,
 };
 
+/// What a running `lb agent` knows of a frontend that the maps do not: the Service port
+/// it belongs to and every endpoint listed for it, with its conditions
+/// (`GET /debug/frontends` on the agent's `--listen` address).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FrontendView {
+    pub frontend: String,
+    /// `namespace/name:port-name`.
+    pub service: String,
+    pub backends: Vec<EndpointView>,
+}
+
+/// One endpoint of a frontend as the agent has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct EndpointView {
+    pub address: String,
+    /// It gets new connections (the rules: ready, or serving terminating when none is).
+    pub active: bool,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// The agent's view of every frontend, from its model (on the writer thread).
+pub fn agent_view(model: &crate::model::ModelCache) -> Vec<FrontendView> {
+    model
+        .current()
+        .frontends
+        .iter()
+        .map(|(fe, spec)| {
+            let key = spec
+                .service
+                .rsplit_once(':')
+                .and_then(|(svc, _)| svc.split_once('/'))
+                .map(|(ns, name)| crate::model::object_key(ns, name));
+            let backends = spec
+                .known
+                .iter()
+                .map(|b| {
+                    let ep = key.as_ref().and_then(|k| model.endpoint(k, b.ip));
+                    // KEP-1672: ready unset is ready; serving unset is ready's value.
+                    let c = ep.map(|e| e.conditions).unwrap_or_default();
+                    let ready = c.ready.unwrap_or(true);
+                    EndpointView {
+                        address: b.to_string(),
+                        active: spec.active.contains(b),
+                        ready,
+                        serving: c.serving.unwrap_or(ready),
+                        terminating: c.terminating.unwrap_or(false),
+                        node: ep.and_then(|e| e.node_name.as_deref().map(String::from)),
+                    }
+                })
+                .collect();
+            FrontendView {
+                frontend: fe.to_string(),
+                service: spec.service.to_string(),
+                backends,
+            }
+        })
+        .collect()
+}
+
+/// Asks the agent at `addr` for its view (a plain HTTP/1.0 GET on the loopback, 2 s at
+/// most).
+pub fn fetch_agent_view(
+    addr: std::net::SocketAddr,
+) -> std::result::Result<Vec<FrontendView>, String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET /debug/frontends HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(head.lines().next().unwrap_or("").to_string());
+    }
+    serde_json::from_str(body).map_err(|e| format!("not the agent's view: {e}"))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum What {
     Services,
@@ -96,26 +180,32 @@ impl Endpoint {
     }
 }
 
-/// A frontend by its address (`IP[:PORT[/PROTO]]`) or by its service id (a number).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A frontend by its address (`IP[:PORT[/PROTO]]`), its service id (a number), or its
+/// Service (`namespace/name` or `namespace/name:port-name`, known from the agent).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServiceMatch {
     Frontend(Endpoint),
     Id(u32),
+    Name(String),
 }
 
 impl FromStr for ServiceMatch {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.parse::<u32>() {
-            Ok(id) => Ok(Self::Id(id)),
-            Err(_) => s.parse().map(Self::Frontend),
+        if let Ok(id) = s.parse::<u32>() {
+            return Ok(Self::Id(id));
+        }
+        match s.parse::<Endpoint>() {
+            Ok(e) => Ok(Self::Frontend(e)),
+            Err(_) if s.contains('/') && !s.contains('[') => Ok(Self::Name(s.to_string())),
+            Err(e) => Err(format!("{e}, or a Service as namespace/name[:port]")),
         }
     }
 }
 
 /// What to keep of each table. A row is kept when it matches every filter given.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Filter {
     /// Frontends (and their backends and flows) of this frontend or service id.
     pub service: Option<ServiceMatch>,
@@ -133,17 +223,32 @@ impl Filter {
 
 #[derive(Debug, Serialize)]
 pub struct BackendRef {
+    /// Its id in LB_BACKENDS (0: listed by the agent, in no slot of this frontend).
     pub id: u32,
     pub address: String,
-    /// "active": in the frontend's slots (new connections go to it).
+    /// "active": in the frontend's slots (new connections go to it); with the agent's
+    /// view, also "not ready" or "terminating" for the endpoints it lists that no slot
+    /// holds.
     pub state: &'static str,
     /// On another node (a flow from outside to it is source-NATed).
     pub remote: bool,
+    /// The endpoint's conditions, from the agent (absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub terminating: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct FrontendRow {
     pub frontend: String,
+    /// The Service port (`namespace/name:port-name`), from the agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     pub kind: String,
     pub service_id: u32,
     /// externalTrafficPolicy Local.
@@ -190,6 +295,9 @@ pub struct ConntrackRow {
 /// Everything asked for, ready to print either way.
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
+    /// Where the Service names and endpoint conditions come from: the agent's address,
+    /// or why there are none.
+    pub agent: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<FrontendRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,13 +311,20 @@ pub struct Report {
 }
 
 /// Reads the maps pinned under `pin_dir` and renders them.
-pub fn render(pin_dir: &Path, what: What, format: Format, filter: &Filter) -> Result<String> {
+pub fn render(
+    pin_dir: &Path,
+    what: What,
+    format: Format,
+    filter: &Filter,
+    agent: Option<std::net::SocketAddr>,
+) -> Result<String> {
     let maps =
         Maps::from_pins(pin_dir).map_err(|e| match crate::loader::foreign_bpffs(pin_dir) {
             Some(why) => Error::Map(format!("{e}; note: {why}")),
             None => e,
         })?;
-    let report = read(&maps, what, filter)?;
+    let view = agent.map(|a| (a, fetch_agent_view(a)));
+    let report = read(&maps, what, filter, view)?;
     Ok(match format {
         Format::Json => {
             let mut s = serde_json::to_string_pretty(&report)
@@ -231,9 +346,34 @@ fn monotonic_now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-pub fn read(maps: &Maps, what: What, filter: &Filter) -> Result<Report> {
+/// `agent`: its address and its view (or why it could not be had).
+pub fn read(
+    maps: &Maps,
+    what: What,
+    filter: &Filter,
+    agent: Option<(
+        std::net::SocketAddr,
+        std::result::Result<Vec<FrontendView>, String>,
+    )>,
+) -> Result<Report> {
     let all = what == What::All;
     let mut report = Report::default();
+    let view = match agent {
+        None => {
+            report.agent = "none asked (--agent \"\"): no Service names or conditions".into();
+            None
+        }
+        Some((addr, Ok(v))) => {
+            report.agent = addr.to_string();
+            Some(v)
+        }
+        Some((addr, Err(e))) => {
+            report.agent = format!(
+                "no agent answered at {addr} ({e}): the maps only, no Service names or conditions"
+            );
+            None
+        }
+    };
     let need_state = all || matches!(what, What::Services | What::Backends | What::Conntrack);
     let st = if need_state {
         Some(maps.read_state()?)
@@ -241,7 +381,10 @@ pub fn read(maps: &Maps, what: What, filter: &Filter) -> Result<Report> {
         None
     };
     if let Some(st) = &st {
-        let frontends = frontend_rows(st);
+        let mut frontends = frontend_rows(st);
+        if let Some(view) = &view {
+            merge(&mut frontends, view);
+        }
         if all || what == What::Backends {
             report.backends = Some(backend_rows(st, &frontends, filter));
         }
@@ -284,17 +427,26 @@ fn frontend_rows(st: &MapState) -> Vec<FrontendRow> {
                         address: backend_addr(b).to_string(),
                         state: "active",
                         remote: backend_addr(b).remote,
+                        ready: None,
+                        serving: None,
+                        terminating: None,
+                        node: None,
                     },
                     None => BackendRef {
                         id: *id,
                         address: format!("#{id}?"),
                         state: "missing",
                         remote: false,
+                        ready: None,
+                        serving: None,
+                        terminating: None,
+                        node: None,
                     },
                 })
                 .collect();
             FrontendRow {
                 frontend: fa.to_string(),
+                service: None,
                 kind: FrontendKind::from_flags(f.flags).to_string(),
                 service_id: f.service_id,
                 local: f.flags & FRONTEND_F_LOCAL != 0,
@@ -306,6 +458,48 @@ fn frontend_rows(st: &MapState) -> Vec<FrontendRow> {
         .collect()
 }
 
+/// Adds the agent's view: each frontend's Service, its active backends' conditions, and
+/// the endpoints it lists that no slot holds (not ready, or terminating).
+fn merge(rows: &mut [FrontendRow], view: &[FrontendView]) {
+    let by_frontend: BTreeMap<&str, &FrontendView> =
+        view.iter().map(|v| (v.frontend.as_str(), v)).collect();
+    for row in rows {
+        let Some(v) = by_frontend.get(row.frontend.as_str()) else {
+            continue;
+        };
+        row.service = Some(v.service.clone());
+        for e in &v.backends {
+            let conditions = |b: &mut BackendRef| {
+                b.ready = Some(e.ready);
+                b.serving = Some(e.serving);
+                b.terminating = Some(e.terminating);
+                b.node = e.node.clone();
+            };
+            match row.backends.iter_mut().find(|b| b.address == e.address) {
+                Some(b) => conditions(b),
+                None => {
+                    let mut b = BackendRef {
+                        id: 0,
+                        address: e.address.clone(),
+                        state: if e.terminating {
+                            "terminating"
+                        } else {
+                            "not ready"
+                        },
+                        remote: false,
+                        ready: None,
+                        serving: None,
+                        terminating: None,
+                        node: None,
+                    };
+                    conditions(&mut b);
+                    row.backends.push(b);
+                }
+            }
+        }
+    }
+}
+
 /// `ip:port/PROTO` of a backend reference, parsed back for the filters.
 fn parse_endpoint(s: &str) -> Option<(IpAddr, u16, Protocol)> {
     let e: Endpoint = s.parse().ok()?;
@@ -315,6 +509,10 @@ fn parse_endpoint(s: &str) -> Option<(IpAddr, u16, Protocol)> {
 fn frontend_matches(f: &FrontendRow, m: &ServiceMatch) -> bool {
     match m {
         ServiceMatch::Id(id) => f.service_id == *id,
+        ServiceMatch::Name(n) => f
+            .service
+            .as_deref()
+            .is_some_and(|s| s == n || s.rsplit_once(':').is_some_and(|(svc, _)| svc == n)),
         ServiceMatch::Frontend(e) => {
             parse_endpoint(&f.frontend).is_some_and(|(ip, port, proto)| e.matches(ip, port, proto))
         }
@@ -326,7 +524,10 @@ fn backend_matches(b: &BackendRef, e: &Endpoint) -> bool {
 }
 
 fn keep_frontend(f: &FrontendRow, filter: &Filter) -> bool {
-    filter.service.is_none_or(|m| frontend_matches(f, &m))
+    filter
+        .service
+        .as_ref()
+        .is_none_or(|m| frontend_matches(f, m))
         && filter
             .backend
             .is_none_or(|e| f.backends.iter().any(|b| backend_matches(b, &e)))
@@ -341,7 +542,7 @@ fn keep_frontend(f: &FrontendRow, filter: &Filter) -> bool {
 fn backend_rows(st: &MapState, frontends: &[FrontendRow], filter: &Filter) -> Vec<BackendRow> {
     let mut users: BTreeMap<u32, Vec<&FrontendRow>> = BTreeMap::new();
     for f in frontends {
-        for b in &f.backends {
+        for b in f.backends.iter().filter(|b| b.state == "active") {
             users.entry(b.id).or_default().push(f);
         }
     }
@@ -353,7 +554,8 @@ fn backend_rows(st: &MapState, frontends: &[FrontendRow], filter: &Filter) -> Ve
             let used = users.get(&id).map(Vec::as_slice).unwrap_or_default();
             let keep = filter
                 .service
-                .is_none_or(|m| used.iter().any(|f| frontend_matches(f, &m)))
+                .as_ref()
+                .is_none_or(|m| used.iter().any(|f| frontend_matches(f, m)))
                 && filter
                     .backend
                     .is_none_or(|e| e.matches(addr.ip, addr.port, addr.proto))
@@ -396,10 +598,10 @@ fn conntrack_rows(
     now_ns: u64,
 ) -> Vec<ConntrackRow> {
     entries.sort_by_key(|(k, v)| (v.dir, k.src_addr, k.src_port, k.dst_addr, k.dst_port));
-    let ids: Option<Vec<u32>> = filter.service.map(|m| {
+    let ids: Option<Vec<u32>> = filter.service.as_ref().map(|m| {
         frontends
             .iter()
-            .filter(|f| frontend_matches(f, &m))
+            .filter(|f| frontend_matches(f, m))
             .map(|f| f.service_id)
             .collect()
     });
@@ -457,25 +659,47 @@ fn table(r: &Report, filter: &Filter) -> String {
     if let Some(rows) = &r.services {
         let _ = writeln!(
             out,
-            "{:<24} {:<12} {:>6} {:>5}  BACKENDS (active: in the slots, new connections go to them)",
-            "FRONTEND", "KIND", "ID", "READY"
+            "{:<24} {:<12} {:>6} {:>6}  {:<28} BACKENDS",
+            "FRONTEND", "KIND", "ID", "ACTIVE", "SERVICE"
         );
         for f in rows {
             let mut kind = f.kind.clone();
             if f.local {
                 kind.push_str(",local");
             }
-            let list: Vec<&str> = f.backends.iter().map(|b| b.address.as_str()).collect();
+            let list: Vec<String> = f
+                .backends
+                .iter()
+                .map(|b| {
+                    let mut state = vec![b.state];
+                    match (b.state, b.ready, b.serving, b.terminating) {
+                        ("active", Some(true), _, _) => state.push("ready"),
+                        ("active", Some(false), Some(true), Some(true)) => {
+                            state.extend(["serving", "terminating"])
+                        }
+                        ("active", Some(false), _, _) => state.push("not ready"),
+                        ("terminating", _, Some(true), _) => state.push("serving"),
+                        _ => {}
+                    }
+                    format!("{}({})", b.address, state.join(","))
+                })
+                .collect();
             let _ = writeln!(
                 out,
-                "{:<24} {:<12} {:>6} {:>5}  {}",
+                "{:<24} {:<12} {:>6} {:>6}  {:<28} {}",
                 f.frontend,
                 kind,
                 f.service_id,
-                f.backends.len(),
+                f.backends.iter().filter(|b| b.state == "active").count(),
+                f.service.as_deref().unwrap_or("-"),
                 list.join(" ")
             );
         }
+        let _ = writeln!(
+            out,
+            "(active: in the frontend's slots, new connections go to it; names and conditions: {})",
+            r.agent
+        );
         let _ = writeln!(out);
     }
     if let Some(rows) = &r.backends {
@@ -566,6 +790,15 @@ mod tests {
         assert!(err.contains("TCP or UDP"), "{err}");
         assert!("web".parse::<Endpoint>().unwrap_err().contains("\"web\""));
         assert_eq!("12".parse::<ServiceMatch>().unwrap(), ServiceMatch::Id(12));
+        assert_eq!(
+            "shop/web:http".parse::<ServiceMatch>().unwrap(),
+            ServiceMatch::Name("shop/web:http".into())
+        );
+        assert!(matches!(
+            "[fd00::10]:80/TCP".parse::<ServiceMatch>().unwrap(),
+            ServiceMatch::Frontend(_)
+        ));
+        assert!("[fd00::10]:80/SCTP".parse::<ServiceMatch>().is_err());
     }
 
     #[test]

@@ -613,6 +613,7 @@ fn load_scale(
                 lb_userspace::show::What::Counters,
                 Default::default(),
                 &Default::default(),
+                None,
             )
             .unwrap_or_default();
             let log = bed.sb.log(&format!("agent-{}.log", svcs.len()));

@@ -311,6 +311,7 @@ impl Bed {
                     lb_userspace::show::What::Counters,
                     Default::default(),
                     &Default::default(),
+                    None,
                 )
                 .unwrap_or_default();
             }

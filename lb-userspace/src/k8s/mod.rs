@@ -243,6 +243,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let router = http::router(
         health.clone(),
         metrics.registry(Some(counters), Some(conntrack)),
+        Some(writer.queries()),
     );
     let server = tokio::spawn(http::serve(listener, router, stopped(stop_rx.clone())));
     info!(listen = %opts.listen, "serving /healthz, /readyz and /metrics");
