@@ -57,7 +57,16 @@ pub fn run_demo(requests: usize) -> Result<()> {
         let pods = sb.pods.iter().filter(|p| p.node == k).count();
         wait_agent_ready(&sb, k, 2, pods, Duration::from_secs(30))?;
         println!("== {}'s maps", node.name);
-        print!("{}", show::render(&node.pin_dir, show::What::Services)?);
+        print!(
+            "{}",
+            show::render(
+                &node.pin_dir,
+                show::What::Services,
+                show::Format::Table,
+                &Default::default(),
+                None,
+            )?
+        );
     }
 
     let mut all_counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -93,7 +102,16 @@ pub fn run_demo(requests: usize) -> Result<()> {
     }
     let counts = all_counts;
     println!("== node-0's counters (new_flow: connections it balanced, to node-1's pod too)");
-    print!("{}", show::render(sb.pin_dir(), show::What::Counters)?);
+    print!(
+        "{}",
+        show::render(
+            sb.pin_dir(),
+            show::What::Counters,
+            show::Format::Table,
+            &Default::default(),
+            None,
+        )?
+    );
     println!("== stopping the agents and removing the sandbox");
     for agent in agents {
         sb.stop(agent, libc::SIGTERM)?;

@@ -7,6 +7,7 @@
 //!   to the real kube client;
 //! - `packet`: crafted frames for BPF_PROG_TEST_RUN, and checksums to check them;
 //! - `rawbpf`: the few programs the bench assembles itself (no object file);
+//! - `image`: the agent's container image as an OCI archive (`cargo xtask image`);
 //! - `demo` (`cargo xtask demo`), `vmload` (the workload inside `cargo xtask vm-test`'s
 //!   VM) and `bench` (`cargo xtask bench`).
 //!
@@ -15,6 +16,7 @@ pub mod agent;
 pub mod bench;
 pub mod demo;
 pub mod fake_api;
+pub mod image;
 pub mod packet;
 pub mod rawbpf;
 pub mod sandbox;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lb_testbench::{bench, demo, vmload};
+use lb_testbench::{bench, demo, image, vmload};
 
 #[derive(Parser)]
 #[command(name = "lb-testbench", version)]
@@ -23,6 +23,27 @@ enum Cmd {
     /// The benchmark: this dataplane against no load balancer and kube-proxy's iptables
     /// and nftables modes; writes latest.md and latest.json.
     Bench(bench::Opts),
+    /// The agent's container image (`cargo xtask image`): `lb` and the libraries it
+    /// links, as an OCI archive, or as a root folder for deploy/Dockerfile.
+    Image {
+        /// The `lb` binary to ship.
+        #[arg(long)]
+        lb: std::path::PathBuf,
+        /// Write the OCI archive here.
+        #[arg(long, required_unless_present = "rootfs")]
+        out: Option<std::path::PathBuf>,
+        /// Write the image's files into this folder instead.
+        #[arg(long, conflicts_with = "out")]
+        rootfs: Option<std::path::PathBuf>,
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        tag: String,
+        /// The commit it is built from (a label).
+        #[arg(long, default_value = "unknown")]
+        revision: String,
+        /// Every time in the archive, RFC 3339 (the commit's, for a reproducible image).
+        #[arg(long, default_value = "1970-01-01T00:00:00Z")]
+        created: String,
+    },
     /// The workload of `cargo xtask vm-test`, run inside the VM: iperf3 to a pod IP, a
     /// ClusterIP and a NodePort.
     VmLoad {
@@ -38,6 +59,27 @@ fn main() -> ExitCode {
         Cmd::Demo { requests } => demo::run_demo(requests),
         Cmd::Bench(opts) => bench::run(&opts),
         Cmd::VmLoad { seconds, repeats } => vmload::run_vm_load(seconds, repeats),
+        Cmd::Image {
+            lb,
+            out,
+            rootfs,
+            tag,
+            revision,
+            created,
+        } => match (out, rootfs) {
+            (_, Some(dir)) => image::write_rootfs(&lb, &dir),
+            (Some(out), None) => image::write_archive(
+                &image::Spec {
+                    lb,
+                    tag,
+                    revision,
+                    created,
+                },
+                &out,
+            )
+            .map(|w| println!("{} {} {}", w.path.display(), w.reference, w.manifest_digest)),
+            (None, None) => unreachable!("clap requires one"),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

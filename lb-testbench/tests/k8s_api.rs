@@ -217,6 +217,7 @@ impl Running {
         let opts = ControllerOptions {
             node_name: NODE.into(),
             rules: Rules::default(),
+            health: None,
         };
         let controller = Controller::new(client, opts, writer.updates(), metrics.clone());
         let (stop, mut rx) = watch::channel(false);
@@ -821,35 +822,52 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
 }
 
-fn spawn_agent(kubeconfig: &Path, pins: &Pins, port: u16, keep: bool) -> Proc {
+/// `lb agent` on small maps in `pins`, serving /metrics on `port` and kube-proxy's
+/// /healthz on a free loopback port (never the host's 0.0.0.0:10256), with `extra` flags.
+fn agent_command(kubeconfig: Option<&Path>, pins: &Pins, port: u16, extra: &[&str]) -> Command {
     let mut cmd = Command::new(lb_testbench::agent::lb_binary().unwrap());
-    cmd.arg("agent")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args([
-            "--interfaces",
-            "lbt-none-*",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .arg("--pin-dir")
-        .arg(&pins.0)
-        .args([
-            "--max-frontends",
-            "256",
-            "--max-backends",
-            "1024",
-            "--max-slots",
-            "1024",
-            "--max-conntrack",
-            "1024",
-        ])
-        .env("NODE_NAME", NODE)
-        .env("RUST_LOG", "info");
-    if keep {
-        cmd.arg("--keep-pinned");
+    cmd.arg("agent");
+    if let Some(k) = kubeconfig {
+        cmd.arg("--kubeconfig").arg(k);
     }
-    Proc(cmd.spawn().expect("starting lb agent"))
+    cmd.args([
+        "--interfaces",
+        "lbt-none-*",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .arg("--pin-dir")
+    .arg(&pins.0)
+    .args([
+        "--max-frontends",
+        "256",
+        "--max-backends",
+        "1024",
+        "--max-slots",
+        "1024",
+        "--max-conntrack",
+        "1024",
+    ])
+    .args(extra);
+    if !extra.contains(&"--healthz-bind-address") {
+        cmd.arg("--healthz-bind-address")
+            .arg(format!("127.0.0.1:{}", free_port()));
+    }
+    cmd.env("NODE_NAME", NODE)
+        .env("RUST_LOG", "info")
+        .env_remove("LB_API_SERVER")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT");
+    cmd
+}
+
+fn spawn_agent(kubeconfig: &Path, pins: &Pins, port: u16, keep: bool) -> Proc {
+    let extra: &[&str] = if keep { &["--keep-pinned"] } else { &[] };
+    Proc(
+        agent_command(Some(kubeconfig), pins, port, extra)
+            .spawn()
+            .expect("starting lb agent"),
+    )
 }
 
 async fn wait_http(port: u16, path: &str, want: u16) -> String {
@@ -901,6 +919,48 @@ async fn agent_binary_serves_health_metrics_and_restarts_on_pinned_maps() {
     let mut agent = spawn_agent(&kubeconfig, &pins, port, true);
     assert_eq!(wait_http(port, "/healthz", 200).await, "ok\n");
     wait_http(port, "/readyz", 200).await;
+    // Every labelled series exists at zero from the first scrape, before its first event.
+    let first = wait_http(port, "/metrics", 200).await;
+    for series in [
+        r#"lb_skipped_service_ports_total{reason="sctp"} 0"#,
+        r#"lb_skipped_service_ports_total{reason="family"} 0"#,
+        r#"lb_skipped_endpoint_slices_total{reason="fqdn"} 0"#,
+        r#"lb_rejected_objects_total{kind="Service"} 0"#,
+        r#"lb_rejected_objects_total{kind="EndpointSlice"} 0"#,
+        r#"lb_watch_errors_total{kind="Service"} 0"#,
+        r#"lb_watch_errors_total{kind="EndpointSlice"} 0"#,
+        r#"lb_watch_errors_total{kind="Node"} 0"#,
+        r#"lb_ignored_fields_total{kind="Service",field="trafficDistribution"} 0"#,
+        r#"lb_ignored_fields_total{kind="EndpointSlice",field="hints.forNodes"} 0"#,
+        r#"lb_dataplane_packets_total{kind="drop_no_backend"} 0"#,
+        "lb_map_update_errors_total 0",
+        "lb_conntrack_entries 0",
+        "lb_conntrack_max_entries 1024",
+    ] {
+        assert!(
+            first.lines().any(|l| l == series),
+            "{series} missing from a fresh agent's first scrape:\n{first}"
+        );
+    }
+    // The conntrack fill is counted from the map at each scrape.
+    {
+        let mut maps = Maps::from_pins(&pins.0).unwrap();
+        for port in [1000u16, 1001, 1002] {
+            let key = lb_common::CtKey {
+                src_addr: lb_userspace::dataplane::plan::map_addr(&"10.244.9.9".parse().unwrap()),
+                dst_addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
+                src_port: port.to_be(),
+                dst_port: 80u16.to_be(),
+                proto: 6,
+                _pad: [0; 3],
+            };
+            // SAFETY: CtValue is plain data; zeroes are a valid (new, forward) entry.
+            let value: lb_common::CtValue = unsafe { std::mem::zeroed() };
+            maps.conntrack.insert(key, value, 0).unwrap();
+        }
+    }
+    let text = wait_http(port, "/metrics", 200).await;
+    assert_eq!(metric(&text, "lb_conntrack_entries"), Some(3.0), "{text}");
     // A slice whose change was triggered just now: the programming latency is observed.
     let now = jiff::Timestamp::now().to_string();
     web_seed(&api);
@@ -1274,4 +1334,330 @@ async fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoi
     })
     .await;
     agent.stop().await;
+}
+
+/// A kubeconfig for `api` in a temporary file, removed on drop.
+struct Kubeconfig(PathBuf);
+
+impl Kubeconfig {
+    fn new(server: &str) -> Self {
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!(
+            "lbt-k8s-kubeconfig-{}-{n}.yaml",
+            std::process::id()
+        ));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n\
+             current-context: c\nusers:\n- name: u\n  user: {{}}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for Kubeconfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `http_get` until `cond` holds on (status, body).
+async fn wait_answer(
+    port: u16,
+    path: &str,
+    what: &str,
+    cond: impl Fn(u16, &str) -> bool,
+) -> String {
+    let t0 = Instant::now();
+    let mut last = None;
+    loop {
+        if let Some((code, body)) = http_get(port, path) {
+            if cond(code, &body) {
+                return body;
+            }
+            last = Some((code, body));
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "timed out waiting for {path}: {what}; last answer {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// kube-proxy's body: `{"lastUpdated": "..","currentTime": "..", "nodeEligible": b}`.
+fn health_body(body: &str) -> Value {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{body:?}: {e}"));
+    for key in ["lastUpdated", "currentTime"] {
+        let t = v[key].as_str().unwrap_or_else(|| panic!("{key} in {body}"));
+        assert!(t.ends_with(" +0000 UTC"), "{key} {t:?}: Go's time format");
+    }
+    v
+}
+
+/// A free loopback port: the test's own `/healthz`.
+fn healthz_flags(port: u16) -> [String; 2] {
+    ["--healthz-bind-address".into(), format!("127.0.0.1:{port}")]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_binary_answers_kube_proxys_healthz_and_livez() {
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    let pins = Pins::new();
+    let kubeconfig = Kubeconfig::new(&api.url());
+    let (port, hz) = (free_port(), free_port());
+    let flags = healthz_flags(hz);
+    let mut extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    // A change that waits a second for a successful sync makes the proxy unhealthy.
+    extra.extend(["--healthz-timeout-ms", "1000"]);
+    let mut agent = Proc(
+        agent_command(Some(&kubeconfig.0), &pins, port, &extra)
+            .spawn()
+            .expect("starting lb agent"),
+    );
+    wait_http(port, "/readyz", 200).await;
+    let body = wait_http(hz, "/healthz", 200).await;
+    assert_eq!(health_body(&body)["nodeEligible"], json!(true), "{body}");
+    let body = wait_http(hz, "/livez", 200).await;
+    assert!(health_body(&body).get("nodeEligible").is_none(), "{body}");
+
+    // The autoscaler is about to delete this node: /healthz drains it, /livez does not.
+    let mut tainted = node(NODE);
+    tainted["spec"] = json!({"taints": [
+        {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}
+    ]});
+    api.apply(tainted);
+    let body = wait_answer(hz, "/healthz", "503 for a tainted node", |c, _| c == 503).await;
+    assert_eq!(health_body(&body)["nodeEligible"], json!(false), "{body}");
+    assert_eq!(http_get(hz, "/livez").unwrap().0, 200);
+    api.apply(node(NODE));
+    wait_http(hz, "/healthz", 200).await;
+    // A node being deleted.
+    let mut deleting = node(NODE);
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    api.apply(deleting);
+    wait_answer(hz, "/healthz", "503 for a node being deleted", |c, _| {
+        c == 503
+    })
+    .await;
+    api.apply(node(NODE));
+    wait_http(hz, "/healthz", 200).await;
+
+    // More frontends than the map holds (256): every sync fails and retries, the
+    // change waits past the timeout, and both endpoints say so.
+    for i in 0..300 {
+        api.apply(service(
+            &format!("s{i}"),
+            &format!("10.96.{}.{}", 1 + i / 200, i % 200 + 1),
+            &[("http", 80, "TCP")],
+        ));
+    }
+    let body = wait_answer(
+        hz,
+        "/healthz",
+        "503 once syncs fail for a second",
+        |c, _| c == 503,
+    )
+    .await;
+    let v = health_body(&body);
+    assert_eq!(v["nodeEligible"], json!(true), "{body}");
+    assert_ne!(v["lastUpdated"], v["currentTime"], "{body}");
+    assert_eq!(http_get(hz, "/livez").unwrap().0, 503);
+    for i in 0..300 {
+        api.delete("Service", "shop", &format!("s{i}"));
+    }
+    wait_http(hz, "/healthz", 200).await;
+    wait_http(hz, "/livez", 200).await;
+    assert!(sigterm_and_wait(&mut agent).success());
+}
+
+/// Runs `lb agent` to its exit; returns its status and stderr.
+fn agent_exit(mut cmd: Command) -> (std::process::ExitStatus, String) {
+    let out = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting lb agent");
+    let mut p = Proc(out);
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = p.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < WAIT, "lb agent did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    p.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (st, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_address_is_explicit_without_kube_proxy() {
+    let pins = Pins::new();
+    // The DaemonSet's placeholder is refused with what to set.
+    let mut cmd = agent_command(None, &pins, free_port(), &[]);
+    cmd.env("LB_API_SERVER", lb_userspace::k8s::API_SERVER_PLACEHOLDER);
+    let (st, err) = agent_exit(cmd);
+    assert!(!st.success());
+    assert!(
+        err.contains("placeholder") && err.contains("LB_API_SERVER"),
+        "{err}"
+    );
+    // In-cluster configuration whose ClusterIP nothing serves: said so, with the fix.
+    let closed = free_port();
+    let mut cmd = agent_command(None, &pins, free_port(), &[]);
+    cmd.env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", closed.to_string());
+    let (st, err) = agent_exit(cmd);
+    assert!(!st.success());
+    for word in ["127.0.0.1", "ClusterIP", "--api-server", "LB_API_SERVER"] {
+        assert!(err.contains(word), "{word} missing from: {err}");
+    }
+    assert!(
+        !pins.0.exists(),
+        "nothing is loaded before the API server is known"
+    );
+
+    // --api-server replaces the kubeconfig's server (here one where nothing listens).
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    web_seed(&api);
+    let dead = Kubeconfig::new(&format!("http://127.0.0.1:{closed}"));
+    let port = free_port();
+    let url = api.url();
+    let mut agent = Proc(
+        agent_command(Some(&dead.0), &pins, port, &["--api-server", &url])
+            .spawn()
+            .unwrap(),
+    );
+    wait_http(port, "/readyz", 200).await;
+    wait_maps(&pins.0, "web from the --api-server", |s| {
+        active(s, "10.96.0.10:80/TCP").len() == 2
+    })
+    .await;
+    assert!(sigterm_and_wait(&mut agent).success());
+    // LB_API_SERVER alone (outside a pod: no service account, no credentials).
+    let port = free_port();
+    let mut cmd = agent_command(None, &pins, port, &[]);
+    cmd.env("LB_API_SERVER", &url);
+    let mut agent = Proc(cmd.spawn().unwrap());
+    wait_http(port, "/readyz", 200).await;
+    assert!(sigterm_and_wait(&mut agent).success());
+    assert!(!pins.0.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_show_names_services_and_endpoint_conditions_from_the_agent() {
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    api.apply(service("web", WEB, &[("http", 80, "TCP")]));
+    let mut sl = slice(
+        "web-a",
+        "web",
+        &[("http", 8080, "TCP")],
+        &[
+            ("10.244.1.2", Some(true)),
+            ("10.244.1.3", Some(false)),
+            ("10.244.1.4", Some(false)),
+        ],
+    );
+    sl["endpoints"][0]["nodeName"] = json!(NODE);
+    sl["endpoints"][2]["conditions"] =
+        json!({"ready": false, "serving": true, "terminating": true});
+    api.apply(sl);
+    let pins = Pins::new();
+    let kubeconfig = Kubeconfig::new(&api.url());
+    let port = free_port();
+    let mut agent = Proc(
+        agent_command(Some(&kubeconfig.0), &pins, port, &[])
+            .spawn()
+            .unwrap(),
+    );
+    wait_http(port, "/readyz", 200).await;
+    wait_maps(&pins.0, "web in the maps", |s| {
+        active(s, "10.96.0.10:80/TCP").len() == 1
+    })
+    .await;
+    let show = |args: &[&str]| {
+        let out = Command::new(lb_testbench::agent::lb_binary().unwrap())
+            .arg("show")
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&pins.0)
+            .args(["--agent", &format!("127.0.0.1:{port}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = show(&["services", "-o", "json", "--service", "shop/web"]);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["agent"], json!(format!("127.0.0.1:{port}")), "{v}");
+    let rows = v["services"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{v}");
+    assert_eq!(rows[0]["service"], "shop/web:http");
+    let b: BTreeMap<String, Value> = rows[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().to_string(), b.clone()))
+        .collect();
+    let ready = &b["10.244.1.2:8080/TCP"];
+    assert_eq!(
+        (&ready["state"], &ready["ready"], &ready["node"]),
+        (&json!("active"), &json!(true), &json!(NODE))
+    );
+    assert!(ready["id"].as_u64().unwrap() > 0);
+    let not_ready = &b["10.244.1.3:8080/TCP"];
+    assert_eq!(
+        (&not_ready["state"], &not_ready["ready"]),
+        (&json!("not ready"), &json!(false))
+    );
+    let terminating = &b["10.244.1.4:8080/TCP"];
+    assert_eq!(
+        (
+            &terminating["state"],
+            &terminating["serving"],
+            &terminating["terminating"]
+        ),
+        (&json!("terminating"), &json!(true), &json!(true))
+    );
+    // The table says the same.
+    let table = show(&["services", "--service", "shop/web:http"]);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("10.96.0.10:80"))
+        .unwrap();
+    assert!(line.contains("shop/web:http"), "{line}");
+    assert!(line.contains("10.244.1.2:8080/TCP(active,ready)"), "{line}");
+    assert!(line.contains("10.244.1.3:8080/TCP(not ready)"), "{line}");
+    assert!(
+        line.contains("10.244.1.4:8080/TCP(terminating,serving)"),
+        "{line}"
+    );
+    // Without the agent the maps alone: no name, so no frontend matches a name.
+    let out = Command::new(lb_testbench::agent::lb_binary().unwrap())
+        .args(["show", "services", "-o", "json", "--service", "shop/web"])
+        .arg("--pin-dir")
+        .arg(&pins.0)
+        .args(["--agent", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["agent"]
+            .as_str()
+            .unwrap()
+            .starts_with("no agent answered"),
+        "{v}"
+    );
+    assert_eq!(v["services"], json!([]));
+    assert!(sigterm_and_wait(&mut agent).success());
 }

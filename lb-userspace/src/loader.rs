@@ -162,6 +162,65 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The network namespace `ip netns exec NAME` started this process in, if it did: that
+/// command mounts a fresh sysfs on /sys whose source is the namespace's name.
+fn ip_netns_exec_name() -> Option<String> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mount_point = left.split(' ').nth(4)?;
+        let mut fs_type_source = right.split(' ');
+        let (fs_type, source) = (fs_type_source.next()?, fs_type_source.next()?);
+        (mount_point == "/sys"
+            && fs_type == "sysfs"
+            && source != "sysfs"
+            && Path::new("/run/netns").join(source).exists())
+        .then(|| source.to_string())
+    })
+}
+
+/// Why the bpffs that `dir` is on is not the host's, if it is not. Pins there vanish
+/// with this process's mount namespace. Told by pid 1 (the host's init) where its mount
+/// namespace can be read: another mount namespace than ours, and another bpffs (or none)
+/// at its /sys/fs/bpf. In a container pid 1 is the container's own process (the same
+/// namespace: nothing to say), and with the host's bpffs mounted in, the two are one
+/// filesystem (the same device). Where pid 1 cannot be read (a sandbox), by the mark
+/// `ip netns exec` leaves: /sys mounted from the network namespace's name.
+pub fn foreign_bpffs(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let on = dir.ancestors().find(|a| a.exists())?;
+    if !is_bpffs(on) {
+        return None;
+    }
+    let netns = ip_netns_exec_name();
+    match (ns("self")?, ns("1")) {
+        (own, Some(init)) => {
+            if own == init {
+                return None;
+            }
+            let ours = fs::metadata(on).ok()?.dev();
+            let host = Path::new("/proc/1/root/sys/fs/bpf");
+            if is_bpffs(host) && fs::metadata(host).is_ok_and(|m| m.dev() == ours) {
+                return None;
+            }
+        }
+        (_, None) => {
+            netns.as_ref()?;
+        }
+    }
+    let name = netns.unwrap_or_else(|| "NAME".into());
+    Some(format!(
+        "the bpffs under {} is not the host's: this agent runs in a mount namespace of \
+         its own (`ip netns exec` makes one, with a private /sys and so a private \
+         /sys/fs/bpf), and its pins vanish with it: --keep-pinned protects nothing, and \
+         `lb show` and bpftool on the host find nothing. Start it in the host's mount \
+         namespace and pick the network namespace with `--netns {name}` instead of \
+         `ip netns exec {name} lb ...`",
+        dir.display()
+    ))
+}
+
 fn is_bpffs(p: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
         return false;
@@ -170,6 +229,22 @@ fn is_bpffs(p: &Path) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and out-pointer.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// What to do about a map creation refused for memory on a kernel before 5.11, which
+/// counts map memory against RLIMIT_MEMLOCK (5.11 and later charge the memory cgroup
+/// instead, and need nothing). aya raises the limit itself on such a kernel when a map
+/// creation fails with EPERM (`with_raised_rlimit_retry`), which needs CAP_SYS_RESOURCE.
+fn memlock_hint(kernel: aya::util::KernelVersion, error: &str) -> Option<String> {
+    let before_memcg = kernel < aya::util::KernelVersion::new(5, 11, 0);
+    let refused = error.contains("Operation not permitted") || error.contains("os error 1)");
+    (before_memcg && refused).then(|| {
+        format!(
+            " (kernel {kernel:?} is older than 5.11, so the maps count against \
+             RLIMIT_MEMLOCK: give the agent CAP_SYS_RESOURCE, which lets it raise the limit \
+             (the deploy/pre-5.11 kustomize overlay), or raise the limit of its container)"
+        )
+    })
 }
 
 /// tcx (Linux 6.6+): the same test aya's `SchedClassifier::attach` makes to choose
@@ -281,6 +356,9 @@ impl Datapath {
             ));
         }
         ensure_bpffs(&opts.pin_dir)?;
+        if let Some(why) = foreign_bpffs(&opts.pin_dir) {
+            warn!("{why}");
+        }
         let pins: Vec<(&str, PathBuf)> = MAP_NAMES
             .into_iter()
             .map(|m| (m, opts.pin_dir.join(m)))
@@ -309,9 +387,13 @@ impl Datapath {
             // One entry per (client, frontend with affinity).
             .map_max_entries(MAP_AFFINITY, (opts.max_conntrack / 4).max(1024))
             .map_max_entries(MAP_SOURCE_RANGES, opts.max_source_ranges);
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .map_err(|e| Error::Load(format!("loading the eBPF object failed: {e}")))?;
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+            let hint = aya::util::KernelVersion::current()
+                .ok()
+                .and_then(|v| memlock_hint(v, &e.to_string()))
+                .unwrap_or_default();
+            Error::Load(format!("loading the eBPF object failed: {e}{hint}"))
+        })?;
         if reused > 0 {
             info!(pin_dir = %opts.pin_dir.display(), reused, "re-using pinned maps");
         }
@@ -637,5 +719,31 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::Load(format!("removing {}: {e}", dir.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::util::KernelVersion;
+
+    use super::*;
+
+    #[test]
+    fn memlock_is_named_only_where_the_kernel_counts_maps_against_it() {
+        let eperm = "map LB_FRONTENDS: Operation not permitted (os error 1)";
+        let hint = memlock_hint(KernelVersion::new(5, 10, 0), eperm).unwrap();
+        assert!(
+            hint.contains("CAP_SYS_RESOURCE") && hint.contains("pre-5.11"),
+            "{hint}"
+        );
+        assert_eq!(memlock_hint(KernelVersion::new(5, 11, 0), eperm), None);
+        assert_eq!(memlock_hint(KernelVersion::new(6, 18, 0), eperm), None);
+        assert_eq!(
+            memlock_hint(
+                KernelVersion::new(5, 4, 0),
+                "Invalid argument (os error 22)"
+            ),
+            None
+        );
     }
 }

@@ -1,4 +1,4 @@
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{fmt::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -87,9 +87,24 @@ enum Cmd {
         /// without it, Services carrying that label are left to their proxy.
         #[arg(long)]
         proxy_name: Option<String>,
+        /// The API server's address (https://HOST:PORT), as kube-proxy's --master: with
+        /// --kubeconfig it replaces the kubeconfig's server; without, the pod's service
+        /// account credentials are used with it. Needed without kube-proxy: the in-cluster
+        /// address is the `kubernetes` Service's ClusterIP, which only a Service proxy
+        /// (this agent) serves.
+        #[arg(long, env = "LB_API_SERVER")]
+        api_server: Option<String>,
         /// Address of /healthz, /readyz and /metrics.
         #[arg(long, default_value = k8s::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
+        /// kube-proxy's node health check, /healthz and /livez (cloud load balancers probe
+        /// port 10256); empty: not served.
+        #[arg(long, default_value = k8s::proxyhealth::DEFAULT_BIND)]
+        healthz_bind_address: String,
+        /// /healthz and /livez answer 503 once a change has waited this long for a
+        /// successful sync (kube-proxy: twice its sync period, 60 s).
+        #[arg(long, default_value_t = k8s::proxyhealth::DEFAULT_TIMEOUT.as_millis() as u64)]
+        healthz_timeout_ms: u64,
         /// Address the Services' healthCheckNodePorts are served on (each on its port),
         /// as kube-proxy does: 200 with this node's count of ready endpoints, else 503.
         #[arg(long, default_value = "0.0.0.0")]
@@ -105,12 +120,31 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Show what is in the maps.
+    /// Show what is in the maps: frontends with their active backends, backends,
+    /// conntrack entries with their idle time, the datapath's counters.
     Show {
         #[arg(value_enum, default_value = "all")]
         what: show::What,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Output format: aligned tables, or one JSON object with a key per table.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: show::Format,
+        /// Only this frontend (IP, IP:PORT or IP:PORT/PROTO) or service id (the ID
+        /// column), with its backends and flows.
+        #[arg(long)]
+        service: Option<show::ServiceMatch>,
+        /// Only this backend (IP, IP:PORT or IP:PORT/PROTO), the frontends that send to
+        /// it and its flows.
+        #[arg(long)]
+        backend: Option<show::Endpoint>,
+        /// Only rows in which this address appears.
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
+        /// The `lb agent` to ask for Service names and endpoint conditions (its --listen
+        /// address); "" for the maps alone.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        agent: String,
     },
 }
 
@@ -147,6 +181,28 @@ fn run_in(
     Ok(runtime()?.block_on(agent)?)
 }
 
+/// An optional listen address: empty turns the server off.
+fn parse_bind(s: &str, flag: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|e| {
+        anyhow::anyhow!("{flag} {s:?}: {e} (want IP:PORT, e.g. 127.0.0.1:9100, or \"\" for none)")
+    })
+}
+
+/// Writes to stdout. A reader that went away (`lb show | head`) ends the output quietly:
+/// Rust ignores SIGPIPE, so without this the closed pipe is an EPIPE error (and `print!`
+/// panics on it).
+fn print_out(s: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing to stdout"),
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -176,36 +232,46 @@ fn main() -> ExitCode {
             kubeconfig,
             node_name,
             proxy_name,
+            api_server,
             listen,
+            healthz_bind_address,
+            healthz_timeout_ms,
             health_check_address,
             debounce_ms,
             datapath: d,
-        } => run_in(
-            d.netns,
-            k8s::run(k8s::AgentOptions {
-                kubeconfig,
-                node_name,
-                proxy_name,
-                interfaces: d.interfaces,
-                external_interfaces: d.external_interfaces,
-                load: d.maps.load_options(),
-                keep_pinned: d.keep_pinned,
-                listen,
-                health_check_address,
-                debounce: Duration::from_millis(debounce_ms),
-                poll: Duration::from_millis(d.poll_ms),
-            }),
-        ),
-        Cmd::Check { config: path } => config::load(&path).map_err(Into::into).map(|cfg| {
+        } => parse_bind(&healthz_bind_address, "--healthz-bind-address").and_then(|healthz| {
+            run_in(
+                d.netns,
+                k8s::run(k8s::AgentOptions {
+                    kubeconfig,
+                    api_server,
+                    node_name,
+                    proxy_name,
+                    healthz,
+                    healthz_timeout: Duration::from_millis(healthz_timeout_ms),
+                    interfaces: d.interfaces,
+                    external_interfaces: d.external_interfaces,
+                    load: d.maps.load_options(),
+                    keep_pinned: d.keep_pinned,
+                    listen,
+                    health_check_address,
+                    debounce: Duration::from_millis(debounce_ms),
+                    poll: Duration::from_millis(d.poll_ms),
+                }),
+            )
+        }),
+        Cmd::Check { config: path } => config::load(&path).map_err(Into::into).and_then(|cfg| {
             let st =
                 lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
+            let mut out = String::new();
             for (fe, spec) in &st.frontends {
                 let active: Vec<String> = spec
                     .active
                     .iter()
                     .map(|b| format!("{}:{}", b.ip, b.port))
                     .collect();
-                println!(
+                let _ = writeln!(
+                    out,
                     "{:<24} {:<12} {:<28} ready: {}",
                     fe.to_string(),
                     spec.kind.to_string(),
@@ -213,10 +279,26 @@ fn main() -> ExitCode {
                     active.join(" ")
                 );
             }
+            print_out(&out)
         }),
-        Cmd::Show { what, pin_dir } => show::render(&pin_dir, what)
-            .with_context(|| format!("reading the maps pinned under {}", pin_dir.display()))
-            .map(|s| print!("{s}")),
+        Cmd::Show {
+            what,
+            pin_dir,
+            format,
+            service,
+            backend,
+            address,
+            agent,
+        } => parse_bind(&agent, "--agent").and_then(|agent| {
+            let filter = show::Filter {
+                service,
+                backend,
+                address,
+            };
+            show::render(&pin_dir, what, format, &filter, agent)
+                .with_context(|| format!("reading the maps pinned under {}", pin_dir.display()))
+                .and_then(|s| print_out(&s))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,6 +39,26 @@ pub fn compile_globs(globs: &[String]) -> Result<Vec<glob::Pattern>> {
         .collect()
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_that_match_no_interface_are_named_with_their_flag() {
+        let i = Interfaces::new(&["veth*,lxc*".into()], &["eth0".into(), "ens*".into()]).unwrap();
+        let names = ["lo", "eth0", "veth12ab"].map(String::from);
+        let unmatched: Vec<(&str, &str)> = i
+            .unmatched(&names)
+            .into_iter()
+            .map(|(f, p)| (f, p.as_str()))
+            .collect();
+        assert_eq!(
+            unmatched,
+            [("--interfaces", "lxc*"), ("--external-interfaces", "ens*")]
+        );
+    }
+}
+
 /// Which interfaces get which program: the pods' host-side veths get the tc program,
 /// the node's external interfaces the XDP program.
 #[derive(Clone, Debug)]
@@ -64,6 +84,18 @@ impl Interfaces {
             )));
         }
         Ok(Self { pods, external })
+    }
+
+    /// The globs that match none of `names`, with their flag.
+    pub fn unmatched<'a>(&'a self, names: &[String]) -> Vec<(&'static str, &'a glob::Pattern)> {
+        let flagged = self
+            .pods
+            .iter()
+            .map(|p| ("--interfaces", p))
+            .chain(self.external.iter().map(|p| ("--external-interfaces", p)));
+        flagged
+            .filter(|(_, p)| !names.iter().any(|n| p.matches(n)))
+            .collect()
     }
 
     /// Attaches to new interfaces and forgets vanished ones, for every hook.
@@ -92,6 +124,19 @@ pub fn load_datapath(load: &LoadOptions) -> Result<(Datapath, Dataplane)> {
 pub fn start_attaching(datapath: &mut Datapath, interfaces: &Interfaces) {
     datapath.prune_stale_link_pins();
     interfaces.sync(datapath);
+    let names: Vec<String> = crate::loader::interfaces()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for (flag, glob) in interfaces.unmatched(&names) {
+        warn!(
+            "{flag} {:?} matches no interface of this network namespace (it has: {}); \
+             check the name against `ip link` (interfaces that appear later and match \
+             are attached as they come)",
+            glob.as_str(),
+            names.join(", ")
+        );
+    }
     info!(
         interfaces = ?datapath.attached(Hook::Pod).collect::<Vec<_>>(),
         external = ?datapath.attached(Hook::External).collect::<Vec<_>>(),

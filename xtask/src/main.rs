@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask <setup|build-ebpf|build|test|demo|bench|vm-test|clean-sandboxes>`.
+//! Developer commands: `cargo xtask <setup|build-ebpf|build|test|demo|bench|vm-test|image|clean-sandboxes>`.
 //! Every command runs the set-up steps it needs first (idempotent and quick when done),
 //! so a newcomer never has to remember them.
 use std::{
@@ -26,7 +26,14 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     // The benchmark's forwarding rate: GRO (so NAPI) on the node's veth.
     "ethtool",
+    // The image test: umoci unpacks the agent's OCI archive, runc runs it (small; the
+    // loads into podman and containerd are `cargo xtask image --check`'s).
+    "umoci",
+    "runc",
 ];
+
+/// What `cargo xtask image --check` adds: the tools a node loads the archive with.
+const IMAGE_CHECK_PACKAGES: &[&str] = &["podman", "containerd"];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -65,12 +72,27 @@ enum Cmd {
         /// Short run: small scales, fewer repeats.
         #[arg(long)]
         quick: bool,
+        /// Measure nothing: redraw results/*.svg from results/latest.json.
+        #[arg(long)]
+        charts_only: bool,
         /// Extra arguments for `lb-testbench bench` (after `--`), e.g. `--scales 1,1000 --repeats 5`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
     /// Load test in a VM on Debian's kernel: iperf3 via a ClusterIP beside the pod IP.
     VmTest(vmtest::Args),
+    /// The agent's container image, made here from the release `lb` with nothing pulled:
+    /// an OCI archive for `podman load`, `docker load`, `ctr images import` or
+    /// `skopeo copy` (target/image/lb-agent-<version>.oci.tar).
+    Image {
+        /// Write the archive here instead.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Then load it into podman and containerd (installing both, about 130 MB) and run
+        /// it with podman: the image tests, with the ignored ones.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn root() -> PathBuf {
@@ -110,7 +132,12 @@ fn have(program: &str) -> bool {
 }
 
 fn setup_apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    install_apt(APT_PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` that are missing.
+fn install_apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -400,6 +427,67 @@ fn demo(requests: usize) -> Result<()> {
     )
 }
 
+/// The version of the `lb` crate (the image's tag).
+fn lb_version() -> Result<String> {
+    let text = std::fs::read_to_string(root().join("lb-userspace/Cargo.toml"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("version = "))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .context("no version in lb-userspace/Cargo.toml")
+}
+
+fn image(out: Option<PathBuf>, check: bool) -> Result<()> {
+    build(true)?;
+    let tag = lb_version()?;
+    let out = out.unwrap_or_else(|| root().join(format!("target/image/lb-agent-{tag}.oci.tar")));
+    let git = |args: &[&str]| output(Command::new("git").current_dir(root()).args(args));
+    // The commit's time as every time in the archive: the same commit, the same image.
+    let revision = git(&["rev-parse", "HEAD"]).unwrap_or_else(|_| "unknown\n".into());
+    let created =
+        git(&["log", "-1", "--format=%cI"]).unwrap_or_else(|_| "1970-01-01T00:00:00Z\n".into());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+        .map(|s| !s.trim().is_empty())
+        .unwrap_or(false);
+    let revision = format!("{}{}", revision.trim(), if dirty { "-dirty" } else { "" });
+    run(Command::new(root().join("target/release/lb-testbench"))
+        .args(["image", "--lb"])
+        .arg(root().join("target/release/lb"))
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--tag",
+            &tag,
+            "--revision",
+            &revision,
+            "--created",
+            created.trim(),
+        ]))?;
+    let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    let mib = size as f64 / (1 << 20) as f64;
+    let path = out.display();
+    eprintln!(
+        "\nimage lb-agent:{tag} ({mib:.1} MiB): {path}\n\
+         on a node:      ctr -n k8s.io images import {path}   (or podman load -i, docker load -i)\n\
+         to a registry:  skopeo copy oci-archive:{path} docker://registry.example.com/lb-agent:{tag}\n\
+         (deploy/README.md, \"The image\")"
+    );
+    if check {
+        install_apt(IMAGE_CHECK_PACKAGES)?;
+        run(Command::new("cargo").current_dir(root()).args([
+            "test",
+            "--release",
+            "--package",
+            "lb-testbench",
+            "--test",
+            "image",
+            "--",
+            "--include-ignored",
+            "--test-threads=1",
+        ]))?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if !have("cargo") {
@@ -412,7 +500,10 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo { requests } => demo(requests),
         Cmd::CleanSandboxes => clean_sandboxes(),
-        Cmd::Bench { quick, args } => {
+        Cmd::Bench {
+            charts_only: true, ..
+        } => bench::charts(&root()),
+        Cmd::Bench { quick, args, .. } => {
             setup()?;
             build(true)?;
             // The benchmark cleans sandboxes too, and wants the machine to itself.
@@ -425,6 +516,10 @@ fn main() -> Result<()> {
         Cmd::VmTest(args) => {
             build(true)?;
             vmtest::vm_test(&root(), &args)
+        }
+        Cmd::Image { out, check } => {
+            setup_apt()?;
+            image(out, check)
         }
     }
 }

@@ -282,6 +282,12 @@ fn k8s_agent_run(scale: usize, changes: usize, r: &mut AgentRun) -> Result<()> {
         .arg(&kubeconfig)
         .args(["--node-name", NODE, "--interfaces", "lbbench-none-*"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        // kube-proxy's health check on a loopback port of its own, not the host's
+        // 0.0.0.0:10256.
+        .args([
+            "--healthz-bind-address",
+            &format!("127.0.0.1:{}", free_port()?),
+        ])
         .arg("--pin-dir")
         .arg(&pins.0)
         .args(map_args(r.services, r.endpoints))

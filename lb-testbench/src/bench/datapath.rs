@@ -608,9 +608,14 @@ fn load_scale(
     if probe.ok == 0 {
         let mut detail = String::new();
         if bed.mode == Mode::Ebpf {
-            let show =
-                lb_userspace::show::render(bed.sb.pin_dir(), lb_userspace::show::What::Counters)
-                    .unwrap_or_default();
+            let show = lb_userspace::show::render(
+                bed.sb.pin_dir(),
+                lb_userspace::show::What::Counters,
+                Default::default(),
+                &Default::default(),
+                None,
+            )
+            .unwrap_or_default();
             let log = bed.sb.log(&format!("agent-{}.log", svcs.len()));
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
             detail = format!(

@@ -309,6 +309,9 @@ impl Bed {
                 detail = lb_userspace::show::render(
                     self.sb.pin_dir(),
                     lb_userspace::show::What::Counters,
+                    Default::default(),
+                    &Default::default(),
+                    None,
                 )
                 .unwrap_or_default();
             }

@@ -11,6 +11,7 @@
 //! repeat). Everything lives in network namespaces named `lbbench-*`; the root namespace
 //! is never touched.
 pub mod agentpath;
+pub mod charts;
 pub mod control;
 pub mod datapath;
 pub mod forwarding;
@@ -85,6 +86,9 @@ pub struct Opts {
     /// frames, redirected) or skbs (AF_PACKET).
     #[arg(long, value_enum, default_value_t = pktgen::GenKind::XdpLive)]
     pub fwd_generator: pktgen::GenKind,
+    /// Measure nothing: draw the SVG charts of `<out>/latest.json` beside it.
+    #[arg(long)]
+    pub charts_only: bool,
 }
 
 impl Opts {
@@ -123,6 +127,9 @@ impl Opts {
 /// Runs the whole benchmark and writes `latest.md` and `latest.json` to `opts.out`.
 pub fn run(opts: &Opts) -> Result<()> {
     START.get_or_init(Instant::now);
+    if opts.charts_only {
+        return charts::write(&opts.out);
+    }
     catch_interrupts();
     run_all(opts)
 }
@@ -173,5 +180,6 @@ fn run_all(opts: &Opts) -> Result<()> {
         "wrote {}/latest.md and latest.json",
         opts.out.display()
     ));
+    charts::write(&opts.out)?;
     Ok(())
 }

@@ -280,12 +280,47 @@ impl Maps {
         Ok(Counters(map))
     }
 
+    /// A handle of its own on the conntrack map, to count its entries from another
+    /// thread (the metrics).
+    pub fn conntrack_handle(&self) -> Result<Conntrack> {
+        let data = self.conntrack.map();
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| map_err(MAP_CONNTRACK, e))?;
+        let max_entries = data
+            .info()
+            .map(|i| i.max_entries())
+            .map_err(|e| map_err(MAP_CONNTRACK, e))?;
+        Ok(Conntrack { fd, max_entries })
+    }
+
     /// All conntrack entries (for the CLI).
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
         self.conntrack
             .iter()
             .map(|kv| kv.map_err(|e| map_err(MAP_CONNTRACK, e)))
             .collect()
+    }
+}
+
+/// The conntrack map, on a handle of its own: its fill.
+pub struct Conntrack {
+    fd: OwnedFd,
+    max_entries: u32,
+}
+
+impl Conntrack {
+    /// Entries now (two per flow), read in batches: about 130 syscalls for a full map of
+    /// the default 524,288.
+    pub fn entries(&self) -> Result<usize> {
+        batch::count::<CtKey, CtValue>(&self.fd).map_err(|e| map_err(MAP_CONNTRACK, e))
+    }
+
+    /// The map's size.
+    pub fn max_entries(&self) -> u32 {
+        self.max_entries
     }
 }
 

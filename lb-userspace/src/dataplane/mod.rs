@@ -14,7 +14,7 @@ pub mod writer;
 
 use ahash::AHashSet as HashSet;
 use lb_common::{NodeConfig, SlotKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN};
-pub use maps::{Counters, Maps};
+pub use maps::{Conntrack, Counters, Maps};
 use plan::{MapState, Op, RefChanges, Refs};
 
 use crate::{

@@ -136,13 +136,39 @@ pub struct Writer {
     thread: Option<JoinHandle<Dataplane>>,
 }
 
+/// Messages move through the channel one at a time: an update is not boxed (that would
+/// cost an allocation per watch event).
 #[expect(
     clippy::large_enum_variant,
-    reason = "messages move through the channel one at a time; a Box would cost an allocation per watch event"
+    reason = "an update moves through the channel by value; boxing it costs an allocation per watch event"
 )]
 enum Msg {
     Update(Update),
+    /// A question about the model, answered on the writer thread between updates.
+    Query(Query),
     Stop,
+}
+
+type Query = Box<dyn FnOnce(&ModelCache) + Send>;
+
+/// A cheap, cloneable handle to ask the writer thread about its model.
+#[derive(Clone)]
+pub struct Queries(Sender<Msg>);
+
+impl Queries {
+    /// Runs `f` on the model on the writer thread (after the updates queued before);
+    /// its answer comes on the returned channel. `None` if the writer is gone.
+    pub fn ask<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ModelCache) -> T + Send + 'static,
+    ) -> Option<tokio::sync::oneshot::Receiver<T>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let q: Query = Box::new(move |m| {
+            let _ = tx.send(f(m));
+        });
+        self.0.send(Msg::Query(q)).ok()?;
+        Some(rx)
+    }
 }
 
 /// A cheap, cloneable sender of updates.
@@ -186,6 +212,10 @@ impl Writer {
 
     pub fn updates(&self) -> Updates {
         Updates(self.tx.clone())
+    }
+
+    pub fn queries(&self) -> Queries {
+        Queries(self.tx.clone())
     }
 
     pub fn send(&self, u: Update) -> bool {
@@ -256,15 +286,22 @@ impl Loop {
                 }
             };
             let mut stop = false;
+            // A batch of queries alone changes nothing: no sync follows it.
+            let mut updated = first.is_none();
             if let Some(m) = first {
+                updated |= !matches!(m, Msg::Query(_));
                 stop |= self.handle(m);
-                if !self.opts.debounce.is_zero() && !stop {
+                if !self.opts.debounce.is_zero() && !stop && updated {
                     std::thread::sleep(self.opts.debounce);
                 }
                 // Everything queued meanwhile goes into the same sync.
                 while let Ok(m) = rx.try_recv() {
+                    updated |= !matches!(m, Msg::Query(_));
                     stop |= self.handle(m);
                 }
+            }
+            if !updated {
+                continue;
             }
             // A sync after every batch of updates, even one that changed nothing in the
             // maps (it is cheap: the delta is empty), so whoever waits for one sees the
@@ -286,6 +323,10 @@ impl Loop {
     fn handle(&mut self, m: Msg) -> bool {
         let u = match m {
             Msg::Stop => return true,
+            Msg::Query(q) => {
+                q(&self.model);
+                return false;
+            }
             Msg::Update(u) => u,
         };
         match u {

@@ -44,6 +44,9 @@ pub struct ControllerOptions {
     /// This node's name (downward API `spec.nodeName`).
     pub node_name: String,
     pub rules: Rules,
+    /// kube-proxy's node health (`/healthz`, `/livez`), told of every change handed to
+    /// the writer and of this node.
+    pub health: Option<super::proxyhealth::ProxyHealth>,
 }
 
 /// The watches' backoff after an error: 0.25 s doubling to 2 s, with jitter (kube's
@@ -224,6 +227,9 @@ impl Controller {
                         if !self.updates.send(u) {
                             return Err(Error::Load("the dataplane writer stopped".into()));
                         }
+                        if let Some(h) = &self.opts.health {
+                            h.queued();
+                        }
                     }
                 }
             }
@@ -274,7 +280,12 @@ impl Controller {
                 vec![match o {
                     Obj::Service(_) => Update::RemoveService(ns, name),
                     Obj::Slice(_) => Update::RemoveSlice(ns, name),
-                    Obj::Node(_) => Update::Node(self.nameless_node()),
+                    Obj::Node(_) => {
+                        if let Some(h) = &self.opts.health {
+                            h.sync_node(None);
+                        }
+                        Update::Node(self.nameless_node())
+                    }
                 }]
             }
         }
@@ -323,6 +334,9 @@ impl Controller {
                     info!(node = ?n.metadata.name, "found this node");
                 }
                 *node_seen = true;
+                if let Some(h) = &self.opts.health {
+                    h.sync_node(Some(n));
+                }
                 vec![Update::Node(translate::node(n))]
             }
         }

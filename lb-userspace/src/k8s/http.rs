@@ -7,7 +7,10 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use super::metrics;
-use crate::{dataplane::writer::Status, Error, Result};
+use crate::{
+    dataplane::writer::{Queries, Status},
+    Error, Result,
+};
 
 /// Readiness: ready once the writer has written its first sync, which it does only after
 /// every watch listed in full.
@@ -40,17 +43,46 @@ impl Health {
 struct AppState {
     health: Health,
     registry: Arc<Registry>,
+    queries: Option<Queries>,
 }
 
-pub fn router(health: Health, registry: Registry) -> Router {
+/// `queries`: the writer's model, for `/debug/frontends` (`lb show`'s Service names and
+/// endpoint conditions).
+pub fn router(health: Health, registry: Registry, queries: Option<Queries>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/debug/frontends", get(frontends))
         .with_state(AppState {
             health,
             registry: Arc::new(registry),
+            queries,
         })
+}
+
+/// Every frontend's Service and endpoints with their conditions, as JSON, from the
+/// writer thread's model (computed between its updates: O(frontends) per request).
+async fn frontends(State(s): State<AppState>) -> axum::response::Response {
+    let answer = s
+        .queries
+        .as_ref()
+        .and_then(|q| q.ask(crate::show::agent_view));
+    let Some(rx) = answer else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the writer is gone\n").into_response();
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), rx).await {
+        Ok(Ok(view)) => (
+            [("content-type", "application/json")],
+            serde_json::to_string(&view).unwrap_or_default(),
+        )
+            .into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the writer did not answer in 10 s\n",
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
@@ -68,11 +100,11 @@ async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// Binds the listen address (so a bad flag fails at start, not later).
-pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
+/// Binds a listen address (so a bad flag fails at start, not later); `flag` names it.
+pub async fn bind(addr: std::net::SocketAddr, flag: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
         Error::Config(format!(
-            "--listen {addr}: cannot bind the HTTP server: {e} (pick a free port)"
+            "{flag} {addr}: cannot bind the HTTP server: {e} (pick a free port)"
         ))
     })
 }

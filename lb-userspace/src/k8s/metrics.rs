@@ -8,7 +8,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{exponential_buckets, Histogram},
     },
     registry::Registry,
@@ -16,8 +16,17 @@ use prometheus_client::{
 
 use crate::dataplane::{
     writer::{OnSync, SyncStats},
-    Counters,
+    Conntrack, Counters,
 };
+
+/// The families read from the maps at scrape time (not in the registry's own metrics),
+/// with their type: `lb_dataplane_packets` (counter), `lb_conntrack_entries` and
+/// `lb_conntrack_max_entries` (gauges).
+pub const DATAPLANE_FAMILIES: [(&str, &str); 3] = [
+    ("lb_dataplane_packets", "counter"),
+    ("lb_conntrack_entries", "gauge"),
+    ("lb_conntrack_max_entries", "gauge"),
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -54,8 +63,11 @@ pub struct Metrics {
 }
 
 impl Default for Metrics {
+    /// Every labelled family starts with all its known label values at zero, so each
+    /// series exists from the first scrape (an alert on `increase(...)` needs no special
+    /// case for a series that appears with its first event).
     fn default() -> Self {
-        Self {
+        let m = Self {
             services: Gauge::default(),
             frontends: Gauge::default(),
             backends: Gauge::default(),
@@ -71,23 +83,51 @@ impl Default for Metrics {
             rejected_objects: Family::default(),
             ignored_fields: Family::default(),
             watch_errors: Family::default(),
-        }
+        };
+        m.create_known_series();
+        m
     }
 }
 
-/// The dataplane's counters, read on each scrape from a handle of their own (never
-/// waiting for the writer).
-struct DataplaneCounters(Counters);
+/// The dataplane's counters and conntrack fill, read on each scrape from handles of
+/// their own (never waiting for the writer).
+struct Dataplane {
+    counters: Counters,
+    conntrack: Option<Conntrack>,
+}
 
-impl std::fmt::Debug for DataplaneCounters {
+impl std::fmt::Debug for Dataplane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DataplaneCounters")
+        f.write_str("Dataplane")
     }
 }
 
-impl Collector for DataplaneCounters {
+impl Collector for Dataplane {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let counters = self.0.read();
+        if let Some(ct) = &self.conntrack {
+            // Counted on each scrape (the kernel keeps no count a program can ask for):
+            // batched reads, about 130 syscalls for a full default map.
+            match ct.entries() {
+                Ok(n) => {
+                    let e = encoder.encode_descriptor(
+                        DATAPLANE_FAMILIES[1].0,
+                        "Conntrack entries now (LB_CONNTRACK, an LRU: two per flow; at the size it evicts the least recently used)",
+                        None,
+                        prometheus_client::metrics::MetricType::Gauge,
+                    )?;
+                    ConstGauge::new(n as i64).encode(e)?;
+                }
+                Err(e) => tracing::warn!("counting conntrack entries for /metrics failed: {e}"),
+            }
+            let e = encoder.encode_descriptor(
+                DATAPLANE_FAMILIES[2].0,
+                "Size of the conntrack map (--max-conntrack)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            ConstGauge::new(ct.max_entries() as i64).encode(e)?;
+        }
+        let counters = self.counters.read();
         // A failed read leaves the family out of this scrape (and is logged) rather than
         // failing the whole scrape.
         let counters = match counters {
@@ -98,7 +138,7 @@ impl Collector for DataplaneCounters {
             }
         };
         let mut family = encoder.encode_descriptor(
-            "lb_dataplane_packets",
+            DATAPLANE_FAMILIES[0].0,
             "Packets per datapath decision, summed over CPUs (LB_COUNTERS)",
             None,
             prometheus_client::metrics::MetricType::Counter,
@@ -115,6 +155,47 @@ impl Collector for DataplaneCounters {
 }
 
 impl Metrics {
+    /// Creates the series of every label value the agent can report, at zero.
+    fn create_known_series(&self) {
+        use super::translate::{
+            IGNORED_SERVICE_FIELDS, IGNORED_SLICE_FIELDS, SERVICE_SKIP_REASONS, SLICE_SKIP_REASONS,
+        };
+        use crate::dataplane::writer::Kind;
+        let reason = |r: super::translate::SkipReason| ReasonLabel {
+            reason: r.label().into(),
+        };
+        for r in SERVICE_SKIP_REASONS {
+            drop(self.skipped_service_ports.get_or_create(&reason(r)));
+        }
+        for r in SLICE_SKIP_REASONS {
+            drop(self.skipped_endpoint_slices.get_or_create(&reason(r)));
+        }
+        let kind = |k: Kind| KindLabel {
+            kind: k.name().into(),
+        };
+        // Nodes are never rejected (a Node without addresses is still this node).
+        for k in [Kind::Service, Kind::EndpointSlice] {
+            drop(self.rejected_objects.get_or_create(&kind(k)));
+        }
+        for k in [Kind::Service, Kind::EndpointSlice, Kind::Node] {
+            drop(self.watch_errors.get_or_create(&kind(k)));
+        }
+        let fields = IGNORED_SERVICE_FIELDS
+            .iter()
+            .map(|f| (Kind::Service, f))
+            .chain(
+                IGNORED_SLICE_FIELDS
+                    .iter()
+                    .map(|f| (Kind::EndpointSlice, f)),
+            );
+        for (k, f) in fields {
+            drop(self.ignored_fields.get_or_create(&FieldLabel {
+                kind: k.name().into(),
+                field: (*f).into(),
+            }));
+        }
+    }
+
     /// What the writer calls after each sync.
     pub fn on_sync(&self) -> OnSync {
         let m = self.clone();
@@ -134,8 +215,9 @@ impl Metrics {
         })
     }
 
-    /// A registry with every metric, and the dataplane counters if given.
-    pub fn registry(&self, counters: Option<Counters>) -> Registry {
+    /// A registry with every metric, and the dataplane's counters and conntrack fill if
+    /// given.
+    pub fn registry(&self, counters: Option<Counters>, conntrack: Option<Conntrack>) -> Registry {
         let mut r = Registry::default();
         r.register(
             "lb_services",
@@ -179,12 +261,12 @@ impl Metrics {
         );
         r.register(
             "lb_skipped_service_ports",
-            "Service ports left out of the dataplane (SCTP, IPv6), counted per object version",
+            "Service ports left out of the dataplane (SCTP; external or LoadBalancer IPs of a family without a cluster IP), counted per object version",
             self.skipped_service_ports.clone(),
         );
         r.register(
             "lb_skipped_endpoint_slices",
-            "EndpointSlices or addresses left out (IPv6, FQDN), counted per object version",
+            "EndpointSlices left out (FQDN), counted per object version",
             self.skipped_endpoint_slices.clone(),
         );
         r.register(
@@ -203,7 +285,10 @@ impl Metrics {
             self.watch_errors.clone(),
         );
         if let Some(counters) = counters {
-            r.register_collector(Box::new(DataplaneCounters(counters)));
+            r.register_collector(Box::new(Dataplane {
+                counters,
+                conntrack,
+            }));
         }
         r
     }
@@ -216,4 +301,31 @@ pub fn render(registry: &Registry) -> String {
         let _ = writeln!(out, "# encoding failed: {e}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_labelled_series_exists_at_zero_before_its_first_event() {
+        let text = render(&Metrics::default().registry(None, None));
+        for series in [
+            r#"lb_skipped_service_ports_total{reason="sctp"} 0"#,
+            r#"lb_skipped_service_ports_total{reason="family"} 0"#,
+            r#"lb_skipped_endpoint_slices_total{reason="fqdn"} 0"#,
+            r#"lb_rejected_objects_total{kind="Service"} 0"#,
+            r#"lb_rejected_objects_total{kind="EndpointSlice"} 0"#,
+            r#"lb_watch_errors_total{kind="Service"} 0"#,
+            r#"lb_watch_errors_total{kind="EndpointSlice"} 0"#,
+            r#"lb_watch_errors_total{kind="Node"} 0"#,
+            r#"lb_ignored_fields_total{kind="Service",field="trafficDistribution"} 0"#,
+            r#"lb_ignored_fields_total{kind="EndpointSlice",field="hints.forNodes"} 0"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} missing from a fresh registry:\n{text}"
+            );
+        }
+    }
 }

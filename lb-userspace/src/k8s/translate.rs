@@ -70,6 +70,15 @@ impl SkipReason {
     }
 }
 
+/// Every reason a Service port is skipped for (`lb_skipped_service_ports_total{reason}`).
+pub const SERVICE_SKIP_REASONS: [SkipReason; 2] = [SkipReason::Sctp, SkipReason::Family];
+/// Every reason an EndpointSlice is skipped for (`lb_skipped_endpoint_slices_total{reason}`).
+pub const SLICE_SKIP_REASONS: [SkipReason; 1] = [SkipReason::Fqdn];
+/// Service fields set but not implemented yet (`lb_ignored_fields_total{kind="Service"}`).
+pub const IGNORED_SERVICE_FIELDS: [&str; 1] = ["trafficDistribution"];
+/// EndpointSlice fields set but not implemented yet (`kind="EndpointSlice"`).
+pub const IGNORED_SLICE_FIELDS: [&str; 1] = ["hints.forNodes"];
+
 /// One part left out: a Service port, a whole slice, or an endpoint address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Skip {
@@ -478,7 +487,7 @@ fn ignored_fields(spec: &core::ServiceSpec) -> Vec<(&'static str, String)> {
         .filter(|t| !t.is_empty() && !matches!(*t, "PreferClose" | "PreferSameZone"))
     {
         out.push((
-            "trafficDistribution",
+            IGNORED_SERVICE_FIELDS[0],
             format!("trafficDistribution {td}: only the zone hints are followed"),
         ));
     }
@@ -595,7 +604,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Translated<EndpointSl
     }
     if node_hinted {
         skipped.push(Skip {
-            reason: SkipReason::Ignored("hints.forNodes"),
+            reason: SkipReason::Ignored(IGNORED_SLICE_FIELDS[0]),
             what: "topology hints forNodes (trafficDistribution PreferSameNode): only the zone hints are followed".into(),
         });
     }

@@ -154,6 +154,21 @@ impl ModelCache {
         }
     }
 
+    /// The conditions and node of the endpoint at `ip` in the slices of the Service
+    /// `service` (namespace/name), as the source last gave them (for `lb show`).
+    pub fn endpoint(
+        &self,
+        service: &ObjectKey,
+        ip: std::net::IpAddr,
+    ) -> Option<&super::objects::Endpoint> {
+        self.slices_of
+            .get(service)?
+            .iter()
+            .filter_map(|k| self.slices.get(k))
+            .flat_map(|s| s.endpoints.iter())
+            .find(|e| e.address == ip)
+    }
+
     pub fn service_count(&self) -> usize {
         self.services.len()
     }

@@ -1,7 +1,8 @@
 //! `cargo xtask bench [--quick] [-- <lb-testbench bench args>]`: builds the release
 //! binaries (`lb` and the test bench's `lb-testbench`), runs the benchmark in
-//! `lbbench-*` network namespaces, writes `results/latest.{md,json}` and puts the table
-//! in README.md's "Benchmarks" section.
+//! `lbbench-*` network namespaces, writes `results/latest.{md,json}` and the SVG charts
+//! (`--charts-only`: only those, from the existing JSON) and puts the table in
+//! README.md's "Benchmarks" section.
 use std::{path::Path, process::Command};
 
 use anyhow::{Context, Result};
@@ -43,8 +44,22 @@ fn section(table: &str) -> String {
         "{README_HEADING}\n\n`cargo xtask bench` (about 25 minutes; `--quick`: a few minutes) compares this dataplane with no load \
          balancer, kube-proxy's iptables mode (the tested Service last or in the middle of KUBE-SERVICES) and kube-proxy's \
          nftables mode on identical namespace sandboxes with the same services and endpoints, measures the forwarding rate \
-         of real packets to a NodePort on one core, and writes `results/latest.md` and `results/latest.json`. The latest \
-         table:\n\n{table}"
+         of real packets to a NodePort on one core, and writes `results/latest.md`, `results/latest.json` and two charts \
+         drawn from the JSON (`cargo xtask bench --charts-only` redraws them):\n\n\
+         ![New connections per second against the number of Services, per mode](results/conns_per_s.svg)\n\n\
+         ![Per-packet cost of each program, per case](results/per_packet.svg)\n\n\
+         The latest table:\n\n{table}"
+    )
+}
+
+/// Redraws the charts from `results/latest.json` (no measurement, no root).
+pub fn charts(root: &Path) -> Result<()> {
+    super::run(
+        Command::new("cargo")
+            .current_dir(root)
+            .args(["run", "--quiet", "--package", "lb-testbench", "--", "bench"])
+            .args(["--charts-only", "--out"])
+            .arg(root.join("results")),
     )
 }
 
