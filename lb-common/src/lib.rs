@@ -258,18 +258,27 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
-/// Conntrack states (TCP flags seen so far are kept in `tcp_flags`).
+/// Conntrack states of an entry, from the packets of its own direction (the TCP flags
+/// seen so far are kept in `tcp_flags`). The flow's state, and so its timeout, comes
+/// from both of its entries (`lb_userspace::dataplane::gc`).
+/// Created; TCP: no ACK seen yet in this direction; UDP: nothing seen this way yet.
 pub const CT_STATE_NEW: u8 = 0;
+/// TCP: an ACK seen (the handshake went on); UDP: a reply entry that met a reply.
 pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// TCP: a FIN seen in this direction.
 pub const CT_STATE_CLOSING: u8 = 2;
+/// TCP: a RST seen in this direction.
+pub const CT_STATE_CLOSED: u8 = 3;
 
 /// Value of `LB_CONNTRACK`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns()` of the last packet that refreshed the entry (refreshed at most
-    /// once a second per entry to keep cache lines quiet).
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC) of the last packet that refreshed
+    /// the entry (refreshed at most once a second per entry to keep cache lines quiet).
     pub last_seen_ns: u64,
+    /// When the entry was made (same clock): its age, for `lb show`.
+    pub created_ns: u64,
     /// Forward entry: the backend's address (the new destination); reply entry: the
     /// frontend's address (the new source).
     pub nat_addr: Addr,
@@ -343,8 +352,8 @@ pub struct FragKey {
 
 /// `FragValue::field`: the fragments' source address is rewritten (a reply).
 pub const FRAG_REWRITE_SRC: u8 = 1;
-/// `FragValue::field`: the fragments' destination address is rewritten (not used yet:
-/// the forward direction's first fragments are still dropped).
+/// `FragValue::field`: the fragments' destination address is rewritten (a datagram to a
+/// frontend, at ingress).
 pub const FRAG_REWRITE_DST: u8 = 2;
 
 /// Value of `LB_FRAGS`: how the first fragment was translated, to apply to the later
@@ -385,8 +394,9 @@ pub mod counter {
     /// A non-first IP fragment was passed untouched: no first fragment of its datagram
     /// was translated (or not yet: it came first).
     pub const PASSED_FRAGMENT: u32 = 6;
-    /// The first fragment of a fragmented datagram to a frontend was dropped
-    /// (no fragment tracking in that direction yet; replies are tracked, `LB_FRAGS`).
+    /// The first fragment of a fragmented datagram to a frontend, of a flow the program
+    /// carries itself (SNAT toward another node, hairpin), was dropped: its later
+    /// fragments would need both addresses and a route, which the notes do not hold.
     pub const DROP_FRAGMENT: u32 = 7;
     /// A packet to a frontend without a ready backend that we do not answer (a TCP RST,
     /// or a UDP datagram with IPv4 options or IPv6 extension headers, which we do not
@@ -431,11 +441,27 @@ pub mod counter {
     /// A packet of a flow the program carries itself (SNAT) was dropped: no route to
     /// where it goes (or one whose MTU it exceeds), or its TTL / hop limit would reach 0.
     pub const DROP_NO_ROUTE: u32 = 21;
-    /// XDP sent a SNAT flow's packet on itself, translated (the fast path: `XDP_TX`, or
-    /// a redirect to another interface), with the MACs of its next hop.
+    /// XDP sent a SNAT flow's packet on itself, translated (the fast path: `XDP_TX`),
+    /// with the MACs of its next hop.
     pub const XDP_SENT: u32 = 22;
+    /// A TCP packet of a flow under way (no SYN) came to a frontend without a conntrack
+    /// entry: its entries were evicted (the table was full) or expired while it was idle.
+    /// It got a backend again (the same one while the backend set is unchanged) and new
+    /// entries (also counted `new_flow`).
+    pub const CT_RECREATED: u32 = 23;
+    /// tc egress: an ICMP error about a client's packet after DNAT (fragmentation
+    /// needed, unreachable, time exceeded) got the frontend back in the packet it quotes
+    /// (and as its own source, when the backend sent it).
+    pub const REVERSE_TRANSLATED_ICMP: u32 = 24;
+    /// Ingress: an ICMP error about a backend's reply after reverse NAT got the backend
+    /// back in the packet it quotes (and as its destination, when it went to the
+    /// frontend's address).
+    pub const TRANSLATED_ICMP: u32 = 25;
+    /// Ingress: a non-first fragment of a datagram to a frontend got the backend its
+    /// first fragment was DNATed to (a note in `LB_FRAGS`).
+    pub const TRANSLATED_FRAGMENT: u32 = 26;
     /// Number of counters (size of `LB_COUNTERS`).
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 27;
 
     /// Names for the CLI and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -462,6 +488,10 @@ pub mod counter {
         "egress_passed",
         "drop_no_route",
         "xdp_sent",
+        "ct_recreated",
+        "reverse_translated_icmp",
+        "translated_icmp",
+        "translated_fragment",
     ];
 }
 
@@ -471,7 +501,7 @@ const _: () = assert!(size_of::<SlotKey>() == 8);
 const _: () = assert!(size_of::<Slot>() == 4);
 const _: () = assert!(size_of::<Backend>() == 20);
 const _: () = assert!(size_of::<CtKey>() == 40);
-const _: () = assert!(size_of::<CtValue>() == 40);
+const _: () = assert!(size_of::<CtValue>() == 48);
 const _: () = assert!(size_of::<SnatPeer>() == 24);
 const _: () = assert!(size_of::<AffinityKey>() == 24);
 const _: () = assert!(size_of::<AffinityValue>() == 16);

@@ -7,8 +7,8 @@
 //! (IPv4 mapped), so this file never asks which family a packet is.
 use lb_common::{
     counter, Addr, Backend, CtKey, CtValue, Frontend, SnatPeer, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
-    FRONTEND_F_KINDS,
+    CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, FRONTEND_F_KINDS, PROTO_UDP,
 };
 
 use crate::{
@@ -51,11 +51,11 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
     LB_CONNTRACK.get_ptr_mut(key)
 }
 
-/// A pure SYN (no ACK) opens a new connection: if it meets a closing entry (the client
-/// reuses a port), the flow starts over with a fresh backend choice.
+/// A pure SYN (no ACK) opens a new connection: if it meets a closing or closed entry
+/// (the client reuses a port), the flow starts over with a fresh backend choice.
 #[inline(always)]
 pub fn is_new_connection_attempt(pkt: &Packet, entry: &CtValue) -> bool {
-    pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && entry.state == CT_STATE_CLOSING
+    pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && entry.state >= CT_STATE_CLOSING
 }
 
 /// Records TCP flags and refreshes `last_seen` at most once per `REFRESH_NS`.
@@ -66,7 +66,17 @@ pub fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) -> bool {
     // scalars, which the datapath tolerates.
     let e = unsafe { &mut *entry };
     let flags = e.tcp_flags | pkt.tcp_flags;
-    let state = next_state(e.state, pkt.tcp_flags);
+    let state = if pkt.proto == PROTO_UDP {
+        // A datagram through an entry: a reply entry met a reply (the flow is a stream,
+        // with the longer timeout); a forward entry stays as it was.
+        if e.dir == CT_DIR_REPLY {
+            CT_STATE_ESTABLISHED
+        } else {
+            e.state
+        }
+    } else {
+        next_state(e.state, pkt.tcp_flags)
+    };
     let refresh = now.wrapping_sub(e.last_seen_ns) > REFRESH_NS;
     if flags != e.tcp_flags || state != e.state {
         e.tcp_flags = flags;
@@ -78,9 +88,13 @@ pub fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) -> bool {
     refresh
 }
 
+/// TCP: RST closes, FIN starts closing, an ACK on a new entry establishes it; a closed
+/// entry stays closed (a new connection on its port starts over, above).
 #[inline(always)]
 fn next_state(state: u8, tcp_flags: u8) -> u8 {
-    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    if tcp_flags & TCP_RST != 0 {
+        CT_STATE_CLOSED
+    } else if tcp_flags & TCP_FIN != 0 && state < CT_STATE_CLOSING {
         CT_STATE_CLOSING
     } else if state == CT_STATE_NEW && tcp_flags & TCP_ACK != 0 {
         CT_STATE_ESTABLISHED
@@ -117,6 +131,7 @@ pub fn create(
     };
     let reply_value = CtValue {
         last_seen_ns: now,
+        created_ns: now,
         nat_addr: pkt.dst,
         nat_port: pkt.dport,
         state: CT_STATE_NEW,
@@ -132,6 +147,7 @@ pub fn create(
         .map_err(|_| ())?;
     let forward_value = CtValue {
         last_seen_ns: now,
+        created_ns: now,
         nat_addr: *backend_addr,
         nat_port: backend_port,
         state: next_state(CT_STATE_NEW, pkt.tcp_flags),
@@ -165,6 +181,7 @@ pub fn ensure_reply(pkt: &Packet, fwd: &CtValue, now: u64) {
     }
     let value = CtValue {
         last_seen_ns: now,
+        created_ns: now,
         nat_addr: pkt.dst,
         nat_port: pkt.dport,
         state: fwd.state,
@@ -264,6 +281,7 @@ pub fn create_snat(
     }
     sc.value = CtValue {
         last_seen_ns: now,
+        created_ns: now,
         nat_addr: pkt.dst,
         nat_port: pkt.dport,
         state: CT_STATE_NEW,

@@ -9,15 +9,16 @@
 //! hairpin) are translated here both ways and sent on by the program itself.
 use lb_common::{
     counter, Addr, CtValue, Frontend, BACKEND_F_REMOTE, CT_DIR_REPLY, CT_F_HAIRPIN, CT_F_SNAT,
-    FRONTEND_F_KINDS, FRONTEND_F_LOCAL, FRONTEND_F_SOURCE_RANGES,
+    FRAG_REWRITE_DST, FRONTEND_F_KINDS, FRONTEND_F_LOCAL, FRONTEND_F_SOURCE_RANGES, PROTO_TCP,
 };
 
 use crate::{
     conntrack::{self, SnatTo},
     counters::count,
+    frag,
     hook::{Hook, Leaving, Verdict},
-    nat,
-    parse::{self, Packet, Parsed},
+    icmp, nat,
+    parse::{self, Packet, Parsed, TCP_SYN},
     service,
 };
 
@@ -37,12 +38,17 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
             count(counter::PASSED_LONG_EXT_CHAIN);
             return Verdict::Pass;
         }
-        // A later fragment of a reply is translated where it leaves (`reply.rs`); the
-        // forward direction has no fragment tracking yet (its first fragment is
-        // dropped below).
-        Parsed::LaterFragment(_) => {
-            count(counter::PASSED_FRAGMENT);
-            return Verdict::Pass;
+        // A later fragment of a datagram to a frontend gets the backend its first
+        // fragment got (a reply's is translated where it leaves, `reply.rs`).
+        Parsed::LaterFragment(f) => {
+            return frag::later(ctx, &f, conntrack::now_ns(), FRAG_REWRITE_DST);
+        }
+        // An error about a backend's reply after reverse NAT, going to the backend.
+        Parsed::IcmpError(e) => {
+            return icmp::to_backend(ctx, &e).unwrap_or_else(|| {
+                count(counter::PASSED);
+                Verdict::Pass
+            })
         }
     };
 
@@ -59,7 +65,7 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
             count(counter::PASSED_REPLY);
             return Verdict::Pass;
         }
-        if !reply && pkt.first_fragment {
+        if !reply && pkt.first_fragment && known.flags & CT_F_SNAT != 0 {
             count(counter::DROP_FRAGMENT);
             return Verdict::Drop;
         }
@@ -78,9 +84,11 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
 
     // 2. A new flow to a Service frontend?
     if let Some(frontend) = service::lookup_frontend(&pkt) {
-        if pkt.first_fragment {
-            count(counter::DROP_FRAGMENT);
-            return Verdict::Drop;
+        if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN == 0 {
+            // A flow under way whose entries are gone (evicted, or expired while idle):
+            // the same choice as at its start gives it the same backend while the set
+            // is unchanged.
+            count(counter::CT_RECREATED);
         }
         return new_flow(ctx, &pkt, &frontend, conntrack::now_ns());
     }
@@ -191,6 +199,11 @@ fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Ve
         }
         return translate(ctx, pkt, &backend.addr, backend.port, counter::NEW_FLOW);
     };
+    // The later fragments of a carried flow would need both addresses and a route.
+    if pkt.first_fragment {
+        count(counter::DROP_FRAGMENT);
+        return Verdict::Drop;
+    }
     if !C::CREATES_CARRIED {
         count(counter::PASSED_TO_TC);
         return Verdict::Pass;
@@ -242,6 +255,9 @@ fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Ve
 fn translate<C: Hook>(ctx: &C, pkt: &Packet, addr: &Addr, port: u16, counter_ok: u32) -> Verdict {
     match nat::dnat(ctx, pkt, addr, port) {
         Ok(()) => {
+            if pkt.first_fragment {
+                frag::note_forward(pkt, addr, conntrack::now_ns());
+            }
             count(counter_ok);
             Verdict::Pass
         }

@@ -19,6 +19,7 @@ mod counters;
 mod csum;
 mod frag;
 mod hook;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

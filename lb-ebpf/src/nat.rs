@@ -55,6 +55,16 @@ pub trait Rewriter {
     ) -> Result<(), ()>;
     /// Replace the 2-byte L4 port at `off`, fixing the L4 checksum.
     fn rewrite_port(&self, pkt: &Packet, off: usize, old: u16, new: u16) -> Result<(), ()>;
+    /// Writes `new` over `old` at `off` (2, 4 or 16 bytes), fixing the plain checksum at
+    /// `csum_off` whose data they are (no pseudo-header: an ICMP message's own
+    /// checksum over the header it quotes).
+    fn store2_csum(&self, off: usize, old: u16, new: u16, csum_off: usize) -> Result<(), ()>;
+    fn store4_csum(&self, off: usize, old: u32, new: u32, csum_off: usize) -> Result<(), ()>;
+    fn store16_csum(&self, off: usize, old: &Addr, new: &Addr, csum_off: usize) -> Result<(), ()>;
+    /// Fixes the checksum at `csum_off` for a change of a 16-byte address of its
+    /// pseudo-header (an ICMPv6 error's own address; the address itself is written by
+    /// `rewrite_ip_addr`).
+    fn pseudo16(&self, csum_off: usize, old: &Addr, new: &Addr) -> Result<(), ()>;
 }
 
 #[inline(always)]
@@ -141,6 +151,32 @@ impl Rewriter for TcContext {
             .map_err(|_| ())?;
         self.store(off, &new, 0).map_err(|_| ())
     }
+
+    #[inline(always)]
+    fn store2_csum(&self, off: usize, old: u16, new: u16, csum_off: usize) -> Result<(), ()> {
+        self.l4_csum_replace(csum_off, old as u64, new as u64, 2)
+            .map_err(|_| ())?;
+        self.store(off, &new, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn store4_csum(&self, off: usize, old: u32, new: u32, csum_off: usize) -> Result<(), ()> {
+        self.l4_csum_replace(csum_off, old as u64, new as u64, 4)
+            .map_err(|_| ())?;
+        self.store(off, &new, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn store16_csum(&self, off: usize, old: &Addr, new: &Addr, csum_off: usize) -> Result<(), ()> {
+        let diff = csum::diff16(old, new) as u64;
+        self.l4_csum_replace(csum_off, 0, diff, 0).map_err(|_| ())?;
+        self.store(off, new, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn pseudo16(&self, csum_off: usize, old: &Addr, new: &Addr) -> Result<(), ()> {
+        tc_l4_addr_v6(self, csum_off, old, new, 0)
+    }
 }
 
 /// A 16-bit field: its place and value (one load; see `parse::load` on alignment).
@@ -222,6 +258,50 @@ impl Rewriter for XdpContext {
         update_l4_csum(self, pkt, |c| csum::replace2(c, old, new))?;
         // SAFETY: bounds checked in read_u16.
         unsafe { port.write(new) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn store2_csum(&self, off: usize, old: u16, new: u16, csum_off: usize) -> Result<(), ()> {
+        let (field, _) = read_u16(self, off)?;
+        let (c, v) = read_u16(self, csum_off)?;
+        // SAFETY: both bounds-checked in read_u16.
+        unsafe {
+            c.write(csum::replace2(v, old, new));
+            field.write(new);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn store4_csum(&self, off: usize, old: u32, new: u32, csum_off: usize) -> Result<(), ()> {
+        let field = ptr_at::<u32, _>(self, off).ok_or(())? as *mut u32;
+        let (c, v) = read_u16(self, csum_off)?;
+        // SAFETY: both bounds-checked (ptr_at, read_u16).
+        unsafe {
+            c.write(csum::replace4(v, old, new));
+            field.write(new);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn store16_csum(&self, off: usize, old: &Addr, new: &Addr, csum_off: usize) -> Result<(), ()> {
+        let field = ptr_at::<Addr, _>(self, off).ok_or(())? as *mut Addr;
+        let (c, v) = read_u16(self, csum_off)?;
+        // SAFETY: both bounds-checked (ptr_at, read_u16).
+        unsafe {
+            c.write(csum::replace16(v, old, new));
+            field.write(*new);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn pseudo16(&self, csum_off: usize, old: &Addr, new: &Addr) -> Result<(), ()> {
+        let (c, v) = read_u16(self, csum_off)?;
+        // SAFETY: bounds-checked in read_u16.
+        unsafe { c.write(csum::replace16(v, old, new)) };
         Ok(())
     }
 }

@@ -20,9 +20,10 @@
 //!   checksum is invalid there): passed untouched, counted `passed_malformed`: it can
 //!   match no frontend and is never rewritten;
 //! - a non-first fragment: no L4 header to match, so it is handed on as a `Fragment`
-//!   (`frag.rs` translates it like its datagram's first fragment, if that was a reply it
-//!   reverse-translated; otherwise it passes, counted `passed_fragment`); a first
-//!   fragment that matches a frontend is dropped, counted `drop_fragment`. An IPv6
+//!   (`frag.rs` translates it like its datagram's first fragment, if that one was
+//!   translated and left a note; otherwise it passes, counted `passed_fragment`); a
+//!   first fragment is a packet like any other (`Packet::first_fragment` says it is
+//!   one: a flow the program carries itself drops it, `drop_fragment`). An IPv6
 //!   fragment header followed by anything but TCP or UDP (ICMPv6, more extension
 //!   headers, a second fragment header): passed (`passed`), every fragment of the
 //!   datagram alike.
@@ -149,6 +150,8 @@ pub enum Parsed {
     LongExtChain,
     /// A fragment after the first: no L4 header.
     LaterFragment(Fragment),
+    /// An ICMP error quoting a TCP or UDP packet (`icmp.rs`).
+    IcmpError(crate::icmp::IcmpError),
     Packet(Packet),
 }
 
@@ -360,6 +363,13 @@ fn parse_ipv4<C: PacketData>(ctx: &C) -> Parsed {
     let frag = u16::from_be(frag);
     let more_fragments = frag & 0x2000 != 0;
     let frag_offset = frag & 0x1fff;
+    if proto == crate::icmp::PROTO_ICMP {
+        if frag & 0x3fff != 0 || ihl_bytes != IPV4_MIN_HLEN {
+            return Parsed::Other;
+        }
+        return crate::icmp::parse_v4(ctx, ipv4_mapped(src), ipv4_mapped(dst))
+            .map_or(Parsed::Other, Parsed::IcmpError);
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Parsed::Other;
     }
@@ -440,6 +450,9 @@ fn parse_ipv6<C: PacketData>(ctx: &C) -> Parsed {
         return Parsed::Malformed;
     }
     let end = l3_off + l3_len;
+    if next == crate::icmp::PROTO_ICMPV6 {
+        return crate::icmp::parse_v6(ctx, src, dst).map_or(Parsed::Other, Parsed::IcmpError);
+    }
 
     let mut nh = next;
     let mut off = l3_off + IPV6_HLEN;

@@ -83,7 +83,7 @@ pub fn spawn_agent(
     config: &Path,
     extra: &[&str],
 ) -> Result<u32> {
-    let mut cmd = agent_command(sb, node, lb, "run")?;
+    let mut cmd = agent_command(sb, node, lb, "run", extra)?;
     cmd.arg("--config").arg(config).args(extra);
     sb.spawn(cmd, &agent_log(sb, node))
 }
@@ -99,7 +99,7 @@ pub fn spawn_k8s_agent(
     extra: &[&str],
 ) -> Result<u32> {
     let name = node_info(sb, node)?.name.clone();
-    let mut cmd = agent_command(sb, node, lb, "agent")?;
+    let mut cmd = agent_command(sb, node, lb, "agent", extra)?;
     cmd.arg("--kubeconfig")
         .arg(kubeconfig)
         .args(["--node-name", &name, "--listen", "127.0.0.1:19100"])
@@ -108,8 +108,15 @@ pub fn spawn_k8s_agent(
 }
 
 /// `lb <subcommand>` in node `node`'s namespace, on its pods' and external interfaces,
-/// with its pin folder and small maps (the sandbox has a handful of services).
-fn agent_command(sb: &Sandbox, node: usize, lb: &Path, subcommand: &str) -> Result<Command> {
+/// with its pin folder and small maps (the sandbox has a handful of services), unless
+/// `extra` (the caller's own flags) sets a map size itself.
+fn agent_command(
+    sb: &Sandbox,
+    node: usize,
+    lb: &Path,
+    subcommand: &str,
+    extra: &[&str],
+) -> Result<Command> {
     let n = node_info(sb, node)?;
     let mut cmd = Command::new(lb);
     cmd.args([
@@ -123,18 +130,18 @@ fn agent_command(sb: &Sandbox, node: usize, lb: &Path, subcommand: &str) -> Resu
     ])
     .arg("--pin-dir")
     .arg(&n.pin_dir)
-    .args(["--poll-ms", "100"])
-    .args([
-        "--max-frontends",
-        "1024",
-        "--max-backends",
-        "4096",
-        "--max-slots",
-        "4096",
-        "--max-conntrack",
-        "65536",
-    ])
-    .env(
+    .args(["--poll-ms", "100"]);
+    for (flag, size) in [
+        ("--max-frontends", "1024"),
+        ("--max-backends", "4096"),
+        ("--max-slots", "4096"),
+        ("--max-conntrack", "65536"),
+    ] {
+        if !extra.contains(&flag) {
+            cmd.args([flag, size]);
+        }
+    }
+    cmd.env(
         "RUST_LOG",
         std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
     );

@@ -565,6 +565,81 @@ pub fn icmpv6(
     spec.build_raw(&msg)
 }
 
+/// An ICMP error (IPv4, or ICMPv6 when the addresses are IPv6) from `src` to `dst`:
+/// `ty`, `code`, the 4 bytes after the checksum (unused, or the next hop's MTU), then the
+/// first `quote` bytes of the IP packet in `frame` (an Ethernet frame), as a router or a
+/// host quotes it; checksums correct.
+pub fn icmp_error(
+    src: &str,
+    dst: &str,
+    ty: u8,
+    code: u8,
+    rest: [u8; 4],
+    frame: &[u8],
+    quote: usize,
+) -> Vec<u8> {
+    let ip = &frame[14..];
+    let quoted = &ip[..quote.min(ip.len())];
+    let mut msg = vec![ty, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(quoted);
+    let v6 = src.contains(':');
+    let proto = if v6 { ICMPV6 } else { 1 };
+    let spec = Spec {
+        proto,
+        hop_limit: 64,
+        ..Spec::tcp(src, 0, dst, 0, 0)
+    };
+    let acc = if v6 {
+        pseudo(spec.src, spec.dst, ICMPV6, msg.len())
+    } else {
+        0
+    };
+    let c = checksum(&msg, acc);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    spec.build_raw(&msg)
+}
+
+/// Checks an ICMP error frame built as [`icmp_error`] builds them: the outer IPv4 header's
+/// checksum, the ICMP (or ICMPv6, with its pseudo-header) checksum over the message, and
+/// the quoted IPv4 header's own checksum.
+pub fn assert_icmp_checksums(frame: &[u8]) {
+    let v6 = frame[12..14] == [0x86, 0xdd];
+    let (hlen, msg) = if v6 {
+        (40, &frame[14 + 40..])
+    } else {
+        let ihl = (frame[14] & 0x0f) as usize * 4;
+        assert_eq!(
+            fold(sum16(&frame[14..14 + ihl], 0)),
+            0xffff,
+            "outer IPv4 header checksum"
+        );
+        (ihl, &frame[14 + ihl..])
+    };
+    let acc = if v6 {
+        let src = IpAddr::from(<[u8; 16]>::try_from(&frame[22..38]).unwrap());
+        let dst = IpAddr::from(<[u8; 16]>::try_from(&frame[38..54]).unwrap());
+        pseudo(src, dst, ICMPV6, msg.len())
+    } else {
+        0
+    };
+    assert_eq!(
+        fold(sum16(msg, acc)),
+        0xffff,
+        "ICMP checksum ({} bytes after {hlen})",
+        msg.len()
+    );
+    let inner = &msg[8..];
+    if inner[0] >> 4 == 4 {
+        let ihl = (inner[0] & 0x0f) as usize * 4;
+        assert_eq!(
+            fold(sum16(&inner[..ihl], 0)),
+            0xffff,
+            "quoted IPv4 header checksum"
+        );
+    }
+}
+
 /// Ethernet + IPv4 + TCP with correct checksums (no options, no payload).
 pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     Spec::tcp_v4(src, sport, dst, dport, flags).build()

@@ -817,7 +817,7 @@ impl Sandbox {
         let d = dir.display();
         let conf = format!(
             "daemon off;\nmaster_process off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 1024; }}\n\
+             events {{ worker_connections 8192; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
              server {{\n    listen {port};\n    listen [::]:{port};\n    location / {{ return 200 \"{pod}\\n\"; }}\n    location /clientip {{ return 200 \"$remote_addr\\n\"; }}\n  }}\n}}\n"

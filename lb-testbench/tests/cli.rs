@@ -92,6 +92,7 @@ fn loaded(pins: &Pins) -> Datapath {
     };
     let value = lb_common::CtValue {
         last_seen_ns: now - 5_000_000_000,
+        created_ns: now - 65_000_000_000,
         nat_addr: backend.addr,
         nat_port: backend.port,
         state: lb_common::CT_STATE_ESTABLISHED,
@@ -202,6 +203,8 @@ fn lb_show_prints_every_table_as_json_and_filters_it() {
     assert_eq!(rows[0]["nat"], "10.244.0.12:8080");
     let idle = rows[0]["idle_s"].as_f64().unwrap();
     assert!((4.0..30.0).contains(&idle), "idle {idle}");
+    let age = rows[0]["age_s"].as_f64().unwrap();
+    assert!((64.0..90.0).contains(&age), "age {age}");
     let other = show_json(&pins, &["conntrack", "--service", "10.96.0.53"]);
     assert_eq!(other["conntrack"], Value::Array(vec![]));
     // The table says it too.

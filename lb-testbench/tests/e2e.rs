@@ -1119,3 +1119,288 @@ fn should_only_allow_access_from_service_loadbalancer_source_ranges() {
     });
     assert_eq!(get_from(OUTSIDE_OTHER, &lb_url), Ok("backend-1".into()));
 }
+
+// ---- conntrack's lifecycle ----
+
+/// Conntrack entries of the node's maps now.
+fn conntrack_len(env: &Env) -> usize {
+    Maps::from_pins(env.sb.pin_dir())
+        .unwrap()
+        .conntrack_entries()
+        .unwrap()
+        .len()
+}
+
+/// Closed connections leave the table: 200 short HTTP connections through the ClusterIP
+/// (each closed by FINs both ways) are gone, both entries each, once the closed state's
+/// timeout has run out; a connection still open stays. (With LRU eviction only, all 400
+/// entries stayed until the table filled.)
+#[test]
+fn closed_connections_expire_and_open_ones_stay() {
+    let env = Env::new(
+        &all_ready(),
+        &[
+            "--ct-gc-interval-ms",
+            "300",
+            "--ct-timeout-tcp-closed-s",
+            "1",
+        ],
+    );
+    let mut open = env.in_client(|| {
+        let s =
+            TcpStream::connect_timeout(&"10.96.0.10:80".parse().unwrap(), Duration::from_secs(3))
+                .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    });
+    let first = http_get(&mut open);
+    let client = env.client();
+    let n = env
+        .sb
+        .cmd(
+            &client,
+            &[
+                "sh",
+                "-c",
+                "for i in $(seq 200); do curl -s -o /dev/null --max-time 3 http://10.96.0.10/ || exit 1; done",
+            ],
+        )
+        .status()
+        .unwrap();
+    assert!(n.success(), "200 requests");
+    assert!(
+        conntrack_len(&env) >= 2,
+        "the open connection's entries at least"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the closed flows to expire",
+        || (conntrack_len(&env) == 2).then_some(()),
+    );
+    assert_eq!(http_get(&mut open), first, "the open connection goes on");
+}
+
+/// kubernetes #48370 / #122740: a UDP client that keeps its source port (a resolver)
+/// keeps its conntrack flow; when its backend leaves the ready set, the flow is purged at
+/// once, and the next datagram from the same socket reaches a ready backend. (Not-ready
+/// backends keep their TCP flows: see
+/// a_backend_set_not_ready_gets_no_new_connections_but_keeps_established_ones.)
+#[test]
+fn udp_flows_to_a_backend_that_leaves_the_ready_set_are_purged_at_once() {
+    let env = Env::new(&all_ready(), &[]);
+    let sock = env.in_client(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s.connect("10.96.0.10:53").unwrap();
+        s
+    });
+    // None: no answer within a second. (A datagram in flight while its flow is purged
+    // loses its answer: the reply entry is gone when the answer leaves, which then
+    // does not come from the Service address. As with kube-proxy's conntrack -D.)
+    let ask = |s: &UdpSocket| -> Option<String> {
+        s.send(b"who?").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    };
+    let first = ask(&sock).expect("an answer");
+    for _ in 0..5 {
+        assert_eq!(ask(&sock).as_ref(), Some(&first), "one flow, one backend");
+    }
+    let ready: Vec<(&str, bool)> = BACKENDS.iter().map(|b| (*b, *b != first)).collect();
+    env.update(&config(&ready, &["backend-3"]), 2);
+    let t = Instant::now();
+    let mut lost = 0;
+    let next = loop {
+        match ask(&sock) {
+            Some(who) if who != first => break who,
+            Some(_) => {}
+            None => lost += 1,
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            break first.clone();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_ne!(
+        next, first,
+        "{first} left the ready set; its UDP flow must go"
+    );
+    assert!(lost <= 1, "at most the datagram in flight is lost: {lost}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "purged at once: {:?}",
+        t.elapsed()
+    );
+}
+
+/// The table under pressure, as a new user tried it: `--max-conntrack 2048` (1,024
+/// flows) and 3,000 kept-alive HTTP connections through the ClusterIP, each used twice.
+/// The LRU evicts the least recently used flows' entries; a client's next packet gets
+/// them back on the same backend (counted `ct_recreated`), so no connection is reset,
+/// and the operator sees the pressure (the counter, the collector's half-flows).
+#[test]
+fn a_full_table_evicts_idle_flows_and_their_next_packet_brings_them_back() {
+    const CONNS: usize = 3_000;
+    // SAFETY: plain setrlimit on this test process (3,000 sockets need more than 1,024
+    // descriptors).
+    unsafe {
+        let lim = libc::rlimit {
+            rlim_cur: 16_384,
+            rlim_max: 16_384,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let env = Env::new(&all_ready(), &["--max-conntrack", "2048"]);
+    let (first, second) = env.in_client(|| {
+        let round = |conns: &mut Vec<Option<TcpStream>>| -> (usize, BTreeMap<String, usize>) {
+            let mut failed = 0;
+            let mut who = BTreeMap::new();
+            for c in conns.iter_mut() {
+                let Some(s) = c else {
+                    failed += 1;
+                    continue;
+                };
+                let ok = s
+                    .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+                    .ok()
+                    .and_then(|()| {
+                        let mut buf = [0u8; 512];
+                        let n = s.read(&mut buf).ok()?;
+                        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                        text.starts_with("HTTP/1.1 200")
+                            .then(|| text.lines().last().unwrap_or("").trim().to_string())
+                    });
+                match ok {
+                    Some(name) => *who.entry(name).or_insert(0) += 1,
+                    None => {
+                        failed += 1;
+                        *c = None;
+                    }
+                }
+            }
+            (failed, who)
+        };
+        let mut conns: Vec<Option<TcpStream>> = (0..CONNS)
+            .map(|_| {
+                let s = TcpStream::connect_timeout(
+                    &"10.96.0.10:80".parse().unwrap(),
+                    Duration::from_secs(3),
+                )
+                .ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+                Some(s)
+            })
+            .collect();
+        let first = round(&mut conns);
+        let second = round(&mut conns);
+        (first, second)
+    });
+    let maps = Maps::from_pins(env.sb.pin_dir()).unwrap();
+    let counters: BTreeMap<&str, u64> = maps.counters().unwrap().into_iter().collect();
+    eprintln!(
+        "first round: {} failed {:?}; second: {} failed {:?}; counters {counters:?}",
+        first.0, first.1, second.0, second.1
+    );
+    assert_eq!(first.0, 0, "every connection answers once: {first:?}");
+    assert_eq!(second.0, 0, "and again, after eviction: {second:?}");
+    assert!(
+        counters["ct_recreated"] > 0,
+        "the pressure is seen: {counters:?}"
+    );
+}
+
+/// Path MTU discovery through a ClusterIP, both families: the link to backend-3 gets a
+/// smaller MTU on its node side (the pod itself keeps 1500): 1280 for IPv6 (its
+/// minimum), then 1000 for IPv4 (which takes IPv6 off that link). The node answers the
+/// client's full-size segments, after DNAT, with "packet too big" (IPv6) or
+/// "fragmentation needed" (IPv4) quoting backend-3. The tc egress program gives that
+/// quote the Service back, so the client's stack finds its socket, caches the smaller
+/// MTU for the Service address and the upload goes through. Untranslated, the client
+/// drops the error (no socket talks to backend-3) and keeps sending segments the node
+/// cannot forward: a black hole (checked by hand: 0 bits/s and no cached MTU).
+#[test]
+fn path_mtu_discovery_through_the_cluster_ip_reaches_the_client() {
+    let env = Env::with_frontends(&dual_stack_config(), &[], DUAL_STACK_FRONTENDS);
+    let node = env.sb.nodes[0].netns.clone();
+    let link = env.sb.pod("backend-3").host_if.clone();
+    for (n, (vip, mtu)) in [(IPERF6, "1280"), (IPERF, "1000")].into_iter().enumerate() {
+        let out = env
+            .sb
+            .exec(&node, &["ip", "link", "set", &link, "mtu", mtu])
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let log = format!("pmtu-{n}.json");
+        let pid = env.start_iperf3(vip, 2, &log);
+        let (_, total) = env.iperf3_result(pid, &log);
+        let route = env
+            .sb
+            .exec(&env.client(), &["ip", "route", "get", vip])
+            .unwrap();
+        let route = String::from_utf8_lossy(&route.stdout).into_owned();
+        let maps = Maps::from_pins(env.sb.pin_dir()).unwrap();
+        let counters: BTreeMap<&str, u64> = maps.counters().unwrap().into_iter().collect();
+        eprintln!("{vip}: {:.2} Gbit/s; {route}", total / 1e9);
+        assert!(
+            route.contains(&format!("mtu {mtu}")),
+            "{vip}: the client learnt the path MTU toward the Service: {route}"
+        );
+        assert!(total > 0.0, "{vip}: the upload went through");
+        assert!(
+            counters["reverse_translated_icmp"] > n as u64,
+            "{vip}: counted: {counters:?}"
+        );
+    }
+}
+
+/// A UDP datagram larger than the MTU, both ways, both families, through a ClusterIP
+/// from a pod (tc) and a NodePort from outside (XDP): the client's kernel sends it in
+/// three fragments; the first makes the flow and leaves a note, the later two get the
+/// same backend from it, whose kernel reassembles the request (it only hands whole
+/// datagrams to the socket) and answers 4000 bytes, fragmented too, reverse-translated
+/// fragment by fragment. Before the forward notes, the first fragment was dropped and
+/// no request ever reached a backend.
+#[test]
+fn a_udp_datagram_larger_than_the_mtu_reaches_one_backend_whole_and_back() {
+    let env = Env::with_frontends(&dual_stack_config(), &[], DUAL_STACK_FRONTENDS);
+    let (client, outside) = (env.client(), env.sb.outside.clone());
+    for (netns, to) in [
+        (&client, hostport(WEB, 53)),
+        (&client, hostport(WEB6, 53)),
+        (&outside, hostport(NODE_IP, 30053)),
+        (&outside, hostport(NODE_IP6, 30053)),
+    ] {
+        let to: SocketAddr = to.parse().unwrap();
+        let answers: Vec<(SocketAddr, usize)> = run_in(netns, move || {
+            let mut request = b"size 4000".to_vec();
+            request.resize(4000, b' ');
+            (0..6)
+                .map(|_| {
+                    let any: SocketAddr = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+                        .parse()
+                        .unwrap();
+                    let s = UdpSocket::bind(any).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                    s.send_to(&request, to).unwrap();
+                    let mut buf = vec![0u8; 65_536];
+                    let (n, from) = s
+                        .recv_from(&mut buf)
+                        .expect("an answer to the whole request");
+                    (from, n)
+                })
+                .collect()
+        })
+        .unwrap();
+        assert!(
+            answers.iter().all(|a| *a == (to, 4000)),
+            "{to}: {answers:?}"
+        );
+    }
+    let maps = Maps::from_pins(env.sb.pin_dir()).unwrap();
+    let counters: BTreeMap<&str, u64> = maps.counters().unwrap().into_iter().collect();
+    assert!(
+        counters["translated_fragment"] >= 4 * 6 * 2,
+        "two later fragments per request: {counters:?}"
+    );
+    assert_eq!(counters["drop_fragment"], 0, "{counters:?}");
+}

@@ -4,6 +4,7 @@
 //! with what a correct rewrite produces (checksums recomputed from scratch). Needs root;
 //! run one at a time.
 use std::{
+    net::IpAddr,
     path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -389,20 +390,6 @@ fn truncated_or_malformed_headers_pass_untouched_and_are_counted() {
     assert_eq!(k.counter("new_flow"), 0);
 }
 
-#[test]
-fn fragments_to_a_service_are_dropped_or_passed_by_rule() {
-    let mut k = one_backend();
-    let mut first = Spec::udp(CLIENT, 50003, VIP, 53, &[0u8; 64]);
-    first.frag = 0x2000; // MF, offset 0
-    assert_eq!(k.run(&first.build()).0, TC_ACT_SHOT);
-    assert_eq!(k.counter("drop_fragment"), 1);
-    let mut later = Spec::udp(CLIENT, 50003, VIP, 53, &[0u8; 64]);
-    later.frag = 0x0008; // offset 64
-    let pkt = later.build();
-    assert_eq!(k.run(&pkt), (TC_ACT_OK, pkt.clone()));
-    assert_eq!(k.counter("passed_fragment"), 1);
-}
-
 /// L4 bytes per fragment in the fragment tests (a 600-byte reply makes three).
 const CHUNK: usize = 256;
 
@@ -469,6 +456,118 @@ fn a_fragmented_udp_reply_is_reverse_translated_fragment_by_fragment() {
         2,
         "the later two at ingress, which leaves every later fragment to egress"
     );
+}
+
+/// `spec`'s fragments with `to` as destination instead (the UDP checksum, in the first
+/// fragment, covers it), cut the same way.
+fn fragments_to(spec: &Spec, to: (&str, u16)) -> Vec<Vec<u8>> {
+    let mut s = spec.clone();
+    (s.dst, s.dport) = (to.0.parse().unwrap(), to.1);
+    s.fragments(CHUNK)
+}
+
+/// Every fragment of `datagram` went through `run`, and together they are `datagram`
+/// sent to `to`: only the destination and checksums changed, in each one.
+fn assert_fragments_forwarded(out: &[Vec<u8>], datagram: &Spec, to: (&str, u16)) {
+    let expected = fragments_to(datagram, to);
+    assert_eq!(out.len(), expected.len());
+    for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+        assert_ip_checksum(got);
+        assert_eq!(
+            got, want,
+            "fragment {i}: only the destination and checksums"
+        );
+    }
+    let whole = reassemble(out);
+    assert_checksums(&whole);
+    let v = view(&whole);
+    assert_eq!((v.dst.to_string().as_str(), v.dport), to);
+}
+
+/// A fragmented UDP datagram to a ClusterIP reaches one backend whole: its first
+/// fragment makes the flow (or finds it) and leaves a note, and the later ones get the
+/// same backend from it. Both families; the second datagram of the flow finds its entry.
+#[test]
+fn a_fragmented_datagram_to_a_service_reaches_one_backend_fragment_by_fragment() {
+    for (vip, client, backend, ids) in [
+        (VIP, CLIENT, B1, [0x2121, 0x2122]),
+        (VIP6, CLIENT6, B1_6, [0x2121_2121, 0x2121_2122]),
+    ] {
+        let mut k = one_backend_each();
+        for (n, id) in ids.into_iter().enumerate() {
+            let datagram = fragmented_reply((client, 50020), (vip, 53), id);
+            let frames = datagram.fragments(CHUNK);
+            assert_eq!(frames.len(), 3, "first, middle, last");
+            let out: Vec<Vec<u8>> = frames
+                .iter()
+                .map(|f| {
+                    let (verdict, out) = k.run(f);
+                    assert_eq!(verdict, TC_ACT_OK, "{vip}");
+                    out
+                })
+                .collect();
+            assert_fragments_forwarded(&out, &datagram, (backend, 5353));
+            assert_eq!(
+                k.counter("translated_fragment"),
+                2 * (n as u64 + 1),
+                "{vip}"
+            );
+        }
+        assert_eq!(
+            k.counter("new_flow"),
+            1,
+            "{vip}: the first datagram's first fragment"
+        );
+        assert_eq!(k.counter("translated"), 1, "{vip}: the second's");
+        assert_eq!(k.counter("drop_fragment"), 0, "{vip}");
+        // A later fragment that overtakes its first: nothing says where it goes yet.
+        let overtaking = fragmented_reply((client, 50021), (vip, 53), ids[0] + 7).fragments(CHUNK);
+        assert_eq!(
+            k.run(&overtaking[2]),
+            (TC_ACT_OK, overtaking[2].clone()),
+            "{vip}"
+        );
+        assert_eq!(k.counter("passed_fragment"), 1, "{vip}");
+        // A reply's later fragment meets the reply's note at ingress too: not its kind
+        // (it is translated where it leaves), untouched here.
+        let reply = fragmented_reply((backend, 5353), (client, 50020), ids[0] + 9);
+        let frames = reply.fragments(CHUNK);
+        k.run_egress(&frames[0]);
+        assert_eq!(k.run(&frames[1]), (TC_ACT_OK, frames[1].clone()), "{vip}");
+        assert_eq!(k.counter("passed_fragment"), 2, "{vip}");
+        assert_eq!(k.counter("translated_fragment"), 4, "{vip}");
+    }
+}
+
+/// A fragmented datagram from outside to a NodePort served on this node, through XDP:
+/// every fragment gets the local backend. A first fragment of a flow the program would
+/// carry itself (to another node's backend, SNAT) is dropped, as documented.
+#[test]
+fn xdp_delivers_a_fragmented_datagram_to_a_nodeport_whole() {
+    for (f, id) in FAMILIES.iter().zip([0x7171, 0x7171_7171]) {
+        let mut k = Kernel::new(&(f.nodeport_config)());
+        let datagram = fragmented_reply((f.outside, 50700), (f.node_ip, 30053), id);
+        let out: Vec<Vec<u8>> = datagram
+            .fragments(CHUNK)
+            .iter()
+            .map(|fr| {
+                let (verdict, out) = k.run_xdp(fr);
+                assert_eq!(verdict, XDP_PASS, "{}", f.name);
+                out
+            })
+            .collect();
+        assert_fragments_forwarded(&out, &datagram, (f.b1, 5353));
+        assert_eq!(k.counter("translated_fragment"), 2, "{}", f.name);
+        let mut first = Spec::tcp(f.outside, 50701, f.node_ip, f.remote_port, SYN);
+        first.payload = vec![0; 64];
+        if f.name == "IPv4" {
+            first.frag = 0x2000; // MF, offset 0
+        } else {
+            first.fragment_header = Some(0x0001);
+        }
+        assert_eq!(k.run_xdp(&first.build()).0, XDP_DROP, "{}", f.name);
+        assert_eq!(k.counter("drop_fragment"), 1, "{}", f.name);
+    }
 }
 
 #[test]
@@ -952,10 +1051,6 @@ fn xdp_passes_malformed_packets_untouched_and_counts_them() {
         assert_eq!(k.run_xdp(&pkt), (XDP_PASS, pkt.clone()), "{pkt:02x?}");
     }
     assert_eq!(k.counter("passed_malformed"), n);
-    let mut first = Spec::udp(OUTSIDE, 50102, NODE_IP, 30053, &[0u8; 64]);
-    first.frag = 0x2000;
-    assert_eq!(k.run_xdp(&first.build()).0, XDP_DROP);
-    assert_eq!(k.counter("drop_fragment"), 1);
     assert_eq!(k.counter("new_flow"), 0);
 }
 
@@ -1390,20 +1485,10 @@ fn icmpv6_and_other_next_headers_pass_untouched() {
     assert_eq!(k.counter("passed_malformed"), 0);
 }
 
+/// An atomic fragment (offset 0, no M: RFC 6946) is a whole datagram: translated as one.
 #[test]
-fn ipv6_fragments_to_a_service_are_dropped_or_passed_by_rule() {
+fn an_ipv6_atomic_fragment_to_a_service_is_translated_as_a_whole_datagram() {
     let mut k = one_backend_each();
-    let mut first = Spec::udp(CLIENT6, 50040, VIP6, 53, &[0u8; 64]);
-    first.fragment_header = Some(0x0001); // offset 0, M
-    assert_eq!(k.run(&first.build()).0, TC_ACT_SHOT);
-    assert_eq!(k.run_xdp(&first.build()).0, XDP_DROP);
-    assert_eq!(k.counter("drop_fragment"), 2);
-    let mut later = first.clone();
-    later.fragment_header = Some(8 << 3); // offset 64, last
-    let pkt = later.build();
-    assert_eq!(k.run(&pkt), (TC_ACT_OK, pkt.clone()));
-    assert_eq!(k.counter("passed_fragment"), 1);
-    // An atomic fragment (offset 0, no M: RFC 6946) is a whole datagram: translated.
     let mut atomic = Spec::udp(CLIENT6, 50041, VIP6, 53, b"whole");
     atomic.fragment_header = Some(0);
     let (verdict, out) = k.run(&atomic.build());
@@ -1411,6 +1496,7 @@ fn ipv6_fragments_to_a_service_are_dropped_or_passed_by_rule() {
     assert_checksums(&out);
     assert_eq!(out, rewritten(&atomic, Some((B1_6, 5353)), None));
     assert_eq!(k.counter("new_flow"), 1);
+    assert_eq!(k.counter("translated_fragment"), 0);
 }
 
 #[test]
@@ -2499,4 +2585,206 @@ fn load_balancer_source_ranges_let_only_their_sources_reach_the_load_balancer_ip
     let (verdict, out) = k.run_xdp(&syn.build());
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, rewritten(&syn, Some((B1, 8080)), None));
+}
+
+// ---- conntrack's lifecycle ----
+
+/// The conntrack entry of `key`'s packet (as it arrives) in the kernel's map.
+fn ct_entry(k: &Kernel, pkt: &Spec) -> Option<lb_common::CtValue> {
+    let maps = Maps::from_pins(&k.pin_dir).unwrap();
+    let want = (
+        pkt.src.to_string(),
+        pkt.sport,
+        pkt.dst.to_string(),
+        pkt.dport,
+    );
+    maps.conntrack_entries()
+        .unwrap()
+        .into_iter()
+        .find(|(key, _)| {
+            let ip = |a: &lb_common::Addr| lb_userspace::dataplane::plan::ip_addr(a).to_string();
+            (
+                ip(&key.src_addr),
+                u16::from_be(key.src_port),
+                ip(&key.dst_addr),
+                u16::from_be(key.dst_port),
+            ) == want
+        })
+        .map(|(_, v)| v)
+}
+
+/// Each entry records its direction's TCP state from the flags (a SYN: new; an ACK:
+/// established; a FIN: closing; a RST: closed) and when it was made and last seen; a UDP
+/// reply entry that met a reply is established (the collector gives the flow a stream's
+/// timeout); a SYN on a closed flow's port starts it over.
+#[test]
+fn conntrack_entries_record_their_directions_state_and_times() {
+    use lb_common::{CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW};
+    let mut k = one_backend();
+    let syn = Spec::tcp(CLIENT, 41000, VIP, 80, SYN);
+    k.run(&syn.build());
+    let fwd = ct_entry(&k, &syn).expect("forward entry");
+    let synack = Spec::tcp(B1, 8080, CLIENT, 41000, SYN | ACK);
+    assert_eq!(fwd.state, CT_STATE_NEW);
+    assert!(fwd.created_ns > 0 && fwd.created_ns == fwd.last_seen_ns);
+    assert_eq!(
+        ct_entry(&k, &synack).expect("reply entry").state,
+        CT_STATE_NEW
+    );
+    k.reply(&synack.build());
+    assert_eq!(ct_entry(&k, &synack).unwrap().state, CT_STATE_ESTABLISHED);
+    let ack = Spec::tcp(CLIENT, 41000, VIP, 80, ACK);
+    k.run(&ack.build());
+    assert_eq!(ct_entry(&k, &syn).unwrap().state, CT_STATE_ESTABLISHED);
+    k.run(&Spec::tcp(CLIENT, 41000, VIP, 80, FIN | ACK).build());
+    assert_eq!(ct_entry(&k, &syn).unwrap().state, CT_STATE_CLOSING);
+    k.run(&Spec::tcp(CLIENT, 41000, VIP, 80, RST).build());
+    assert_eq!(ct_entry(&k, &syn).unwrap().state, CT_STATE_CLOSED);
+    // The port used again: a fresh flow.
+    let before = k.counter("new_flow");
+    k.run(&syn.build());
+    assert_eq!(k.counter("new_flow"), before + 1);
+    assert_eq!(ct_entry(&k, &syn).unwrap().state, CT_STATE_NEW);
+    // UDP: the reply entry knows it met a reply.
+    let q = Spec::udp(CLIENT, 51000, VIP, 53, b"q");
+    k.run(&q.build());
+    let a = Spec::udp(B1, 5353, CLIENT, 51000, b"a");
+    assert_eq!(ct_entry(&k, &a).unwrap().state, CT_STATE_NEW);
+    k.reply(&a.build());
+    assert_eq!(ct_entry(&k, &a).unwrap().state, CT_STATE_ESTABLISHED);
+    assert_eq!(
+        ct_entry(&k, &q).unwrap().state,
+        CT_STATE_NEW,
+        "the forward entry stays"
+    );
+    // A TCP packet under way without an entry (evicted): counted, and given a backend.
+    let lost = Spec::tcp(CLIENT, 41001, VIP, 80, ACK);
+    let (_, out) = k.run(&lost.build());
+    assert_eq!(out, rewritten(&lost, Some((B1, 8080)), None));
+    assert_eq!(k.counter("ct_recreated"), 1);
+}
+
+// ---- ICMP errors about translated flows ----
+
+/// The quoted packet's addresses and ports of an ICMP error frame.
+fn quoted(frame: &[u8]) -> (String, u16, String, u16) {
+    let v6 = frame[12..14] == [0x86, 0xdd];
+    let outer = if v6 {
+        40
+    } else {
+        (frame[14] & 0x0f) as usize * 4
+    };
+    let inner = &frame[14 + outer + 8..];
+    let (src, dst, l4): (IpAddr, IpAddr, usize) = if inner[0] >> 4 == 6 {
+        (
+            <[u8; 16]>::try_from(&inner[8..24]).unwrap().into(),
+            <[u8; 16]>::try_from(&inner[24..40]).unwrap().into(),
+            40,
+        )
+    } else {
+        (
+            <[u8; 4]>::try_from(&inner[12..16]).unwrap().into(),
+            <[u8; 4]>::try_from(&inner[16..20]).unwrap().into(),
+            (inner[0] & 0x0f) as usize * 4,
+        )
+    };
+    let port = |o: usize| u16::from_be_bytes([inner[l4 + o], inner[l4 + o + 1]]);
+    (src.to_string(), port(0), dst.to_string(), port(2))
+}
+
+/// PMTU discovery through a ClusterIP: the node's "fragmentation needed" (IPv4) or
+/// "packet too big" (IPv6) for a client's packet after DNAT quotes the backend; leaving
+/// by the client's veth, it gets the frontend back in its quote, so the client's stack
+/// finds its socket (connected to the Service) and lowers its MSS. An error the backend
+/// sends itself (port unreachable) also gets the frontend as its source. Checksums
+/// (outer, ICMP, quoted IPv4 header) valid; everything else as it was.
+#[test]
+fn icmp_errors_toward_a_client_get_the_frontend_back_in_their_quote() {
+    for (vip, client, backend, router, ty, code) in [
+        (VIP, CLIENT, B1, "10.244.0.1", 3, 4),
+        (VIP6, CLIENT6, B1_6, "fd00:10:244::1", 2, 0),
+    ] {
+        let mut k = one_backend_each();
+        let mut big = Spec::tcp(client, 42000, vip, 80, ACK);
+        big.payload = vec![0x5a; 1400];
+        k.run(&Spec::tcp(client, 42000, vip, 80, SYN).build());
+        let (_, out) = k.run(&big.build());
+        assert_eq!(view(&out).dst.to_string(), backend, "{vip}: DNATed");
+        // The node's error about it, toward the client, quoting what it forwarded.
+        let mtu = [0, 0, 0x03, 0xe8]; // 1000: the MTU (IPv4) or the MTU's low half (IPv6)
+        let err = icmp_error(router, client, ty, code, mtu, &out, 548);
+        let (verdict, got) = k.run_egress(&err);
+        assert_eq!(verdict, TC_ACT_OK, "{vip}");
+        assert_icmp_checksums(&got);
+        assert_eq!(
+            quoted(&got),
+            (client.to_string(), 42000, vip.to_string(), 80),
+            "{vip}: the quote names the Service again"
+        );
+        let want = icmp_error(router, client, ty, code, mtu, &big.build(), 548);
+        assert_eq!(
+            got, want,
+            "{vip}: exactly the error about the packet as the client sent it"
+        );
+        // The backend's own port unreachable for a UDP datagram: from the Service too.
+        let q = Spec::udp(client, 52000, vip, 53, b"query");
+        let (_, out) = k.run(&q.build());
+        let (uty, ucode) = if ty == 3 { (3, 3) } else { (1, 4) };
+        let err = icmp_error(backend, client, uty, ucode, [0; 4], &out, 64);
+        let (_, got) = k.run_egress(&err);
+        assert_icmp_checksums(&got);
+        assert_eq!(src_of(&got).to_string(), vip, "{vip}: from the Service");
+        assert_eq!(
+            quoted(&got),
+            (client.to_string(), 52000, vip.to_string(), 53)
+        );
+        assert_eq!(k.counter("reverse_translated_icmp"), 2, "{vip}");
+        // An error about a packet no flow of ours sent: untouched.
+        let other = Spec::tcp(client, 42001, "10.244.0.99", 80, ACK);
+        let other = if vip == VIP {
+            other
+        } else {
+            Spec::tcp(client, 42001, "fd00:10:244::99", 80, ACK)
+        };
+        let err = icmp_error(router, client, ty, code, mtu, &other.build(), 48);
+        assert_eq!(k.run_egress(&err), (TC_ACT_OK, err.clone()), "{vip}");
+        // Bad input: a quote shorter than the quoted IP header and the 8 bytes of its
+        // L4 header RFC 792 asks for: passed untouched, not counted as translated.
+        let hlen = if vip == VIP { 20 } else { 40 };
+        let short = icmp_error(router, client, ty, code, mtu, &out, hlen + 4);
+        assert_eq!(k.run_egress(&short), (TC_ACT_OK, short.clone()), "{vip}");
+        assert_eq!(k.counter("reverse_translated_icmp"), 2, "{vip}");
+    }
+}
+
+/// The other way: a client's port unreachable for a backend's reply after reverse NAT
+/// (so quoting the frontend, and sent to it) reaches the backend as about its own packet.
+#[test]
+fn icmp_errors_toward_a_backend_get_the_backend_back_in_their_quote() {
+    for (vip, client, backend) in [(VIP, CLIENT, B1), (VIP6, CLIENT6, B1_6)] {
+        let mut k = one_backend_each();
+        k.run(&Spec::udp(client, 53000, vip, 53, b"q").build());
+        let reply = Spec::udp(backend, 5353, client, 53000, b"answer");
+        let (_, translated) = k.reply(&reply.build());
+        assert_eq!(src_of(&translated).to_string(), vip);
+        let (ty, code) = if vip == VIP { (3, 3) } else { (1, 4) };
+        let err = icmp_error(client, vip, ty, code, [0; 4], &translated, 64);
+        let (verdict, got) = k.run(&err);
+        assert_eq!(verdict, TC_ACT_OK, "{vip}");
+        assert_icmp_checksums(&got);
+        assert_eq!(view(&got).dst.to_string(), backend, "{vip}: to the backend");
+        assert_eq!(
+            quoted(&got),
+            (backend.to_string(), 5353, client.to_string(), 53000)
+        );
+        assert_eq!(
+            got,
+            icmp_error(client, backend, ty, code, [0; 4], &reply.build(), 64)
+        );
+        assert_eq!(k.counter("translated_icmp"), 1, "{vip}");
+        // The same error arriving on an external interface: XDP rewrites it alike.
+        let (verdict, by_xdp) = k.run_xdp(&err);
+        assert_eq!((verdict, by_xdp), (XDP_PASS, got), "{vip}: XDP");
+        assert_eq!(k.counter("translated_icmp"), 2, "{vip}");
+    }
 }

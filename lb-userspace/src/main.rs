@@ -63,6 +63,52 @@ struct DatapathArgs {
     poll_ms: u64,
     #[command(flatten)]
     maps: MapArgs,
+    #[command(flatten)]
+    conntrack: ConntrackArgs,
+}
+
+/// Conntrack's lifetimes: a flow goes this long after its last packet, by state (the
+/// collector runs every `--ct-gc-interval-ms`).
+#[derive(Args)]
+struct ConntrackArgs {
+    /// How often the collector expires flows, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    ct_gc_interval_ms: u64,
+    /// TCP, a SYN not answered yet.
+    #[arg(long, default_value_t = 60)]
+    ct_timeout_tcp_syn_s: u64,
+    /// TCP, established (kube-proxy's --conntrack-tcp-timeout-established: 24 h).
+    #[arg(long, default_value_t = 86_400)]
+    ct_timeout_tcp_established_s: u64,
+    /// TCP, closed one way (a FIN seen).
+    #[arg(long, default_value_t = 60)]
+    ct_timeout_tcp_closing_s: u64,
+    /// TCP, closed (FINs both ways, or a RST).
+    #[arg(long, default_value_t = 10)]
+    ct_timeout_tcp_closed_s: u64,
+    /// UDP, no reply yet.
+    #[arg(long, default_value_t = 30)]
+    ct_timeout_udp_s: u64,
+    /// UDP, replied (a stream).
+    #[arg(long, default_value_t = 120)]
+    ct_timeout_udp_stream_s: u64,
+}
+
+impl ConntrackArgs {
+    fn options(&self) -> lb_userspace::dataplane::gc::GcOptions {
+        let s = Duration::from_secs;
+        lb_userspace::dataplane::gc::GcOptions {
+            interval: Duration::from_millis(self.ct_gc_interval_ms.max(100)),
+            timeouts: lb_userspace::dataplane::gc::Timeouts {
+                tcp_syn: s(self.ct_timeout_tcp_syn_s),
+                tcp_established: s(self.ct_timeout_tcp_established_s),
+                tcp_closing: s(self.ct_timeout_tcp_closing_s),
+                tcp_closed: s(self.ct_timeout_tcp_closed_s),
+                udp: s(self.ct_timeout_udp_s),
+                udp_stream: s(self.ct_timeout_udp_stream_s),
+            },
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -225,6 +271,7 @@ fn main() -> ExitCode {
                 external_interfaces: d.external_interfaces,
                 keep_pinned: d.keep_pinned,
                 poll: Duration::from_millis(d.poll_ms),
+                conntrack: d.conntrack.options(),
                 load: d.maps.load_options(),
             }),
         ),
@@ -257,6 +304,7 @@ fn main() -> ExitCode {
                     health_check_address,
                     debounce: Duration::from_millis(debounce_ms),
                     poll: Duration::from_millis(d.poll_ms),
+                    conntrack: d.conntrack.options(),
                 }),
             )
         }),

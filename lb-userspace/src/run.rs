@@ -10,6 +10,7 @@ use tracing::{error, info, warn};
 use crate::{
     config,
     dataplane::{
+        gc,
         writer::{Update, Writer, WriterOptions},
         Dataplane,
     },
@@ -26,6 +27,8 @@ pub struct RunOptions {
     pub keep_pinned: bool,
     /// How often the file and the interface list are checked.
     pub poll: Duration,
+    /// Conntrack's collector.
+    pub conntrack: gc::GcOptions,
 }
 
 pub fn compile_globs(globs: &[String]) -> Result<Vec<glob::Pattern>> {
@@ -119,6 +122,30 @@ pub fn load_datapath(load: &LoadOptions) -> Result<(Datapath, Dataplane)> {
     Ok((datapath, plane))
 }
 
+/// Starts conntrack's collector on handles of its own: what the writer sends purges to,
+/// and the collector's counters. The thread ends when the sender is dropped (with the
+/// writer).
+pub fn start_gc(
+    plane: &Dataplane,
+    opts: &gc::GcOptions,
+) -> Result<(
+    std::sync::mpsc::Sender<gc::Purge>,
+    std::sync::Arc<gc::GcStats>,
+)> {
+    let maps = plane.maps.gc_maps()?;
+    let max = plane
+        .maps
+        .conntrack_handle()
+        .map(|c| c.max_entries())
+        .unwrap_or(0);
+    let collector = gc::Gc::new(maps, opts.timeouts);
+    let stats = collector.stats.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    gc::spawn(collector, opts.interval, max, rx)
+        .map_err(|e| Error::Load(format!("starting the conntrack collector: {e}")))?;
+    Ok((tx, stats))
+}
+
 /// First attachment, once the maps hold the state: removes link pins of interfaces that
 /// are gone, then attaches to every matching interface.
 pub fn start_attaching(datapath: &mut Datapath, interfaces: &Interfaces) {
@@ -193,8 +220,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let cfg = load(&opts.config).await?;
 
     let (mut datapath, plane) = load_datapath(&opts.load)?;
-    let writer = Writer::spawn(plane, WriterOptions::default(), Box::new(|_| {}))
-        .map_err(|e| Error::Load(format!("starting the writer thread: {e}")))?;
+    let (purges, _gc_stats) = start_gc(&plane, &opts.conntrack)?;
+    let writer = Writer::spawn(
+        plane,
+        WriterOptions {
+            purges: Some(purges),
+            ..Default::default()
+        },
+        Box::new(|_| {}),
+    )
+    .map_err(|e| Error::Load(format!("starting the writer thread: {e}")))?;
     let mut status = writer.status();
     writer.send(Update::Replace(cfg));
     // Maps first, then attach: a new interface never sees a half-filled service table.

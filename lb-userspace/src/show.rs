@@ -13,7 +13,7 @@ use std::{
 };
 
 use lb_common::{
-    CtKey, CtValue, CT_DIR_FORWARD, CT_F_EXTERNAL, CT_F_SNAT, CT_STATE_CLOSING,
+    CtKey, CtValue, CT_DIR_FORWARD, CT_F_EXTERNAL, CT_F_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING,
     CT_STATE_ESTABLISHED, FRONTEND_F_LOCAL,
 };
 use serde::Serialize;
@@ -287,9 +287,10 @@ pub struct ConntrackRow {
     pub external: bool,
     pub snat: bool,
     /// Seconds since the entry was last refreshed (the datapath refreshes it at most once
-    /// a second, so this is the flow's idle time to within a second; the maps keep no
-    /// creation time).
+    /// a second, so this is the flow's idle time to within a second).
     pub idle_s: f64,
+    /// Seconds since the entry was made.
+    pub age_s: f64,
 }
 
 /// Everything asked for, ready to print either way.
@@ -575,10 +576,13 @@ fn backend_rows(st: &MapState, frontends: &[FrontendRow], filter: &Filter) -> Ve
         .collect()
 }
 
+/// The entry's own state (its direction's packets; `lb_userspace::dataplane::gc` reads
+/// the flow's from both entries).
 fn state_name(v: &CtValue) -> &'static str {
     match v.state {
         CT_STATE_ESTABLISHED => "established",
         CT_STATE_CLOSING => "closing",
+        CT_STATE_CLOSED => "closed",
         _ => "new",
     }
 }
@@ -639,6 +643,7 @@ fn conntrack_rows(
                 external: v.flags & CT_F_EXTERNAL != 0,
                 snat: v.flags & CT_F_SNAT != 0,
                 idle_s: Duration::from_nanos(now_ns.saturating_sub(v.last_seen_ns)).as_secs_f64(),
+                age_s: Duration::from_nanos(now_ns.saturating_sub(v.created_ns)).as_secs_f64(),
             })
         })
         .collect()
@@ -730,8 +735,8 @@ fn table(r: &Report, filter: &Filter) -> String {
     if let Some(rows) = &r.conntrack {
         let _ = writeln!(
             out,
-            "{:<8} {:<5} {:<24} {:<24} {:<24} {:>7} {:>6}  {:<20} IDLE",
-            "DIR", "PROTO", "SOURCE", "DESTINATION", "NAT", "BACKEND", "ID", "STATE"
+            "{:<8} {:<5} {:<24} {:<24} {:<24} {:>7} {:>6}  {:<20} {:<7} IDLE",
+            "DIR", "PROTO", "SOURCE", "DESTINATION", "NAT", "BACKEND", "ID", "STATE", "AGE"
         );
         for c in rows {
             let mut state = c.state.to_string();
@@ -743,7 +748,7 @@ fn table(r: &Report, filter: &Filter) -> String {
             }
             let _ = writeln!(
                 out,
-                "{:<8} {:<5} {:<24} {:<24} {:<24} {:>7} {:>6}  {:<20} {}",
+                "{:<8} {:<5} {:<24} {:<24} {:<24} {:>7} {:>6}  {:<20} {:<7} {}",
                 c.direction,
                 c.protocol,
                 c.source,
@@ -752,6 +757,7 @@ fn table(r: &Report, filter: &Filter) -> String {
                 c.backend_id,
                 c.service_id,
                 state,
+                fmt_idle(c.age_s),
                 fmt_idle(c.idle_s)
             );
         }

@@ -20,7 +20,7 @@ fn series(name: &str, kind: &str) -> Vec<String> {
 }
 
 fn exported() -> BTreeSet<String> {
-    let text = render(&Metrics::default().registry(None, None));
+    let text = render(&Metrics::default().registry(None, None, None));
     // The names of the samples, as Prometheus stores them (every family has samples
     // from the start).
     let mut out: BTreeSet<String> = text

@@ -63,6 +63,9 @@ pub struct ControlResult {
     pub agents: Vec<agentpath::AgentRun>,
     /// bpftool's bytes_memlock of each map, MiB.
     pub map_mib: Vec<(&'static str, f64)>,
+    /// The conntrack collector on a full table: (entries, ms of a pass that keeps every
+    /// flow, ms of a pass that expires half of them).
+    pub gc: Option<(usize, f64, f64)>,
     pub error: Option<String>,
 }
 
@@ -431,6 +434,96 @@ fn packet_cost(
     Ok(cost)
 }
 
+/// The conntrack collector's pass on a full table: conntrack filled (from userspace, in
+/// batches) with established TCP flows of both entries, then a pass that keeps them
+/// all, then one after half of them were made idle past their timeout.
+fn gc_cost(plane: &Dataplane) -> Result<(usize, f64, f64)> {
+    use lb_common::{
+        ipv4_mapped, CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_ESTABLISHED,
+    };
+    use lb_userspace::dataplane::gc::{monotonic_now_ns, Gc, Timeouts};
+    let maps = plane.maps.gc_maps()?;
+    let max = plane.maps.conntrack_handle()?.max_entries() as usize;
+    let now = monotonic_now_ns();
+    let flows = max / 2;
+    let fill = |old_every: usize| -> Result<()> {
+        let mut keys = Vec::with_capacity(flows * 2);
+        let mut values = Vec::with_capacity(flows * 2);
+        for i in 0..flows {
+            let client = ipv4_mapped(u32::from_be_bytes([
+                10,
+                200,
+                (i >> 16) as u8,
+                (i >> 8) as u8,
+            ]));
+            let (fe, be) = (
+                ipv4_mapped(u32::from_be_bytes([10, 96, 0, 1])),
+                ipv4_mapped(u32::from_be_bytes([10, 244, 0, 2])),
+            );
+            let sport = ((i & 0xff) as u16 + 1024).to_be();
+            let seen = if old_every > 0 && i % old_every == 0 {
+                now.saturating_sub(200_000 * 1_000_000_000)
+            } else {
+                now
+            };
+            let v = |nat, nat_port: u16, dir| CtValue {
+                last_seen_ns: seen,
+                created_ns: seen,
+                nat_addr: nat,
+                nat_port: nat_port.to_be(),
+                state: CT_STATE_ESTABLISHED,
+                tcp_flags: 0x10,
+                backend_id: 1,
+                service_id: 1,
+                flags: 0,
+                dir,
+                _pad: [0; 2],
+            };
+            keys.push(CtKey {
+                src_addr: client,
+                dst_addr: fe,
+                src_port: sport,
+                dst_port: 80u16.to_be(),
+                proto: lb_common::PROTO_TCP,
+                _pad: [0; 3],
+            });
+            values.push(v(be, 8080, CT_DIR_FORWARD));
+            keys.push(CtKey {
+                src_addr: be,
+                dst_addr: client,
+                src_port: 8080u16.to_be(),
+                dst_port: sport,
+                proto: lb_common::PROTO_TCP,
+                _pad: [0; 3],
+            });
+            values.push(v(fe, 80, CT_DIR_REPLY));
+        }
+        for (k, v) in keys.chunks(4096).zip(values.chunks(4096)) {
+            lb_userspace::dataplane::batch::update(&maps.conntrack, k, v)
+                .map_err(|(_, e)| Error::Sandbox(format!("filling conntrack: {e}")))?;
+        }
+        Ok(())
+    };
+    let gc = Gc::new(plane.maps.gc_maps()?, Timeouts::default());
+    fill(0)?;
+    let keep = gc.pass(&[]).map_err(|e| Error::Sandbox(e.to_string()))?;
+    fill(2)?;
+    let expire = gc.pass(&[]).map_err(|e| Error::Sandbox(e.to_string()))?;
+    if keep.expired != 0 || expire.expired == 0 {
+        return Err(Error::Sandbox(format!(
+            "conntrack collector: {} expired of a fresh table, {} of a half-idle one",
+            keep.expired, expire.expired
+        )));
+    }
+    // Leave the maps as they were for what follows.
+    let _ = gc.pass(&[]);
+    Ok((
+        keep.entries,
+        keep.took.as_secs_f64() * 1e3,
+        expire.took.as_secs_f64() * 1e3,
+    ))
+}
+
 /// Destination address and port of a TCP/UDP frame of either family.
 fn dst_of(pkt: &[u8]) -> Option<(IpAddr, u16)> {
     (pkt.len() >= 54).then(|| {
@@ -549,6 +642,12 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
             )));
         }
         r.packet = packet_costs(&mut datapath)?;
+        r.gc = Some(gc_cost(&plane)?);
+        if let Some((n, keep, expire)) = r.gc {
+            progress(format!(
+                "   conntrack collector on {n} entries: a pass keeping every flow {keep:.1} ms, one expiring half {expire:.1} ms"
+            ));
+        }
         for c in &r.packet {
             for (name, ns, raw, ret) in &c.cases {
                 progress(format!(

@@ -512,6 +512,16 @@ impl Report {
                     c.map_mib.iter().map(|m| m.1).sum::<f64>()
                 );
             }
+            o.push_str("\nThe conntrack collector (`lb_userspace::dataplane::gc`) on a conntrack table filled to its size with established flows: a pass that keeps them all, and one that expires half of them (both entries each).\n\n| services | entries | pass, nothing to expire | pass, half expired |\n|---|---|---|---|\n");
+            for c in &self.control {
+                if let Some((n, keep, expire)) = c.gc {
+                    let _ = writeln!(
+                        o,
+                        "| {} | {n} | {keep:.1} ms | {expire:.1} ms |",
+                        c.services
+                    );
+                }
+            }
             o.push_str("\n| services | program | ");
             let names: Vec<&str> = self
                 .control
@@ -609,6 +619,11 @@ impl Report {
                     yaml_agent_hwm_mib: c.agent_rss_mib.map(|v| v.1),
                     agents: &c.agents,
                     map_memlock_mib: c.map_mib.iter().copied().collect(),
+                    conntrack_gc: c.gc.map(|(entries, keep_ms, expire_half_ms)| JsonGc {
+                        entries,
+                        keep_ms,
+                        expire_half_ms,
+                    }),
                     per_packet: c
                         .packet
                         .iter()
@@ -689,8 +704,16 @@ struct JsonControl<'a> {
     yaml_agent_hwm_mib: Option<f64>,
     agents: &'a [super::agentpath::AgentRun],
     map_memlock_mib: std::collections::BTreeMap<&'static str, f64>,
+    conntrack_gc: Option<JsonGc>,
     per_packet: Vec<JsonPacketCase<'a>>,
     error: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct JsonGc {
+    entries: usize,
+    keep_ms: f64,
+    expire_half_ms: f64,
 }
 
 #[derive(Serialize)]

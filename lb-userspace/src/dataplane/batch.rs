@@ -114,6 +114,38 @@ pub fn lookup_all<V: aya::Pod>(fd: &OwnedFd) -> io::Result<Vec<(u32, V)>> {
     }
 }
 
+/// Every entry of a hash map (LRU or not), `CHUNK` per syscall (the hash table's batch
+/// token is a bucket number, a `u32`). Entries that come and go during the walk may be
+/// missed or seen; each one returned was there when its bucket was read.
+pub fn lookup_all_hash<K: aya::Pod, V: aya::Pod>(fd: &OwnedFd) -> io::Result<Vec<(K, V)>> {
+    // SAFETY: `Pod` types are valid for any bit pattern, all zeroes included.
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; CHUNK];
+    // SAFETY: as above.
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; CHUNK];
+    let mut out = Vec::new();
+    let mut cursor: Option<u32> = None;
+    loop {
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: cursor.as_ref().map_or(0, |c| c as *const u32 as u64),
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = call(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(CHUNK);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match r {
+            Ok(()) => cursor = Some(next),
+            Err((_, e)) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err((_, e)) => return Err(e),
+        }
+    }
+}
+
 /// How many entries a hash map holds, `CHUNK` per syscall (the hash table's batch token
 /// is a bucket number, a `u32`). The entries are read and dropped: the kernel keeps no
 /// count of a hash map's elements that userspace can ask for.

@@ -10,9 +10,9 @@ use aya::maps::{
     Array, HashMap, IterableMap, Map, MapData, PerCpuArray,
 };
 use lb_common::{
-    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, NodeConfig, Slot, SlotKey,
+    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, NodeConfig, Slot, SlotKey, SnatPeer,
     SourceRange, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_NODE, MAP_SLOTS,
-    MAP_SOURCE_RANGES, SOURCE_RANGE_ALLOW,
+    MAP_SNAT, MAP_SOURCE_RANGES, SOURCE_RANGE_ALLOW,
 };
 
 use super::{
@@ -33,6 +33,8 @@ pub struct Maps {
     pub node: Array<MapData, NodeConfig>,
     /// loadBalancerSourceRanges: (frontend id, source prefix) -> allowed.
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    /// The other side of each SNAT (and hairpin) flow's translation, keyed like conntrack.
+    pub snat: HashMap<MapData, CtKey, SnatPeer>,
     /// Duplicated fds of the three service maps, for batch updates.
     batch_fds: [OwnedFd; 3],
 }
@@ -71,6 +73,7 @@ impl Maps {
             take(MAP_COUNTERS)?,
             take(MAP_NODE)?,
             take(MAP_SOURCE_RANGES)?,
+            take(MAP_SNAT)?,
         ])
     }
 
@@ -98,10 +101,11 @@ impl Maps {
             open(MAP_COUNTERS)?,
             open(MAP_NODE)?,
             open(MAP_SOURCE_RANGES)?,
+            open(MAP_SNAT)?,
         ])
     }
 
-    fn from_maps([f, s, b, c, n, node, ranges]: [Map; 7]) -> Result<Self> {
+    fn from_maps([f, s, b, c, n, node, ranges, snat]: [Map; 8]) -> Result<Self> {
         let batch_fds = [
             dup_fd(MAP_FRONTENDS, &f)?,
             dup_fd(MAP_SLOTS, &s)?,
@@ -116,6 +120,7 @@ impl Maps {
             counters: PerCpuArray::try_from(n).map_err(|e| map_err(MAP_COUNTERS, e))?,
             node: Array::try_from(node).map_err(|e| map_err(MAP_NODE, e))?,
             source_ranges: LpmTrie::try_from(ranges).map_err(|e| map_err(MAP_SOURCE_RANGES, e))?,
+            snat: HashMap::try_from(snat).map_err(|e| map_err(MAP_SNAT, e))?,
         })
     }
 
@@ -294,6 +299,21 @@ impl Maps {
             .map(|i| i.max_entries())
             .map_err(|e| map_err(MAP_CONNTRACK, e))?;
         Ok(Conntrack { fd, max_entries })
+    }
+
+    /// Handles of their own on conntrack and the SNAT peers, for the conntrack garbage
+    /// collector's thread (`gc`).
+    pub fn gc_maps(&self) -> Result<super::gc::GcMaps> {
+        let dup = |name: &str, data: &MapData| {
+            data.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| map_err(name, e))
+        };
+        Ok(super::gc::GcMaps {
+            conntrack: dup(MAP_CONNTRACK, self.conntrack.map())?,
+            snat: dup(MAP_SNAT, self.snat.map())?,
+        })
     }
 
     /// All conntrack entries (for the CLI).

@@ -8,6 +8,7 @@
 //! - `plan`: the diff (pure);
 //! - `writer`: the thread that owns the model and this writer, fed by a source.
 pub mod batch;
+pub mod gc;
 mod maps;
 pub mod plan;
 pub mod writer;
@@ -27,6 +28,10 @@ use crate::{
 pub struct SyncReport {
     pub ops: usize,
     pub errors: Vec<String>,
+    /// UDP backends that left a frontend's ready set (or were deleted): (frontend id,
+    /// backend id). Their conntrack flows are purged at once (`gc`), as kube-proxy
+    /// clears them, so a client's next datagram reaches a live backend.
+    pub udp_gone: gc::Purge,
 }
 
 /// Maps plus the mirror of their content.
@@ -130,8 +135,23 @@ impl Dataplane {
     fn apply(&mut self, mut ops: Vec<Op>) -> SyncReport {
         let mut report = SyncReport {
             ops: ops.len(),
-            errors: Vec::new(),
+            ..Default::default()
         };
+        // The UDP backends in the slots of each frontend the ops touch, before.
+        let mut touched: Vec<u32> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutSlot(k, _) | Op::DelSlot(k) => Some(k.service_id),
+                Op::DelFrontend(k) => self.mirror.frontends.get(k).map(|f| f.service_id),
+                _ => None,
+            })
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let udp_before: Vec<(u32, Vec<u32>)> = touched
+            .iter()
+            .map(|&sid| (sid, self.udp_slot_ids(sid)))
+            .collect();
         let mut failed_slots: HashSet<SlotKey> = HashSet::new();
         let mut i = 0;
         while i < ops.len() {
@@ -169,7 +189,34 @@ impl Dataplane {
             }
             i = end;
         }
+        for (sid, before) in udp_before {
+            let after = self.udp_slot_ids(sid);
+            report.udp_gone.extend(
+                before
+                    .into_iter()
+                    .filter(|id| !after.contains(id))
+                    .map(|id| (sid, id)),
+            );
+        }
         report
+    }
+
+    /// The UDP backends in the slots of frontend `service_id`.
+    fn udp_slot_ids(&self, service_id: u32) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .mirror
+            .slot_ids(service_id)
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.mirror
+                    .backend(*id)
+                    .is_some_and(|b| b.proto == lb_common::PROTO_UDP)
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// How many of slots `1..=count` hold what the plan wrote there, in a row from the

@@ -116,6 +116,9 @@ pub struct WriterOptions {
     /// Where the health checks of the Services with a `healthCheckNodePort` go, if
     /// they are served.
     pub health_checks: Option<crate::healthcheck::HealthChecks>,
+    /// Where the UDP backends that left a frontend's ready set go, so the conntrack
+    /// collector purges their flows at once (`gc`).
+    pub purges: Option<Sender<super::gc::Purge>>,
 }
 
 impl Default for WriterOptions {
@@ -125,6 +128,7 @@ impl Default for WriterOptions {
             debounce: Duration::ZERO,
             retry: Duration::from_secs(1),
             health_checks: None,
+            purges: None,
         }
     }
 }
@@ -401,6 +405,11 @@ impl Loop {
             self.plane.sync_delta(desired, Some(&delta))
         };
         let took = t0.elapsed();
+        if !report.udp_gone.is_empty() {
+            if let Some(tx) = &self.opts.purges {
+                let _ = tx.send(report.udp_gone.clone());
+            }
+        }
         self.failed = !report.errors.is_empty();
         for e in &report.errors {
             error!("map update failed: {e}; retrying in {:?}", self.opts.retry);

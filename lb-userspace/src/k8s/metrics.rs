@@ -15,17 +15,24 @@ use prometheus_client::{
 };
 
 use crate::dataplane::{
+    gc::{FlowState, GcStats},
     writer::{OnSync, SyncStats},
     Conntrack, Counters,
 };
 
-/// The families read from the maps at scrape time (not in the registry's own metrics),
-/// with their type: `lb_dataplane_packets` (counter), `lb_conntrack_entries` and
-/// `lb_conntrack_max_entries` (gauges).
-pub const DATAPLANE_FAMILIES: [(&str, &str); 3] = [
+/// The families read from the maps (and the conntrack collector's counters) at scrape
+/// time, not in the registry's own metrics, with their type.
+pub const DATAPLANE_FAMILIES: [(&str, &str); 10] = [
     ("lb_dataplane_packets", "counter"),
     ("lb_conntrack_entries", "gauge"),
     ("lb_conntrack_max_entries", "gauge"),
+    ("lb_conntrack_flows", "gauge"),
+    ("lb_conntrack_half_flows", "gauge"),
+    ("lb_conntrack_expired_flows", "counter"),
+    ("lb_conntrack_purged_flows", "counter"),
+    ("lb_conntrack_gc_deleted_entries", "counter"),
+    ("lb_conntrack_gc_errors", "counter"),
+    ("lb_conntrack_gc_pass_seconds", "gauge"),
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -217,7 +224,12 @@ impl Metrics {
 
     /// A registry with every metric, and the dataplane's counters and conntrack fill if
     /// given.
-    pub fn registry(&self, counters: Option<Counters>, conntrack: Option<Conntrack>) -> Registry {
+    pub fn registry(
+        &self,
+        counters: Option<Counters>,
+        conntrack: Option<Conntrack>,
+        gc: Option<std::sync::Arc<GcStats>>,
+    ) -> Registry {
         let mut r = Registry::default();
         r.register(
             "lb_services",
@@ -290,7 +302,94 @@ impl Metrics {
                 conntrack,
             }));
         }
+        if let Some(gc) = gc {
+            r.register_collector(Box::new(GcCollector(gc)));
+        }
         r
+    }
+}
+
+/// The conntrack collector's counters, read from its atomics at scrape time.
+#[derive(Debug)]
+struct GcCollector(std::sync::Arc<GcStats>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+impl Collector for GcCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+
+        use prometheus_client::metrics::MetricType;
+        let s = &self.0;
+        let mut family = encoder.encode_descriptor(
+            DATAPLANE_FAMILIES[3].0,
+            "Conntrack flows at the collector's last pass, by state (their timeout follows it)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, st) in FlowState::ALL.iter().enumerate() {
+            let label = StateLabel { state: st.name() };
+            let m = family.encode_family(&label)?;
+            ConstGauge::new(s.live[i].load(Relaxed) as i64).encode(m)?;
+        }
+        let gauge = |encoder: &mut DescriptorEncoder<'_>, i: usize, help: &str, v: i64| {
+            let e = encoder.encode_descriptor(
+                DATAPLANE_FAMILIES[i].0,
+                help,
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(v).encode(e)
+        };
+        gauge(
+            &mut encoder,
+            4,
+            "Flows with one of their two conntrack entries at the last pass: the LRU evicted the other (the table was full), or it was being made",
+            s.half_flows.load(Relaxed) as i64,
+        )?;
+        let counter = |encoder: &mut DescriptorEncoder<'_>, i: usize, help: &str, v: u64| {
+            let e = encoder.encode_descriptor(
+                DATAPLANE_FAMILIES[i].0,
+                help,
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(v).encode(e)
+        };
+        counter(
+            &mut encoder,
+            5,
+            "Conntrack flows the collector expired (idle past their state's timeout), both entries",
+            s.expired_flows.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            6,
+            "UDP flows purged because their backend left the frontend's ready set",
+            s.purged_flows.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            7,
+            "Conntrack entries the collector deleted",
+            s.deleted_entries.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            8,
+            "Collector passes that failed (retried at the next)",
+            s.errors.load(Relaxed),
+        )?;
+        let e = encoder.encode_descriptor(
+            DATAPLANE_FAMILIES[9].0,
+            "How long the collector's last pass took",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(s.last_pass_us.load(Relaxed) as f64 / 1e6).encode(e)
     }
 }
 
@@ -309,7 +408,7 @@ mod tests {
 
     #[test]
     fn every_labelled_series_exists_at_zero_before_its_first_event() {
-        let text = render(&Metrics::default().registry(None, None));
+        let text = render(&Metrics::default().registry(None, None, None));
         for series in [
             r#"lb_skipped_service_ports_total{reason="sctp"} 0"#,
             r#"lb_skipped_service_ports_total{reason="family"} 0"#,

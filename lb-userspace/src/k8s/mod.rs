@@ -70,6 +70,8 @@ pub struct AgentOptions {
     pub debounce: Duration,
     /// How often the interface list is checked.
     pub poll: Duration,
+    /// Conntrack's collector.
+    pub conntrack: crate::dataplane::gc::GcOptions,
 }
 
 /// The value of `LB_API_SERVER` in deploy/daemonset.yaml: a host under `.invalid`
@@ -211,6 +213,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let reused_state = !plane.state().frontends.is_empty();
     let counters = plane.maps.counters_handle()?;
     let conntrack = plane.maps.conntrack_handle()?;
+    let (purges, gc_stats) = crate::run::start_gc(&plane, &opts.conntrack)?;
     let metrics = Metrics::default();
     let checks = crate::healthcheck::HealthChecks::default();
     let proxy_health = proxyhealth::ProxyHealth::new(opts.healthz_timeout);
@@ -228,6 +231,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         plane,
         WriterOptions {
             health_checks: Some(checks.clone()),
+            purges: Some(purges),
             ..writer_options(opts.debounce)
         },
         on_sync,
@@ -242,7 +246,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     let router = http::router(
         health.clone(),
-        metrics.registry(Some(counters), Some(conntrack)),
+        metrics.registry(Some(counters), Some(conntrack), Some(gc_stats)),
         Some(writer.queries()),
     );
     let server = tokio::spawn(http::serve(listener, router, stopped(stop_rx.clone())));

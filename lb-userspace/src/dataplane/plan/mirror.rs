@@ -355,6 +355,11 @@ impl MapState {
             .filter(|id| *id != 0)
     }
 
+    /// The backend ids in the slots of `service_id` (whatever the count says).
+    pub fn slot_ids(&self, service_id: u32) -> &[u32] {
+        self.slots.get(&service_id).map_or(&[], Vec::as_slice)
+    }
+
     /// The ready backends of a frontend, in slot order (up to the first missing slot).
     pub fn slot_list(&self, f: &Frontend) -> Vec<u32> {
         (1..=f.count)
