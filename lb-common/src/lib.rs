@@ -44,8 +44,9 @@ pub const MAP_NODE: &str = "LB_NODE";
 pub const MAP_SNAT: &str = "LB_SNAT";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
+pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 11] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -56,6 +57,7 @@ pub const MAP_NAMES: [&str; 10] = [
     MAP_SNAT,
     MAP_AFFINITY,
     MAP_SOURCE_RANGES,
+    MAP_MAGLEV,
 ];
 
 /// Program names.
@@ -91,6 +93,9 @@ pub const DEFAULT_MAX_CONNTRACK: u32 = 524_288;
 pub const DEFAULT_MAX_FRAGS: u32 = 8_192;
 /// loadBalancerSourceRanges entries, one per (LoadBalancer IP frontend, range).
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
+/// Cells of `LB_MAGLEV`, shared by every frontend's Maglev table (a table has a prime
+/// number of cells, about 40 per backend, at least 127): 8 bytes each, 32 MiB.
+pub const DEFAULT_MAX_MAGLEV_CELLS: u32 = 4_194_304;
 
 /// A Service frontend: ClusterIP (or later NodePort/LB IP) + port + protocol.
 /// Key of `LB_FRONTENDS`.
@@ -122,6 +127,22 @@ pub struct Frontend {
     /// sessionAffinity ClientIP: how long (seconds) a client's new connections go to
     /// the backend its last one went to (`LB_AFFINITY`); 0: no affinity.
     pub affinity_timeout_s: u32,
+    /// The frontend's Maglev table: cells `table_base..table_base + table_size` of
+    /// `LB_MAGLEV`; a new flow goes to cell `table_base + hash % table_size`.
+    /// `table_size` 0: no table (one backend, or no room), the flow goes to slot
+    /// `hash % count + 1`.
+    pub table_base: u32,
+    pub table_size: u32,
+}
+
+/// A cell of `LB_MAGLEV` (an array shared by every frontend's table): the backend a
+/// hash lands on, and the slot of the frontend that holds it (which session affinity
+/// records). `slot` 0: an unused cell.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevCell {
+    pub backend_id: u32,
+    pub slot: u32,
 }
 
 /// Key of `LB_AFFINITY` (an LRU hash): a client address and a frontend.
@@ -496,7 +517,8 @@ pub mod counter {
 }
 
 const _: () = assert!(size_of::<FrontendKey>() == 20);
-const _: () = assert!(size_of::<Frontend>() == 16);
+const _: () = assert!(size_of::<Frontend>() == 24);
+const _: () = assert!(size_of::<MaglevCell>() == 8);
 const _: () = assert!(size_of::<SlotKey>() == 8);
 const _: () = assert!(size_of::<Slot>() == 4);
 const _: () = assert!(size_of::<Backend>() == 20);
@@ -537,6 +559,7 @@ mod pod {
         SnatPeer,
         AffinityKey,
         AffinityValue,
-        SourceRange
+        SourceRange,
+        MaglevCell
     );
 }

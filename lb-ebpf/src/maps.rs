@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Frontend,
-    FrontendKey, NodeConfig, Slot, SlotKey, SnatPeer, SourceRange, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
-    DEFAULT_MAX_SOURCE_RANGES,
+    FrontendKey, MaglevCell, NodeConfig, Slot, SlotKey, SnatPeer, SourceRange,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS,
+    DEFAULT_MAX_MAGLEV_CELLS, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
 };
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
@@ -22,6 +22,13 @@ pub static LB_FRONTENDS: HashMap<FrontendKey, Frontend, { DEFAULT_MAX_FRONTENDS 
 /// (service id, slot 1..=count) -> backend id: the ready backends of each frontend.
 #[btf_map]
 pub static LB_SLOTS: HashMap<SlotKey, Slot, { DEFAULT_MAX_SLOTS as usize }> = HashMap::new();
+
+/// Every frontend's Maglev table, one region of cells each (`Frontend::table_base`,
+/// `table_size`), computed by the agent: cell -> backend id and its slot. An array: the
+/// lookup of a new flow is an indexed load, and a table is replaced by writing a new
+/// region and then the frontend that names it (one atomic update of its value).
+#[btf_map]
+pub static LB_MAGLEV: Array<MaglevCell, { DEFAULT_MAX_MAGLEV_CELLS as usize }> = Array::new();
 
 /// Backend id (the index) -> backend address and port (ready or not); an unused id holds
 /// zeroes. An array: an established flow checks its backend on every packet, and an

@@ -5,7 +5,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{LB_AFFINITY, LB_BACKENDS, LB_FRONTENDS, LB_SLOTS, LB_SRC_RANGES},
+    maps::{LB_AFFINITY, LB_BACKENDS, LB_FRONTENDS, LB_MAGLEV, LB_SLOTS, LB_SRC_RANGES},
     parse::Packet,
 };
 
@@ -71,23 +71,22 @@ pub fn flow_hash(pkt: &Packet) -> u32 {
 }
 
 /// The one place a backend is chosen for a new flow. Returns the backend id and the
-/// backend, or None if the frontend has no ready backend or its slot table is being
+/// backend, or None if the frontend has no ready backend or its slots are being
 /// rewritten under us.
 ///
-/// Without affinity: `slot = hash(5-tuple) % count + 1`. With sessionAffinity ClientIP
-/// (`affinity_timeout_s`): the slot of the client's last new connection to this
-/// frontend (`LB_AFFINITY`), if that is younger than the timeout and the slot still holds
-/// that backend (a backend that left the ready set, or moved, ends the affinity);
-/// otherwise the hash's choice, recorded. Each new connection refreshes the record, as
-/// kube-proxy's `recent` match does.
+/// Without affinity: the frontend's Maglev table at `hash(5-tuple)` (`hashed`). With
+/// sessionAffinity ClientIP (`affinity_timeout_s`): the slot of the client's last new
+/// connection to this frontend (`LB_AFFINITY`), if that is younger than the timeout and
+/// the slot still holds that backend (a backend that left the ready set, or moved, ends
+/// the affinity); otherwise the table's choice, recorded. Each new connection refreshes
+/// the record, as kube-proxy's `recent` match does.
 #[inline(always)]
 pub fn select_backend(pkt: &Packet, frontend: &Frontend, now: u64) -> Option<(u32, Backend)> {
     if frontend.count == 0 {
         return None;
     }
     if frontend.affinity_timeout_s == 0 {
-        let slot = flow_hash(pkt) % frontend.count + 1;
-        return slot_backend(frontend, slot);
+        return hashed(pkt, frontend).map(|(bid, b, _)| (bid, b));
     }
     let key = AffinityKey {
         client: pkt.src,
@@ -108,8 +107,7 @@ pub fn select_backend(pkt: &Packet, frontend: &Frontend, now: u64) -> Option<(u3
             }
         }
     }
-    let slot = flow_hash(pkt) % frontend.count + 1;
-    let (bid, b) = slot_backend(frontend, slot)?;
+    let (bid, b, slot) = hashed(pkt, frontend)?;
     let value = AffinityValue {
         last_seen_ns: now,
         backend_id: bid,
@@ -118,6 +116,26 @@ pub fn select_backend(pkt: &Packet, frontend: &Frontend, now: u64) -> Option<(u3
     // A failed insert only loses the affinity of this connection.
     let _ = LB_AFFINITY.insert(&key, &value, 0);
     Some((bid, b))
+}
+
+/// The flow's backend by its hash, with the slot that holds it: cell
+/// `table_base + hash % table_size` of the frontend's Maglev table (so a change of the
+/// backend set moves about 1/N of the flows, and a flow whose conntrack entry was lost
+/// lands on the same backend again); a frontend without a table (one backend, or no
+/// room in `LB_MAGLEV`) uses slot `hash % count + 1`.
+#[inline(always)]
+fn hashed(pkt: &Packet, frontend: &Frontend) -> Option<(u32, Backend, u32)> {
+    let h = flow_hash(pkt);
+    if frontend.table_size != 0 {
+        let cell = LB_MAGLEV.get(frontend.table_base.wrapping_add(h % frontend.table_size))?;
+        let (bid, slot) = (cell.backend_id, cell.slot);
+        if slot == 0 {
+            return None;
+        }
+        return lookup_backend(bid).map(|b| (bid, b, slot));
+    }
+    let slot = h % frontend.count + 1;
+    slot_backend(frontend, slot).map(|(bid, b)| (bid, b, slot))
 }
 
 /// The backend in slot `slot` of the frontend.

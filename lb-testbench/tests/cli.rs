@@ -158,6 +158,10 @@ fn lb_show_prints_every_table_as_json_and_filters_it() {
         "{web}"
     );
     assert_eq!(strings(backends, "state"), ["active", "active"]);
+    assert_eq!(
+        rows[0]["maglev_cells"], 127,
+        "two backends: a table of 127 cells"
+    );
     assert!(
         web.get("backends").is_none(),
         "only the table asked for: {web}"

@@ -552,8 +552,8 @@ async fn watch_restarts_resync_only_what_differs() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         agent.metrics.map_operations.get() - ops,
-        3,
-        "adding one backend should take 3 map writes"
+        4,
+        "adding one backend should take 4 map writes (backend, slot, Maglev table, frontend)"
     );
 
     // Both expiries relisted every collection (one list at start, one per expiry).

@@ -728,6 +728,110 @@ fn new_flows_spread_over_every_ready_backend() {
     assert!(seen.values().all(|n| *n > 50), "roughly even: {seen:?}");
 }
 
+/// Forgets every conntrack entry (as an LRU eviction or a restart without pins would).
+fn forget_flows(k: &mut Kernel) {
+    let keys: Vec<_> = k.plane.maps.conntrack.keys().map(|r| r.unwrap()).collect();
+    for key in keys {
+        let _ = k.plane.maps.conntrack.remove(&key);
+    }
+}
+
+/// The backend each new flow (client port) goes to, with no flow remembered.
+fn choices(k: &mut Kernel, ports: std::ops::Range<u16>) -> Vec<String> {
+    forget_flows(k);
+    ports.map(|port| chosen(k, CLIENT, port)).collect()
+}
+
+/// Maglev (issue 11, consistent selection): when one of N backends goes, about 1/N of
+/// new flows move (those it had) and the others stay where they were; with the same
+/// backends, a flow whose conntrack entry was lost lands on the same backend again.
+/// With `hash % count` over the slots, removing one of four moves about 3/4 of them.
+#[test]
+fn maglev_moves_about_one_nth_of_the_flows_when_one_of_n_backends_goes() {
+    const B4: &str = "10.244.0.15";
+    let all = [(B1, true), (B2, true), (B3, true), (B4, true)];
+    let mut k = Kernel::new(&config_with(&all));
+    let web = k
+        .plane
+        .state()
+        .frontends
+        .values()
+        .find(|f| f.count == 4)
+        .copied()
+        .unwrap();
+    assert_eq!(web.table_size, 251, "a Maglev table of ~40 cells a backend");
+    let ports = 20000..22000;
+    let before = choices(&mut k, ports.clone());
+    assert_eq!(
+        before,
+        choices(&mut k, ports.clone()),
+        "same set, same choices"
+    );
+    // B2 leaves the ready set (its slot is taken by the last backend's).
+    k.sync(&config_with(&[
+        (B1, true),
+        (B2, false),
+        (B3, true),
+        (B4, true),
+    ]));
+    let after = choices(&mut k, ports.clone());
+    let n = before.len() as f64;
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64;
+    let on_b2 = before.iter().filter(|b| *b == B2).count() as f64;
+    let others_moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| *b != B2 && b != a)
+        .count() as f64;
+    assert!(after.iter().all(|a| a != B2));
+    eprintln!(
+        "moved {:.3} of the flows (ideal 1/4; B2 had {:.3}); of the others {:.3}",
+        moved / n,
+        on_b2 / n,
+        others_moved / (n - on_b2)
+    );
+    assert!(
+        (0.15..0.35).contains(&(on_b2 / n)),
+        "B2 had about a quarter"
+    );
+    assert!(
+        others_moved / (n - on_b2) < 0.10,
+        "flows on the other backends stay: {others_moved} of {} moved",
+        n - on_b2
+    );
+    // Back: the table is the first one again, and so is every choice.
+    k.sync(&config_with(&all));
+    assert_eq!(choices(&mut k, ports), before);
+}
+
+/// A frontend left without a table (no room in `LB_MAGLEV`) still serves: it hashes
+/// over its slots.
+#[test]
+fn a_frontend_without_a_maglev_table_hashes_over_its_slots() {
+    let mut k = Kernel::load(LoadOptions {
+        max_frontends: 1024,
+        max_backends: 1024,
+        max_slots: 1024,
+        max_conntrack: 4096,
+        max_maglev_cells: 100,
+        ..Default::default()
+    });
+    k.sync(&config_with(&[(B1, true), (B2, true), (B3, true)]));
+    assert_eq!(k.plane.state().frontends_without_table(), 2, "web and dns");
+    assert!(k
+        .plane
+        .state()
+        .frontends
+        .values()
+        .all(|f| f.table_size == 0));
+    let mut seen = std::collections::BTreeMap::new();
+    for port in 31000..31300 {
+        *seen.entry(chosen(&mut k, CLIENT, port)).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.values().all(|n| *n > 50), "roughly even: {seen:?}");
+}
+
 #[test]
 fn a_service_with_only_not_ready_backends_refuses() {
     let mut k = Kernel::new(&config_with(&[(B1, false)]));

@@ -37,10 +37,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
-    DEFAULT_MAX_SOURCE_RANGES, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTENDS, MAP_NAMES,
-    MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES, MAP_XDP_PROGS, PROG_NAMES, PROG_TC_EGRESS, PROG_TC_POD,
-    PROG_XDP_CARRY, PROG_XDP_EXT, XDP_PROG_CARRY,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS,
+    DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
+    MAP_FRONTENDS, MAP_MAGLEV, MAP_NAMES, MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES, MAP_XDP_PROGS,
+    PROG_NAMES, PROG_TC_EGRESS, PROG_TC_POD, PROG_XDP_CARRY, PROG_XDP_EXT, XDP_PROG_CARRY,
 };
 use tracing::{info, warn};
 
@@ -64,6 +64,7 @@ pub struct LoadOptions {
     pub max_slots: u32,
     pub max_conntrack: u32,
     pub max_source_ranges: u32,
+    pub max_maglev_cells: u32,
 }
 
 impl Default for LoadOptions {
@@ -75,6 +76,7 @@ impl Default for LoadOptions {
             max_slots: DEFAULT_MAX_SLOTS,
             max_conntrack: DEFAULT_MAX_CONNTRACK,
             max_source_ranges: DEFAULT_MAX_SOURCE_RANGES,
+            max_maglev_cells: DEFAULT_MAX_MAGLEV_CELLS,
         }
     }
 }
@@ -95,6 +97,7 @@ fn layout(name: &str) -> Option<(usize, usize, u32)> {
         MAP_SNAT => (size_of::<CtKey>(), size_of::<SnatPeer>(), 0),
         MAP_AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>(), 0),
         MAP_SOURCE_RANGES => (4 + size_of::<SourceRange>(), size_of::<u32>(), 0),
+        MAP_MAGLEV => (size_of::<u32>(), size_of::<MaglevCell>(), 0),
         _ => return None,
     })
 }
@@ -386,7 +389,8 @@ impl Datapath {
             .map_max_entries(MAP_SNAT, (opts.max_conntrack / 4).max(1024))
             // One entry per (client, frontend with affinity).
             .map_max_entries(MAP_AFFINITY, (opts.max_conntrack / 4).max(1024))
-            .map_max_entries(MAP_SOURCE_RANGES, opts.max_source_ranges);
+            .map_max_entries(MAP_SOURCE_RANGES, opts.max_source_ranges)
+            .map_max_entries(MAP_MAGLEV, opts.max_maglev_cells.max(1));
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             let hint = aya::util::KernelVersion::current()
                 .ok()

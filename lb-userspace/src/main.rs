@@ -3,8 +3,8 @@ use std::{fmt::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use lb_common::{
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SLOTS,
-    DEFAULT_MAX_SOURCE_RANGES,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS,
+    DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
 };
 use lb_userspace::{
     config, k8s,
@@ -40,6 +40,11 @@ struct MapArgs {
     /// Size of the loadBalancerSourceRanges map (one entry per LoadBalancer IP and range).
     #[arg(long, default_value_t = DEFAULT_MAX_SOURCE_RANGES)]
     max_source_ranges: u32,
+    /// Cells of the Maglev map, shared by every frontend's table (8 bytes each; a
+    /// table has about 40 per backend, at least 127). A frontend that finds no room
+    /// hashes over its slots instead (lb_frontends_without_maglev_table counts them).
+    #[arg(long, default_value_t = DEFAULT_MAX_MAGLEV_CELLS)]
+    max_maglev_cells: u32,
 }
 
 /// What both agents (`run` and `agent`) take: where to attach, and the maps.
@@ -203,6 +208,7 @@ impl MapArgs {
             max_slots: self.max_slots,
             max_conntrack: self.max_conntrack,
             max_source_ranges: self.max_source_ranges,
+            max_maglev_cells: self.max_maglev_cells,
         }
     }
 }

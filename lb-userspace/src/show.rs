@@ -255,6 +255,8 @@ pub struct FrontendRow {
     pub local: bool,
     /// sessionAffinity ClientIP timeout, seconds (0: none).
     pub affinity_timeout_s: u32,
+    /// Cells of its Maglev table (0: none, it hashes over its slots).
+    pub maglev_cells: u32,
     /// The backends new connections go to, in slot order.
     pub backends: Vec<BackendRef>,
     #[serde(skip)]
@@ -452,6 +454,7 @@ fn frontend_rows(st: &MapState) -> Vec<FrontendRow> {
                 service_id: f.service_id,
                 local: f.flags & FRONTEND_F_LOCAL != 0,
                 affinity_timeout_s: f.affinity_timeout_s,
+                maglev_cells: f.table_size,
                 backends,
                 ip: fa.ip,
             }
@@ -664,8 +667,8 @@ fn table(r: &Report, filter: &Filter) -> String {
     if let Some(rows) = &r.services {
         let _ = writeln!(
             out,
-            "{:<24} {:<12} {:>6} {:>6}  {:<28} BACKENDS",
-            "FRONTEND", "KIND", "ID", "ACTIVE", "SERVICE"
+            "{:<24} {:<12} {:>6} {:>6} {:>6}  {:<28} BACKENDS",
+            "FRONTEND", "KIND", "ID", "ACTIVE", "MAGLEV", "SERVICE"
         );
         for f in rows {
             let mut kind = f.kind.clone();
@@ -691,18 +694,23 @@ fn table(r: &Report, filter: &Filter) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "{:<24} {:<12} {:>6} {:>6}  {:<28} {}",
+                "{:<24} {:<12} {:>6} {:>6} {:>6}  {:<28} {}",
                 f.frontend,
                 kind,
                 f.service_id,
                 f.backends.iter().filter(|b| b.state == "active").count(),
+                if f.maglev_cells == 0 {
+                    "-".to_string()
+                } else {
+                    f.maglev_cells.to_string()
+                },
                 f.service.as_deref().unwrap_or("-"),
                 list.join(" ")
             );
         }
         let _ = writeln!(
             out,
-            "(active: in the frontend's slots, new connections go to it; names and conditions: {})",
+            "(active: in the frontend's slots, new connections go to it; maglev: cells of its table; names and conditions: {})",
             r.agent
         );
         let _ = writeln!(out);

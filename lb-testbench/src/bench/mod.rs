@@ -12,6 +12,7 @@
 //! is never touched.
 pub mod agentpath;
 pub mod charts;
+pub mod consistency;
 pub mod control;
 pub mod datapath;
 pub mod forwarding;
@@ -167,6 +168,7 @@ fn run_all(opts: &Opts) -> Result<()> {
         datapath: dp,
         forwarding: fwd,
         control: cp,
+        consistency: consistency::measure(&[10, 100, 1000], 200_000),
     };
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Sandbox(e.to_string()))?;
     let md = rep.markdown();

@@ -88,6 +88,8 @@ pub struct Report {
     /// The forwarding rate with real packets (None: not run).
     pub forwarding: Option<ForwardingResult>,
     pub control: Vec<ControlResult>,
+    /// Flows moved when one of N backends goes (`consistency`).
+    pub consistency: Vec<super::consistency::ConsistencyRow>,
 }
 
 fn fmt_sum(s: &Summary, prec: usize) -> String {
@@ -569,6 +571,7 @@ impl Report {
                 );
             }
         }
+        o.push_str(&super::consistency::markdown(&self.consistency));
         o.push_str("\n#### Targets\n\n| target | goal | result | verdict |\n|---|---|---|---|\n");
         for t in self.targets() {
             let _ = writeln!(o, "| {} | {} | {} | {} |", t.what, t.goal, t.got, t.verdict);
@@ -642,6 +645,7 @@ impl Report {
                     error: c.error.as_deref(),
                 })
                 .collect(),
+            consistency: &self.consistency,
             targets: self
                 .targets()
                 .into_iter()
@@ -668,6 +672,7 @@ struct JsonReport<'a> {
     datapath: Vec<JsonScale<'a>>,
     forwarding: Option<&'a ForwardingResult>,
     control: Vec<JsonControl<'a>>,
+    consistency: &'a [super::consistency::ConsistencyRow],
     targets: Vec<JsonTarget>,
 }
 

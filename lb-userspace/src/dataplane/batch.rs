@@ -114,6 +114,53 @@ pub fn lookup_all<V: aya::Pod>(fd: &OwnedFd) -> io::Result<Vec<(u32, V)>> {
     }
 }
 
+/// Entries `from..from + n` of an array (the Maglev tables), `CHUNK` per syscall: an
+/// array's batch token is the last index read, so a read from `from` starts after
+/// `from - 1`.
+pub fn lookup_range<V: aya::Pod>(fd: &OwnedFd, from: u32, n: u32) -> io::Result<Vec<V>> {
+    let mut keys = vec![0u32; CHUNK];
+    // SAFETY: `Pod` types are valid for any bit pattern, all zeroes included.
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; CHUNK];
+    let mut out: Vec<V> = Vec::with_capacity(n as usize);
+    let mut cursor: Option<u32> = from.checked_sub(1);
+    while out.len() < n as usize {
+        let want = (n as usize - out.len()).min(CHUNK);
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: cursor.as_ref().map_or(0, |c| c as *const u32 as u64),
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: want as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = call(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = (attr.count as usize).min(want);
+        for (k, v) in keys[..got].iter().zip(&values[..got]) {
+            if *k != from + out.len() as u32 {
+                return Err(io::Error::other(format!(
+                    "array batch read index {k} out of order"
+                )));
+            }
+            out.push(*v);
+        }
+        match r {
+            Ok(()) => cursor = Some(next),
+            Err((_, e)) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err((_, e)) => return Err(e),
+        }
+    }
+    if out.len() != n as usize {
+        return Err(io::Error::other(format!(
+            "array holds {} of cells {from}..{}",
+            out.len(),
+            from as u64 + n as u64
+        )));
+    }
+    Ok(out)
+}
+
 /// Every entry of a hash map (LRU or not), `CHUNK` per syscall (the hash table's batch
 /// token is a bucket number, a `u32`). Entries that come and go during the walk may be
 /// missed or seen; each one returned was there when its bucket was read.

@@ -10,9 +10,9 @@ use aya::maps::{
     Array, HashMap, IterableMap, Map, MapData, PerCpuArray,
 };
 use lb_common::{
-    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, NodeConfig, Slot, SlotKey, SnatPeer,
-    SourceRange, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_NODE, MAP_SLOTS,
-    MAP_SNAT, MAP_SOURCE_RANGES, SOURCE_RANGE_ALLOW,
+    counter, Backend, CtKey, CtValue, Frontend, FrontendKey, MaglevCell, NodeConfig, Slot, SlotKey,
+    SnatPeer, SourceRange, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_MAGLEV,
+    MAP_NODE, MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES, SOURCE_RANGE_ALLOW,
 };
 
 use super::{
@@ -35,13 +35,16 @@ pub struct Maps {
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
     /// The other side of each SNAT (and hairpin) flow's translation, keyed like conntrack.
     pub snat: HashMap<MapData, CtKey, SnatPeer>,
-    /// Duplicated fds of the three service maps, for batch updates.
-    batch_fds: [OwnedFd; 3],
+    /// Every frontend's Maglev table, a region of cells each.
+    pub maglev: Array<MapData, MaglevCell>,
+    /// Duplicated fds of the service maps, for batch updates.
+    batch_fds: [OwnedFd; 4],
 }
 
 const FRONTENDS: usize = 0;
 const SLOTS: usize = 1;
 const BACKENDS: usize = 2;
+const MAGLEV: usize = 3;
 
 fn dup_fd(name: &str, map: &Map) -> Result<OwnedFd> {
     let data = match map {
@@ -74,6 +77,7 @@ impl Maps {
             take(MAP_NODE)?,
             take(MAP_SOURCE_RANGES)?,
             take(MAP_SNAT)?,
+            take(MAP_MAGLEV)?,
         ])
     }
 
@@ -102,14 +106,16 @@ impl Maps {
             open(MAP_NODE)?,
             open(MAP_SOURCE_RANGES)?,
             open(MAP_SNAT)?,
+            open(MAP_MAGLEV)?,
         ])
     }
 
-    fn from_maps([f, s, b, c, n, node, ranges, snat]: [Map; 8]) -> Result<Self> {
+    fn from_maps([f, s, b, c, n, node, ranges, snat, maglev]: [Map; 9]) -> Result<Self> {
         let batch_fds = [
             dup_fd(MAP_FRONTENDS, &f)?,
             dup_fd(MAP_SLOTS, &s)?,
             dup_fd(MAP_BACKENDS, &b)?,
+            dup_fd(MAP_MAGLEV, &maglev)?,
         ];
         Ok(Self {
             batch_fds,
@@ -121,7 +127,39 @@ impl Maps {
             node: Array::try_from(node).map_err(|e| map_err(MAP_NODE, e))?,
             source_ranges: LpmTrie::try_from(ranges).map_err(|e| map_err(MAP_SOURCE_RANGES, e))?,
             snat: HashMap::try_from(snat).map_err(|e| map_err(MAP_SNAT, e))?,
+            maglev: Array::try_from(maglev).map_err(|e| map_err(MAP_MAGLEV, e))?,
         })
+    }
+
+    /// Cells `base..base + size` of `LB_MAGLEV`.
+    pub fn table(&self, base: u32, size: u32) -> Result<Vec<MaglevCell>> {
+        match batch::lookup_range(&self.batch_fds[MAGLEV], base, size) {
+            Ok(cells) => Ok(cells),
+            // No batch lookup (before 5.6): one syscall per cell.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (base..base + size)
+                .map(|i| self.maglev.get(&i, 0).map_err(|e| map_err(MAP_MAGLEV, e)))
+                .collect(),
+            Err(e) => Err(map_err(MAP_MAGLEV, e)),
+        }
+    }
+
+    /// Writes a table's cells, a batch per `CHUNK`, one by one where batches fail.
+    fn write_table(&mut self, base: u32, cells: &[MaglevCell]) -> std::io::Result<()> {
+        for (i, chunk) in cells.chunks(batch::CHUNK).enumerate() {
+            let from = base + (i * batch::CHUNK) as u32;
+            let keys: Vec<u32> = (from..from + chunk.len() as u32).collect();
+            if let Err((done, e)) = batch::update(&self.batch_fds[MAGLEV], &keys, chunk) {
+                if e.raw_os_error() != Some(libc::EINVAL) || done != 0 {
+                    return Err(e);
+                }
+                for (k, v) in keys.iter().zip(chunk) {
+                    self.maglev
+                        .set(*k, v, 0)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// This node's configuration as the datapath sees it.
@@ -172,12 +210,24 @@ impl Maps {
             })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| map_err(MAP_SOURCE_RANGES, e))?;
-        Ok(MapState::from_entries(
+        let capacity = self
+            .maglev
+            .map()
+            .info()
+            .map(|i| i.max_entries())
+            .map_err(|e| map_err(MAP_MAGLEV, e))?;
+        let mut st = MapState::from_entries(
             frontends,
             slots,
             backends.into_iter().filter(|(_, v)| *v != NO_BACKEND),
             ranges,
-        ))
+        )
+        .with_table_capacity(capacity);
+        for (base, size) in st.owned_tables() {
+            let cells = self.table(base, size)?;
+            st.set_table_cells(base, cells);
+        }
+        Ok(st)
     }
 
     pub(super) fn apply_one(&mut self, op: &Op) -> std::result::Result<(), String> {
@@ -193,6 +243,11 @@ impl Maps {
                     .insert(&Key::new(k.prefix_len, k.data), SOURCE_RANGE_ALLOW, 0)
             }
             Op::DelRange(k) => self.source_ranges.remove(&Key::new(k.prefix_len, k.data)),
+            Op::PutTable(t) => {
+                return self
+                    .write_table(t.base, &t.cells)
+                    .map_err(|e| format!("{op:?}: {e}"))
+            }
         };
         r.map_err(|e| {
             let cause = std::error::Error::source(&e)
@@ -214,6 +269,16 @@ impl Maps {
         let r = match &run[0] {
             // A handful per LoadBalancer IP: written one by one.
             Op::PutRange(..) | Op::DelRange(..) => return 0,
+            // Each table is a batch (or a few) of its own.
+            Op::PutTable(..) => {
+                return run
+                    .iter()
+                    .take_while(|op| match op {
+                        Op::PutTable(t) => self.write_table(t.base, &t.cells).is_ok(),
+                        _ => unreachable!("runs hold one kind"),
+                    })
+                    .count()
+            }
             Op::PutBackend(..) => {
                 let (k, v) = keys_values(run, |op| match op {
                     Op::PutBackend(id, b) => (*id, *b),

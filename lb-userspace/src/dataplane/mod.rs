@@ -131,7 +131,8 @@ impl Dataplane {
     ///
     /// A frontend's count is written only as far as its slots really hold backends: if
     /// a slot (or the backend it names) could not be written, the count stops before it,
-    /// so no new connection is hashed to a slot that is not there.
+    /// so no new connection is hashed to a slot that is not there; and a frontend whose
+    /// Maglev table could not be written (or whose count was cut) is written without one.
     fn apply(&mut self, mut ops: Vec<Op>) -> SyncReport {
         let mut report = SyncReport {
             ops: ops.len(),
@@ -153,6 +154,7 @@ impl Dataplane {
             .map(|&sid| (sid, self.udp_slot_ids(sid)))
             .collect();
         let mut failed_slots: HashSet<SlotKey> = HashSet::new();
+        let mut failed_tables: HashSet<u32> = HashSet::new();
         let mut i = 0;
         while i < ops.len() {
             let rank = ops[i].rank();
@@ -163,7 +165,14 @@ impl Dataplane {
             if !report.errors.is_empty() {
                 for op in &mut ops[i..end] {
                     if let Op::PutFrontend(_, f) = op {
-                        f.count = self.usable_slots(f.service_id, f.count, &failed_slots);
+                        let count = self.usable_slots(f.service_id, f.count, &failed_slots);
+                        // A table that was not written, or that names slots past the
+                        // count: none (the datapath hashes over the usable slots).
+                        if count != f.count || failed_tables.contains(&f.service_id) {
+                            f.table_base = 0;
+                            f.table_size = 0;
+                        }
+                        f.count = count;
                     }
                 }
             }
@@ -180,8 +189,14 @@ impl Dataplane {
                 match self.maps.apply_one(op) {
                     Ok(()) => self.mirror.apply(op),
                     Err(e) => {
-                        if let Op::PutSlot(k, _) = op {
-                            failed_slots.insert(*k);
+                        match op {
+                            Op::PutSlot(k, _) => {
+                                failed_slots.insert(*k);
+                            }
+                            Op::PutTable(t) => {
+                                failed_tables.insert(t.service_id);
+                            }
+                            _ => {}
                         }
                         report.errors.push(e);
                     }

@@ -23,7 +23,7 @@ use std::{
 
 use ahash::AHashSet as HashSet;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::Dataplane;
 use crate::model::{object_key, Config, EndpointSlice, ModelCache, Node, ObjectKey, Service};
@@ -99,6 +99,12 @@ pub struct SyncStats<'a> {
     pub services: usize,
     pub frontends: usize,
     pub backends: usize,
+    /// Cells of `LB_MAGLEV` the frontends' tables take, and its size.
+    pub maglev_cells: u64,
+    pub maglev_max_cells: u32,
+    /// Frontends with two or more ready backends left without a Maglev table (the map
+    /// is full): they hash over their slots.
+    pub without_table: usize,
     /// Trigger times of the slice changes this sync wrote (only when it succeeded).
     pub triggers: &'a [jiff::Timestamp],
 }
@@ -203,6 +209,7 @@ impl Writer {
                     listing: Default::default(),
                     triggers: Vec::new(),
                     failed: false,
+                    without_table: 0,
                 };
                 w.run(rx);
                 w.plane
@@ -263,6 +270,8 @@ struct Loop {
     triggers: Vec<jiff::Timestamp>,
     /// The last sync had errors: compare everything on the next.
     failed: bool,
+    /// Frontends without a Maglev table after the last sync (warned about on change).
+    without_table: usize,
 }
 
 fn slot(kind: Kind) -> Option<usize> {
@@ -426,8 +435,25 @@ impl Loop {
             services: self.model.service_count(),
             frontends: desired.frontends.len(),
             backends: self.plane.state().backend_count(),
+            maglev_cells: self.plane.state().table_space().used(),
+            maglev_max_cells: self.plane.state().table_space().capacity(),
+            without_table: self.plane.state().frontends_without_table(),
             triggers: &triggers,
         };
+        if stats.without_table != self.without_table {
+            if stats.without_table > 0 {
+                warn!(
+                    frontends = stats.without_table,
+                    cells = stats.maglev_cells,
+                    max_cells = stats.maglev_max_cells,
+                    "LB_MAGLEV is full: these frontends hash over their slots, so a change of \
+                     their backends moves most of their new flows (raise --max-maglev-cells)"
+                );
+            } else {
+                info!("every frontend with two or more backends has a Maglev table again");
+            }
+            self.without_table = stats.without_table;
+        }
         info!(
             services = stats.services,
             frontends = stats.frontends,

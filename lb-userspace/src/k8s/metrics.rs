@@ -57,6 +57,9 @@ pub struct Metrics {
     pub services: Gauge,
     pub frontends: Gauge,
     pub backends: Gauge,
+    pub maglev_cells: Gauge,
+    pub maglev_max_cells: Gauge,
+    pub without_table: Gauge,
     pub syncs: Counter,
     pub sync_duration: Histogram,
     pub network_programming_duration: Histogram,
@@ -78,6 +81,9 @@ impl Default for Metrics {
             services: Gauge::default(),
             frontends: Gauge::default(),
             backends: Gauge::default(),
+            maglev_cells: Gauge::default(),
+            maglev_max_cells: Gauge::default(),
+            without_table: Gauge::default(),
             syncs: Counter::default(),
             // 100 us .. ~3 s.
             sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -214,6 +220,9 @@ impl Metrics {
             m.services.set(s.services as i64);
             m.frontends.set(s.frontends as i64);
             m.backends.set(s.backends as i64);
+            m.maglev_cells.set(s.maglev_cells as i64);
+            m.maglev_max_cells.set(s.maglev_max_cells as i64);
+            m.without_table.set(s.without_table as i64);
             let now = jiff::Timestamp::now();
             for t in s.triggers {
                 let secs = now.duration_since(*t).as_secs_f64().max(0.0);
@@ -245,6 +254,22 @@ impl Metrics {
             "lb_backends",
             "Distinct backends in the dataplane",
             self.backends.clone(),
+        );
+        r.register(
+            "lb_maglev_cells",
+            "Cells of LB_MAGLEV the frontends' Maglev tables take",
+            self.maglev_cells.clone(),
+        );
+        r.register(
+            "lb_maglev_max_cells",
+            "Cells of LB_MAGLEV (--max-maglev-cells)",
+            self.maglev_max_cells.clone(),
+        );
+        r.register(
+            "lb_frontends_without_maglev_table",
+            "Frontends with two or more ready backends but no Maglev table (LB_MAGLEV full): \
+             they hash over their slots",
+            self.without_table.clone(),
         );
         r.register(
             "lb_syncs",

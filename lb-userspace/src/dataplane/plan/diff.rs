@@ -7,7 +7,10 @@
 //!
 //! Minimal writes: a backend keeps its id and a remaining backend keeps its slot; a
 //! removed backend's slot is filled by the last slot (swap-remove), so removing one
-//! backend rewrites at most one slot, and adding one writes one slot.
+//! backend rewrites at most one slot, and adding one writes one slot. A frontend whose
+//! ready set changed gets a new Maglev table (`maglev`) in a free region of
+//! `LB_MAGLEV`, written before the frontend is pointed at it: the swap is the one
+//! update of the frontend's value.
 use std::collections::{BTreeMap, BTreeSet};
 
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
@@ -15,7 +18,8 @@ use lb_common::{Frontend, FrontendKey, SlotKey};
 
 use super::{
     ids::IdPool,
-    mirror::{backend_addr, backend_value, frontend_key, range_key, MapState, Op, RangeKey},
+    maglev,
+    mirror::{backend_addr, backend_value, frontend_key, range_key, MapState, Op, RangeKey, Table},
 };
 use crate::model::{BackendAddr, Delta, DesiredState, FrontendAddr, FrontendSpec};
 
@@ -75,6 +79,9 @@ struct Alloc {
     backend_pool: IdPool,
     service_pool: IdPool,
     new_backends: HashMap<BackendAddr, u32>,
+    /// Regions of `LB_MAGLEV` this plan's tables take (base, cells). Regions the plan
+    /// frees are not reused before it is applied: a packet may still read them.
+    tables: Vec<(u32, u32)>,
 }
 
 impl Alloc {
@@ -84,7 +91,15 @@ impl Alloc {
             backend_pool,
             service_pool,
             new_backends: HashMap::new(),
+            tables: Vec::new(),
         }
+    }
+
+    /// A free region of `size` cells of `LB_MAGLEV`, if there is one.
+    fn table(&mut self, current: &MapState, size: u32) -> Option<u32> {
+        let base = current.table_space().find(size, &self.tables)?;
+        self.tables.push((base, size));
+        Some(base)
     }
 
     fn backend(&self, current: &MapState, b: &BackendAddr) -> Option<u32> {
@@ -138,6 +153,7 @@ fn plan_frontend(
     }
     let present: HashSet<u32> = slots.iter().copied().collect();
     slots.extend(want.iter().filter(|id| !present.contains(id)));
+    let (table_base, table_size) = plan_table(current, alloc, spec, service_id, cur, &slots, ops);
 
     for (i, id) in slots.iter().enumerate() {
         if cur_slots.get(i) != Some(id) {
@@ -179,6 +195,8 @@ fn plan_frontend(
         count: slots.len() as u32,
         flags,
         affinity_timeout_s: spec.affinity_timeout_s,
+        table_base,
+        table_size,
     };
     if cur != Some(value) {
         ops.push(Op::PutFrontend(key, value));
@@ -190,6 +208,56 @@ fn plan_frontend(
             .into_iter()
             .map(Op::DelSlot),
     );
+}
+
+/// The Maglev table of a frontend whose slots will be `slots`: the one it has if that is
+/// still right (the same size and cells), else a new one in a free region (written by
+/// the plan), else none (`LB_MAGLEV` full: the datapath hashes over the slots).
+/// Returns the frontend's (table_base, table_size).
+fn plan_table(
+    current: &MapState,
+    alloc: &mut Alloc,
+    spec: &FrontendSpec,
+    service_id: u32,
+    cur: Option<Frontend>,
+    slots: &[u32],
+    ops: &mut Vec<Op>,
+) -> (u32, u32) {
+    let size = maglev::resize(slots.len(), cur.map_or(0, |f| f.table_size));
+    if size == 0 {
+        return (0, 0);
+    }
+    let addr_of: HashMap<u32, BackendAddr> = spec
+        .active
+        .iter()
+        .filter_map(|b| alloc.backend(current, b).map(|id| (id, *b)))
+        .collect();
+    let members: Vec<maglev::Member> = slots
+        .iter()
+        .enumerate()
+        .map(|(i, id)| maglev::Member {
+            backend: addr_of[id],
+            id: *id,
+            slot: i as u32 + 1,
+        })
+        .collect();
+    let cells = maglev::populate(&members, size);
+    if let Some(f) = cur {
+        if current.table(&f).is_some_and(|have| have == &cells[..]) {
+            return (f.table_base, f.table_size);
+        }
+    }
+    match alloc.table(current, size) {
+        Some(base) => {
+            ops.push(Op::PutTable(Table {
+                service_id,
+                base,
+                cells: cells.into(),
+            }));
+            (base, size)
+        }
+        None => (0, 0),
+    }
 }
 
 /// A frontend that is no longer wanted: the frontend first, then its slots and ranges.

@@ -5,13 +5,18 @@
 //! Laid out for a million backends: backends in a vector indexed by id (the kernel array's
 //! own layout), their address index a hash table of ids (4 bytes an entry), and each
 //! service's slots one vector.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use ahash::AHashMap as HashMap;
 use hashbrown::HashTable;
 use ipnet::IpNet;
 use lb_common::{
-    ipv4_mapped, is_ipv4_mapped, Addr, Backend, Frontend, FrontendKey, SlotKey, SourceRange,
+    ipv4_mapped, is_ipv4_mapped, Addr, Backend, Frontend, FrontendKey, MaglevCell, SlotKey,
+    SourceRange, DEFAULT_MAX_MAGLEV_CELLS,
 };
 
 use super::ids::IdPool;
@@ -51,12 +56,34 @@ pub fn range_key(service_id: u32, range: &IpNet) -> RangeKey {
     }
 }
 
+/// A frontend's Maglev table, to be written at cells `base..base + cells.len()` of
+/// `LB_MAGLEV` (a region no frontend names yet) before the frontend names it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Table {
+    pub service_id: u32,
+    pub base: u32,
+    pub cells: Arc<[MaglevCell]>,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Table {{ service_id: {}, cells: {}..{} }}",
+            self.service_id,
+            self.base,
+            self.base as usize + self.cells.len()
+        )
+    }
+}
+
 /// One change to the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     PutBackend(u32, Backend),
     PutSlot(SlotKey, u32),
     PutRange(RangeKey),
+    PutTable(Table),
     PutFrontend(FrontendKey, Frontend),
     DelSlot(SlotKey),
     DelFrontend(FrontendKey),
@@ -66,20 +93,21 @@ pub enum Op {
 
 impl Op {
     /// Position of this kind of op in a plan. Grouping a plan by kind, stably, keeps
-    /// every ordering rule of the planner (each frontend's slots and source ranges
-    /// before the frontend names them, its leftover slots and ranges after it no longer
-    /// does; backends first and last) and lets the writer send each group to the kernel
-    /// in batches.
+    /// every ordering rule of the planner (each frontend's slots, source ranges and
+    /// Maglev table before the frontend names them, its leftover slots and ranges after
+    /// it no longer does; backends first and last) and lets the writer send each group
+    /// to the kernel in batches.
     pub fn rank(&self) -> u8 {
         match self {
             Op::PutBackend(..) => 0,
             Op::PutSlot(..) => 1,
             Op::PutRange(..) => 2,
-            Op::PutFrontend(..) => 3,
-            Op::DelFrontend(..) => 4,
-            Op::DelRange(..) => 5,
-            Op::DelSlot(..) => 6,
-            Op::DelBackend(..) => 7,
+            Op::PutTable(..) => 3,
+            Op::PutFrontend(..) => 4,
+            Op::DelFrontend(..) => 5,
+            Op::DelRange(..) => 6,
+            Op::DelSlot(..) => 7,
+            Op::DelBackend(..) => 8,
         }
     }
 }
@@ -213,6 +241,118 @@ impl BackendTable {
     }
 }
 
+/// The Maglev tables in `LB_MAGLEV`: which regions frontends name, and what was
+/// written there.
+#[derive(Clone, Debug)]
+pub struct TableSpace {
+    /// Regions named by a frontend: base -> (cells, service id). Never overlapping (a
+    /// frontend read from the maps whose region overlaps another's, or lies beyond the
+    /// map, owns none, and gets a new table).
+    owned: BTreeMap<u32, (u32, u32)>,
+    /// What was last written (or read) at each base; entries a later table overwrote
+    /// are dropped.
+    cells: BTreeMap<u32, Arc<[MaglevCell]>>,
+    /// Cells of `LB_MAGLEV`.
+    capacity: u32,
+}
+
+impl Default for TableSpace {
+    fn default() -> Self {
+        Self {
+            owned: BTreeMap::new(),
+            cells: BTreeMap::new(),
+            capacity: DEFAULT_MAX_MAGLEV_CELLS,
+        }
+    }
+}
+
+impl TableSpace {
+    fn owns(&self, f: &Frontend) -> bool {
+        f.table_size != 0 && self.owned.get(&f.table_base) == Some(&(f.table_size, f.service_id))
+    }
+
+    /// Claims the region a frontend names, unless it overlaps an owned one or lies
+    /// beyond the map.
+    fn claim(&mut self, f: &Frontend) {
+        let (base, size) = (f.table_base, f.table_size);
+        if size == 0 || base as u64 + size as u64 > self.capacity as u64 {
+            return;
+        }
+        let end = base + size;
+        let before = self.owned.range(..end).next_back();
+        if before.is_some_and(|(b, (s, _))| b + s > base) {
+            return;
+        }
+        self.owned.insert(base, (size, f.service_id));
+    }
+
+    fn release(&mut self, f: &Frontend) {
+        if self.owns(f) {
+            self.owned.remove(&f.table_base);
+            self.cells.remove(&f.table_base);
+        }
+    }
+
+    fn written(&mut self, base: u32, cells: Arc<[MaglevCell]>) {
+        let end = base + cells.len() as u32;
+        let overlapping: Vec<u32> = self
+            .cells
+            .range(..end)
+            .rev()
+            .take_while(|(b, c)| **b + c.len() as u32 > base)
+            .map(|(b, _)| *b)
+            .collect();
+        for b in overlapping {
+            self.cells.remove(&b);
+        }
+        self.cells.insert(base, cells);
+    }
+
+    /// The first free region of `size` cells that avoids `taken` too (regions a plan
+    /// being made already allocated): after the last owned region if there is room,
+    /// else the first hole that fits.
+    pub fn find(&self, size: u32, taken: &[(u32, u32)]) -> Option<u32> {
+        let fits = |base: u32, limit: u32| -> Option<u32> {
+            let mut pos = base;
+            loop {
+                if pos as u64 + size as u64 > limit as u64 {
+                    return None;
+                }
+                match taken
+                    .iter()
+                    .filter(|(b, s)| *b < pos + size && b + s > pos)
+                    .map(|(b, s)| b + s)
+                    .max()
+                {
+                    Some(next) => pos = next,
+                    None => return Some(pos),
+                }
+            }
+        };
+        let end = self.owned.iter().next_back().map_or(0, |(b, (s, _))| b + s);
+        if let Some(at) = fits(end, self.capacity) {
+            return Some(at);
+        }
+        let mut prev = 0u32;
+        for (b, (s, _)) in &self.owned {
+            if let Some(at) = fits(prev, *b) {
+                return Some(at);
+            }
+            prev = b + s;
+        }
+        None
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Cells named by frontends.
+    pub fn used(&self) -> u64 {
+        self.owned.values().map(|(s, _)| *s as u64).sum()
+    }
+}
+
 /// What the kernel maps hold. Change it only through `apply`.
 #[derive(Clone, Default)]
 pub struct MapState {
@@ -225,6 +365,7 @@ pub struct MapState {
     backends: BackendTable,
     backend_pool: IdPool,
     service_pool: IdPool,
+    tables: TableSpace,
 }
 
 impl std::fmt::Debug for MapState {
@@ -261,7 +402,75 @@ impl MapState {
         }
         st.backend_pool = IdPool::from_used(st.backends.iter().map(|(id, _)| id));
         st.service_pool = IdPool::from_used(st.frontends.values().map(|f| f.service_id));
+        st.claim_tables();
         st
+    }
+
+    /// The same state, for a `LB_MAGLEV` of `capacity` cells (the regions frontends
+    /// name are claimed again, within it).
+    pub fn with_table_capacity(mut self, capacity: u32) -> Self {
+        self.tables.capacity = capacity;
+        self.claim_tables();
+        self
+    }
+
+    fn claim_tables(&mut self) {
+        let cells = std::mem::take(&mut self.tables.cells);
+        self.tables.owned.clear();
+        let mut fs: Vec<&Frontend> = self.frontends.values().collect();
+        fs.sort_by_key(|f| (f.table_base, f.service_id));
+        for f in fs {
+            self.tables.claim(f);
+        }
+        self.tables.cells = cells
+            .into_iter()
+            .filter(|(b, c)| {
+                self.tables
+                    .owned
+                    .get(b)
+                    .is_some_and(|(s, _)| *s as usize == c.len())
+            })
+            .collect();
+    }
+
+    /// The regions of `LB_MAGLEV` frontends own (base, cells): what to read at start.
+    pub fn owned_tables(&self) -> Vec<(u32, u32)> {
+        self.tables
+            .owned
+            .iter()
+            .map(|(b, (s, _))| (*b, *s))
+            .collect()
+    }
+
+    /// Records what an owned region of `LB_MAGLEV` holds (read at start).
+    pub fn set_table_cells(&mut self, base: u32, cells: Vec<MaglevCell>) {
+        self.tables.written(base, cells.into());
+    }
+
+    /// The table a frontend names, if it owns its region and it holds what was written.
+    pub fn table(&self, f: &Frontend) -> Option<&[MaglevCell]> {
+        if !self.tables.owns(f) {
+            return None;
+        }
+        self.tables
+            .cells
+            .get(&f.table_base)
+            .filter(|c| c.len() == f.table_size as usize)
+            .map(|c| &c[..])
+    }
+
+    pub fn table_space(&self) -> &TableSpace {
+        &self.tables
+    }
+
+    /// Frontends with two or more ready backends but no Maglev table (no room left in
+    /// `LB_MAGLEV`): they hash over their slots, which moves most flows when their
+    /// backends change.
+    pub fn frontends_without_table(&self) -> usize {
+        self.frontends
+            .values()
+            .filter(|f| f.count > 1 && f.table_size == 0)
+            .count()
     }
 
     fn set_slot(&mut self, k: SlotKey, id: u32) {
@@ -325,11 +534,21 @@ impl MapState {
                 self.backend_pool.mark_used(*id);
             }
             Op::PutSlot(k, id) => self.set_slot(*k, *id),
+            Op::PutTable(t) => self.tables.written(t.base, t.cells.clone()),
             Op::PutFrontend(k, f) => {
-                if let Some(old) = self.frontends.insert(*k, *f) {
+                let old = self.frontends.insert(*k, *f);
+                if let Some(old) = old {
                     if old.service_id != f.service_id {
                         self.service_pool.release(old.service_id);
                     }
+                    if (old.table_base, old.table_size) != (f.table_base, f.table_size)
+                        || old.service_id != f.service_id
+                    {
+                        self.tables.release(&old);
+                    }
+                }
+                if !self.tables.owns(f) {
+                    self.tables.claim(f);
                 }
                 self.service_pool.mark_used(f.service_id);
             }
@@ -337,6 +556,7 @@ impl MapState {
             Op::DelFrontend(k) => {
                 if let Some(old) = self.frontends.remove(k) {
                     self.service_pool.release(old.service_id);
+                    self.tables.release(&old);
                 }
             }
             Op::DelBackend(id) => {
@@ -421,9 +641,35 @@ impl MapState {
         (self.backend_pool.clone(), self.service_pool.clone())
     }
 
-    /// Everything the maps hold, sorted: for comparing two mirrors.
+    /// Everything the maps hold, sorted: for comparing two mirrors. Where a Maglev
+    /// table lies is left out (two plans may place the same table apart), what it holds
+    /// is in.
     pub fn content(&self) -> MapContent {
-        let mut frontends: Vec<_> = self.frontends.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut tables: Vec<(u32, Vec<MaglevCell>)> = self
+            .frontends
+            .values()
+            .filter(|f| f.table_size != 0)
+            .map(|f| {
+                (
+                    f.service_id,
+                    self.table(f).map(<[_]>::to_vec).unwrap_or_default(),
+                )
+            })
+            .collect();
+        tables.sort();
+        let mut frontends: Vec<_> = self
+            .frontends
+            .iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    Frontend {
+                        table_base: 0,
+                        ..*v
+                    },
+                )
+            })
+            .collect();
         frontends.sort_by_key(|(k, _)| *k);
         let mut slots: Vec<_> = self.slots().collect();
         slots.sort();
@@ -435,6 +681,7 @@ impl MapState {
             slots,
             backends,
             ranges,
+            tables,
         }
     }
 }
@@ -446,6 +693,8 @@ pub struct MapContent {
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(u32, Backend)>,
     pub ranges: Vec<RangeKey>,
+    /// Each frontend's Maglev table (by service id).
+    pub tables: Vec<(u32, Vec<MaglevCell>)>,
 }
 
 #[cfg(test)]

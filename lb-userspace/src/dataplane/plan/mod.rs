@@ -11,25 +11,28 @@
 //! 2. a frontend's slots are written before its count grows, and removed after it shrinks;
 //!    its source ranges are written before it names them (`FRONTEND_F_SOURCE_RANGES`)
 //!    and removed after (so an allowed source is never dropped in between);
-//! 3. a deleted frontend goes before its slots and ranges; unreferenced backends go last.
+//!    its Maglev table is written, in a region no frontend names, before it names it;
+//! 3. a deleted frontend goes before its slots and ranges; unreferenced backends go last
+//!    (a table region is free once no frontend names it).
 //!
 //! Plans come grouped by op kind (`Op::rank`), which keeps these rules and lets the
 //! writer send each group in batches.
 mod diff;
 mod ids;
+pub mod maglev;
 mod mirror;
 
 pub use diff::{plan, plan_delta, RefChanges, Refs};
 pub use mirror::{
     backend_addr, backend_value, frontend_addr, frontend_key, ip_addr, map_addr, range_key,
-    MapContent, MapState, Op, RangeKey, NO_BACKEND,
+    MapContent, MapState, Op, RangeKey, Table, TableSpace, NO_BACKEND,
 };
 
 #[cfg(test)]
 mod tests {
     use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
-    use lb_common::SlotKey;
+    use lb_common::{Frontend, SlotKey};
 
     use super::*;
     use crate::model::{BackendAddr, Delta, DesiredState, FrontendAddr, FrontendSpec, Protocol};
@@ -176,8 +179,8 @@ mod tests {
         let (ops, _) = plan_delta(&s, &refs, &d2, &Delta::between(&d, &d2));
         assert_eq!(
             ops.len(),
-            3,
-            "move one slot, shrink the count, drop the last slot: {ops:?}"
+            4,
+            "move one slot, a new table, shrink the count, drop the last slot: {ops:?}"
         );
     }
 
@@ -185,10 +188,11 @@ mod tests {
     fn from_empty_writes_backends_slots_then_frontend() {
         let d = state(&[(fe(10, 80), &[2, 3, 4], &[])]);
         let (s, ops) = applied_ops(&MapState::default(), &d);
-        assert_eq!(ops.len(), 3 + 3 + 1);
+        assert_eq!(ops.len(), 3 + 3 + 1 + 1);
         assert!(matches!(ops[0], Op::PutBackend(..)));
         assert!(matches!(ops[3], Op::PutSlot(..)));
-        assert!(matches!(ops[6], Op::PutFrontend(..)));
+        assert!(matches!(&ops[6], Op::PutTable(t) if t.cells.len() == 127));
+        assert!(matches!(ops[7], Op::PutFrontend(_, f) if f.table_size == 127));
         assert_eq!(resolve(&s, &fe(10, 80)), [be(2), be(3), be(4)].into());
         assert_eq!(plan(&s, &d), vec![], "applying twice changes nothing");
     }
@@ -203,10 +207,11 @@ mod tests {
             &s,
             &state(&[(fe(10, 80), &[2, 3, 4], &[]), (fe(11, 80), &[7], &[])]),
         );
-        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert_eq!(ops.len(), 4, "{ops:?}");
         assert!(matches!(ops[0], Op::PutBackend(_, b) if b == backend_value(&be(4))));
         assert!(matches!(ops[1], Op::PutSlot(k, _) if k.slot == 3));
-        assert!(matches!(ops[2], Op::PutFrontend(_, f) if f.count == 3));
+        assert!(matches!(ops[2], Op::PutTable(_)));
+        assert!(matches!(ops[3], Op::PutFrontend(_, f) if f.count == 3));
         assert_eq!(resolve(&s2, &fe(10, 80)), [be(2), be(3), be(4)].into());
         // Existing backends kept their ids.
         for (id, b) in s.backends() {
@@ -221,12 +226,13 @@ mod tests {
             &state(&[(fe(10, 80), &[2, 3, 4, 5], &[])]),
         );
         let (s2, ops) = applied_ops(&s, &state(&[(fe(10, 80), &[2, 4, 5], &[])]));
-        // slot of 3 := 5, count 4 -> 3, delete slot 4, delete backend 3.
-        assert_eq!(ops.len(), 4, "{ops:?}");
+        // slot of 3 := 5, a new table, count 4 -> 3, delete slot 4, delete backend 3.
+        assert_eq!(ops.len(), 5, "{ops:?}");
         assert!(matches!(ops[0], Op::PutSlot(k, _) if k.slot == 2));
-        assert!(matches!(ops[1], Op::PutFrontend(_, f) if f.count == 3));
-        assert!(matches!(ops[2], Op::DelSlot(k) if k.slot == 4));
-        assert!(matches!(ops[3], Op::DelBackend(_)));
+        assert!(matches!(ops[1], Op::PutTable(_)));
+        assert!(matches!(ops[2], Op::PutFrontend(_, f) if f.count == 3));
+        assert!(matches!(ops[3], Op::DelSlot(k) if k.slot == 4));
+        assert!(matches!(ops[4], Op::DelBackend(_)));
         assert_eq!(resolve(&s2, &fe(10, 80)), [be(2), be(4), be(5)].into());
     }
 
@@ -382,5 +388,155 @@ mod tests {
             [1, 3].into(),
             "backend 4 kept id 3; backend 5 took freed id 1"
         );
+    }
+
+    /// The backend a flow hash reaches through the mirror, as the datapath does.
+    fn pick(s: &MapState, f: &FrontendAddr, h: u32) -> u32 {
+        let fv = s.frontends[&frontend_key(f)];
+        match s.table(&fv) {
+            Some(t) => t[(h % fv.table_size) as usize].backend_id,
+            None => s.slot(fv.service_id, h % fv.count + 1).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_new_table_goes_to_a_free_region_and_the_old_one_is_freed_after_the_swap() {
+        let (s, _) = applied_ops(
+            &MapState::default().with_table_capacity(400),
+            &state(&[(fe(10, 80), &[2, 3, 4], &[]), (fe(11, 80), &[2, 3], &[])]),
+        );
+        let a = s.frontends[&frontend_key(&fe(10, 80))];
+        let b = s.frontends[&frontend_key(&fe(11, 80))];
+        assert_eq!((a.table_size, b.table_size), (127, 127));
+        assert_ne!(a.table_base, b.table_base, "one region each");
+        assert_eq!(s.table_space().used(), 254);
+        // Every cell names a backend of the frontend, in the slot that holds it.
+        for c in s.table(&a).unwrap() {
+            assert_eq!(s.slot(a.service_id, c.slot), Some(c.backend_id));
+        }
+        let (s2, ops) = applied_ops(
+            &s,
+            &state(&[(fe(10, 80), &[2, 4], &[]), (fe(11, 80), &[2, 3], &[])]),
+        );
+        let t = ops
+            .iter()
+            .find_map(|o| match o {
+                Op::PutTable(t) => Some(t.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(
+            t.base >= 254 || t.base + 127 <= a.table_base.min(b.table_base),
+            "not over a region still named: {t:?}"
+        );
+        let a2 = s2.frontends[&frontend_key(&fe(10, 80))];
+        assert_eq!(a2.table_base, t.base);
+        assert_eq!(s2.table_space().used(), 254, "the old region is free again");
+        // The next table may reuse the freed region (no room is left after the last).
+        let (s3, _) = applied_ops(
+            &s2,
+            &state(&[
+                (fe(10, 80), &[2, 4], &[]),
+                (fe(11, 80), &[2, 3], &[]),
+                (fe(12, 80), &[5, 6], &[]),
+            ]),
+        );
+        let c = s3.frontends[&frontend_key(&fe(12, 80))];
+        assert_eq!(c.table_base, a.table_base);
+    }
+
+    #[test]
+    fn a_full_maglev_map_leaves_a_frontend_hashing_over_its_slots() {
+        let cur = MapState::default().with_table_capacity(200);
+        let (s, _) = applied_ops(
+            &cur,
+            &state(&[(fe(10, 80), &[2, 3], &[]), (fe(11, 80), &[4, 5], &[])]),
+        );
+        let sizes: Vec<u32> = [fe(10, 80), fe(11, 80)]
+            .iter()
+            .map(|f| s.frontends[&frontend_key(f)].table_size)
+            .collect();
+        assert_eq!(sizes.iter().filter(|&&n| n == 127).count(), 1, "{sizes:?}");
+        assert_eq!(s.frontends_without_table(), 1);
+        for f in [fe(10, 80), fe(11, 80)] {
+            for h in 0..64 {
+                pick(&s, &f, h);
+            }
+        }
+        assert_eq!(
+            plan(
+                &s,
+                &state(&[(fe(10, 80), &[2, 3], &[]), (fe(11, 80), &[4, 5], &[])])
+            )
+            .len(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_the_tables_and_rebuilds_a_wrong_one() {
+        let d = state(&[(fe(10, 80), &[2, 3, 4], &[]), (fe(11, 80), &[5, 6], &[])]);
+        let (s, _) = applied_ops(&MapState::default(), &d);
+        // What a restarted agent reads: the same entries, the tables' cells.
+        let read = |corrupt: bool| {
+            let mut r = MapState::from_entries(
+                s.frontends.iter().map(|(k, v)| (*k, *v)),
+                s.slots(),
+                s.backends().map(|(id, b)| (id, *b)),
+                s.ranges().copied(),
+            );
+            for f in s.frontends.values() {
+                let mut cells = s.table(f).unwrap().to_vec();
+                if corrupt && f.service_id == s.frontends[&frontend_key(&fe(11, 80))].service_id {
+                    cells[7].backend_id = 999;
+                }
+                r.set_table_cells(f.table_base, cells);
+            }
+            r
+        };
+        assert_eq!(plan(&read(false), &d), vec![], "nothing to redo");
+        let ops = plan(&read(true), &d);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert!(matches!(&ops[0], Op::PutTable(_)));
+        assert!(matches!(ops[1], Op::PutFrontend(..)));
+        // Two frontends naming overlapping regions (an interrupted older agent): one
+        // keeps its region, the other gets a new table.
+        let mut r = read(false);
+        let (k11, f11) = s
+            .frontends
+            .iter()
+            .find(|(_, f)| f.table_size == 127 && f.count == 2)
+            .map(|(k, f)| (*k, *f))
+            .unwrap();
+        let f10 = s
+            .frontends
+            .values()
+            .find(|f| f.count == 3)
+            .copied()
+            .unwrap();
+        r.apply(&Op::PutFrontend(
+            k11,
+            Frontend {
+                table_base: f10.table_base + 5,
+                ..f11
+            },
+        ));
+        let mut r = MapState::from_entries(
+            r.frontends.iter().map(|(k, v)| (*k, *v)),
+            r.slots(),
+            r.backends().map(|(id, b)| (id, *b)),
+            r.ranges().copied(),
+        );
+        r.set_table_cells(f10.table_base, s.table(&f10).unwrap().to_vec());
+        let ops = plan(&r, &d);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert!(matches!(&ops[0], Op::PutTable(t) if t.service_id == f11.service_id));
+        let mut r2 = r.clone();
+        for op in &ops {
+            r2.apply(op);
+        }
+        let t = r2.frontends[&k11];
+        assert!(t.table_base >= f10.table_base + 127 || t.table_base + 127 <= f10.table_base);
+        assert_eq!(plan(&r2, &d), vec![]);
     }
 }
