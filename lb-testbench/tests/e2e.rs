@@ -1404,3 +1404,125 @@ fn a_udp_datagram_larger_than_the_mtu_reaches_one_backend_whole_and_back() {
     );
     assert_eq!(counters["drop_fragment"], 0, "{counters:?}");
 }
+
+/// The bytes of a map key or value, as bpftool's `hex` arguments.
+fn hex_args<T: Copy>(v: &T) -> Vec<String> {
+    // SAFETY: `T` is one of lb_common's #[repr(C)] types without implicit padding.
+    let bytes = unsafe { std::slice::from_raw_parts(v as *const T as *const u8, size_of::<T>()) };
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn bpftool_map(op: &str, map: &std::path::Path, key: &[String], value: Option<&[String]>) {
+    let mut args: Vec<String> = vec!["map".into(), op.into(), "pinned".into()];
+    args.push(map.display().to_string());
+    args.push("key".into());
+    args.push("hex".into());
+    args.extend(key.iter().cloned());
+    if let Some(v) = value {
+        args.push("value".into());
+        args.push("hex".into());
+        args.extend(v.iter().cloned());
+    }
+    let out = std::process::Command::new("bpftool")
+        .args(&args)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue 11's faults: map entries changed behind the agent's back (with bpftool) are
+/// found by the next drift check (`--resync-secs`) and rewritten, and only they: the
+/// ClusterIP whose frontend was deleted serves again, a slot pointed elsewhere names
+/// its backend again, a stray frontend goes.
+#[test]
+fn map_entries_changed_behind_the_agents_back_are_repaired_at_the_next_resync() {
+    let env = Env::new(&all_ready(), &["--resync-secs", "1"]);
+    assert!(env.curl(WEB).is_ok());
+    let pins = env.sb.pin_dir().to_path_buf();
+    let key = lb_common::FrontendKey {
+        addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
+        port: 80u16.to_be(),
+        proto: lb_common::PROTO_TCP,
+        _pad: 0,
+    };
+    assert!(env.web_frontend().is_some());
+
+    // 1. web's ClusterIP frontend deleted: its requests go nowhere until the repair.
+    bpftool_map("delete", &pins.join("LB_FRONTENDS"), &hex_args(&key), None);
+    let t0 = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the frontend to be rewritten",
+        || env.web_frontend(),
+    );
+    eprintln!("frontend rewritten after {:?}", t0.elapsed());
+    let web = env.web_frontend().unwrap();
+    assert_eq!(web.count, 3);
+    assert!(env.curl(WEB).is_ok());
+    let before = Maps::from_pins(&pins).unwrap().read_state().unwrap();
+
+    // 2. One of web's slots pointed at a backend id that names nothing, and a stray
+    // frontend written.
+    let slot = lb_common::SlotKey {
+        service_id: web.service_id,
+        slot: 1,
+    };
+    bpftool_map(
+        "update",
+        &pins.join("LB_SLOTS"),
+        &hex_args(&slot),
+        Some(&hex_args(&lb_common::Slot { backend_id: 999 })),
+    );
+    let stray = lb_common::FrontendKey {
+        addr: lb_userspace::dataplane::plan::map_addr(&"10.96.0.99".parse().unwrap()),
+        ..key
+    };
+    let stray_value = lb_common::Frontend {
+        service_id: 777,
+        count: 0,
+        flags: 0,
+        affinity_timeout_s: 0,
+        table_base: 0,
+        table_size: 0,
+    };
+    bpftool_map(
+        "update",
+        &pins.join("LB_FRONTENDS"),
+        &hex_args(&stray),
+        Some(&hex_args(&stray_value)),
+    );
+    // Repaired: the stray is gone, and web's slots and Maglev table name its three
+    // backends again (the slot that pointed elsewhere counts as a backend that left, so
+    // the last slot may have moved into its place).
+    let backends = |st: &lb_userspace::dataplane::plan::MapState| {
+        let f = st.frontends.get(&key)?;
+        let mut set: Vec<_> = st
+            .slot_list(f)
+            .iter()
+            .map(|id| st.backend(*id).copied())
+            .collect();
+        set.sort_by_key(|b| b.map(|b| b.addr));
+        let table_ok = st.table(f).is_some_and(|cells| {
+            cells
+                .iter()
+                .all(|c| st.slot(f.service_id, c.slot) == Some(c.backend_id))
+        });
+        table_ok.then_some(set)
+    };
+    let want = backends(&before).unwrap();
+    assert_eq!(want.len(), 3);
+    wait_until(Duration::from_secs(10), "the maps to be repaired", || {
+        let now = Maps::from_pins(&pins).ok()?.read_state().ok()?;
+        (now.frontends.get(&stray).is_none() && backends(&now)? == want).then_some(())
+    });
+    let log = env.agent_log();
+    assert!(
+        log.matches("changed behind the agent's back").count() >= 2,
+        "{log}"
+    );
+    assert!(env.curl(WEB).is_ok());
+}

@@ -991,6 +991,10 @@ async fn agent_binary_serves_health_metrics_and_restarts_on_pinned_maps() {
         ("lb_backends", 2.0),
         ("lb_network_programming_duration_seconds_count", 1.0),
         ("lb_map_update_errors_total", 0.0),
+        ("lb_map_drift_repairs_total", 0.0),
+        ("lb_map_drift_entries_total", 0.0),
+        ("lb_frontends_without_maglev_table", 0.0),
+        ("lb_maglev_cells", 127.0),
     ] {
         assert_eq!(metric(&text, name), Some(want), "{name} in:\n{text}");
     }

@@ -66,6 +66,11 @@ struct DatapathArgs {
     /// How often to check the interfaces (and, for `run`, the file), in milliseconds.
     #[arg(long, default_value_t = 250)]
     poll_ms: u64,
+    /// How often the maps are read back and compared with what the agent wrote, so
+    /// entries changed behind its back are repaired (kube-proxy's --sync-period is 30 s);
+    /// 0: never.
+    #[arg(long, default_value_t = 30)]
+    resync_secs: u64,
     #[command(flatten)]
     maps: MapArgs,
     #[command(flatten)]
@@ -277,6 +282,7 @@ fn main() -> ExitCode {
                 external_interfaces: d.external_interfaces,
                 keep_pinned: d.keep_pinned,
                 poll: Duration::from_millis(d.poll_ms),
+                resync: (d.resync_secs > 0).then(|| Duration::from_secs(d.resync_secs)),
                 conntrack: d.conntrack.options(),
                 load: d.maps.load_options(),
             }),
@@ -310,6 +316,7 @@ fn main() -> ExitCode {
                     health_check_address,
                     debounce: Duration::from_millis(debounce_ms),
                     poll: Duration::from_millis(d.poll_ms),
+                    resync: (d.resync_secs > 0).then(|| Duration::from_secs(d.resync_secs)),
                     conntrack: d.conntrack.options(),
                 }),
             )

@@ -29,6 +29,8 @@ pub struct RunOptions {
     pub poll: Duration,
     /// Conntrack's collector.
     pub conntrack: gc::GcOptions,
+    /// How often the maps are checked against what was written (`None`: never).
+    pub resync: Option<Duration>,
 }
 
 pub fn compile_globs(globs: &[String]) -> Result<Vec<glob::Pattern>> {
@@ -225,6 +227,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         plane,
         WriterOptions {
             purges: Some(purges),
+            resync: opts.resync,
             ..Default::default()
         },
         Box::new(|_| {}),

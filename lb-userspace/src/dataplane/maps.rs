@@ -174,19 +174,30 @@ impl Maps {
             .map_err(|e| map_err(MAP_NODE, e))
     }
 
-    /// Reads the service maps (not conntrack) into a mirror.
+    /// Reads the service maps (not conntrack) into a mirror: in batches (a few
+    /// syscalls per 4,096 entries), or an entry at a time before Linux 5.6.
     pub fn read_state(&self) -> Result<MapState> {
-        let frontends = self
-            .frontends
-            .iter()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| map_err(MAP_FRONTENDS, e))?;
-        let slots = self
-            .slots
-            .iter()
-            .map(|kv| kv.map(|(k, v)| (k, v.backend_id)))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| map_err(MAP_SLOTS, e))?;
+        let frontends: Vec<(FrontendKey, Frontend)> =
+            match batch::lookup_all_hash(&self.batch_fds[FRONTENDS]) {
+                Ok(all) => all,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
+                    .frontends
+                    .iter()
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| map_err(MAP_FRONTENDS, e))?,
+                Err(e) => return Err(map_err(MAP_FRONTENDS, e)),
+            };
+        let slots: Vec<(SlotKey, u32)> =
+            match batch::lookup_all_hash::<SlotKey, Slot>(&self.batch_fds[SLOTS]) {
+                Ok(all) => all.into_iter().map(|(k, v)| (k, v.backend_id)).collect(),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
+                    .slots
+                    .iter()
+                    .map(|kv| kv.map(|(k, v)| (k, v.backend_id)))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| map_err(MAP_SLOTS, e))?,
+                Err(e) => return Err(map_err(MAP_SLOTS, e)),
+            };
         let backends: Vec<(u32, Backend)> = match batch::lookup_all(&self.batch_fds[BACKENDS]) {
             Ok(all) => all,
             // No batch lookup (before 5.6): one syscall per index.

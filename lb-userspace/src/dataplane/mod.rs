@@ -34,6 +34,54 @@ pub struct SyncReport {
     pub udp_gone: gc::Purge,
 }
 
+/// What a drift check found changed in the maps behind the agent's back: entries (by
+/// key) present on one side only or different, per map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Drift {
+    pub frontends: usize,
+    pub slots: usize,
+    pub backends: usize,
+    pub ranges: usize,
+    /// Frontends whose Maglev table's cells differ.
+    pub tables: usize,
+    /// `LB_NODE` differs.
+    pub node: bool,
+}
+
+impl Drift {
+    pub fn entries(&self) -> usize {
+        self.frontends + self.slots + self.backends + self.ranges + self.tables + self.node as usize
+    }
+}
+
+/// How many keys differ between two sorted lists of (key, value): missing on either
+/// side, or with another value.
+fn differing<K: Ord, V: PartialEq>(a: &[(K, V)], b: &[(K, V)]) -> usize {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x.0 == y.0 => {
+                n += (x.1 != y.1) as usize;
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x.0 < y.0 => {
+                n += 1;
+                i += 1;
+            }
+            (Some(_), None) => {
+                n += 1;
+                i += 1;
+            }
+            _ => {
+                n += 1;
+                j += 1;
+            }
+        }
+    }
+    n
+}
+
 /// Maps plus the mirror of their content.
 pub struct Dataplane {
     pub maps: Maps,
@@ -73,6 +121,31 @@ impl Dataplane {
 
     pub fn state(&self) -> &MapState {
         &self.mirror
+    }
+
+    /// Reads the maps back and compares them with the mirror. If they differ (someone
+    /// changed entries behind the agent's back), the mirror takes what the maps hold and
+    /// the next sync compares everything, which rewrites what differs (and only that).
+    pub fn check_drift(&mut self) -> Result<Option<Drift>> {
+        let read = self.maps.read_state()?;
+        let node = self.maps.node_config()?;
+        let (have, want) = (read.content(), self.mirror.content());
+        if have == want && node == self.node {
+            return Ok(None);
+        }
+        let unit = |v: &[plan::RangeKey]| v.iter().map(|k| (*k, ())).collect::<Vec<_>>();
+        let drift = Drift {
+            frontends: differing(&have.frontends, &want.frontends),
+            slots: differing(&have.slots, &want.slots),
+            backends: differing(&have.backends, &want.backends),
+            ranges: differing(&unit(&have.ranges), &unit(&want.ranges)),
+            tables: differing(&have.tables, &want.tables),
+            node: node != self.node,
+        };
+        self.mirror = read;
+        self.node = node;
+        self.refs = None;
+        Ok(Some(drift))
     }
 
     /// Applies the diff between the maps and `desired`, comparing everything.

@@ -23,7 +23,7 @@ use std::{
 
 use ahash::AHashSet as HashSet;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Dataplane;
 use crate::model::{object_key, Config, EndpointSlice, ModelCache, Node, ObjectKey, Service};
@@ -94,6 +94,9 @@ pub struct Status {
 #[derive(Debug)]
 pub struct SyncStats<'a> {
     pub took: Duration,
+    /// Entries a drift check found changed behind the agent's back, which this sync
+    /// rewrote (0: none found).
+    pub drift_entries: usize,
     pub ops: usize,
     pub errors: &'a [String],
     pub services: usize,
@@ -125,6 +128,10 @@ pub struct WriterOptions {
     /// Where the UDP backends that left a frontend's ready set go, so the conntrack
     /// collector purges their flows at once (`gc`).
     pub purges: Option<Sender<super::gc::Purge>>,
+    /// How often the maps are read back and compared with the mirror, so entries
+    /// changed behind the agent's back (bpftool, another process) are repaired; `None`:
+    /// never.
+    pub resync: Option<Duration>,
 }
 
 impl Default for WriterOptions {
@@ -133,6 +140,7 @@ impl Default for WriterOptions {
             lists: BTreeSet::new(),
             debounce: Duration::ZERO,
             retry: Duration::from_secs(1),
+            resync: None,
             health_checks: None,
             purges: None,
         }
@@ -199,6 +207,7 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("lb-writer".into())
             .spawn(move || {
+                let next_resync = opts_resync_start(&opts);
                 let mut w = Loop {
                     plane,
                     model: ModelCache::default(),
@@ -210,6 +219,8 @@ impl Writer {
                     triggers: Vec::new(),
                     failed: false,
                     without_table: 0,
+                    next_resync,
+                    drift: None,
                 };
                 w.run(rx);
                 w.plane
@@ -272,6 +283,16 @@ struct Loop {
     failed: bool,
     /// Frontends without a Maglev table after the last sync (warned about on change).
     without_table: usize,
+    /// When the maps are next compared with the mirror (`WriterOptions::resync`).
+    next_resync: Option<Instant>,
+    /// Entries the last drift check found changed behind the agent's back (reported
+    /// with the repairing sync).
+    drift: Option<super::Drift>,
+}
+
+/// The first drift check: one period after the start.
+fn opts_resync_start(opts: &WriterOptions) -> Option<Instant> {
+    opts.resync.map(|d| Instant::now() + d)
 }
 
 fn slot(kind: Kind) -> Option<usize> {
@@ -285,19 +306,35 @@ fn slot(kind: Kind) -> Option<usize> {
 impl Loop {
     fn run(&mut self, rx: Receiver<Msg>) {
         loop {
-            // Block for the next update; after a failed sync, wake up to retry.
-            let first = if self.failed {
-                match rx.recv_timeout(self.opts.retry) {
+            // Block for the next update; after a failed sync, wake up to retry, and
+            // when a drift check is due, to make it.
+            let now = Instant::now();
+            let wake = [self.failed.then(|| now + self.opts.retry), self.next_resync]
+                .into_iter()
+                .flatten()
+                .min();
+            let first = match wake {
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(now)) {
                     Ok(m) => Some(m),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => return,
-                }
-            } else {
-                match rx.recv() {
+                },
+                None => match rx.recv() {
                     Ok(m) => Some(m),
                     Err(_) => return,
-                }
+                },
             };
+            if first.is_none() && self.next_resync.is_some_and(|at| at <= Instant::now()) {
+                self.next_resync = self.opts.resync.map(|d| Instant::now() + d);
+                if !self.ready() || self.failed {
+                    // Not written yet, or a full sync is due anyway.
+                    if !self.failed {
+                        continue;
+                    }
+                } else if !self.check_drift() {
+                    continue;
+                }
+            }
             let mut stop = false;
             // A batch of queries alone changes nothing: no sync follows it.
             let mut updated = first.is_none();
@@ -399,6 +436,36 @@ impl Loop {
         self.opts.lists.is_subset(&self.listed)
     }
 
+    /// Reads the maps back and compares them with the mirror; true if they differ (the
+    /// mirror now holds what the maps hold, and the next sync, a full one, repairs it).
+    fn check_drift(&mut self) -> bool {
+        let t0 = Instant::now();
+        match self.plane.check_drift() {
+            Ok(None) => {
+                debug!(took_us = t0.elapsed().as_micros() as u64, "maps as written");
+                false
+            }
+            Ok(Some(d)) => {
+                warn!(
+                    frontends = d.frontends,
+                    slots = d.slots,
+                    backends = d.backends,
+                    source_ranges = d.ranges,
+                    maglev_tables = d.tables,
+                    node = d.node,
+                    "map entries changed behind the agent's back; rewriting them"
+                );
+                self.drift = Some(d);
+                self.failed = true;
+                true
+            }
+            Err(e) => {
+                error!("reading the maps back to check them: {e}");
+                false
+            }
+        }
+    }
+
     fn sync(&mut self) {
         let t0 = Instant::now();
         let delta = self.model.take_delta();
@@ -428,8 +495,10 @@ impl Loop {
         } else {
             std::mem::take(&mut self.triggers)
         };
+        let drift = self.drift.take();
         let stats = SyncStats {
             took,
+            drift_entries: drift.as_ref().map_or(0, super::Drift::entries),
             ops: report.ops,
             errors: &report.errors,
             services: self.model.service_count(),

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub network_programming_duration: Histogram,
     pub map_operations: Counter,
     pub map_update_errors: Counter,
+    pub map_drift_repairs: Counter,
+    pub map_drift_entries: Counter,
     pub skipped_service_ports: Family<ReasonLabel, Counter>,
     pub skipped_endpoint_slices: Family<ReasonLabel, Counter>,
     pub rejected_objects: Family<KindLabel, Counter>,
@@ -85,6 +87,8 @@ impl Default for Metrics {
             maglev_max_cells: Gauge::default(),
             without_table: Gauge::default(),
             syncs: Counter::default(),
+            map_drift_repairs: Counter::default(),
+            map_drift_entries: Counter::default(),
             // 100 us .. ~3 s.
             sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             // 1 ms .. ~65 s, as kube-proxy's network programming buckets span.
@@ -217,6 +221,10 @@ impl Metrics {
             m.sync_duration.observe(s.took.as_secs_f64());
             m.map_operations.inc_by((s.ops - s.errors.len()) as u64);
             m.map_update_errors.inc_by(s.errors.len() as u64);
+            if s.drift_entries > 0 {
+                m.map_drift_repairs.inc();
+                m.map_drift_entries.inc_by(s.drift_entries as u64);
+            }
             m.services.set(s.services as i64);
             m.frontends.set(s.frontends as i64);
             m.backends.set(s.backends as i64);
@@ -254,6 +262,16 @@ impl Metrics {
             "lb_backends",
             "Distinct backends in the dataplane",
             self.backends.clone(),
+        );
+        r.register(
+            "lb_map_drift_repairs",
+            "Drift checks (--resync-secs) that found map entries changed behind the agent's back, each followed by a sync that rewrote them",
+            self.map_drift_repairs.clone(),
+        );
+        r.register(
+            "lb_map_drift_entries",
+            "Map entries found changed behind the agent's back (and rewritten)",
+            self.map_drift_entries.clone(),
         );
         r.register(
             "lb_maglev_cells",

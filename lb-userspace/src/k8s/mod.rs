@@ -72,6 +72,8 @@ pub struct AgentOptions {
     pub poll: Duration,
     /// Conntrack's collector.
     pub conntrack: crate::dataplane::gc::GcOptions,
+    /// How often the maps are checked against what was written (`None`: never).
+    pub resync: Option<Duration>,
 }
 
 /// The value of `LB_API_SERVER` in deploy/daemonset.yaml: a host under `.invalid`
@@ -232,6 +234,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         WriterOptions {
             health_checks: Some(checks.clone()),
             purges: Some(purges),
+            resync: opts.resync,
             ..writer_options(opts.debounce)
         },
         on_sync,
