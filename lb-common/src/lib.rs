@@ -45,8 +45,13 @@ pub const MAP_SNAT: &str = "LB_SNAT";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
 pub const MAP_MAGLEV: &str = "LB_MAGLEV";
+/// `lb trace`'s switch (an array of one [`TraceConfig`]): the programs emit events only
+/// while it says a tracer is reading.
+pub const MAP_TRACE: &str = "LB_TRACE";
+/// `lb trace`'s ring buffer of [`TraceEvent`]s.
+pub const MAP_EVENTS: &str = "LB_EVENTS";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 13] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -58,6 +63,8 @@ pub const MAP_NAMES: [&str; 11] = [
     MAP_AFFINITY,
     MAP_SOURCE_RANGES,
     MAP_MAGLEV,
+    MAP_TRACE,
+    MAP_EVENTS,
 ];
 
 /// Program names.
@@ -396,6 +403,87 @@ pub struct FragValue {
     pub _pad: [u8; 6],
 }
 
+/// Size of `LB_EVENTS` in bytes (a power of two, a multiple of the page size): 3,640
+/// events of 64 bytes (each with the ring buffer's 8-byte header) wait there for the
+/// tracer; when it is full, an event is lost and counted (`counter::TRACE_LOST`).
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+/// The most `lb trace` processes `TraceConfig` has room for at once.
+pub const MAX_TRACERS: usize = 14;
+
+/// The one value of `LB_TRACE` (an array of one, index 0): whether the programs emit
+/// [`TraceEvent`]s, and who asked. Written by `lb trace` only (under a lock of the pin
+/// folder), read by the programs at each decision they would report: one array lookup
+/// and one branch when nobody traces.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceConfig {
+    /// Non-zero: emit events. The number of tracers in `tracers`.
+    pub enabled: u32,
+    pub _pad: u32,
+    /// The process ids of the `lb trace` processes reading the events (0: a free place).
+    /// A tracer killed before it could take itself out is found dead (no such process) and
+    /// removed by the next tracer that starts or stops.
+    pub tracers: [u32; MAX_TRACERS],
+}
+
+/// `TraceEvent::reason` of nothing to report (not written to the ring buffer's
+/// readers: `lb trace` skips it): XDP left a new SNAT flow to the tc program behind it,
+/// which reports it.
+pub const TRACE_NOTHING: u32 = u32::MAX;
+
+/// `TraceEvent::hook`: the tc ingress program (pods' veths, and behind XDP).
+pub const TRACE_HOOK_TC: u8 = 1;
+/// `TraceEvent::hook`: the XDP program of the external interfaces.
+pub const TRACE_HOOK_XDP: u8 = 2;
+
+/// `TraceEvent::flags`: the flow is source-NATed too (toward another node's backend).
+pub const TRACE_F_SNAT: u8 = 1 << 0;
+/// `TraceEvent::flags`: a hairpin flow (a pod reaching itself through a Service).
+pub const TRACE_F_HAIRPIN: u8 = 1 << 1;
+/// `TraceEvent::flags`: a known flow's packet (its backend came from its conntrack
+/// entry), not a new flow.
+pub const TRACE_F_KNOWN: u8 = 1 << 2;
+
+/// One event of `LB_EVENTS`, `lb trace`'s line: a decision about a packet to a frontend
+/// (a new flow and its backend, a refusal, a drop), as the datapath took it. Addresses
+/// and ports as in the packet (network byte order; IPv4 mapped), before translation.
+/// The programs write what they hold and nothing they would have to compute (every
+/// branch costs verification in every state that reaches it): `lb trace` reads the
+/// kind of event from the reason, the backend's address from `LB_BACKENDS`, and how it
+/// was chosen from the frontend (the hash, or under sessionAffinity the client's
+/// record, or the hash's choice then recorded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceEvent {
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// The packet's source (the client).
+    pub client: Addr,
+    /// The packet's destination (the frontend).
+    pub frontend: Addr,
+    pub client_port: u16,
+    pub frontend_port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// A TCP packet's flags (a flow started without SYN: its entries were gone,
+    /// `ct_recreated`).
+    pub tcp_flags: u8,
+    /// `TRACE_HOOK_*`: the program that decided.
+    pub hook: u8,
+    /// `TRACE_F_*`.
+    pub flags: u8,
+    /// Why: the index of the counter the packet path incremented for this decision
+    /// (`counter::*`: `new_flow`, `refused_no_backend`, `drop_source_range`, ...), one
+    /// vocabulary with `lb show counters`; `TRACE_NOTHING`: none to report.
+    pub reason: u32,
+    /// The frontend's `service_id` (of the flow's entry, for a known flow's packet).
+    pub service_id: u32,
+    /// The chosen backend's id in `LB_BACKENDS` (0: none).
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
 /// Indexes of the per-CPU `LB_COUNTERS` array.
 pub mod counter {
     /// A new flow to a frontend got a backend and was translated.
@@ -481,8 +569,11 @@ pub mod counter {
     /// Ingress: a non-first fragment of a datagram to a frontend got the backend its
     /// first fragment was DNATed to (a note in `LB_FRAGS`).
     pub const TRANSLATED_FRAGMENT: u32 = 26;
+    /// `lb trace`: an event was lost, its ring buffer (`LB_EVENTS`) full (the tracer reads
+    /// slower than the programs decide).
+    pub const TRACE_LOST: u32 = 27;
     /// Number of counters (size of `LB_COUNTERS`).
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// Names for the CLI and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -513,6 +604,7 @@ pub mod counter {
         "reverse_translated_icmp",
         "translated_icmp",
         "translated_fragment",
+        "trace_lost",
     ];
 }
 
@@ -531,6 +623,8 @@ const _: () = assert!(size_of::<NodeConfig>() == 40);
 const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 32);
 const _: () = assert!(size_of::<SourceRange>() == 20);
+const _: () = assert!(size_of::<TraceConfig>() == 64);
+const _: () = assert!(size_of::<TraceEvent>() == 64);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -560,6 +654,8 @@ mod pod {
         AffinityKey,
         AffinityValue,
         SourceRange,
-        MaglevCell
+        MaglevCell,
+        TraceConfig,
+        TraceEvent
     );
 }

@@ -10,6 +10,7 @@
 use lb_common::{
     counter, Addr, CtValue, Frontend, BACKEND_F_REMOTE, CT_DIR_REPLY, CT_F_HAIRPIN, CT_F_SNAT,
     FRAG_REWRITE_DST, FRONTEND_F_KINDS, FRONTEND_F_LOCAL, FRONTEND_F_SOURCE_RANGES, PROTO_TCP,
+    TRACE_F_HAIRPIN, TRACE_F_KNOWN, TRACE_F_SNAT, TRACE_HOOK_TC, TRACE_HOOK_XDP,
 };
 
 use crate::{
@@ -19,8 +20,19 @@ use crate::{
     hook::{Hook, Leaving, Verdict},
     icmp, nat,
     parse::{self, Packet, Parsed, TCP_SYN},
-    service,
+    refuse, service,
+    trace::{self, Decision},
 };
+
+/// The hook `C` is, for `lb trace`.
+#[inline(always)]
+const fn trace_hook<C: Hook>() -> u8 {
+    if C::CREATES_CARRIED {
+        TRACE_HOOK_TC
+    } else {
+        TRACE_HOOK_XDP
+    }
+}
 
 #[inline(always)]
 pub fn process<C: Hook>(ctx: &C) -> Verdict {
@@ -67,6 +79,16 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
         }
         if !reply && pkt.first_fragment && known.flags & CT_F_SNAT != 0 {
             count(counter::DROP_FRAGMENT);
+            if trace::on() {
+                trace::remember(&pkt, now);
+                let mut d = Decision::new();
+                d.set(
+                    counter::DROP_FRAGMENT,
+                    known.backend_id,
+                    TRACE_F_SNAT | TRACE_F_KNOWN,
+                );
+                trace::emit(&pkt, now, known.service_id, &d, trace_hook::<C>());
+            }
             return Verdict::Drop;
         }
         // (One call site each: every inlined copy is verified again.)
@@ -90,7 +112,18 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
             // is unchanged.
             count(counter::CT_RECREATED);
         }
-        return new_flow(ctx, &pkt, &frontend, conntrack::now_ns());
+        let now = conntrack::now_ns();
+        if trace::on() {
+            trace::remember(&pkt, now);
+        }
+        let mut d = Decision::new();
+        let v = new_flow(ctx, &pkt, &frontend, now, &mut d);
+        // `lb trace`: one place for every decision about a new flow, where nothing is
+        // left to do but return (one array lookup and one branch when nobody traces).
+        if trace::on() {
+            trace::emit(&pkt, now, frontend.service_id, &d, trace_hook::<C>());
+        }
+        return v;
     }
 
     // 3. Nothing for us.
@@ -163,13 +196,20 @@ fn keeps_backend(known: &CtValue) -> bool {
 }
 
 /// Client -> frontend, first packet (or a flow starting over): pick a backend and
-/// remember it.
+/// remember it. `d` gets the decision (`lb trace`), set where it returns.
 #[inline(always)]
-fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Verdict {
+fn new_flow<C: Hook>(
+    ctx: &C,
+    pkt: &Packet,
+    frontend: &Frontend,
+    now: u64,
+    d: &mut Decision,
+) -> Verdict {
     // loadBalancerSourceRanges: only the listed sources reach a LoadBalancer IP (new
     // flows only, as kube-proxy's firewall chain matches connections in state NEW).
     if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 && !service::source_allowed(pkt, frontend) {
         count(counter::DROP_SOURCE_RANGE);
+        d.set(counter::DROP_SOURCE_RANGE, 0, 0);
         return Verdict::Drop;
     }
     let Some((backend_id, backend)) = service::select_backend(pkt, frontend, now) else {
@@ -177,8 +217,21 @@ fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Ve
         // does (the client retries; a load balancer's health check sends it elsewhere).
         if frontend.flags & FRONTEND_F_LOCAL != 0 {
             count(counter::DROP_NO_BACKEND);
+            d.set(counter::DROP_NO_BACKEND, 0, 0);
             return Verdict::Drop;
         }
+        // The counter the hook's refusal will increment (tc: refused, or dropped when it
+        // is not answered; XDP: left to the kernel), set before it rewrites the packet:
+        // a value computed after it would be kept through every way of building the
+        // answer.
+        let reason = if !C::CREATES_CARRIED {
+            counter::PASSED_NO_BACKEND
+        } else if refuse::answered(pkt) {
+            counter::REFUSED_NO_BACKEND
+        } else {
+            counter::DROP_NO_BACKEND
+        };
+        d.set(reason, 0, 0);
         return ctx.refuse(pkt);
     };
     // A pod reaching itself through a Service (hairpin): the kernel would drop a packet
@@ -195,16 +248,23 @@ fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Ve
     } else {
         if conntrack::create(pkt, frontend, backend_id, &backend.addr, backend.port, now).is_err() {
             count(counter::DROP_CT_FULL);
+            d.set(counter::DROP_CT_FULL, backend_id, 0);
             return Verdict::Drop;
         }
+        // Set before the rewrite (a value computed after it would be kept through every
+        // way of rewriting; a rewrite that fails, never seen, is counted
+        // `drop_rewrite_failed` but reported as decided).
+        d.set(counter::NEW_FLOW, backend_id, 0);
         return translate(ctx, pkt, &backend.addr, backend.port, counter::NEW_FLOW);
     };
     // The later fragments of a carried flow would need both addresses and a route.
     if pkt.first_fragment {
         count(counter::DROP_FRAGMENT);
+        d.set(counter::DROP_FRAGMENT, backend_id, TRACE_F_SNAT);
         return Verdict::Drop;
     }
     if !C::CREATES_CARRIED {
+        // (tc behind XDP makes the flow, and reports it.)
         count(counter::PASSED_TO_TC);
         return Verdict::Pass;
     }
@@ -219,6 +279,7 @@ fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Ve
             Some(a) => a,
             None => {
                 count(counter::DROP_SNAT_EXHAUSTED);
+                d.set(counter::DROP_SNAT_EXHAUSTED, backend_id, TRACE_F_SNAT);
                 return Verdict::Drop;
             }
         }
@@ -229,7 +290,11 @@ fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Ve
     } else {
         match ctx.route(&out) {
             Ok(r) => Some(r),
-            Err(v) => return v,
+            Err(v) => {
+                // (Only tc gets here: its route lookup drops what has no route.)
+                d.set(counter::DROP_NO_ROUTE, backend_id, TRACE_F_SNAT);
+                return v;
+            }
         }
     };
     match conntrack::create_snat(pkt, frontend, backend_id, &backend, to, now) {
@@ -242,10 +307,23 @@ fn new_flow<C: Hook>(ctx: &C, pkt: &Packet, frontend: &Frontend, now: u64) -> Ve
             let src = unsafe { &*src };
             out.src = &src.addr;
             out.sport = src.port;
-            translate_sent(ctx, pkt, &out, route.as_ref(), counter::NEW_FLOW)
+            let v = translate_sent(ctx, pkt, &out, route.as_ref(), counter::NEW_FLOW);
+            // (A drop here is a failed rewrite, or a failed send, counted as which:
+            // reported as the first.)
+            match v {
+                Verdict::Drop => d.set(counter::DROP_REWRITE_FAILED, backend_id, TRACE_F_SNAT),
+                _ if hairpin => d.set(
+                    counter::NEW_HAIRPIN,
+                    backend_id,
+                    TRACE_F_SNAT | TRACE_F_HAIRPIN,
+                ),
+                _ => d.set(counter::NEW_FLOW, backend_id, TRACE_F_SNAT),
+            }
+            v
         }
         Err(c) => {
             count(c);
+            d.set(c, backend_id, TRACE_F_SNAT);
             Verdict::Drop
         }
     }

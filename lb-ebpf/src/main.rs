@@ -29,6 +29,7 @@ mod reply;
 mod route;
 mod service;
 mod tc;
+mod trace;
 mod xdp;
 
 use aya_ebpf::{

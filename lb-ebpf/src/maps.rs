@@ -4,14 +4,15 @@
 //! writing a million entries costs no allocation per entry (100k Services x 10
 //! endpoints from empty: 3.3 s with NO_PREALLOC, 2.1 s without).
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
     counter, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Frontend,
-    FrontendKey, MaglevCell, NodeConfig, Slot, SlotKey, SnatPeer, SourceRange,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS,
-    DEFAULT_MAX_MAGLEV_CELLS, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
+    FrontendKey, MaglevCell, NodeConfig, Slot, SlotKey, SnatPeer, SourceRange, TraceConfig,
+    TraceEvent, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS,
+    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
+    EVENTS_RING_BYTES,
 };
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
@@ -98,3 +99,24 @@ pub static LB_SRC_RANGES: LpmTrie<SourceRange, u32, { DEFAULT_MAX_SOURCE_RANGES 
 /// loader. Not pinned: made with each load, for the programs of that load.
 #[btf_map]
 pub static LB_XDP_PROGS: ProgramArray<1> = ProgramArray::new();
+
+/// `lb trace`'s switch (one entry, index 0): events are written only while it is on.
+#[btf_map]
+pub static LB_TRACE: Array<TraceConfig, 1> = Array::new();
+
+/// `lb trace`'s events (`trace.rs`), read by the tracer from the pin.
+#[btf_map]
+pub static LB_EVENTS: RingBuf<TraceEvent, { EVENTS_RING_BYTES as usize }> = RingBuf::new();
+
+/// Scratch space for `lb trace` (`trace::remember`): the addresses of the packet being
+/// decided, for its event. Not pinned, like the other scratch maps.
+#[repr(C)]
+pub struct TraceScratch {
+    pub ts_ns: u64,
+    pub client: lb_common::Addr,
+    pub frontend: lb_common::Addr,
+    pub client_port: u16,
+}
+
+#[btf_map]
+pub static LB_TRACE_SCRATCH: PerCpuArray<TraceScratch, 1> = PerCpuArray::new();

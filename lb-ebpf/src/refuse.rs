@@ -191,16 +191,24 @@ fn change_tail(ctx: &TcContext, len: usize) -> Result<(), ()> {
     Ok(())
 }
 
+/// Whether a refusal is sent for `pkt`: not for a TCP RST (RFC 793 answers none), nor
+/// for a UDP datagram with IPv4 options or IPv6 extension headers (not echoed in an
+/// ICMP error); those are dropped (`drop_no_backend`).
+#[inline(always)]
+pub fn answered(pkt: &Packet) -> bool {
+    if pkt.proto == PROTO_TCP {
+        pkt.tcp_flags & TCP_RST == 0
+    } else {
+        !pkt.has_ip_options()
+    }
+}
+
 #[inline(always)]
 pub fn refuse(ctx: &TcContext, pkt: &Packet) -> Verdict {
-    let built = if pkt.proto == PROTO_TCP {
-        if pkt.tcp_flags & TCP_RST != 0 {
-            Err(())
-        } else {
-            build_rst(ctx, pkt)
-        }
-    } else if pkt.has_ip_options() {
+    let built = if !answered(pkt) {
         Err(())
+    } else if pkt.proto == PROTO_TCP {
+        build_rst(ctx, pkt)
     } else {
         match pkt.family {
             Family::V4 => build_port_unreachable(ctx, pkt),

@@ -1526,3 +1526,120 @@ fn map_entries_changed_behind_the_agents_back_are_repaired_at_the_next_resync() 
     );
     assert!(env.curl(WEB).is_ok());
 }
+
+/// A running `lb trace` (`-o json`), stopped with SIGINT (as Ctrl-C) on drop.
+struct Tracer {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Tracer {
+    /// Starts `lb trace` on the sandbox's pins and waits until it traces.
+    fn start(env: &Env, args: &[&str]) -> Tracer {
+        use std::{io::BufRead, process::Stdio};
+        let mut child = std::process::Command::new(lb_binary().unwrap())
+            .arg("trace")
+            .arg("--pin-dir")
+            .arg(env.sb.pin_dir())
+            .args(["-o", "json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        err.read_line(&mut first).unwrap();
+        assert!(first.starts_with("tracing"), "lb trace said: {first}");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Tracer { child, lines }
+    }
+
+    /// The next line that `keep` accepts, within 5 s.
+    fn find(&self, what: &str, keep: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no trace line of {what}"));
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if keep(&v) {
+                return v;
+            }
+        }
+    }
+
+    /// Ctrl-C: it must exit cleanly.
+    fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "lb trace exited with {status}");
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `lb trace` against a running `lb run`: a real request through the ClusterIP shows
+/// as a new flow to the backend that answered it, a request to a Service without
+/// backends as a refusal; `--service` keeps only its frontend's events; tracing is on
+/// while a tracer runs and off once the last one stops (Ctrl-C).
+#[test]
+fn lb_trace_shows_new_flows_with_their_backend_and_refusals() {
+    let env = Env::new(&all_ready(), &[]);
+    let pins = env.sb.pin_dir().to_path_buf();
+    assert_eq!(lb_userspace::trace::state(&pins).unwrap().enabled, 0);
+    let tracer = Tracer::start(&env, &[]);
+    assert_eq!(lb_userspace::trace::state(&pins).unwrap().enabled, 1);
+    let who = env.curl(WEB).unwrap();
+    let flow = tracer.find("the request to web", |v| {
+        v["kind"] == "new-flow" && v["frontend"] == "10.96.0.10:80"
+    });
+    assert_eq!(
+        flow["backend"],
+        format!("{}:8080", backend_ip(&who)),
+        "the backend that answered: {flow}"
+    );
+    assert_eq!(
+        (&flow["reason"], &flow["by"], &flow["hook"], &flow["proto"]),
+        (
+            &"new_flow".into(),
+            &"maglev".into(),
+            &"tc".into(),
+            &"TCP".into()
+        ),
+        "{flow}"
+    );
+    assert!(flow["client"].as_str().unwrap().starts_with("10.244.0.11:"));
+    assert_eq!(env.curl(EMPTY), Err(7));
+    let refused = tracer.find("the request to empty", |v| v["frontend"] == "10.96.0.30:80");
+    assert_eq!(
+        (&refused["kind"], &refused["reason"]),
+        (&"refused".into(), &"refused_no_backend".into()),
+        "{refused}"
+    );
+    assert!(refused.get("backend").is_none(), "{refused}");
+    tracer.stop();
+    assert_eq!(lb_userspace::trace::state(&pins).unwrap().enabled, 0);
+
+    // Filtered to the empty Service: web's flows are not printed.
+    let tracer = Tracer::start(&env, &["--service", "10.96.0.30"]);
+    env.curl(WEB).unwrap();
+    assert_eq!(env.curl(EMPTY), Err(7));
+    let first = tracer.find("any line", |_| true);
+    assert_eq!(first["frontend"], "10.96.0.30:80", "{first}");
+    tracer.stop();
+}

@@ -2892,3 +2892,207 @@ fn icmp_errors_toward_a_backend_get_the_backend_back_in_their_quote() {
         assert_eq!(k.counter("translated_icmp"), 2, "{vip}");
     }
 }
+
+// ---- lb trace ----
+
+/// The event the datapath should write, without its time (compared apart).
+fn trace_event(
+    reason: u32,
+    (client, cport): (&str, u16),
+    (frontend, fport): (&str, u16),
+    service_id: u32,
+    backend_id: u32,
+    tcp_flags: u8,
+) -> lb_common::TraceEvent {
+    use lb_userspace::dataplane::plan::map_addr;
+    let addr = |s: &str| map_addr(&s.parse().unwrap());
+    lb_common::TraceEvent {
+        ts_ns: 0,
+        client: addr(client),
+        frontend: addr(frontend),
+        client_port: cport.to_be(),
+        frontend_port: fport.to_be(),
+        proto: lb_common::PROTO_TCP,
+        tcp_flags,
+        hook: lb_common::TRACE_HOOK_TC,
+        flags: 0,
+        reason,
+        service_id,
+        backend_id,
+        _pad: 0,
+    }
+}
+
+/// Every event waiting in the ring buffer, their times zeroed (checked to be recent).
+fn drain_events(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<lb_common::TraceEvent> {
+    let mut out = Vec::new();
+    // SAFETY: timespec is plain data; clock_gettime fills it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid clock and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    while let Some(item) = ring.next() {
+        let mut e = lb_userspace::trace::parse_event(&item).expect("a whole event");
+        // The coarse clock lags by up to a tick (4 ms at HZ=250).
+        assert!(
+            e.ts_ns <= now + 10_000_000 && now - e.ts_ns < 10_000_000_000,
+            "event time {} vs now {now}",
+            e.ts_ns
+        );
+        e.ts_ns = 0;
+        out.push(e);
+    }
+    out
+}
+
+/// `lb trace`: with a tracer registered, a new flow, a refusal and a dropped packet each
+/// write exactly their event (client, frontend, service, backend and how it was chosen,
+/// the counter's reason); with none, the same decisions write nothing. A known flow's
+/// packets never write one.
+#[test]
+fn traced_decisions_write_their_events_and_nothing_is_written_untraced() {
+    use lb_common::counter;
+    use lb_userspace::trace;
+    let mut k = one_backend();
+    let state = Maps::from_pins(&k.pin_dir).unwrap().read_state().unwrap();
+    let key = |port: u16| lb_common::FrontendKey {
+        addr: lb_userspace::dataplane::plan::map_addr(&VIP.parse().unwrap()),
+        port: port.to_be(),
+        proto: lb_common::PROTO_TCP,
+        _pad: 0,
+    };
+    let web = state.frontends[&key(80)].service_id;
+    let empty = state.frontends[&key(81)].service_id;
+    let b1 = state.slot(web, 1).unwrap();
+    let mut ring = trace::open_events(&k.pin_dir).unwrap();
+    let pid = std::process::id();
+
+    // Nobody traces: nothing is written.
+    assert_eq!(trace::state(&k.pin_dir).unwrap().enabled, 0);
+    k.run(&Spec::tcp(CLIENT, 40100, VIP, 80, SYN).build());
+    k.run(&Spec::tcp(CLIENT, 40101, VIP, 81, SYN).build());
+    assert_eq!(drain_events(&mut ring), vec![], "tracing off");
+
+    assert_eq!(trace::register(&k.pin_dir, pid, true).unwrap(), 1);
+    let st = trace::state(&k.pin_dir).unwrap();
+    assert_eq!((st.enabled, st.tracers[0]), (1, pid));
+    let (v, _) = k.run(&Spec::tcp(CLIENT, 40102, VIP, 80, SYN).build());
+    assert_eq!(v, TC_ACT_OK);
+    // Its next packet is a known flow's: no event.
+    k.run(&Spec::tcp(CLIENT, 40102, VIP, 80, ACK).build());
+    let (v, _) = k.run(&Spec::tcp(CLIENT, 40103, VIP, 81, SYN).build());
+    assert_eq!(v, TC_ACT_REDIRECT, "the RST goes back");
+    // A TCP RST to a frontend without backends is not answered: dropped.
+    let (v, _) = k.run(&Spec::tcp(CLIENT, 40104, VIP, 81, RST).build());
+    assert_eq!(v, TC_ACT_SHOT);
+    assert_eq!(
+        drain_events(&mut ring),
+        vec![
+            trace_event(counter::NEW_FLOW, (CLIENT, 40102), (VIP, 80), web, b1, SYN),
+            trace_event(
+                counter::REFUSED_NO_BACKEND,
+                (CLIENT, 40103),
+                (VIP, 81),
+                empty,
+                0,
+                SYN
+            ),
+            trace_event(
+                counter::DROP_NO_BACKEND,
+                (CLIENT, 40104),
+                (VIP, 81),
+                empty,
+                0,
+                RST
+            ),
+        ]
+    );
+    // As `lb trace` prints them: the backend named, chosen by the hash over its one slot.
+    let names = trace::PinnedNames::open(&k.pin_dir).unwrap();
+    let line = |reason, port, id, flags| {
+        let e = trace_event(reason, (CLIENT, 40102), (VIP, port), web, id, flags);
+        trace::TraceLine::new(&e, (0, 0), &names).unwrap().text()
+    };
+    assert!(
+        line(counter::NEW_FLOW, 80, b1, SYN).ends_with(&format!(
+            "new-flow TCP {CLIENT}:40102 -> {VIP}:80 (service {web}) => {B1}:8080 (backend {b1}, \
+             by hash): new_flow [tc]"
+        )),
+        "{}",
+        line(counter::NEW_FLOW, 80, b1, SYN)
+    );
+
+    // The last tracer leaves: off again, and nothing is written.
+    assert_eq!(trace::register(&k.pin_dir, pid, false).unwrap(), 0);
+    k.run(&Spec::tcp(CLIENT, 40105, VIP, 80, SYN).build());
+    k.run(&Spec::tcp(CLIENT, 40106, VIP, 81, SYN).build());
+    assert_eq!(drain_events(&mut ring), vec![], "tracing off again");
+    assert_eq!(k.counter("trace_lost"), 0);
+}
+
+/// A tracer that died without leaving (SIGKILL) is dropped by the next one that comes
+/// or goes: tracing does not stay on for nobody.
+#[test]
+fn a_dead_tracer_is_dropped_by_the_next_one() {
+    use lb_userspace::trace;
+    let k = one_backend();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let dead = child.id();
+    assert_eq!(trace::register(&k.pin_dir, dead, true).unwrap(), 1);
+    assert_eq!(
+        trace::register(&k.pin_dir, std::process::id(), true).unwrap(),
+        2
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        trace::register(&k.pin_dir, std::process::id(), false).unwrap(),
+        0
+    );
+    assert_eq!(
+        trace::state(&k.pin_dir).unwrap(),
+        lb_common::TraceConfig::default()
+    );
+}
+
+/// `lb trace` of a drop, from XDP and in IPv6: a source outside a LoadBalancer IP's
+/// loadBalancerSourceRanges, with its reason.
+#[test]
+fn a_traced_drop_names_its_reason_and_hook() {
+    use lb_common::{counter, TRACE_HOOK_XDP};
+    use lb_userspace::trace;
+    let mut k = Kernel::new(&source_ranges_config());
+    let mut ring = trace::open_events(&k.pin_dir).unwrap();
+    trace::register(&k.pin_dir, std::process::id(), true).unwrap();
+    let lb_ip = "2001:db8:114::10";
+    let denied = Spec::tcp("2001:db8:999::9", 40900, lb_ip, 80, SYN).build();
+    assert_eq!(k.run_xdp(&denied).0, XDP_DROP);
+    trace::register(&k.pin_dir, std::process::id(), false).unwrap();
+    let state = Maps::from_pins(&k.pin_dir).unwrap().read_state().unwrap();
+    let id = state
+        .frontends
+        .iter()
+        .find(|(fk, _)| {
+            let f = frontend_addr(fk);
+            f.ip == lb_ip.parse::<IpAddr>().unwrap() && f.port == 80
+        })
+        .map(|(_, f)| f.service_id)
+        .unwrap();
+    assert_eq!(
+        drain_events(&mut ring),
+        vec![lb_common::TraceEvent {
+            hook: TRACE_HOOK_XDP,
+            ..trace_event(
+                counter::DROP_SOURCE_RANGE,
+                ("2001:db8:999::9", 40900),
+                (lb_ip, 80),
+                id,
+                0,
+                SYN,
+            )
+        }]
+    );
+}

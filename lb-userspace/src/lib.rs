@@ -3,7 +3,8 @@
 //! Data flows one way: a source (`config` file, or the Kubernetes watch in `k8s`) fills
 //! the `model`, which yields the desired map entries; `dataplane` diffs them against the
 //! maps and applies the difference; `loader` loads, pins and attaches the programs;
-//! `run` is the standalone agent's loop; `show` prints what is in the maps;
+//! `run` is the standalone agent's loop; `show` prints what is in the maps; `trace`
+//! follows the datapath's decisions as they happen;
 //! `healthcheck` serves the Services' health check node ports.
 pub mod config;
 pub mod dataplane;
@@ -14,6 +15,7 @@ pub mod model;
 pub mod netns;
 pub mod run;
 pub mod show;
+pub mod trace;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -4,7 +4,7 @@
 //! ```text
 //! /sys/fs/bpf/lb/LB_FRONTENDS  LB_SLOTS  LB_BACKENDS  LB_CONNTRACK               maps
 //! /sys/fs/bpf/lb/LB_COUNTERS  LB_FRAGS  LB_NODE  LB_SNAT  LB_AFFINITY            maps
-//! /sys/fs/bpf/lb/LB_SRC_RANGES                                                   map
+//! /sys/fs/bpf/lb/LB_SRC_RANGES  LB_TRACE  LB_EVENTS                              maps
 //! /sys/fs/bpf/lb/lb_tc_pod  lb_xdp_ext  lb_tc_egress  lb_xdp_carry               programs
 //! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                 tcx ingress links (pod interfaces)
 //! /sys/fs/bpf/lb/egress-links/<ifname>@<ifindex>          tcx egress links (pod interfaces)
@@ -98,6 +98,9 @@ fn layout(name: &str) -> Option<(usize, usize, u32)> {
         MAP_AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>(), 0),
         MAP_SOURCE_RANGES => (4 + size_of::<SourceRange>(), size_of::<u32>(), 0),
         MAP_MAGLEV => (size_of::<u32>(), size_of::<MaglevCell>(), 0),
+        MAP_TRACE => (size_of::<u32>(), size_of::<TraceConfig>(), 1),
+        // A ring buffer has neither keys nor values; its size is in bytes.
+        MAP_EVENTS => (0, 0, EVENTS_RING_BYTES),
         _ => return None,
     })
 }

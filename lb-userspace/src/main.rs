@@ -9,7 +9,7 @@ use lb_common::{
 use lb_userspace::{
     config, k8s,
     loader::{LoadOptions, DEFAULT_PIN_DIR},
-    netns, run, show,
+    netns, run, show, trace,
 };
 
 /// Kubernetes Service load balancer with an eBPF dataplane.
@@ -202,6 +202,29 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:9100")]
         agent: String,
     },
+    /// Follow the datapath's decisions as they happen, one line each: new flows with
+    /// their backend and how it was chosen, refusals, drops with their reason (like
+    /// `cilium monitor`). Tracing is on while a tracer runs, off otherwise.
+    Trace {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Output format: one line per event, or one JSON object per line.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: show::Format,
+        /// Only events of this frontend (IP, IP:PORT or IP:PORT/PROTO), service id, or
+        /// Service (namespace/name[:port], from the agent).
+        #[arg(long)]
+        service: Option<show::ServiceMatch>,
+        /// Only events in which this address is the client, the frontend or the backend.
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// The `lb agent` to ask for a Service's frontends (--service namespace/name).
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        agent: String,
+    },
 }
 
 impl MapArgs {
@@ -359,6 +382,26 @@ fn main() -> ExitCode {
             show::render(&pin_dir, what, format, &filter, agent)
                 .with_context(|| format!("reading the maps pinned under {}", pin_dir.display()))
                 .and_then(|s| print_out(&s))
+        }),
+        Cmd::Trace {
+            pin_dir,
+            format,
+            service,
+            address,
+            count,
+            agent,
+        } => parse_bind(&agent, "--agent").and_then(|agent| {
+            let opts = trace::TraceOptions {
+                pin_dir: pin_dir.clone(),
+                format,
+                service,
+                address,
+                count,
+                agent,
+            };
+            runtime()?
+                .block_on(trace::run(opts))
+                .with_context(|| format!("tracing the datapath pinned under {}", pin_dir.display()))
         }),
     };
     match result {

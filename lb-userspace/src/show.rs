@@ -173,7 +173,9 @@ impl FromStr for Endpoint {
 }
 
 impl Endpoint {
-    fn matches(&self, ip: IpAddr, port: u16, proto: Protocol) -> bool {
+    /// Whether the address, port and protocol given are this (a port or protocol not
+    /// given matches any).
+    pub fn matches(&self, ip: IpAddr, port: u16, proto: Protocol) -> bool {
         self.ip == ip
             && self.port.is_none_or(|p| p == port)
             && self.proto.is_none_or(|p| p == proto)
