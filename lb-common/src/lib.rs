@@ -497,7 +497,9 @@ pub mod counter {
     /// A connection to a frontend without a ready backend was refused (TCP RST / ICMP).
     pub const REFUSED_NO_BACKEND: u32 = 4;
     /// A packet whose IP header (IPv6: or extension headers) or L4 header is malformed
-    /// or truncated, or an IPv6 UDP datagram with a checksum of 0, was passed untouched:
+    /// or truncated (by the frame or by the IP packet's own length), whose lengths
+    /// disagree (an IP length past the frame, a TCP data offset or a UDP length past the
+    /// IP packet), or an IPv6 UDP datagram with a checksum of 0, was passed untouched:
     /// it matches no frontend and is never rewritten.
     pub const PASSED_MALFORMED: u32 = 5;
     /// A non-first IP fragment was passed untouched: no first fragment of its datagram

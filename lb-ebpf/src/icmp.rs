@@ -16,7 +16,8 @@
 //!
 //! The flows the program carries itself (SNAT, hairpin) are not covered: their errors
 //! pass untouched. Rules for bad input: an ICMP message too short to hold the IP header
-//! and 8 bytes of the packet it quotes, a quoted header that is not plain IPv4 (no
+//! and 8 bytes of the packet it quotes (inside its own IP length: a frame's padding is no
+//! quote), a quoted header that is not plain IPv4 (no
 //! options) or IPv6 (no extension headers) with TCP or UDP right after it, or an outer
 //! packet that is fragmented, has IPv4 options or IPv6 extension headers: not an error
 //! we translate (`passed`, as any other ICMP). Options are that rare on either header
@@ -69,6 +70,9 @@ pub struct IcmpError {
     pub inner_dport: u16,
     pub inner_src: Addr,
     pub inner_dst: Addr,
+    /// Where the error's IP packet ends in the frame (its total or payload length): the
+    /// quote ends there, whatever padding the frame has after it.
+    pub end: u32,
 }
 
 /// Where the ICMP header, the quoted IP header and the quoted L4 header are: the outer
@@ -97,14 +101,14 @@ const fn offsets(family: Family) -> Offsets {
 
 /// The bytes read from the ICMP header on: its own 8, the quoted IP header and 8 bytes of
 /// the quoted L4 header (the ports, and what RFC 792 guarantees a quote holds).
-const V4_BLOCK: usize = ICMP_HLEN + IPV4_MIN_HLEN + 8;
-const V6_BLOCK: usize = ICMP_HLEN + IPV6_HLEN + 8;
+pub const V4_BLOCK: usize = ICMP_HLEN + IPV4_MIN_HLEN + 8;
+pub const V6_BLOCK: usize = ICMP_HLEN + IPV6_HLEN + 8;
 
 /// An IPv4 ICMP message right after an outer header of 20 bytes (checked by the caller,
 /// with: not fragmented): an error quoting a TCP or UDP packet whose header has no
 /// options, or None.
 #[inline(always)]
-pub fn parse_v4<C: PacketData>(ctx: &C, src: Addr, dst: Addr) -> Option<IcmpError> {
+pub fn parse_v4<C: PacketData>(ctx: &C, src: Addr, dst: Addr, end: usize) -> Option<IcmpError> {
     let o = offsets(Family::V4);
     ctx.make_readable(o.icmp + V4_BLOCK);
     let b = ptr_at::<[u8; V4_BLOCK], C>(ctx, o.icmp)?;
@@ -141,13 +145,14 @@ pub fn parse_v4<C: PacketData>(ctx: &C, src: Addr, dst: Addr) -> Option<IcmpErro
         inner_dport: dport,
         inner_src,
         inner_dst,
+        end: end as u32,
     })
 }
 
 /// An ICMPv6 message right after a plain IPv6 header: an error quoting a TCP or UDP
 /// packet (no extension headers in the quote), or None.
 #[inline(always)]
-pub fn parse_v6<C: PacketData>(ctx: &C, src: Addr, dst: Addr) -> Option<IcmpError> {
+pub fn parse_v6<C: PacketData>(ctx: &C, src: Addr, dst: Addr, end: usize) -> Option<IcmpError> {
     let o = offsets(Family::V6);
     ctx.make_readable(o.icmp + V6_BLOCK);
     let b = ptr_at::<[u8; V6_BLOCK], C>(ctx, o.icmp)?;
@@ -187,6 +192,7 @@ pub fn parse_v6<C: PacketData>(ctx: &C, src: Addr, dst: Addr) -> Option<IcmpErro
         inner_dport: dport,
         inner_src: isrc,
         inner_dst: idst,
+        end: end as u32,
     })
 }
 
@@ -264,9 +270,13 @@ impl<R: Rewriter + PacketData> IcmpRewriter for R {
             } else {
                 UDP_CSUM_OFF
             };
+        // Not in the quote: past the error's IP packet (a frame's padding is no quote).
+        if off + 2 > e.end as usize {
+            return Ok(());
+        }
         self.make_readable(off + 2);
         let Some(old) = load::<u16, R>(self, off) else {
-            return Ok(()); // not in the quote
+            return Ok(());
         };
         if e.inner_proto == PROTO_UDP && old == 0 {
             return Ok(());

@@ -7,18 +7,21 @@
 //! Rules for bad input (documented in ARCHITECTURE.md):
 //! - neither IPv4 nor IPv6, or neither TCP nor UDP (ARP, ICMP, ICMPv6 with neighbour
 //!   discovery, ESP, no next header, ...): passed, counted `passed`;
-//! - IPv4 header truncated, IHL < 5, version != 4, total length shorter than the header:
-//!   passed untouched, counted `passed_malformed` (the kernel's IP stack validates it);
+//! - IPv4 header truncated, IHL < 5, version != 4, total length shorter than the header
+//!   or longer than the frame (a frame may be longer: Ethernet pads short ones): passed
+//!   untouched, counted `passed_malformed` (the kernel's IP stack validates it);
 //! - IPv6 header truncated, version != 6, payload length 0 (a jumbogram) or past the
 //!   packet, an IPv4-mapped source or destination (the maps' form of IPv4 addresses,
 //!   never valid on the wire), an extension header truncated or running past the
 //!   payload: passed untouched, counted `passed_malformed`;
 //! - an IPv6 chain of more than [`MAX_EXT_HEADERS`] extension headers: passed untouched,
 //!   counted `passed_long_ext_chain` (the walk is bounded for the verifier);
-//! - L4 header truncated (shorter than 20 bytes of TCP, TCP data offset < 5, or 8 bytes
-//!   of UDP; IPv6: also past the payload), or an IPv6 UDP checksum of 0 (RFC 8200 8.1: no
-//!   checksum is invalid there): passed untouched, counted `passed_malformed`: it can
-//!   match no frontend and is never rewritten;
+//! - L4 header truncated, by the frame or by the IP packet's own length (shorter than 20
+//!   bytes of TCP, TCP data offset < 5 or its options past the IP packet's end, 8 bytes
+//!   of UDP, a UDP length < 8 or past the IP packet's end where the datagram is not
+//!   fragmented), or an IPv6 UDP checksum of 0 (RFC 8200 8.1: no checksum is invalid
+//!   there): passed untouched, counted `passed_malformed`: it matches no frontend and is
+//!   never rewritten;
 //! - a non-first fragment: no L4 header to match, so it is handed on as a `Fragment`
 //!   (`frag.rs` translates it like its datagram's first fragment, if that one was
 //!   translated and left a note; otherwise it passes, counted `passed_fragment`); a
@@ -46,6 +49,7 @@ pub const IP_CSUM_OFF: usize = 10;
 pub const L4_SPORT_OFF: usize = 0;
 pub const L4_DPORT_OFF: usize = 2;
 pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_LEN_OFF: usize = 4;
 pub const UDP_CSUM_OFF: usize = 6;
 
 pub const TCP_FIN: u8 = 0x01;
@@ -221,9 +225,19 @@ impl PacketData for aya_ebpf::programs::XdpContext {
     fn data_end(&self) -> usize {
         aya_ebpf::programs::XdpContext::data_end(self)
     }
+    /// Loaded apart from `data`/`data_end` (volatile): the compiler must not learn from a
+    /// length check against this that a later `ptr_at` check is redundant and drop it,
+    /// since the verifier cannot follow that reasoning (it bounds packet accesses by the
+    /// checks against `data_end` only).
     #[inline(always)]
     fn packet_len(&self) -> usize {
-        self.data_end() - self.data()
+        // SAFETY: reading two fields of the program's own context.
+        unsafe {
+            let md = self.ctx;
+            let end = core::ptr::read_volatile(&(*md).data_end) as usize;
+            let start = core::ptr::read_volatile(&(*md).data) as usize;
+            end - start
+        }
     }
     #[inline(always)]
     fn make_readable(&self, _upto: usize) {}
@@ -278,14 +292,27 @@ struct L4 {
     udp_no_csum: bool,
 }
 
-/// Reads the TCP/UDP header at `l4_off`; None if it is truncated or malformed.
+/// Reads the TCP/UDP header at `l4_off`; None if it is truncated or malformed. `l3_end`
+/// is where the IP packet ends (its total or payload length says so, not the frame,
+/// which may carry padding): the header must end before it, the whole TCP header with
+/// its options (data offset) too; and for a datagram that is not fragmented
+/// (`whole`), the UDP length must be at least its header and at most what is there.
 ///
 /// Every field is read through the one pointer checked for the whole header: separate
 /// checks per field let the compiler drop those it proves redundant, and the verifier
 /// then meets a load whose bounds it cannot see (or a register set on one path only).
 #[inline(always)]
-fn parse_l4<C: PacketData>(ctx: &C, proto: u8, l4_off: usize) -> Option<L4> {
+fn parse_l4<C: PacketData>(
+    ctx: &C,
+    proto: u8,
+    l4_off: usize,
+    l3_end: usize,
+    whole: bool,
+) -> Option<L4> {
     if proto == PROTO_TCP {
+        if l4_off + TCP_MIN_HLEN > l3_end {
+            return None;
+        }
         let tcp = ptr_at::<[u8; TCP_MIN_HLEN], C>(ctx, l4_off)?;
         let words = tcp as *const u16;
         // SAFETY: the 20 bytes were bounds-checked just above; 16-bit loads as in `load`.
@@ -297,7 +324,8 @@ fn parse_l4<C: PacketData>(ctx: &C, proto: u8, l4_off: usize) -> Option<L4> {
                 (*tcp)[13],
             )
         };
-        if (doff >> 4) < 5 {
+        let hlen = (doff >> 4) as usize * 4;
+        if hlen < TCP_MIN_HLEN || l4_off + hlen > l3_end {
             return None;
         }
         Some(L4 {
@@ -308,16 +336,24 @@ fn parse_l4<C: PacketData>(ctx: &C, proto: u8, l4_off: usize) -> Option<L4> {
             udp_no_csum: false,
         })
     } else {
+        if l4_off + UDP_HLEN > l3_end {
+            return None;
+        }
         let udp = ptr_at::<[u8; UDP_HLEN], C>(ctx, l4_off)?;
         let words = udp as *const u16;
         // SAFETY: the 8 bytes were bounds-checked just above; 16-bit loads as in `load`.
-        let (sport, dport, csum) = unsafe {
+        let (sport, dport, len, csum) = unsafe {
             (
                 words.add(L4_SPORT_OFF / 2).read(),
                 words.add(L4_DPORT_OFF / 2).read(),
+                words.add(UDP_LEN_OFF / 2).read(),
                 words.add(UDP_CSUM_OFF / 2).read(),
             )
         };
+        let len = u16::from_be(len) as usize;
+        if whole && (len < UDP_HLEN || l4_off + len > l3_end) {
+            return None;
+        }
         Some(L4 {
             sport,
             dport,
@@ -357,18 +393,29 @@ fn parse_ipv4<C: PacketData>(ctx: &C) -> Parsed {
         return Parsed::Malformed;
     };
     let tot_len = u16::from_be(tot_len);
-    if (tot_len as usize) < ihl_bytes {
+    // The packet must hold what its header says it has (the frame may be longer:
+    // Ethernet pads short frames); a longer total length means it was cut short.
+    if (tot_len as usize) < ihl_bytes || l3_off + tot_len as usize > ctx.packet_len() {
         return Parsed::Malformed;
     }
     let frag = u16::from_be(frag);
     let more_fragments = frag & 0x2000 != 0;
     let frag_offset = frag & 0x1fff;
     if proto == crate::icmp::PROTO_ICMP {
-        if frag & 0x3fff != 0 || ihl_bytes != IPV4_MIN_HLEN {
+        // The error and its quote must lie inside the packet, not in a frame's padding.
+        if frag & 0x3fff != 0
+            || ihl_bytes != IPV4_MIN_HLEN
+            || (tot_len as usize) < IPV4_MIN_HLEN + crate::icmp::V4_BLOCK
+        {
             return Parsed::Other;
         }
-        return crate::icmp::parse_v4(ctx, ipv4_mapped(src), ipv4_mapped(dst))
-            .map_or(Parsed::Other, Parsed::IcmpError);
+        return crate::icmp::parse_v4(
+            ctx,
+            ipv4_mapped(src),
+            ipv4_mapped(dst),
+            l3_off + tot_len as usize,
+        )
+        .map_or(Parsed::Other, Parsed::IcmpError);
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Parsed::Other;
@@ -392,7 +439,13 @@ fn parse_ipv4<C: PacketData>(ctx: &C) -> Parsed {
     if ptr_at::<u8, C>(ctx, l4_off - 1).is_none() {
         return Parsed::Malformed;
     }
-    let Some(l4) = parse_l4(ctx, proto, l4_off) else {
+    let Some(l4) = parse_l4(
+        ctx,
+        proto,
+        l4_off,
+        l3_off + tot_len as usize,
+        !more_fragments,
+    ) else {
         return Parsed::Malformed;
     };
     Parsed::Packet(Packet {
@@ -451,7 +504,11 @@ fn parse_ipv6<C: PacketData>(ctx: &C) -> Parsed {
     }
     let end = l3_off + l3_len;
     if next == crate::icmp::PROTO_ICMPV6 {
-        return crate::icmp::parse_v6(ctx, src, dst).map_or(Parsed::Other, Parsed::IcmpError);
+        // The error and its quote must lie inside the payload, not in a frame's padding.
+        if l3_len < IPV6_HLEN + crate::icmp::V6_BLOCK {
+            return Parsed::Other;
+        }
+        return crate::icmp::parse_v6(ctx, src, dst, end).map_or(Parsed::Other, Parsed::IcmpError);
     }
 
     let mut nh = next;
@@ -530,7 +587,7 @@ fn parse_ipv6<C: PacketData>(ctx: &C) -> Parsed {
         return Parsed::Malformed;
     }
     ctx.make_readable(l4_off + l4_min);
-    let Some(l4) = parse_l4(ctx, nh, l4_off) else {
+    let Some(l4) = parse_l4(ctx, nh, l4_off, end, !first_fragment) else {
         return Parsed::Malformed;
     };
     // IPv6 makes the UDP checksum mandatory (RFC 8200 8.1): 0 is not "none" here.

@@ -6,6 +6,8 @@
 //! - `fake_api`: an HTTP server that speaks the Kubernetes API's list and watch protocol
 //!   to the real kube client;
 //! - `packet`: crafted frames for BPF_PROG_TEST_RUN, and checksums to check them;
+//! - `corpus`: malformed and adversarial frames, and the reference of what the datapath
+//!   must make of each (the kernel tests' corpus);
 //! - `rawbpf`: the few programs the bench assembles itself (no object file);
 //! - `image`: the agent's container image as an OCI archive (`cargo xtask image`);
 //! - `demo` (`cargo xtask demo`), `vmload` (the workload inside `cargo xtask vm-test`'s
@@ -14,6 +16,7 @@
 //! The tests of the kernel programs and the end-to-end tests live in `tests/`.
 pub mod agent;
 pub mod bench;
+pub mod corpus;
 pub mod demo;
 pub mod fake_api;
 pub mod image;

@@ -411,3 +411,248 @@ fn on_this_kernel_the_agent_needs_neither_cap_sys_resource_nor_memlock() {
     assert!(text.contains("running"), "{text}");
     assert!(!text.contains("ERROR"), "{text}");
 }
+
+/// A folder of this test's own, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!(
+            "lbt-cli-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Runs `lb args` and waits at most `limit`: (success, stderr), or a panic naming the
+/// command if it is still running then (after killing it).
+fn lb_within(args: &[&str], limit: Duration) -> (bool, String) {
+    let mut child = Command::new(lb_binary().unwrap())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (st.success(), err);
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("lb {args:?} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn lb_check_refuses_empty_files_fifos_devices_oversize_files_and_node_ports_out_of_range() {
+    let dir = TempDir::new("check");
+    let file = |name: &str, text: &str| {
+        let p = dir.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let fifo = dir.0.join("fifo.yaml");
+    mkfifo(&fifo);
+    let examples = examples();
+    let examples = examples.to_str().unwrap();
+    let example_text = std::fs::read_to_string(examples).unwrap();
+    let node_port = |np: u16| {
+        format!(
+            "services:\n  - {{name: web, clusterIP: 10.96.0.10, type: NodePort, ports: [{{port: 80, nodePort: {np}}}]}}\n"
+        )
+    };
+    let bad: Vec<(Vec<String>, &str)> = vec![
+        (vec![file("empty.yaml", "")], "the file is empty"),
+        (
+            vec![file("comments.yaml", "# services:\n#  - name: web\n\n")],
+            "the file is empty",
+        ),
+        (
+            vec![fifo.to_str().unwrap().into()],
+            "fifo.yaml: is a FIFO: only a regular file is read",
+        ),
+        (vec!["/dev/zero".into()], "/dev/zero: is a character device"),
+        (
+            vec![examples.into(), "--max-config-bytes".into(), "100".into()],
+            "over --max-config-bytes 100: refused unread",
+        ),
+        (
+            vec![file("np.yaml", &node_port(8080))],
+            "nodePort 8080 is outside the node port range 30000-32767",
+        ),
+        (
+            vec![file("nokey.yaml", "node: {name: a}\n")],
+            "write `services: []`",
+        ),
+        (
+            vec![
+                file("np2.yaml", &node_port(30080)),
+                "--service-node-port-range".into(),
+                "8000-9000".into(),
+            ],
+            "nodePort 30080 is outside the node port range 8000-9000",
+        ),
+    ];
+    for (args, why) in bad {
+        let mut all = vec!["check", "--config"];
+        all.extend(args.iter().map(String::as_str));
+        // A FIFO or /dev/zero must not hold it: a bounded wait.
+        let (ok, err) = lb_within(&all, Duration::from_secs(10));
+        assert!(!ok, "lb {all:?} accepted it");
+        assert!(err.contains(why), "lb {all:?}: {err}");
+    }
+    for args in [
+        vec![file("none.yaml", "services: []\n")],
+        vec![file("bom.yaml", &format!("\u{feff}{example_text}"))],
+        vec![
+            file("np3.yaml", &node_port(8080)),
+            "--service-node-port-range".into(),
+            "8000-9000".into(),
+        ],
+    ] {
+        let mut all = vec!["check", "--config"];
+        all.extend(args.iter().map(String::as_str));
+        let (ok, err) = lb_within(&all, Duration::from_secs(10));
+        assert!(ok, "lb {all:?}: {err}");
+    }
+}
+
+/// The frontends `lb show` finds in the maps pinned at `pins`.
+fn frontends(pins: &Pins) -> Vec<String> {
+    strings(&show_json(pins, &["services"])["services"], "frontend")
+}
+
+/// Waits until `lb run`'s log (at `log`) holds `what` `times` times, for at most 10 s.
+fn wait_log(log: &Path, what: &str, times: usize) -> String {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(what).count() >= times {
+            return text;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no {what:?} in lb run's log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `lb run`, stopped (SIGTERM, then waited for) on drop.
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_running_agent_keeps_its_services_when_its_file_is_truncated_or_turns_bad() {
+    let ns = Netns::new();
+    let pins = Pins::new();
+    let dir = TempDir::new("truncate");
+    let cfg = dir.0.join("services.yaml");
+    std::fs::copy(examples(), &cfg).unwrap();
+    let log = dir.0.join("lb.log");
+    let mut cmd = Command::new(lb_binary().unwrap());
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .args(["--interfaces", "lbt-none-*", "--netns", &ns.0, "--pin-dir"])
+        .arg(&pins.0)
+        .args(["--max-frontends", "256", "--max-backends", "1024"])
+        .args(["--max-slots", "1024", "--max-conntrack", "1024"])
+        .args(["--poll-ms", "50"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .env("RUST_LOG", "info");
+    let mut agent = Agent(cmd.spawn().unwrap());
+    wait_log(&log, "running", 1);
+    let before = frontends(&pins);
+    assert!(
+        before.contains(&"10.96.0.10:80/TCP".to_string()),
+        "{before:?}"
+    );
+
+    // Each of these, written in place, is refused and changes nothing in the maps.
+    let fifo_swap = |p: &Path| {
+        std::fs::remove_file(p).unwrap();
+        mkfifo(p);
+    };
+    type Step = Box<dyn Fn(&Path)>;
+    let steps: Vec<(&str, Step)> = vec![
+        (
+            "the file is empty",
+            Box::new(|p| drop(std::fs::File::create(p).unwrap())),
+        ),
+        (
+            "the file is empty",
+            Box::new(|p| std::fs::write(p, "# being edited\n").unwrap()),
+        ),
+        (
+            "is outside the node port range",
+            Box::new(|p| {
+                let text = std::fs::read_to_string(examples()).unwrap();
+                std::fs::write(p, text.replace("nodePort: 30080", "nodePort: 22")).unwrap()
+            }),
+        ),
+        ("is a FIFO", Box::new(fifo_swap)),
+    ];
+    let mut seen = std::collections::BTreeMap::new();
+    for (why, step) in steps {
+        step(&cfg);
+        let times = seen.entry(why).or_insert(0);
+        *times += 1;
+        wait_log(&log, why, *times);
+        assert!(
+            agent.0.try_wait().unwrap().is_none(),
+            "lb run exited on a bad file ({why})"
+        );
+        assert_eq!(frontends(&pins), before, "after a file where {why}");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("keeping the running state"), "{text}");
+
+    // Still following the file: the explicit form of "no Services" empties the maps.
+    std::fs::remove_file(&cfg).unwrap();
+    std::fs::write(&cfg, "services: []\n").unwrap();
+    let t0 = Instant::now();
+    while !frontends(&pins).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "services: [] was not applied: {:?}",
+            frontends(&pins)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(agent);
+}

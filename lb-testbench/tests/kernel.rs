@@ -3096,3 +3096,412 @@ fn a_traced_drop_names_its_reason_and_hook() {
         }]
     );
 }
+
+/// A flow as the corpus's model holds it: (source, source port, destination,
+/// destination port, protocol) of a packet as it arrives.
+type Tuple = (IpAddr, u16, IpAddr, u16, u8);
+
+/// What the programs' maps hold after the corpus's packets, as far as the rules say:
+/// the forward and reply entries of the flows translated, and the fragment notes. A
+/// translation that depends on them may happen (the LRU maps may have recycled an
+/// entry), one that does not must not.
+#[derive(Default)]
+struct Model {
+    /// Frontend (address, port, protocol) -> its one backend.
+    frontends: std::collections::BTreeMap<(IpAddr, u16, u8), (IpAddr, u16)>,
+    forward: std::collections::BTreeMap<Tuple, (IpAddr, u16)>,
+    reply: std::collections::BTreeMap<Tuple, (IpAddr, u16)>,
+    notes_in: std::collections::BTreeMap<lb_testbench::corpus::FragKey, IpAddr>,
+    notes_out: std::collections::BTreeMap<lb_testbench::corpus::FragKey, IpAddr>,
+}
+
+/// What a program must do with a packet: one of `outcomes` (counters), and if it
+/// changed the packet, `rewrite` (with the first outcome). `rewrite` None: untouched.
+struct Expect {
+    untouched: &'static [&'static str],
+    rewrite: Option<(&'static str, lb_testbench::corpus::Rewrite)>,
+    /// Whether the rewrite must happen (it depends on no LRU entry).
+    must: bool,
+}
+
+fn untouched(outcome: &'static [&'static str]) -> Expect {
+    Expect {
+        untouched: outcome,
+        rewrite: None,
+        must: false,
+    }
+}
+
+impl Model {
+    /// The rules at ingress (tc and XDP alike): a packet to a frontend is translated to
+    /// its backend; a later fragment or an ICMP error about a known flow may be.
+    fn ingress(&mut self, frame: &[u8], class: &lb_testbench::corpus::Class) -> Option<Expect> {
+        use lb_testbench::corpus::{Class, Rewrite};
+        Some(match class {
+            Class::Other => untouched(&["passed"]),
+            Class::Malformed => untouched(&["passed_malformed"]),
+            Class::LongExtChain => untouched(&["passed_long_ext_chain"]),
+            Class::LaterFragment(key) => match self.notes_in.get(key) {
+                Some(b) => Expect {
+                    untouched: &["passed_fragment"],
+                    rewrite: Some(("translated_fragment", Rewrite::fragment(frame, true, *b))),
+                    must: false,
+                },
+                None => untouched(&["passed_fragment"]),
+            },
+            Class::Packet(p) => {
+                let t = (p.src, p.sport, p.dst, p.dport, p.proto);
+                match self.frontends.get(&(p.dst, p.dport, p.proto)).copied() {
+                    // A pod reaching itself (hairpin) is translated both ways: not a
+                    // case of this corpus.
+                    Some((b, _)) if b == p.src => return None,
+                    Some(to) => {
+                        self.forward.insert(t, to);
+                        self.reply
+                            .insert((to.0, to.1, p.src, p.sport, p.proto), (p.dst, p.dport));
+                        if p.first_fragment {
+                            self.notes_in.insert(p.frag.clone(), to.0);
+                        }
+                        Expect {
+                            untouched: &[],
+                            rewrite: Some(("new_flow|translated", Rewrite::l4(frame, p, true, to))),
+                            must: true,
+                        }
+                    }
+                    None if self.reply.contains_key(&t) => untouched(&["passed_reply"]),
+                    None => untouched(&["passed"]),
+                }
+            }
+            Class::IcmpError(e) => {
+                match self.forward.get(&(e.dst, e.dport, e.src, e.sport, e.proto)) {
+                    Some(to) => Expect {
+                        untouched: &["passed"],
+                        rewrite: Some(("translated_icmp", Rewrite::icmp(e, true, *to))),
+                        must: false,
+                    },
+                    None => untouched(&["passed"]),
+                }
+            }
+        })
+    }
+
+    /// The rules at tc egress: a reply of a known flow may be reverse-translated (and
+    /// its later fragments, and ICMP errors about its client's packets).
+    fn egress(&mut self, frame: &[u8], class: &lb_testbench::corpus::Class) -> Option<Expect> {
+        use lb_testbench::corpus::{Class, Rewrite};
+        Some(match class {
+            Class::Other | Class::Malformed | Class::LongExtChain => untouched(&["egress_passed"]),
+            Class::LaterFragment(key) => match self.notes_out.get(key) {
+                Some(fe) => Expect {
+                    untouched: &["passed_fragment"],
+                    rewrite: Some((
+                        "reverse_translated_fragment",
+                        Rewrite::fragment(frame, false, *fe),
+                    )),
+                    must: false,
+                },
+                None => untouched(&["passed_fragment"]),
+            },
+            Class::Packet(p) => match self.reply.get(&(p.src, p.sport, p.dst, p.dport, p.proto)) {
+                Some(fe) => {
+                    if p.first_fragment {
+                        self.notes_out.insert(p.frag.clone(), fe.0);
+                    }
+                    Expect {
+                        untouched: &["egress_passed"],
+                        rewrite: Some(("reverse_translated", Rewrite::l4(frame, p, false, *fe))),
+                        must: false,
+                    }
+                }
+                None => untouched(&["egress_passed"]),
+            },
+            Class::IcmpError(e) => match self.reply.get(&(e.dst, e.dport, e.src, e.sport, e.proto))
+            {
+                Some(fe) => Expect {
+                    untouched: &["egress_passed"],
+                    rewrite: Some(("reverse_translated_icmp", Rewrite::icmp(e, false, *fe))),
+                    must: false,
+                },
+                None => untouched(&["egress_passed"]),
+            },
+        })
+    }
+}
+
+/// Counters that annotate a decision counted elsewhere (a packet also counted
+/// `new_flow`): every other counter is an outcome, exactly one per packet.
+const ANNOTATIONS: [&str; 3] = ["backend_reselected", "new_hairpin", "ct_recreated"];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Prog {
+    Tc,
+    Xdp,
+    Egress,
+}
+
+/// The one outcome counter a run moved (or a description of what is wrong).
+fn outcome(
+    before: &[(&'static str, u64)],
+    after: &[(&'static str, u64)],
+) -> Result<&'static str, String> {
+    let moved: Vec<(&str, u64)> = before
+        .iter()
+        .zip(after)
+        .filter(|((n, _), _)| !ANNOTATIONS.contains(n))
+        .filter(|((_, a), (_, b))| a != b)
+        .map(|((n, a), (_, b))| (*n, b - a))
+        .collect();
+    match moved[..] {
+        [(n, 1)] => Ok(n),
+        _ => Err(format!(
+            "counters moved: {moved:?} (want one outcome, by 1)"
+        )),
+    }
+}
+
+#[test]
+fn a_corpus_of_malformed_and_adversarial_packets_is_never_mis_rewritten_and_always_counted() {
+    use lb_testbench::corpus::{self, classify, Class, Rng};
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let mut k = Kernel::load(LoadOptions {
+        max_frontends: 1024,
+        max_backends: 1024,
+        max_slots: 1024,
+        max_conntrack: 1 << 17,
+        ..Default::default()
+    });
+    k.sync(
+        "services:\n  - name: web\n    clusterIPs: [10.96.0.10, \"fd00:10:96::a\"]\n    ports:\n      - {name: http, port: 80, protocol: TCP}\n      - {name: dns, port: 53, protocol: UDP}\n\
+         endpointSlices:\n  - name: web-4\n    serviceName: web\n    ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]\n    endpoints: [{addresses: [10.244.0.12]}]\n\
+         \x20 - name: web-6\n    serviceName: web\n    ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]\n    endpoints: [{addresses: [\"fd00:10:244::c\"]}]\n",
+    );
+    let mut model = Model::default();
+    for (vip, b) in [(VIP, B1), (VIP6, B1_6)] {
+        model.frontends.insert((ip(vip), 80, TCP), (ip(b), 8080));
+        model.frontends.insert((ip(vip), 53, UDP), (ip(b), 5353));
+    }
+
+    // Ingress: the seeds (valid, to the frontends), everything that breaks them, and
+    // ICMP errors about their flows' replies; egress: those replies and their breakage,
+    // and ICMP errors about the clients' packets after DNAT.
+    let mut rng = Rng(0x5eed_cafe_f00d_0001);
+    let seeds = corpus::seeds([ip(CLIENT), ip(CLIENT6)], [ip(VIP), ip(VIP6)]);
+    let mut ingress: Vec<(Vec<u8>, String)> = seeds.clone();
+    let mut egress: Vec<(Vec<u8>, String)> = Vec::new();
+    let mut icmp_in = Vec::new();
+    let broken = |frame: &[u8], name: &str, out: &mut Vec<(Vec<u8>, String)>, rng: &mut Rng| {
+        let mut m = corpus::mutations(frame, rng);
+        if let Class::Packet(p) = classify(frame) {
+            if !p.first_fragment {
+                m.extend(if p.proto == TCP {
+                    corpus::tcp_mutations(frame, p.l4_off)
+                } else {
+                    corpus::udp_mutations(frame, p.l4_off)
+                });
+            }
+        }
+        out.extend(m.into_iter().map(|f| (f, format!("{name}, broken"))));
+    };
+    for (seed, name) in &seeds {
+        broken(seed, name, &mut ingress, &mut rng);
+        let Class::Packet(p) = classify(seed) else {
+            continue;
+        };
+        let (b, bp) = model.frontends[&(p.dst, p.dport, p.proto)];
+        let (client, vip, backend) = (p.src.to_string(), p.dst.to_string(), b.to_string());
+        let reply = if p.proto == TCP {
+            Spec::tcp(&backend, bp, &client, p.sport, SYN | ACK)
+        } else {
+            Spec::udp(&backend, bp, &client, p.sport, b"an answer")
+        };
+        if p.first_fragment {
+            continue;
+        }
+        let reply_frame = reply.build();
+        egress.push((reply_frame.clone(), format!("reply to {name}")));
+        broken(
+            &reply_frame,
+            &format!("reply to {name}"),
+            &mut egress,
+            &mut rng,
+        );
+        if p.proto == UDP {
+            let mut big = reply.clone();
+            big.payload = vec![0x3c; 300];
+            big.frag = 0;
+            big.id = 0x7070 + egress.len() as u32;
+            for (i, f) in big.fragments(128).into_iter().enumerate() {
+                egress.push((f.clone(), format!("reply fragment {i} to {name}")));
+                broken(
+                    &f,
+                    &format!("reply fragment {i} to {name}"),
+                    &mut egress,
+                    &mut rng,
+                );
+            }
+        }
+        // The reply after reverse NAT, refused by the client; the client's packet after
+        // DNAT, refused by the backend.
+        let mut after_rnat = reply.clone();
+        (after_rnat.src, after_rnat.sport) = (p.dst, p.dport);
+        for f in corpus::icmp_errors(&client, &vip, &after_rnat.build()) {
+            icmp_in.push((f, format!("icmp error about the reply to {name}")));
+        }
+        let mut after_dnat = Spec::tcp(&client, p.sport, &backend, bp, ACK);
+        after_dnat.proto = p.proto;
+        for f in corpus::icmp_errors(&backend, &client, &after_dnat.build()) {
+            egress.push((f, format!("icmp error about {name} after DNAT")));
+        }
+    }
+    ingress.extend(icmp_in);
+    assert!(ingress.len() >= 10_000, "{} packets", ingress.len());
+
+    let mut failures: Vec<(String, String)> = Vec::new();
+    let mut refused = 0usize;
+    let mut seen: std::collections::BTreeMap<(String, &'static str), usize> = Default::default();
+    let runs = ingress
+        .iter()
+        .flat_map(|(f, n)| [(Prog::Tc, f, n), (Prog::Xdp, f, n)])
+        .chain(egress.iter().map(|(f, n)| (Prog::Egress, f, n)));
+    for (prog, frame, name) in runs {
+        let class = classify(frame);
+        let expect = match prog {
+            Prog::Egress => model.egress(frame, &class),
+            _ => model.ingress(frame, &class),
+        };
+        let Some(expect) = expect else {
+            continue;
+        };
+        let before = k.plane.maps.counters().unwrap();
+        let run = match prog {
+            Prog::Tc => k.try_run(frame),
+            Prog::Xdp => {
+                let mut out = vec![0u8; 4096];
+                k.datapath
+                    .xdp_program()
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        ..Default::default()
+                    })
+                    .map(|r| {
+                        out.truncate(r.data_size_out as usize);
+                        (r.return_value, out)
+                    })
+            }
+            Prog::Egress => tc_test_run(k.datapath.egress_program(), frame),
+        };
+        let Ok((verdict, out)) = run else {
+            // BPF_PROG_TEST_RUN takes no frame shorter than an Ethernet header and
+            // its IP header's minimum.
+            assert!(
+                frame.len() < 14 + 40,
+                "{prog:?} refused {} bytes",
+                frame.len()
+            );
+            refused += 1;
+            continue;
+        };
+        let after = k.plane.maps.counters().unwrap();
+        let kind = format!("{class:?}");
+        let kind = kind
+            .split(['(', ' '])
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let fail = |why: String| {
+            let short = why
+                .split([',', ':', '('])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            (
+                format!("{prog:?} {kind}: {short}"),
+                format!("{prog:?} {name} ({class:?}): {why}\n  {frame:02x?}"),
+            )
+        };
+        let got = match outcome(&before, &after) {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(fail(e));
+                continue;
+            }
+        };
+        *seen.entry((format!("{prog:?}"), got)).or_default() += 1;
+        let pass = if prog == Prog::Xdp {
+            XDP_PASS
+        } else {
+            TC_ACT_OK
+        };
+        if verdict != pass {
+            failures.push(fail(format!("verdict {verdict}, counted {got}")));
+            continue;
+        }
+        if out == *frame {
+            let must = expect.must && expect.rewrite.is_some();
+            if must || !expect.untouched.contains(&got) {
+                failures.push(fail(format!(
+                    "untouched, counted {got}; want {:?}",
+                    expect
+                        .rewrite
+                        .as_ref()
+                        .map(|r| r.0)
+                        .or(expect.untouched.first().copied())
+                )));
+            }
+            continue;
+        }
+        match &expect.rewrite {
+            None => failures.push(fail(format!(
+                "rewritten (counted {got}), want untouched:\n  {out:02x?}"
+            ))),
+            Some((counted, rewrite)) => {
+                if !counted.split('|').any(|c| c == got) {
+                    failures.push(fail(format!("rewritten but counted {got}, want {counted}")));
+                } else if let Err(e) = corpus::check_rewrite(frame, &out, rewrite) {
+                    failures.push(fail(format!("a wrong rewrite: {e}\n  {out:02x?}")));
+                }
+            }
+        }
+    }
+    let total = ingress.len() * 2 + egress.len();
+    eprintln!(
+        "corpus: {} ingress packets (tc and XDP), {} egress packets; {refused} runs refused by BPF_PROG_TEST_RUN (too short); outcomes: {seen:?}",
+        ingress.len(),
+        egress.len()
+    );
+    let mut kinds: std::collections::BTreeMap<&str, (usize, &str)> = Default::default();
+    for (kind, detail) in &failures {
+        kinds.entry(kind).or_insert((0, detail)).0 += 1;
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {total} runs wrong, by kind (count, first):\n{}",
+        failures.len(),
+        kinds
+            .iter()
+            .map(|(k, (n, d))| format!("{n} x {k}\n  {d}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The corpus reached every path it is about.
+    for (prog, counter) in [
+        ("Tc", "passed_malformed"),
+        ("Xdp", "passed_malformed"),
+        ("Egress", "egress_passed"),
+        ("Tc", "new_flow"),
+        ("Xdp", "translated"),
+        ("Tc", "translated_icmp"),
+        ("Xdp", "translated_icmp"),
+        ("Tc", "translated_fragment"),
+        ("Tc", "passed_long_ext_chain"),
+        ("Egress", "reverse_translated"),
+        ("Egress", "reverse_translated_icmp"),
+        ("Egress", "reverse_translated_fragment"),
+    ] {
+        assert!(
+            seen.get(&(prog.to_string(), counter)).copied().unwrap_or(0) > 0,
+            "no {prog} packet counted {counter}: {seen:?}"
+        );
+    }
+}

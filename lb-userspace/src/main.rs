@@ -129,6 +129,8 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
         #[command(flatten)]
+        file: ConfigArgs,
+        #[command(flatten)]
         datapath: DatapathArgs,
     },
     /// Kubernetes agent: watch Services, EndpointSlices and this node; keep the maps in sync.
@@ -175,6 +177,8 @@ enum Cmd {
     Check {
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        file: ConfigArgs,
     },
     /// Show what is in the maps: frontends with their active backends, backends,
     /// conntrack entries with their idle time, the datapath's counters.
@@ -225,6 +229,27 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:9100")]
         agent: String,
     },
+}
+
+/// How a config file is read and validated (`run`, `check`).
+#[derive(Args)]
+struct ConfigArgs {
+    /// A larger file is refused unread (so is anything but a regular file).
+    #[arg(long, default_value_t = config::DEFAULT_MAX_CONFIG_BYTES)]
+    max_config_bytes: u64,
+    /// The ports a nodePort may take, as the API server's flag: a file's nodePort
+    /// outside is refused.
+    #[arg(long, default_value_t = lb_userspace::model::NodePortRange::default())]
+    service_node_port_range: lb_userspace::model::NodePortRange,
+}
+
+impl ConfigArgs {
+    fn options(&self) -> config::Options {
+        config::Options {
+            max_bytes: self.max_config_bytes,
+            node_ports: self.service_node_port_range,
+        }
+    }
 }
 
 impl MapArgs {
@@ -296,11 +321,13 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = match cli.command {
         Cmd::Run {
             config,
+            file,
             datapath: d,
         } => run_in(
             d.netns,
             run::run(run::RunOptions {
                 config,
+                config_options: file.options(),
                 interfaces: d.interfaces,
                 external_interfaces: d.external_interfaces,
                 keep_pinned: d.keep_pinned,
@@ -344,27 +371,32 @@ fn main() -> ExitCode {
                 }),
             )
         }),
-        Cmd::Check { config: path } => config::load(&path).map_err(Into::into).and_then(|cfg| {
-            let st =
-                lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
-            let mut out = String::new();
-            for (fe, spec) in &st.frontends {
-                let active: Vec<String> = spec
-                    .active
-                    .iter()
-                    .map(|b| format!("{}:{}", b.ip, b.port))
-                    .collect();
-                let _ = writeln!(
-                    out,
-                    "{:<24} {:<12} {:<28} ready: {}",
-                    fe.to_string(),
-                    spec.kind.to_string(),
-                    spec.service,
-                    active.join(" ")
+        Cmd::Check { config: path, file } => config::load_with(&path, &file.options())
+            .map_err(Into::into)
+            .and_then(|cfg| {
+                let st = lb_userspace::model::desired_state(
+                    &cfg.services,
+                    &cfg.endpoint_slices,
+                    &cfg.node,
                 );
-            }
-            print_out(&out)
-        }),
+                let mut out = String::new();
+                for (fe, spec) in &st.frontends {
+                    let active: Vec<String> = spec
+                        .active
+                        .iter()
+                        .map(|b| format!("{}:{}", b.ip, b.port))
+                        .collect();
+                    let _ = writeln!(
+                        out,
+                        "{:<24} {:<12} {:<28} ready: {}",
+                        fe.to_string(),
+                        spec.kind.to_string(),
+                        spec.service,
+                        active.join(" ")
+                    );
+                }
+                print_out(&out)
+            }),
         Cmd::Show {
             what,
             pin_dir,

@@ -21,6 +21,8 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub config: PathBuf,
+    /// How the file is read and validated (its size bound, the node port range).
+    pub config_options: config::Options,
     pub interfaces: Vec<String>,
     pub external_interfaces: Vec<String>,
     pub load: LoadOptions,
@@ -204,22 +206,22 @@ fn stat(path: &std::path::Path) -> std::io::Result<(u64, i64, i64, u64)> {
 
 /// Reads and validates the file off the async runtime's threads (a large file takes
 /// seconds to parse).
-async fn load(path: &std::path::Path) -> Result<crate::model::Config> {
+async fn load(path: &std::path::Path, opts: config::Options) -> Result<crate::model::Config> {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || config::load(&path))
+    tokio::task::spawn_blocking(move || config::load_with(&path, &opts))
         .await
         .map_err(|e| Error::Config(format!("reading the config failed: {e}")))?
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
     let interfaces = Interfaces::new(&opts.interfaces, &opts.external_interfaces)?;
+    let copts = opts.config_options;
     let mut last_stat = stat(&opts.config).ok();
-    let text = std::fs::read(&opts.config)
-        .map_err(|e| Error::Config(format!("{}: cannot read: {e}", opts.config.display())))?;
+    let text = config::read(&opts.config, copts.max_bytes)?;
     // A fingerprint of the file, not a copy of it (a large config is tens of MiB).
     let mut last_seen = fingerprint(&text);
     drop(text);
-    let cfg = load(&opts.config).await?;
+    let cfg = load(&opts.config, copts).await?;
 
     let (mut datapath, plane) = load_datapath(&opts.load)?;
     let (purges, _gc_stats) = start_gc(&plane, &opts.conntrack)?;
@@ -251,18 +253,21 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     continue;
                 }
                 last_stat = now;
-                match std::fs::read(&opts.config).map(|text| fingerprint(&text)) {
+                // (A file cut short, made a FIFO or grown past the bound is an error
+                // like a malformed one: logged, and the maps keep what they hold.)
+                match config::read(&opts.config, copts.max_bytes).map(|text| fingerprint(&text)) {
                     Ok(seen) if seen != last_seen => {
                         last_seen = seen;
-                        match load(&opts.config).await {
+                        match load(&opts.config, copts).await {
                             Ok(cfg) => {
+                                info!(services = cfg.services.len(), "{}: applying the changed file", opts.config.display());
                                 writer.send(Update::Replace(cfg));
                             }
                             Err(e) => error!("{e}; keeping the running state"),
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => warn!("{}: cannot read: {e}; keeping the running state", opts.config.display()),
+                    Err(e) => warn!("{e}; keeping the running state"),
                 }
                 interfaces.sync(&mut datapath);
             }

@@ -306,7 +306,7 @@ mod tests {
         let one = services(1, Endpoints::Exactly(10), &web, web[0]);
         assert_eq!(one.len(), 2, "the two services under test are always there");
         let cfg = to_config(&s);
-        lb_userspace::model::validate_config(&cfg).unwrap();
+        lb_userspace::model::validate_config(&cfg, Default::default()).unwrap();
         let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
         assert_eq!(st.frontends.len(), 1000);
     }
@@ -320,7 +320,7 @@ mod tests {
         assert_eq!(s[99].node_port, Some(SINK_NODE_PORT));
         assert_eq!(s[99].port_name(), "bench/sink:udp");
         let cfg = to_config_on_node(&s, Some(node));
-        lb_userspace::model::validate_config(&cfg).unwrap();
+        lb_userspace::model::validate_config(&cfg, Default::default()).unwrap();
         let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
         // 100 ClusterIPs and the NodePort on the node's address.
         assert_eq!(st.frontends.len(), 101);

@@ -27,4 +27,6 @@ pub use state::{
     BackendAddr, Backends, Delta, DesiredState, FrontendAddr, FrontendKind, FrontendSpec,
     HealthCheck, SnatSources,
 };
-pub use validate::{validate_config, validate_node, validate_service, validate_slice, Invalid};
+pub use validate::{
+    validate_config, validate_node, validate_service, validate_slice, Invalid, NodePortRange,
+};

@@ -466,7 +466,8 @@ impl Node {
 pub struct Config {
     #[serde(default)]
     pub node: Node,
-    #[serde(default)]
+    /// Required, even empty (`services: []`): a file without it is more likely cut
+    /// short than meant to remove every Service.
     pub services: Vec<Service>,
     #[serde(default)]
     pub endpoint_slices: Vec<EndpointSlice>,

@@ -217,9 +217,77 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// The ports a nodePort may take (the API server's `--service-node-port-range`,
+/// 30000-32767 by default). A standalone file has no API server to allocate and check
+/// them, so validation does: a nodePort outside would open a port of the node's own
+/// addresses that something else may own (sshd's 22, an ephemeral port, this node's
+/// SNAT ports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodePortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Default for NodePortRange {
+    fn default() -> Self {
+        Self {
+            first: 30000,
+            last: 32767,
+        }
+    }
+}
+
+impl NodePortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl std::fmt::Display for NodePortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl std::str::FromStr for NodePortRange {
+    type Err = String;
+
+    /// "FIRST-LAST" (or one port), as the API server's flag; inside 1-65535 and clear
+    /// of the SNAT ports (`lb_common::DEFAULT_SNAT_PORT_MIN`..), which flows from
+    /// outside to other nodes' endpoints take on this node's addresses.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s.trim().split_once('-').unwrap_or((s.trim(), s.trim()));
+        let port = |p: &str| {
+            p.trim().parse::<u16>().map_err(|e| {
+                format!("{s:?}: {p:?} is not a port: {e} (want FIRST-LAST, e.g. 30000-32767)")
+            })
+        };
+        let r = Self {
+            first: port(a)?,
+            last: port(b)?,
+        };
+        if r.first == 0 || r.first > r.last {
+            return Err(format!(
+                "{s:?}: want FIRST-LAST with 1 <= FIRST <= LAST, e.g. 30000-32767"
+            ));
+        }
+        let (snat_min, snat_max) = (
+            lb_common::DEFAULT_SNAT_PORT_MIN,
+            lb_common::DEFAULT_SNAT_PORT_MAX,
+        );
+        if r.last >= snat_min {
+            return Err(format!(
+                "{s:?} overlaps this node's SNAT ports {snat_min}-{snat_max}: a NodePort there would take replies meant for source-NATed flows"
+            ));
+        }
+        Ok(r)
+    }
+}
+
 /// Validates a whole standalone config: every object on its own, then what spans
-/// objects (two Services with the same name, two Services on one frontend).
-pub fn validate_config(cfg: &Config) -> Result<(), Invalid> {
+/// objects (two Services with the same name, two Services on one frontend), and every
+/// nodePort against `node_ports`.
+pub fn validate_config(cfg: &Config, node_ports_allowed: NodePortRange) -> Result<(), Invalid> {
     validate_node(&cfg.node)?;
     let mut node_ports: BTreeMap<(u16, Protocol), (&str, &str)> = BTreeMap::new();
     let mut names = BTreeSet::new();
@@ -236,6 +304,17 @@ pub fn validate_config(cfg: &Config) -> Result<(), Invalid> {
         }
         for p in &svc.ports {
             if let Some(np) = p.node_port {
+                if !node_ports_allowed.contains(np) {
+                    return Err(invalid(
+                        "Service",
+                        &svc.namespace,
+                        &svc.name,
+                        format!(
+                            "port {:?}: nodePort {np} is outside the node port range {node_ports_allowed} (--service-node-port-range)",
+                            p.name
+                        ),
+                    ));
+                }
                 if let Some((ns, name)) =
                     node_ports.insert((np, p.protocol), (&svc.namespace, &svc.name))
                 {
@@ -295,13 +374,13 @@ mod tests {
             ],
             endpoint_slices: vec![],
         };
-        let e = validate_config(&cfg).unwrap_err();
+        let e = validate_config(&cfg, NodePortRange::default()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "Service default/b: frontend 10.96.0.10:80/TCP is already used by Service default/a"
         );
         cfg.services[1].cluster_ips = vec![ip("0.0.0.0")];
-        assert!(validate_config(&cfg)
+        assert!(validate_config(&cfg, NodePortRange::default())
             .unwrap_err()
             .to_string()
             .contains("cannot be a Service address"));
@@ -310,14 +389,17 @@ mod tests {
             "10.96.0.11",
             &[("", 80, Protocol::Tcp), ("x", 81, Protocol::Tcp)],
         );
-        assert!(validate_config(&cfg)
+        assert!(validate_config(&cfg, NodePortRange::default())
             .unwrap_err()
             .reason
             .contains("needs a name"));
         cfg.services[1] = svc("b", "10.96.0.11", &[("", 0, Protocol::Tcp)]);
-        assert!(validate_config(&cfg).unwrap_err().reason.contains("port 0"));
+        assert!(validate_config(&cfg, NodePortRange::default())
+            .unwrap_err()
+            .reason
+            .contains("port 0"));
         cfg.services[1] = svc("b", "10.96.0.11", &[("", 81, Protocol::Tcp)]);
-        assert!(validate_config(&cfg).is_ok());
+        assert!(validate_config(&cfg, NodePortRange::default()).is_ok());
     }
 
     #[test]
@@ -360,26 +442,28 @@ mod tests {
             endpoint_slices: vec![],
         };
         assert_eq!(
-            validate_config(&cfg).unwrap_err().to_string(),
+            validate_config(&cfg, NodePortRange::default())
+                .unwrap_err()
+                .to_string(),
             "Service default/other: nodePort 30080/TCP is already used by Service default/web"
         );
         // Same number, other protocol: a different nodePort.
         cfg.services[1] = other(30080, Protocol::Udp);
-        assert_eq!(validate_config(&cfg), Ok(()));
+        assert_eq!(validate_config(&cfg, NodePortRange::default()), Ok(()));
         // An external IP on a node address with the port of another Service's nodePort.
         cfg.node = node(Some("node-a"), &["192.168.1.1"]);
         let mut ext = svc("ext", "10.96.0.12", &[("", 30080, Protocol::Tcp)]);
         ext.external_ips = vec![ip("192.168.1.1")];
         cfg.services.push(ext);
         assert_eq!(
-            validate_config(&cfg).unwrap_err().to_string(),
+            validate_config(&cfg, NodePortRange::default()).unwrap_err().to_string(),
             "Service default/ext: frontend 192.168.1.1:30080/TCP is already used by Service default/web"
         );
         cfg.services.pop();
 
         // A node address that cannot be one.
         cfg.node.addresses.push(ip("255.255.255.255"));
-        let e = validate_config(&cfg).unwrap_err();
+        let e = validate_config(&cfg, NodePortRange::default()).unwrap_err();
         assert_eq!(
             (e.kind, e.name.as_str(), e.reason.as_str()),
             (
