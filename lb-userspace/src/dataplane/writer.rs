@@ -207,7 +207,8 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("lb-writer".into())
             .spawn(move || {
-                let next_resync = opts_resync_start(&opts);
+                // The first drift check: one period after the start.
+                let next_resync = opts.resync.map(|d| Instant::now() + d);
                 let mut w = Loop {
                     plane,
                     model: ModelCache::default(),
@@ -290,11 +291,6 @@ struct Loop {
     drift: Option<super::Drift>,
 }
 
-/// The first drift check: one period after the start.
-fn opts_resync_start(opts: &WriterOptions) -> Option<Instant> {
-    opts.resync.map(|d| Instant::now() + d)
-}
-
 fn slot(kind: Kind) -> Option<usize> {
     match kind {
         Kind::Service => Some(0),
@@ -326,12 +322,9 @@ impl Loop {
             };
             if first.is_none() && self.next_resync.is_some_and(|at| at <= Instant::now()) {
                 self.next_resync = self.opts.resync.map(|d| Instant::now() + d);
-                if !self.ready() || self.failed {
-                    // Not written yet, or a full sync is due anyway.
-                    if !self.failed {
-                        continue;
-                    }
-                } else if !self.check_drift() {
+                // After a failed sync a full one is due anyway; before the first, the
+                // maps hold nothing to check.
+                if !self.failed && (!self.ready() || !self.check_drift()) {
                     continue;
                 }
             }
