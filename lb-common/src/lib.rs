@@ -50,8 +50,11 @@ pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 pub const MAP_TRACE: &str = "LB_TRACE";
 /// `lb trace`'s ring buffer of [`TraceEvent`]s.
 pub const MAP_EVENTS: &str = "LB_EVENTS";
+/// The layout version of the maps pinned beside it (an array of one [`LayoutRecord`]):
+/// see [`LAYOUT_VERSION`].
+pub const MAP_LAYOUT: &str = "LB_LAYOUT";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 14] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -65,7 +68,28 @@ pub const MAP_NAMES: [&str; 13] = [
     MAP_MAGLEV,
     MAP_TRACE,
     MAP_EVENTS,
+    MAP_LAYOUT,
 ];
+
+/// The layout of the pinned maps: bump it whenever the meaning or the size of an
+/// existing map's key or value changes (a field added, moved or read otherwise, a map's
+/// type), and teach `lb_userspace::upgrade` the old layout and how to convert it (or
+/// that it cannot). Not for a new map (an agent creates the maps it does not find
+/// pinned) nor for a counter appended to `counter::*` (`LB_COUNTERS` of another length is
+/// copied index by index). An agent that finds pins of another version migrates them
+/// or refuses to start, never misreads them (ARCHITECTURE.md, "Upgrades").
+/// 1: before Maglev (`Frontend` of 16 bytes; no `LB_MAGLEV`, `LB_TRACE`, `LB_EVENTS`),
+/// pinned without a record; 2: `Frontend` with its Maglev table (24 bytes).
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// The one value of `LB_LAYOUT` (index 0), written by the agent once the maps beside it
+/// are of [`LAYOUT_VERSION`] (0: not written yet). This type never changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayoutRecord {
+    pub version: u32,
+    pub _pad: u32,
+}
 
 /// Program names.
 /// tc ingress on the host side of each pod's veth (and behind XDP on the external
@@ -627,6 +651,7 @@ const _: () = assert!(size_of::<FragValue>() == 32);
 const _: () = assert!(size_of::<SourceRange>() == 20);
 const _: () = assert!(size_of::<TraceConfig>() == 64);
 const _: () = assert!(size_of::<TraceEvent>() == 64);
+const _: () = assert!(size_of::<LayoutRecord>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -658,6 +683,7 @@ mod pod {
         SourceRange,
         MaglevCell,
         TraceConfig,
-        TraceEvent
+        TraceEvent,
+        LayoutRecord
     );
 }

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Frontend,
-    FrontendKey, MaglevCell, NodeConfig, Slot, SlotKey, SnatPeer, SourceRange, TraceConfig,
-    TraceEvent, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS,
+    FrontendKey, LayoutRecord, MaglevCell, NodeConfig, Slot, SlotKey, SnatPeer, SourceRange,
+    TraceConfig, TraceEvent, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS,
     DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
     EVENTS_RING_BYTES,
 };
@@ -120,3 +120,8 @@ pub struct TraceScratch {
 
 #[btf_map]
 pub static LB_TRACE_SCRATCH: PerCpuArray<TraceScratch, 1> = PerCpuArray::new();
+
+/// The layout version of the maps pinned beside it (`lb_common::LAYOUT_VERSION`), for
+/// the next agent: written by userspace, never read by the programs.
+#[btf_map]
+pub static LB_LAYOUT: Array<LayoutRecord, 1> = Array::new();

@@ -5,7 +5,8 @@
 //! maps and applies the difference; `loader` loads, pins and attaches the programs;
 //! `run` is the standalone agent's loop; `show` prints what is in the maps; `trace`
 //! follows the datapath's decisions as they happen;
-//! `healthcheck` serves the Services' health check node ports.
+//! `healthcheck` serves the Services' health check node ports; `upgrade` migrates (or
+//! refuses) maps pinned by an agent of another layout.
 pub mod config;
 pub mod dataplane;
 pub mod healthcheck;
@@ -16,6 +17,7 @@ pub mod netns;
 pub mod run;
 pub mod show;
 pub mod trace;
+pub mod upgrade;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -4,7 +4,7 @@
 //! ```text
 //! /sys/fs/bpf/lb/LB_FRONTENDS  LB_SLOTS  LB_BACKENDS  LB_CONNTRACK               maps
 //! /sys/fs/bpf/lb/LB_COUNTERS  LB_FRAGS  LB_NODE  LB_SNAT  LB_AFFINITY            maps
-//! /sys/fs/bpf/lb/LB_SRC_RANGES  LB_TRACE  LB_EVENTS                              maps
+//! /sys/fs/bpf/lb/LB_SRC_RANGES  LB_MAGLEV  LB_TRACE  LB_EVENTS  LB_LAYOUT         maps
 //! /sys/fs/bpf/lb/lb_tc_pod  lb_xdp_ext  lb_tc_egress  lb_xdp_carry               programs
 //! /sys/fs/bpf/lb/links/<ifname>@<ifindex>                 tcx ingress links (pod interfaces)
 //! /sys/fs/bpf/lb/egress-links/<ifname>@<ifindex>          tcx egress links (pod interfaces)
@@ -15,7 +15,8 @@
 //!                                                         interfaces)
 //! ```
 //!
-//! Maps are re-used when pinned, so a restarted agent keeps services and conntrack.
+//! Maps are re-used when pinned, so a restarted agent keeps services and conntrack
+//! (pins of another layout are migrated or refused first: `upgrade`).
 //! Links are pinned as soon as they are made, so the datapath keeps running if the agent
 //! dies; a restarted agent swaps its freshly loaded program into the pinned links
 //! atomically (`bpf_link_update`), so no packet meets an interface without a program.
@@ -79,65 +80,6 @@ impl Default for LoadOptions {
             max_maglev_cells: DEFAULT_MAX_MAGLEV_CELLS,
         }
     }
-}
-
-/// (key size, value size, entries or 0 for "any") each map has in this build.
-fn layout(name: &str) -> Option<(usize, usize, u32)> {
-    use std::mem::size_of;
-
-    use lb_common::{counter, *};
-    Some(match name {
-        MAP_FRONTENDS => (size_of::<FrontendKey>(), size_of::<Frontend>(), 0),
-        MAP_SLOTS => (size_of::<SlotKey>(), size_of::<Slot>(), 0),
-        MAP_BACKENDS => (size_of::<u32>(), size_of::<Backend>(), 0),
-        MAP_CONNTRACK => (size_of::<CtKey>(), size_of::<CtValue>(), 0),
-        MAP_COUNTERS => (size_of::<u32>(), size_of::<u64>(), counter::COUNT),
-        MAP_FRAGS => (size_of::<FragKey>(), size_of::<FragValue>(), 0),
-        MAP_NODE => (size_of::<u32>(), size_of::<NodeConfig>(), 1),
-        MAP_SNAT => (size_of::<CtKey>(), size_of::<SnatPeer>(), 0),
-        MAP_AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>(), 0),
-        MAP_SOURCE_RANGES => (4 + size_of::<SourceRange>(), size_of::<u32>(), 0),
-        MAP_MAGLEV => (size_of::<u32>(), size_of::<MaglevCell>(), 0),
-        MAP_TRACE => (size_of::<u32>(), size_of::<TraceConfig>(), 1),
-        // A ring buffer has neither keys nor values; its size is in bytes.
-        MAP_EVENTS => (0, 0, EVENTS_RING_BYTES),
-        _ => return None,
-    })
-}
-
-/// Refuses maps pinned by an agent whose layout differs from this one's (another
-/// version): re-using them would make the datapath misread every entry.
-fn check_pinned_layouts(pins: &[(&str, PathBuf)]) -> Result<()> {
-    for (name, path) in pins.iter().filter(|(_, p)| p.exists()) {
-        let Some((key, value, entries)) = layout(name) else {
-            continue;
-        };
-        let info = aya::maps::MapInfo::from_pin(path)
-            .map_err(|e| Error::Load(format!("reading the pinned map {}: {e}", path.display())))?;
-        let (k, v, n) = (
-            info.key_size() as usize,
-            info.value_size() as usize,
-            info.max_entries(),
-        );
-        if k != key || v != value || (entries != 0 && n != entries) {
-            let dir = path.parent().unwrap_or(path);
-            return Err(Error::Load(format!(
-                "the map pinned at {} has another layout (key {k} bytes, value {v} bytes, \
-                 {n} entries; this lb has key {key}, value {value}{}): an agent of another \
-                 version pinned it, and this one would misread it. Stop that agent and \
-                 remove its pins to start afresh (the datapath stops until this agent \
-                 attaches): rm -r {}",
-                path.display(),
-                if entries != 0 {
-                    format!(", {entries} entries")
-                } else {
-                    String::new()
-                },
-                dir.display()
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Mounts bpffs on `/sys/fs/bpf` if `dir` is under it and nothing is mounted there yet.
@@ -352,7 +294,8 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the object, re-using pinned maps (or creating and pinning them), and pins the
-    /// programs. Returns the datapath and its maps.
+    /// programs. Returns the datapath and its maps. Pins of an older layout are migrated
+    /// first, pins this lb would misread refused (`upgrade`).
     pub fn load(opts: &LoadOptions) -> Result<(Self, Maps)> {
         if EBPF_OBJECT.is_empty() {
             return Err(Error::Load(
@@ -369,8 +312,21 @@ impl Datapath {
             .into_iter()
             .map(|m| (m, opts.pin_dir.join(m)))
             .collect();
+        let upgrade = crate::upgrade::Upgrade::prepare(&opts.pin_dir)?;
+        upgrade.set_aside()?;
+        let loaded = Self::load_pinned(opts, &pins).and_then(|loaded| {
+            upgrade.finish()?;
+            Ok(loaded)
+        });
+        if loaded.is_err() {
+            upgrade.restore();
+        }
+        loaded
+    }
+
+    /// [`Datapath::load`] once the pins are of this layout (or set aside to be made anew).
+    fn load_pinned(opts: &LoadOptions, pins: &[(&str, PathBuf)]) -> Result<(Self, Maps)> {
         let reused = pins.iter().filter(|(_, p)| p.exists()).count();
-        check_pinned_layouts(&pins)?;
         for hook in Hook::ALL {
             let dir = opts.pin_dir.join(hook.links_dir());
             fs::create_dir_all(&dir).map_err(|e| {
@@ -378,7 +334,7 @@ impl Datapath {
             })?;
         }
         let mut loader = EbpfLoader::new();
-        for (name, path) in &pins {
+        for (name, path) in pins {
             loader.map_pin_path(name, path.as_path());
         }
         loader
@@ -721,6 +677,13 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
     }
     for name in MAP_NAMES.into_iter().chain(PROG_NAMES) {
         let _ = fs::remove_file(dir.join(name));
+    }
+    let aside = dir.join(crate::upgrade::ASIDE_DIR);
+    if let Ok(entries) = fs::read_dir(&aside) {
+        for entry in entries.flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+        let _ = fs::remove_dir(aside);
     }
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),

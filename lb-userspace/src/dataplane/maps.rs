@@ -83,6 +83,7 @@ impl Maps {
 
     /// Opens the maps a running (or stopped, pins kept) agent pinned under `dir`.
     pub fn from_pins(dir: &Path) -> Result<Self> {
+        crate::upgrade::check_readable(dir)?;
         let open = |name: &str| -> Result<Map> {
             let path = dir.join(name);
             let data = MapData::from_pin(&path).map_err(|e| {
