@@ -21,8 +21,8 @@ pub enum Verdict {
 }
 
 /// Packet bounds, a way to rewrite fields with their checksums, and the steps that
-/// differ between hooks.
-pub trait Hook: PacketData + Rewriter {
+/// differ between hooks (a program's context: `debug_log!` writes through it).
+pub trait Hook: PacketData + Rewriter + aya_ebpf::EbpfContext {
     /// A new connection to a frontend without a ready backend.
     fn refuse(&self, pkt: &Packet) -> Verdict;
     /// Whether this hook makes the flows the program carries itself (SNAT flows toward

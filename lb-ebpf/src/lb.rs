@@ -18,7 +18,9 @@ use crate::{
     counters::count,
     frag,
     hook::{Hook, Leaving, Verdict},
-    icmp, nat,
+    icmp,
+    log::debug_log,
+    nat,
     parse::{self, Packet, Parsed, TCP_SYN},
     refuse, service,
     trace::{self, Decision},
@@ -44,6 +46,7 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
         }
         Parsed::Malformed => {
             count(counter::PASSED_MALFORMED);
+            debug_log!(ctx, "reason=passed_malformed");
             return Verdict::Pass;
         }
         Parsed::LongExtChain => {
@@ -116,6 +119,17 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
         if trace::on() {
             trace::remember(&pkt, now);
         }
+        // The addresses here, not with the decision: kept live to the end of the path,
+        // they multiply the states the verifier explores (see `trace::remember`).
+        debug_log!(
+            ctx,
+            "new flow {:i}:{} -> {:i}:{} proto {}",
+            crate::log::bytes(&pkt.src),
+            u16::from_be(pkt.sport),
+            crate::log::bytes(&pkt.dst),
+            u16::from_be(pkt.dport),
+            pkt.proto
+        );
         let mut d = Decision::new();
         let v = new_flow(ctx, &pkt, &frontend, now, &mut d);
         // `lb trace`: one place for every decision about a new flow, where nothing is
@@ -123,6 +137,15 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
         if trace::on() {
             trace::emit(&pkt, now, frontend.service_id, &d, trace_hook::<C>());
         }
+        // The reason is a counter's index; the agent prints its name.
+        debug_log!(
+            ctx,
+            "reason={} service {} backend {} client port {}",
+            d.reason,
+            frontend.service_id,
+            d.backend_id,
+            u16::from_be(pkt.sport)
+        );
         return v;
     }
 

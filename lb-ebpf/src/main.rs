@@ -21,6 +21,7 @@ mod frag;
 mod hook;
 mod icmp;
 mod lb;
+mod log;
 mod maps;
 mod nat;
 mod parse;

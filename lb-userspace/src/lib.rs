@@ -9,6 +9,7 @@
 //! refuses) maps pinned by an agent of another layout.
 pub mod config;
 pub mod dataplane;
+pub mod ebpf_log;
 pub mod healthcheck;
 pub mod k8s;
 pub mod loader;

@@ -290,6 +290,9 @@ pub struct Datapath {
     /// Netlink tc filters (kernels before 6.6, no tcx): they cannot be pinned, so the
     /// agent holds them; they detach when dropped.
     held: BTreeMap<(Hook, String), SchedClassifierLink>,
+    /// The programs' log lines, forwarded while the agent runs (a `--debug-log` object
+    /// only).
+    _log: Option<crate::ebpf_log::EbpfLog>,
 }
 
 impl Datapath {
@@ -304,6 +307,12 @@ impl Datapath {
                     .into(),
             ));
         }
+        Self::load_object(opts, EBPF_OBJECT)
+    }
+
+    /// [`Datapath::load`] of another object than the embedded one (a `--debug-log`
+    /// build, in the tests).
+    pub fn load_object(opts: &LoadOptions, object: &[u8]) -> Result<(Self, Maps)> {
         ensure_bpffs(&opts.pin_dir)?;
         if let Some(why) = foreign_bpffs(&opts.pin_dir) {
             warn!("{why}");
@@ -314,7 +323,7 @@ impl Datapath {
             .collect();
         let upgrade = crate::upgrade::Upgrade::prepare(&opts.pin_dir)?;
         upgrade.set_aside()?;
-        let loaded = Self::load_pinned(opts, &pins).and_then(|loaded| {
+        let loaded = Self::load_pinned(opts, &pins, object).and_then(|loaded| {
             upgrade.finish()?;
             Ok(loaded)
         });
@@ -325,7 +334,11 @@ impl Datapath {
     }
 
     /// [`Datapath::load`] once the pins are of this layout (or set aside to be made anew).
-    fn load_pinned(opts: &LoadOptions, pins: &[(&str, PathBuf)]) -> Result<(Self, Maps)> {
+    fn load_pinned(
+        opts: &LoadOptions,
+        pins: &[(&str, PathBuf)],
+        object: &[u8],
+    ) -> Result<(Self, Maps)> {
         let reused = pins.iter().filter(|(_, p)| p.exists()).count();
         for hook in Hook::ALL {
             let dir = opts.pin_dir.join(hook.links_dir());
@@ -350,7 +363,7 @@ impl Datapath {
             .map_max_entries(MAP_AFFINITY, (opts.max_conntrack / 4).max(1024))
             .map_max_entries(MAP_SOURCE_RANGES, opts.max_source_ranges)
             .map_max_entries(MAP_MAGLEV, opts.max_maglev_cells.max(1));
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+        let mut ebpf = loader.load(object).map_err(|e| {
             let hint = aya::util::KernelVersion::current()
                 .ok()
                 .and_then(|v| memlock_hint(v, &e.to_string()))
@@ -361,11 +374,13 @@ impl Datapath {
             info!(pin_dir = %opts.pin_dir.display(), reused, "re-using pinned maps");
         }
         let maps = Maps::take(&mut ebpf)?;
+        let log = crate::ebpf_log::EbpfLog::start(&mut ebpf)?;
         let mut dp = Self {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
             attached: BTreeMap::new(),
             held: BTreeMap::new(),
+            _log: log,
         };
         let verifier = |name: &str, e: &dyn std::fmt::Display| {
             Error::Load(format!("the verifier rejected {name}: {e:#}"))

@@ -47,7 +47,13 @@ enum Cmd {
     /// Install what a fresh machine lacks (Debian packages, rust-src, bpf-linker), mount bpffs.
     Setup,
     /// Build the eBPF object (nightly, bpfel-unknown-none, bpf-linker).
-    BuildEbpf,
+    BuildEbpf {
+        /// A debug build of the programs instead, with aya-log lines at their decisions
+        /// (the `debug-log` feature), in target/ebpf-debug-log/; embed it with
+        /// `LB_EBPF_OBJECT=<path> cargo build`. The release object has none of it.
+        #[arg(long)]
+        debug_log: bool,
+    },
     /// Build the eBPF object, the `lb` binary that embeds it, and `lb-testbench`.
     Build {
         #[arg(long)]
@@ -259,13 +265,34 @@ pub fn ebpf_object() -> PathBuf {
     root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
 }
 
+/// The debug build of the eBPF object (`build-ebpf --debug-log`).
+pub fn ebpf_debug_log_object() -> PathBuf {
+    root().join("target/ebpf-debug-log/bpfel-unknown-none/release/lb-ebpf")
+}
+
 fn build_ebpf() -> Result<()> {
+    build_ebpf_object(false)
+}
+
+/// The eBPF object; with `debug_log`, its debug build (aya-log lines), in a target
+/// folder of its own so that the release object and its build stay as they are.
+fn build_ebpf_object(debug_log: bool) -> Result<()> {
     setup_build()?;
+    let (features, target_dir, object) = if debug_log {
+        (
+            "debug-log",
+            "target/ebpf-debug-log",
+            ebpf_debug_log_object(),
+        )
+    } else {
+        ("", "target/ebpf", ebpf_object())
+    };
     run(Command::new("cargo")
         .current_dir(root())
         .args(["+nightly", "build", "--package", "lb-ebpf", "--release"])
+        .args(["--features", features])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .args(["--target-dir", "target/ebpf"])
+        .args(["--target-dir", target_dir])
         // bpf-linker emits BTF (typed maps for the loader and `bpftool map dump`).
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
@@ -275,7 +302,13 @@ fn build_ebpf() -> Result<()> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTFLAGS"))?;
-    eprintln!("eBPF object: {}", ebpf_object().display());
+    eprintln!("eBPF object: {}", object.display());
+    if debug_log {
+        eprintln!(
+            "an lb that embeds it: LB_EBPF_OBJECT={} cargo build -p lb-userspace",
+            object.display()
+        );
+    }
     Ok(())
 }
 
@@ -326,6 +359,8 @@ fn clean_sandboxes() -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     build_ebpf()?;
+    // The debug-log tests load the debug build too.
+    build_ebpf_object(true)?;
     // Two runs on one machine (a second checkout, a helper's worktree) would remove each
     // other's namespaces in `clean_sandboxes`: they take turns instead.
     let _turn = machine_lock("test")?;
@@ -495,7 +530,7 @@ fn main() -> Result<()> {
     }
     match cli.cmd {
         Cmd::Setup => setup(),
-        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::BuildEbpf { debug_log } => build_ebpf_object(debug_log),
         Cmd::Build { release } => build(release),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { requests } => demo(requests),
