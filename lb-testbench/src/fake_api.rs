@@ -343,18 +343,7 @@ impl FakeApi {
 
     /// Answers again, on the same address.
     pub async fn restart(&self) {
-        // The aborted acceptor drops its listener when the task is next polled.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("rebinding the fake API server on {}: {e}", self.addr),
-            }
-        };
+        let listener = rebind(self.addr).await;
         self.serve(listener);
     }
 
@@ -391,6 +380,21 @@ impl FakeApi {
             .get(&res)
             .copied()
             .unwrap_or(0)
+    }
+}
+
+/// A listener on `addr` again, once the aborted acceptor has dropped the old one (when
+/// its task is next polled).
+async fn rebind(addr: SocketAddr) -> TcpListener {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("rebinding the fake API server on {addr}: {e}"),
+        }
     }
 }
 
@@ -648,6 +652,8 @@ fn watch_stream(
 /// listening on `ip` there; stopped on drop.
 pub struct ApiInNetns {
     api: Option<FakeApi>,
+    /// The runtime whose threads are in the namespace.
+    handle: tokio::runtime::Handle,
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -675,15 +681,16 @@ impl ApiInNetns {
                 }
             };
             let api = rt.block_on(FakeApi::start_on(ip));
-            let _ = tx.send(Ok(api));
+            let _ = tx.send(Ok((api, rt.handle().clone())));
             let _ = stop_rx.recv();
             drop(rt);
         });
-        let api = rx
+        let (api, handle) = rx
             .recv()
             .map_err(|_| crate::Error::Sandbox("the fake API server's thread died".into()))??;
         Ok(Self {
             api: Some(api),
+            handle,
             stop: Some(stop_tx),
             thread: Some(thread),
         })
@@ -691,6 +698,18 @@ impl ApiInNetns {
 
     pub fn api(&self) -> &FakeApi {
         self.api.as_ref().expect("the API server until dropped")
+    }
+
+    /// [`FakeApi::restart`] from a thread outside the namespace: the listener is bound
+    /// on the server's runtime, whose threads are in it.
+    pub fn restart(&self) {
+        let addr = self.api().addr;
+        let listener = self
+            .handle
+            .block_on(self.handle.spawn(rebind(addr)))
+            .expect("rebinding the fake API server");
+        let _runtime = self.handle.enter();
+        self.api().serve(listener);
     }
 }
 

@@ -209,8 +209,36 @@ fn lb_show_prints_every_table_as_json_and_filters_it() {
     assert!((4.0..30.0).contains(&idle), "idle {idle}");
     let age = rows[0]["age_s"].as_f64().unwrap();
     assert!((64.0..90.0).contains(&age), "age {age}");
+    assert_eq!(rows[0]["state"], "established");
+    assert_eq!(rows[0]["direction"], "forward");
     let other = show_json(&pins, &["conntrack", "--service", "10.96.0.53"]);
     assert_eq!(other["conntrack"], Value::Array(vec![]));
+    let by_service = show_json(&pins, &["conntrack", "--service", "10.96.0.10:80"]);
+    assert_eq!(
+        by_service["conntrack"].as_array().unwrap().len(),
+        1,
+        "{by_service}"
+    );
+    // By client: its address, or its address and port; the backend's address (which
+    // --address would match) is no client.
+    for client in ["10.244.0.99", "10.244.0.99:40000", "10.244.0.99:40000/TCP"] {
+        let mine = show_json(&pins, &["conntrack", "--client", client]);
+        assert_eq!(
+            strings(&mine["conntrack"], "source"),
+            ["10.244.0.99:40000"],
+            "{client}"
+        );
+    }
+    for not in ["10.244.0.12", "10.244.0.99:40001", "10.244.0.99/UDP"] {
+        let none = show_json(&pins, &["conntrack", "--client", not]);
+        assert_eq!(none["conntrack"], Value::Array(vec![]), "--client {not}");
+    }
+    let by_address = show_json(&pins, &["conntrack", "--address", "10.244.0.12"]);
+    assert_eq!(
+        by_address["conntrack"].as_array().unwrap().len(),
+        1,
+        "{by_address}"
+    );
     // The table says it too.
     let (ok, table, _) = lb(&[
         "show",

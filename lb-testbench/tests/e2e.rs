@@ -434,6 +434,116 @@ fn an_agent_restart_with_pins_kept_does_not_interrupt_a_tcp_stream() {
     env.sb.stop(again, libc::SIGTERM).unwrap();
 }
 
+/// The conntrack entries of the flows to `ip:port` (their forward entries), with when
+/// each was made: a table flushed or rewritten behind the flows would give them new ones.
+fn flows_to(env: &Env, ip: &str, port: u16) -> BTreeMap<(SocketAddr, u32), u64> {
+    let maps = Maps::from_pins(env.sb.pin_dir()).unwrap();
+    let dst = lb_userspace::dataplane::plan::map_addr(&ip.parse().unwrap());
+    maps.conntrack_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, v)| {
+            v.dir == lb_common::CT_DIR_FORWARD && k.dst_addr == dst && k.dst_port == port.to_be()
+        })
+        .map(|(k, v)| {
+            let src = lb_userspace::dataplane::plan::ip_addr(&k.src_addr);
+            let client = SocketAddr::new(src, u16::from_be(k.src_port));
+            ((client, v.backend_id), v.created_ns)
+        })
+        .collect()
+}
+
+/// A datapath counter, from the pinned maps.
+fn counter(env: &Env, name: &str) -> u64 {
+    let maps = Maps::from_pins(env.sb.pin_dir()).unwrap();
+    maps.counters()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+        .1
+}
+
+/// Issue 11's fault: the agent killed with SIGKILL in the middle of an iperf3 stream (no
+/// shutdown at all, and without `--keep-pinned`, which only a clean exit reads) and
+/// started again on the same pins. The pinned links keep the programs attached while no
+/// agent runs, the new agent re-uses the maps without flushing them and swaps its
+/// programs into the links: the stream has no interval without traffic and no reset, and
+/// its conntrack entries are the ones made before the kill (a flushed table would have
+/// recreated them, with another creation time and `ct_recreated` counted).
+#[test]
+fn an_agent_killed_with_sigkill_mid_stream_and_started_again_keeps_the_stream() {
+    let env = Env::new(&all_ready(), &[]);
+    let pid = env.start_iperf3(IPERF, 10, "iperf-client.json");
+    // iperf3's control connection and its data stream.
+    let before = wait_until(Duration::from_secs(5), "the iperf3 flows", || {
+        let f = flows_to(&env, IPERF, 5201);
+        (f.len() >= 2).then_some(f)
+    });
+    let recreated = counter(&env, "ct_recreated");
+    std::thread::sleep(Duration::from_millis(2500));
+    let status = env
+        .sb
+        .stop(env.agent, libc::SIGKILL)
+        .unwrap()
+        .expect("the agent was running");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{}", env.agent_log());
+    for pin in [
+        "LB_CONNTRACK",
+        "lb_tc_pod",
+        "links",
+        "egress-links",
+        "xdp-links",
+    ] {
+        assert!(env.sb.pin_dir().join(pin).exists(), "{pin} stays pinned");
+    }
+    let links = std::fs::read_dir(env.sb.pin_dir().join("links"))
+        .unwrap()
+        .count();
+    assert_eq!(links, 4, "the pods' links stay pinned");
+    // No agent at all: the pinned links keep the datapath running, new flows too.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        env.curl(WEB).is_ok(),
+        "a new connection with no agent running"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let again = spawn_agent(&env.sb, 0, &lb_binary().unwrap(), &env.config, &[]).unwrap();
+    // Two links on each of the 4 pods' veths, three on the node's eth0.
+    wait_until(Duration::from_secs(15), "the new agent to attach", || {
+        (env.agent_log().matches("replaced=true").count() >= 11).then_some(())
+    });
+    let log = env.agent_log();
+    assert!(log.contains("re-using pinned maps"), "{log}");
+    assert!(
+        !log.contains("replaced=false"),
+        "every link re-adopted: {log}"
+    );
+    let (intervals, total) = env.iperf3_result(pid, "iperf-client.json");
+    assert!(
+        intervals.len() >= 19 && intervals.iter().all(|bps| *bps > 0.0),
+        "an interval without traffic: {intervals:?}"
+    );
+    assert!(total > 0.0);
+    let after = flows_to(&env, IPERF, 5201);
+    for (flow, created) in &before {
+        assert_eq!(
+            after.get(flow),
+            Some(created),
+            "the flow {flow:?} keeps its conntrack entry across the kill and restart \
+             (before: {before:?}, after: {after:?})"
+        );
+    }
+    assert_eq!(
+        counter(&env, "ct_recreated"),
+        recreated,
+        "no flow lost its conntrack entry"
+    );
+    assert!(env.curl(WEB).is_ok());
+    env.sb.stop(again, libc::SIGTERM).unwrap();
+}
+
 #[test]
 fn a_service_without_backends_refuses_at_once() {
     let env = Env::new(&all_ready(), &[]);

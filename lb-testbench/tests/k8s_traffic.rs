@@ -17,7 +17,7 @@ use std::{
 use lb_testbench::{
     agent::{agent_log, frontends, lb_binary, spawn_k8s_agent, wait_attached},
     fake_api::{ApiInNetns, FakeApi},
-    sandbox::{Sandbox, NODE_IP},
+    sandbox::{run_in, Sandbox, NODE_IP},
 };
 use lb_userspace::dataplane::Maps;
 use serde_json::{json, Value};
@@ -130,6 +130,461 @@ fn the_agent_programs_services_from_the_api_and_traffic_follows() {
             .unwrap_or(false)
     });
     assert!(curl().is_err(), "a deleted Service must not answer");
+}
+
+// ---------------------------------------------------------------------------------------
+// Faults (issue 11) on one node: `lb agent` as node-0 against the test API server on the
+// node's loopback, a client and three backends (nginx on 8080 answering its name).
+
+/// web's ClusterIP in the fault tests.
+const FAULT_WEB: &str = "10.96.0.10";
+
+struct OneNode {
+    /// First, so the API server stops before the sandbox's namespaces go.
+    server: ApiInNetns,
+    sb: Sandbox,
+}
+
+impl OneNode {
+    /// The sandbox, the API server holding this node's Node, and the agent, started and
+    /// attached.
+    fn start() -> Self {
+        let sb = Sandbox::create(
+            &cluster_prefix(),
+            &["client", "backend-1", "backend-2", "backend-3"],
+        )
+        .unwrap();
+        for b in ["backend-1", "backend-2", "backend-3"] {
+            sb.start_nginx(b, 8080).unwrap();
+        }
+        let server = ApiInNetns::start(&sb.node, Ipv4Addr::LOCALHOST.into()).unwrap();
+        let c = OneNode { server, sb };
+        c.api()
+            .apply(json!({"kind": "Node", "metadata": {"name": c.sb.nodes[0].name}}));
+        let kubeconfig = c.sb.path("kubeconfig.yaml");
+        c.api().write_kubeconfig(&kubeconfig);
+        spawn_k8s_agent(&c.sb, 0, &lb_binary().unwrap(), &kubeconfig, &[]).unwrap();
+        wait_attached(&c.sb, 0, 4, Duration::from_secs(30)).unwrap();
+        c
+    }
+
+    fn api(&self) -> &FakeApi {
+        self.server.api()
+    }
+
+    fn log(&self) -> String {
+        self.sb.log(&agent_log(&self.sb, 0))
+    }
+
+    fn ip(&self, pod: &str) -> String {
+        self.sb.pod(pod).ip.to_string()
+    }
+
+    /// Waits (up to `secs`) until the maps satisfy `want`.
+    fn wait_maps(
+        &self,
+        secs: u64,
+        what: &str,
+        want: impl Fn(&BTreeMap<String, Vec<String>>) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let got = frontends(&self.sb, 0).unwrap_or_default();
+            if want(&got) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; the maps hold {got:#?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's `/metrics`, from inside the node's namespace.
+    fn metrics(&self) -> String {
+        self.sb
+            .http_get(&self.sb.node, "http://127.0.0.1:19100/metrics")
+            .unwrap_or_else(|c| panic!("/metrics: curl exit {c}\n{}", self.log()))
+    }
+
+    /// A datapath counter, from the pinned maps.
+    fn counter(&self, name: &str) -> u64 {
+        Maps::from_pins(self.sb.pin_dir())
+            .unwrap()
+            .counters()
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+            .1
+    }
+
+    /// The forward conntrack entries of the flows to `ip:port`: client port -> (backend
+    /// id, creation time). A table flushed or rewritten behind the flows gives new ones.
+    fn flows_to(&self, ip: &str, port: u16) -> BTreeMap<u16, (u32, u64)> {
+        let dst = lb_userspace::dataplane::plan::map_addr(&ip.parse().unwrap());
+        Maps::from_pins(self.sb.pin_dir())
+            .unwrap()
+            .conntrack_entries()
+            .unwrap()
+            .into_iter()
+            .filter(|(k, v)| {
+                v.dir == lb_common::CT_DIR_FORWARD
+                    && k.dst_addr == dst
+                    && k.dst_port == port.to_be()
+            })
+            .map(|(k, v)| (u16::from_be(k.src_port), (v.backend_id, v.created_ns)))
+            .collect()
+    }
+}
+
+/// The sum of a labelled counter family in a Prometheus text exposition.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 11's fault: the API server gone for minutes (here 75 s, 37 times the watches'
+/// longest backoff of 2 s: every watch fails and retries dozens of times). Traffic
+/// through the ClusterIP keeps flowing the whole time (a new connection every 200 ms,
+/// none may fail); the cluster changes unseen (an endpoint added to web, the Service old
+/// deleted) and the maps keep the last state meanwhile; the agent warns that it keeps
+/// its last state and counts `lb_watch_errors_total`. When the API server returns (its
+/// watch history compacted meanwhile, as etcd's would be after minutes) the agent
+/// reconciles within seconds: old's frontend goes, web gets its third backend.
+#[test]
+fn the_api_server_gone_for_minutes_keeps_traffic_flowing_and_the_agent_reconciles_when_it_returns()
+{
+    const OUTAGE: Duration = Duration::from_secs(75);
+    let c = OneNode::start();
+    let (b1, b2, b3) = (c.ip("backend-1"), c.ip("backend-2"), c.ip("backend-3"));
+    let ep = |ip: &str| json!({"addresses": [ip], "conditions": conditions(READY)});
+    let http = json!([{"name": "http", "port": 8080, "protocol": "TCP"}]);
+    c.api().apply(service(FAULT_WEB));
+    c.api().apply(k8s_slice(
+        "web-x1",
+        "web",
+        http.clone(),
+        vec![ep(&b1), ep(&b2)],
+    ));
+    c.api().apply(k8s_service(
+        "old",
+        json!({"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
+               "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}),
+    ));
+    c.api()
+        .apply(k8s_slice("old-x1", "old", http.clone(), vec![ep(&b1)]));
+    let web_fe = format!("{FAULT_WEB}:80/TCP");
+    let old_fe = "10.96.0.20:80/TCP".to_string();
+    let backend = |ip: &str| format!("{ip}:8080/TCP");
+    let before: BTreeMap<String, Vec<String>> = [
+        (web_fe.clone(), vec![backend(&b1), backend(&b2)]),
+        (old_fe.clone(), vec![backend(&b1)]),
+    ]
+    .into();
+    c.wait_maps(15, "web and old", |m| *m == before);
+    let errors_before = metric_sum(&c.metrics(), "lb_watch_errors_total");
+    const WARNING: &str = "retrying, the dataplane keeps its last state";
+    assert!(!c.log().contains(WARNING), "{}", c.log());
+
+    let client = c.sb.pod("client").netns.clone();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (answers, failures) = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let (mut answers, mut failures) = (BTreeMap::<String, usize>::new(), Vec::new());
+            let start = Instant::now();
+            // Once told to stop, on until the third backend answered (at most 100 more).
+            let mut after_stop = 0;
+            while after_stop < 100 && !answers.contains_key("backend-3") {
+                match c.sb.http_get(&client, &format!("http://{FAULT_WEB}/")) {
+                    Ok(who) => *answers.entry(who).or_default() += 1,
+                    Err(code) => failures.push((start.elapsed(), code)),
+                }
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    after_stop += 1;
+                } else {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            (answers, failures)
+        });
+        let gone = Instant::now();
+        c.server.api().stop();
+        // The cluster changes while the agent cannot see it.
+        c.api().apply(k8s_slice(
+            "web-x1",
+            "web",
+            http.clone(),
+            vec![ep(&b1), ep(&b2), ep(&b3)],
+        ));
+        c.api().delete("Service", "shop", "old");
+        c.api().delete("EndpointSlice", "shop", "old-x1");
+        while gone.elapsed() < OUTAGE {
+            std::thread::sleep(Duration::from_secs(5));
+            let now = frontends(&c.sb, 0).unwrap_or_default();
+            assert_eq!(
+                now,
+                before,
+                "{:?} into the outage the maps must keep the last known state\n{}",
+                gone.elapsed(),
+                c.log()
+            );
+        }
+        let errors = metric_sum(&c.metrics(), "lb_watch_errors_total");
+        eprintln!(
+            "{OUTAGE:?} without the API server: {} watch errors counted, {} warnings logged",
+            errors - errors_before,
+            c.log().matches(WARNING).count()
+        );
+        assert!(
+            errors >= errors_before + 20.0,
+            "the watches' errors are counted while the API server is gone: {errors_before} \
+             before, {errors} after {OUTAGE:?}"
+        );
+        assert!(
+            c.log().contains(WARNING),
+            "a warning while the API server is gone\n{}",
+            c.log()
+        );
+
+        // Back, with the history of the changes made meanwhile compacted away.
+        c.api().compact();
+        let back = Instant::now();
+        c.server.restart();
+        let mut after = before.clone();
+        after.remove(&old_fe);
+        after.insert(
+            web_fe.clone(),
+            vec![backend(&b1), backend(&b2), backend(&b3)],
+        );
+        c.wait_maps(15, "the state after the outage", |m| *m == after);
+        let took = back.elapsed();
+        assert!(
+            took < Duration::from_secs(10),
+            "reconciled {took:?} after the API server's return"
+        );
+        eprintln!("reconciled {took:?} after the API server's return");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        traffic.join().unwrap()
+    });
+    let total: usize = answers.values().sum();
+    assert!(
+        failures.is_empty(),
+        "every request through the ClusterIP is answered, during the outage too; failed \
+         (time, curl exit): {failures:?} of {}",
+        total + failures.len()
+    );
+    assert!(total >= 300, "{answers:?}");
+    assert!(
+        answers.contains_key("backend-3"),
+        "the endpoint added during the outage takes traffic once it is back: {answers:?}"
+    );
+    eprintln!("answers during and after the outage: {answers:?}");
+    assert!(
+        c.sb.http_get(&client, "http://10.96.0.20/").is_err(),
+        "old was deleted during the outage: its ClusterIP no longer answers"
+    );
+}
+
+/// Issue 11's fault: a burst of 1,000 endpoint changes (endpoints added to and removed
+/// from web, a non-surviving endpoint's readiness flipped, its survivors' own slice
+/// re-applied) while long-lived connections to the two surviving backends carry
+/// requests: every one of them is answered by its own backend all along, none is reset,
+/// and their conntrack entries are the ones made before the burst (none recreated, no
+/// backend reselected). The agent ends on the burst's last state (backend-3 ready
+/// beside the survivors) within seconds.
+#[test]
+fn a_burst_of_a_thousand_endpoint_changes_keeps_every_established_flow_to_a_surviving_backend() {
+    const CHANGES: usize = 1000;
+    const CONNECTIONS: usize = 16;
+    let c = OneNode::start();
+    let (b1, b2, b3) = (c.ip("backend-1"), c.ip("backend-2"), c.ip("backend-3"));
+    let ep = |ip: &str, ready: bool| json!({"addresses": [ip], "conditions": conditions(if ready { READY } else { NOT_READY })});
+    let http = json!([{"name": "http", "port": 8080, "protocol": "TCP"}]);
+    let survivors = |extra: Option<bool>| {
+        let mut eps = vec![ep(&b1, true), ep(&b2, true)];
+        if let Some(ready) = extra {
+            eps.push(ep("10.244.0.200", ready));
+        }
+        k8s_slice("web-x1", "web", http.clone(), eps)
+    };
+    c.api().apply(service(FAULT_WEB));
+    c.api().apply(survivors(None));
+    let web_fe = format!("{FAULT_WEB}:80/TCP");
+    let backend = |ip: &str| format!("{ip}:8080/TCP");
+    let mut two = vec![backend(&b1), backend(&b2)];
+    two.sort();
+    c.wait_maps(15, "web's two backends", |m| m.get(&web_fe) == Some(&two));
+    let mut three = vec![backend(&b1), backend(&b2), backend(&b3)];
+    three.sort();
+
+    let web: std::net::SocketAddr = format!("{FAULT_WEB}:80").parse().unwrap();
+    let mut conns = run_in(&c.sb.pod("client").netns, move || {
+        (0..CONNECTIONS)
+            .map(|_| {
+                let s = std::net::TcpStream::connect_timeout(&web, Duration::from_secs(3)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s
+            })
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    let owners: Vec<String> = conns.iter_mut().map(keepalive_get).collect();
+    assert!(
+        owners.iter().any(|o| o == "backend-1") && owners.iter().any(|o| o == "backend-2"),
+        "the connections spread over both survivors: {owners:?}"
+    );
+    let ports: BTreeSet<u16> = conns
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect();
+    let flows = c.flows_to(FAULT_WEB, 80);
+    assert!(ports.iter().all(|p| flows.contains_key(p)), "{flows:?}");
+    let (recreated, reselected) = (c.counter("ct_recreated"), c.counter("backend_reselected"));
+    let metrics = c.metrics();
+    let (syncs, ops) = (
+        metric_sum(&metrics, "lb_syncs_total"),
+        metric_sum(&metrics, "lb_map_operations_total"),
+    );
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = Instant::now();
+    let rounds = std::thread::scope(|s| {
+        // Requests on every connection all through the burst, paced (nginx closes a
+        // kept-alive connection after 1,000 requests).
+        let traffic = s.spawn(|| {
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && rounds < 900 {
+                for (s, owner) in conns.iter_mut().zip(&owners) {
+                    assert_eq!(&keepalive_get(s), owner, "a flow moved off its backend");
+                }
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            rounds
+        });
+        for i in 0..CHANGES - 2 {
+            if i % 5 == 0 {
+                // The survivors' own slice, re-applied with a third endpoint flipping.
+                c.api().apply(survivors(Some(i % 10 == 0)));
+            } else {
+                // Another slice of web: a changing set of endpoints that come and go,
+                // and backend-3 flipping between ready and not.
+                let mut eps = vec![ep(&b3, i % 2 == 0)];
+                eps.extend(
+                    (0..i % 23).map(|j| ep(&format!("10.244.1.{}", (i + j) % 250 + 1), j % 3 != 0)),
+                );
+                c.api().apply(k8s_slice("web-x2", "web", http.clone(), eps));
+            }
+            // Over about two seconds, as a rollout's changes reach an agent: the agent
+            // writes many of the states between (a burst sent at once is mostly
+            // coalesced into a few syncs).
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // The last two: web's survivors alone in their slice, backend-3 ready.
+        c.api().apply(survivors(None));
+        c.api().apply(k8s_slice(
+            "web-x2",
+            "web",
+            http.clone(),
+            vec![ep(&b3, true)],
+        ));
+        eprintln!("{CHANGES} changes applied in {:?}", started.elapsed());
+        // Then a marker on both watches: once the maps have it, the agent has applied
+        // every change before it (each watch delivers in order, the writer applies in
+        // order).
+        c.api().apply(k8s_service(
+            "marker",
+            json!({"clusterIP": MARKER, "clusterIPs": [MARKER],
+                   "ports": [{"name": "m", "port": 1000, "protocol": "TCP"}]}),
+        ));
+        c.api().apply(k8s_slice(
+            "marker-x1",
+            "marker",
+            json!([{"name": "m", "port": 9, "protocol": "TCP"}]),
+            vec![ep("10.244.250.1", true)],
+        ));
+        let marker = (
+            format!("{MARKER}:1000/TCP"),
+            vec!["10.244.250.1:9/TCP".to_string()],
+        );
+        c.wait_maps(30, "the burst's last state", |m| {
+            m.get(&web_fe) == Some(&three) && m.get(&marker.0) == Some(&marker.1)
+        });
+        let settled = started.elapsed();
+        // A little longer, for anything the writer might still do.
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        eprintln!("the maps held the last state {settled:?} after the burst began");
+        traffic.join().unwrap()
+    });
+    assert!(rounds >= 1, "requests ran during the burst");
+    let metrics = c.metrics();
+    let (syncs, ops) = (
+        metric_sum(&metrics, "lb_syncs_total") - syncs,
+        metric_sum(&metrics, "lb_map_operations_total") - ops,
+    );
+    eprintln!("the burst took {syncs} syncs and {ops} map operations");
+    assert!(
+        syncs >= 50.0 && ops >= 500.0,
+        "the burst's states reached the maps: {syncs} syncs, {ops} map operations"
+    );
+    eprintln!("{rounds} rounds of requests on {CONNECTIONS} connections during the burst");
+    for (s, owner) in conns.iter_mut().zip(&owners) {
+        assert_eq!(&keepalive_get(s), owner, "after the burst");
+    }
+    let after = c.flows_to(FAULT_WEB, 80);
+    for p in &ports {
+        assert_eq!(
+            after.get(p),
+            flows.get(p),
+            "the conntrack entry of client port {p}"
+        );
+    }
+    assert_eq!(
+        c.counter("ct_recreated"),
+        recreated,
+        "no flow lost its entry"
+    );
+    assert_eq!(
+        c.counter("backend_reselected"),
+        reselected,
+        "no flow was moved"
+    );
+    for _ in 0..10 {
+        let who =
+            c.sb.http_get(&c.sb.pod("client").netns, &format!("http://{FAULT_WEB}/"));
+        assert!(
+            who.as_deref().is_ok_and(|w| w.starts_with("backend-")),
+            "{who:?}"
+        );
+    }
+}
+
+/// One HTTP/1.1 request on a kept-alive connection to nginx; the pod's name it answers.
+fn keepalive_get(s: &mut std::net::TcpStream) -> String {
+    use std::io::{Read, Write};
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .expect("a request on the kept-alive connection");
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            if head.starts_with("HTTP/1.1 200") && body.ends_with('\n') {
+                return body.trim().to_string();
+            }
+        }
+        let n = s
+            .read(&mut buf)
+            .expect("the response on the kept-alive connection");
+        assert!(n > 0, "the connection was closed");
+        got.extend_from_slice(&buf[..n]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -201,6 +201,10 @@ enum Cmd {
         /// Only rows in which this address appears.
         #[arg(long)]
         address: Option<std::net::IpAddr>,
+        /// Only the flows of this client (IP, IP:PORT or IP:PORT/PROTO): conntrack's
+        /// forward entries from it and reply entries to it.
+        #[arg(long)]
+        client: Option<show::Endpoint>,
         /// The `lb agent` to ask for Service names and endpoint conditions (its --listen
         /// address); "" for the maps alone.
         #[arg(long, default_value = "127.0.0.1:9100")]
@@ -404,12 +408,14 @@ fn main() -> ExitCode {
             service,
             backend,
             address,
+            client,
             agent,
         } => parse_bind(&agent, "--agent").and_then(|agent| {
             let filter = show::Filter {
                 service,
                 backend,
                 address,
+                client,
             };
             show::render(&pin_dir, what, format, &filter, agent)
                 .with_context(|| format!("reading the maps pinned under {}", pin_dir.display()))

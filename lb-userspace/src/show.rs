@@ -215,11 +215,17 @@ pub struct Filter {
     pub backend: Option<Endpoint>,
     /// Rows in which this address appears anywhere.
     pub address: Option<IpAddr>,
+    /// Conntrack entries of this client's flows (the forward entry's source, the reply
+    /// entry's destination); the other tables have no clients and ignore it.
+    pub client: Option<Endpoint>,
 }
 
 impl Filter {
     fn is_empty(&self) -> bool {
-        self.service.is_none() && self.backend.is_none() && self.address.is_none()
+        self.service.is_none()
+            && self.backend.is_none()
+            && self.address.is_none()
+            && self.client.is_none()
     }
 }
 
@@ -625,12 +631,18 @@ fn conntrack_rows(
             );
             let forward = v.dir == CT_DIR_FORWARD;
             // The backend's side of the flow: a forward entry's new destination, a reply
-            // entry's source.
+            // entry's source; the client's: a forward entry's source, a reply entry's
+            // destination (a SNAT flow's reply goes to this node's address: its client is
+            // in LB_SNAT).
             let backend = if forward { nat } else { src };
+            let client = if forward { src } else { dst };
             let keep = ids.as_ref().is_none_or(|ids| ids.contains(&v.service_id))
                 && filter
                     .backend
                     .is_none_or(|e| proto.is_some_and(|p| e.matches(backend.0, backend.1, p)))
+                && filter
+                    .client
+                    .is_none_or(|e| proto.is_some_and(|p| e.matches(client.0, client.1, p)))
                 && filter
                     .address
                     .is_none_or(|a| [src.0, dst.0, nat.0].contains(&a));
