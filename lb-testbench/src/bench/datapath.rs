@@ -287,6 +287,7 @@ pub fn start_agent_with(
     let be = (backends + backends / 4).max(4096);
     let mut cmd = Command::new(lb);
     cmd.args(["run", "--netns", &sb.node, "--interfaces", interfaces]);
+    cmd.args(["--cgroup", "none"]);
     if let Some(external) = external {
         cmd.args(["--external-interfaces", external]);
     }
