@@ -200,6 +200,9 @@ pub struct Plan {
 /// frontend's ready set.
 pub type Purge = Vec<(u32, u32)>;
 
+/// What else runs on a purge (`Gc::on_purge`), with its pairs.
+pub type OnPurge = Box<dyn FnMut(&[(u32, u32)]) + Send>;
+
 fn flows(entries: &[(CtKey, CtValue)], snat: &HashMap<CtKey, SnatPeer>) -> Vec<Flow> {
     let by_key: HashMap<CtKey, &CtValue> = entries.iter().map(|(k, v)| (*k, v)).collect();
     let mut paired: std::collections::HashSet<CtKey> = std::collections::HashSet::new();
@@ -316,7 +319,7 @@ pub struct Gc {
     pub stats: Arc<GcStats>,
     /// Also run on every purge (the agent's socket iterator: connected UDP sockets of
     /// the backends that left are destroyed with their flows).
-    on_purge: Option<Box<dyn FnMut(&[(u32, u32)]) + Send>>,
+    on_purge: Option<OnPurge>,
 }
 
 /// What one pass did.
@@ -342,7 +345,7 @@ impl Gc {
     }
 
     /// Runs `f` on every purge too, after the flows went.
-    pub fn on_purge(mut self, f: Box<dyn FnMut(&[(u32, u32)]) + Send>) -> Self {
+    pub fn on_purge(mut self, f: OnPurge) -> Self {
         self.on_purge = Some(f);
         self
     }
