@@ -93,8 +93,11 @@ pub fn cgroup_arg(arg: Option<&str>) -> Result<Option<PathBuf>> {
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup` on most nodes, `/sys/fs/cgroup/unified`
 /// on hybrid hosts. The first cgroup2 mount of /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|l| {
+    cgroup2_in(&fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
+fn cgroup2_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
         let (left, right) = l.split_once(" - ")?;
         let mount_point = left.split(' ').nth(4)?;
         (right.split(' ').next()? == "cgroup2").then(|| PathBuf::from(mount_point))
@@ -201,8 +204,14 @@ fn try_setup(
     if mode != ConnectTime::Off {
         flags |= SOCK_CFG_F_PODS;
     }
-    if killer.is_some() {
-        flags |= SOCK_CFG_F_DESTROY;
+    match &killer {
+        Some(k) if k.enter_others => flags |= SOCK_CFG_F_DESTROY,
+        Some(_) => warn!(
+            "without CAP_SYS_ADMIN the socket iterator cannot enter pods' network \
+             namespaces: pods' connected UDP takes the tc path (host-network clients' \
+             sockets are destroyed)"
+        ),
+        None => {}
     }
     let config = SockConfig {
         host_netns_cookie: netns_cookie()?,
@@ -278,6 +287,22 @@ pub fn remove_pins(pin_dir: &Path) {
     for name in SOCK_PROG_NAMES {
         let _ = fs::remove_file(pin_dir.join(name));
     }
+}
+
+/// Whether this process has CAP_SYS_ADMIN (bit 21 of CapEff in /proc/self/status),
+/// which setns(2) into another network namespace needs.
+fn has_cap_sys_admin() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 21) != 0)
 }
 
 /// The bpf(2) syscall.
@@ -438,6 +463,9 @@ fn iterator_program(kill: RawFd, counters: RawFd, sock_destroy_btf_id: u32) -> V
 
 /// Destroys the connected UDP sockets of backends that left (see the module's doc).
 pub struct SockKiller {
+    /// The agent may enter other network namespaces (CAP_SYS_ADMIN): pods' sockets can
+    /// be destroyed, not only the node's.
+    pub enter_others: bool,
     link: OwnedFd,
     kill: BpfHashMap<MapData, u64, u32>,
     rev: BpfHashMap<MapData, SockKey, SockValue>,
@@ -541,6 +569,7 @@ impl SockKiller {
         let rev = BpfHashMap::try_from(Map::LruHashMap(map(MAP_SOCK_REV)?))
             .map_err(|e| err(MAP_SOCK_REV, &e))?;
         Ok(Self {
+            enter_others: has_cap_sys_admin(),
             link,
             kill,
             rev,
@@ -575,8 +604,8 @@ impl SockKiller {
                     .insert(k.cookie, 1, 0)
                     .map_err(|e| Error::Map(format!("{MAP_SOCK_KILL}: {e}")))?;
             }
-            for ns in &namespaces {
-                if let Err(e) = self.iterate_in(ns) {
+            for (i, ns) in namespaces.iter().enumerate() {
+                if let Err(e) = self.iterate_in(ns, i == 0) {
                     warn!("destroying sockets: {e}");
                 }
             }
@@ -593,7 +622,7 @@ impl SockKiller {
     }
 
     /// The network namespaces of the processes in the cgroup and below it, and this
-    /// process's own (the node's), each once.
+    /// thread's own (the node's, first), each once; only its own without CAP_SYS_ADMIN.
     fn namespaces(&self) -> Vec<File> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
@@ -607,7 +636,11 @@ impl SockKiller {
             }
         };
         add("/proc/thread-self/ns/net".into());
-        let mut dirs = vec![self.cgroup.clone()];
+        let mut dirs = if self.enter_others {
+            vec![self.cgroup.clone()]
+        } else {
+            Vec::new()
+        };
         while let Some(d) = dirs.pop() {
             if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
                 for pid in procs.lines() {
@@ -628,13 +661,13 @@ impl SockKiller {
 
     /// Runs the iterator over the UDP sockets of the network namespace `ns` (a thread
     /// enters it: the iterator walks the namespace of the task that opens it).
-    fn iterate_in(&self, ns: &File) -> Result<()> {
+    fn iterate_in(&self, ns: &File, own: bool) -> Result<()> {
         let link = self.link.as_raw_fd();
         let ns = ns.as_raw_fd();
         std::thread::scope(|s| {
             s.spawn(move || -> Result<()> {
                 // SAFETY: a valid netns fd; only this thread changes namespace.
-                if unsafe { libc::setns(ns, libc::CLONE_NEWNET) } != 0 {
+                if !own && unsafe { libc::setns(ns, libc::CLONE_NEWNET) } != 0 {
                     return Err(Error::Netns(format!(
                         "entering a client's network namespace: {}",
                         std::io::Error::last_os_error()
@@ -666,5 +699,42 @@ impl SockKiller {
             .join()
             .unwrap_or_else(|_| Err(Error::Load("the socket iterator thread panicked".into())))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_mount_is_found_on_unified_and_hybrid_hosts() {
+        let unified = "24 29 0:21 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(cgroup2_in(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        let hybrid = "25 24 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                      26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
+                      27 25 0:24 / /sys/fs/cgroup/cpu rw,nosuid - cgroup cgroup rw,cpu\n";
+        assert_eq!(
+            cgroup2_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_in("27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw\n"),
+            None
+        );
+        assert_eq!(cgroup_arg(Some("none")).unwrap(), None);
+        assert_eq!(cgroup_arg(Some("/x")).unwrap(), Some(PathBuf::from("/x")));
+    }
+
+    #[test]
+    fn the_iterators_jumps_land_on_its_exit() {
+        let p = iterator_program(3, 4, 77);
+        assert_eq!(p.len(), 26);
+        for (i, ins) in p.iter().enumerate() {
+            if ins.code == 0x15 || ins.code == 0x55 {
+                assert_eq!(i as i16 + 1 + ins.off, 24, "jump at {i}");
+            }
+        }
+        assert_eq!((p[12].code, p[12].regs >> 4, p[12].imm), (0x85, 2, 77));
+        assert_eq!(p[25].code, 0x95);
     }
 }
