@@ -13,11 +13,12 @@ use std::{
 use lb_testbench::{
     agent::{lb_binary, spawn_agent, wait_agent_ready},
     cgroup::TestCgroup,
-    sandbox::{Sandbox, NODE_IP},
+    sandbox::{Sandbox, NODE_IP, NODE_IP6},
 };
 use lb_userspace::dataplane::Maps;
 
 const WEB: &str = "10.96.0.10";
+const WEB6: &str = "fd00:10:96::a";
 const BACKENDS: [&str; 3] = ["backend-1", "backend-2", "backend-3"];
 
 static N: AtomicUsize = AtomicUsize::new(0);
@@ -32,47 +33,69 @@ fn backend_ip(name: &str) -> &'static str {
     }
 }
 
-/// web: ClusterIP and NodePort, TCP 80 -> 8080 (30080), UDP 53 -> 5353 (30053), on the
-/// `ready` backends (the others listed not ready).
+fn backend_ip6(name: &str) -> &'static str {
+    match name {
+        "backend-1" => "fd00:10:244::c",
+        "backend-2" => "fd00:10:244::d",
+        "backend-3" => "fd00:10:244::e",
+        other => panic!("{other}"),
+    }
+}
+
+/// web, dual stack: ClusterIPs WEB and WEB6 and the NodePorts of both node addresses,
+/// TCP 80 -> 8080 (30080), UDP 53 -> 5353 (30053), on the `ready` backends (the others
+/// listed not ready), one slice per family.
 fn config(ready: &[&str]) -> String {
-    let eps: String = BACKENDS
-        .iter()
-        .map(|b| {
-            format!(
-                "      - {{addresses: [{}], nodeName: node-0, conditions: {{ready: {}}}}}\n",
-                backend_ip(b),
-                ready.contains(b)
-            )
-        })
-        .collect();
+    let eps = |ip: fn(&str) -> &'static str| -> String {
+        BACKENDS
+            .iter()
+            .map(|b| {
+                format!(
+                    "      - {{addresses: [\"{}\"], nodeName: node-0, conditions: {{ready: {}}}}}\n",
+                    ip(b),
+                    ready.contains(b)
+                )
+            })
+            .collect()
+    };
+    let (v4, v6) = (eps(backend_ip), eps(backend_ip6));
     format!(
-        "node: {{name: node-0, addresses: [{NODE_IP}]}}
+        "node: {{name: node-0, addresses: [\"{NODE_IP}\", \"{NODE_IP6}\"]}}
 services:
   - name: web
-    clusterIP: {WEB}
+    clusterIPs: [\"{WEB}\", \"{WEB6}\"]
+    ipFamilies: [IPv4, IPv6]
+    ipFamilyPolicy: RequireDualStack
     type: NodePort
     ports:
       - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
       - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
 endpointSlices:
-  - name: web-1
+  - name: web-v4
     serviceName: web
     ports:
       - {{name: http, port: 8080, protocol: TCP}}
       - {{name: dns, port: 5353, protocol: UDP}}
     endpoints:
-{eps}"
+{v4}  - name: web-v6
+    serviceName: web
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+      - {{name: dns, port: 5353, protocol: UDP}}
+    endpoints:
+{v6}"
     )
 }
 
-/// ClusterIP and NodePort, TCP and UDP.
-const FRONTENDS: usize = 4;
+/// ClusterIPs and NodePorts of both families, TCP and UDP.
+const FRONTENDS: usize = 8;
 
 struct Env {
     // Dropped in order: the sandbox (and with it the agent) before the cgroup.
     sb: Sandbox,
     cg: TestCgroup,
     config: PathBuf,
+    agent: u32,
 }
 
 impl Env {
@@ -95,15 +118,47 @@ impl Env {
         std::fs::write(&config, config_text(ready)).unwrap();
         let mut args = vec!["--cgroup", cg.path_str()];
         args.extend_from_slice(agent_args);
-        spawn_agent(&sb, 0, &lb_binary().unwrap(), &config, &args).unwrap();
-        wait_agent_ready(&sb, 0, FRONTENDS, 5, Duration::from_secs(30)).unwrap();
-        let sock_links = sb.pin_dir.join("sock-links");
+        let agent = spawn_agent(&sb, 0, &lb_binary().unwrap(), &config, &args).unwrap();
+        let env = Env {
+            sb,
+            cg,
+            config,
+            agent,
+        };
+        env.wait_ready();
+        env
+    }
+
+    fn wait_ready(&self) {
+        wait_agent_ready(&self.sb, 0, FRONTENDS, 5, Duration::from_secs(30)).unwrap();
         wait_until(
             Duration::from_secs(10),
             "the socket programs' links",
-            || (std::fs::read_dir(&sock_links).ok()?.count() == 1).then_some(()),
+            || (self.sock_links() == 8).then_some(()),
         );
-        Env { sb, cg, config }
+    }
+
+    /// The socket programs' link pins.
+    fn sock_links(&self) -> usize {
+        let dir = self.sb.pin_dir.join("sock-links");
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| std::fs::read_dir(d.path()).map(|e| e.count()).unwrap_or(0))
+            .sum()
+    }
+
+    /// The programs attached to the test's cgroup, as bpftool lists them.
+    fn cgroup_programs(&self) -> usize {
+        let out = Command::new("bpftool")
+            .args(["cgroup", "show", self.cg.path_str()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("lb_sock_"))
+            .count()
     }
 
     /// `lb-testbench sock-client MODE TO` in `netns`, in the test's cgroup or not: its
@@ -186,14 +241,20 @@ fn a_host_network_client_reaches_a_cluster_ip_and_its_own_node_port_over_tcp_and
     let env = Env::new(&BACKENDS, &[]);
     let node = env.sb.node.clone();
     let before = env.counter("sock_connect_translated");
-    for (to, mode) in [
-        (format!("{WEB}:80"), "tcp"),
-        (format!("{WEB}:53"), "udp"),
-        (format!("{WEB}:53"), "udp-connected"),
-        (format!("{NODE_IP}:30080"), "tcp"),
-        (format!("{NODE_IP}:30053"), "udp"),
-        (format!("{NODE_IP}:30053"), "udp-connected"),
+    let mut targets = Vec::new();
+    for (ip, tcp, udp) in [
+        (WEB.to_string(), 80, 53),
+        (NODE_IP.to_string(), 30080, 30053),
+        (format!("[{WEB6}]"), 80, 53),
+        (format!("[{NODE_IP6}]"), 30080, 30053),
+        // An IPv6 socket to the IPv4 ClusterIP, IPv4-mapped: an IPv4 client.
+        (format!("[::ffff:{WEB}]"), 80, 53),
     ] {
+        targets.push((format!("{ip}:{tcp}"), "tcp"));
+        targets.push((format!("{ip}:{udp}"), "udp"));
+        targets.push((format!("{ip}:{udp}"), "udp-connected"));
+    }
+    for (to, mode) in targets {
         let mut answered = BTreeSet::new();
         for _ in 0..12 {
             let line = env
@@ -213,10 +274,11 @@ fn a_host_network_client_reaches_a_cluster_ip_and_its_own_node_port_over_tcp_and
             "{mode} {to}: 12 connections all went to {answered:?}"
         );
     }
-    // 24 connect()s (TCP and connected UDP), 24 unconnected sends.
-    assert!(env.counter("sock_connect_translated") - before >= 48);
-    assert!(env.counter("sock_sendmsg_translated") >= 24);
-    assert!(env.counter("sock_reverse_translated") >= 48);
+    // 5 x 24 connect()s (TCP and connected UDP), 5 x 12 unconnected sends; every reply
+    // and getpeername() reverse-translated.
+    assert_eq!(env.counter("sock_connect_translated") - before, 120);
+    assert_eq!(env.counter("sock_sendmsg_translated"), 60);
+    assert!(env.counter("sock_reverse_translated") >= 60 + 120);
     // Nothing went through the packet path: no conntrack entry for any of it.
     let ct = Maps::from_pins(&env.sb.pin_dir)
         .unwrap()
@@ -341,4 +403,44 @@ fn a_connected_udp_socket_whose_backend_leaves_is_destroyed_and_the_client_recon
         .client(&node, true, "udp-connected", &format!("{WEB}:53"))
         .unwrap();
     assert_eq!(fields(&line).2, "backend-2", "{line}");
+}
+
+#[test]
+fn the_socket_programs_stay_attached_across_a_restart_with_pins_kept_and_go_without() {
+    let mut env = Env::new(&BACKENDS, &["--keep-pinned"]);
+    let node = env.sb.node.clone();
+    let web = format!("{WEB}:80");
+    assert_eq!(env.cgroup_programs(), 8);
+    env.sb.stop(env.agent, libc::SIGTERM).unwrap();
+    // No agent: the pinned links keep translating.
+    assert_eq!(env.sock_links(), 8);
+    let line = env.client(&node, true, "tcp", &web).unwrap();
+    assert_eq!(fields(&line).0, web, "{line}");
+    // A new agent swaps its programs into the pinned links: still 8 attached, not 16.
+    let args = ["--cgroup", env.cg.path_str()];
+    env.agent = spawn_agent(&env.sb, 0, &lb_binary().unwrap(), &env.config, &args).unwrap();
+    // (The pins of the first make the maps look ready at once: wait for this one.)
+    wait_until(
+        Duration::from_secs(30),
+        "the new agent's socket programs",
+        || {
+            env.sb
+                .log("agent.log")
+                .contains("socket programs attached")
+                .then_some(())
+        },
+    );
+    env.wait_ready();
+    assert_eq!(env.cgroup_programs(), 8);
+    let log = env.sb.log("agent.log");
+    assert!(!log.contains("stale link pin"), "not swapped in: {log}");
+    let line = env.client(&node, true, "tcp", &web).unwrap();
+    assert_eq!(fields(&line).0, web, "{line}");
+    // Without --keep-pinned, its exit detaches them.
+    env.sb.stop(env.agent, libc::SIGTERM).unwrap();
+    assert_eq!(env.sock_links(), 0, "{}", env.sb.log("agent.log"));
+    wait_until(Duration::from_secs(5), "the programs to detach", || {
+        (env.cgroup_programs() == 0).then_some(())
+    });
+    assert!(env.client(&node, true, "tcp", &web).is_err());
 }

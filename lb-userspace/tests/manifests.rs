@@ -173,10 +173,7 @@ fn the_daemonset_follows_the_deployment_rules() {
         .iter()
         .find(|v| v.name == "cgroup")
         .expect("cgroup volume");
-    assert_eq!(
-        cgroup.host_path.as_ref().unwrap().path,
-        "/sys/fs/cgroup"
-    );
+    assert_eq!(cgroup.host_path.as_ref().unwrap().path, "/sys/fs/cgroup");
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap();
     let mount = c
