@@ -53,8 +53,15 @@ pub const MAP_EVENTS: &str = "LB_EVENTS";
 /// The layout version of the maps pinned beside it (an array of one [`LayoutRecord`]):
 /// see [`LAYOUT_VERSION`].
 pub const MAP_LAYOUT: &str = "LB_LAYOUT";
+/// The socket programs' reverse translations ([`SockKey`] -> [`SockValue`]).
+pub const MAP_SOCK_REV: &str = "LB_SOCK_REV";
+/// The socket programs' switches (an array of one [`SockConfig`]).
+pub const MAP_SOCK_CONFIG: &str = "LB_SOCK_CONFIG";
+/// The cookies of the sockets the agent is destroying (socket cookie -> 1), read by
+/// its socket iterator.
+pub const MAP_SOCK_KILL: &str = "LB_SOCK_KILL";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 17] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -69,6 +76,9 @@ pub const MAP_NAMES: [&str; 14] = [
     MAP_TRACE,
     MAP_EVENTS,
     MAP_LAYOUT,
+    MAP_SOCK_REV,
+    MAP_SOCK_CONFIG,
+    MAP_SOCK_KILL,
 ];
 
 /// The layout of the pinned maps: bump it whenever the meaning or the size of an
@@ -108,6 +118,29 @@ pub const PROG_XDP_CARRY: &str = "lb_xdp_carry";
 /// Every program, in the order above.
 pub const PROG_NAMES: [&str; 4] = [PROG_TC_POD, PROG_XDP_EXT, PROG_TC_EGRESS, PROG_XDP_CARRY];
 
+/// The socket programs (cgroup `sock_addr`, attached to the cgroup of `--cgroup`): a
+/// connect() or an unconnected UDP send to a frontend goes to a backend; a UDP
+/// datagram's source and getpeername() give the frontend back.
+pub const PROG_SOCK_CONNECT4: &str = "lb_sock_conn4";
+pub const PROG_SOCK_CONNECT6: &str = "lb_sock_conn6";
+pub const PROG_SOCK_SENDMSG4: &str = "lb_sock_send4";
+pub const PROG_SOCK_SENDMSG6: &str = "lb_sock_send6";
+pub const PROG_SOCK_RECVMSG4: &str = "lb_sock_recv4";
+pub const PROG_SOCK_RECVMSG6: &str = "lb_sock_recv6";
+pub const PROG_SOCK_GETPEERNAME4: &str = "lb_sock_peer4";
+pub const PROG_SOCK_GETPEERNAME6: &str = "lb_sock_peer6";
+/// Every socket program, in the order above.
+pub const SOCK_PROG_NAMES: [&str; 8] = [
+    PROG_SOCK_CONNECT4,
+    PROG_SOCK_CONNECT6,
+    PROG_SOCK_SENDMSG4,
+    PROG_SOCK_SENDMSG6,
+    PROG_SOCK_RECVMSG4,
+    PROG_SOCK_RECVMSG6,
+    PROG_SOCK_GETPEERNAME4,
+    PROG_SOCK_GETPEERNAME6,
+];
+
 /// The program array the XDP program tail-calls (not pinned: made with each load).
 pub const MAP_XDP_PROGS: &str = "LB_XDP_PROGS";
 /// Index of `lb_xdp_carry` in `LB_XDP_PROGS`.
@@ -127,6 +160,11 @@ pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Cells of `LB_MAGLEV`, shared by every frontend's Maglev table (a table has a prime
 /// number of cells, about 40 per backend, at least 127): 8 bytes each, 32 MiB.
 pub const DEFAULT_MAX_MAGLEV_CELLS: u32 = 4_194_304;
+/// Entries of `LB_SOCK_REV`: one per (socket, backend) the socket programs translated
+/// to (an LRU: closed sockets' entries are recycled).
+pub const DEFAULT_MAX_SOCK_REV: u32 = 262_144;
+/// Entries of `LB_SOCK_KILL`: sockets destroyed in one pass of the agent's iterator.
+pub const SOCK_KILL_BATCH: u32 = 4_096;
 
 /// A Service frontend: ClusterIP (or later NodePort/LB IP) + port + protocol.
 /// Key of `LB_FRONTENDS`.
@@ -508,6 +546,64 @@ pub struct TraceEvent {
     pub _pad: u32,
 }
 
+/// Key of `LB_SOCK_REV` (an LRU hash): a socket (its cookie, `bpf_get_socket_cookie`)
+/// and a backend it was sent to by the socket programs, as the socket sees it (the
+/// address of its family: IPv4-mapped for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub backend: Addr,
+    /// Network byte order.
+    pub backend_port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Value of `LB_SOCK_REV`: the frontend the socket asked for, which a datagram from the
+/// backend (recvmsg) and getpeername() report instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockValue {
+    pub frontend: Addr,
+    /// Network byte order.
+    pub frontend_port: u16,
+    /// `SOCK_REV_F_*`.
+    pub flags: u16,
+    /// The backend's id in `LB_BACKENDS` when it was chosen.
+    pub backend_id: u32,
+    /// The frontend's `service_id`: with `backend_id`, what the agent matches when that
+    /// backend leaves that frontend.
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// `SockValue::flags`: made by connect() (the socket is connected to the backend); a
+/// UDP socket so connected is destroyed when its backend leaves.
+pub const SOCK_REV_F_CONNECTED: u16 = 1 << 0;
+
+/// The one value of `LB_SOCK_CONFIG` (index 0), written by the agent before it attaches
+/// the socket programs. All zeroes: the programs translate nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConfig {
+    /// The network namespace of the node (the agent's), `bpf_get_netns_cookie`: its
+    /// sockets (host-network clients) are always translated.
+    pub host_netns_cookie: u64,
+    /// `SOCK_CFG_F_*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `SockConfig::flags`: sockets of other network namespaces (pods) are translated too
+/// (`--connect-time-balancing`); without it their packets take the tc path.
+pub const SOCK_CFG_F_PODS: u32 = 1 << 0;
+/// `SockConfig::flags`: the agent can destroy sockets (`bpf_sock_destroy`, Linux 6.5):
+/// a pod's connected UDP socket is translated at connect() too. Without it, a pod's
+/// connected UDP takes the tc path, whose flows move when their backend leaves.
+pub const SOCK_CFG_F_DESTROY: u32 = 1 << 1;
+
 /// Indexes of the per-CPU `LB_COUNTERS` array.
 pub mod counter {
     /// A new flow to a frontend got a backend and was translated.
@@ -598,8 +694,25 @@ pub mod counter {
     /// `lb trace`: an event was lost, its ring buffer (`LB_EVENTS`) full (the tracer reads
     /// slower than the programs decide).
     pub const TRACE_LOST: u32 = 27;
+    /// Socket programs: a connect() to a frontend was given a backend instead.
+    pub const SOCK_CONNECT_TRANSLATED: u32 = 28;
+    /// Socket programs: an unconnected UDP datagram to a frontend was sent to a backend.
+    pub const SOCK_SENDMSG_TRANSLATED: u32 = 29;
+    /// Socket programs: a UDP datagram's source (recvmsg) or getpeername() was given
+    /// the frontend back.
+    pub const SOCK_REVERSE_TRANSLATED: u32 = 30;
+    /// Socket programs: a connect() or a UDP send to a frontend without a ready backend
+    /// was refused (ECONNREFUSED).
+    pub const SOCK_REFUSED_NO_BACKEND: u32 = 31;
+    /// Socket programs: a connect() or send to a frontend was left to the packet path
+    /// (a pod's socket with connect-time balancing off, a pod's connected UDP without
+    /// socket destruction, a LoadBalancer IP with source ranges).
+    pub const SOCK_LEFT_TO_PACKET_PATH: u32 = 32;
+    /// The agent's socket iterator destroyed a connected UDP socket whose backend left
+    /// its frontend (`bpf_sock_destroy`): the client's next call fails and it reconnects.
+    pub const SOCK_DESTROYED: u32 = 33;
     /// Number of counters (size of `LB_COUNTERS`).
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 34;
 
     /// Names for the CLI and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -631,6 +744,12 @@ pub mod counter {
         "translated_icmp",
         "translated_fragment",
         "trace_lost",
+        "sock_connect_translated",
+        "sock_sendmsg_translated",
+        "sock_reverse_translated",
+        "sock_refused_no_backend",
+        "sock_left_to_packet_path",
+        "sock_destroyed",
     ];
 }
 
@@ -652,6 +771,9 @@ const _: () = assert!(size_of::<SourceRange>() == 20);
 const _: () = assert!(size_of::<TraceConfig>() == 64);
 const _: () = assert!(size_of::<TraceEvent>() == 64);
 const _: () = assert!(size_of::<LayoutRecord>() == 8);
+const _: () = assert!(size_of::<SockKey>() == 32);
+const _: () = assert!(size_of::<SockValue>() == 32);
+const _: () = assert!(size_of::<SockConfig>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -684,6 +806,9 @@ mod pod {
         MaglevCell,
         TraceConfig,
         TraceEvent,
-        LayoutRecord
+        LayoutRecord,
+        SockKey,
+        SockValue,
+        SockConfig
     );
 }

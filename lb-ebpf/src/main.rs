@@ -29,14 +29,16 @@ mod refuse;
 mod reply;
 mod route;
 mod service;
+mod sock;
 mod tc;
 mod trace;
 mod xdp;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
+use sock::{Call, Fam};
 
 /// tc ingress of the host side of a pod's veth (and any node interface a pod's traffic
 /// enters by): translates packets to Service frontends and reverse-translates replies.
@@ -64,6 +66,51 @@ pub fn lb_xdp_carry(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     tc::egress(&ctx)
+}
+
+/// Connect-time balancing (`sock.rs`), on the cgroup of `--cgroup`: a connect() to a
+/// frontend goes to a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_conn4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, Fam::V4, Call::Connect)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_sock_conn6(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, Fam::V6, Call::Connect)
+}
+
+/// An unconnected UDP datagram to a frontend goes to a backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_send4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, Fam::V4, Call::Sendmsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sock_send6(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, Fam::V6, Call::Sendmsg)
+}
+
+/// A UDP datagram from a backend reads as from the frontend the socket sent to.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recv4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Fam::V4, lb_common::PROTO_UDP)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_sock_recv6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Fam::V6, lb_common::PROTO_UDP)
+}
+
+/// getpeername() of a socket connected to a backend names the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_peer4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Fam::V4, 0)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_sock_peer6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Fam::V6, 0)
 }
 
 #[cfg(not(test))]

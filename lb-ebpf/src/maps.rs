@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Frontend,
-    FrontendKey, LayoutRecord, MaglevCell, NodeConfig, Slot, SlotKey, SnatPeer, SourceRange,
-    TraceConfig, TraceEvent, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS,
-    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
-    EVENTS_RING_BYTES,
+    FrontendKey, LayoutRecord, MaglevCell, NodeConfig, Slot, SlotKey, SnatPeer, SockConfig, SockKey, SockValue,
+    SourceRange, TraceConfig, TraceEvent, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
+    DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS, DEFAULT_MAX_SLOTS,
+    DEFAULT_MAX_SOCK_REV, DEFAULT_MAX_SOURCE_RANGES, EVENTS_RING_BYTES, SOCK_KILL_BATCH,
 };
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
@@ -125,3 +125,19 @@ pub static LB_TRACE_SCRATCH: PerCpuArray<TraceScratch, 1> = PerCpuArray::new();
 /// the next agent: written by userspace, never read by the programs.
 #[btf_map]
 pub static LB_LAYOUT: Array<LayoutRecord, 1> = Array::new();
+
+/// The socket programs' reverse translations (`sock.rs`): (socket cookie, backend) ->
+/// the frontend the socket asked for. An LRU: a closed socket's entries are recycled.
+#[btf_map]
+pub static LB_SOCK_REV: LruHashMap<SockKey, SockValue, { DEFAULT_MAX_SOCK_REV as usize }> =
+    LruHashMap::new();
+
+/// The socket programs' switches (one entry, index 0), written by the agent.
+#[btf_map]
+pub static LB_SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
+
+/// The cookies of the sockets the agent's socket iterator destroys (a program it
+/// assembles itself: the kfunc `bpf_sock_destroy` needs a call aya cannot relocate).
+/// No program of this object reads it; it lives here to be made and pinned with the rest.
+#[btf_map]
+pub static LB_SOCK_KILL: HashMap<u64, u32, { SOCK_KILL_BATCH as usize }> = HashMap::new();

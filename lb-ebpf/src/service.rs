@@ -9,6 +9,39 @@ use crate::{
     parse::Packet,
 };
 
+/// What backend selection reads of a flow: its 5-tuple. The packet path hands it the
+/// parsed packet; the socket programs (`sock.rs`) the socket's view of it.
+pub trait Tuple {
+    fn src(&self) -> &Addr;
+    fn dst(&self) -> &Addr;
+    fn sport(&self) -> u16;
+    fn dport(&self) -> u16;
+    fn proto(&self) -> u8;
+}
+
+impl Tuple for Packet {
+    #[inline(always)]
+    fn src(&self) -> &Addr {
+        &self.src
+    }
+    #[inline(always)]
+    fn dst(&self) -> &Addr {
+        &self.dst
+    }
+    #[inline(always)]
+    fn sport(&self) -> u16 {
+        self.sport
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        self.dport
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
 /// Bits of a full `LB_SRC_RANGES` lookup key: the frontend's id and a 16-byte address.
 const SOURCE_RANGE_BITS: u32 = 32 + 128;
 
@@ -57,11 +90,11 @@ fn fold_addr(a: &Addr) -> u32 {
 
 /// murmur3's 32-bit finaliser over the 5-tuple: cheap, and spreads client ports well.
 #[inline(always)]
-pub fn flow_hash(pkt: &Packet) -> u32 {
-    let mut h = fold_addr(&pkt.src)
-        ^ fold_addr(&pkt.dst).rotate_left(16)
-        ^ (((pkt.sport as u32) << 16) | pkt.dport as u32)
-        ^ ((pkt.proto as u32) << 8);
+pub fn flow_hash<T: Tuple>(pkt: &T) -> u32 {
+    let mut h = fold_addr(pkt.src())
+        ^ fold_addr(pkt.dst()).rotate_left(16)
+        ^ (((pkt.sport() as u32) << 16) | pkt.dport() as u32)
+        ^ ((pkt.proto() as u32) << 8);
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -81,7 +114,7 @@ pub fn flow_hash(pkt: &Packet) -> u32 {
 /// the affinity); otherwise the table's choice, recorded. Each new connection refreshes
 /// the record, as kube-proxy's `recent` match does.
 #[inline(always)]
-pub fn select_backend(pkt: &Packet, frontend: &Frontend, now: u64) -> Option<(u32, Backend)> {
+pub fn select_backend<T: Tuple>(pkt: &T, frontend: &Frontend, now: u64) -> Option<(u32, Backend)> {
     if frontend.count == 0 {
         return None;
     }
@@ -89,7 +122,7 @@ pub fn select_backend(pkt: &Packet, frontend: &Frontend, now: u64) -> Option<(u3
         return hashed(pkt, frontend).map(|(bid, b, _)| (bid, b));
     }
     let key = AffinityKey {
-        client: pkt.src,
+        client: *pkt.src(),
         service_id: frontend.service_id,
         _pad: 0,
     };
@@ -124,7 +157,7 @@ pub fn select_backend(pkt: &Packet, frontend: &Frontend, now: u64) -> Option<(u3
 /// lands on the same backend again); a frontend without a table (one backend, or no
 /// room in `LB_MAGLEV`) uses slot `hash % count + 1`.
 #[inline(always)]
-fn hashed(pkt: &Packet, frontend: &Frontend) -> Option<(u32, Backend, u32)> {
+fn hashed<T: Tuple>(pkt: &T, frontend: &Frontend) -> Option<(u32, Backend, u32)> {
     let h = flow_hash(pkt);
     if frontend.table_size != 0 {
         let cell = LB_MAGLEV.get(frontend.table_base.wrapping_add(h % frontend.table_size))?;

@@ -131,6 +131,11 @@ fn agent_command(
     .arg("--pin-dir")
     .arg(&n.pin_dir)
     .args(["--poll-ms", "100"]);
+    // Never the machine's own root cgroup: socket programs only where a test asks, on a
+    // cgroup it made (`cgroup::TestCgroup`).
+    if !extra.contains(&"--cgroup") {
+        cmd.args(["--cgroup", "none"]);
+    }
     for (flag, size) in [
         ("--max-frontends", "1024"),
         ("--max-backends", "4096"),

@@ -3,6 +3,8 @@
 //!
 //! - `sandbox`: a node, its pods and "the outside" as network namespaces;
 //! - `agent`: starting the real `lb` binary on a sandbox and waiting for it;
+//! - `cgroup`: a cgroup a test makes for its clients (the socket programs act there);
+//! - `sockclient`: the clients of the connect-time tests (`lb-testbench sock-client`);
 //! - `fake_api`: an HTTP server that speaks the Kubernetes API's list and watch protocol
 //!   to the real kube client;
 //! - `packet`: crafted frames for BPF_PROG_TEST_RUN, and checksums to check them;
@@ -16,6 +18,7 @@
 //! The tests of the kernel programs and the end-to-end tests live in `tests/`.
 pub mod agent;
 pub mod bench;
+pub mod cgroup;
 pub mod corpus;
 pub mod demo;
 pub mod fake_api;
@@ -23,6 +26,7 @@ pub mod image;
 pub mod packet;
 pub mod rawbpf;
 pub mod sandbox;
+pub mod sockclient;
 pub mod vmload;
 
 #[derive(Debug, thiserror::Error)]

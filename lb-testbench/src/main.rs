@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lb_testbench::{bench, demo, image, vmload};
+use lb_testbench::{bench, demo, image, sockclient, vmload};
 
 #[derive(Parser)]
 #[command(name = "lb-testbench", version)]
@@ -52,6 +52,16 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// A client of the connect-time tests: one exchange (`tcp`, `udp`, `udp-connected`)
+    /// and what its socket calls report.
+    SockClient {
+        mode: String,
+        to: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +69,17 @@ fn main() -> ExitCode {
         Cmd::Demo { requests } => demo::run_demo(requests),
         Cmd::Bench(opts) => bench::run(&opts),
         Cmd::VmLoad { seconds, repeats } => vmload::run_vm_load(seconds, repeats),
+        Cmd::SockClient {
+            mode,
+            to,
+            repeat,
+            interval_ms,
+        } => sockclient::run(
+            &mode,
+            to,
+            repeat,
+            std::time::Duration::from_millis(interval_ms),
+        ),
         Cmd::Image {
             lb,
             out,

@@ -372,7 +372,13 @@ fn an_agent_under_ip_netns_exec_warns_that_its_pins_are_private() {
     let args = |cmd: &mut Command| {
         cmd.args(["run", "--config"])
             .arg(&examples)
-            .args(["--interfaces", "lbt-none-*", "--pin-dir"])
+            .args([
+                "--interfaces",
+                "lbt-none-*",
+                "--cgroup",
+                "none",
+                "--pin-dir",
+            ])
             .arg(&pins.0)
             .args(["--max-frontends", "256", "--max-backends", "1024"])
             .args(["--max-slots", "1024", "--max-conntrack", "1024"]);
@@ -430,7 +436,15 @@ fn on_this_kernel_the_agent_needs_neither_cap_sys_resource_nor_memlock() {
         .arg(lb_binary().unwrap())
         .args(["run", "--config"])
         .arg(examples())
-        .args(["--interfaces", "lbt-none-*", "--netns", &ns.0, "--pin-dir"])
+        .args([
+            "--interfaces",
+            "lbt-none-*",
+            "--cgroup",
+            "none",
+            "--netns",
+            &ns.0,
+            "--pin-dir",
+        ])
         .arg(&pins.0)
         .args(["--max-frontends", "256", "--max-backends", "1024"])
         .args(["--max-slots", "1024", "--max-conntrack", "1024"]);
@@ -615,7 +629,15 @@ fn a_running_agent_keeps_its_services_when_its_file_is_truncated_or_turns_bad() 
     let mut cmd = Command::new(lb_binary().unwrap());
     cmd.args(["run", "--config"])
         .arg(&cfg)
-        .args(["--interfaces", "lbt-none-*", "--netns", &ns.0, "--pin-dir"])
+        .args([
+            "--interfaces",
+            "lbt-none-*",
+            "--cgroup",
+            "none",
+            "--netns",
+            &ns.0,
+            "--pin-dir",
+        ])
         .arg(&pins.0)
         .args(["--max-frontends", "256", "--max-backends", "1024"])
         .args(["--max-slots", "1024", "--max-conntrack", "1024"])

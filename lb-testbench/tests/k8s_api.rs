@@ -826,7 +826,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 /// /healthz on a free loopback port (never the host's 0.0.0.0:10256), with `extra` flags.
 fn agent_command(kubeconfig: Option<&Path>, pins: &Pins, port: u16, extra: &[&str]) -> Command {
     let mut cmd = Command::new(lb_testbench::agent::lb_binary().unwrap());
-    cmd.arg("agent");
+    cmd.args(["agent", "--cgroup", "none"]);
     if let Some(k) = kubeconfig {
         cmd.arg("--kubeconfig").arg(k);
     }

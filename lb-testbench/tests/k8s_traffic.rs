@@ -71,6 +71,8 @@ fn the_agent_programs_services_from_the_api_and_traffic_follows() {
     let mut cmd = Command::new(lb_binary().unwrap());
     cmd.args([
         "agent",
+        "--cgroup",
+        "none",
         "--netns",
         &sb.node,
         "--interfaces",

@@ -4,7 +4,8 @@
 //! the `model`, which yields the desired map entries; `dataplane` diffs them against the
 //! maps and applies the difference; `loader` loads, pins and attaches the programs;
 //! `run` is the standalone agent's loop; `show` prints what is in the maps; `trace`
-//! follows the datapath's decisions as they happen;
+//! follows the datapath's decisions as they happen; `sockets` the socket programs
+//! (connect-time balancing);
 //! `healthcheck` serves the Services' health check node ports; `upgrade` migrates (or
 //! refuses) maps pinned by an agent of another layout.
 pub mod config;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod netns;
 pub mod run;
 pub mod show;
+pub mod sockets;
 pub mod trace;
 pub mod upgrade;
 

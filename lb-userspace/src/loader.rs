@@ -13,6 +13,9 @@
 //!                                                         interfaces, behind XDP)
 //! /sys/fs/bpf/lb/ext-egress-links/<ifname>@<ifindex>      tcx egress links (external
 //!                                                         interfaces)
+//! /sys/fs/bpf/lb/LB_SOCK_REV  LB_SOCK_CONFIG  LB_SOCK_KILL                       maps
+//! /sys/fs/bpf/lb/lb_sock_conn4 ... lb_sock_peer6          socket programs (`sockets.rs`)
+//! /sys/fs/bpf/lb/sock-links/<cgroup inode>/<program>      their cgroup links
 //! ```
 //!
 //! Maps are re-used when pinned, so a restarted agent keeps services and conntrack
@@ -40,8 +43,9 @@ use aya::{
 use lb_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS,
     DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
-    MAP_FRONTENDS, MAP_MAGLEV, MAP_NAMES, MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES, MAP_XDP_PROGS,
-    PROG_NAMES, PROG_TC_EGRESS, PROG_TC_POD, PROG_XDP_CARRY, PROG_XDP_EXT, XDP_PROG_CARRY,
+    MAP_FRONTENDS, MAP_MAGLEV, MAP_NAMES, MAP_SLOTS, MAP_SNAT, MAP_SOCK_REV, MAP_SOURCE_RANGES,
+    MAP_XDP_PROGS, PROG_NAMES, PROG_TC_EGRESS, PROG_TC_POD, PROG_XDP_CARRY, PROG_XDP_EXT,
+    XDP_PROG_CARRY,
 };
 use tracing::{info, warn};
 
@@ -362,7 +366,9 @@ impl Datapath {
             // One entry per (client, frontend with affinity).
             .map_max_entries(MAP_AFFINITY, (opts.max_conntrack / 4).max(1024))
             .map_max_entries(MAP_SOURCE_RANGES, opts.max_source_ranges)
-            .map_max_entries(MAP_MAGLEV, opts.max_maglev_cells.max(1));
+            .map_max_entries(MAP_MAGLEV, opts.max_maglev_cells.max(1))
+            // One entry per (socket, backend) of connect-time balancing; an LRU.
+            .map_max_entries(MAP_SOCK_REV, (opts.max_conntrack / 2).max(1024));
         let mut ebpf = loader.load(object).map_err(|e| {
             let hint = aya::util::KernelVersion::current()
                 .ok()
@@ -427,6 +433,15 @@ impl Datapath {
             res.map_err(|e| Error::Load(format!("pinning {}: {e}", pin.display())))?;
         }
         Ok((dp, maps))
+    }
+
+    /// Loads, pins and attaches the socket programs (connect-time balancing) to the
+    /// cgroup of `opts` (`sockets.rs`). Call once the maps hold the state.
+    pub fn attach_sockets(
+        &mut self,
+        opts: &crate::sockets::SockOptions,
+    ) -> Result<Option<crate::sockets::Sockets>> {
+        crate::sockets::setup(&mut self.ebpf, &self.pin_dir, opts)
     }
 
     /// The loaded tc program (the kernel tests run it through BPF_PROG_TEST_RUN).
@@ -690,6 +705,7 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         }
         let _ = fs::remove_dir(links);
     }
+    crate::sockets::remove_pins(dir);
     for name in MAP_NAMES.into_iter().chain(PROG_NAMES) {
         let _ = fs::remove_file(dir.join(name));
     }

@@ -71,10 +71,29 @@ struct DatapathArgs {
     /// 0: never.
     #[arg(long, default_value_t = 30)]
     resync_secs: u64,
+    /// The cgroup (v2) the socket programs attach to: connect() and UDP sends of its
+    /// processes to a Service go to a backend (host-network clients, and pods with
+    /// --connect-time-balancing). Default: the root of the cgroup2 mount (every process
+    /// of the node); `none`: no socket programs.
+    #[arg(long)]
+    cgroup: Option<String>,
+    /// Connect-time balancing for pods' sockets (host-network clients get it wherever
+    /// the programs are attached): `auto` where the kernel loads the programs.
+    #[arg(long, value_enum, default_value_t = lb_userspace::sockets::ConnectTime::Auto)]
+    connect_time_balancing: lb_userspace::sockets::ConnectTime,
     #[command(flatten)]
     maps: MapArgs,
     #[command(flatten)]
     conntrack: ConntrackArgs,
+}
+
+impl DatapathArgs {
+    fn sockets(&self) -> anyhow::Result<lb_userspace::sockets::SockOptions> {
+        Ok(lb_userspace::sockets::SockOptions {
+            cgroup: lb_userspace::sockets::cgroup_arg(self.cgroup.as_deref())?,
+            connect_time: self.connect_time_balancing,
+        })
+    }
 }
 
 /// Conntrack's lifetimes: a flow goes this long after its last packet, by state (the
@@ -327,20 +346,23 @@ fn main() -> ExitCode {
             config,
             file,
             datapath: d,
-        } => run_in(
-            d.netns,
-            run::run(run::RunOptions {
-                config,
-                config_options: file.options(),
-                interfaces: d.interfaces,
-                external_interfaces: d.external_interfaces,
-                keep_pinned: d.keep_pinned,
-                poll: Duration::from_millis(d.poll_ms),
-                resync: (d.resync_secs > 0).then(|| Duration::from_secs(d.resync_secs)),
-                conntrack: d.conntrack.options(),
-                load: d.maps.load_options(),
-            }),
-        ),
+        } => d.sockets().and_then(|sockets| {
+            run_in(
+                d.netns,
+                run::run(run::RunOptions {
+                    sockets,
+                    config,
+                    config_options: file.options(),
+                    interfaces: d.interfaces,
+                    external_interfaces: d.external_interfaces,
+                    keep_pinned: d.keep_pinned,
+                    poll: Duration::from_millis(d.poll_ms),
+                    resync: (d.resync_secs > 0).then(|| Duration::from_secs(d.resync_secs)),
+                    conntrack: d.conntrack.options(),
+                    load: d.maps.load_options(),
+                }),
+            )
+        }),
         Cmd::Agent {
             kubeconfig,
             node_name,
@@ -353,9 +375,11 @@ fn main() -> ExitCode {
             debounce_ms,
             datapath: d,
         } => parse_bind(&healthz_bind_address, "--healthz-bind-address").and_then(|healthz| {
+            let sockets = d.sockets()?;
             run_in(
                 d.netns,
                 k8s::run(k8s::AgentOptions {
+                    sockets,
                     kubeconfig,
                     api_server,
                     node_name,

@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub conntrack: gc::GcOptions,
     /// How often the maps are checked against what was written (`None`: never).
     pub resync: Option<Duration>,
+    /// The socket programs (connect-time balancing, host-network clients).
+    pub sockets: crate::sockets::SockOptions,
 }
 
 pub fn compile_globs(globs: &[String]) -> Result<Vec<glob::Pattern>> {
@@ -132,6 +134,7 @@ pub fn load_datapath(load: &LoadOptions) -> Result<(Datapath, Dataplane)> {
 pub fn start_gc(
     plane: &Dataplane,
     opts: &gc::GcOptions,
+    sockets: Option<crate::sockets::SockKiller>,
 ) -> Result<(
     std::sync::mpsc::Sender<gc::Purge>,
     std::sync::Arc<gc::GcStats>,
@@ -142,7 +145,14 @@ pub fn start_gc(
         .conntrack_handle()
         .map(|c| c.max_entries())
         .unwrap_or(0);
-    let collector = gc::Gc::new(maps, opts.timeouts);
+    let mut collector = gc::Gc::new(maps, opts.timeouts);
+    if let Some(mut killer) = sockets {
+        collector = collector.on_purge(Box::new(move |gone| {
+            if let Err(e) = killer.destroy(gone) {
+                warn!("destroying the sockets of backends that left: {e}");
+            }
+        }));
+    }
     let stats = collector.stats.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     gc::spawn(collector, opts.interval, max, rx)
@@ -224,7 +234,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let cfg = load(&opts.config, copts).await?;
 
     let (mut datapath, plane) = load_datapath(&opts.load)?;
-    let (purges, _gc_stats) = start_gc(&plane, &opts.conntrack)?;
+    let sockets = datapath.attach_sockets(&opts.sockets)?;
+    let (purges, _gc_stats) = start_gc(&plane, &opts.conntrack, sockets.and_then(|s| s.killer))?;
     let writer = Writer::spawn(
         plane,
         WriterOptions {

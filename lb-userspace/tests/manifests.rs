@@ -159,13 +159,31 @@ fn the_daemonset_follows_the_deployment_rules() {
     assert_eq!(pod.service_account_name.as_deref(), Some("lb-agent"));
     let bpffs = pod
         .volumes
+        .clone()
         .unwrap()
         .into_iter()
         .find(|v| v.name == "bpffs")
         .expect("bpffs volume");
     assert_eq!(bpffs.host_path.unwrap().path, "/sys/fs/bpf");
+    // The socket programs attach to the host's cgroup v2 root, mounted in.
+    let cgroup = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "cgroup")
+        .expect("cgroup volume");
+    assert_eq!(cgroup.host_path.as_ref().unwrap().path, "/sys/fs/cgroup");
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap();
+    let mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "cgroup")
+        .expect("cgroup mount");
+    assert!(args.contains(&format!("--cgroup={}", mount.mount_path)));
     assert_eq!(args[0], "agent");
     assert!(args.iter().any(|a| a.starts_with("--interfaces")));
     let sc = c.security_context.clone().unwrap();

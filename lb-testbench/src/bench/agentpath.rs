@@ -281,6 +281,7 @@ fn k8s_agent_run(scale: usize, changes: usize, r: &mut AgentRun) -> Result<()> {
         .arg("--kubeconfig")
         .arg(&kubeconfig)
         .args(["--node-name", NODE, "--interfaces", "lbbench-none-*"])
+        .args(["--cgroup", "none"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         // kube-proxy's health check on a loopback port of its own, not the host's
         // 0.0.0.0:10256.
@@ -401,6 +402,7 @@ fn file_agent_run(scale: usize, changes: usize, r: &mut AgentRun) -> Result<()> 
         .arg("--config")
         .arg(&path)
         .args(["--interfaces", "lbbench-none-*", "--poll-ms", "20"])
+        .args(["--cgroup", "none"])
         .arg("--pin-dir")
         .arg(&pins.0)
         .args(map_args(r.services, r.endpoints))

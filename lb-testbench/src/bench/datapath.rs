@@ -282,11 +282,33 @@ pub fn start_agent_with(
     backends: usize,
     log: &str,
 ) -> Result<(u32, f64)> {
+    start_agent_on(
+        sb, config, interfaces, external, None, frontends, backends, log,
+    )
+}
+
+/// [`start_agent_with`], with the socket programs on `cgroup` (a cgroup the bench made;
+/// `None`: `--cgroup none`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the agent's knobs, each named at the call"
+)]
+pub fn start_agent_on(
+    sb: &Sandbox,
+    config: &Path,
+    interfaces: &str,
+    external: Option<&str>,
+    cgroup: Option<&str>,
+    frontends: usize,
+    backends: usize,
+    log: &str,
+) -> Result<(u32, f64)> {
     let lb = crate::agent::lb_binary()?;
     let fe = (frontends + frontends / 4).max(1024);
     let be = (backends + backends / 4).max(4096);
     let mut cmd = Command::new(lb);
     cmd.args(["run", "--netns", &sb.node, "--interfaces", interfaces]);
+    cmd.args(["--cgroup", cgroup.unwrap_or("none")]);
     if let Some(external) = external {
         cmd.args(["--external-interfaces", external]);
     }

@@ -12,6 +12,7 @@
 //! is never touched.
 pub mod agentpath;
 pub mod charts;
+pub mod connect;
 pub mod consistency;
 pub mod control;
 pub mod datapath;
@@ -90,6 +91,11 @@ pub struct Opts {
     /// Measure nothing: draw the SVG charts of `<out>/latest.json` beside it.
     #[arg(long)]
     pub charts_only: bool,
+    /// Only the connect-time comparison (connect-time balancing, the tc path, kube-proxy
+    /// iptables, no load balancer; scales 1 and 10000 unless --scales): writes
+    /// `<out>/connect_time.{md,json}`.
+    #[arg(long)]
+    pub connect_time: bool,
 }
 
 impl Opts {
@@ -132,6 +138,9 @@ pub fn run(opts: &Opts) -> Result<()> {
         return charts::write(&opts.out);
     }
     catch_interrupts();
+    if opts.connect_time {
+        return connect::run(opts);
+    }
     run_all(opts)
 }
 

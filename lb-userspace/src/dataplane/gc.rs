@@ -200,6 +200,9 @@ pub struct Plan {
 /// frontend's ready set.
 pub type Purge = Vec<(u32, u32)>;
 
+/// What else runs on a purge (`Gc::on_purge`), with its pairs.
+pub type OnPurge = Box<dyn FnMut(&[(u32, u32)]) + Send>;
+
 fn flows(entries: &[(CtKey, CtValue)], snat: &HashMap<CtKey, SnatPeer>) -> Vec<Flow> {
     let by_key: HashMap<CtKey, &CtValue> = entries.iter().map(|(k, v)| (*k, v)).collect();
     let mut paired: std::collections::HashSet<CtKey> = std::collections::HashSet::new();
@@ -314,6 +317,9 @@ pub struct Gc {
     maps: GcMaps,
     pub timeouts: Timeouts,
     pub stats: Arc<GcStats>,
+    /// Also run on every purge (the agent's socket iterator: connected UDP sockets of
+    /// the backends that left are destroyed with their flows).
+    on_purge: Option<OnPurge>,
 }
 
 /// What one pass did.
@@ -334,7 +340,14 @@ impl Gc {
             maps,
             timeouts,
             stats: Arc::default(),
+            on_purge: None,
         }
+    }
+
+    /// Runs `f` on every purge too, after the flows went.
+    pub fn on_purge(mut self, f: OnPurge) -> Self {
+        self.on_purge = Some(f);
+        self
     }
 
     /// One pass: read both maps, decide, re-check each candidate (a packet may have come
@@ -454,7 +467,7 @@ fn delete_keys(fd: &OwnedFd, keys: &[CtKey]) -> usize {
 /// sender side is dropped. Logs a pass that expired or purged anything, and warns (once a
 /// minute at most) when the table is 90 % full.
 pub fn spawn(
-    gc: Gc,
+    mut gc: Gc,
     interval: Duration,
     max_entries: u32,
     purges: mpsc::Receiver<Purge>,
@@ -478,7 +491,13 @@ pub fn spawn(
                     Err(mpsc::RecvTimeoutError::Timeout) => next = Instant::now() + interval,
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
-                match gc.pass(&purge) {
+                let pass = gc.pass(&purge);
+                if !purge.is_empty() {
+                    if let Some(f) = gc.on_purge.as_mut() {
+                        f(&purge);
+                    }
+                }
+                match pass {
                     Ok(r) => {
                         if r.expired + r.purged > 0 {
                             info!(

@@ -156,7 +156,7 @@ impl Collector for Dataplane {
         };
         let mut family = encoder.encode_descriptor(
             DATAPLANE_FAMILIES[0].0,
-            "Packets per datapath decision, summed over CPUs (LB_COUNTERS)",
+            "Packets per datapath decision, summed over CPUs (LB_COUNTERS); the kinds sock_* count socket calls of connect-time balancing",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;

@@ -74,6 +74,8 @@ pub struct AgentOptions {
     pub conntrack: crate::dataplane::gc::GcOptions,
     /// How often the maps are checked against what was written (`None`: never).
     pub resync: Option<Duration>,
+    /// The socket programs (connect-time balancing, host-network clients).
+    pub sockets: crate::sockets::SockOptions,
 }
 
 /// The value of `LB_API_SERVER` in deploy/daemonset.yaml: a host under `.invalid`
@@ -215,7 +217,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let reused_state = !plane.state().frontends.is_empty();
     let counters = plane.maps.counters_handle()?;
     let conntrack = plane.maps.conntrack_handle()?;
-    let (purges, gc_stats) = crate::run::start_gc(&plane, &opts.conntrack)?;
+    let sockets = datapath.attach_sockets(&opts.sockets)?;
+    let (purges, gc_stats) =
+        crate::run::start_gc(&plane, &opts.conntrack, sockets.and_then(|s| s.killer))?;
     let metrics = Metrics::default();
     let checks = crate::healthcheck::HealthChecks::default();
     let proxy_health = proxyhealth::ProxyHealth::new(opts.healthz_timeout);

@@ -20,6 +20,10 @@ pub fn bench(root: &Path, quick: bool, extra: &[String]) -> Result<()> {
     }
     cmd.args(extra);
     super::run(&mut cmd)?;
+    if extra.iter().any(|a| a == "--connect-time") {
+        eprintln!("results: results/connect_time.md, results/connect_time.json");
+        return Ok(());
+    }
     let table =
         std::fs::read_to_string(root.join("results/latest.md")).context("results/latest.md")?;
     update_readme(&root.join("README.md"), &table)?;

@@ -1,0 +1,451 @@
+//! The connect-time benchmark (`lb-testbench bench --connect-time`; `cargo xtask bench
+//! -- --connect-time`): new connections per second and request latency from a pod to a
+//! ClusterIP (three nginx backends, a new TCP connection per request) through
+//! connect-time balancing (the agent's socket programs on a cgroup the bench makes; the
+//! load generator's process joins it for its runs), through the tc path (the same agent
+//! without socket programs), through kube-proxy's iptables rules (the tested Service
+//! last in KUBE-SERVICES) and without a load balancer (the client spreads over the pod
+//! IPs itself), at each scale; each mode in its own sandbox, runs interleaved (order
+//! rotated every repeat). For the two lb modes it also counts the packets a program
+//! rewrote during each run (the counters `new_flow`, `translated`,
+//! `reverse_translated`): an established connect-time flow must have none. Writes
+//! `connect_time.md` and `connect_time.json` to the output folder.
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde::Serialize;
+
+use super::{
+    check_interrupted, datapath, loadgen, progress, rules,
+    stats::{pair_ratios, quantile, summarize},
+    workload::{self, Endpoints, WEB_IP, WEB_PORT, WEB_TARGET_PORT},
+    Opts,
+};
+use crate::{cgroup::TestCgroup, sandbox::Sandbox, Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Direct,
+    ConnectTime,
+    Tc,
+    Iptables,
+}
+
+const MODES: [Mode; 4] = [Mode::Direct, Mode::ConnectTime, Mode::Tc, Mode::Iptables];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "no LB (pod IP)",
+            Mode::ConnectTime => "lb connect-time",
+            Mode::Tc => "lb tc path",
+            Mode::Iptables => "kube-proxy iptables (last)",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Mode::Direct => "lbbench-cdi",
+            Mode::ConnectTime => "lbbench-cct",
+            Mode::Tc => "lbbench-ctc",
+            Mode::Iptables => "lbbench-cip",
+        }
+    }
+}
+
+const PODS: [&str; 4] = ["client", "be-1", "be-2", "be-3"];
+
+struct Bed {
+    mode: Mode,
+    sb: Sandbox,
+    agent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Run {
+    pub cps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub errors: u64,
+    /// Connections made in the run.
+    pub connections: u64,
+    /// Packets a program rewrote meanwhile (lb modes): new_flow + translated +
+    /// reverse_translated.
+    pub rewritten: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModeRuns {
+    pub mode: Mode,
+    pub name: &'static str,
+    pub runs: Vec<Run>,
+    pub skipped: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Scale {
+    pub services: usize,
+    pub modes: Vec<ModeRuns>,
+}
+
+/// The bench process in the cgroup while it lives (its load generator's sockets are
+/// then the cgroup's), back in its own cgroup after.
+struct Joined {
+    back: PathBuf,
+}
+
+fn join(cg: &TestCgroup) -> Result<Joined> {
+    let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| Error::Sandbox(e.to_string()))?;
+    let path = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| Error::Sandbox("no cgroup v2 line in /proc/self/cgroup".into()))?;
+    let root = lb_userspace::sockets::cgroup2_mount()
+        .ok_or_else(|| Error::Sandbox("no cgroup2 mount".into()))?;
+    let back = root.join(path.trim_start_matches('/')).join("cgroup.procs");
+    let pid = std::process::id().to_string();
+    fs::write(cg.path.join("cgroup.procs"), &pid)
+        .map_err(|e| Error::Sandbox(format!("joining {}: {e}", cg.path.display())))?;
+    Ok(Joined { back })
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(&self.back, std::process::id().to_string()) {
+            eprintln!("leaving the bench cgroup for {}: {e}", self.back.display());
+        }
+    }
+}
+
+fn rewritten(bed: &Bed) -> Option<u64> {
+    let maps = lb_userspace::dataplane::Maps::from_pins(bed.sb.pin_dir()).ok()?;
+    let c = maps.counters().ok()?;
+    Some(
+        c.iter()
+            .filter(|(n, _)| ["new_flow", "translated", "reverse_translated"].contains(n))
+            .map(|(_, v)| v)
+            .sum(),
+    )
+}
+
+fn targets(bed: &Bed) -> Vec<SocketAddr> {
+    match bed.mode {
+        Mode::Direct => ["be-1", "be-2", "be-3"]
+            .iter()
+            .map(|b| SocketAddr::V4(SocketAddrV4::new(bed.sb.pod(b).ip, WEB_TARGET_PORT)))
+            .collect(),
+        _ => vec![SocketAddr::V4(SocketAddrV4::new(WEB_IP, WEB_PORT))],
+    }
+}
+
+fn load(bed: &mut Bed, svcs: &[workload::Svc], cg: &TestCgroup, opts: &Opts) -> Result<()> {
+    let node = bed.sb.node.clone();
+    match bed.mode {
+        Mode::Direct => {}
+        Mode::Iptables => {
+            let path = bed.sb.path("iptables.rules");
+            fs::write(&path, rules::iptables_restore(svcs, rules::Placement::Last))
+                .map_err(|e| Error::Sandbox(e.to_string()))?;
+            let f = fs::File::open(&path).map_err(|e| Error::Sandbox(e.to_string()))?;
+            let mut cmd = bed.sb.cmd(&node, &["iptables-restore"]);
+            cmd.stdin(f);
+            datapath::timed(
+                cmd,
+                Duration::from_secs(opts.rule_load_timeout),
+                "iptables-restore",
+            )?;
+        }
+        Mode::ConnectTime | Mode::Tc => {
+            if let Some(pid) = bed.agent.take() {
+                bed.sb.stop(pid, libc::SIGTERM)?;
+            }
+            let path = bed.sb.path("services.yaml");
+            let text = serde_yaml_ng::to_string(&workload::to_config(svcs))
+                .map_err(|e| Error::Sandbox(e.to_string()))?;
+            fs::write(&path, text).map_err(|e| Error::Sandbox(e.to_string()))?;
+            let cgroup = (bed.mode == Mode::ConnectTime).then(|| cg.path_str());
+            let (pid, _) = datapath::start_agent_on(
+                &bed.sb,
+                &path,
+                "lxc-*",
+                None,
+                cgroup,
+                svcs.len(),
+                workload::endpoint_count(svcs),
+                &format!("agent-{}.log", svcs.len()),
+            )?;
+            bed.agent = Some(pid);
+        }
+    }
+    Ok(())
+}
+
+fn measure(bed: &Bed, cg: &TestCgroup, secs: f64, threads: usize) -> Result<Run> {
+    let before = rewritten(bed);
+    let lr = {
+        let _joined = match bed.mode {
+            Mode::ConnectTime => Some(join(cg)?),
+            _ => None,
+        };
+        loadgen::run(
+            &bed.sb.pod("client").netns,
+            &targets(bed),
+            threads,
+            Duration::from_millis(500),
+            Duration::from_secs_f64(secs),
+            50_000_000,
+        )?
+    };
+    let after = rewritten(bed);
+    Ok(Run {
+        cps: lr.conns_per_sec(),
+        p50_us: quantile(&lr.latencies_us, 0.50),
+        p99_us: quantile(&lr.latencies_us, 0.99),
+        errors: lr.errors,
+        connections: lr.ok,
+        rewritten: before.zip(after).map(|(b, a)| a - b),
+    })
+}
+
+pub fn run(opts: &Opts) -> Result<()> {
+    crate::sandbox::require_tools(&["ip", "nginx", "ss", "iptables-restore"])?;
+    let scales = opts.scales.clone().unwrap_or_else(|| {
+        if opts.quick {
+            vec![1, 1000]
+        } else {
+            vec![1, 10_000]
+        }
+    });
+    let cg = TestCgroup::create("bench")?;
+    progress("creating 4 identical sandboxes (one per mode)");
+    let mut beds = Vec::new();
+    for mode in MODES {
+        let sb = Sandbox::create(mode.prefix(), &PODS)?;
+        let client = sb.pod("client").netns.clone();
+        for (k, v) in [
+            ("net.ipv4.ip_local_port_range", "1024 65535"),
+            ("net.ipv4.tcp_tw_reuse", "1"),
+        ] {
+            sb.exec(&client, &["sysctl", "-qw", &format!("{k}={v}")])?;
+        }
+        for b in ["be-1", "be-2", "be-3"] {
+            let ns = sb.pod(b).netns.clone();
+            sb.exec(&ns, &["sysctl", "-qw", "net.core.somaxconn=4096"])?;
+            sb.start_nginx(b, WEB_TARGET_PORT)?;
+        }
+        beds.push(Bed {
+            mode,
+            sb,
+            agent: None,
+        });
+    }
+    let web: Vec<Ipv4Addr> = ["be-1", "be-2", "be-3"]
+        .iter()
+        .map(|b| beds[0].sb.pod(b).ip)
+        .collect();
+    let mut out = Vec::new();
+    for &scale in &scales {
+        check_interrupted()?;
+        let svcs = workload::services(scale, Endpoints::Mixed, &web, web[2]);
+        progress(format!("scale {}: loading every mode", svcs.len()));
+        let mut modes: Vec<ModeRuns> = Vec::new();
+        for bed in beds.iter_mut() {
+            let mut m = ModeRuns {
+                mode: bed.mode,
+                name: bed.mode.name(),
+                runs: Vec::new(),
+                skipped: None,
+            };
+            let probe = load(bed, &svcs, &cg, opts)
+                .and_then(|()| measure(bed, &cg, 0.2, 1))
+                .and_then(|r| {
+                    if r.connections == 0 {
+                        Err(Error::Sandbox("no answer through the service".into()))
+                    } else {
+                        Ok(r)
+                    }
+                });
+            if let Err(e) = probe {
+                check_interrupted()?;
+                progress(format!("   {}: {e}", bed.mode.name()));
+                m.skipped = Some(e.to_string());
+            }
+            modes.push(m);
+        }
+        for rep in 0..opts.repeats() {
+            let active: Vec<usize> = (0..beds.len())
+                .filter(|&i| modes[i].skipped.is_none())
+                .collect();
+            for k in 0..active.len() {
+                check_interrupted()?;
+                let i = active[(k + rep) % active.len()];
+                let r = measure(&beds[i], &cg, opts.conn_secs(), opts.threads)?;
+                progress(format!(
+                    "   scale {scale} repeat {}/{} {:<28} {:>8.0} conn/s p50 {:>6.0} us p99 {:>6.0} us errors {} rewritten {}",
+                    rep + 1,
+                    opts.repeats(),
+                    beds[i].mode.name(),
+                    r.cps,
+                    r.p50_us,
+                    r.p99_us,
+                    r.errors,
+                    r.rewritten.map_or("-".into(), |n| n.to_string()),
+                ));
+                modes[i].runs.push(r);
+            }
+        }
+        out.push(Scale {
+            services: svcs.len(),
+            modes,
+        });
+    }
+    for bed in beds.iter_mut() {
+        if let Some(pid) = bed.agent.take() {
+            let _ = bed.sb.stop(pid, libc::SIGTERM);
+        }
+    }
+    drop(beds);
+    let md = markdown(&out, opts);
+    fs::create_dir_all(&opts.out).map_err(|e| Error::Sandbox(e.to_string()))?;
+    let json = serde_json::to_string_pretty(&out).map_err(|e| Error::Sandbox(e.to_string()))?;
+    for (name, text) in [("connect_time.md", &md), ("connect_time.json", &json)] {
+        let p = opts.out.join(name);
+        fs::write(&p, text).map_err(|e| Error::Sandbox(format!("{}: {e}", p.display())))?;
+    }
+    println!("{md}");
+    progress(format!(
+        "wrote {}/connect_time.md and connect_time.json",
+        opts.out.display()
+    ));
+    Ok(())
+}
+
+fn fmt_summary(v: &[f64], digits: usize) -> String {
+    if v.is_empty() {
+        return "–".into();
+    }
+    let s = summarize(v);
+    format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits)
+}
+
+fn markdown(scales: &[Scale], opts: &Opts) -> String {
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "### Connect-time balancing (new connections per second, {} repeats of {} s x {} threads)\n",
+        opts.repeats(),
+        opts.conn_secs(),
+        opts.threads
+    );
+    let _ = writeln!(
+        md,
+        "| services | mode | new conn/s | p50 µs | p99 µs | errors | packets rewritten by a program per connection |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    let runs = |m: &ModeRuns, f: fn(&Run) -> f64| m.runs.iter().map(f).collect::<Vec<f64>>();
+    for s in scales {
+        for m in &s.modes {
+            if let Some(why) = &m.skipped {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | not measured: {why} | | | | |",
+                    s.services, m.name
+                );
+                continue;
+            }
+            let per_conn = match m
+                .runs
+                .iter()
+                .map(|r| r.rewritten)
+                .collect::<Option<Vec<_>>>()
+            {
+                Some(v) if !v.is_empty() => {
+                    let conns: u64 = m.runs.iter().map(|r| r.connections).sum();
+                    let total: u64 = v.iter().sum();
+                    format!(
+                        "{:.2} ({total} in {conns})",
+                        total as f64 / conns.max(1) as f64
+                    )
+                }
+                _ => "–".into(),
+            };
+            let errors: u64 = m.runs.iter().map(|r| r.errors).sum();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {errors} | {per_conn} |",
+                s.services,
+                m.name,
+                fmt_summary(&runs(m, |r| r.cps), 0),
+                fmt_summary(&runs(m, |r| r.p50_us), 0),
+                fmt_summary(&runs(m, |r| r.p99_us), 0),
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nRatios of new conn/s, pair by pair (runs of a repeat are back to back), median (min–max):\n"
+    );
+    let _ = writeln!(
+        md,
+        "| services | connect-time / no LB | tc path / no LB | connect-time / tc path | connect-time / iptables |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let mut worst = f64::INFINITY;
+    let mut rewrites = 0u64;
+    for s in scales {
+        let cps = |mode: Mode| -> Vec<f64> {
+            s.modes
+                .iter()
+                .find(|m| m.mode == mode && m.skipped.is_none())
+                .map(|m| m.runs.iter().map(|r| r.cps).collect())
+                .unwrap_or_default()
+        };
+        let ratio = |a: Mode, b: Mode| {
+            let r = pair_ratios(&cps(a), &cps(b));
+            (fmt_summary(&r, 2), r)
+        };
+        let (ct_direct, r) = ratio(Mode::ConnectTime, Mode::Direct);
+        if !r.is_empty() {
+            worst = worst.min(summarize(&r).median);
+        }
+        if let Some(m) = s.modes.iter().find(|m| m.mode == Mode::ConnectTime) {
+            rewrites += m.runs.iter().filter_map(|r| r.rewritten).sum::<u64>();
+        }
+        let _ = writeln!(
+            md,
+            "| {} | {ct_direct} | {} | {} | {} |",
+            s.services,
+            ratio(Mode::Tc, Mode::Direct).0,
+            ratio(Mode::ConnectTime, Mode::Tc).0,
+            ratio(Mode::ConnectTime, Mode::Iptables).0,
+        );
+    }
+    let verdict = |ok: bool| if ok { "**met**" } else { "**missed**" };
+    let _ = writeln!(
+        md,
+        "\n| target | goal | result | verdict |\n|---|---|---|---|"
+    );
+    if worst.is_finite() {
+        let _ = writeln!(
+            md,
+            "| new conn/s, connect-time / no load balancer (worst scale, median of pair ratios) | ≥ 0.97 | {worst:.2} | {} |",
+            verdict(worst >= 0.97)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| packets of connect-time flows rewritten by a program (all runs) | 0 | {rewrites} | {} |",
+        verdict(rewrites == 0)
+    );
+    let _ = writeln!(
+        md,
+        "\nHow: a sandbox per mode (node, client pod, three nginx pods), the same Services at each scale (the tested one and fillers with 1 to 10 endpoints). The load generator (4 threads in the client pod's network namespace, a new TCP connection per HTTP/1.0 request, closed loop, latency from connect to the last byte) runs in the bench's process, which joins a cgroup the bench made for the connect-time runs only; the agent there has its socket programs on that cgroup (`--cgroup`), the tc-path agent none (`--cgroup none`). No LB: the client spreads over the pod IPs itself. The tc programs stay on the connect-time sandbox's veths too: its flows' packets pass them (a conntrack and a frontend miss at ingress, a conntrack miss at egress), and the counters show no program rewrote any."
+    );
+    md
+}

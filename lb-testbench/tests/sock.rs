@@ -1,0 +1,446 @@
+//! Connect-time balancing end to end: the real `lb run` with its socket programs on a
+//! cgroup the test makes (`TestCgroup`, never the machine's root cgroup), and clients
+//! run in that cgroup (`lb-testbench sock-client`, which prints what its own socket
+//! calls report). Needs root; run one at a time.
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use lb_testbench::{
+    agent::{lb_binary, spawn_agent, wait_agent_ready},
+    cgroup::TestCgroup,
+    sandbox::{Sandbox, NODE_IP, NODE_IP6},
+};
+use lb_userspace::dataplane::Maps;
+
+const WEB: &str = "10.96.0.10";
+const WEB6: &str = "fd00:10:96::a";
+const BACKENDS: [&str; 3] = ["backend-1", "backend-2", "backend-3"];
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+fn backend_ip(name: &str) -> &'static str {
+    // Sandbox::create gives .11 to the first pod, then .12, .13, ...
+    match name {
+        "backend-1" => "10.244.0.12",
+        "backend-2" => "10.244.0.13",
+        "backend-3" => "10.244.0.14",
+        other => panic!("{other}"),
+    }
+}
+
+fn backend_ip6(name: &str) -> &'static str {
+    match name {
+        "backend-1" => "fd00:10:244::c",
+        "backend-2" => "fd00:10:244::d",
+        "backend-3" => "fd00:10:244::e",
+        other => panic!("{other}"),
+    }
+}
+
+/// web, dual stack: ClusterIPs WEB and WEB6 and the NodePorts of both node addresses,
+/// TCP 80 -> 8080 (30080), UDP 53 -> 5353 (30053), on the `ready` backends (the others
+/// listed not ready), one slice per family.
+fn config(ready: &[&str]) -> String {
+    let eps = |ip: fn(&str) -> &'static str| -> String {
+        BACKENDS
+            .iter()
+            .map(|b| {
+                format!(
+                    "      - {{addresses: [\"{}\"], nodeName: node-0, conditions: {{ready: {}}}}}\n",
+                    ip(b),
+                    ready.contains(b)
+                )
+            })
+            .collect()
+    };
+    let (v4, v6) = (eps(backend_ip), eps(backend_ip6));
+    format!(
+        "node: {{name: node-0, addresses: [\"{NODE_IP}\", \"{NODE_IP6}\"]}}
+services:
+  - name: web
+    clusterIPs: [\"{WEB}\", \"{WEB6}\"]
+    ipFamilies: [IPv4, IPv6]
+    ipFamilyPolicy: RequireDualStack
+    type: NodePort
+    ports:
+      - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
+      - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
+endpointSlices:
+  - name: web-v4
+    serviceName: web
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+      - {{name: dns, port: 5353, protocol: UDP}}
+    endpoints:
+{v4}  - name: web-v6
+    serviceName: web
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+      - {{name: dns, port: 5353, protocol: UDP}}
+    endpoints:
+{v6}"
+    )
+}
+
+/// ClusterIPs and NodePorts of both families, TCP and UDP.
+const FRONTENDS: usize = 8;
+
+struct Env {
+    // Dropped in order: the sandbox (and with it the agent) before the cgroup.
+    sb: Sandbox,
+    cg: TestCgroup,
+    config: PathBuf,
+    agent: u32,
+}
+
+impl Env {
+    /// Two client pods and three backends (nginx on 8080, a UDP responder on 5353); the
+    /// agent's socket programs on a cgroup of this test.
+    fn new(ready: &[&str], agent_args: &[&str]) -> Env {
+        let k = N.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("lbs{}{k}", std::process::id() % 100_000);
+        let cg = TestCgroup::create(&format!("sock{k}")).unwrap();
+        let sb = Sandbox::create(
+            &prefix,
+            &["client", "backend-1", "backend-2", "backend-3", "other"],
+        )
+        .unwrap();
+        for b in BACKENDS {
+            sb.start_nginx(b, 8080).unwrap();
+            sb.start_udp_echo(b, 5353).unwrap();
+        }
+        let config = sb.path("services.yaml");
+        std::fs::write(&config, config_text(ready)).unwrap();
+        let mut args = vec!["--cgroup", cg.path_str()];
+        args.extend_from_slice(agent_args);
+        let agent = spawn_agent(&sb, 0, &lb_binary().unwrap(), &config, &args).unwrap();
+        let env = Env {
+            sb,
+            cg,
+            config,
+            agent,
+        };
+        env.wait_ready();
+        env
+    }
+
+    fn wait_ready(&self) {
+        wait_agent_ready(&self.sb, 0, FRONTENDS, 5, Duration::from_secs(30)).unwrap();
+        wait_until(
+            Duration::from_secs(10),
+            "the socket programs' links",
+            || (self.sock_links() == 8).then_some(()),
+        );
+    }
+
+    /// The socket programs' link pins.
+    fn sock_links(&self) -> usize {
+        let dir = self.sb.pin_dir.join("sock-links");
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| std::fs::read_dir(d.path()).map(|e| e.count()).unwrap_or(0))
+            .sum()
+    }
+
+    /// The programs attached to the test's cgroup, as bpftool lists them.
+    fn cgroup_programs(&self) -> usize {
+        let out = Command::new("bpftool")
+            .args(["cgroup", "show", self.cg.path_str()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("lb_sock_"))
+            .count()
+    }
+
+    /// `lb-testbench sock-client MODE TO` in `netns`, in the test's cgroup or not: its
+    /// line (`peer=.. from=.. reply=..`), or its error.
+    fn client(&self, netns: &str, in_cgroup: bool, mode: &str, to: &str) -> Result<String, String> {
+        let mut cmd = self.client_cmd(netns, in_cgroup, mode, to, &[]);
+        let out = cmd.output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    fn client_cmd(
+        &self,
+        netns: &str,
+        in_cgroup: bool,
+        mode: &str,
+        to: &str,
+        extra: &[&str],
+    ) -> Command {
+        let bin = testbench_binary();
+        let mut args = vec![bin.to_str().unwrap(), "sock-client", mode, to];
+        args.extend_from_slice(extra);
+        let mut cmd = self.sb.cmd(netns, &args);
+        if in_cgroup {
+            self.cg.put(&mut cmd);
+        }
+        cmd
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        Maps::from_pins(&self.sb.pin_dir)
+            .unwrap()
+            .counters()
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+}
+
+fn config_text(ready: &[&str]) -> String {
+    config(ready)
+}
+
+fn testbench_binary() -> PathBuf {
+    let lb = lb_binary().unwrap();
+    let bin = lb.with_file_name("lb-testbench");
+    assert!(bin.is_file(), "{} is not built", bin.display());
+    bin
+}
+
+fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `peer=P from=F reply=R` -> (P, F, R).
+fn fields(line: &str) -> (String, String, String) {
+    let get = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+            .to_string()
+    };
+    (get("peer="), get("from="), get("reply="))
+}
+
+#[test]
+fn a_host_network_client_reaches_a_cluster_ip_and_its_own_node_port_over_tcp_and_udp() {
+    let env = Env::new(&BACKENDS, &[]);
+    let node = env.sb.node.clone();
+    let before = env.counter("sock_connect_translated");
+    let mut targets = Vec::new();
+    for (ip, tcp, udp) in [
+        (WEB.to_string(), 80, 53),
+        (NODE_IP.to_string(), 30080, 30053),
+        (format!("[{WEB6}]"), 80, 53),
+        (format!("[{NODE_IP6}]"), 30080, 30053),
+        // An IPv6 socket to the IPv4 ClusterIP, IPv4-mapped: an IPv4 client.
+        (format!("[::ffff:{WEB}]"), 80, 53),
+    ] {
+        targets.push((format!("{ip}:{tcp}"), "tcp"));
+        targets.push((format!("{ip}:{udp}"), "udp"));
+        targets.push((format!("{ip}:{udp}"), "udp-connected"));
+    }
+    for (to, mode) in targets {
+        let mut answered = BTreeSet::new();
+        for _ in 0..12 {
+            let line = env
+                .client(&node, true, mode, &to)
+                .unwrap_or_else(|e| panic!("{mode} {to} from the node: {e}"));
+            let (peer, from, reply) = fields(&line);
+            // The client only ever sees the Service: the reply's source and getpeername().
+            assert_eq!(from, to, "{mode}: {line}");
+            if mode != "udp" {
+                assert_eq!(peer, to, "{mode}: {line}");
+            }
+            assert!(BACKENDS.contains(&reply.as_str()), "{mode}: {line}");
+            answered.insert(reply);
+        }
+        assert!(
+            answered.len() >= 2,
+            "{mode} {to}: 12 connections all went to {answered:?}"
+        );
+    }
+    // 5 x 24 connect()s (TCP and connected UDP), 5 x 12 unconnected sends; every reply
+    // and getpeername() reverse-translated.
+    assert_eq!(env.counter("sock_connect_translated") - before, 120);
+    assert_eq!(env.counter("sock_sendmsg_translated"), 60);
+    assert!(env.counter("sock_reverse_translated") >= 60 + 120);
+    // Nothing went through the packet path: no conntrack entry for any of it.
+    let ct = Maps::from_pins(&env.sb.pin_dir)
+        .unwrap()
+        .conntrack_entries()
+        .unwrap();
+    assert!(ct.is_empty(), "conntrack: {ct:?}");
+    // The same client outside the cgroup is not translated (the programs act there
+    // alone): the node has no route to the ClusterIP.
+    assert!(
+        env.client(&node, false, "tcp", &format!("{WEB}:80"))
+            .is_err(),
+        "a client outside the cgroup reached the ClusterIP"
+    );
+}
+
+#[test]
+fn a_pod_in_the_cgroup_balances_at_connect_time_while_a_pod_outside_takes_the_tc_path() {
+    let env = Env::new(&BACKENDS, &[]);
+    let client = env.sb.pod("client").netns.clone();
+    let other = env.sb.pod("other").netns.clone();
+    let (sock0, new0, tr0) = (
+        env.counter("sock_connect_translated"),
+        env.counter("new_flow"),
+        env.counter("translated"),
+    );
+    for mode in ["tcp", "udp", "udp-connected"] {
+        let to = if mode == "tcp" {
+            format!("{WEB}:80")
+        } else {
+            format!("{WEB}:53")
+        };
+        let line = env
+            .client(&client, true, mode, &to)
+            .unwrap_or_else(|e| panic!("{mode} from the pod in the cgroup: {e}"));
+        let (_, from, reply) = fields(&line);
+        assert_eq!(from, to, "{line}");
+        assert!(BACKENDS.contains(&reply.as_str()), "{line}");
+    }
+    // Translated at connect time: no packet of these flows was rewritten by a program.
+    assert_eq!(env.counter("sock_connect_translated") - sock0, 2);
+    assert_eq!(env.counter("new_flow"), new0, "the tc path saw a new flow");
+    assert_eq!(env.counter("translated"), tr0, "a program rewrote a packet");
+    // The pod outside the cgroup: the tc program's path, as before.
+    for mode in ["tcp", "udp", "udp-connected"] {
+        let to = if mode == "tcp" {
+            format!("{WEB}:80")
+        } else {
+            format!("{WEB}:53")
+        };
+        let line = env
+            .client(&other, false, mode, &to)
+            .unwrap_or_else(|e| panic!("{mode} from the pod outside the cgroup: {e}"));
+        let (_, from, reply) = fields(&line);
+        assert_eq!(from, to, "{line}");
+        assert!(BACKENDS.contains(&reply.as_str()), "{line}");
+    }
+    assert_eq!(env.counter("new_flow") - new0, 3, "the tc path's new flows");
+    assert_eq!(env.counter("sock_connect_translated") - sock0, 2);
+}
+
+#[test]
+fn with_connect_time_balancing_off_a_pod_takes_the_tc_path_and_the_node_still_connects() {
+    let env = Env::new(&BACKENDS, &["--connect-time-balancing", "off"]);
+    let client = env.sb.pod("client").netns.clone();
+    let new0 = env.counter("new_flow");
+    let line = env
+        .client(&client, true, "tcp", &format!("{WEB}:80"))
+        .unwrap();
+    assert!(BACKENDS.contains(&fields(&line).2.as_str()), "{line}");
+    assert_eq!(
+        env.counter("new_flow") - new0,
+        1,
+        "the pod's flow took the tc path"
+    );
+    assert!(env.counter("sock_left_to_packet_path") >= 1);
+    let node = env.sb.node.clone();
+    let sock0 = env.counter("sock_connect_translated");
+    let line = env
+        .client(&node, true, "tcp", &format!("{WEB}:80"))
+        .unwrap();
+    assert_eq!(fields(&line).0, format!("{WEB}:80"), "{line}");
+    assert_eq!(env.counter("sock_connect_translated") - sock0, 1);
+}
+
+#[test]
+fn a_connected_udp_socket_whose_backend_leaves_is_destroyed_and_the_client_reconnects() {
+    let env = Env::new(&["backend-1"], &[]);
+    let node = env.sb.node.clone();
+    let log = env.sb.path("udp-client.log");
+    let mut cmd = env.client_cmd(
+        &node,
+        true,
+        "udp-connected",
+        &format!("{WEB}:53"),
+        &["--repeat", "100", "--interval-ms", "100"],
+    );
+    let f = std::fs::File::create(&log).unwrap();
+    cmd.stdout(f);
+    let mut child = cmd.spawn().unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until(Duration::from_secs(10), "two answers by backend-1", || {
+        (read().matches("reply=backend-1").count() >= 2).then_some(())
+    });
+    // backend-1 leaves the ready set, backend-2 comes.
+    std::fs::write(&env.config, config(&["backend-2"])).unwrap();
+    let status = wait_until(Duration::from_secs(15), "the client to stop", || {
+        child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{}", read());
+    let out = read();
+    let last = out.lines().last().unwrap_or("");
+    // Destroyed (udp_abort): a call waiting gets ECONNABORTED; the socket is also
+    // disconnected, so a send after it gets EDESTADDRREQ.
+    assert!(
+        last.starts_with("error=ConnectionAborted") || last.contains("(os error 89)"),
+        "the socket was not destroyed: {out}"
+    );
+    assert!(!out.contains("reply=backend-2"), "{out}");
+    assert!(env.counter("sock_destroyed") >= 1);
+    // The client's new socket reaches the backend that is ready.
+    let line = env
+        .client(&node, true, "udp-connected", &format!("{WEB}:53"))
+        .unwrap();
+    assert_eq!(fields(&line).2, "backend-2", "{line}");
+}
+
+#[test]
+fn the_socket_programs_stay_attached_across_a_restart_with_pins_kept_and_go_without() {
+    let mut env = Env::new(&BACKENDS, &["--keep-pinned"]);
+    let node = env.sb.node.clone();
+    let web = format!("{WEB}:80");
+    assert_eq!(env.cgroup_programs(), 8);
+    env.sb.stop(env.agent, libc::SIGTERM).unwrap();
+    // No agent: the pinned links keep translating.
+    assert_eq!(env.sock_links(), 8);
+    let line = env.client(&node, true, "tcp", &web).unwrap();
+    assert_eq!(fields(&line).0, web, "{line}");
+    // A new agent swaps its programs into the pinned links: still 8 attached, not 16.
+    let args = ["--cgroup", env.cg.path_str()];
+    env.agent = spawn_agent(&env.sb, 0, &lb_binary().unwrap(), &env.config, &args).unwrap();
+    // (The pins of the first make the maps look ready at once: wait for this one.)
+    wait_until(
+        Duration::from_secs(30),
+        "the new agent's socket programs",
+        || {
+            env.sb
+                .log("agent.log")
+                .contains("socket programs attached")
+                .then_some(())
+        },
+    );
+    env.wait_ready();
+    assert_eq!(env.cgroup_programs(), 8);
+    let log = env.sb.log("agent.log");
+    assert!(!log.contains("stale link pin"), "not swapped in: {log}");
+    let line = env.client(&node, true, "tcp", &web).unwrap();
+    assert_eq!(fields(&line).0, web, "{line}");
+    // Without --keep-pinned, its exit detaches them.
+    env.sb.stop(env.agent, libc::SIGTERM).unwrap();
+    assert_eq!(env.sock_links(), 0, "{}", env.sb.log("agent.log"));
+    wait_until(Duration::from_secs(5), "the programs to detach", || {
+        (env.cgroup_programs() == 0).then_some(())
+    });
+    assert!(env.client(&node, true, "tcp", &web).is_err());
+}
