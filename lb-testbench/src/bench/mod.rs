@@ -21,6 +21,7 @@ pub mod pktgen;
 pub mod report;
 pub mod rules;
 pub mod stats;
+pub mod tracecost;
 pub mod workload;
 
 use std::{path::PathBuf, time::Instant};
@@ -90,6 +91,13 @@ pub struct Opts {
     /// Measure nothing: draw the SVG charts of `<out>/latest.json` beside it.
     #[arg(long)]
     pub charts_only: bool,
+    /// Skip the measure of `lb trace`'s cost when off (`tracecost`).
+    #[arg(long)]
+    pub no_trace_cost: bool,
+    /// Measure `lb trace`'s cost only, into `<out>/trace_cost.{md,json}` (latest.* are
+    /// left as they are).
+    #[arg(long)]
+    pub trace_cost_only: bool,
 }
 
 impl Opts {
@@ -132,7 +140,32 @@ pub fn run(opts: &Opts) -> Result<()> {
         return charts::write(&opts.out);
     }
     catch_interrupts();
+    if opts.trace_cost_only {
+        return trace_cost_only(opts);
+    }
     run_all(opts)
+}
+
+fn trace_cost_only(opts: &Opts) -> Result<()> {
+    let t = tracecost::run_all(opts)?;
+    let md = format!(
+        "{}
+{}",
+        report::Machine::describe(opts).one_line(),
+        tracecost::markdown(&t)
+    );
+    let json = serde_json::to_string_pretty(&t).map_err(|e| Error::Sandbox(e.to_string()))? + "\n";
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::Sandbox(e.to_string()))?;
+    for (name, text) in [("trace_cost.md", &md), ("trace_cost.json", &json)] {
+        let p = opts.out.join(name);
+        std::fs::write(&p, text).map_err(|e| Error::Sandbox(format!("{}: {e}", p.display())))?;
+    }
+    println!("{md}");
+    progress(format!(
+        "wrote {}/trace_cost.md and trace_cost.json",
+        opts.out.display()
+    ));
+    Ok(())
 }
 
 fn run_all(opts: &Opts) -> Result<()> {
@@ -163,12 +196,18 @@ fn run_all(opts: &Opts) -> Result<()> {
     } else {
         control::run_all(opts)?
     };
+    let trace_cost = if opts.no_trace_cost {
+        None
+    } else {
+        Some(tracecost::run_all(opts)?)
+    };
     let rep = report::Report {
         machine,
         datapath: dp,
         forwarding: fwd,
         control: cp,
         consistency: consistency::measure(&[10, 100, 1000], 200_000),
+        trace_cost,
     };
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Sandbox(e.to_string()))?;
     let md = rep.markdown();

@@ -90,6 +90,8 @@ pub struct Report {
     pub control: Vec<ControlResult>,
     /// Flows moved when one of N backends goes (`consistency`).
     pub consistency: Vec<super::consistency::ConsistencyRow>,
+    /// `lb trace`'s cost when off (None: not run).
+    pub trace_cost: Option<super::tracecost::TraceCost>,
 }
 
 fn fmt_sum(s: &Summary, prec: usize) -> String {
@@ -572,6 +574,9 @@ impl Report {
             }
         }
         o.push_str(&super::consistency::markdown(&self.consistency));
+        if let Some(t) = &self.trace_cost {
+            o.push_str(&super::tracecost::markdown(t));
+        }
         o.push_str("\n#### Targets\n\n| target | goal | result | verdict |\n|---|---|---|---|\n");
         for t in self.targets() {
             let _ = writeln!(o, "| {} | {} | {} | {} |", t.what, t.goal, t.got, t.verdict);
@@ -646,6 +651,7 @@ impl Report {
                 })
                 .collect(),
             consistency: &self.consistency,
+            trace_cost: self.trace_cost.as_ref(),
             targets: self
                 .targets()
                 .into_iter()
@@ -673,6 +679,7 @@ struct JsonReport<'a> {
     forwarding: Option<&'a ForwardingResult>,
     control: Vec<JsonControl<'a>>,
     consistency: &'a [super::consistency::ConsistencyRow],
+    trace_cost: Option<&'a super::tracecost::TraceCost>,
     targets: Vec<JsonTarget>,
 }
 
