@@ -148,10 +148,11 @@ pub fn run(opts: &Opts) -> Result<()> {
 
 fn trace_cost_only(opts: &Opts) -> Result<()> {
     let t = tracecost::run_all(opts)?;
+    let machine = report::Machine::describe(opts);
     let md = format!(
-        "{}
-{}",
-        report::Machine::describe(opts).one_line(),
+        "Measured {} on {}.\n{}",
+        machine.date,
+        machine.one_line(),
         tracecost::markdown(&t)
     );
     let json = serde_json::to_string_pretty(&t).map_err(|e| Error::Sandbox(e.to_string()))? + "\n";

@@ -61,6 +61,10 @@ pub struct TraceCost {
     /// Events read from the ring buffer while tracing was on, and new flows sent then.
     pub events_read: u64,
     pub new_flows_traced: u64,
+    /// The tc program's verified instructions in the build without the switch and in
+    /// the release object (how far the two builds' code differs).
+    pub verified_no_switch: Option<u32>,
+    pub verified_release: Option<u32>,
     pub cases: Vec<TraceCase>,
 }
 
@@ -280,6 +284,15 @@ pub fn run_all(opts: &Opts) -> Result<TraceCost> {
     ];
     lb_userspace::trace::register(&builds[2].pin_dir, std::process::id(), true)
         .map_err(|e| Error::Sandbox(format!("registering a tracer: {e}")))?;
+    let verified = |b: &mut Build| {
+        b.datapath
+            .program()
+            .info()
+            .ok()
+            .and_then(|i| i.verified_instruction_count())
+    };
+    let (verified_no_switch, verified_release) =
+        (verified(&mut builds[0]), verified(&mut builds[1]));
     let mut events = lb_userspace::trace::open_events(&builds[2].pin_dir)
         .map_err(|e| Error::Sandbox(e.to_string()))?;
     let mut values: [[Vec<f64>; 4]; 3] = Default::default(); // [case][build]
@@ -330,6 +343,8 @@ pub fn run_all(opts: &Opts) -> Result<TraceCost> {
         repeat,
         events_read: read,
         new_flows_traced: traced,
+        verified_no_switch,
+        verified_release,
         cases: CASES
             .iter()
             .zip(values)
@@ -372,6 +387,38 @@ pub fn markdown(t: &TraceCost) -> String {
             ),
         );
     }
+    if let Some(c) = t.cases.first() {
+        let off = summarize(&pair_ratios(&c.off_ns, &c.no_switch_ns));
+        let noise = summarize(&pair_ratios(&c.off_ns, &c.off_copy_ns));
+        let on = summarize(&pair_ratios(&c.on_ns, &c.off_ns));
+        let verdict = if off.median <= noise.max {
+            "within the noise: tracing off costs nothing measurable".to_string()
+        } else {
+            format!(
+                "**above the noise: tracing off costs {:.1}%**",
+                (off.median - 1.0) * 100.0
+            )
+        };
+        let _ = std::fmt::Write::write_fmt(
+            &mut o,
+            format_args!(
+                "\nNew flows (the only packets that read the switch) with tracing off: {:.3} of the build without the \
+                 switch, median (min–max {:.3}–{:.3}); two loads of the off build differ by {:.3}–{:.3}: {verdict}. \
+                 Tracing on: {:.3} of off ({:+.0} ns a new flow: its event). (The two builds' code differs beyond the \
+                 switch: the tc program verifies in {} instructions without it, {} with it; a build without the switch \
+                 that is slower is no cost of the switch.)\n",
+                off.median,
+                off.min,
+                off.max,
+                noise.min,
+                noise.max,
+                on.median,
+                median(&c.on_ns) - median(&c.off_ns),
+                t.verified_no_switch.map_or("?".into(), |n| n.to_string()),
+                t.verified_release.map_or("?".into(), |n| n.to_string()),
+            ),
+        );
+    }
     let _ = std::fmt::Write::write_fmt(
         &mut o,
         format_args!(
@@ -405,6 +452,8 @@ mod tests {
             repeat: 100,
             events_read: 10,
             new_flows_traced: 10,
+            verified_no_switch: None,
+            verified_release: None,
             cases: vec![TraceCase {
                 case: CASES[0],
                 no_switch_ns: vec![100.0, 200.0],
