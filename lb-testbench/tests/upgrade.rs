@@ -266,6 +266,18 @@ fn an_agent_refuses_the_maps_of_a_newer_layout_and_leaves_them_alone() {
     assert_eq!(pins_in(dir), before, "nothing pinned or removed");
     assert_eq!(record(dir), newer);
     assert_eq!(frontends(dir).len(), 2, "the entries untouched");
+    // `lb show` and `lb trace` (which open the pins as `Maps::from_pins` and
+    // `PinnedNames::open` do) refuse to read them too.
+    let show = match Maps::from_pins(dir) {
+        Ok(_) => panic!("lb show would read maps of layout {newer}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        show.contains(&format!("layout version {newer}"))
+            && show.contains(&format!("reads layout version {LAYOUT_VERSION}")),
+        "{show}"
+    );
+    assert!(lb_userspace::trace::PinnedNames::open(dir).is_err());
 }
 
 #[test]
