@@ -341,3 +341,39 @@ fn a_migration_that_fails_puts_the_old_maps_back() {
     let (_dp, _maps) = Datapath::load(&opts(dir)).expect("migrates with room");
     assert_eq!(frontends(dir).len(), 2);
 }
+
+#[test]
+fn a_migration_interrupted_by_a_crash_is_put_back_and_done_again() {
+    // An agent died while migrating layout 1: the old frontends set aside in upgrade/,
+    // a new, still empty map pinned in their place, no record. The next agent puts the
+    // old ones back and migrates them.
+    let pins = Pins::new();
+    let dir = &pins.0;
+    pinned_with_a_flow(dir, &Spec::tcp(CLIENT, 40500, VIP, 80, SYN));
+    let before = layout1::downgrade(dir).unwrap();
+    let aside = dir.join(upgrade::ASIDE_DIR);
+    std::fs::create_dir(&aside).unwrap();
+    std::fs::rename(dir.join(MAP_FRONTENDS), aside.join(MAP_FRONTENDS)).unwrap();
+    layout1::bpftool_create(
+        &dir.join(MAP_FRONTENDS),
+        "hash",
+        20,
+        24,
+        1024,
+        MAP_FRONTENDS,
+    )
+    .unwrap();
+    let (_dp, _maps) = Datapath::load(&opts(dir)).expect("recovers and migrates");
+    assert!(!aside.exists());
+    assert_eq!(record(dir), LAYOUT_VERSION);
+    let keys = |v: &[(FrontendKey, Frontend)]| {
+        v.iter()
+            .map(|(k, f)| (*k, f.service_id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        keys(&frontends(dir)),
+        keys(&before),
+        "the old frontends, migrated"
+    );
+}
