@@ -877,6 +877,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_trace_cost_is_in_the_table_and_the_json_when_measured() {
+        let machine = Machine {
+            date: "2026-12-02 18:00 UTC".into(),
+            nproc: 2,
+            cpu: "cpu".into(),
+            kernel: "6.18".into(),
+            mem_gib: 24.0,
+            iptables: String::new(),
+            nft: String::new(),
+            run: String::new(),
+        };
+        let case = super::super::tracecost::TraceCase {
+            case: "new flow (SYN to a ClusterIP, single run)",
+            no_switch_ns: vec![100.0],
+            off_ns: vec![100.0],
+            on_ns: vec![110.0],
+            off_copy_ns: vec![100.0],
+        };
+        let mut rep = Report {
+            machine,
+            datapath: Vec::new(),
+            forwarding: None,
+            control: Vec::new(),
+            consistency: Vec::new(),
+            trace_cost: None,
+        };
+        let heading = "#### `lb trace` off: its cost per packet";
+        assert!(!rep.markdown().contains(heading));
+        rep.trace_cost = Some(super::super::tracecost::TraceCost {
+            rounds: 1,
+            new_flows_per_round: 1,
+            repeat: 1,
+            events_read: 1,
+            new_flows_traced: 1,
+            verified_no_switch: Some(1),
+            verified_release: Some(2),
+            cases: vec![case],
+        });
+        let md = rep.markdown();
+        assert!(md.contains(heading), "{md}");
+        assert!(md.contains("tracing off costs nothing measurable"), "{md}");
+        let json: serde_json::Value = serde_json::from_str(&rep.json().unwrap()).unwrap();
+        assert_eq!(json["trace_cost"]["cases"][0]["on_ns"][0], 110.0);
+    }
+
+    #[test]
     fn verdicts_say_by_how_much() {
         assert_eq!(verdict(Some(2.2), 2.0, true), "**met** (by 10%)");
         assert_eq!(verdict(Some(1.0), 2.0, true), "**missed** (by 50%)");
