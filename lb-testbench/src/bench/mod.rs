@@ -74,6 +74,13 @@ pub struct Opts {
     /// Skip the control plane runs.
     #[arg(long)]
     pub no_control: bool,
+    /// Skip the measure of `lb trace`'s cost when off (`tracecost`).
+    #[arg(long)]
+    pub no_trace_cost: bool,
+    /// Measure `lb trace`'s cost only, into `<out>/trace_cost.{md,json}` (latest.* are
+    /// left as they are).
+    #[arg(long)]
+    pub trace_cost_only: bool,
     /// Skip the forwarding-rate runs (real packets to a NodePort, one core).
     #[arg(long)]
     pub no_forwarding: bool,
@@ -91,13 +98,6 @@ pub struct Opts {
     /// Measure nothing: draw the SVG charts of `<out>/latest.json` beside it.
     #[arg(long)]
     pub charts_only: bool,
-    /// Skip the measure of `lb trace`'s cost when off (`tracecost`).
-    #[arg(long)]
-    pub no_trace_cost: bool,
-    /// Measure `lb trace`'s cost only, into `<out>/trace_cost.{md,json}` (latest.* are
-    /// left as they are).
-    #[arg(long)]
-    pub trace_cost_only: bool,
 }
 
 impl Opts {
@@ -140,9 +140,6 @@ pub fn run(opts: &Opts) -> Result<()> {
         return charts::write(&opts.out);
     }
     catch_interrupts();
-    if opts.trace_cost_only {
-        return trace_cost_only(opts);
-    }
     run_all(opts)
 }
 
@@ -170,6 +167,9 @@ fn trace_cost_only(opts: &Opts) -> Result<()> {
 }
 
 fn run_all(opts: &Opts) -> Result<()> {
+    if opts.trace_cost_only {
+        return trace_cost_only(opts);
+    }
     crate::sandbox::require_tools(&[
         "ip",
         "nginx",
