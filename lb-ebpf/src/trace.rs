@@ -6,14 +6,23 @@ use lb_common::counter;
 
 use crate::{
     counters::count,
-    maps::{LB_EVENTS, LB_TRACE, LB_TRACE_SCRATCH},
+    maps::{LB_EVENTS, LB_TRACE_SCRATCH},
     parse::Packet,
 };
 
 /// Whether a tracer reads (`LB_TRACE[0].enabled`).
+#[cfg(not(feature = "no-trace"))]
 #[inline(always)]
 pub fn on() -> bool {
-    LB_TRACE.get(0).is_some_and(|c| c.enabled != 0)
+    crate::maps::LB_TRACE.get(0).is_some_and(|c| c.enabled != 0)
+}
+
+/// Never: the benchmark's build without tracing (feature `no-trace`), the floor that
+/// tracing switched off is measured against (`cargo xtask bench`).
+#[cfg(feature = "no-trace")]
+#[inline(always)]
+pub fn on() -> bool {
+    false
 }
 
 /// What the service path decided about a packet to a frontend, for `lb trace`: written

@@ -23,6 +23,7 @@ pub mod corpus;
 pub mod demo;
 pub mod fake_api;
 pub mod image;
+pub mod layout1;
 pub mod packet;
 pub mod rawbpf;
 pub mod sandbox;

@@ -545,6 +545,67 @@ fn an_agent_killed_with_sigkill_mid_stream_and_started_again_keeps_the_stream() 
 }
 
 #[test]
+fn an_upgrade_from_the_previous_map_layout_does_not_interrupt_a_tcp_stream() {
+    // The datapath left running (--keep-pinned) with its pins turned into the previous
+    // layout's (before Maglev: `lb_testbench::layout1`), as an agent of that version
+    // leaves them; the agent of this layout starts on them, migrates the frontends and
+    // counters, adopts conntrack and swaps its programs into the links: the stream goes
+    // on, and new connections work.
+    let env = Env::new(&all_ready(), &["--keep-pinned"]);
+    let pid = env.start_iperf3(IPERF, 5, "iperf-client.json");
+    std::thread::sleep(Duration::from_millis(1000));
+    let status = env
+        .sb
+        .stop(env.agent, libc::SIGTERM)
+        .unwrap()
+        .expect("agent exited");
+    assert!(status.success(), "{}", env.agent_log());
+    let before = lb_testbench::layout1::downgrade(env.sb.pin_dir()).unwrap();
+    assert_eq!(before.len(), FRONTENDS);
+    let again = spawn_agent(
+        &env.sb,
+        0,
+        &lb_binary().unwrap(),
+        &env.config,
+        &["--keep-pinned"],
+    )
+    .unwrap();
+    let (intervals, _) = env.iperf3_result(pid, "iperf-client.json");
+    assert!(
+        intervals.iter().all(|bps| *bps > 0.0),
+        "an interval without traffic: {intervals:?}\n{}",
+        env.agent_log()
+    );
+    wait_until(Duration::from_secs(10), "the new agent to attach", || {
+        env.agent_log().contains("replaced=true").then_some(())
+    });
+    let log = env.agent_log();
+    assert!(
+        log.contains("migrated the pinned maps from layout version 1 to 2"),
+        "{log}"
+    );
+    assert_eq!(
+        lb_userspace::upgrade::recorded(env.sb.pin_dir()).unwrap(),
+        Some(lb_common::LAYOUT_VERSION)
+    );
+    let after = lb_testbench::layout1::frontends(env.sb.pin_dir()).unwrap();
+    assert_eq!(
+        after
+            .iter()
+            .map(|(k, f)| (*k, f.service_id))
+            .collect::<Vec<_>>(),
+        before
+            .iter()
+            .map(|(k, f)| (*k, f.service_id))
+            .collect::<Vec<_>>(),
+        "every frontend kept with its service id"
+    );
+    env.wait_web_ready(3);
+    assert!(env.curl(WEB).is_ok());
+    env.sb.stop(again, libc::SIGTERM).unwrap();
+}
+
+#[test]
 fn a_service_without_backends_refuses_at_once() {
     let env = Env::new(&all_ready(), &[]);
     let t = Instant::now();

@@ -3,27 +3,28 @@
 //! on their backends), and one started on maps of a newer layout, or on maps that
 //! disagree with their recorded layout, refuses with both versions and the way out, and
 //! leaves them as they were. The real programs and loader, through BPF_PROG_TEST_RUN, in
-//! pin folders of their own. Needs root (and bpftool, from `cargo xtask setup`).
+//! pin folders of their own; the previous layout's pins made by
+//! `lb_testbench::layout1`. Needs root (and bpftool, from `cargo xtask setup`).
 use std::{
     path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues},
+    maps::{Array, Map, MapData, MapInfo, PerCpuArray, PerCpuValues},
     programs::{TestRun, TestRunOptions},
 };
 use lb_common::{
-    counter, Frontend, FrontendKey, LayoutRecord, LAYOUT_VERSION, MAP_COUNTERS, MAP_EVENTS,
-    MAP_FRONTENDS, MAP_LAYOUT, MAP_MAGLEV, MAP_TRACE,
+    counter, Frontend, FrontendKey, LayoutRecord, LAYOUT_VERSION, MAP_COUNTERS, MAP_FRONTENDS,
+    MAP_LAYOUT,
 };
-use lb_testbench::packet::*;
+use lb_testbench::{layout1, packet::*};
 use lb_userspace::{
     config,
     dataplane::{Dataplane, Maps},
     loader::{remove_pins, Datapath, LoadOptions},
     model::desired_state,
-    upgrade::{self, v1},
+    upgrade,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -109,24 +110,6 @@ fn open(pin_dir: &Path, name: &str) -> Map {
     Map::from_map_data(MapData::from_pin(pin_dir.join(name)).unwrap()).unwrap()
 }
 
-fn bpftool_create(path: &Path, ty: &str, key: u32, value: u32, entries: u32, name: &str) {
-    let st = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(path)
-        .args([
-            "type",
-            ty,
-            "key",
-            &key.to_string(),
-            "value",
-            &value.to_string(),
-        ])
-        .args(["entries", &entries.to_string(), "name", name])
-        .status()
-        .expect("bpftool (installed by cargo xtask setup)");
-    assert!(st.success(), "bpftool map create {}", path.display());
-}
-
 /// This layout's datapath, synced, with one flow opened through it (its backend
 /// returned), its programs then dropped and its maps left pinned, as an agent that exits
 /// with --keep-pinned leaves them.
@@ -140,30 +123,11 @@ fn pinned_with_a_flow(pin_dir: &Path, syn: &Spec) -> String {
 }
 
 fn frontends(pin_dir: &Path) -> Vec<(FrontendKey, Frontend)> {
-    let m: HashMap<MapData, FrontendKey, Frontend> =
-        HashMap::try_from(open(pin_dir, MAP_FRONTENDS)).unwrap();
-    let mut v: Vec<_> = m.iter().map(|r| r.unwrap()).collect();
-    v.sort_by_key(|(k, _)| *k);
-    v
+    layout1::frontends(pin_dir).unwrap()
 }
 
-/// Replaces `LB_FRONTENDS` with a map of layout 1's 16-byte values holding the same
-/// frontends (without their tables), pinned where it was.
 fn frontends_of_layout_1(pin_dir: &Path, entries: &[(FrontendKey, Frontend)]) {
-    let path = pin_dir.join(MAP_FRONTENDS);
-    std::fs::remove_file(&path).unwrap();
-    bpftool_create(&path, "hash", 20, 16, 1024, MAP_FRONTENDS);
-    let mut old: HashMap<MapData, FrontendKey, v1::Frontend> =
-        HashMap::try_from(open(pin_dir, MAP_FRONTENDS)).unwrap();
-    for (k, f) in entries {
-        let v = v1::Frontend {
-            service_id: f.service_id,
-            count: f.count,
-            flags: f.flags,
-            affinity_timeout_s: f.affinity_timeout_s,
-        };
-        old.insert(k, v, 0).unwrap();
-    }
+    layout1::pin_frontends(pin_dir, entries, 1024).unwrap();
 }
 
 fn record(pin_dir: &Path) -> u32 {
@@ -195,30 +159,16 @@ fn an_agent_migrates_the_maps_of_the_previous_layout_and_keeps_their_flows() {
     // Maglev table, nor `lb trace`'s maps, nor a layout record.
     let syn = Spec::tcp(CLIENT, 40100, VIP, 80, SYN);
     let chosen = pinned_with_a_flow(dir, &syn);
-    let before = frontends(dir);
-    assert_eq!(before.len(), 2, "web:80 and web:81");
-    frontends_of_layout_1(dir, &before);
+    assert_eq!(frontends(dir).len(), 2, "web:80 and web:81");
+    let before = layout1::downgrade(dir).unwrap();
     let ncpus = aya::util::nr_cpus().unwrap();
     {
-        let counters: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(open(dir, MAP_COUNTERS)).unwrap();
-        let values: Vec<PerCpuValues<u64>> =
-            (0..27).map(|i| counters.get(&i, 0).unwrap()).collect();
-        drop(counters);
-        let path = dir.join(MAP_COUNTERS);
-        std::fs::remove_file(&path).unwrap();
-        bpftool_create(&path, "percpu_array", 4, 8, 27, MAP_COUNTERS);
+        // A count only the old map has: 7 passed packets on each CPU.
         let mut old: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(open(dir, MAP_COUNTERS)).unwrap();
-        for (i, v) in values.into_iter().enumerate() {
-            old.set(i as u32, v, 0).unwrap();
-        }
-        // A count only the old map has: 7 passed packets on each CPU.
+        assert_eq!(old.len(), layout1::COUNTERS);
         let passed = PerCpuValues::try_from(vec![7u64; ncpus]).unwrap();
         old.set(counter::PASSED, passed, 0).unwrap();
-    }
-    for name in [MAP_MAGLEV, MAP_TRACE, MAP_EVENTS, MAP_LAYOUT] {
-        std::fs::remove_file(dir.join(name)).unwrap();
     }
     assert_eq!(upgrade::recorded(dir).unwrap(), None);
 
@@ -316,6 +266,18 @@ fn an_agent_refuses_the_maps_of_a_newer_layout_and_leaves_them_alone() {
     assert_eq!(pins_in(dir), before, "nothing pinned or removed");
     assert_eq!(record(dir), newer);
     assert_eq!(frontends(dir).len(), 2, "the entries untouched");
+    // `lb show` and `lb trace` (which open the pins as `Maps::from_pins` and
+    // `PinnedNames::open` do) refuse to read them too.
+    let show = match Maps::from_pins(dir) {
+        Ok(_) => panic!("lb show would read maps of layout {newer}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        show.contains(&format!("layout version {newer}"))
+            && show.contains(&format!("reads layout version {LAYOUT_VERSION}")),
+        "{show}"
+    );
+    assert!(lb_userspace::trace::PinnedNames::open(dir).is_err());
 }
 
 #[test]
@@ -378,4 +340,40 @@ fn a_migration_that_fails_puts_the_old_maps_back() {
     assert_eq!(upgrade::recorded(dir).unwrap(), None);
     let (_dp, _maps) = Datapath::load(&opts(dir)).expect("migrates with room");
     assert_eq!(frontends(dir).len(), 2);
+}
+
+#[test]
+fn a_migration_interrupted_by_a_crash_is_put_back_and_done_again() {
+    // An agent died while migrating layout 1: the old frontends set aside in upgrade/,
+    // a new, still empty map pinned in their place, no record. The next agent puts the
+    // old ones back and migrates them.
+    let pins = Pins::new();
+    let dir = &pins.0;
+    pinned_with_a_flow(dir, &Spec::tcp(CLIENT, 40500, VIP, 80, SYN));
+    let before = layout1::downgrade(dir).unwrap();
+    let aside = dir.join(upgrade::ASIDE_DIR);
+    std::fs::create_dir(&aside).unwrap();
+    std::fs::rename(dir.join(MAP_FRONTENDS), aside.join(MAP_FRONTENDS)).unwrap();
+    layout1::bpftool_create(
+        &dir.join(MAP_FRONTENDS),
+        "hash",
+        20,
+        24,
+        1024,
+        MAP_FRONTENDS,
+    )
+    .unwrap();
+    let (_dp, _maps) = Datapath::load(&opts(dir)).expect("recovers and migrates");
+    assert!(!aside.exists());
+    assert_eq!(record(dir), LAYOUT_VERSION);
+    let keys = |v: &[(FrontendKey, Frontend)]| {
+        v.iter()
+            .map(|(k, f)| (*k, f.service_id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        keys(&frontends(dir)),
+        keys(&before),
+        "the old frontends, migrated"
+    );
 }

@@ -120,6 +120,7 @@ pub struct PinnedNames {
 
 impl PinnedNames {
     pub fn open(pin_dir: &Path) -> Result<Self> {
+        crate::upgrade::check_readable(pin_dir)?;
         let open = |name: &str| {
             let path = pin_dir.join(name);
             MapData::from_pin(&path)

@@ -265,28 +265,45 @@ pub fn ebpf_object() -> PathBuf {
     root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
 }
 
-/// The debug build of the eBPF object (`build-ebpf --debug-log`).
-pub fn ebpf_debug_log_object() -> PathBuf {
-    root().join("target/ebpf-debug-log/bpfel-unknown-none/release/lb-ebpf")
+/// A build of the eBPF object.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EbpfBuild {
+    /// What `lb` embeds.
+    Release,
+    /// `build-ebpf --debug-log`: aya-log lines (target/ebpf-debug-log/).
+    DebugLog,
+    /// The benchmark's floor for `lb trace` off: no tracing switch (target/ebpf-no-trace/).
+    NoTrace,
+}
+
+impl EbpfBuild {
+    /// (cargo features, target folder): each build in a folder of its own, so that the
+    /// release object and its incremental build stay as they are.
+    fn features_and_dir(self) -> (&'static str, &'static str) {
+        match self {
+            EbpfBuild::Release => ("", "target/ebpf"),
+            EbpfBuild::DebugLog => ("debug-log", "target/ebpf-debug-log"),
+            EbpfBuild::NoTrace => ("no-trace", "target/ebpf-no-trace"),
+        }
+    }
+
+    fn object(self) -> PathBuf {
+        root()
+            .join(self.features_and_dir().1)
+            .join("bpfel-unknown-none/release/lb-ebpf")
+    }
 }
 
 fn build_ebpf() -> Result<()> {
-    build_ebpf_object(false)
+    build_ebpf_object(EbpfBuild::Release)
 }
 
-/// The eBPF object; with `debug_log`, its debug build (aya-log lines), in a target
-/// folder of its own so that the release object and its build stay as they are.
-fn build_ebpf_object(debug_log: bool) -> Result<()> {
+/// The eBPF object of `build`.
+fn build_ebpf_object(build: EbpfBuild) -> Result<()> {
     setup_build()?;
-    let (features, target_dir, object) = if debug_log {
-        (
-            "debug-log",
-            "target/ebpf-debug-log",
-            ebpf_debug_log_object(),
-        )
-    } else {
-        ("", "target/ebpf", ebpf_object())
-    };
+    let (features, target_dir) = build.features_and_dir();
+    let object = build.object();
+    let debug_log = build == EbpfBuild::DebugLog;
     run(Command::new("cargo")
         .current_dir(root())
         .args(["+nightly", "build", "--package", "lb-ebpf", "--release"])
@@ -360,7 +377,7 @@ fn test(args: &[String]) -> Result<()> {
     setup()?;
     build_ebpf()?;
     // The debug-log tests load the debug build too.
-    build_ebpf_object(true)?;
+    build_ebpf_object(EbpfBuild::DebugLog)?;
     // Two runs on one machine (a second checkout, a helper's worktree) would remove each
     // other's namespaces in `clean_sandboxes`: they take turns instead.
     let _turn = machine_lock("test")?;
@@ -530,7 +547,11 @@ fn main() -> Result<()> {
     }
     match cli.cmd {
         Cmd::Setup => setup(),
-        Cmd::BuildEbpf { debug_log } => build_ebpf_object(debug_log),
+        Cmd::BuildEbpf { debug_log } => build_ebpf_object(if debug_log {
+            EbpfBuild::DebugLog
+        } else {
+            EbpfBuild::Release
+        }),
         Cmd::Build { release } => build(release),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { requests } => demo(requests),
@@ -541,6 +562,8 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, args, .. } => {
             setup()?;
             build(true)?;
+            // The floor `lb trace` switched off is measured against.
+            build_ebpf_object(EbpfBuild::NoTrace)?;
             // The benchmark cleans sandboxes too, and wants the machine to itself.
             let _turn = machine_lock("test")?;
             clean_sandboxes()?;

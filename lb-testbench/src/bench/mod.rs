@@ -22,6 +22,7 @@ pub mod pktgen;
 pub mod report;
 pub mod rules;
 pub mod stats;
+pub mod tracecost;
 pub mod workload;
 
 use std::{path::PathBuf, time::Instant};
@@ -74,6 +75,13 @@ pub struct Opts {
     /// Skip the control plane runs.
     #[arg(long)]
     pub no_control: bool,
+    /// Skip the measure of `lb trace`'s cost when off (`tracecost`).
+    #[arg(long)]
+    pub no_trace_cost: bool,
+    /// Measure `lb trace`'s cost only, into `<out>/trace_cost.{md,json}` (latest.* are
+    /// left as they are).
+    #[arg(long)]
+    pub trace_cost_only: bool,
     /// Skip the forwarding-rate runs (real packets to a NodePort, one core).
     #[arg(long)]
     pub no_forwarding: bool,
@@ -144,7 +152,33 @@ pub fn run(opts: &Opts) -> Result<()> {
     run_all(opts)
 }
 
+fn trace_cost_only(opts: &Opts) -> Result<()> {
+    let t = tracecost::run_all(opts)?;
+    let machine = report::Machine::describe(opts);
+    let md = format!(
+        "Measured {} on {}.\n{}",
+        machine.date,
+        machine.one_line(),
+        tracecost::markdown(&t)
+    );
+    let json = serde_json::to_string_pretty(&t).map_err(|e| Error::Sandbox(e.to_string()))? + "\n";
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::Sandbox(e.to_string()))?;
+    for (name, text) in [("trace_cost.md", &md), ("trace_cost.json", &json)] {
+        let p = opts.out.join(name);
+        std::fs::write(&p, text).map_err(|e| Error::Sandbox(format!("{}: {e}", p.display())))?;
+    }
+    println!("{md}");
+    progress(format!(
+        "wrote {}/trace_cost.md and trace_cost.json",
+        opts.out.display()
+    ));
+    Ok(())
+}
+
 fn run_all(opts: &Opts) -> Result<()> {
+    if opts.trace_cost_only {
+        return trace_cost_only(opts);
+    }
     crate::sandbox::require_tools(&[
         "ip",
         "nginx",
@@ -172,12 +206,18 @@ fn run_all(opts: &Opts) -> Result<()> {
     } else {
         control::run_all(opts)?
     };
+    let trace_cost = if opts.no_trace_cost {
+        None
+    } else {
+        Some(tracecost::run_all(opts)?)
+    };
     let rep = report::Report {
         machine,
         datapath: dp,
         forwarding: fwd,
         control: cp,
         consistency: consistency::measure(&[10, 100, 1000], 200_000),
+        trace_cost,
     };
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Sandbox(e.to_string()))?;
     let md = rep.markdown();

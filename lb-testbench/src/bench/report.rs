@@ -90,6 +90,8 @@ pub struct Report {
     pub control: Vec<ControlResult>,
     /// Flows moved when one of N backends goes (`consistency`).
     pub consistency: Vec<super::consistency::ConsistencyRow>,
+    /// `lb trace`'s cost when off (None: not run).
+    pub trace_cost: Option<super::tracecost::TraceCost>,
 }
 
 fn fmt_sum(s: &Summary, prec: usize) -> String {
@@ -572,6 +574,9 @@ impl Report {
             }
         }
         o.push_str(&super::consistency::markdown(&self.consistency));
+        if let Some(t) = &self.trace_cost {
+            o.push_str(&super::tracecost::markdown(t));
+        }
         o.push_str("\n#### Targets\n\n| target | goal | result | verdict |\n|---|---|---|---|\n");
         for t in self.targets() {
             let _ = writeln!(o, "| {} | {} | {} | {} |", t.what, t.goal, t.got, t.verdict);
@@ -646,6 +651,7 @@ impl Report {
                 })
                 .collect(),
             consistency: &self.consistency,
+            trace_cost: self.trace_cost.as_ref(),
             targets: self
                 .targets()
                 .into_iter()
@@ -673,6 +679,7 @@ struct JsonReport<'a> {
     forwarding: Option<&'a ForwardingResult>,
     control: Vec<JsonControl<'a>>,
     consistency: &'a [super::consistency::ConsistencyRow],
+    trace_cost: Option<&'a super::tracecost::TraceCost>,
     targets: Vec<JsonTarget>,
 }
 
@@ -868,6 +875,52 @@ fn forwarding_markdown(o: &mut String, f: &ForwardingResult) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_trace_cost_is_in_the_table_and_the_json_when_measured() {
+        let machine = Machine {
+            date: "2026-12-02 18:00 UTC".into(),
+            nproc: 2,
+            cpu: "cpu".into(),
+            kernel: "6.18".into(),
+            mem_gib: 24.0,
+            iptables: String::new(),
+            nft: String::new(),
+            run: String::new(),
+        };
+        let case = super::super::tracecost::TraceCase {
+            case: "new flow (SYN to a ClusterIP, single run)",
+            no_switch_ns: vec![100.0],
+            off_ns: vec![100.0],
+            on_ns: vec![110.0],
+            off_copy_ns: vec![100.0],
+        };
+        let mut rep = Report {
+            machine,
+            datapath: Vec::new(),
+            forwarding: None,
+            control: Vec::new(),
+            consistency: Vec::new(),
+            trace_cost: None,
+        };
+        let heading = "#### `lb trace` off: its cost per packet";
+        assert!(!rep.markdown().contains(heading));
+        rep.trace_cost = Some(super::super::tracecost::TraceCost {
+            rounds: 1,
+            new_flows_per_round: 1,
+            repeat: 1,
+            events_read: 1,
+            new_flows_traced: 1,
+            verified_no_switch: Some(1),
+            verified_release: Some(2),
+            cases: vec![case],
+        });
+        let md = rep.markdown();
+        assert!(md.contains(heading), "{md}");
+        assert!(md.contains("tracing off costs nothing measurable"), "{md}");
+        let json: serde_json::Value = serde_json::from_str(&rep.json().unwrap()).unwrap();
+        assert_eq!(json["trace_cost"]["cases"][0]["on_ns"][0], 110.0);
+    }
 
     #[test]
     fn verdicts_say_by_how_much() {

@@ -26,9 +26,26 @@ pub fn bench(root: &Path, quick: bool, extra: &[String]) -> Result<()> {
     }
     let table =
         std::fs::read_to_string(root.join("results/latest.md")).context("results/latest.md")?;
-    update_readme(&root.join("README.md"), &table)?;
+    update_readme(&root.join("README.md"), &with_trace_cost(root, table))?;
     eprintln!("results: results/latest.md, results/latest.json; README.md updated");
     Ok(())
+}
+
+/// The heading of `lb trace`'s cost in the tables (`lb_testbench::bench::tracecost`).
+const TRACE_COST_HEADING: &str = "#### `lb trace` off: its cost per packet";
+
+/// The latest table, with `lb trace`'s cost measured on its own (`-- --trace-cost-only`,
+/// results/trace_cost.md) when the table was made before it had that section.
+fn with_trace_cost(root: &Path, mut table: String) -> String {
+    if !table.contains(TRACE_COST_HEADING) {
+        if let Ok(t) = std::fs::read_to_string(root.join("results/trace_cost.md")) {
+            table.push_str(&format!(
+                "\n(Measured on its own: `cargo xtask bench -- --trace-cost-only`, \
+                 results/trace_cost.md.)\n{t}"
+            ));
+        }
+    }
+    table
 }
 
 /// Replaces the "Benchmarks" section (it is the last one) or appends it.
