@@ -10,21 +10,32 @@ use crate::{nightly_sysroot, root, run};
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// The targets (`fuzz/fuzz_targets/<name>.rs`), what each reads.
-pub const TARGETS: &[(&str, &str)] = &[
+/// The targets (`fuzz/fuzz_targets/<name>.rs`), what each reads, and libFuzzer flags of
+/// their own.
+pub const TARGETS: &[(&str, &str, &[&str])] = &[
     (
         "config",
         "the config file (YAML or JSON) to the model, the cache and the map plan",
+        &["-max_len=65536"],
     ),
     (
         "k8s_objects",
         "Kubernetes Node, Service and EndpointSlice JSON through the translation to the model",
+        &["-max_len=65536"],
+    ),
+    (
+        "k8s_events",
+        "sequences of watch events made from the bytes, through the translation, the \
+         cache and the writer's incremental plans",
+        // Long inputs from the start: a few bytes make one event, and the interesting
+        // cases need dozens.
+        &["-max_len=4096", "-len_control=0"],
     ),
 ];
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// One target (config, k8s_objects); every one when not given.
+    /// One target (config, k8s_objects, k8s_events); every one when not given.
     target: Option<String>,
     /// How long each target runs.
     #[arg(long, default_value_t = 60)]
@@ -81,20 +92,25 @@ fn seed(target: &str, corpus: &Path) -> Result<()> {
 
 pub fn fuzz(args: &Args) -> Result<()> {
     let targets: Vec<&str> = match &args.target {
-        Some(t) if TARGETS.iter().any(|(n, _)| n == t) => vec![t.as_str()],
+        Some(t) if TARGETS.iter().any(|(n, ..)| n == t) => vec![t.as_str()],
         Some(t) => bail!(
             "no fuzz target {t:?}; the targets: {}",
             TARGETS
                 .iter()
-                .map(|(n, what)| format!("{n} ({what})"))
+                .map(|(n, what, _)| format!("{n} ({what})"))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        None => TARGETS.iter().map(|(n, _)| *n).collect(),
+        None => TARGETS.iter().map(|(n, ..)| *n).collect(),
     };
     nightly_sysroot()?;
     setup_cargo_fuzz()?;
     for target in targets {
+        let flags = TARGETS
+            .iter()
+            .find(|(n, ..)| *n == target)
+            .map(|(.., f)| *f)
+            .unwrap_or_default();
         let corpus = root().join("fuzz/corpus").join(target);
         seed(target, &corpus)?;
         eprintln!("fuzzing {target} for {} s", args.seconds);
@@ -104,9 +120,9 @@ pub fn fuzz(args: &Args) -> Result<()> {
             .arg(&corpus)
             .arg("--")
             .arg(format!("-max_total_time={}", args.seconds))
-            // Inputs up to 64 KiB (a config of a few dozen Services); 10 s for one is a
-            // hang.
-            .args(["-max_len=65536", "-timeout=10", "-print_final_stats=1"])
+            // 10 s for one input is a hang.
+            .args(flags)
+            .args(["-timeout=10", "-print_final_stats=1"])
             .env_remove("RUSTFLAGS"))
         .with_context(|| {
             format!(
