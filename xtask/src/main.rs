@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask <setup|build-ebpf|build|test|demo|bench|vm-test|image|clean-sandboxes>`.
+//! Developer commands: `cargo xtask <setup|build-ebpf|build|test|demo|bench|vm-test|image|fuzz|clean-sandboxes>`.
 //! Every command runs the set-up steps it needs first (idempotent and quick when done),
 //! so a newcomer never has to remember them.
 use std::{
@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 mod vmtest;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -87,6 +88,9 @@ enum Cmd {
     },
     /// Load test in a VM on Debian's kernel: iperf3 via a ClusterIP beside the pod IP.
     VmTest(vmtest::Args),
+    /// Fuzz the config file and Kubernetes object parsers (cargo-fuzz on nightly;
+    /// installs cargo-fuzz if missing).
+    Fuzz(fuzz::Args),
     /// The agent's container image, made here from the release `lb` with nothing pulled:
     /// an OCI archive for `podman load`, `docker load`, `ctr images import` or
     /// `skopeo copy` (target/image/lb-agent-<version>.oci.tar).
@@ -575,6 +579,7 @@ fn main() -> Result<()> {
             build(true)?;
             vmtest::vm_test(&root(), &args)
         }
+        Cmd::Fuzz(args) => fuzz::fuzz(&args),
         Cmd::Image { out, check } => {
             setup_apt()?;
             image(out, check)
