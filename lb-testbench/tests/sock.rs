@@ -444,3 +444,24 @@ fn the_socket_programs_stay_attached_across_a_restart_with_pins_kept_and_go_with
     });
     assert!(env.client(&node, true, "tcp", &web).is_err());
 }
+
+#[test]
+fn a_host_network_client_of_a_service_without_ready_backends_is_refused_at_once() {
+    let env = Env::new(&[], &[]);
+    let node = env.sb.node.clone();
+    for (mode, to) in [
+        ("tcp", format!("{WEB}:80")),
+        ("udp", format!("{WEB}:53")),
+        ("udp-connected", format!("{WEB}:53")),
+        ("tcp", format!("[{WEB6}]:80")),
+    ] {
+        let t = Instant::now();
+        let e = env.client(&node, true, mode, &to).unwrap_err();
+        assert!(e.contains("os error 111"), "{mode} {to}: {e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{mode} {to}: not at once"
+        );
+    }
+    assert_eq!(env.counter("sock_refused_no_backend"), 4);
+}
