@@ -108,6 +108,7 @@ fn layout(name: &str) -> Option<(usize, usize, u32)> {
         MAP_SOCK_REV => (size_of::<SockKey>(), size_of::<SockValue>(), 0),
         MAP_SOCK_CONFIG => (size_of::<u32>(), size_of::<SockConfig>(), 1),
         MAP_SOCK_KILL => (size_of::<u64>(), size_of::<u32>(), 0),
+        MAP_SOCK_CONN => (size_of::<i32>(), size_of::<SockConn>(), 0),
         _ => return None,
     })
 }
