@@ -285,6 +285,14 @@ fn a_host_network_client_reaches_a_cluster_ip_and_its_own_node_port_over_tcp_and
         .conntrack_entries()
         .unwrap();
     assert!(ct.is_empty(), "conntrack: {ct:?}");
+    // The socket programs verify in a few thousand instructions each (printed with
+    // --nocapture), far from the kernel's limit.
+    for name in lb_common::SOCK_PROG_NAMES {
+        let info = aya::programs::ProgramInfo::from_pin(env.sb.pin_dir.join(name)).unwrap();
+        let n = info.verified_instruction_count().unwrap();
+        eprintln!("{name}: {n} instructions verified");
+        assert!(n < 100_000, "{name}: {n}");
+    }
     // The same client outside the cgroup is not translated (the programs act there
     // alone): the node has no route to the ClusterIP.
     assert!(
