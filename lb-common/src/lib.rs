@@ -57,11 +57,14 @@ pub const MAP_LAYOUT: &str = "LB_LAYOUT";
 pub const MAP_SOCK_REV: &str = "LB_SOCK_REV";
 /// The socket programs' switches (an array of one [`SockConfig`]).
 pub const MAP_SOCK_CONFIG: &str = "LB_SOCK_CONFIG";
-/// The cookies of the sockets the agent is destroying (socket cookie -> 1), read by
-/// its socket iterator.
+/// The (frontend, backend) pairs whose connected UDP sockets the agent is destroying
+/// (`sock_kill_key` -> 1), read by its socket iterator.
 pub const MAP_SOCK_KILL: &str = "LB_SOCK_KILL";
+/// Per-socket storage of the connected sockets the socket programs translated
+/// ([`SockConn`]).
+pub const MAP_SOCK_CONN: &str = "LB_SOCK_CONN";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 17] = [
+pub const MAP_NAMES: [&str; 18] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -79,6 +82,7 @@ pub const MAP_NAMES: [&str; 17] = [
     MAP_SOCK_REV,
     MAP_SOCK_CONFIG,
     MAP_SOCK_KILL,
+    MAP_SOCK_CONN,
 ];
 
 /// The layout of the pinned maps: bump it whenever the meaning or the size of an
@@ -160,10 +164,11 @@ pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Cells of `LB_MAGLEV`, shared by every frontend's Maglev table (a table has a prime
 /// number of cells, about 40 per backend, at least 127): 8 bytes each, 32 MiB.
 pub const DEFAULT_MAX_MAGLEV_CELLS: u32 = 4_194_304;
-/// Entries of `LB_SOCK_REV`: one per (socket, backend) the socket programs translated
-/// to (an LRU: closed sockets' entries are recycled).
+/// Entries of `LB_SOCK_REV`: one per (unconnected UDP socket, backend) the socket
+/// programs sent to (an LRU: closed sockets' entries are recycled).
 pub const DEFAULT_MAX_SOCK_REV: u32 = 262_144;
-/// Entries of `LB_SOCK_KILL`: sockets destroyed in one pass of the agent's iterator.
+/// Entries of `LB_SOCK_KILL`: (frontend, backend) pairs in one pass of the agent's
+/// iterator.
 pub const SOCK_KILL_BATCH: u32 = 4_096;
 
 /// A Service frontend: ClusterIP (or later NodePort/LB IP) + port + protocol.
@@ -546,9 +551,9 @@ pub struct TraceEvent {
     pub _pad: u32,
 }
 
-/// Key of `LB_SOCK_REV` (an LRU hash): a socket (its cookie, `bpf_get_socket_cookie`)
-/// and a backend it was sent to by the socket programs, as the socket sees it (the
-/// address of its family: IPv4-mapped for IPv4).
+/// Key of `LB_SOCK_REV` (an LRU hash): an unconnected UDP socket (its cookie,
+/// `bpf_get_socket_cookie`) and a backend the socket programs sent one of its datagrams
+/// to, as the socket sees it (the address of its family: IPv4-mapped for IPv4).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockKey {
@@ -556,32 +561,52 @@ pub struct SockKey {
     pub backend: Addr,
     /// Network byte order.
     pub backend_port: u16,
-    /// `PROTO_TCP` or `PROTO_UDP`.
+    /// `PROTO_UDP`.
     pub proto: u8,
     pub _pad: [u8; 5],
 }
 
-/// Value of `LB_SOCK_REV`: the frontend the socket asked for, which a datagram from the
-/// backend (recvmsg) and getpeername() report instead of the backend.
+/// Value of `LB_SOCK_REV`: the frontend the socket sent to, which a datagram from the
+/// backend (recvmsg) reports instead of the backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockValue {
     pub frontend: Addr,
     /// Network byte order.
     pub frontend_port: u16,
-    /// `SOCK_REV_F_*`.
-    pub flags: u16,
+    pub _pad: u16,
     /// The backend's id in `LB_BACKENDS` when it was chosen.
     pub backend_id: u32,
-    /// The frontend's `service_id`: with `backend_id`, what the agent matches when that
-    /// backend leaves that frontend.
+    /// The frontend's `service_id`.
     pub service_id: u32,
-    pub _pad: u32,
+    pub _pad2: u32,
 }
 
-/// `SockValue::flags`: made by connect() (the socket is connected to the backend); a
-/// UDP socket so connected is destroyed when its backend leaves.
-pub const SOCK_REV_F_CONNECTED: u16 = 1 << 0;
+/// Value of `LB_SOCK_CONN` (socket storage: one per socket, freed with it): what a
+/// socket's connect() was translated from and to. getpeername() and a connected UDP
+/// socket's datagrams report the frontend; the agent's socket iterator reads
+/// `service_id` and `backend_id` to destroy the UDP sockets of a backend that left.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConn {
+    pub frontend: Addr,
+    pub backend: Addr,
+    /// Network byte order.
+    pub frontend_port: u16,
+    pub backend_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    /// At byte 40 (the socket iterator loads it there).
+    pub service_id: u32,
+    /// At byte 44.
+    pub backend_id: u32,
+}
+
+/// The key of `LB_SOCK_KILL` for a frontend and a backend that left it: the pair as one
+/// `u64`, as the socket iterator builds it from a `SockConn`.
+pub const fn sock_kill_key(service_id: u32, backend_id: u32) -> u64 {
+    ((service_id as u64) << 32) | backend_id as u64
+}
 
 /// The one value of `LB_SOCK_CONFIG` (index 0), written by the agent before it attaches
 /// the socket programs. All zeroes: the programs translate nothing.
@@ -774,6 +799,9 @@ const _: () = assert!(size_of::<LayoutRecord>() == 8);
 const _: () = assert!(size_of::<SockKey>() == 32);
 const _: () = assert!(size_of::<SockValue>() == 32);
 const _: () = assert!(size_of::<SockConfig>() == 16);
+const _: () = assert!(size_of::<SockConn>() == 48);
+const _: () = assert!(core::mem::offset_of!(SockConn, service_id) == 40);
+const _: () = assert!(core::mem::offset_of!(SockConn, backend_id) == 44);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -809,6 +837,7 @@ mod pod {
         LayoutRecord,
         SockKey,
         SockValue,
-        SockConfig
+        SockConfig,
+        SockConn
     );
 }

@@ -4,15 +4,18 @@
 //! writing a million entries costs no allocation per entry (100k Services x 10
 //! endpoints from empty: 3.3 s with NO_PREALLOC, 2.1 s without).
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SkStorage,
+    },
     macros::btf_map,
 };
 use lb_common::{
     counter, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Frontend,
-    FrontendKey, LayoutRecord, MaglevCell, NodeConfig, Slot, SlotKey, SnatPeer, SockConfig, SockKey, SockValue,
-    SourceRange, TraceConfig, TraceEvent, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
-    DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS, DEFAULT_MAX_SLOTS,
-    DEFAULT_MAX_SOCK_REV, DEFAULT_MAX_SOURCE_RANGES, EVENTS_RING_BYTES, SOCK_KILL_BATCH,
+    FrontendKey, LayoutRecord, MaglevCell, NodeConfig, Slot, SlotKey, SnatPeer, SockConfig,
+    SockConn, SockKey, SockValue, SourceRange, TraceConfig, TraceEvent, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS,
+    DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOCK_REV, DEFAULT_MAX_SOURCE_RANGES, EVENTS_RING_BYTES,
+    SOCK_KILL_BATCH,
 };
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
@@ -126,8 +129,9 @@ pub static LB_TRACE_SCRATCH: PerCpuArray<TraceScratch, 1> = PerCpuArray::new();
 #[btf_map]
 pub static LB_LAYOUT: Array<LayoutRecord, 1> = Array::new();
 
-/// The socket programs' reverse translations (`sock.rs`): (socket cookie, backend) ->
-/// the frontend the socket asked for. An LRU: a closed socket's entries are recycled.
+/// The socket programs' reverse translations of unconnected UDP (`sock.rs`): (socket
+/// cookie, backend) -> the frontend the socket sent to. An LRU: a closed socket's
+/// entries are recycled.
 #[btf_map]
 pub static LB_SOCK_REV: LruHashMap<SockKey, SockValue, { DEFAULT_MAX_SOCK_REV as usize }> =
     LruHashMap::new();
@@ -136,8 +140,14 @@ pub static LB_SOCK_REV: LruHashMap<SockKey, SockValue, { DEFAULT_MAX_SOCK_REV as
 #[btf_map]
 pub static LB_SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
 
-/// The cookies of the sockets the agent's socket iterator destroys (a program it
-/// assembles itself: the kfunc `bpf_sock_destroy` needs a call aya cannot relocate).
-/// No program of this object reads it; it lives here to be made and pinned with the rest.
+/// What each connected socket's connect() was translated from and to (`sock.rs`),
+/// stored with the socket and freed with it.
+#[btf_map]
+pub static LB_SOCK_CONN: SkStorage<SockConn> = SkStorage::new();
+
+/// The (frontend, backend) pairs whose connected UDP sockets the agent's socket
+/// iterator destroys (a program it assembles itself: the kfunc `bpf_sock_destroy` needs
+/// a call aya cannot relocate). No program of this object reads it; it lives here to be
+/// made and pinned with the rest.
 #[btf_map]
 pub static LB_SOCK_KILL: HashMap<u64, u32, { SOCK_KILL_BATCH as usize }> = HashMap::new();

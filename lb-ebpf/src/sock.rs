@@ -2,9 +2,10 @@
 //! agent attaches them to). A connect() or an unconnected UDP send to a frontend is
 //! given a backend before the first packet exists, chosen by the packet path's own
 //! `service::select_backend`; the socket then talks to the backend and its packets need
-//! no translation. What the socket asked for is kept by socket cookie and backend
-//! (`LB_SOCK_REV`), so that a datagram's source (recvmsg) and getpeername() report the
-//! frontend, never the backend.
+//! no translation. What a connected socket asked for is kept with the socket
+//! (`LB_SOCK_CONN`, socket storage), what an unconnected one sent to by socket cookie
+//! and backend (`LB_SOCK_REV`), so that a datagram's source (recvmsg) and getpeername()
+//! report the frontend, never the backend.
 //!
 //! One code for both families: an IPv4 socket's addresses are IPv4-mapped, as in every
 //! map; an IPv6 socket that connects to an IPv4-mapped address is an IPv4 client too.
@@ -14,15 +15,14 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    counter, ipv4_mapped, is_ipv4_mapped, Addr, FrontendKey, SockKey, SockValue,
+    counter, ipv4_mapped, is_ipv4_mapped, Addr, FrontendKey, SockConn, SockKey, SockValue,
     FRONTEND_F_SOURCE_RANGES, PROTO_TCP, PROTO_UDP, SOCK_CFG_F_DESTROY, SOCK_CFG_F_PODS,
-    SOCK_REV_F_CONNECTED,
 };
 
 use crate::{
     conntrack::now_ns,
     counters::count,
-    maps::{LB_FRONTENDS, LB_SOCK_CONFIG, LB_SOCK_REV},
+    maps::{LB_FRONTENDS, LB_SOCK_CONFIG, LB_SOCK_CONN, LB_SOCK_REV},
     service::{self, Tuple},
 };
 
@@ -201,34 +201,49 @@ pub fn forward(ctx: &SockAddrContext, fam: Fam, call: Call) -> i32 {
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REFUSE;
     };
-    let rev = SockKey {
-        cookie,
-        backend: backend.addr,
-        backend_port: backend.port,
-        proto,
-        _pad: [0; 5],
-    };
-    let flags = if call == Call::Connect {
-        SOCK_REV_F_CONNECTED
-    } else {
-        0
-    };
-    // An unconnected socket sends many datagrams to one backend: the entry is written
-    // once.
-    // SAFETY: copied out at once.
-    let known = unsafe { LB_SOCK_REV.get(&rev) }
-        .is_some_and(|v| v.frontend == key.addr && v.frontend_port == key.port);
-    if !known || call == Call::Connect {
-        let value = SockValue {
+    if call == Call::Connect {
+        let conn = SockConn {
             frontend: key.addr,
+            backend: backend.addr,
             frontend_port: key.port,
-            flags,
-            backend_id,
+            backend_port: backend.port,
+            proto,
+            _pad: [0; 3],
             service_id: frontend.service_id,
-            _pad: 0,
+            backend_id,
         };
-        // A failed insert only leaves recvmsg and getpeername with the backend's address.
-        let _ = LB_SOCK_REV.insert(&rev, &value, 0);
+        // SAFETY: the context's socket, which the kernel hands every connect program.
+        let p = unsafe { LB_SOCK_CONN.get_or_insert_ptr_mut(ctx, None) };
+        if !p.is_null() {
+            // SAFETY: the socket's own storage, written by its own connect() only.
+            unsafe { *p = conn };
+        }
+        // (No storage: getpeername() and recvmsg report the backend.)
+    } else {
+        let rev = SockKey {
+            cookie,
+            backend: backend.addr,
+            backend_port: backend.port,
+            proto,
+            _pad: [0; 5],
+        };
+        // An unconnected socket sends many datagrams to one backend: the entry is
+        // written once.
+        // SAFETY: copied out at once.
+        let known = unsafe { LB_SOCK_REV.get(&rev) }
+            .is_some_and(|v| v.frontend == key.addr && v.frontend_port == key.port);
+        if !known {
+            let value = SockValue {
+                frontend: key.addr,
+                frontend_port: key.port,
+                _pad: 0,
+                backend_id,
+                service_id: frontend.service_id,
+                _pad2: 0,
+            };
+            // A failed insert only leaves recvmsg with the backend's address.
+            let _ = LB_SOCK_REV.insert(&rev, &value, 0);
+        }
     }
     if !set_user(ctx, fam, &backend.addr, backend.port) {
         return ALLOW;
@@ -241,19 +256,37 @@ pub fn forward(ctx: &SockAddrContext, fam: Fam, call: Call) -> i32 {
 }
 
 /// recvmsg() (a UDP datagram's source) and getpeername(): a backend the socket was sent
-/// to by `forward` becomes the frontend it asked for.
+/// to by `forward` becomes the frontend it asked for: the socket's own record if it was
+/// connected by the programs, else (an unconnected UDP socket) `LB_SOCK_REV`.
 #[inline(always)]
 pub fn reverse(ctx: &SockAddrContext, fam: Fam, proto: u8) -> i32 {
     let proto = if proto == 0 { protocol(ctx) } else { proto };
     if proto == 0 {
         return ALLOW;
     }
+    let peer = user_addr(ctx, fam);
+    let port = user_port(ctx);
+    // SAFETY: the context's socket; no storage is created here.
+    let p = unsafe { LB_SOCK_CONN.get_ptr_mut(ctx) };
+    if !p.is_null() {
+        // SAFETY: a pointer to the socket's storage, from a successful lookup.
+        let c = unsafe { *p };
+        if c.backend == peer && c.backend_port == port {
+            if set_user(ctx, fam, &c.frontend, c.frontend_port) {
+                count(counter::SOCK_REVERSE_TRANSLATED);
+            }
+            return ALLOW;
+        }
+    }
+    if proto != PROTO_UDP {
+        return ALLOW;
+    }
     // SAFETY: a helper every sock_addr program may call on its context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockKey {
         cookie,
-        backend: user_addr(ctx, fam),
-        backend_port: user_port(ctx),
+        backend: peer,
+        backend_port: port,
         proto,
         _pad: [0; 5],
     };

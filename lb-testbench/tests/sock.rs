@@ -285,6 +285,14 @@ fn a_host_network_client_reaches_a_cluster_ip_and_its_own_node_port_over_tcp_and
         .conntrack_entries()
         .unwrap();
     assert!(ct.is_empty(), "conntrack: {ct:?}");
+    // The socket programs verify in a few thousand instructions each (printed with
+    // --nocapture), far from the kernel's limit.
+    for name in lb_common::SOCK_PROG_NAMES {
+        let info = aya::programs::ProgramInfo::from_pin(env.sb.pin_dir.join(name)).unwrap();
+        let n = info.verified_instruction_count().unwrap();
+        eprintln!("{name}: {n} instructions verified");
+        assert!(n < 100_000, "{name}: {n}");
+    }
     // The same client outside the cgroup is not translated (the programs act there
     // alone): the node has no route to the ClusterIP.
     assert!(
@@ -443,4 +451,25 @@ fn the_socket_programs_stay_attached_across_a_restart_with_pins_kept_and_go_with
         (env.cgroup_programs() == 0).then_some(())
     });
     assert!(env.client(&node, true, "tcp", &web).is_err());
+}
+
+#[test]
+fn a_host_network_client_of_a_service_without_ready_backends_is_refused_at_once() {
+    let env = Env::new(&[], &[]);
+    let node = env.sb.node.clone();
+    for (mode, to) in [
+        ("tcp", format!("{WEB}:80")),
+        ("udp", format!("{WEB}:53")),
+        ("udp-connected", format!("{WEB}:53")),
+        ("tcp", format!("[{WEB6}]:80")),
+    ] {
+        let t = Instant::now();
+        let e = env.client(&node, true, mode, &to).unwrap_err();
+        assert!(e.contains("os error 111"), "{mode} {to}: {e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{mode} {to}: not at once"
+        );
+    }
+    assert_eq!(env.counter("sock_refused_no_backend"), 4);
 }

@@ -10,11 +10,11 @@
 //! Destroying sockets needs the kfunc `bpf_sock_destroy` (Linux 6.5), callable from a
 //! `iter/udp` program only. aya cannot relocate a kfunc call, so the agent assembles
 //! that small program itself (`iterator_program`): for each UDP socket of the network
-//! namespace it runs in, its cookie is looked up in `LB_SOCK_KILL`, and a socket found
-//! there is destroyed (its owner's next call fails with ECONNABORTED) and counted
-//! `sock_destroyed`. The agent fills `LB_SOCK_KILL` from `LB_SOCK_REV` (the connected
-//! UDP sockets sent to the backend that left) and runs the iterator in every network
-//! namespace of the processes of the cgroup.
+//! namespace it runs in, the socket's `LB_SOCK_CONN` (what the programs connected it
+//! to) is read, its (frontend, backend) looked up in `LB_SOCK_KILL`, and a socket found
+//! there is destroyed (its owner's next call fails) and counted `sock_destroyed`. The
+//! agent fills `LB_SOCK_KILL` with the pairs of backends that left and runs the
+//! iterator in every network namespace of the processes of the cgroup.
 use std::{
     collections::HashSet,
     fs::{self, File},
@@ -33,9 +33,8 @@ use aya::{
 };
 use aya_obj::btf::BtfKind;
 use lb_common::{
-    counter, SockConfig, SockKey, SockValue, MAP_COUNTERS, MAP_SOCK_CONFIG, MAP_SOCK_KILL,
-    MAP_SOCK_REV, PROTO_UDP, SOCK_CFG_F_DESTROY, SOCK_CFG_F_PODS, SOCK_KILL_BATCH, SOCK_PROG_NAMES,
-    SOCK_REV_F_CONNECTED,
+    counter, sock_kill_key, SockConfig, MAP_COUNTERS, MAP_SOCK_CONFIG, MAP_SOCK_CONN,
+    MAP_SOCK_KILL, SOCK_CFG_F_DESTROY, SOCK_CFG_F_PODS, SOCK_KILL_BATCH, SOCK_PROG_NAMES,
 };
 use tracing::{info, warn};
 
@@ -387,39 +386,51 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
     }
 }
 
-/// The `iter/udp` program (see the module's doc), for the maps `kill` (LB_SOCK_KILL)
-/// and `counters` (LB_COUNTERS) and the kfunc `bpf_sock_destroy`'s BTF id:
+/// The `iter/udp` program (see the module's doc), for the maps `conn` (LB_SOCK_CONN),
+/// `kill` (LB_SOCK_KILL) and `counters` (LB_COUNTERS) and the kfunc
+/// `bpf_sock_destroy`'s BTF id:
 ///
 /// ```text
 ///  0: r6 = *(u64 *)(r1 + 8)        ctx->udp_sk
 ///  1: if r6 == 0 goto out
-///  2: r1 = r6
-///  3: call bpf_get_socket_cookie
-///  4: *(u64 *)(r10 - 8) = r0
-///  5: r1 = kill map (2 insns)
-///  7: r2 = r10; r2 += -8
-///  9: call bpf_map_lookup_elem
-/// 10: if r0 == 0 goto out
-/// 11: r1 = r6
-/// 12: call bpf_sock_destroy (kfunc)
-/// 13: if r0 != 0 goto out
-/// 14: *(u32 *)(r10 - 12) = SOCK_DESTROYED
-/// 15: r1 = counters map (2 insns)
-/// 17: r2 = r10; r2 += -12
-/// 19: call bpf_map_lookup_elem
-/// 20: if r0 == 0 goto out
-/// 21: r1 = *(u64 *)(r0 + 0); r1 += 1; *(u64 *)(r0 + 0) = r1
+///  2: r1 = conn map (2 insns)
+///  4: r2 = r6; r3 = 0; r4 = 0
+///  7: call bpf_sk_storage_get      the socket's SockConn, if connect() made one
+///  8: if r0 == 0 goto out
+///  9: r1 = *(u32 *)(r0 + 40); r1 <<= 32; r2 = *(u32 *)(r0 + 44); r1 |= r2
+/// 13: *(u64 *)(r10 - 8) = r1        sock_kill_key(service_id, backend_id)
+/// 14: r1 = kill map (2 insns)
+/// 16: r2 = r10; r2 += -8
+/// 18: call bpf_map_lookup_elem
+/// 19: if r0 == 0 goto out
+/// 20: r1 = r6
+/// 21: call bpf_sock_destroy (kfunc)
+/// 22: if r0 != 0 goto out
+/// 23: *(u32 *)(r10 - 12) = SOCK_DESTROYED
+/// 24: r1 = counters map (2 insns)
+/// 26: r2 = r10; r2 += -12
+/// 28: call bpf_map_lookup_elem
+/// 29: if r0 == 0 goto out
+/// 30: r1 = *(u64 *)(r0 + 0); r1 += 1; *(u64 *)(r0 + 0) = r1
 /// out:
-/// 24: r0 = 0
-/// 25: exit
+/// 33: r0 = 0
+/// 34: exit
 /// ```
-fn iterator_program(kill: RawFd, counters: RawFd, sock_destroy_btf_id: u32) -> Vec<Insn> {
+fn iterator_program(
+    conn: RawFd,
+    kill: RawFd,
+    counters: RawFd,
+    sock_destroy_btf_id: u32,
+) -> Vec<Insn> {
     const LDX_DW: u8 = 0x79;
+    const LDX_W: u8 = 0x61;
     const STX_DW: u8 = 0x7b;
     const ST_W: u8 = 0x62;
     const MOV64_X: u8 = 0xbf;
     const MOV64_K: u8 = 0xb7;
     const ADD64_K: u8 = 0x07;
+    const LSH64_K: u8 = 0x67;
+    const OR64_X: u8 = 0x4f;
     const JEQ_K: u8 = 0x15;
     const JNE_K: u8 = 0x55;
     const CALL: u8 = 0x85;
@@ -427,32 +438,41 @@ fn iterator_program(kill: RawFd, counters: RawFd, sock_destroy_btf_id: u32) -> V
     const LD_IMM64: u8 = 0x18;
     const PSEUDO_MAP_FD: u8 = 1;
     const PSEUDO_KFUNC_CALL: u8 = 2;
-    const GET_SOCKET_COOKIE: i32 = 46;
     const MAP_LOOKUP_ELEM: i32 = 1;
-    let out = 24;
+    const SK_STORAGE_GET: i32 = 107;
+    let out = 33;
     let jump = |at: i16| out - at - 1;
     vec![
         insn(LDX_DW, 6, 1, 8, 0),
         insn(JEQ_K, 6, 0, jump(1), 0),
-        insn(MOV64_X, 1, 6, 0, 0),
-        insn(CALL, 0, 0, 0, GET_SOCKET_COOKIE),
-        insn(STX_DW, 10, 0, -8, 0),
+        insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, conn),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_X, 2, 6, 0, 0),
+        insn(MOV64_K, 3, 0, 0, 0),
+        insn(MOV64_K, 4, 0, 0, 0),
+        insn(CALL, 0, 0, 0, SK_STORAGE_GET),
+        insn(JEQ_K, 0, 0, jump(8), 0),
+        insn(LDX_W, 1, 0, 40, 0),
+        insn(LSH64_K, 1, 0, 0, 32),
+        insn(LDX_W, 2, 0, 44, 0),
+        insn(OR64_X, 1, 2, 0, 0),
+        insn(STX_DW, 10, 1, -8, 0),
         insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, kill),
         insn(0, 0, 0, 0, 0),
         insn(MOV64_X, 2, 10, 0, 0),
         insn(ADD64_K, 2, 0, 0, -8),
         insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),
-        insn(JEQ_K, 0, 0, jump(10), 0),
+        insn(JEQ_K, 0, 0, jump(19), 0),
         insn(MOV64_X, 1, 6, 0, 0),
         insn(CALL, 0, PSEUDO_KFUNC_CALL, 0, sock_destroy_btf_id as i32),
-        insn(JNE_K, 0, 0, jump(13), 0),
+        insn(JNE_K, 0, 0, jump(22), 0),
         insn(ST_W, 10, 0, -12, counter::SOCK_DESTROYED as i32),
         insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, counters),
         insn(0, 0, 0, 0, 0),
         insn(MOV64_X, 2, 10, 0, 0),
         insn(ADD64_K, 2, 0, 0, -12),
         insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),
-        insn(JEQ_K, 0, 0, jump(20), 0),
+        insn(JEQ_K, 0, 0, jump(29), 0),
         insn(LDX_DW, 1, 0, 0, 0),
         insn(ADD64_K, 1, 0, 0, 1),
         insn(STX_DW, 0, 1, 0, 0),
@@ -468,7 +488,6 @@ pub struct SockKiller {
     pub enter_others: bool,
     link: OwnedFd,
     kill: BpfHashMap<MapData, u64, u32>,
-    rev: BpfHashMap<MapData, SockKey, SockValue>,
     cgroup: PathBuf,
     _prog: OwnedFd,
 }
@@ -490,7 +509,9 @@ impl SockKiller {
         let map = |name: &str| MapData::from_pin(pin_dir.join(name)).map_err(|e| err(name, &e));
         let kill = map(MAP_SOCK_KILL)?;
         let counters = map(MAP_COUNTERS)?;
+        let conn = map(MAP_SOCK_CONN)?;
         let insns = iterator_program(
+            conn.fd().as_fd().as_raw_fd(),
             kill.fd().as_fd().as_raw_fd(),
             counters.fd().as_fd().as_raw_fd(),
             destroy,
@@ -566,42 +587,34 @@ impl SockKiller {
         .map(owned)
         .map_err(|e| err("linking it", &e))?;
         let kill = BpfHashMap::try_from(Map::HashMap(kill)).map_err(|e| err(MAP_SOCK_KILL, &e))?;
-        let rev = BpfHashMap::try_from(Map::LruHashMap(map(MAP_SOCK_REV)?))
-            .map_err(|e| err(MAP_SOCK_REV, &e))?;
         Ok(Self {
             enter_others: has_cap_sys_admin(),
             link,
             kill,
-            rev,
             cgroup: cgroup.to_path_buf(),
             _prog: prog,
         })
     }
 
-    /// Destroys the connected UDP sockets the socket programs sent to a backend of the
+    /// Destroys the UDP sockets the socket programs connected to a backend of the
     /// `gone` pairs (frontend id, backend id), in every network namespace of the
-    /// cgroup's processes. Returns how many it found (the destroyed ones are counted
-    /// `sock_destroyed` by the iterator).
-    pub fn destroy(&mut self, gone: &[(u32, u32)]) -> Result<usize> {
-        let gone: HashSet<(u32, u32)> = gone.iter().copied().collect();
-        let mut doomed = Vec::new();
-        for kv in self.rev.iter() {
-            let Ok((k, v)) = kv else { continue };
-            if k.proto == PROTO_UDP
-                && v.flags & SOCK_REV_F_CONNECTED != 0
-                && gone.contains(&(v.service_id, v.backend_id))
-            {
-                doomed.push(k);
-            }
-        }
-        if doomed.is_empty() {
-            return Ok(0);
+    /// cgroup's processes (each destroyed socket is counted `sock_destroyed` by the
+    /// iterator).
+    pub fn destroy(&mut self, gone: &[(u32, u32)]) -> Result<()> {
+        let gone: Vec<u64> = gone
+            .iter()
+            .map(|&(s, b)| sock_kill_key(s, b))
+            .collect::<HashSet<u64>>()
+            .into_iter()
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
         }
         let namespaces = self.namespaces();
-        for chunk in doomed.chunks(SOCK_KILL_BATCH as usize) {
+        for chunk in gone.chunks(SOCK_KILL_BATCH as usize) {
             for k in chunk {
                 self.kill
-                    .insert(k.cookie, 1, 0)
+                    .insert(k, 1, 0)
                     .map_err(|e| Error::Map(format!("{MAP_SOCK_KILL}: {e}")))?;
             }
             for (i, ns) in namespaces.iter().enumerate() {
@@ -610,15 +623,15 @@ impl SockKiller {
                 }
             }
             for k in chunk {
-                let _ = self.kill.remove(&k.cookie);
-                let _ = self.rev.remove(k);
+                let _ = self.kill.remove(k);
             }
         }
         info!(
-            sockets = doomed.len(),
+            pairs = gone.len(),
+            namespaces = namespaces.len(),
             "destroyed the connected UDP sockets of backends that left"
         );
-        Ok(doomed.len())
+        Ok(())
     }
 
     /// The network namespaces of the processes in the cgroup and below it, and this
@@ -727,14 +740,16 @@ mod tests {
 
     #[test]
     fn the_iterators_jumps_land_on_its_exit() {
-        let p = iterator_program(3, 4, 77);
-        assert_eq!(p.len(), 26);
+        let p = iterator_program(3, 4, 5, 77);
+        assert_eq!(p.len(), 35);
         for (i, ins) in p.iter().enumerate() {
             if ins.code == 0x15 || ins.code == 0x55 {
-                assert_eq!(i as i16 + 1 + ins.off, 24, "jump at {i}");
+                assert_eq!(i as i16 + 1 + ins.off, 33, "jump at {i}");
             }
         }
-        assert_eq!((p[12].code, p[12].regs >> 4, p[12].imm), (0x85, 2, 77));
-        assert_eq!(p[25].code, 0x95);
+        assert_eq!((p[21].code, p[21].regs >> 4, p[21].imm), (0x85, 2, 77));
+        // The SockConn fields it reads, where lb-common puts them.
+        assert_eq!((p[9].off, p[11].off), (40, 44));
+        assert_eq!(p[34].code, 0x95);
     }
 }

@@ -26,8 +26,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
 use lb_common::{
     counter, Frontend, FrontendKey, LayoutRecord, LAYOUT_VERSION, MAP_AFFINITY, MAP_BACKENDS,
     MAP_CONNTRACK, MAP_COUNTERS, MAP_EVENTS, MAP_FRAGS, MAP_FRONTENDS, MAP_LAYOUT, MAP_MAGLEV,
-    MAP_NAMES, MAP_NODE, MAP_SLOTS, MAP_SNAT, MAP_SOCK_CONFIG, MAP_SOCK_KILL, MAP_SOCK_REV,
-    MAP_SOURCE_RANGES, MAP_TRACE,
+    MAP_NAMES, MAP_NODE, MAP_SLOTS, MAP_SNAT, MAP_SOCK_CONFIG, MAP_SOCK_CONN, MAP_SOCK_KILL,
+    MAP_SOCK_REV, MAP_SOURCE_RANGES, MAP_TRACE,
 };
 use tracing::{info, warn};
 
@@ -110,6 +110,7 @@ const LAYOUTS: &[(u32, &[MapRow])] = &[
             (MAP_SOCK_REV, 32, 32, 0),
             (MAP_SOCK_CONFIG, 4, 16, 1),
             (MAP_SOCK_KILL, 8, 4, 0),
+            (MAP_SOCK_CONN, 4, 48, 0),
         ],
     ),
 ];
@@ -606,6 +607,7 @@ mod tests {
             MAP_SOCK_REV => l(size_of::<SockKey>(), size_of::<SockValue>(), 0),
             MAP_SOCK_CONFIG => l(size_of::<u32>(), size_of::<SockConfig>(), 1),
             MAP_SOCK_KILL => l(size_of::<u64>(), size_of::<u32>(), 0),
+            MAP_SOCK_CONN => l(size_of::<i32>(), size_of::<SockConn>(), 0),
             _ => panic!("{name}: a map of this build without its layout here"),
         }
     }
@@ -640,7 +642,18 @@ mod tests {
         // The Maglev version before `lb trace`: no trace maps, 27 counters.
         let maglev: Vec<_> = pins(2)
             .into_iter()
-            .filter(|(n, _)| ![MAP_TRACE, MAP_EVENTS, MAP_LAYOUT, MAP_SOCK_REV, MAP_SOCK_CONFIG, MAP_SOCK_KILL].contains(n))
+            .filter(|(n, _)| {
+                ![
+                    MAP_TRACE,
+                    MAP_EVENTS,
+                    MAP_LAYOUT,
+                    MAP_SOCK_REV,
+                    MAP_SOCK_CONFIG,
+                    MAP_SOCK_KILL,
+                    MAP_SOCK_CONN,
+                ]
+                .contains(n)
+            })
             .collect();
         assert_eq!(infer(&maglev), Some(2));
         // A layout 1 folder with a map of this build beside it (a migration that

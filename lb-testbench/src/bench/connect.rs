@@ -32,26 +32,41 @@ use crate::{cgroup::TestCgroup, sandbox::Sandbox, Error, Result};
 pub enum Mode {
     Direct,
     ConnectTime,
+    /// Connect-time balancing with no tc program on the pods' veths: what the socket
+    /// programs cost alone.
+    ConnectTimeNoTc,
     Tc,
     Iptables,
 }
 
-const MODES: [Mode; 4] = [Mode::Direct, Mode::ConnectTime, Mode::Tc, Mode::Iptables];
+const MODES: [Mode; 5] = [
+    Mode::Direct,
+    Mode::ConnectTime,
+    Mode::ConnectTimeNoTc,
+    Mode::Tc,
+    Mode::Iptables,
+];
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Direct => "no LB (pod IP)",
             Mode::ConnectTime => "lb connect-time",
+            Mode::ConnectTimeNoTc => "lb connect-time, no tc on veths",
             Mode::Tc => "lb tc path",
             Mode::Iptables => "kube-proxy iptables (last)",
         }
+    }
+
+    fn connect_time(self) -> bool {
+        matches!(self, Mode::ConnectTime | Mode::ConnectTimeNoTc)
     }
 
     fn prefix(self) -> &'static str {
         match self {
             Mode::Direct => "lbbench-cdi",
             Mode::ConnectTime => "lbbench-cct",
+            Mode::ConnectTimeNoTc => "lbbench-cnt",
             Mode::Tc => "lbbench-ctc",
             Mode::Iptables => "lbbench-cip",
         }
@@ -64,6 +79,8 @@ struct Bed {
     mode: Mode,
     sb: Sandbox,
     agent: Option<u32>,
+    /// The connect-time modes' own cgroup (each agent's programs on its own).
+    cg: Option<TestCgroup>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -143,7 +160,7 @@ fn targets(bed: &Bed) -> Vec<SocketAddr> {
     }
 }
 
-fn load(bed: &mut Bed, svcs: &[workload::Svc], cg: &TestCgroup, opts: &Opts) -> Result<()> {
+fn load(bed: &mut Bed, svcs: &[workload::Svc], opts: &Opts) -> Result<()> {
     let node = bed.sb.node.clone();
     match bed.mode {
         Mode::Direct => {}
@@ -160,7 +177,7 @@ fn load(bed: &mut Bed, svcs: &[workload::Svc], cg: &TestCgroup, opts: &Opts) -> 
                 "iptables-restore",
             )?;
         }
-        Mode::ConnectTime | Mode::Tc => {
+        Mode::ConnectTime | Mode::ConnectTimeNoTc | Mode::Tc => {
             if let Some(pid) = bed.agent.take() {
                 bed.sb.stop(pid, libc::SIGTERM)?;
             }
@@ -168,11 +185,17 @@ fn load(bed: &mut Bed, svcs: &[workload::Svc], cg: &TestCgroup, opts: &Opts) -> 
             let text = serde_yaml_ng::to_string(&workload::to_config(svcs))
                 .map_err(|e| Error::Sandbox(e.to_string()))?;
             fs::write(&path, text).map_err(|e| Error::Sandbox(e.to_string()))?;
-            let cgroup = (bed.mode == Mode::ConnectTime).then(|| cg.path_str());
+            let cgroup = bed.cg.as_ref().map(|c| c.path_str());
+            // (A glob that matches nothing: the agent warns and attaches no tc program.)
+            let interfaces = if bed.mode == Mode::ConnectTimeNoTc {
+                "lbnone-*"
+            } else {
+                "lxc-*"
+            };
             let (pid, _) = datapath::start_agent_on(
                 &bed.sb,
                 &path,
-                "lxc-*",
+                interfaces,
                 None,
                 cgroup,
                 svcs.len(),
@@ -185,12 +208,12 @@ fn load(bed: &mut Bed, svcs: &[workload::Svc], cg: &TestCgroup, opts: &Opts) -> 
     Ok(())
 }
 
-fn measure(bed: &Bed, cg: &TestCgroup, secs: f64, threads: usize) -> Result<Run> {
+fn measure(bed: &Bed, secs: f64, threads: usize) -> Result<Run> {
     let before = rewritten(bed);
     let lr = {
-        let _joined = match bed.mode {
-            Mode::ConnectTime => Some(join(cg)?),
-            _ => None,
+        let _joined = match &bed.cg {
+            Some(cg) => Some(join(cg)?),
+            None => None,
         };
         loadgen::run(
             &bed.sb.pod("client").netns,
@@ -221,8 +244,10 @@ pub fn run(opts: &Opts) -> Result<()> {
             vec![1, 10_000]
         }
     });
-    let cg = TestCgroup::create("bench")?;
-    progress("creating 4 identical sandboxes (one per mode)");
+    progress(format!(
+        "creating {} identical sandboxes (one per mode)",
+        MODES.len()
+    ));
     let mut beds = Vec::new();
     for mode in MODES {
         let sb = Sandbox::create(mode.prefix(), &PODS)?;
@@ -238,10 +263,16 @@ pub fn run(opts: &Opts) -> Result<()> {
             sb.exec(&ns, &["sysctl", "-qw", "net.core.somaxconn=4096"])?;
             sb.start_nginx(b, WEB_TARGET_PORT)?;
         }
+        let cg = if mode.connect_time() {
+            Some(TestCgroup::create(mode.prefix())?)
+        } else {
+            None
+        };
         beds.push(Bed {
             mode,
             sb,
             agent: None,
+            cg,
         });
     }
     let web: Vec<Ipv4Addr> = ["be-1", "be-2", "be-3"]
@@ -261,8 +292,8 @@ pub fn run(opts: &Opts) -> Result<()> {
                 runs: Vec::new(),
                 skipped: None,
             };
-            let probe = load(bed, &svcs, &cg, opts)
-                .and_then(|()| measure(bed, &cg, 0.2, 1))
+            let probe = load(bed, &svcs, opts)
+                .and_then(|()| measure(bed, 0.2, 1))
                 .and_then(|r| {
                     if r.connections == 0 {
                         Err(Error::Sandbox("no answer through the service".into()))
@@ -284,7 +315,7 @@ pub fn run(opts: &Opts) -> Result<()> {
             for k in 0..active.len() {
                 check_interrupted()?;
                 let i = active[(k + rep) % active.len()];
-                let r = measure(&beds[i], &cg, opts.conn_secs(), opts.threads)?;
+                let r = measure(&beds[i], opts.conn_secs(), opts.threads)?;
                 progress(format!(
                     "   scale {scale} repeat {}/{} {:<28} {:>8.0} conn/s p50 {:>6.0} us p99 {:>6.0} us errors {} rewritten {}",
                     rep + 1,
@@ -393,9 +424,9 @@ fn markdown(scales: &[Scale], opts: &Opts) -> String {
     );
     let _ = writeln!(
         md,
-        "| services | connect-time / no LB | tc path / no LB | connect-time / tc path | connect-time / iptables |"
+        "| services | connect-time / no LB | connect-time without tc on veths / no LB | tc path / no LB | connect-time / tc path | connect-time / iptables |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
     let mut worst = f64::INFINITY;
     let mut rewrites = 0u64;
     for s in scales {
@@ -414,13 +445,14 @@ fn markdown(scales: &[Scale], opts: &Opts) -> String {
         if !r.is_empty() {
             worst = worst.min(summarize(&r).median);
         }
-        if let Some(m) = s.modes.iter().find(|m| m.mode == Mode::ConnectTime) {
+        for m in s.modes.iter().filter(|m| m.mode.connect_time()) {
             rewrites += m.runs.iter().filter_map(|r| r.rewritten).sum::<u64>();
         }
         let _ = writeln!(
             md,
-            "| {} | {ct_direct} | {} | {} | {} |",
+            "| {} | {ct_direct} | {} | {} | {} | {} |",
             s.services,
+            ratio(Mode::ConnectTimeNoTc, Mode::Direct).0,
             ratio(Mode::Tc, Mode::Direct).0,
             ratio(Mode::ConnectTime, Mode::Tc).0,
             ratio(Mode::ConnectTime, Mode::Iptables).0,
@@ -445,7 +477,7 @@ fn markdown(scales: &[Scale], opts: &Opts) -> String {
     );
     let _ = writeln!(
         md,
-        "\nHow: a sandbox per mode (node, client pod, three nginx pods), the same Services at each scale (the tested one and fillers with 1 to 10 endpoints). The load generator (4 threads in the client pod's network namespace, a new TCP connection per HTTP/1.0 request, closed loop, latency from connect to the last byte) runs in the bench's process, which joins a cgroup the bench made for the connect-time runs only; the agent there has its socket programs on that cgroup (`--cgroup`), the tc-path agent none (`--cgroup none`). No LB: the client spreads over the pod IPs itself. The tc programs stay on the connect-time sandbox's veths too: its flows' packets pass them (a conntrack and a frontend miss at ingress, a conntrack miss at egress), and the counters show no program rewrote any."
+        "\nHow: a sandbox per mode (node, client pod, three nginx pods), the same Services at each scale (the tested one and fillers with 1 to 10 endpoints). The load generator (4 threads in the client pod's network namespace, a new TCP connection per HTTP/1.0 request, closed loop, latency from connect to the last byte) runs in the bench's process, which joins a cgroup the bench made for each connect-time mode for its runs only; the agent there has its socket programs on that cgroup (`--cgroup`), the tc-path agent none (`--cgroup none`); \"no tc on veths\": the connect-time agent with no interface to attach to (`--interfaces` matching none), the socket programs alone. No LB: the client spreads over the pod IPs itself. The tc programs stay on the connect-time sandbox's veths too: its flows' packets pass them (a conntrack and a frontend miss at ingress, a conntrack miss at egress), and the counters show no program rewrote any."
     );
     md
 }
