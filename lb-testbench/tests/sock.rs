@@ -544,3 +544,26 @@ fn lb_agent_fed_by_the_api_serves_a_host_network_client_at_connect_time() {
     drop(sb);
     drop(cg);
 }
+
+#[test]
+fn an_agent_started_with_cgroup_none_removes_an_earlier_agents_socket_programs() {
+    let mut env = Env::new(&BACKENDS, &["--keep-pinned"]);
+    env.sb.stop(env.agent, libc::SIGTERM).unwrap();
+    assert_eq!(env.cgroup_programs(), 8);
+    std::fs::write(env.sb.path("agent.log"), "").unwrap();
+    env.agent = spawn_agent(&env.sb, 0, &lb_binary().unwrap(), &env.config, &[]).unwrap();
+    wait_until(Duration::from_secs(30), "the new agent", || {
+        env.sb
+            .log("agent.log")
+            .contains("--cgroup none")
+            .then_some(())
+    });
+    assert_eq!(env.sock_links(), 0);
+    wait_until(Duration::from_secs(5), "the programs to detach", || {
+        (env.cgroup_programs() == 0).then_some(())
+    });
+    let node = env.sb.node.clone();
+    assert!(env
+        .client(&node, true, "tcp", &format!("{WEB}:80"))
+        .is_err());
+}
