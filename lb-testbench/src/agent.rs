@@ -46,7 +46,20 @@ pub fn check_interrupted() -> Result<()> {
 
 /// The `lb` binary of this build: next to the running binary (`target/<profile>/`), or
 /// one folder up from a test binary (`target/<profile>/deps/`).
+///
+/// Also sets `LB_CGROUP=none` in this process's environment (once, unless it is set):
+/// every `lb` a test or the bench starts then runs without socket programs unless it is
+/// given `--cgroup` (a cgroup the test made), so none ever attaches to the machine's own
+/// root cgroup by the default.
 pub fn lb_binary() -> Result<PathBuf> {
+    static NO_CGROUP: std::sync::Once = std::sync::Once::new();
+    NO_CGROUP.call_once(|| {
+        if std::env::var_os("LB_CGROUP").is_none() {
+            // Rust's own environment functions take a lock: safe against the other
+            // threads' spawns.
+            std::env::set_var("LB_CGROUP", "none");
+        }
+    });
     let me = std::env::current_exe().map_err(|e| Error::Sandbox(e.to_string()))?;
     let dir = me.parent().unwrap_or(Path::new("."));
     let candidates = [dir.join("lb"), dir.join("../lb")];

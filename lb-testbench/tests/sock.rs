@@ -473,3 +473,97 @@ fn a_host_network_client_of_a_service_without_ready_backends_is_refused_at_once(
     }
     assert_eq!(env.counter("sock_refused_no_backend"), 4);
 }
+
+#[test]
+fn lb_agent_fed_by_the_api_serves_a_host_network_client_at_connect_time() {
+    use lb_testbench::{
+        agent::{spawn_k8s_agent, wait_attached},
+        fake_api::ApiInNetns,
+    };
+    use serde_json::json;
+    let k = N.fetch_add(1, Ordering::SeqCst);
+    let cg = TestCgroup::create(&format!("sockk8s{k}")).unwrap();
+    let prefix = format!("lbsk{}{k}", std::process::id() % 100_000);
+    let sb = Sandbox::create(&prefix, &["client", "backend-1", "backend-2"]).unwrap();
+    for b in ["backend-1", "backend-2"] {
+        sb.start_nginx(b, 8080).unwrap();
+    }
+    let server = ApiInNetns::start(&sb.node, std::net::Ipv4Addr::LOCALHOST.into()).unwrap();
+    let api = server.api();
+    api.apply(json!({"kind": "Node", "metadata": {"name": sb.nodes[0].name}}));
+    api.apply(json!({"kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"type": "ClusterIP", "clusterIP": WEB, "clusterIPs": [WEB],
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}));
+    api.apply(json!({"kind": "EndpointSlice",
+        "metadata": {"name": "web-x1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [backend_ip("backend-1")], "conditions": {"ready": true}},
+                      {"addresses": [backend_ip("backend-2")], "conditions": {"ready": true}}]}));
+    let kubeconfig = sb.path("kubeconfig.yaml");
+    api.write_kubeconfig(&kubeconfig);
+    spawn_k8s_agent(
+        &sb,
+        0,
+        &lb_binary().unwrap(),
+        &kubeconfig,
+        &["--cgroup", cg.path_str()],
+    )
+    .unwrap();
+    wait_attached(&sb, 0, 3, Duration::from_secs(30)).unwrap();
+    wait_until(Duration::from_secs(15), "the socket programs", || {
+        sb.log("agent.log")
+            .contains("socket programs attached")
+            .then_some(())
+    });
+    let bin = testbench_binary();
+    let to = format!("{WEB}:80");
+    let mut seen = BTreeSet::new();
+    for _ in 0..12 {
+        let mut cmd = sb.cmd(
+            &sb.node,
+            &[bin.to_str().unwrap(), "sock-client", "tcp", &to],
+        );
+        cg.put(&mut cmd);
+        let out = cmd.output().unwrap();
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            sb.log("agent.log")
+        );
+        let (peer, _, reply) = fields(&line);
+        assert_eq!(peer, to, "{line}");
+        seen.insert(reply);
+    }
+    assert_eq!(
+        seen,
+        ["backend-1".to_string(), "backend-2".to_string()].into()
+    );
+    drop(sb);
+    drop(cg);
+}
+
+#[test]
+fn an_agent_started_with_cgroup_none_removes_an_earlier_agents_socket_programs() {
+    let mut env = Env::new(&BACKENDS, &["--keep-pinned"]);
+    env.sb.stop(env.agent, libc::SIGTERM).unwrap();
+    assert_eq!(env.cgroup_programs(), 8);
+    std::fs::write(env.sb.path("agent.log"), "").unwrap();
+    env.agent = spawn_agent(&env.sb, 0, &lb_binary().unwrap(), &env.config, &[]).unwrap();
+    wait_until(Duration::from_secs(30), "the new agent", || {
+        env.sb
+            .log("agent.log")
+            .contains("--cgroup none")
+            .then_some(())
+    });
+    assert_eq!(env.sock_links(), 0);
+    wait_until(Duration::from_secs(5), "the programs to detach", || {
+        (env.cgroup_programs() == 0).then_some(())
+    });
+    let node = env.sb.node.clone();
+    assert!(env
+        .client(&node, true, "tcp", &format!("{WEB}:80"))
+        .is_err());
+}

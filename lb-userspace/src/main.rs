@@ -75,7 +75,7 @@ struct DatapathArgs {
     /// processes to a Service go to a backend (host-network clients, and pods with
     /// --connect-time-balancing). Default: the root of the cgroup2 mount (every process
     /// of the node); `none`: no socket programs.
-    #[arg(long)]
+    #[arg(long, env = "LB_CGROUP")]
     cgroup: Option<String>,
     /// Connect-time balancing for pods' sockets (host-network clients get it wherever
     /// the programs are attached): `auto` where the kernel loads the programs.

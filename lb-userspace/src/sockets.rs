@@ -150,19 +150,25 @@ pub fn netns_cookie() -> Result<u64> {
 /// kernel refused them (logged).
 pub fn setup(ebpf: &mut aya::Ebpf, pin_dir: &Path, opts: &SockOptions) -> Result<Option<Sockets>> {
     let Some(cgroup) = opts.cgroup.clone() else {
-        info!("no --cgroup: host-network clients are not translated (no socket programs)");
+        // An earlier agent's socket programs (pinned, --keep-pinned) go too.
+        remove_pins(pin_dir);
+        info!("--cgroup none: host-network clients are not translated (no socket programs)");
         return Ok(None);
     };
     match try_setup(ebpf, pin_dir, &cgroup, opts.connect_time) {
         Ok(s) => Ok(Some(s)),
-        Err(e) if opts.connect_time == ConnectTime::Auto => {
+        Err(e) => {
+            // Nothing half attached: all eight programs or none.
+            remove_pins(pin_dir);
+            if opts.connect_time != ConnectTime::Auto {
+                return Err(e);
+            }
             warn!(
                 "{e}; running without socket programs: host-network clients are not \
                  translated, pods take the tc path"
             );
             Ok(None)
         }
-        Err(e) => Err(e),
     }
 }
 
