@@ -13,7 +13,7 @@
 //!                                                         interfaces, behind XDP)
 //! /sys/fs/bpf/lb/ext-egress-links/<ifname>@<ifindex>      tcx egress links (external
 //!                                                         interfaces)
-//! /sys/fs/bpf/lb/LB_SOCK_REV  LB_SOCK_CONFIG  LB_SOCK_KILL                       maps
+//! /sys/fs/bpf/lb/LB_SOCK_REV  LB_SOCK_CONFIG  LB_SOCK_KILL  LB_SOCK_CONN         maps
 //! /sys/fs/bpf/lb/lb_sock_conn4 ... lb_sock_peer6          socket programs (`sockets.rs`)
 //! /sys/fs/bpf/lb/sock-links/<cgroup inode>/<program>      their cgroup links
 //! ```

@@ -250,19 +250,7 @@ pub fn run(opts: &Opts) -> Result<()> {
     ));
     let mut beds = Vec::new();
     for mode in MODES {
-        let sb = Sandbox::create(mode.prefix(), &PODS)?;
-        let client = sb.pod("client").netns.clone();
-        for (k, v) in [
-            ("net.ipv4.ip_local_port_range", "1024 65535"),
-            ("net.ipv4.tcp_tw_reuse", "1"),
-        ] {
-            sb.exec(&client, &["sysctl", "-qw", &format!("{k}={v}")])?;
-        }
-        for b in ["be-1", "be-2", "be-3"] {
-            let ns = sb.pod(b).netns.clone();
-            sb.exec(&ns, &["sysctl", "-qw", "net.core.somaxconn=4096"])?;
-            sb.start_nginx(b, WEB_TARGET_PORT)?;
-        }
+        let sb = datapath::web_sandbox(mode.prefix(), &PODS)?;
         let cg = if mode.connect_time() {
             Some(TestCgroup::create(mode.prefix())?)
         } else {

@@ -132,19 +132,7 @@ struct Bed {
 
 impl Bed {
     fn create(mode: Mode) -> Result<Self> {
-        let sb = Sandbox::create(mode.prefix(), &PODS)?;
-        let client = sb.pod("client").netns.clone();
-        for (k, v) in [
-            ("net.ipv4.ip_local_port_range", "1024 65535"),
-            ("net.ipv4.tcp_tw_reuse", "1"),
-        ] {
-            sb.exec(&client, &["sysctl", "-qw", &format!("{k}={v}")])?;
-        }
-        for b in ["be-1", "be-2", "be-3"] {
-            let ns = sb.pod(b).netns.clone();
-            sb.exec(&ns, &["sysctl", "-qw", "net.core.somaxconn=4096"])?;
-            sb.start_nginx(b, WEB_TARGET_PORT)?;
-        }
+        let sb = web_sandbox(mode.prefix(), &PODS)?;
         sb.start_iperf3("iperf", IPERF_PORT)?;
         Ok(Self {
             mode,
@@ -192,6 +180,26 @@ impl Bed {
             _ => IPERF_IP6.into(),
         }
     }
+}
+
+/// A sandbox of `pods` for the new-connection benchmarks: the pod `client` tuned to open
+/// connections fast (the whole local port range, TIME_WAIT reuse), nginx on `be-1` to
+/// `be-3` (a deep accept queue) on [`WEB_TARGET_PORT`].
+pub fn web_sandbox(prefix: &str, pods: &[&str]) -> Result<Sandbox> {
+    let sb = Sandbox::create(prefix, pods)?;
+    let client = sb.pod("client").netns.clone();
+    for (k, v) in [
+        ("net.ipv4.ip_local_port_range", "1024 65535"),
+        ("net.ipv4.tcp_tw_reuse", "1"),
+    ] {
+        sb.exec(&client, &["sysctl", "-qw", &format!("{k}={v}")])?;
+    }
+    for b in ["be-1", "be-2", "be-3"] {
+        let ns = sb.pod(b).netns.clone();
+        sb.exec(&ns, &["sysctl", "-qw", "net.core.somaxconn=4096"])?;
+        sb.start_nginx(b, WEB_TARGET_PORT)?;
+    }
+    Ok(sb)
 }
 
 /// Runs `cmd` with a time limit; Ok(seconds) on success.
