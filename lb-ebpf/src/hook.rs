@@ -12,6 +12,12 @@ use crate::{
 /// What the program does with the packet.
 pub enum Verdict {
     Pass,
+    /// Passed, and nothing on its way out can concern the reply path: the packet is a
+    /// TCP or UDP packet whose 5-tuple has no entry in `LB_CONNTRACK` (looked up, and
+    /// missed, as was the frontend lookup), or not one the programs translate at all.
+    /// tc ingress marks the skb so (`tc::UNTRACKED`), and tc egress lets it leave
+    /// without parsing it or looking it up again.
+    PassUntracked,
     Drop,
     /// The program sent the packet on itself: a refusal or a hairpin flow's packet back
     /// out of the interface it came in by, or a routed packet of a SNAT flow. Holds the

@@ -40,18 +40,19 @@ const fn trace_hook<C: Hook>() -> u8 {
 pub fn process<C: Hook>(ctx: &C) -> Verdict {
     let pkt = match parse::parse(ctx) {
         Parsed::Packet(pkt) => pkt,
+        // (Parsed the same way at egress, where these pass too.)
         Parsed::Other => {
             count(counter::PASSED);
-            return Verdict::Pass;
+            return Verdict::PassUntracked;
         }
         Parsed::Malformed => {
             count(counter::PASSED_MALFORMED);
             debug_log!(ctx, "reason=passed_malformed");
-            return Verdict::Pass;
+            return Verdict::PassUntracked;
         }
         Parsed::LongExtChain => {
             count(counter::PASSED_LONG_EXT_CHAIN);
-            return Verdict::Pass;
+            return Verdict::PassUntracked;
         }
         // A later fragment of a datagram to a frontend gets the backend its first
         // fragment got (a reply's is translated where it leaves, `reply.rs`).
@@ -149,9 +150,10 @@ pub fn process<C: Hook>(ctx: &C) -> Verdict {
         return v;
     }
 
-    // 3. Nothing for us.
+    // 3. Nothing for us, nor for the reply path where it leaves: no entry has its
+    //    5-tuple (a connect-time flow's packets, either way, end here).
     count(counter::PASSED);
-    Verdict::Pass
+    Verdict::PassUntracked
 }
 
 /// The XDP fast path's program (`lb_xdp_carry`, tail-called for a packet of a SNAT

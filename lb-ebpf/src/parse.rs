@@ -435,6 +435,15 @@ fn parse_ipv4<C: PacketData>(ctx: &C) -> Parsed {
         });
     }
     let l4_off = l3_off + ihl_bytes;
+    // Only what is read: the L4 header's fixed part behind this packet's own IP header
+    // (tc: a pull when the linear area is shorter, which copies a cloned skb, such as
+    // every TCP segment a local socket sends, so never more than needed).
+    let l4_min = if proto == PROTO_TCP {
+        TCP_MIN_HLEN
+    } else {
+        UDP_HLEN
+    };
+    ctx.make_readable(l4_off + l4_min);
     // The options (if any) must be inside the packet too.
     if ptr_at::<u8, C>(ctx, l4_off - 1).is_none() {
         return Parsed::Malformed;

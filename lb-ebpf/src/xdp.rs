@@ -67,7 +67,7 @@ impl Hook for XdpContext {
 #[inline(always)]
 fn action(v: Verdict) -> u32 {
     match v {
-        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Pass | Verdict::PassUntracked => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Redirect(action) => action as u32,
     }

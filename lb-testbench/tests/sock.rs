@@ -307,10 +307,12 @@ fn a_pod_in_the_cgroup_balances_at_connect_time_while_a_pod_outside_takes_the_tc
     let env = Env::new(&BACKENDS, &[]);
     let client = env.sb.pod("client").netns.clone();
     let other = env.sb.pod("other").netns.clone();
-    let (sock0, new0, tr0) = (
+    let (sock0, new0, tr0, passed0, egress0) = (
         env.counter("sock_connect_translated"),
         env.counter("new_flow"),
         env.counter("translated"),
+        env.counter("passed"),
+        env.counter("egress_passed"),
     );
     for mode in ["tcp", "udp", "udp-connected"] {
         let to = if mode == "tcp" {
@@ -329,6 +331,22 @@ fn a_pod_in_the_cgroup_balances_at_connect_time_while_a_pod_outside_takes_the_tc
     assert_eq!(env.counter("sock_connect_translated") - sock0, 2);
     assert_eq!(env.counter("new_flow"), new0, "the tc path saw a new flow");
     assert_eq!(env.counter("translated"), tr0, "a program rewrote a packet");
+    // Their packets, both ways, were looked up once, at tc ingress (`passed`), which
+    // marked them untracked (skb tc_index): tc egress let them leave without a lookup,
+    // so `egress_passed` hardly moved (the node's own ARP and neighbour discovery
+    // toward the pods, which no ingress of ours saw, are all it may count).
+    let (passed, egress) = (
+        env.counter("passed") - passed0,
+        env.counter("egress_passed") - egress0,
+    );
+    eprintln!(
+        "connect-time flows: {passed} packets passed at ingress, {egress} looked up at egress"
+    );
+    assert!(passed >= 10, "passed {passed}");
+    assert!(
+        egress * 4 < passed,
+        "egress looked up {egress} of {passed} packets"
+    );
     // The pod outside the cgroup: the tc program's path, as before.
     for mode in ["tcp", "udp", "udp-connected"] {
         let to = if mode == "tcp" {

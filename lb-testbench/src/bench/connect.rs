@@ -20,7 +20,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    check_interrupted, datapath, loadgen, progress, rules,
+    check_interrupted, datapath, loadgen, progress, progtime, rules,
     stats::{pair_ratios, quantile, summarize},
     workload::{self, Endpoints, WEB_IP, WEB_PORT, WEB_TARGET_PORT},
     Opts,
@@ -79,7 +79,8 @@ struct Bed {
     mode: Mode,
     sb: Sandbox,
     agent: Option<u32>,
-    /// The connect-time modes' own cgroup (each agent's programs on its own).
+    /// The mode's own cgroup, joined by the load generator for its runs (the
+    /// connect-time agents' socket programs are on it).
     cg: Option<TestCgroup>,
 }
 
@@ -94,6 +95,11 @@ pub struct Run {
     /// Packets a program rewrote meanwhile (lb modes): new_flow + translated +
     /// reverse_translated.
     pub rewritten: Option<u64>,
+    /// Time the agent's socket programs ran, per connection made (ns; lb modes).
+    pub sock_ns_per_conn: Option<f64>,
+    /// Time its tc and XDP programs ran, per connection made (ns), and how many runs.
+    pub packet_ns_per_conn: Option<f64>,
+    pub packet_runs_per_conn: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -101,6 +107,9 @@ pub struct ModeRuns {
     pub mode: Mode,
     pub name: &'static str,
     pub runs: Vec<Run>,
+    /// A run more (lb modes), with the programs' run time measured: what they cost per
+    /// connection. Not used for the rates.
+    pub cost: Option<Run>,
     pub skipped: Option<String>,
 }
 
@@ -185,7 +194,11 @@ fn load(bed: &mut Bed, svcs: &[workload::Svc], opts: &Opts) -> Result<()> {
             let text = serde_yaml_ng::to_string(&workload::to_config(svcs))
                 .map_err(|e| Error::Sandbox(e.to_string()))?;
             fs::write(&path, text).map_err(|e| Error::Sandbox(e.to_string()))?;
-            let cgroup = bed.cg.as_ref().map(|c| c.path_str());
+            let cgroup = bed
+                .cg
+                .as_ref()
+                .filter(|_| bed.mode.connect_time())
+                .map(|c| c.path_str());
             // (A glob that matches nothing: the agent warns and attaches no tc program.)
             let interfaces = if bed.mode == Mode::ConnectTimeNoTc {
                 "lbnone-*"
@@ -208,8 +221,14 @@ fn load(bed: &mut Bed, svcs: &[workload::Svc], opts: &Opts) -> Result<()> {
     Ok(())
 }
 
-fn measure(bed: &Bed, secs: f64, threads: usize) -> Result<Run> {
+/// One run. With `stats` (lb modes), the kernel's run-time accounting of BPF programs is
+/// on for it, which itself costs every program run two clock reads: the runs the
+/// rates come from are made without it.
+fn measure(bed: &Bed, secs: f64, threads: usize, stats: bool) -> Result<Run> {
+    let lb = stats && bed.agent.is_some();
+    let _stats = if lb { Some(progtime::enable()?) } else { None };
     let before = rewritten(bed);
+    let progs_before = progtime::snapshot(bed.sb.pin_dir());
     let lr = {
         let _joined = match &bed.cg {
             Some(cg) => Some(join(cg)?),
@@ -225,6 +244,18 @@ fn measure(bed: &Bed, secs: f64, threads: usize) -> Result<Run> {
         )?
     };
     let after = rewritten(bed);
+    let progs_after = progtime::snapshot(bed.sb.pin_dir());
+    let per_conn = |c: u64| c as f64 / lr.ok.max(1) as f64;
+    let sock = progtime::delta(&progs_before, &progs_after, progtime::is_socket_program);
+    let packet = progtime::delta(&progs_before, &progs_after, |n| {
+        !progtime::is_socket_program(n)
+    });
+    if lb {
+        progress(format!(
+            "      per program: {}",
+            progtime::per_program(&progs_before, &progs_after)
+        ));
+    }
     Ok(Run {
         cps: lr.conns_per_sec(),
         p50_us: quantile(&lr.latencies_us, 0.50),
@@ -232,6 +263,9 @@ fn measure(bed: &Bed, secs: f64, threads: usize) -> Result<Run> {
         errors: lr.errors,
         connections: lr.ok,
         rewritten: before.zip(after).map(|(b, a)| a - b),
+        sock_ns_per_conn: lb.then(|| per_conn(sock.ns)),
+        packet_ns_per_conn: lb.then(|| per_conn(packet.ns)),
+        packet_runs_per_conn: lb.then(|| per_conn(packet.runs)),
     })
 }
 
@@ -251,11 +285,9 @@ pub fn run(opts: &Opts) -> Result<()> {
     let mut beds = Vec::new();
     for mode in MODES {
         let sb = datapath::web_sandbox(mode.prefix(), &PODS)?;
-        let cg = if mode.connect_time() {
-            Some(TestCgroup::create(mode.prefix())?)
-        } else {
-            None
-        };
+        // Every mode's load generator runs in a cgroup of its own, so that only the
+        // programs differ between modes; the connect-time agents attach to theirs.
+        let cg = Some(TestCgroup::create(mode.prefix())?);
         beds.push(Bed {
             mode,
             sb,
@@ -278,10 +310,11 @@ pub fn run(opts: &Opts) -> Result<()> {
                 mode: bed.mode,
                 name: bed.mode.name(),
                 runs: Vec::new(),
+                cost: None,
                 skipped: None,
             };
             let probe = load(bed, &svcs, opts)
-                .and_then(|()| measure(bed, 0.2, 1))
+                .and_then(|()| measure(bed, 0.2, 1, false))
                 .and_then(|r| {
                     if r.connections == 0 {
                         Err(Error::Sandbox("no answer through the service".into()))
@@ -303,7 +336,7 @@ pub fn run(opts: &Opts) -> Result<()> {
             for k in 0..active.len() {
                 check_interrupted()?;
                 let i = active[(k + rep) % active.len()];
-                let r = measure(&beds[i], opts.conn_secs(), opts.threads)?;
+                let r = measure(&beds[i], opts.conn_secs(), opts.threads, false)?;
                 progress(format!(
                     "   scale {scale} repeat {}/{} {:<28} {:>8.0} conn/s p50 {:>6.0} us p99 {:>6.0} us errors {} rewritten {}",
                     rep + 1,
@@ -316,6 +349,20 @@ pub fn run(opts: &Opts) -> Result<()> {
                     r.rewritten.map_or("-".into(), |n| n.to_string()),
                 ));
                 modes[i].runs.push(r);
+            }
+        }
+        for (i, bed) in beds.iter().enumerate() {
+            if modes[i].skipped.is_none() && bed.agent.is_some() {
+                check_interrupted()?;
+                let r = measure(bed, opts.conn_secs(), opts.threads, true)?;
+                progress(format!(
+                    "   scale {scale} programs' cost {:<28} socket {} ns/conn, tc/XDP {} ns/conn",
+                    bed.mode.name(),
+                    r.sock_ns_per_conn.map_or("-".into(), |n| format!("{n:.0}")),
+                    r.packet_ns_per_conn
+                        .map_or("-".into(), |n| format!("{n:.0}")),
+                ));
+                modes[i].cost = Some(r);
             }
         }
         out.push(Scale {
@@ -364,16 +411,16 @@ fn markdown(scales: &[Scale], opts: &Opts) -> String {
     );
     let _ = writeln!(
         md,
-        "| services | mode | new conn/s | p50 µs | p99 µs | errors | packets rewritten by a program per connection |"
+        "| services | mode | new conn/s | p50 µs | p99 µs | errors | packets rewritten by a program per connection | socket programs, ns per connection | tc/XDP programs, ns per connection (runs) |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
     let runs = |m: &ModeRuns, f: fn(&Run) -> f64| m.runs.iter().map(f).collect::<Vec<f64>>();
     for s in scales {
         for m in &s.modes {
             if let Some(why) = &m.skipped {
                 let _ = writeln!(
                     md,
-                    "| {} | {} | not measured: {why} | | | | |",
+                    "| {} | {} | not measured: {why} | | | | | | |",
                     s.services, m.name
                 );
                 continue;
@@ -395,14 +442,25 @@ fn markdown(scales: &[Scale], opts: &Opts) -> String {
                 _ => "–".into(),
             };
             let errors: u64 = m.runs.iter().map(|r| r.errors).sum();
+            let cost = |f: fn(&Run) -> Option<f64>| -> String {
+                m.cost
+                    .as_ref()
+                    .and_then(f)
+                    .map_or("–".into(), |v| format!("{v:.0}"))
+            };
+            let packet = match m.cost.as_ref().and_then(|r| r.packet_runs_per_conn) {
+                Some(runs) => format!("{} ({runs:.1})", cost(|r| r.packet_ns_per_conn)),
+                None => "–".into(),
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {errors} | {per_conn} |",
+                "| {} | {} | {} | {} | {} | {errors} | {per_conn} | {} | {packet} |",
                 s.services,
                 m.name,
                 fmt_summary(&runs(m, |r| r.cps), 0),
                 fmt_summary(&runs(m, |r| r.p50_us), 0),
                 fmt_summary(&runs(m, |r| r.p99_us), 0),
+                cost(|r| r.sock_ns_per_conn),
             );
         }
     }
@@ -465,7 +523,7 @@ fn markdown(scales: &[Scale], opts: &Opts) -> String {
     );
     let _ = writeln!(
         md,
-        "\nHow: a sandbox per mode (node, client pod, three nginx pods), the same Services at each scale (the tested one and fillers with 1 to 10 endpoints). The load generator (4 threads in the client pod's network namespace, a new TCP connection per HTTP/1.0 request, closed loop, latency from connect to the last byte) runs in the bench's process, which joins a cgroup the bench made for each connect-time mode for its runs only; the agent there has its socket programs on that cgroup (`--cgroup`), the tc-path agent none (`--cgroup none`); \"no tc on veths\": the connect-time agent with no interface to attach to (`--interfaces` matching none), the socket programs alone. No LB: the client spreads over the pod IPs itself. The tc programs stay on the connect-time sandbox's veths too: its flows' packets pass them (a conntrack and a frontend miss at ingress, a conntrack miss at egress), and the counters show no program rewrote any."
+        "\nHow: a sandbox per mode (node, client pod, three nginx pods), the same Services at each scale (the tested one and fillers with 1 to 10 endpoints). The load generator (4 threads in the client pod's network namespace, a new TCP connection per HTTP/1.0 request, closed loop, latency from connect to the last byte) runs in the bench's process, which joins a cgroup the bench made for each connect-time mode for its runs only; the agent there has its socket programs on that cgroup (`--cgroup`), the tc-path agent none (`--cgroup none`); \"no tc on veths\": the connect-time agent with no interface to attach to (`--interfaces` matching none), the socket programs alone. No LB: the client spreads over the pod IPs itself. Every mode's load generator runs in a cgroup of its own (only the connect-time agents attach to theirs), so the modes differ by their programs only. The programs' own cost (socket, tc/XDP columns) comes from one more run per lb mode with the kernel's run-time accounting of BPF programs on (`BPF_ENABLE_STATS`, which itself adds two clock reads per program run, so the rate runs are made without it). The tc programs stay on the connect-time sandbox's veths too: its flows' packets pass them (a conntrack and a frontend miss at ingress, a conntrack miss at egress), and the counters show no program rewrote any."
     );
     md
 }

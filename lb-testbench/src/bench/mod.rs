@@ -19,6 +19,7 @@ pub mod datapath;
 pub mod forwarding;
 pub mod loadgen;
 pub mod pktgen;
+pub mod progtime;
 pub mod report;
 pub mod rules;
 pub mod stats;
