@@ -750,13 +750,17 @@ pub mod counter {
     pub const SOCK_REFUSED_NO_BACKEND: u32 = 31;
     /// Socket programs: a connect() or send to a frontend was left to the packet path
     /// (a pod's socket with connect-time balancing off, a pod's connected UDP without
-    /// socket destruction, a LoadBalancer IP with source ranges).
+    /// socket destruction, a pod's to a LoadBalancer IP with source ranges).
     pub const SOCK_LEFT_TO_PACKET_PATH: u32 = 32;
     /// The agent's socket iterator destroyed a connected UDP socket whose backend left
     /// its frontend (`bpf_sock_destroy`): the client's next call fails and it reconnects.
     pub const SOCK_DESTROYED: u32 = 33;
+    /// Socket programs: a connect() or send of the node's own to a LoadBalancer IP with
+    /// loadBalancerSourceRanges that hold none of the node's address of its family was
+    /// refused (EPERM), as kube-proxy drops it.
+    pub const SOCK_REFUSED_SOURCE_RANGE: u32 = 34;
     /// Number of counters (size of `LB_COUNTERS`).
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 35;
 
     /// Names for the CLI and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -794,6 +798,7 @@ pub mod counter {
         "sock_refused_no_backend",
         "sock_left_to_packet_path",
         "sock_destroyed",
+        "sock_refused_source_range",
     ];
 }
 

@@ -67,11 +67,18 @@ pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
 /// ranges (one longest-prefix lookup of the frontend's id and the source).
 #[inline(always)]
 pub fn source_allowed(pkt: &Packet, frontend: &Frontend) -> bool {
+    address_allowed(&pkt.src, frontend)
+}
+
+/// Whether `addr` lies in one of the frontend's ranges (the socket programs ask it of
+/// the node's own address).
+#[inline(always)]
+pub fn address_allowed(addr: &Addr, frontend: &Frontend) -> bool {
     let key = Key::new(
         SOURCE_RANGE_BITS,
         SourceRange {
             service_id: frontend.service_id,
-            addr: pkt.src,
+            addr: *addr,
         },
     );
     LB_SRC_RANGES.get(&key).is_some()

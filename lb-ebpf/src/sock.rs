@@ -23,7 +23,7 @@ use lb_common::{
 use crate::{
     conntrack::now_ns,
     counters::count,
-    maps::{LB_FRONTENDS, LB_SOCK_CONFIG, LB_SOCK_CONN, LB_SOCK_REV},
+    maps::{LB_FRONTENDS, LB_NODE, LB_SOCK_CONFIG, LB_SOCK_CONN, LB_SOCK_REV},
     service::{self, Tuple},
 };
 
@@ -179,6 +179,22 @@ fn inside_view(key: &FrontendKey, outside: Frontend, host: bool) -> Option<Front
     )
 }
 
+/// loadBalancerSourceRanges for a socket of the node: a pod's source is its own address,
+/// which the tc path checks; the node's is not known before the route is chosen, so the
+/// node's own address of the frontend's family (`LB_NODE`, its first) stands for it.
+#[inline(always)]
+fn node_allowed(key: &FrontendKey, frontend: &Frontend) -> bool {
+    let Some(node) = LB_NODE.get(0) else {
+        return false;
+    };
+    let addr = if is_ipv4_mapped(&key.addr) {
+        &node.snat_v4
+    } else {
+        &node.snat_v6
+    };
+    *addr != [0; 4] && service::address_allowed(addr, frontend)
+}
+
 /// connect() and sendmsg(): a frontend's address becomes a backend's.
 #[inline(always)]
 pub fn forward(ctx: &SockAddrContext, fam: Fam, call: Call) -> i32 {
@@ -209,13 +225,19 @@ pub fn forward(ctx: &SockAddrContext, fam: Fam, call: Call) -> i32 {
         return ALLOW;
     };
     let pod_connected_udp = call == Call::Connect && proto == PROTO_UDP;
-    if (!host
+    if !host
         && (cfg.flags & SOCK_CFG_F_PODS == 0
-            || (pod_connected_udp && cfg.flags & SOCK_CFG_F_DESTROY == 0)))
-        || frontend.flags & FRONTEND_F_SOURCE_RANGES != 0
+            || (pod_connected_udp && cfg.flags & SOCK_CFG_F_DESTROY == 0)
+            || frontend.flags & FRONTEND_F_SOURCE_RANGES != 0)
     {
         count(counter::SOCK_LEFT_TO_PACKET_PATH);
         return ALLOW;
+    }
+    if host && frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 && !node_allowed(&key, &frontend) {
+        count(counter::SOCK_REFUSED_SOURCE_RANGE);
+        // (No retval: a sock_addr program's refusal is EPERM, what a local packet dropped
+        // by a firewall gives a UDP send.)
+        return REFUSE;
     }
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

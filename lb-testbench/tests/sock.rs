@@ -702,3 +702,76 @@ fn a_host_network_client_reaches_node_ports_on_127_0_0_1_while_a_pods_127_0_0_1_
         .unwrap_err();
     assert!(e.contains("os error 111"), "with the flag off: {e}");
 }
+
+const LB_IP: &str = "203.0.113.20";
+
+/// lb: a LoadBalancer Service (ClusterIP 10.96.0.20, LoadBalancer IP LB_IP, TCP 80 ->
+/// 8080, NodePort 30090) on the three backends, with `ranges` as its
+/// loadBalancerSourceRanges. 4 frontends: the ClusterIP, the NodePort on NODE_IP and on
+/// 127.0.0.1, the LoadBalancer IP.
+fn source_ranges_config(ranges: &str) -> String {
+    let eps: String = BACKENDS
+        .iter()
+        .map(|b| {
+            format!(
+                "      - {{addresses: [\"{}\"], nodeName: node-0}}\n",
+                backend_ip(b)
+            )
+        })
+        .collect();
+    format!(
+        "node: {{name: node-0, addresses: [\"{NODE_IP}\"]}}
+services:
+  - name: lb
+    clusterIP: 10.96.0.20
+    type: LoadBalancer
+    loadBalancerIPs: [\"{LB_IP}\"]
+    loadBalancerSourceRanges: [{ranges}]
+    ports:
+      - {{name: http, port: 80, targetPort: 8080, nodePort: 30090, protocol: TCP}}
+endpointSlices:
+  - name: lb-1
+    serviceName: lb
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+    endpoints:
+{eps}"
+    )
+}
+
+/// loadBalancerSourceRanges for the node's own connections (kube-proxy checks the
+/// source address the packet gets; at connect time the node's address of the family
+/// stands for it): served while a range holds the node's address, refused at once
+/// (EPERM, as a firewall's drop of a local packet) when none does.
+#[test]
+fn a_host_network_client_reaches_a_load_balancer_ip_only_while_its_source_ranges_hold_the_nodes_address(
+) {
+    let env = Env::with_config(&source_ranges_config("192.168.50.0/24"), 4, &[]);
+    let node = env.sb.node.clone();
+    let to = format!("{LB_IP}:80");
+    for _ in 0..6 {
+        let line = env
+            .client(&node, true, "tcp", &to)
+            .unwrap_or_else(|e| panic!("the node's address in range: {e}"));
+        let (peer, _, reply) = fields(&line);
+        assert_eq!(peer, to, "{line}");
+        assert!(BACKENDS.contains(&reply.as_str()), "{line}");
+    }
+    assert_eq!(env.counter("sock_refused_source_range"), 0);
+    // Ranges that hold no address of the node's.
+    std::fs::write(&env.config, source_ranges_config("198.51.100.0/24")).unwrap();
+    let e = wait_until(Duration::from_secs(10), "the new ranges", || {
+        env.client(&node, true, "tcp", &to).err()
+    });
+    assert!(e.contains("os error 1)"), "refused with EPERM: {e}");
+    let t = Instant::now();
+    let e = env.client(&node, true, "tcp", &to).unwrap_err();
+    assert!(e.contains("os error 1)"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2), "not at once");
+    assert!(env.counter("sock_refused_source_range") >= 2);
+    // The NodePort and the ClusterIP stay open to the node (no ranges there).
+    let line = env
+        .client(&node, true, "tcp", &format!("{NODE_IP}:30090"))
+        .unwrap();
+    assert!(BACKENDS.contains(&fields(&line).2.as_str()), "{line}");
+}
