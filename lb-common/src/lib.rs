@@ -171,8 +171,9 @@ pub const DEFAULT_MAX_SOCK_REV: u32 = 262_144;
 /// iterator.
 pub const SOCK_KILL_BATCH: u32 = 4_096;
 
-/// A Service frontend: ClusterIP (or later NodePort/LB IP) + port + protocol.
-/// Key of `LB_FRONTENDS`.
+/// A Service frontend: its address (ClusterIP, node address of a NodePort, external or
+/// LoadBalancer IP) + port + protocol, and the view it is seen from. Key of
+/// `LB_FRONTENDS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
@@ -182,8 +183,22 @@ pub struct FrontendKey {
     pub port: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
-    pub _pad: u8,
+    /// `SCOPE_OUTSIDE` (0): the frontend as the packet path and every client sees it;
+    /// `SCOPE_INSIDE` (1): the same frontend as the node's own sockets and its pods'
+    /// see it, where that differs (externalTrafficPolicy Local: the cluster-wide
+    /// endpoints). Only the socket programs look scope 1 up.
+    pub scope: u8,
 }
+
+/// `FrontendKey::scope`: the frontend as seen from outside the node (and by the packet
+/// path, which never looks up another scope).
+pub const SCOPE_OUTSIDE: u8 = 0;
+/// `FrontendKey::scope`: the frontend as seen from inside the node (the node's own
+/// sockets and its pods'), present only where it differs from the `SCOPE_OUTSIDE` entry
+/// of the same address, port and protocol: an externalTrafficPolicy Local frontend
+/// (`FRONTEND_F_LOCAL`) whose cluster-wide endpoints are not its local ones. kube-proxy
+/// sends the node's own and its pods' traffic to such a frontend to every endpoint.
+pub const SCOPE_INSIDE: u8 = 1;
 
 /// Value of `LB_FRONTENDS`.
 #[repr(C)]
@@ -255,6 +270,10 @@ pub const FRONTEND_F_LOCAL: u32 = 1 << 3;
 /// served only if its source is in one of the frontend's ranges (`LB_SRC_RANGES`), and
 /// dropped otherwise.
 pub const FRONTEND_F_SOURCE_RANGES: u32 = 1 << 4;
+/// `Frontend::flags`: served to the node's own sockets only (127.0.0.1:NodePort, as
+/// kube-proxy's iptables mode serves it): the socket programs pass a pod's call on
+/// untouched (its 127.0.0.1 is its own), and the packet path ignores the frontend.
+pub const FRONTEND_F_HOST_ONLY: u32 = 1 << 5;
 
 /// The data of a key of `LB_SRC_RANGES` (an LPM trie; the key is this behind a `u32`
 /// prefix length in bits, which covers `service_id`, 32 bits, and then the range's
@@ -731,13 +750,17 @@ pub mod counter {
     pub const SOCK_REFUSED_NO_BACKEND: u32 = 31;
     /// Socket programs: a connect() or send to a frontend was left to the packet path
     /// (a pod's socket with connect-time balancing off, a pod's connected UDP without
-    /// socket destruction, a LoadBalancer IP with source ranges).
+    /// socket destruction, a pod's to a LoadBalancer IP with source ranges).
     pub const SOCK_LEFT_TO_PACKET_PATH: u32 = 32;
     /// The agent's socket iterator destroyed a connected UDP socket whose backend left
     /// its frontend (`bpf_sock_destroy`): the client's next call fails and it reconnects.
     pub const SOCK_DESTROYED: u32 = 33;
+    /// Socket programs: a connect() or send of the node's own to a LoadBalancer IP with
+    /// loadBalancerSourceRanges that hold none of the node's address of its family was
+    /// refused (EPERM), as kube-proxy drops it.
+    pub const SOCK_REFUSED_SOURCE_RANGE: u32 = 34;
     /// Number of counters (size of `LB_COUNTERS`).
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 35;
 
     /// Names for the CLI and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -775,6 +798,7 @@ pub mod counter {
         "sock_refused_no_backend",
         "sock_left_to_packet_path",
         "sock_destroyed",
+        "sock_refused_source_range",
     ];
 }
 

@@ -2,6 +2,7 @@
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
     Addr, AffinityKey, AffinityValue, Backend, Frontend, FrontendKey, SlotKey, SourceRange,
+    FRONTEND_F_HOST_ONLY, SCOPE_OUTSIDE,
 };
 
 use crate::{
@@ -45,28 +46,39 @@ impl Tuple for Packet {
 /// Bits of a full `LB_SRC_RANGES` lookup key: the frontend's id and a 16-byte address.
 const SOURCE_RANGE_BITS: u32 = 32 + 128;
 
-/// The frontend the packet is addressed to, if any.
+/// The frontend the packet is addressed to, if any: as seen from outside (the packet
+/// path never looks up the inside view), and never one served to the node's own sockets
+/// only (127.0.0.1:NodePort; no such packet crosses an interface the programs are on).
 #[inline(always)]
 pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
     let key = FrontendKey {
         addr: pkt.dst,
         port: pkt.dport,
         proto: pkt.proto,
-        _pad: 0,
+        scope: SCOPE_OUTSIDE,
     };
     // SAFETY: the value is copied out at once; userspace replaces whole entries.
-    unsafe { LB_FRONTENDS.get(&key) }.copied()
+    unsafe { LB_FRONTENDS.get(&key) }
+        .copied()
+        .filter(|f| f.flags & FRONTEND_F_HOST_ONLY == 0)
 }
 
 /// loadBalancerSourceRanges: whether the packet's source lies in one of the frontend's
 /// ranges (one longest-prefix lookup of the frontend's id and the source).
 #[inline(always)]
 pub fn source_allowed(pkt: &Packet, frontend: &Frontend) -> bool {
+    address_allowed(&pkt.src, frontend)
+}
+
+/// Whether `addr` lies in one of the frontend's ranges (the socket programs ask it of
+/// the node's own address).
+#[inline(always)]
+pub fn address_allowed(addr: &Addr, frontend: &Frontend) -> bool {
     let key = Key::new(
         SOURCE_RANGE_BITS,
         SourceRange {
             service_id: frontend.service_id,
-            addr: pkt.src,
+            addr: *addr,
         },
     );
     LB_SRC_RANGES.get(&key).is_some()

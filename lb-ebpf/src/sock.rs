@@ -15,14 +15,15 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    counter, ipv4_mapped, is_ipv4_mapped, Addr, FrontendKey, SockConn, SockKey, SockValue,
-    FRONTEND_F_SOURCE_RANGES, PROTO_TCP, PROTO_UDP, SOCK_CFG_F_DESTROY, SOCK_CFG_F_PODS,
+    counter, ipv4_mapped, is_ipv4_mapped, Addr, Frontend, FrontendKey, SockConn, SockKey,
+    SockValue, FRONTEND_F_HOST_ONLY, FRONTEND_F_LOCAL, FRONTEND_F_SOURCE_RANGES, PROTO_TCP,
+    PROTO_UDP, SCOPE_INSIDE, SCOPE_OUTSIDE, SOCK_CFG_F_DESTROY, SOCK_CFG_F_PODS,
 };
 
 use crate::{
     conntrack::now_ns,
     counters::count,
-    maps::{LB_FRONTENDS, LB_SOCK_CONFIG, LB_SOCK_CONN, LB_SOCK_REV},
+    maps::{LB_FRONTENDS, LB_NODE, LB_SOCK_CONFIG, LB_SOCK_CONN, LB_SOCK_REV},
     service::{self, Tuple},
 };
 
@@ -151,6 +152,49 @@ fn set_user(ctx: &SockAddrContext, fam: Fam, addr: &Addr, port: u16) -> bool {
     true
 }
 
+/// The frontend as a socket of this node sees it (`host`: of the node's own network
+/// namespace, else a pod's), from the entry the packet path sees (`outside`, keyed
+/// `key`): None for a frontend served to the node's own sockets only
+/// (127.0.0.1:NodePort) asked by a pod, whose 127.0.0.1 is its own. An
+/// externalTrafficPolicy Local frontend is the inside view (`SCOPE_INSIDE`) where there
+/// is one: kube-proxy sends the node's and its pods' traffic to every endpoint, not the
+/// local ones only (none: the two views hold the same endpoints).
+#[inline(always)]
+fn inside_view(key: &FrontendKey, outside: Frontend, host: bool) -> Option<Frontend> {
+    if outside.flags & FRONTEND_F_HOST_ONLY != 0 && !host {
+        return None;
+    }
+    if outside.flags & FRONTEND_F_LOCAL == 0 {
+        return Some(outside);
+    }
+    let inside = FrontendKey {
+        scope: SCOPE_INSIDE,
+        ..*key
+    };
+    // SAFETY: as the first lookup.
+    Some(
+        unsafe { LB_FRONTENDS.get(&inside) }
+            .copied()
+            .unwrap_or(outside),
+    )
+}
+
+/// loadBalancerSourceRanges for a socket of the node: a pod's source is its own address,
+/// which the tc path checks; the node's is not known before the route is chosen, so the
+/// node's own address of the frontend's family (`LB_NODE`, its first) stands for it.
+#[inline(always)]
+fn node_allowed(key: &FrontendKey, frontend: &Frontend) -> bool {
+    let Some(node) = LB_NODE.get(0) else {
+        return false;
+    };
+    let addr = if is_ipv4_mapped(&key.addr) {
+        &node.snat_v4
+    } else {
+        &node.snat_v6
+    };
+    *addr != [0; 4] && service::address_allowed(addr, frontend)
+}
+
 /// connect() and sendmsg(): a frontend's address becomes a backend's.
 #[inline(always)]
 pub fn forward(ctx: &SockAddrContext, fam: Fam, call: Call) -> i32 {
@@ -162,7 +206,7 @@ pub fn forward(ctx: &SockAddrContext, fam: Fam, call: Call) -> i32 {
         addr: user_addr(ctx, fam),
         port: user_port(ctx),
         proto,
-        _pad: 0,
+        scope: SCOPE_OUTSIDE,
     };
     // SAFETY: copied out at once; userspace replaces whole entries.
     let Some(frontend) = (unsafe { LB_FRONTENDS.get(&key) }).copied() else {
@@ -177,14 +221,23 @@ pub fn forward(ctx: &SockAddrContext, fam: Fam, call: Call) -> i32 {
         return ALLOW;
     }
     let host = netns == cfg.host_netns_cookie;
+    let Some(frontend) = inside_view(&key, frontend, host) else {
+        return ALLOW;
+    };
     let pod_connected_udp = call == Call::Connect && proto == PROTO_UDP;
-    if (!host
+    if !host
         && (cfg.flags & SOCK_CFG_F_PODS == 0
-            || (pod_connected_udp && cfg.flags & SOCK_CFG_F_DESTROY == 0)))
-        || frontend.flags & FRONTEND_F_SOURCE_RANGES != 0
+            || (pod_connected_udp && cfg.flags & SOCK_CFG_F_DESTROY == 0)
+            || frontend.flags & FRONTEND_F_SOURCE_RANGES != 0)
     {
         count(counter::SOCK_LEFT_TO_PACKET_PATH);
         return ALLOW;
+    }
+    if host && frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 && !node_allowed(&key, &frontend) {
+        count(counter::SOCK_REFUSED_SOURCE_RANGE);
+        // (No retval: a sock_addr program's refusal is EPERM, what a local packet dropped
+        // by a firewall gives a UDP send.)
+        return REFUSE;
     }
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

@@ -141,9 +141,16 @@ impl Cluster {
             std::fs::write(&file, config(&sb, k, backends, policies)).unwrap();
             spawn_agent(&sb, k, &lb, &file, &[]).unwrap();
         }
+        // externalTrafficPolicy Local: also the NodePorts' inside views (the node's own
+        // sockets and its pods' see every endpoint).
+        let frontends = if policies.external == "Local" {
+            FRONTENDS + 4
+        } else {
+            FRONTENDS
+        };
         for k in 0..sb.nodes.len() {
             let links = sb.pods.iter().filter(|p| p.node == k).count();
-            wait_agent_ready(&sb, k, FRONTENDS, links, Duration::from_secs(30)).unwrap();
+            wait_agent_ready(&sb, k, frontends, links, Duration::from_secs(30)).unwrap();
         }
         Cluster { sb }
     }

@@ -145,7 +145,7 @@ impl Env {
             addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
             port: 80u16.to_be(),
             proto: lb_common::PROTO_TCP,
-            _pad: 0,
+            scope: lb_common::SCOPE_OUTSIDE,
         };
         st.frontends.get(&key).copied()
     }
@@ -714,12 +714,15 @@ const NODE_IP: &str = lb_testbench::sandbox::NODE_IP;
 const EXTERNAL_IP: &str = "203.0.113.10";
 /// An endpoint on another node: nothing answers there, so a request sent to it times out.
 const ELSEWHERE: &str = "10.244.9.9";
+/// The frontends of `nodeport_config` (and of the files made from it).
+const NODEPORT_FRONTENDS: usize = 14;
 
 /// The node is `node-a` at NODE_IP. web: NodePort 30080/TCP and 30053/UDP, external IP
 /// EXTERNAL_IP, externalTrafficPolicy Local, the three backends here plus one on `node-b`
 /// (which this one-node sandbox has not: `tests/cluster.rs` sends there); iperf:
 /// NodePort 30201 on backend-3; far: NodePort 30081 with its only endpoint, on `node-b`,
-/// not ready. 10 frontends.
+/// not ready. 10 frontends, and the inside views of web's 4 external ones (what the
+/// node's own sockets and its pods' get: every endpoint): `NODEPORT_FRONTENDS`.
 fn nodeport_config() -> String {
     let here: String = BACKENDS
         .iter()
@@ -778,7 +781,7 @@ endpointSlices:
 
 #[test]
 fn nodeports_and_external_ips_from_outside_reach_only_this_nodes_backends() {
-    let env = Env::with_frontends(&nodeport_config(), &[], 10);
+    let env = Env::with_frontends(&nodeport_config(), &[], NODEPORT_FRONTENDS);
     let outside = env.sb.outside.clone();
     let link = env
         .sb
@@ -865,7 +868,7 @@ fn nodeports_and_external_ips_from_outside_reach_only_this_nodes_backends() {
 fn a_udp_reply_larger_than_the_mtu_reaches_an_outside_client_through_a_nodeport() {
     // Every fragment of the reply gets the node's address as its source where it leaves
     // by the external interface (tc egress), the later ones by the first's note.
-    let env = Env::with_frontends(&nodeport_config(), &[], 10);
+    let env = Env::with_frontends(&nodeport_config(), &[], NODEPORT_FRONTENDS);
     let answers: Vec<(SocketAddr, usize)> = run_in(&env.sb.outside.clone(), || {
         (0..6)
             .map(|_| {
@@ -1097,7 +1100,7 @@ fn should_have_session_affinity_work_and_switch_for_cluster_ip_and_node_port() {
     let web = "    type: NodePort\n    externalTrafficPolicy: Local\n";
     assert!(plain.contains(web));
     let sticky = plain.replace(web, &format!("{web}    sessionAffinity: ClientIP\n"));
-    let env = Env::with_frontends(&sticky, &[], 10);
+    let env = Env::with_frontends(&sticky, &[], NODEPORT_FRONTENDS);
     wait_affinity(&env, 10_800);
     let cluster_ip = format!("http://{WEB}/");
     let node_port = format!("http://{NODE_IP}:30080/");
@@ -1132,7 +1135,7 @@ fn should_have_session_affinity_timeout_work_for_cluster_ip_and_node_port() {
         web,
         &format!("{web}    sessionAffinity: ClientIP\n    sessionAffinityTimeoutSeconds: 1\n"),
     );
-    let env = Env::with_frontends(&sticky, &[], 10);
+    let env = Env::with_frontends(&sticky, &[], NODEPORT_FRONTENDS);
     wait_affinity(&env, 1);
     for (netns, url) in [
         (env.client(), format!("http://{WEB}/")),
@@ -1618,7 +1621,7 @@ fn map_entries_changed_behind_the_agents_back_are_repaired_at_the_next_resync() 
         addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
         port: 80u16.to_be(),
         proto: lb_common::PROTO_TCP,
-        _pad: 0,
+        scope: lb_common::SCOPE_OUTSIDE,
     };
     assert!(env.web_frontend().is_some());
 

@@ -1107,13 +1107,15 @@ async fn node_ports_follow_the_node_addresses_and_the_external_traffic_policy() 
     .await;
 
     // externalTrafficPolicy Local: the NodePort keeps this node's endpoint only, and
-    // says so (it drops rather than refuses without one).
+    // says so (it drops rather than refuses without one); its inside view (the node's
+    // own sockets and its pods') has both.
     api.apply(node_port_web("Local"));
     wait_maps(&dir, "the NodePort with the local endpoint", |s| {
         s.frontends
             == fe(&[
                 ("10.96.0.10:80/TCP", both),
                 ("192.168.50.2:30080/TCP", local),
+                ("192.168.50.2:30080/TCP@inside", both),
             ])
             && s.flags
                 == flags(&[
@@ -1122,6 +1124,7 @@ async fn node_ports_follow_the_node_addresses_and_the_external_traffic_policy() 
                         "192.168.50.2:30080/TCP",
                         FRONTEND_F_NODEPORT | FRONTEND_F_LOCAL,
                     ),
+                    ("192.168.50.2:30080/TCP@inside", FRONTEND_F_NODEPORT),
                 ])
     })
     .await;
@@ -1137,7 +1140,12 @@ async fn node_ports_follow_the_node_addresses_and_the_external_traffic_policy() 
     sl["endpoints"][1]["nodeName"] = json!("node-2");
     api.apply(sl);
     wait_maps(&dir, "no local endpoint", |s| {
-        s.frontends == fe(&[("10.96.0.10:80/TCP", both), ("192.168.50.2:30080/TCP", &[])])
+        s.frontends
+            == fe(&[
+                ("10.96.0.10:80/TCP", both),
+                ("192.168.50.2:30080/TCP", &[]),
+                ("192.168.50.2:30080/TCP@inside", both),
+            ])
     })
     .await;
 

@@ -2959,7 +2959,7 @@ fn traced_decisions_write_their_events_and_nothing_is_written_untraced() {
         addr: lb_userspace::dataplane::plan::map_addr(&VIP.parse().unwrap()),
         port: port.to_be(),
         proto: lb_common::PROTO_TCP,
-        _pad: 0,
+        scope: lb_common::SCOPE_OUTSIDE,
     };
     let web = state.frontends[&key(80)].service_id;
     let empty = state.frontends[&key(81)].service_id;
@@ -3077,7 +3077,9 @@ fn a_traced_drop_names_its_reason_and_hook() {
         .iter()
         .find(|(fk, _)| {
             let f = frontend_addr(fk);
-            f.ip == lb_ip.parse::<IpAddr>().unwrap() && f.port == 80
+            f.ip == lb_ip.parse::<IpAddr>().unwrap()
+                && f.port == 80
+                && f.scope == lb_userspace::model::Scope::Outside
         })
         .map(|(_, f)| f.service_id)
         .unwrap();

@@ -46,18 +46,26 @@ fn backend_ip6(name: &str) -> &'static str {
 /// TCP 80 -> 8080 (30080), UDP 53 -> 5353 (30053), on the `ready` backends (the others
 /// listed not ready), one slice per family.
 fn config(ready: &[&str]) -> String {
-    let eps = |ip: fn(&str) -> &'static str| -> String {
-        BACKENDS
-            .iter()
-            .map(|b| {
-                format!(
-                    "      - {{addresses: [\"{}\"], nodeName: node-0, conditions: {{ready: {}}}}}\n",
+    config_with(ready, "Cluster", &[])
+}
+
+/// `config`, with the externalTrafficPolicy `etp`, and the backends of `remote` on
+/// another node (node-1: their pods are on this one, but the agent counts them remote).
+fn config_with(ready: &[&str], etp: &str, remote: &[&str]) -> String {
+    let eps =
+        |ip: fn(&str) -> &'static str| -> String {
+            BACKENDS
+                .iter()
+                .map(|b| {
+                    format!(
+                    "      - {{addresses: [\"{}\"], nodeName: {}, conditions: {{ready: {}}}}}\n",
                     ip(b),
+                    if remote.contains(b) { "node-1" } else { "node-0" },
                     ready.contains(b)
                 )
-            })
-            .collect()
-    };
+                })
+                .collect()
+        };
     let (v4, v6) = (eps(backend_ip), eps(backend_ip6));
     format!(
         "node: {{name: node-0, addresses: [\"{NODE_IP}\", \"{NODE_IP6}\"]}}
@@ -67,6 +75,7 @@ services:
     ipFamilies: [IPv4, IPv6]
     ipFamilyPolicy: RequireDualStack
     type: NodePort
+    externalTrafficPolicy: {etp}
     ports:
       - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
       - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
@@ -87,8 +96,11 @@ endpointSlices:
     )
 }
 
-/// ClusterIPs and NodePorts of both families, TCP and UDP.
-const FRONTENDS: usize = 8;
+/// ClusterIPs and NodePorts of both families, TCP and UDP, and the NodePorts on
+/// 127.0.0.1 (TCP and UDP; the socket programs are attached).
+const FRONTENDS: usize = 10;
+/// With externalTrafficPolicy Local: also the inside views of the 4 NodePorts.
+const FRONTENDS_LOCAL: usize = 14;
 
 struct Env {
     // Dropped in order: the sandbox (and with it the agent) before the cgroup.
@@ -96,12 +108,19 @@ struct Env {
     cg: TestCgroup,
     config: PathBuf,
     agent: u32,
+    /// The frontends the agent writes.
+    frontends: usize,
 }
 
 impl Env {
     /// Two client pods and three backends (nginx on 8080, a UDP responder on 5353); the
     /// agent's socket programs on a cgroup of this test.
     fn new(ready: &[&str], agent_args: &[&str]) -> Env {
+        Env::with_config(&config_text(ready), FRONTENDS, agent_args)
+    }
+
+    /// As `new`, on the file `text` (of `frontends` frontends).
+    fn with_config(text: &str, frontends: usize, agent_args: &[&str]) -> Env {
         let k = N.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("lbs{}{k}", std::process::id() % 100_000);
         let cg = TestCgroup::create(&format!("sock{k}")).unwrap();
@@ -115,7 +134,7 @@ impl Env {
             sb.start_udp_echo(b, 5353).unwrap();
         }
         let config = sb.path("services.yaml");
-        std::fs::write(&config, config_text(ready)).unwrap();
+        std::fs::write(&config, text).unwrap();
         let mut args = vec!["--cgroup", cg.path_str()];
         args.extend_from_slice(agent_args);
         let agent = spawn_agent(&sb, 0, &lb_binary().unwrap(), &config, &args).unwrap();
@@ -124,13 +143,14 @@ impl Env {
             cg,
             config,
             agent,
+            frontends,
         };
         env.wait_ready();
         env
     }
 
     fn wait_ready(&self) {
-        wait_agent_ready(&self.sb, 0, FRONTENDS, 5, Duration::from_secs(30)).unwrap();
+        wait_agent_ready(&self.sb, 0, self.frontends, 5, Duration::from_secs(30)).unwrap();
         wait_until(
             Duration::from_secs(10),
             "the socket programs' links",
@@ -584,4 +604,192 @@ fn an_agent_started_with_cgroup_none_removes_an_earlier_agents_socket_programs()
     assert!(env
         .client(&node, true, "tcp", &format!("{WEB}:80"))
         .is_err());
+}
+
+/// kube-proxy's rule for externalTrafficPolicy Local (iptables `KUBE-EXT-*`: "route
+/// LOCAL traffic to service chain", and the pods' short-circuit): the node itself and
+/// its pods reach every endpoint of such a NodePort, only traffic from outside is kept
+/// to this node's. backend-1 is this node's; backend-2 and backend-3 are counted on
+/// node-1 (their pods are here: the one-node sandbox routes to them).
+#[test]
+fn an_external_traffic_policy_local_node_port_serves_the_node_and_its_pods_from_every_endpoint_and_outside_from_the_local_one(
+) {
+    let remote = ["backend-2", "backend-3"];
+    let env = Env::with_config(
+        &config_with(&BACKENDS, "Local", &remote),
+        FRONTENDS_LOCAL,
+        &[],
+    );
+    let node = env.sb.node.clone();
+    let pod = env.sb.pod("client").netns.clone();
+    for (netns, who) in [(&node, "the node"), (&pod, "a pod in the cgroup")] {
+        for (to, mode) in [
+            (format!("{NODE_IP}:30080"), "tcp"),
+            (format!("{NODE_IP}:30053"), "udp"),
+            (format!("[{NODE_IP6}]:30080"), "tcp"),
+        ] {
+            let mut answered = BTreeSet::new();
+            for _ in 0..12 {
+                let line = env
+                    .client(netns, true, mode, &to)
+                    .unwrap_or_else(|e| panic!("{mode} {to} from {who}: {e}"));
+                let (_, from, reply) = fields(&line);
+                assert_eq!(from, to, "{who}, {mode}: {line}");
+                answered.insert(reply);
+            }
+            assert!(
+                answered.iter().any(|r| remote.contains(&r.as_str())),
+                "{who}, {mode} {to}: 12 connections all went to {answered:?}, none to another node's endpoint"
+            );
+        }
+    }
+    // From outside (the packet path): this node's endpoint only.
+    let outside = env.sb.outside.clone();
+    for _ in 0..6 {
+        let line = env
+            .client(&outside, false, "tcp", &format!("{NODE_IP}:30080"))
+            .unwrap_or_else(|e| panic!("from outside: {e}"));
+        assert_eq!(fields(&line).2, "backend-1", "from outside: {line}");
+    }
+    // No local endpoint any more (backend-1 not ready): from outside nothing answers
+    // (dropped, as kube-proxy), the node still reaches the others.
+    std::fs::write(
+        &env.config,
+        config_with(&["backend-2", "backend-3"], "Local", &remote),
+    )
+    .unwrap();
+    let to = format!("{NODE_IP}:30080");
+    wait_until(Duration::from_secs(10), "backend-1 to leave", || {
+        env.client(&outside, false, "tcp", &to)
+            .is_err()
+            .then_some(())
+    });
+    for _ in 0..6 {
+        let line = env
+            .client(&node, true, "tcp", &to)
+            .unwrap_or_else(|e| panic!("from the node, no local endpoint: {e}"));
+        let reply = fields(&line).2;
+        assert!(remote.contains(&reply.as_str()), "{line}");
+    }
+}
+
+/// kube-proxy's iptables mode serves NodePorts on 127.0.0.1 to the node's own processes
+/// (`--iptables-localhost-nodeports`, on by default; IPv4 only). A pod's 127.0.0.1 is
+/// its own: its connect() there is not translated.
+#[test]
+fn a_host_network_client_reaches_node_ports_on_127_0_0_1_while_a_pods_127_0_0_1_stays_its_own() {
+    let env = Env::new(&BACKENDS, &[]);
+    let node = env.sb.node.clone();
+    for (to, mode) in [
+        ("127.0.0.1:30080", "tcp"),
+        ("127.0.0.1:30053", "udp"),
+        ("127.0.0.1:30053", "udp-connected"),
+    ] {
+        let mut answered = BTreeSet::new();
+        for _ in 0..12 {
+            let line = env
+                .client(&node, true, mode, to)
+                .unwrap_or_else(|e| panic!("{mode} {to} from the node: {e}"));
+            let (peer, from, reply) = fields(&line);
+            assert_eq!(from, to, "{mode}: {line}");
+            if mode != "udp" {
+                assert_eq!(peer, to, "{mode}: {line}");
+            }
+            assert!(BACKENDS.contains(&reply.as_str()), "{mode}: {line}");
+            answered.insert(reply);
+        }
+        assert!(answered.len() >= 2, "{mode} {to}: all to {answered:?}");
+    }
+    // A pod in the cgroup: its own loopback, where nothing listens.
+    let pod = env.sb.pod("client").netns.clone();
+    let before = env.counter("sock_connect_translated");
+    let e = env
+        .client(&pod, true, "tcp", "127.0.0.1:30080")
+        .unwrap_err();
+    assert!(e.contains("os error 111"), "a pod's 127.0.0.1:30080: {e}");
+    assert_eq!(env.counter("sock_connect_translated"), before);
+    drop(env);
+    // --localhost-nodeports false: not served (the node's own stack refuses it).
+    let env = Env::with_config(
+        &config_text(&BACKENDS),
+        FRONTENDS - 2,
+        &["--localhost-nodeports", "false"],
+    );
+    let e = env
+        .client(&env.sb.node, true, "tcp", "127.0.0.1:30080")
+        .unwrap_err();
+    assert!(e.contains("os error 111"), "with the flag off: {e}");
+}
+
+const LB_IP: &str = "203.0.113.20";
+
+/// lb: a LoadBalancer Service (ClusterIP 10.96.0.20, LoadBalancer IP LB_IP, TCP 80 ->
+/// 8080, NodePort 30090) on the three backends, with `ranges` as its
+/// loadBalancerSourceRanges. 4 frontends: the ClusterIP, the NodePort on NODE_IP and on
+/// 127.0.0.1, the LoadBalancer IP.
+fn source_ranges_config(ranges: &str) -> String {
+    let eps: String = BACKENDS
+        .iter()
+        .map(|b| {
+            format!(
+                "      - {{addresses: [\"{}\"], nodeName: node-0}}\n",
+                backend_ip(b)
+            )
+        })
+        .collect();
+    format!(
+        "node: {{name: node-0, addresses: [\"{NODE_IP}\"]}}
+services:
+  - name: lb
+    clusterIP: 10.96.0.20
+    type: LoadBalancer
+    loadBalancerIPs: [\"{LB_IP}\"]
+    loadBalancerSourceRanges: [{ranges}]
+    ports:
+      - {{name: http, port: 80, targetPort: 8080, nodePort: 30090, protocol: TCP}}
+endpointSlices:
+  - name: lb-1
+    serviceName: lb
+    ports:
+      - {{name: http, port: 8080, protocol: TCP}}
+    endpoints:
+{eps}"
+    )
+}
+
+/// loadBalancerSourceRanges for the node's own connections (kube-proxy checks the
+/// source address the packet gets; at connect time the node's address of the family
+/// stands for it): served while a range holds the node's address, refused at once
+/// (EPERM, as a firewall's drop of a local packet) when none does.
+#[test]
+fn a_host_network_client_reaches_a_load_balancer_ip_only_while_its_source_ranges_hold_the_nodes_address(
+) {
+    let env = Env::with_config(&source_ranges_config("192.168.50.0/24"), 4, &[]);
+    let node = env.sb.node.clone();
+    let to = format!("{LB_IP}:80");
+    for _ in 0..6 {
+        let line = env
+            .client(&node, true, "tcp", &to)
+            .unwrap_or_else(|e| panic!("the node's address in range: {e}"));
+        let (peer, _, reply) = fields(&line);
+        assert_eq!(peer, to, "{line}");
+        assert!(BACKENDS.contains(&reply.as_str()), "{line}");
+    }
+    assert_eq!(env.counter("sock_refused_source_range"), 0);
+    // Ranges that hold no address of the node's.
+    std::fs::write(&env.config, source_ranges_config("198.51.100.0/24")).unwrap();
+    let e = wait_until(Duration::from_secs(10), "the new ranges", || {
+        env.client(&node, true, "tcp", &to).err()
+    });
+    assert!(e.contains("os error 1)"), "refused with EPERM: {e}");
+    let t = Instant::now();
+    let e = env.client(&node, true, "tcp", &to).unwrap_err();
+    assert!(e.contains("os error 1)"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2), "not at once");
+    assert!(env.counter("sock_refused_source_range") >= 2);
+    // The NodePort and the ClusterIP stay open to the node (no ranges there).
+    let line = env
+        .client(&node, true, "tcp", &format!("{NODE_IP}:30090"))
+        .unwrap();
+    assert!(BACKENDS.contains(&fields(&line).2.as_str()), "{line}");
 }

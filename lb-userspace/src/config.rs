@@ -517,6 +517,7 @@ endpointSlices:
                 name: Some("node-a".into()),
                 addresses: vec!["192.168.1.1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
                 zone: None,
+                ..Default::default()
             }
         );
         let web = &cfg.services[0];
@@ -534,7 +535,8 @@ endpointSlices:
         let eps = &cfg.endpoint_slices[0].endpoints;
         assert_eq!(eps[0].node_name.as_deref(), Some("node-a"));
         assert_eq!(eps[1].node_name.as_deref(), Some("node-b"));
-        // And the model opens what the file says: two NodePorts, the external IP, the LB IP.
+        // And the model opens what the file says: two NodePorts, the external IP, the LB IP;
+        // web's (externalTrafficPolicy Local) also as the node's own sockets see them.
         let st = model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
         let kinds: Vec<String> = st
             .frontends
@@ -545,13 +547,16 @@ endpointSlices:
             kinds,
             [
                 "10.0.0.1:30080/TCP NodePort",
+                "10.0.0.1:30080/TCP@inside NodePort",
                 "10.0.0.1:30443/TCP NodePort",
                 "10.96.0.10:80/TCP ClusterIP",
                 "10.96.0.11:443/TCP ClusterIP",
                 "192.168.1.1:30080/TCP NodePort",
+                "192.168.1.1:30080/TCP@inside NodePort",
                 "192.168.1.1:30443/TCP NodePort",
                 "198.51.100.7:443/TCP LoadBalancer",
                 "203.0.113.5:80/TCP ExternalIP",
+                "203.0.113.5:80/TCP@inside ExternalIP",
             ]
         );
     }

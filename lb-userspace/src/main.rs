@@ -81,6 +81,11 @@ struct DatapathArgs {
     /// the programs are attached): `auto` where the kernel loads the programs.
     #[arg(long, value_enum, default_value_t = lb_userspace::sockets::ConnectTime::Auto)]
     connect_time_balancing: lb_userspace::sockets::ConnectTime,
+    /// Serve NodePorts on 127.0.0.1 (IPv4) to the node's own processes, as kube-proxy's
+    /// iptables mode does (`--iptables-localhost-nodeports`), where the socket programs
+    /// are attached; a pod's 127.0.0.1 stays its own.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    localhost_nodeports: bool,
     #[command(flatten)]
     maps: MapArgs,
     #[command(flatten)]
@@ -92,6 +97,7 @@ impl DatapathArgs {
         Ok(lb_userspace::sockets::SockOptions {
             cgroup: lb_userspace::sockets::cgroup_arg(self.cgroup.as_deref())?,
             connect_time: self.connect_time_balancing,
+            localhost_nodeports: self.localhost_nodeports,
         })
     }
 }

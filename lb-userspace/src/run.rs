@@ -235,12 +235,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let (mut datapath, plane) = load_datapath(&opts.load)?;
     let sockets = datapath.attach_sockets(&opts.sockets)?;
+    let localhost_nodeports = sockets.is_some() && opts.sockets.localhost_nodeports;
     let (purges, _gc_stats) = start_gc(&plane, &opts.conntrack, sockets.and_then(|s| s.killer))?;
     let writer = Writer::spawn(
         plane,
         WriterOptions {
             purges: Some(purges),
             resync: opts.resync,
+            localhost_nodeports,
             ..Default::default()
         },
         Box::new(|_| {}),

@@ -14,7 +14,7 @@ use std::{
 
 use lb_common::{
     CtKey, CtValue, CT_DIR_FORWARD, CT_F_EXTERNAL, CT_F_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, FRONTEND_F_LOCAL,
+    CT_STATE_ESTABLISHED, FRONTEND_F_HOST_ONLY, FRONTEND_F_LOCAL,
 };
 use serde::Serialize;
 
@@ -23,7 +23,7 @@ use crate::{
         plan::{backend_addr, frontend_addr, ip_addr, MapState},
         Maps,
     },
-    model::{FrontendKind, Protocol},
+    model::{FrontendKind, Protocol, Scope},
     Error, Result,
 };
 
@@ -261,6 +261,13 @@ pub struct FrontendRow {
     pub service_id: u32,
     /// externalTrafficPolicy Local.
     pub local: bool,
+    /// Who sees this entry: "outside" (every client and the packet path) or "inside"
+    /// (the node's own sockets and its pods', through the socket programs: the view of
+    /// an externalTrafficPolicy Local frontend with every endpoint); also the
+    /// `@inside` of `frontend`.
+    pub scope: &'static str,
+    /// Served to the node's own sockets only (127.0.0.1:NodePort).
+    pub host_only: bool,
     /// sessionAffinity ClientIP timeout, seconds (0: none).
     pub affinity_timeout_s: u32,
     /// Cells of its Maglev table (0: none, it hashes over its slots).
@@ -461,6 +468,11 @@ fn frontend_rows(st: &MapState) -> Vec<FrontendRow> {
                 kind: FrontendKind::from_flags(f.flags).to_string(),
                 service_id: f.service_id,
                 local: f.flags & FRONTEND_F_LOCAL != 0,
+                scope: match fa.scope {
+                    Scope::Outside => "outside",
+                    Scope::Inside => "inside",
+                },
+                host_only: f.flags & FRONTEND_F_HOST_ONLY != 0,
                 affinity_timeout_s: f.affinity_timeout_s,
                 maglev_cells: f.table_size,
                 backends,
@@ -688,6 +700,9 @@ fn table(r: &Report, filter: &Filter) -> String {
             let mut kind = f.kind.clone();
             if f.local {
                 kind.push_str(",local");
+            }
+            if f.host_only {
+                kind.push_str(",host");
             }
             let list: Vec<String> = f
                 .backends

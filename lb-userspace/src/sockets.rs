@@ -61,6 +61,8 @@ pub struct SockOptions {
     /// The cgroup (v2) to attach to; `None`: no socket programs (`--cgroup none`).
     pub cgroup: Option<PathBuf>,
     pub connect_time: ConnectTime,
+    /// Serve NodePorts on 127.0.0.1 to the node's own sockets (`--localhost-nodeports`).
+    pub localhost_nodeports: bool,
 }
 
 impl Default for SockOptions {
@@ -69,6 +71,7 @@ impl Default for SockOptions {
         Self {
             cgroup: None,
             connect_time: ConnectTime::Auto,
+            localhost_nodeports: true,
         }
     }
 }

@@ -196,7 +196,7 @@ impl TraceLine {
             addr: e.frontend,
             port: e.frontend_port,
             proto: e.proto,
-            _pad: 0,
+            scope: lb_common::SCOPE_OUTSIDE,
         };
         let by = if e.backend_id == 0 {
             None

@@ -135,7 +135,7 @@ fn frontend_key(s: &Svc) -> FrontendKey {
         addr: lb_userspace::dataplane::plan::map_addr(&s.ip.into()),
         port: s.port.to_be(),
         proto: PROTO_TCP,
-        _pad: 0,
+        scope: lb_common::SCOPE_OUTSIDE,
     }
 }
 

@@ -211,7 +211,7 @@ pub fn to_config_on_node(svcs: &[Svc], node_ip: Option<Ipv4Addr>) -> Config {
         cfg.node = Node {
             name: Some(NODE_NAME.into()),
             addresses: node_ip.into_iter().map(Into::into).collect(),
-            zone: None,
+            ..Default::default()
         };
     }
     let node_name: lb_userspace::model::NodeName = NODE_NAME.into();
@@ -322,15 +322,22 @@ mod tests {
         let cfg = to_config_on_node(&s, Some(node));
         lb_userspace::model::validate_config(&cfg, Default::default()).unwrap();
         let st = lb_userspace::model::desired_state(&cfg.services, &cfg.endpoint_slices, &cfg.node);
-        // 100 ClusterIPs and the NodePort on the node's address.
-        assert_eq!(st.frontends.len(), 101);
+        // 100 ClusterIPs and the NodePort on the node's address, and its inside view
+        // (externalTrafficPolicy Local: the node's own sockets get every endpoint).
+        assert_eq!(st.frontends.len(), 102);
         let np: Vec<String> = st
             .frontends
             .keys()
             .map(|fe| fe.to_string())
             .filter(|f| f.contains(&SINK_NODE_PORT.to_string()))
             .collect();
-        assert_eq!(np, [format!("{node}:{SINK_NODE_PORT}/UDP")]);
+        assert_eq!(
+            np,
+            [
+                format!("{node}:{SINK_NODE_PORT}/UDP"),
+                format!("{node}:{SINK_NODE_PORT}/UDP@inside")
+            ]
+        );
         // Without NodePorts no node is named, as before.
         assert_eq!(
             to_config(&services(10, Endpoints::Mixed, &[sink], sink)).node,

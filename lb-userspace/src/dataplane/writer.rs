@@ -132,6 +132,10 @@ pub struct WriterOptions {
     /// changed behind the agent's back (bpftool, another process) are repaired; `None`:
     /// never.
     pub resync: Option<Duration>,
+    /// Serve NodePorts on 127.0.0.1 to the node's own sockets (`Node::localhost_nodeports`,
+    /// set on every node the sources send): where the socket programs are attached and
+    /// `--localhost-nodeports` is on.
+    pub localhost_nodeports: bool,
 }
 
 impl Default for WriterOptions {
@@ -143,6 +147,7 @@ impl Default for WriterOptions {
             resync: None,
             health_checks: None,
             purges: None,
+            localhost_nodeports: false,
         }
     }
 }
@@ -392,7 +397,8 @@ impl Loop {
                 self.model.remove_slice(&key);
                 self.seen(Kind::EndpointSlice, key);
             }
-            Update::Node(n) => {
+            Update::Node(mut n) => {
+                n.localhost_nodeports = self.opts.localhost_nodeports;
                 self.model.set_node(n);
             }
             Update::ListStart(kind) => {
@@ -411,7 +417,8 @@ impl Loop {
                     info!("{}s listed", kind.name());
                 }
             }
-            Update::Replace(cfg) => {
+            Update::Replace(mut cfg) => {
+                cfg.node.localhost_nodeports = self.opts.localhost_nodeports;
                 self.model.set_node(cfg.node);
                 self.model.replace_all(cfg.services, cfg.endpoint_slices);
             }

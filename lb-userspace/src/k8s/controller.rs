@@ -297,7 +297,7 @@ impl Controller {
         model::Node {
             name: Some(self.opts.node_name.clone()),
             addresses: Vec::new(),
-            zone: None,
+            ..Default::default()
         }
     }
 

@@ -218,6 +218,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let counters = plane.maps.counters_handle()?;
     let conntrack = plane.maps.conntrack_handle()?;
     let sockets = datapath.attach_sockets(&opts.sockets)?;
+    let localhost_nodeports = sockets.is_some() && opts.sockets.localhost_nodeports;
     let (purges, gc_stats) =
         crate::run::start_gc(&plane, &opts.conntrack, sockets.and_then(|s| s.killer))?;
     let metrics = Metrics::default();
@@ -239,6 +240,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             health_checks: Some(checks.clone()),
             purges: Some(purges),
             resync: opts.resync,
+            localhost_nodeports,
             ..writer_options(opts.debounce)
         },
         on_sync,

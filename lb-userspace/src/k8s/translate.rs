@@ -658,6 +658,7 @@ pub fn node(n: &core::Node) -> model::Node {
         name: n.metadata.name.clone(),
         addresses,
         zone,
+        ..Default::default()
     }
 }
 
@@ -1455,6 +1456,7 @@ mod tests {
                     IpAddr::from([203, 0, 113, 9]),
                 ],
                 zone: None,
+                ..Default::default()
             }
         );
         // The first InternalIP of each family is the SNAT source.
@@ -1469,6 +1471,7 @@ mod tests {
                 name: Some("node-b".into()),
                 addresses: vec![],
                 zone: None,
+                ..Default::default()
             }
         );
     }
@@ -1511,8 +1514,21 @@ mod tests {
                     &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
                 ),
                 ("192.168.50.1:30080/TCP", &["10.244.1.2:8080/TCP"]),
+                // As the node's own sockets and its pods' see them: every endpoint.
+                (
+                    "192.168.50.1:30080/TCP@inside",
+                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
+                ),
                 ("198.51.100.7:80/TCP", &["10.244.1.2:8080/TCP"]),
+                (
+                    "198.51.100.7:80/TCP@inside",
+                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
+                ),
                 ("203.0.113.5:80/TCP", &["10.244.1.2:8080/TCP"]),
+                (
+                    "203.0.113.5:80/TCP@inside",
+                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
+                ),
             ])
         );
         let kinds: Vec<_> = st.frontends.values().map(|f| f.kind).collect();
@@ -1521,27 +1537,25 @@ mod tests {
             vec![
                 FrontendKind::ClusterIP,
                 FrontendKind::NodePort,
+                FrontendKind::NodePort,
                 FrontendKind::LoadBalancer,
+                FrontendKind::LoadBalancer,
+                FrontendKind::ExternalIP,
                 FrontendKind::ExternalIP
             ]
         );
-        // Before the node is known (Node::default()): no NodePort, every endpoint local.
+        // Before the node is known (Node::default()): no NodePort, every endpoint local
+        // (so both views are the same).
         let st = state(&[svc], &[sl], &r);
+        let both = ["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"];
         assert_eq!(
             active(&st),
             pairs(&[
-                (
-                    "10.96.0.10:80/TCP",
-                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
-                ),
-                (
-                    "198.51.100.7:80/TCP",
-                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
-                ),
-                (
-                    "203.0.113.5:80/TCP",
-                    &["10.244.1.2:8080/TCP", "10.244.2.2:8080/TCP"]
-                ),
+                ("10.96.0.10:80/TCP", &both),
+                ("198.51.100.7:80/TCP", &both),
+                ("198.51.100.7:80/TCP@inside", &both),
+                ("203.0.113.5:80/TCP", &both),
+                ("203.0.113.5:80/TCP@inside", &both),
             ])
         );
     }

@@ -332,7 +332,12 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::model::{fixtures::*, objects::*, rules::desired_state, state::FrontendKind};
+    use crate::model::{
+        fixtures::*,
+        objects::*,
+        rules::desired_state,
+        state::{FrontendKind, Scope},
+    };
 
     #[test]
     fn the_cache_equals_the_full_computation_on_random_changes() {
@@ -566,16 +571,19 @@ mod tests {
             .filter(|fe| !before.frontends.contains_key(fe))
             .copied()
             .collect();
-        assert_eq!(gone, vec![fa("192.168.1.1", 30080)]);
-        assert_eq!(
-            new,
-            vec![fa("192.168.1.2", 30080), fa("192.168.1.3", 30080)]
-        );
+        // (With their inside views: web is externalTrafficPolicy Local.)
+        let inside = |fe: FrontendAddr| fe.in_scope(Scope::Inside);
+        let old = fa("192.168.1.1", 30080);
+        assert_eq!(gone, vec![old, inside(old)]);
+        let (n2, n3) = (fa("192.168.1.2", 30080), fa("192.168.1.3", 30080));
+        assert_eq!(new, vec![n2, inside(n2), n3, inside(n3)]);
         for fe in &new {
-            assert_eq!(
-                after.frontends[fe],
-                before.frontends[&fa("192.168.1.1", 30080)]
-            );
+            let was = if fe.scope == Scope::Inside {
+                inside(old)
+            } else {
+                old
+            };
+            assert_eq!(after.frontends[fe], before.frontends[&was]);
         }
         for (fe, spec) in &before.frontends {
             if fe.ip != ip("192.168.1.1") {

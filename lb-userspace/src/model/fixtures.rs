@@ -85,11 +85,7 @@ pub fn rb(addr: &str, port: u16) -> BackendAddr {
 }
 
 pub fn fa(addr: &str, port: u16) -> FrontendAddr {
-    FrontendAddr {
-        ip: ip(addr),
-        port,
-        proto: Protocol::Tcp,
-    }
+    FrontendAddr::new(ip(addr), port, Protocol::Tcp)
 }
 
 pub fn node(name: Option<&str>, addresses: &[&str]) -> Node {
@@ -97,6 +93,7 @@ pub fn node(name: Option<&str>, addresses: &[&str]) -> Node {
         name: name.map(String::from),
         addresses: addresses.iter().map(|a| ip(a)).collect(),
         zone: None,
+        ..Default::default()
     }
 }
 

@@ -25,7 +25,7 @@ pub use objects::{
 pub use rules::{desired_state, health_check, port_frontends, service_frontends};
 pub use state::{
     BackendAddr, Backends, Delta, DesiredState, FrontendAddr, FrontendKind, FrontendSpec,
-    HealthCheck, SnatSources,
+    HealthCheck, Scope, SnatSources,
 };
 pub use validate::{
     validate_config, validate_node, validate_service, validate_slice, Invalid, NodePortRange,

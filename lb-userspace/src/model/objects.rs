@@ -445,6 +445,12 @@ pub struct Node {
     /// kube-proxy's rules (see `rules::service_frontends`). Unset: hints are not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// NodePorts are also served on 127.0.0.1 to the node's own sockets (IPv4 only),
+    /// as kube-proxy's iptables mode does (`--iptables-localhost-nodeports`). Not of
+    /// the file nor of the Kubernetes Node: the agent's `--localhost-nodeports`, set
+    /// where its socket programs are attached (nothing else serves them).
+    #[serde(skip)]
+    pub localhost_nodeports: bool,
 }
 
 impl Node {

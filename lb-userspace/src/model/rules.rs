@@ -19,23 +19,23 @@ use super::{
     },
     state::{
         BackendAddr, Backends, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, HealthCheck,
-        SnatSources,
+        Scope, SnatSources,
     },
 };
 
+/// Where the node's own sockets reach its NodePorts too (`Node::localhost_nodeports`).
+pub const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// Every frontend a Service port yields, with its kind: for each of the Service's
-/// families, its cluster IP, the NodePort on each node address, the external IPs and
+/// families, its cluster IP, the NodePort on each node address (and on 127.0.0.1 for
+/// the node's own sockets, IPv4, with `Node::localhost_nodeports`), the external IPs and
 /// the LoadBalancer IPs of that family (all with the Service port, as kube-proxy does).
 pub fn port_frontends(
     svc: &Service,
     sp: &ServicePort,
     node: &Node,
 ) -> Vec<(FrontendAddr, FrontendKind)> {
-    let fe = |ip: IpAddr, port: u16| FrontendAddr {
-        ip,
-        port,
-        proto: sp.protocol,
-    };
+    let fe = |ip: IpAddr, port: u16| FrontendAddr::new(ip, port, sp.protocol);
     let mut out = Vec::new();
     for cluster_ip in &svc.cluster_ips {
         let family = IpFamily::of(cluster_ip);
@@ -53,6 +53,9 @@ pub fn port_frontends(
                         .into_iter()
                         .map(|a| (fe(a, np), FrontendKind::NodePort)),
                 );
+                if node.localhost_nodeports && family == IpFamily::IPv4 {
+                    out.push((fe(LOCALHOST, np), FrontendKind::NodePort));
+                }
             }
         }
         out.extend(
@@ -233,7 +236,13 @@ pub fn service_frontends<'a>(
                 .iter()
                 .filter(|(fe, _)| IpFamily::of(&fe.ip) == family)
             {
-                let local_only = if kind.is_external() {
+                // 127.0.0.1:NodePort is reached from the node itself only: every
+                // endpoint, whatever the policy, as kube-proxy sends traffic of the
+                // node (`--src-type LOCAL`) to the Service's cluster chain.
+                let host_only = fe.ip.is_loopback();
+                let local_only = if host_only {
+                    false
+                } else if kind.is_external() {
                     external_local
                 } else {
                     svc.internal_traffic_policy == TrafficPolicy::Local
@@ -245,15 +254,33 @@ pub fn service_frontends<'a>(
                 } else {
                     all.clone()
                 };
+                let local = policy_local && kind.is_external() && !host_only;
                 out.entry(*fe).or_insert_with(|| FrontendSpec {
                     service: service.clone(),
                     kind: *kind,
-                    local: policy_local && kind.is_external(),
+                    local,
+                    host_only,
                     affinity_timeout_s: svc.affinity_timeout_s(),
                     source_ranges: source_ranges(svc, fe, *kind, node),
                     active,
                     known: known.clone(),
                 });
+                if local {
+                    // Its inside view: what the node's own sockets and its pods' get,
+                    // every endpoint (kube-proxy's `--src-type LOCAL` and pod
+                    // short-circuit to the Service's cluster chain).
+                    out.entry(fe.in_scope(Scope::Inside))
+                        .or_insert_with(|| FrontendSpec {
+                            service: service.clone(),
+                            kind: *kind,
+                            local: false,
+                            host_only: false,
+                            affinity_timeout_s: svc.affinity_timeout_s(),
+                            source_ranges: source_ranges(svc, fe, *kind, node),
+                            active: all.clone(),
+                            known: known.clone(),
+                        });
+                }
             }
         }
     }
@@ -380,20 +407,12 @@ mod tests {
             vec![ep("10.244.0.2", Some(true), None, None)],
         );
         let st = desired_state(&[s], &[sl], &Node::default());
-        let http = &st.frontends[&FrontendAddr {
-            ip: ip("10.96.0.10"),
-            port: 80,
-            proto: Protocol::Tcp,
-        }];
+        let http = &st.frontends[&FrontendAddr::new(ip("10.96.0.10"), 80, Protocol::Tcp)];
         assert_eq!(
             http.active.iter().copied().collect::<Vec<_>>(),
             vec![b("10.244.0.2", 8080)]
         );
-        let m = &st.frontends[&FrontendAddr {
-            ip: ip("10.96.0.10"),
-            port: 9090,
-            proto: Protocol::Tcp,
-        }];
+        let m = &st.frontends[&FrontendAddr::new(ip("10.96.0.10"), 9090, Protocol::Tcp)];
         assert_eq!(
             m.active.iter().copied().collect::<Vec<_>>(),
             vec![b("10.244.0.2", 9100)]
@@ -486,11 +505,7 @@ mod tests {
         );
         let st = desired_state(&[s], &[sl], &Node::default());
         assert_eq!(st.frontends.len(), 2);
-        let udp = &st.frontends[&FrontendAddr {
-            ip: ip("10.96.0.53"),
-            port: 53,
-            proto: Protocol::Udp,
-        }];
+        let udp = &st.frontends[&FrontendAddr::new(ip("10.96.0.53"), 53, Protocol::Udp)];
         let got: Vec<_> = udp.active.iter().map(|b| (b.port, b.proto)).collect();
         assert_eq!(got, vec![(5353, Protocol::Udp)]);
     }
@@ -697,25 +712,28 @@ mod tests {
             s.load_balancer_ips = vec![ip("198.51.100.7")];
             s.external_traffic_policy = policy;
             let st = desired_state(&[s], std::slice::from_ref(&sl), &me);
-            assert_eq!(
-                kinds_and_active(&st),
-                BTreeMap::from([
-                    (fa("10.96.0.10", 80), (FrontendKind::ClusterIP, all.clone())),
-                    (
-                        fa("192.168.1.1", 30080),
-                        (FrontendKind::NodePort, external.clone())
-                    ),
-                    (
-                        fa("198.51.100.7", 80),
-                        (FrontendKind::LoadBalancer, external.clone())
-                    ),
-                    (
-                        fa("203.0.113.5", 80),
-                        (FrontendKind::ExternalIP, external.clone())
-                    ),
-                ]),
-                "{policy:?}"
-            );
+            let mut want = BTreeMap::from([
+                (fa("10.96.0.10", 80), (FrontendKind::ClusterIP, all.clone())),
+                (
+                    fa("192.168.1.1", 30080),
+                    (FrontendKind::NodePort, external.clone()),
+                ),
+                (
+                    fa("198.51.100.7", 80),
+                    (FrontendKind::LoadBalancer, external.clone()),
+                ),
+                (
+                    fa("203.0.113.5", 80),
+                    (FrontendKind::ExternalIP, external.clone()),
+                ),
+            ]);
+            if policy == TrafficPolicy::Local {
+                // The inside views (the node's own sockets, its pods'): every endpoint.
+                for (fe, (kind, _)) in want.clone().into_iter().skip(1) {
+                    want.insert(fe.in_scope(Scope::Inside), (kind, all.clone()));
+                }
+            }
+            assert_eq!(kinds_and_active(&st), want, "{policy:?}");
             // Every frontend knows every endpoint, ready or not, local or not.
             for f in st.frontends.values() {
                 assert_eq!(f.known.len(), 4, "{policy:?}: {f:?}");
@@ -825,6 +843,12 @@ mod tests {
                 (
                     fa("192.168.1.1", 30080),
                     (FrontendKind::NodePort, vec![b("10.244.0.2", 8080)])
+                ),
+                // The node's own view: the cluster-wide rule (a ready endpoint, so no
+                // terminating one).
+                (
+                    fa("192.168.1.1", 30080).in_scope(Scope::Inside),
+                    (FrontendKind::NodePort, vec![rb("10.244.1.2", 8080)])
                 ),
             ])
         );
@@ -1035,5 +1059,106 @@ mod tests {
             st.frontends[&fa("10.96.0.10", 80)].active[..],
             [rb("10.244.0.2", 8080)]
         );
+    }
+
+    /// kube-proxy (iptables `KUBE-EXT-*`: `--src-type LOCAL -j KUBE-SVC-*`, and the
+    /// pods' short-circuit): traffic of the node itself and of its pods to an
+    /// externalTrafficPolicy Local frontend goes to every endpoint; only traffic from
+    /// outside is kept to the local ones. Each such frontend has an inside view with the
+    /// cluster-wide endpoints, an ordinary frontend of its own that only the socket
+    /// programs look up.
+    #[test]
+    fn an_external_traffic_policy_local_frontend_has_an_inside_view_with_every_endpoint() {
+        let me = node(Some("node-a"), &["192.168.1.1"]);
+        let mut s = web(ServiceType::LoadBalancer, Some(30080));
+        s.load_balancer_ips = vec![ip("198.51.100.7")];
+        s.external_traffic_policy = TrafficPolicy::Local;
+        let sl = web_slice(vec![
+            on(Some("node-a"), ep("10.244.0.2", None, None, None)),
+            on(Some("node-b"), ep("10.244.1.2", None, None, None)),
+        ]);
+        let st = desired_state(std::slice::from_ref(&s), std::slice::from_ref(&sl), &me);
+        let (local, every) = (
+            vec![b("10.244.0.2", 8080)],
+            vec![b("10.244.0.2", 8080), rb("10.244.1.2", 8080)],
+        );
+        for (fe, kind) in [
+            (fa("192.168.1.1", 30080), FrontendKind::NodePort),
+            (fa("198.51.100.7", 80), FrontendKind::LoadBalancer),
+        ] {
+            let outside = &st.frontends[&fe];
+            let inside = &st.frontends[&fe.in_scope(Scope::Inside)];
+            assert_eq!(outside.active[..], local[..], "{fe}");
+            assert_eq!(inside.active[..], every[..], "{fe}");
+            assert!(outside.local, "{fe}: from outside, Local");
+            assert!(!inside.local, "{fe}: from inside, no local rule");
+            assert_eq!((outside.kind, inside.kind), (kind, kind));
+            assert_eq!(inside.known, outside.known);
+            assert_eq!(inside.service, outside.service);
+        }
+        // The ClusterIP has one view (it is every endpoint's already).
+        assert!(!st
+            .frontends
+            .contains_key(&fa("10.96.0.10", 80).in_scope(Scope::Inside)));
+        assert_eq!(st.frontends.len(), 5);
+        // No local endpoint: dropped from outside, every endpoint from inside.
+        let remote_only = web_slice(vec![on(Some("node-b"), ep("10.244.1.2", None, None, None))]);
+        let st = desired_state(std::slice::from_ref(&s), &[remote_only], &me);
+        let np = fa("192.168.1.1", 30080);
+        assert!(st.frontends[&np].active.is_empty());
+        assert_eq!(
+            st.frontends[&np.in_scope(Scope::Inside)].active[..],
+            [rb("10.244.1.2", 8080)]
+        );
+        // externalTrafficPolicy Cluster: one view, every endpoint.
+        s.external_traffic_policy = TrafficPolicy::Cluster;
+        let st = desired_state(&[s], &[sl], &me);
+        assert!(st.frontends.keys().all(|fe| fe.scope == Scope::Outside));
+        assert_eq!(st.frontends[&np].active[..], every[..]);
+    }
+
+    /// kube-proxy's iptables mode (`--iptables-localhost-nodeports`, on by default):
+    /// 127.0.0.1:NodePort from the node itself, IPv4 only, served by every endpoint
+    /// (traffic of the node goes to the Service's cluster chain, whatever the
+    /// externalTrafficPolicy), to the node's own sockets only.
+    #[test]
+    fn node_ports_open_on_localhost_for_the_node_itself_with_every_endpoint() {
+        let mut me = node(Some("node-a"), &["192.168.1.1", "fd00:50::1"]);
+        me.localhost_nodeports = true;
+        let mut s = web(ServiceType::NodePort, Some(30080));
+        s.cluster_ips = vec![ip("10.96.0.10"), ip("fd00:10:96::a")];
+        s.external_traffic_policy = TrafficPolicy::Local;
+        let sl = web_slice(vec![
+            on(Some("node-a"), ep("10.244.0.2", None, None, None)),
+            on(Some("node-b"), ep("10.244.1.2", None, None, None)),
+        ]);
+        let st = desired_state(std::slice::from_ref(&s), std::slice::from_ref(&sl), &me);
+        let lo = &st.frontends[&fa("127.0.0.1", 30080)];
+        assert!(lo.host_only);
+        assert!(!lo.local, "reached from the node only: no local rule");
+        assert_eq!(lo.kind, FrontendKind::NodePort);
+        assert_eq!(
+            lo.active[..],
+            [b("10.244.0.2", 8080), rb("10.244.1.2", 8080)]
+        );
+        // One view (no inside twin), IPv4 only (no ::1), and nothing else host-only.
+        assert!(!st
+            .frontends
+            .contains_key(&fa("127.0.0.1", 30080).in_scope(Scope::Inside)));
+        assert!(!st.frontends.contains_key(&fa("::1", 30080)));
+        assert_eq!(
+            st.frontends.iter().filter(|(_, f)| f.host_only).count(),
+            1,
+            "{:?}",
+            st.frontends.keys()
+        );
+        // Off (--localhost-nodeports false, or no socket programs): none.
+        me.localhost_nodeports = false;
+        let st = desired_state(std::slice::from_ref(&s), std::slice::from_ref(&sl), &me);
+        assert!(!st.frontends.contains_key(&fa("127.0.0.1", 30080)));
+        // A ClusterIP Service has no NodePort, so none on 127.0.0.1 either.
+        me.localhost_nodeports = true;
+        let st = desired_state(&[web(ServiceType::ClusterIP, None)], &[sl], &me);
+        assert_eq!(st.frontends.len(), 1);
     }
 }

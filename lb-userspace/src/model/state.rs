@@ -11,6 +11,55 @@ pub struct FrontendAddr {
     pub ip: IpAddr,
     pub port: u16,
     pub proto: Protocol,
+    /// Which view of the frontend (`FrontendKey::scope`).
+    pub scope: Scope,
+}
+
+impl FrontendAddr {
+    /// The frontend as seen from outside the node (the packet path's view).
+    pub fn new(ip: IpAddr, port: u16, proto: Protocol) -> Self {
+        Self {
+            ip,
+            port,
+            proto,
+            scope: Scope::Outside,
+        }
+    }
+
+    /// The same address, port and protocol in another view.
+    pub fn in_scope(self, scope: Scope) -> Self {
+        Self { scope, ..self }
+    }
+}
+
+/// Who sees a frontend entry (`lb_common::SCOPE_*`): every client and the packet path
+/// (`Outside`), or the node's own sockets and its pods' (`Inside`, looked up by the
+/// socket programs only). An `Inside` entry exists only where the views differ: an
+/// externalTrafficPolicy Local frontend, whose inside view has the cluster-wide
+/// endpoints, as kube-proxy serves the node's and its pods' traffic to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    #[default]
+    Outside,
+    Inside,
+}
+
+impl Scope {
+    pub fn number(self) -> u8 {
+        match self {
+            Scope::Outside => lb_common::SCOPE_OUTSIDE,
+            Scope::Inside => lb_common::SCOPE_INSIDE,
+        }
+    }
+
+    /// None for a value no build writes.
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::SCOPE_OUTSIDE => Some(Scope::Outside),
+            lb_common::SCOPE_INSIDE => Some(Scope::Inside),
+            _ => None,
+        }
+    }
 }
 
 /// `ip:port/proto`, an IPv6 address in brackets (`[fd00::10]:80/TCP`).
@@ -26,9 +75,14 @@ fn write_endpoint(
     }
 }
 
+/// `ip:port/proto`, and `@inside` for the inside view (`10.0.0.1:30080/TCP@inside`).
 impl fmt::Display for FrontendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_endpoint(f, &self.ip, self.port, self.proto)
+        write_endpoint(f, &self.ip, self.port, self.proto)?;
+        match self.scope {
+            Scope::Outside => Ok(()),
+            Scope::Inside => write!(f, "@inside"),
+        }
     }
 }
 
@@ -107,6 +161,10 @@ pub struct FrontendSpec {
     /// externalTrafficPolicy Local applies (a frontend reached from outside): this
     /// node's endpoints only, and without one, new connections are dropped.
     pub local: bool,
+    /// Served to the node's own sockets only (127.0.0.1:NodePort,
+    /// `FRONTEND_F_HOST_ONLY`): a pod's 127.0.0.1 is its own, and the packet path
+    /// ignores it.
+    pub host_only: bool,
     /// sessionAffinity ClientIP's timeout in seconds; 0: no affinity.
     pub affinity_timeout_s: u32,
     /// loadBalancerSourceRanges (a LoadBalancer IP only): the sources that may open
@@ -125,6 +183,7 @@ impl Default for FrontendSpec {
             service: Arc::from(""),
             kind: FrontendKind::default(),
             local: false,
+            host_only: false,
             affinity_timeout_s: 0,
             source_ranges: Arc::new([]),
             active: Arc::new([]),

@@ -187,6 +187,9 @@ fn plan_frontend(
     if spec.local {
         flags |= lb_common::FRONTEND_F_LOCAL;
     }
+    if spec.host_only {
+        flags |= lb_common::FRONTEND_F_HOST_ONLY;
+    }
     if !want_ranges.is_empty() {
         flags |= lb_common::FRONTEND_F_SOURCE_RANGES;
     }

@@ -20,7 +20,7 @@ use lb_common::{
 };
 
 use super::ids::IdPool;
-use crate::model::{BackendAddr, FrontendAddr, Protocol};
+use crate::model::{BackendAddr, FrontendAddr, Protocol, Scope};
 
 /// What an unused backend id holds (in the kernel array and here).
 pub const NO_BACKEND: Backend = Backend {
@@ -142,7 +142,7 @@ pub fn frontend_key(f: &FrontendAddr) -> FrontendKey {
         addr: map_addr(&f.ip),
         port: f.port.to_be(),
         proto: f.proto.number(),
-        _pad: 0,
+        scope: f.scope.number(),
     }
 }
 
@@ -164,6 +164,7 @@ pub fn frontend_addr(k: &FrontendKey) -> FrontendAddr {
         ip: ip_addr(&k.addr),
         port: u16::from_be(k.port),
         proto: Protocol::from_number(k.proto).unwrap_or(Protocol::Tcp),
+        scope: Scope::from_number(k.scope).unwrap_or(Scope::Outside),
     }
 }
 

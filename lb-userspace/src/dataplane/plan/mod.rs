@@ -38,11 +38,7 @@ mod tests {
     use crate::model::{BackendAddr, Delta, DesiredState, FrontendAddr, FrontendSpec, Protocol};
 
     fn fe(last: u8, port: u16) -> FrontendAddr {
-        FrontendAddr {
-            ip: Ipv4Addr::new(10, 96, 0, last).into(),
-            port,
-            proto: Protocol::Tcp,
-        }
+        FrontendAddr::new(Ipv4Addr::new(10, 96, 0, last).into(), port, Protocol::Tcp)
     }
 
     fn be(last: u8) -> BackendAddr {
@@ -66,6 +62,7 @@ mod tests {
                     service: "default/x:".into(),
                     kind: Default::default(),
                     local: false,
+                    host_only: false,
                     affinity_timeout_s: 0,
                     source_ranges: Arc::new([]),
                     active: active.into_iter().collect(),
