@@ -158,6 +158,29 @@ impl Env {
         );
     }
 
+    /// 12 calls of `mode` to `to` from the node, in the cgroup: each sees only the
+    /// Service (the reply's source, and getpeername() where connected), each answered by
+    /// a backend, and at least two backends answer.
+    fn spread_from_node(&self, mode: &str, to: &str) {
+        let mut answered = BTreeSet::new();
+        for _ in 0..12 {
+            let line = self
+                .client(&self.sb.node, true, mode, to)
+                .unwrap_or_else(|e| panic!("{mode} {to} from the node: {e}"));
+            let (peer, from, reply) = fields(&line);
+            assert_eq!(from, to, "{mode}: {line}");
+            if mode != "udp" {
+                assert_eq!(peer, to, "{mode}: {line}");
+            }
+            assert!(BACKENDS.contains(&reply.as_str()), "{mode}: {line}");
+            answered.insert(reply);
+        }
+        assert!(
+            answered.len() >= 2,
+            "{mode} {to}: 12 connections all went to {answered:?}"
+        );
+    }
+
     /// The socket programs' link pins.
     fn sock_links(&self) -> usize {
         let dir = self.sb.pin_dir.join("sock-links");
@@ -275,24 +298,7 @@ fn a_host_network_client_reaches_a_cluster_ip_and_its_own_node_port_over_tcp_and
         targets.push((format!("{ip}:{udp}"), "udp-connected"));
     }
     for (to, mode) in targets {
-        let mut answered = BTreeSet::new();
-        for _ in 0..12 {
-            let line = env
-                .client(&node, true, mode, &to)
-                .unwrap_or_else(|e| panic!("{mode} {to} from the node: {e}"));
-            let (peer, from, reply) = fields(&line);
-            // The client only ever sees the Service: the reply's source and getpeername().
-            assert_eq!(from, to, "{mode}: {line}");
-            if mode != "udp" {
-                assert_eq!(peer, to, "{mode}: {line}");
-            }
-            assert!(BACKENDS.contains(&reply.as_str()), "{mode}: {line}");
-            answered.insert(reply);
-        }
-        assert!(
-            answered.len() >= 2,
-            "{mode} {to}: 12 connections all went to {answered:?}"
-        );
+        env.spread_from_node(mode, &to);
     }
     // 5 x 24 connect()s (TCP and connected UDP), 5 x 12 unconnected sends; every reply
     // and getpeername() reverse-translated.
@@ -679,26 +685,12 @@ fn an_external_traffic_policy_local_node_port_serves_the_node_and_its_pods_from_
 #[test]
 fn a_host_network_client_reaches_node_ports_on_127_0_0_1_while_a_pods_127_0_0_1_stays_its_own() {
     let env = Env::new(&BACKENDS, &[]);
-    let node = env.sb.node.clone();
     for (to, mode) in [
         ("127.0.0.1:30080", "tcp"),
         ("127.0.0.1:30053", "udp"),
         ("127.0.0.1:30053", "udp-connected"),
     ] {
-        let mut answered = BTreeSet::new();
-        for _ in 0..12 {
-            let line = env
-                .client(&node, true, mode, to)
-                .unwrap_or_else(|e| panic!("{mode} {to} from the node: {e}"));
-            let (peer, from, reply) = fields(&line);
-            assert_eq!(from, to, "{mode}: {line}");
-            if mode != "udp" {
-                assert_eq!(peer, to, "{mode}: {line}");
-            }
-            assert!(BACKENDS.contains(&reply.as_str()), "{mode}: {line}");
-            answered.insert(reply);
-        }
-        assert!(answered.len() >= 2, "{mode} {to}: all to {answered:?}");
+        env.spread_from_node(mode, to);
     }
     // A pod in the cgroup: its own loopback, where nothing listens.
     let pod = env.sb.pod("client").netns.clone();

@@ -255,7 +255,7 @@ pub fn service_frontends<'a>(
                     all.clone()
                 };
                 let local = policy_local && kind.is_external() && !host_only;
-                out.entry(*fe).or_insert_with(|| FrontendSpec {
+                let outside = out.entry(*fe).or_insert_with(|| FrontendSpec {
                     service: service.clone(),
                     kind: *kind,
                     local,
@@ -268,18 +268,13 @@ pub fn service_frontends<'a>(
                 if local {
                     // Its inside view: what the node's own sockets and its pods' get,
                     // every endpoint (kube-proxy's `--src-type LOCAL` and pod
-                    // short-circuit to the Service's cluster chain).
-                    out.entry(fe.in_scope(Scope::Inside))
-                        .or_insert_with(|| FrontendSpec {
-                            service: service.clone(),
-                            kind: *kind,
-                            local: false,
-                            host_only: false,
-                            affinity_timeout_s: svc.affinity_timeout_s(),
-                            source_ranges: source_ranges(svc, fe, *kind, node),
-                            active: all.clone(),
-                            known: known.clone(),
-                        });
+                    // short-circuit to the Service's cluster chain); otherwise the same.
+                    let inside = FrontendSpec {
+                        local: false,
+                        active: all.clone(),
+                        ..outside.clone()
+                    };
+                    out.entry(fe.in_scope(Scope::Inside)).or_insert(inside);
                 }
             }
         }
