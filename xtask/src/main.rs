@@ -372,7 +372,44 @@ fn clean_sandboxes() -> Result<()> {
             }
         }
     }
+    clean_test_cgroups();
     Ok(())
+}
+
+/// The cgroups a killed test or benchmark left (`lb-test-<name>-<pid>` under the cgroup2
+/// mount, `lb_testbench::cgroup::TestCgroup`) whose process is gone: their processes
+/// killed, the folders removed. A live run's are left alone.
+fn clean_test_cgroups() {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let Some(root) = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    }) else {
+        return;
+    };
+    let Ok(dir) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = n
+            .strip_prefix("lb-test-")
+            .and_then(|r| r.rsplit('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if std::fs::remove_dir(e.path()).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 /// Runs `cargo test`, echoing its output, and ends with one summary line over every test

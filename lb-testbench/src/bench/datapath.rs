@@ -563,6 +563,7 @@ fn conns(bed: &Bed, targets: &[SocketAddr], opts: &Opts, secs: f64) -> Result<lo
     loadgen::run(
         &bed.sb.pod("client").netns,
         targets,
+        loadgen::Spread::RoundRobin,
         opts.threads,
         Duration::from_millis(500),
         Duration::from_secs_f64(secs),
@@ -630,6 +631,7 @@ fn load_scale(
     let probe = loadgen::run(
         &bed.sb.pod("client").netns,
         &bed.web_targets(),
+        loadgen::Spread::RoundRobin,
         1,
         Duration::ZERO,
         Duration::from_millis(200),

@@ -20,6 +20,10 @@ pub struct LoadResult {
     /// Per-request latency, connect to EOF, in microseconds.
     pub latencies_us: Vec<f64>,
     pub first_error: Option<String>,
+    /// The machine's busy CPU time over the measured window (every core, every process:
+    /// the load generator, the servers, the kernel's networking and any program in it),
+    /// in microseconds per request made; None if /proc/stat could not be read.
+    pub cpu_us_per_request: Option<f64>,
 }
 
 impl LoadResult {
@@ -57,11 +61,62 @@ fn one(target: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Busy time of all CPUs so far, in clock ticks (/proc/stat's first line: everything
+/// but idle, iowait and steal, the time the hypervisor gave to others).
+fn busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is in user already).
+    let (user, nice, system, irq, softirq) = (f[0], f[1], f[2], *f.get(5)?, *f.get(6)?);
+    Some(user + nice + system + irq + softirq)
+}
+
+/// How a worker picks each request's target among several.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spread {
+    /// In turn, worker `w` starting at target `w`: the workers' requests spread evenly
+    /// at every moment, better than any balancer that chooses per connection can.
+    RoundRobin,
+    /// Uniformly at random, each request on its own: the spread of a load balancer that
+    /// hashes or draws per connection (kube-proxy's iptables, this project's choice),
+    /// where now and then two workers' requests meet at one backend while another idles.
+    Random,
+}
+
+/// splitmix64: a worker's own cheap stream of draws, seeded from the process's random
+/// hasher keys.
+struct Draws(u64);
+
+impl Draws {
+    fn new(worker: usize) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(worker);
+        Draws(h.finish())
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (((z >> 32) * n as u64) >> 32) as usize
+    }
+}
+
 /// Runs `threads` workers in `netns` for `warmup` (discarded) then `duration` or until
-/// `max_requests` in all; requests go round-robin over `targets`.
+/// `max_requests` in all; requests go over `targets` as `spread` says.
 pub fn run(
     netns: &str,
     targets: &[SocketAddr],
+    spread: Spread,
     threads: usize,
     warmup: Duration,
     duration: Duration,
@@ -81,6 +136,7 @@ pub fn run(
                 crate::sandbox::enter(&netns)?;
                 let mut r = LoadResult::default();
                 let mut i = w;
+                let mut draws = Draws::new(w);
                 let mut last = Instant::now();
                 loop {
                     let now = Instant::now();
@@ -91,7 +147,10 @@ pub fn run(
                     if measuring && started.fetch_add(1, Ordering::Relaxed) >= max_requests {
                         break;
                     }
-                    let target = targets[i % targets.len()];
+                    let target = match spread {
+                        Spread::RoundRobin => targets[i % targets.len()],
+                        Spread::Random => targets[draws.below(targets.len())],
+                    };
                     i += 1;
                     let t = Instant::now();
                     let res = one(target);
@@ -116,6 +175,8 @@ pub fn run(
             },
         ));
     }
+    std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
+    let busy_from = busy_ticks();
     let mut total = LoadResult::default();
     let mut end = measure_from;
     for h in handles {
@@ -134,5 +195,11 @@ pub fn run(
         .saturating_duration_since(measure_from)
         .as_secs_f64()
         .max(1e-3);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    total.cpu_us_per_request = busy_from
+        .zip(busy_ticks())
+        .filter(|_| hz > 0 && total.ok > 0)
+        .map(|(a, b)| (b - a) as f64 * 1e6 / hz as f64 / total.ok as f64);
     Ok(total)
 }
