@@ -482,6 +482,9 @@ fn fmt_summary(v: &[f64], digits: usize) -> String {
         return "–".into();
     }
     let s = summarize(v);
+    if s.n == 0 {
+        return "–".into();
+    }
     format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits)
 }
 
