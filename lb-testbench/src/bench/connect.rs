@@ -20,7 +20,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    check_interrupted, datapath, loadgen, progress, progtime, rules,
+    check_interrupted, cpu, datapath, loadgen, progress, progtime, rules,
     stats::{pair_ratios, quantile, summarize},
     workload::{self, Endpoints, WEB_IP, WEB_PORT, WEB_TARGET_PORT},
     Opts,
@@ -191,15 +191,6 @@ impl Drop for Paused {
     }
 }
 
-/// A process's user and system CPU time so far, in clock ticks (/proc/<pid>/stat).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command's parenthesis: state is the 3rd field, utime the 14th.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
 fn rewritten(bed: &Bed) -> Option<u64> {
     let maps = lb_userspace::dataplane::Maps::from_pins(bed.sb.pin_dir()).ok()?;
     let c = maps.counters().ok()?;
@@ -276,10 +267,12 @@ fn load(bed: &mut Bed, svcs: &[workload::Svc], opts: &Opts) -> Result<()> {
 /// One run. With `stats` (lb modes), the kernel's run-time accounting of BPF programs is
 /// on for it, which itself costs every program run two clock reads: the runs the
 /// rates come from are made without it.
-fn measure(bed: &Bed, secs: f64, threads: usize, stats: bool) -> Result<Run> {
+fn measure(beds: &[Bed], i: usize, secs: f64, threads: usize, stats: bool) -> Result<Run> {
+    let _paused = pause_others(beds, i);
+    let bed = &beds[i];
     let lb = stats && bed.agent.is_some();
     let _stats = if lb { Some(progtime::enable()?) } else { None };
-    let agent_before = bed.agent.and_then(cpu_ticks);
+    let agent_before = bed.agent.and_then(cpu::process_ticks);
     let before = rewritten(bed);
     let progs_before = progtime::snapshot(bed.sb.pin_dir());
     let lr = {
@@ -302,7 +295,7 @@ fn measure(bed: &Bed, secs: f64, threads: usize, stats: bool) -> Result<Run> {
         )?
     };
     let after = rewritten(bed);
-    let agent_after = bed.agent.and_then(cpu_ticks);
+    let agent_after = bed.agent.and_then(cpu::process_ticks);
     let progs_after = progtime::snapshot(bed.sb.pin_dir());
     let per_conn = |c: u64| c as f64 / lr.ok.max(1) as f64;
     let sock = progtime::delta(&progs_before, &progs_after, progtime::is_socket_program);
@@ -321,11 +314,9 @@ fn measure(bed: &Bed, secs: f64, threads: usize, stats: bool) -> Result<Run> {
         p99_us: quantile(&lr.latencies_us, 0.99),
         errors: lr.errors,
         cpu_us_per_conn: lr.cpu_us_per_request,
-        agent_us_per_conn: agent_before.zip(agent_after).map(|(b, a)| {
-            // SAFETY: sysconf has no preconditions.
-            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-            per_conn(a - b) * 1e6 / hz as f64
-        }),
+        agent_us_per_conn: agent_before
+            .zip(agent_after)
+            .map(|(b, a)| per_conn(a - b) * 1e6 / cpu::ticks_per_sec()),
         connections: lr.ok,
         rewritten: before.zip(after).map(|(b, a)| a - b),
         sock_ns_per_conn: lb.then(|| per_conn(sock.ns)),
@@ -384,16 +375,17 @@ pub fn run(opts: &Opts) -> Result<()> {
         let svcs = workload::services(scale, Endpoints::Mixed, &web, web[2]);
         progress(format!("scale {}: loading every mode", svcs.len()));
         let mut modes: Vec<ModeRuns> = Vec::new();
-        for bed in beds.iter_mut() {
+        for i in 0..beds.len() {
+            let mode = beds[i].mode;
             let mut m = ModeRuns {
-                mode: bed.mode,
-                name: bed.mode.name(),
+                mode,
+                name: mode.name(),
                 runs: Vec::new(),
                 cost: None,
                 skipped: None,
             };
-            let probe = load(bed, &svcs, opts)
-                .and_then(|()| measure(bed, 0.2, 1, false))
+            let probe = load(&mut beds[i], &svcs, opts)
+                .and_then(|()| measure(&beds, i, 0.2, 1, false))
                 .and_then(|r| {
                     if r.connections == 0 {
                         Err(Error::Sandbox("no answer through the service".into()))
@@ -403,7 +395,7 @@ pub fn run(opts: &Opts) -> Result<()> {
                 });
             if let Err(e) = probe {
                 check_interrupted()?;
-                progress(format!("   {}: {e}", bed.mode.name()));
+                progress(format!("   {}: {e}", mode.name()));
                 m.skipped = Some(e.to_string());
             }
             modes.push(m);
@@ -415,10 +407,7 @@ pub fn run(opts: &Opts) -> Result<()> {
             for k in 0..active.len() {
                 check_interrupted()?;
                 let i = active[(k + rep) % active.len()];
-                let paused = pause_others(&beds, i);
-                let r = measure(&beds[i], run_secs(opts), opts.threads, false);
-                drop(paused);
-                let r = r?;
+                let r = measure(&beds, i, run_secs(opts), opts.threads, false)?;
                 progress(format!(
                     "   scale {scale} repeat {}/{} {:<28} {:>8.0} conn/s p50 {:>6.0} us p99 {:>6.0} us cpu {:>5.1} us/conn errors {} rewritten {}",
                     rep + 1,
@@ -437,10 +426,7 @@ pub fn run(opts: &Opts) -> Result<()> {
         for (i, bed) in beds.iter().enumerate() {
             if modes[i].skipped.is_none() && bed.agent.is_some() {
                 check_interrupted()?;
-                let paused = pause_others(&beds, i);
-                let r = measure(bed, run_secs(opts), opts.threads, true);
-                drop(paused);
-                let r = r?;
+                let r = measure(&beds, i, run_secs(opts), opts.threads, true)?;
                 progress(format!(
                     "   scale {scale} programs' cost {:<28} socket {} ns/conn, tc/XDP {} ns/conn",
                     bed.mode.name(),
@@ -478,14 +464,21 @@ pub fn run(opts: &Opts) -> Result<()> {
 }
 
 fn fmt_summary(v: &[f64], digits: usize) -> String {
-    if v.is_empty() {
-        return "–".into();
-    }
     let s = summarize(v);
     if s.n == 0 {
         return "–".into();
     }
     format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits)
+}
+
+/// One value of every run of a measured mode at a scale, in run order (empty if the
+/// mode was skipped there).
+fn series(s: &Scale, mode: Mode, f: fn(&Run) -> f64) -> Vec<f64> {
+    s.modes
+        .iter()
+        .find(|m| m.mode == mode && m.skipped.is_none())
+        .map(|m| m.runs.iter().map(f).collect())
+        .unwrap_or_default()
 }
 
 fn markdown(scales: &[Scale], opts: &Opts) -> String {
@@ -569,13 +562,7 @@ fn markdown(scales: &[Scale], opts: &Opts) -> String {
     let mut worst_turn = f64::INFINITY;
     let mut rewrites = 0u64;
     for s in scales {
-        let cps = |mode: Mode| -> Vec<f64> {
-            s.modes
-                .iter()
-                .find(|m| m.mode == mode && m.skipped.is_none())
-                .map(|m| m.runs.iter().map(|r| r.cps).collect())
-                .unwrap_or_default()
-        };
+        let cps = |mode: Mode| series(s, mode, |r| r.cps);
         let ratio = |a: Mode, b: Mode| {
             let r = pair_ratios(&cps(a), &cps(b));
             (fmt_summary(&r, 2), r)
@@ -612,18 +599,7 @@ fn markdown(scales: &[Scale], opts: &Opts) -> String {
         "| services | connect-time | connect-time without tc on veths | tc path | iptables | no LB in turn |\n|---|---|---|---|---|---|"
     );
     for s in scales {
-        let cpu = |mode: Mode| -> Vec<f64> {
-            s.modes
-                .iter()
-                .find(|m| m.mode == mode && m.skipped.is_none())
-                .map(|m| {
-                    m.runs
-                        .iter()
-                        .map(|r| r.cpu_us_per_conn.unwrap_or(f64::NAN))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let cpu = |mode: Mode| series(s, mode, |r| r.cpu_us_per_conn.unwrap_or(f64::NAN));
         let ratio = |a: Mode| fmt_summary(&pair_ratios(&cpu(a), &cpu(Mode::DirectRandom)), 3);
         let _ = writeln!(
             md,
@@ -662,7 +638,7 @@ fn markdown(scales: &[Scale], opts: &Opts) -> String {
     );
     let _ = writeln!(
         md,
-        "\nHow: a sandbox per mode (node, client pod, three nginx pods), the same Services at each scale (the tested one and fillers with 1 to 10 endpoints). The load generator (4 threads in the client pod's network namespace, a new TCP connection per HTTP/1.0 request, closed loop, latency from connect to the last byte) runs in the bench's process, which joins a cgroup the bench made for each connect-time mode for its runs only; the agent there has its socket programs on that cgroup (`--cgroup`), the tc-path agent none (`--cgroup none`); \"no tc on veths\": the connect-time agent with no interface to attach to (`--interfaces` matching none), the socket programs alone. No LB: the client spreads over the pod IPs itself, either in turn (worker w starting at pod w, an even spread at every moment) or drawing a pod at random for each connection, which is the spread every balancer here has (kube-proxy's iptables draws, this project hashes per socket or flow): now and then two of the four workers meet at one nginx while another idles, which costs rate on two cores whatever the balancer's own cost; the two baselines show how much. Every mode's load generator runs in a cgroup of its own (only the connect-time agents attach to theirs), so the modes differ by their programs only. The programs' own cost (socket, tc/XDP columns) comes from one more run per lb mode with the kernel's run-time accounting of BPF programs on (`BPF_ENABLE_STATS`, which itself adds two clock reads per program run, so the rate runs are made without it). The tc programs stay on the connect-time sandbox's veths too: its flows' packets pass them (a conntrack and a frontend miss at ingress, which marks them untracked, so egress does no lookup), and the counters show no program rewrote any."
+        "\nHow: a sandbox per mode (node, client pod, three nginx pods), the same Services at each scale (the tested one and fillers with 1 to 10 endpoints). The load generator (4 threads in the client pod's network namespace, a new TCP connection per HTTP/1.0 request, closed loop, latency from connect to the last byte) runs in the bench's process, which joins a cgroup the bench made for each connect-time mode for its runs only; the agent there has its socket programs on that cgroup (`--cgroup`), the tc-path agent none (`--cgroup none`); \"no tc on veths\": the connect-time agent with no interface to attach to (`--interfaces` matching none), the socket programs alone. No LB: the client spreads over the pod IPs itself, either in turn (worker w starting at pod w, an even spread at every moment) or drawing a pod at random for each connection, which is the spread every balancer here has (kube-proxy's iptables draws, this project hashes per socket or flow): now and then two of the four workers meet at one nginx while another idles; the two baselines show what that costs. Every mode's load generator runs in a cgroup of its own (only the connect-time agents attach to theirs), so the modes differ by their programs only. The programs' own cost (socket, tc/XDP columns) comes from one more run per lb mode with the kernel's run-time accounting of BPF programs on (`BPF_ENABLE_STATS`, which itself adds two clock reads per program run, so the rate runs are made without it). The tc programs stay on the connect-time sandbox's veths too: its flows' packets pass them (a conntrack and a frontend miss at ingress, which marks them untracked, so egress does no lookup), and the counters show no program rewrote any."
     );
     md
 }

@@ -352,20 +352,6 @@ pub fn start_agent_on(
     }
 }
 
-/// Busy and total jiffies of all CPUs (system-wide /proc/stat).
-fn cpu_jiffies() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let l = s.lines().next().unwrap_or("");
-    let v: Vec<u64> = l
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
 /// Seconds iperf3 runs before it measures (`-O`): TCP slow start and the first
 /// second's noise are left out of every number.
 pub const IPERF_OMIT_SECS: u64 = 1;
@@ -518,10 +504,10 @@ fn iperf(bed: &Bed, target: IpAddr, secs: u64) -> Result<(f64, f64)> {
         let _ = stdout.read_to_string(&mut text);
         text
     });
-    let mut samples = vec![(Instant::now(), cpu_jiffies().0)];
+    let mut samples = vec![(Instant::now(), super::cpu::busy_ticks())];
     let status = loop {
         std::thread::sleep(Duration::from_millis(50));
-        samples.push((Instant::now(), cpu_jiffies().0));
+        samples.push((Instant::now(), super::cpu::busy_ticks()));
         if let Some(st) = child
             .try_wait()
             .map_err(|e| Error::Sandbox(e.to_string()))?
@@ -546,11 +532,7 @@ fn iperf(bed: &Bed, target: IpAddr, secs: u64) -> Result<(f64, f64)> {
     let (end, _) = *samples.last().expect("sampled");
     let start = end - Duration::from_secs_f64(outcome.secs);
     let cpu = match (busy_at(&samples, start), busy_at(&samples, end)) {
-        (Some(a), Some(b)) => {
-            // SAFETY: sysconf has no preconditions.
-            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-            (b - a) / hz
-        }
+        (Some(a), Some(b)) => (b - a) / super::cpu::ticks_per_sec(),
         _ => f64::NAN,
     };
     Ok((

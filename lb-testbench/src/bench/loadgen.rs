@@ -22,7 +22,7 @@ pub struct LoadResult {
     pub first_error: Option<String>,
     /// The machine's busy CPU time over the measured window (every core, every process:
     /// the load generator, the servers, the kernel's networking and any program in it),
-    /// in microseconds per request made; None if /proc/stat could not be read.
+    /// in microseconds per request made; None if none was made.
     pub cpu_us_per_request: Option<f64>,
 }
 
@@ -59,22 +59,6 @@ fn one(target: SocketAddr) -> std::io::Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Busy time of all CPUs so far, in clock ticks (/proc/stat's first line: everything
-/// but idle, iowait and steal, the time the hypervisor gave to others).
-fn busy_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let f: Vec<u64> = stat
-        .lines()
-        .next()?
-        .strip_prefix("cpu ")?
-        .split_whitespace()
-        .map(|v| v.parse().ok())
-        .collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal (guest time is in user already).
-    let (user, nice, system, irq, softirq) = (f[0], f[1], f[2], *f.get(5)?, *f.get(6)?);
-    Some(user + nice + system + irq + softirq)
 }
 
 /// How a worker picks each request's target among several.
@@ -176,7 +160,7 @@ pub fn run(
         ));
     }
     std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
-    let busy_from = busy_ticks();
+    let busy_from = super::cpu::busy_ticks();
     let mut total = LoadResult::default();
     let mut end = measure_from;
     for h in handles {
@@ -195,11 +179,8 @@ pub fn run(
         .saturating_duration_since(measure_from)
         .as_secs_f64()
         .max(1e-3);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    total.cpu_us_per_request = busy_from
-        .zip(busy_ticks())
-        .filter(|_| hz > 0 && total.ok > 0)
-        .map(|(a, b)| (b - a) as f64 * 1e6 / hz as f64 / total.ok as f64);
+    let busy = super::cpu::busy_ticks().saturating_sub(busy_from);
+    total.cpu_us_per_request =
+        (total.ok > 0).then(|| busy as f64 * 1e6 / super::cpu::ticks_per_sec() / total.ok as f64);
     Ok(total)
 }

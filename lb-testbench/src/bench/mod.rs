@@ -15,6 +15,7 @@ pub mod charts;
 pub mod connect;
 pub mod consistency;
 pub mod control;
+pub mod cpu;
 pub mod datapath;
 pub mod forwarding;
 pub mod loadgen;
