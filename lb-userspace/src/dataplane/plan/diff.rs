@@ -81,7 +81,7 @@ struct Alloc {
     new_backends: HashMap<BackendAddr, u32>,
     /// Regions of `LB_MAGLEV` this plan's tables take (base, cells). Regions the plan
     /// frees are not reused before it is applied: a packet may still read them.
-    tables: Vec<(u32, u32)>,
+    tables: BTreeMap<u32, u32>,
 }
 
 impl Alloc {
@@ -91,14 +91,14 @@ impl Alloc {
             backend_pool,
             service_pool,
             new_backends: HashMap::new(),
-            tables: Vec::new(),
+            tables: BTreeMap::new(),
         }
     }
 
     /// A free region of `size` cells of `LB_MAGLEV`, if there is one.
     fn table(&mut self, current: &MapState, size: u32) -> Option<u32> {
         let base = current.table_space().find(size, &self.tables)?;
-        self.tables.push((base, size));
+        self.tables.insert(base, size);
         Some(base)
     }
 

@@ -310,38 +310,37 @@ impl TableSpace {
     }
 
     /// The first free region of `size` cells that avoids `taken` too (regions a plan
-    /// being made already allocated): after the last owned region if there is room,
-    /// else the first hole that fits.
-    pub fn find(&self, size: u32, taken: &[(u32, u32)]) -> Option<u32> {
-        let fits = |base: u32, limit: u32| -> Option<u32> {
-            let mut pos = base;
-            loop {
-                if pos as u64 + size as u64 > limit as u64 {
-                    return None;
-                }
-                match taken
-                    .iter()
-                    .filter(|(b, s)| *b < pos + size && b + s > pos)
-                    .map(|(b, s)| b + s)
-                    .max()
-                {
-                    Some(next) => pos = next,
-                    None => return Some(pos),
-                }
-            }
-        };
-        let end = self.owned.iter().next_back().map_or(0, |(b, (s, _))| b + s);
-        if let Some(at) = fits(end, self.capacity) {
-            return Some(at);
+    /// being made already allocated, by base): after the last region of either if there
+    /// is room, else the first hole that fits. The first is a constant-time step, so a
+    /// plan that makes thousands of tables (a first sync) stays linear; the hole search,
+    /// once the end is reached, walks both sets once, in base order.
+    pub fn find(&self, size: u32, taken: &BTreeMap<u32, u32>) -> Option<u32> {
+        let last_end = |m: Option<(u32, u32)>| m.map_or(0u64, |(b, s)| b as u64 + s as u64);
+        let end = last_end(self.owned.iter().next_back().map(|(b, (s, _))| (*b, *s)))
+            .max(last_end(taken.iter().next_back().map(|(b, s)| (*b, *s))));
+        if end + size as u64 <= self.capacity as u64 {
+            return Some(end as u32);
         }
-        let mut prev = 0u32;
-        for (b, (s, _)) in &self.owned {
-            if let Some(at) = fits(prev, *b) {
-                return Some(at);
+        // Both sets in base order, merged: each set's regions are disjoint, and no taken
+        // region overlaps an owned one, but the walk does not rely on it.
+        let mut owned = self.owned.iter().map(|(b, (s, _))| (*b, *s)).peekable();
+        let mut taken = taken.iter().map(|(b, s)| (*b, *s)).peekable();
+        let mut free_from = 0u64;
+        loop {
+            let next = match (owned.peek(), taken.peek()) {
+                (Some(o), Some(t)) if o.0 <= t.0 => owned.next(),
+                (Some(_), Some(_)) => taken.next(),
+                (Some(_), None) => owned.next(),
+                (None, _) => taken.next(),
+            };
+            let Some((b, s)) = next else {
+                return None;
+            };
+            if free_from + size as u64 <= b as u64 {
+                return Some(free_from as u32);
             }
-            prev = b + s;
+            free_from = free_from.max(b as u64 + s as u64);
         }
-        None
     }
 
     pub fn capacity(&self) -> u32 {
@@ -443,9 +442,22 @@ impl MapState {
             .collect()
     }
 
-    /// Records what an owned region of `LB_MAGLEV` holds (read at start).
-    pub fn set_table_cells(&mut self, base: u32, cells: Vec<MaglevCell>) {
+    /// Records what an owned region of `LB_MAGLEV` holds (read at start, or taken from
+    /// another state by `table_cells`).
+    pub fn set_table_cells(&mut self, base: u32, cells: impl Into<Arc<[MaglevCell]>>) {
         self.tables.written(base, cells.into());
+    }
+
+    /// What this state holds for the region of `size` cells at `base`, if it owns that
+    /// region and knows its cells (shared, not copied).
+    pub fn table_cells(&self, base: u32, size: u32) -> Option<Arc<[MaglevCell]>> {
+        self.tables
+            .owned
+            .get(&base)
+            .filter(|(s, _)| *s == size)
+            .and(self.tables.cells.get(&base))
+            .filter(|c| c.len() == size as usize)
+            .cloned()
     }
 
     /// The table a frontend names, if it owns its region and it holds what was written.
@@ -701,6 +713,64 @@ pub struct MapContent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A space of 400 cells owning [0, 100) and [200, 300).
+    fn space_with_a_hole() -> TableSpace {
+        let mut t = TableSpace {
+            capacity: 400,
+            ..Default::default()
+        };
+        for (base, size, id) in [(0, 100, 1), (200, 100, 2)] {
+            t.claim(&Frontend {
+                service_id: id,
+                count: 2,
+                flags: 0,
+                affinity_timeout_s: 0,
+                table_base: base,
+                table_size: size,
+            });
+        }
+        t
+    }
+
+    #[test]
+    fn a_table_goes_after_the_last_region_then_into_the_first_hole_that_fits() {
+        let t = space_with_a_hole();
+        let mut taken = BTreeMap::new();
+        assert_eq!(t.find(60, &taken), Some(300), "after the last owned region");
+        taken.insert(300, 60);
+        assert_eq!(t.find(30, &taken), Some(360), "after the last taken region");
+        taken.insert(360, 30);
+        assert_eq!(
+            t.find(60, &taken),
+            Some(100),
+            "no room at the end: the hole"
+        );
+        taken.insert(100, 60);
+        assert_eq!(t.find(60, &taken), None, "the hole holds 40 more cells");
+        assert_eq!(t.find(40, &taken), Some(160));
+        taken.insert(160, 40);
+        assert_eq!(t.find(10, &taken), Some(390), "the last cells");
+        taken.insert(390, 10);
+        assert_eq!(t.find(1, &taken), None, "full");
+    }
+
+    /// A first sync's plan makes one table per frontend; each must land after the
+    /// previous one, and the space fills exactly.
+    #[test]
+    fn thousands_of_tables_in_one_plan_fill_the_space_without_overlap() {
+        let t = TableSpace {
+            capacity: 127 * 5000,
+            ..Default::default()
+        };
+        let mut taken = BTreeMap::new();
+        for i in 0..5000u32 {
+            let at = t.find(127, &taken).expect("room for every table");
+            assert_eq!(at, i * 127);
+            taken.insert(at, 127);
+        }
+        assert_eq!(t.find(127, &taken), None);
+    }
 
     #[test]
     fn addresses_go_to_the_maps_and_back_in_network_order() {
