@@ -10,12 +10,13 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
+use lb_common::MaglevCell;
 use lb_testbench::{packet::*, sandbox::run_in};
 use lb_userspace::{
     config,
     dataplane::{
         plan::{frontend_addr, MapState},
-        Dataplane, Maps,
+        Dataplane, Drift, Maps,
     },
     loader::{remove_pins, Datapath, LoadOptions},
     model::desired_state,
@@ -892,6 +893,78 @@ fn the_writer_batches_and_its_mirror_always_equals_the_kernel_maps() {
     assert_eq!(plane.state().content(), kernel.content());
     assert_eq!(kernel.backend_count(), 8);
     assert_eq!(plane.sync(&cfg(eps(4))).ops, 0, "nothing left to do");
+}
+
+/// The drift check (`--resync-secs`) reads the Maglev tables a slice at a time
+/// (`DRIFT_CHECK_CELLS`, here one table's worth): a cell changed behind the agent's
+/// back is found when its table's turn comes, and only then; with the default budget
+/// (every table of a small cluster) at the first check.
+#[test]
+fn a_drift_check_reads_the_maglev_tables_a_slice_at_a_time_and_finds_a_changed_cell() {
+    let svcs: String = (0..4)
+        .map(|i| {
+            format!("  - name: s{i}\n    clusterIP: 10.96.1.{i}\n    ports:\n      - {{name: http, port: 80, protocol: TCP}}\n")
+        })
+        .collect();
+    let slices: String = (0..4)
+        .map(|i| {
+            format!(
+                "  - name: s{i}-1\n    serviceName: s{i}\n    ports:\n      - {{name: http, port: 8080, protocol: TCP}}\n    endpoints:\n      - addresses: [\"10.244.2.{}\"]\n      - addresses: [\"10.244.2.{}\"]\n",
+                2 * i + 1,
+                2 * i + 2
+            )
+        })
+        .collect();
+    let mut k = Kernel::new(&yaml(&svcs, &slices));
+    let tables = k.plane.state().owned_tables();
+    assert!(tables.len() >= 4, "{tables:?}");
+    let per_check = tables[0].1;
+    assert!(tables.iter().all(|(_, s)| *s == per_check), "{tables:?}");
+    let mut rotating = Dataplane::new(Maps::from_pins(&k.pin_dir).unwrap())
+        .unwrap()
+        .with_check_cells(per_check as u64);
+    assert_eq!(
+        rotating.check_drift().unwrap(),
+        None,
+        "check 1: the first table"
+    );
+
+    // A cell of the last table names another backend.
+    let (base, _) = *tables.last().unwrap();
+    let mut maps = Maps::from_pins(&k.pin_dir).unwrap();
+    let cell = maps.maglev.get(&base, 0).unwrap();
+    let changed = MaglevCell {
+        backend_id: cell.backend_id + 1000,
+        ..cell
+    };
+    maps.maglev.set(base, changed, 0).unwrap();
+
+    let only_tables = |d: &Drift| d.tables >= 1 && d.entries() == d.tables;
+    let d = k
+        .plane
+        .check_drift()
+        .unwrap()
+        .expect("the default budget reads every table");
+    assert!(only_tables(&d), "{d:?}");
+    for i in 2..tables.len() {
+        assert_eq!(
+            rotating.check_drift().unwrap(),
+            None,
+            "check {i}: table {} of {}, not the changed one",
+            i,
+            tables.len()
+        );
+    }
+    let d = rotating
+        .check_drift()
+        .unwrap()
+        .expect("the changed table's turn");
+    assert!(only_tables(&d), "{d:?}");
+    assert_eq!(
+        rotating.state().table_cells(base, per_check).unwrap()[0],
+        changed,
+        "the mirror takes what the map holds, for the next sync to rewrite"
+    );
 }
 
 /// Every frontend's slots 1..=count exist and name a backend that exists: a new

@@ -3,6 +3,7 @@
 use std::{
     os::fd::{AsFd, OwnedFd},
     path::Path,
+    sync::Arc,
 };
 
 use aya::maps::{
@@ -178,6 +179,17 @@ impl Maps {
     /// Reads the service maps (not conntrack) into a mirror: in batches (a few
     /// syscalls per 4,096 entries), or an entry at a time before Linux 5.6.
     pub fn read_state(&self) -> Result<MapState> {
+        self.read_state_with(|_, _| None)
+    }
+
+    /// `read_state`, but the cells of a Maglev table (base, size) for which `known`
+    /// has them are taken from it instead of read: the tables are most of what a drift
+    /// check would read (millions of cells at 10,000 Services, about a second of the
+    /// kernel's copying), and the check reads them a slice at a time (`Dataplane`).
+    pub fn read_state_with(
+        &self,
+        mut known: impl FnMut(u32, u32) -> Option<Arc<[MaglevCell]>>,
+    ) -> Result<MapState> {
         let frontends: Vec<(FrontendKey, Frontend)> =
             match batch::lookup_all_hash(&self.batch_fds[FRONTENDS]) {
                 Ok(all) => all,
@@ -236,8 +248,10 @@ impl Maps {
         )
         .with_table_capacity(capacity);
         for (base, size) in st.owned_tables() {
-            let cells = self.table(base, size)?;
-            st.set_table_cells(base, cells);
+            match known(base, size) {
+                Some(cells) => st.set_table_cells(base, cells),
+                None => st.set_table_cells(base, self.table(base, size)?),
+            }
         }
         Ok(st)
     }
