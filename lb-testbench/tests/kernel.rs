@@ -15,7 +15,7 @@ use lb_testbench::{packet::*, sandbox::run_in};
 use lb_userspace::{
     config,
     dataplane::{
-        plan::{frontend_addr, MapState},
+        plan::{frontend_addr, MapState, NO_BACKEND},
         Dataplane, Drift, Maps,
     },
     loader::{remove_pins, Datapath, LoadOptions},
@@ -965,6 +965,13 @@ fn a_drift_check_reads_the_maglev_tables_a_slice_at_a_time_and_finds_a_changed_c
         changed,
         "the mirror takes what the map holds, for the next sync to rewrite"
     );
+
+    // A backend in use deleted: within the ids the agent used, which is where a check
+    // reads `LB_BACKENDS` up to.
+    let (id, _) = k.plane.state().backends().last().unwrap();
+    maps.backends.set(id, NO_BACKEND, 0).unwrap();
+    let d = k.plane.check_drift().unwrap().expect("the deleted backend");
+    assert_eq!((d.backends, d.entries()), (1, 1), "{d:?}");
 }
 
 /// Every frontend's slots 1..=count exist and name a backend that exists: a new

@@ -179,15 +179,20 @@ impl Maps {
     /// Reads the service maps (not conntrack) into a mirror: in batches (a few
     /// syscalls per 4,096 entries), or an entry at a time before Linux 5.6.
     pub fn read_state(&self) -> Result<MapState> {
-        self.read_state_with(|_, _| None)
+        self.read_state_with(None, |_, _| None)
     }
 
     /// `read_state`, but the cells of a Maglev table (base, size) for which `known`
     /// has them are taken from it instead of read: the tables are most of what a drift
     /// check would read (millions of cells at 10,000 Services, about a second of the
     /// kernel's copying), and the check reads them a slice at a time (`Dataplane`).
+    /// With `backends_below`, `LB_BACKENDS` is read up to that id only (the array has
+    /// 262,144 entries by default; ids are taken lowest first, and an entry beyond the
+    /// highest id the agent used is named by no slot, and written over when its id is
+    /// taken).
     pub fn read_state_with(
         &self,
+        backends_below: Option<u32>,
         mut known: impl FnMut(u32, u32) -> Option<Arc<[MaglevCell]>>,
     ) -> Result<MapState> {
         let frontends: Vec<(FrontendKey, Frontend)> =
@@ -211,7 +216,13 @@ impl Maps {
                     .map_err(|e| map_err(MAP_SLOTS, e))?,
                 Err(e) => return Err(map_err(MAP_SLOTS, e)),
             };
-        let backends: Vec<(u32, Backend)> = match batch::lookup_all(&self.batch_fds[BACKENDS]) {
+        let below = backends_below.map(|n| n.min(self.backends.len()));
+        let read = match below {
+            Some(n) => batch::lookup_range(&self.batch_fds[BACKENDS], 0, n)
+                .map(|v| (0..n).zip(v).collect()),
+            None => batch::lookup_all(&self.batch_fds[BACKENDS]),
+        };
+        let backends: Vec<(u32, Backend)> = match read {
             Ok(all) => all,
             // No batch lookup (before 5.6): one syscall per index.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self

@@ -193,6 +193,11 @@ impl BackendTable {
         self.hasher.hash_one(b)
     }
 
+    /// One past the highest id this table has held (ids are taken lowest first).
+    fn ids_end(&self) -> u32 {
+        self.by_id.len() as u32
+    }
+
     fn get(&self, id: u32) -> Option<&Backend> {
         self.by_id.get(id as usize).filter(|b| **b != NO_BACKEND)
     }
@@ -333,9 +338,7 @@ impl TableSpace {
                 (Some(_), None) => owned.next(),
                 (None, _) => taken.next(),
             };
-            let Some((b, s)) = next else {
-                return None;
-            };
+            let (b, s) = next?;
             if free_from + size as u64 <= b as u64 {
                 return Some(free_from as u32);
             }
@@ -462,14 +465,24 @@ impl MapState {
 
     /// The table a frontend names, if it owns its region and it holds what was written.
     pub fn table(&self, f: &Frontend) -> Option<&[MaglevCell]> {
-        if !self.tables.owns(f) {
-            return None;
-        }
         self.tables
-            .cells
-            .get(&f.table_base)
+            .owns(f)
+            .then(|| self.tables.cells.get(&f.table_base))
+            .flatten()
             .filter(|c| c.len() == f.table_size as usize)
             .map(|c| &c[..])
+    }
+
+    /// `table`, shared.
+    fn table_shared(&self, f: &Frontend) -> Option<Arc<[MaglevCell]>> {
+        self.table(f)?;
+        self.tables.cells.get(&f.table_base).cloned()
+    }
+
+    /// One past the highest backend id in use (or once used): where a drift check's
+    /// read of `LB_BACKENDS` may stop.
+    pub fn backend_ids_end(&self) -> u32 {
+        self.backends.ids_end()
     }
 
     pub fn table_space(&self) -> &TableSpace {
@@ -658,14 +671,14 @@ impl MapState {
     /// table lies is left out (two plans may place the same table apart), what it holds
     /// is in.
     pub fn content(&self) -> MapContent {
-        let mut tables: Vec<(u32, Vec<MaglevCell>)> = self
+        let mut tables: Vec<(u32, Arc<[MaglevCell]>)> = self
             .frontends
             .values()
             .filter(|f| f.table_size != 0)
             .map(|f| {
                 (
                     f.service_id,
-                    self.table(f).map(<[_]>::to_vec).unwrap_or_default(),
+                    self.table_shared(f).unwrap_or_else(|| Arc::from([])),
                 )
             })
             .collect();
@@ -706,8 +719,10 @@ pub struct MapContent {
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(u32, Backend)>,
     pub ranges: Vec<RangeKey>,
-    /// Each frontend's Maglev table (by service id).
-    pub tables: Vec<(u32, Vec<MaglevCell>)>,
+    /// Each frontend's Maglev table (by service id), shared with the state it came
+    /// from: two states that share a table compare it by pointer (`Arc`'s equality
+    /// for `Eq` contents), so a drift check compares only the tables it read.
+    pub tables: Vec<(u32, Arc<[MaglevCell]>)>,
 }
 
 #[cfg(test)]
