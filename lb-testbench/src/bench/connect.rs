@@ -14,7 +14,7 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
@@ -191,6 +191,38 @@ impl Drop for Paused {
     }
 }
 
+/// Waits, before a run, until the mode's agent has been idle for `SETTLE_IDLE` (at most
+/// `SETTLE_MAX`). An agent stopped through the other modes' runs finds its
+/// periodic work overdue when it is continued (the drift check every 30 s, the
+/// conntrack collector every 10 s: their timers ran on while it was stopped), and did
+/// it in its own next run: that work, which a node spreads over its period, fell into
+/// the agent's few seconds of runs, several times as often as on a node (seen: in 8 of
+/// 20 runs at 10,000 Services, 5 to 14 µs per connection). Done before the run, the
+/// work falls into a run only when it comes due during one, as on a node.
+fn settle(pid: u32) {
+    let start = Instant::now();
+    let Some(mut last) = cpu::process_ticks(pid) else {
+        return;
+    };
+    while start.elapsed() < SETTLE_MAX {
+        std::thread::sleep(SETTLE_IDLE);
+        let Some(now) = cpu::process_ticks(pid) else {
+            return;
+        };
+        // (Its interface poll, every 250 ms, may add a tick.)
+        if now - last <= 1 {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// How long an agent must have been idle (at most one clock tick, 10 ms, of CPU) before a
+/// run.
+const SETTLE_IDLE: Duration = Duration::from_millis(300);
+/// The longest wait for it.
+const SETTLE_MAX: Duration = Duration::from_secs(10);
+
 fn rewritten(bed: &Bed) -> Option<u64> {
     let maps = lb_userspace::dataplane::Maps::from_pins(bed.sb.pin_dir()).ok()?;
     let c = maps.counters().ok()?;
@@ -270,6 +302,9 @@ fn load(bed: &mut Bed, svcs: &[workload::Svc], opts: &Opts) -> Result<()> {
 fn measure(beds: &[Bed], i: usize, secs: f64, threads: usize, stats: bool) -> Result<Run> {
     let _paused = pause_others(beds, i);
     let bed = &beds[i];
+    if let Some(pid) = bed.agent {
+        settle(pid);
+    }
     let lb = stats && bed.agent.is_some();
     let _stats = if lb { Some(progtime::enable()?) } else { None };
     let agent_before = bed.agent.and_then(cpu::process_ticks);
@@ -638,7 +673,7 @@ fn markdown(scales: &[Scale], opts: &Opts) -> String {
     );
     let _ = writeln!(
         md,
-        "\nHow: a sandbox per mode (node, client pod, three nginx pods), the same Services at each scale (the tested one and fillers with 1 to 10 endpoints). The load generator (4 threads in the client pod's network namespace, a new TCP connection per HTTP/1.0 request, closed loop, latency from connect to the last byte) runs in the bench's process, which joins a cgroup the bench made for each connect-time mode for its runs only; the agent there has its socket programs on that cgroup (`--cgroup`), the tc-path agent none (`--cgroup none`); \"no tc on veths\": the connect-time agent with no interface to attach to (`--interfaces` matching none), the socket programs alone. No LB: the client spreads over the pod IPs itself, either in turn (worker w starting at pod w, an even spread at every moment) or drawing a pod at random for each connection, which is the spread every balancer here has (kube-proxy's iptables draws, this project hashes per socket or flow): now and then two of the four workers meet at one nginx while another idles; the two baselines show what that costs. Every mode's load generator runs in a cgroup of its own (only the connect-time agents attach to theirs), so the modes differ by their programs only. The programs' own cost (socket, tc/XDP columns) comes from one more run per lb mode with the kernel's run-time accounting of BPF programs on (`BPF_ENABLE_STATS`, which itself adds two clock reads per program run, so the rate runs are made without it). The tc programs stay on the connect-time sandbox's veths too: its flows' packets pass them (a conntrack and a frontend miss at ingress, which marks them untracked, so egress does no lookup), and the counters show no program rewrote any."
+        "\nHow: a sandbox per mode (node, client pod, three nginx pods), the same Services at each scale (the tested one and fillers with 1 to 10 endpoints). The load generator (4 threads in the client pod's network namespace, a new TCP connection per HTTP/1.0 request, closed loop, latency from connect to the last byte) runs in the bench's process, which joins a cgroup the bench made for each connect-time mode for its runs only; the agent there has its socket programs on that cgroup (`--cgroup`), the tc-path agent none (`--cgroup none`); \"no tc on veths\": the connect-time agent with no interface to attach to (`--interfaces` matching none), the socket programs alone. No LB: the client spreads over the pod IPs itself, either in turn (worker w starting at pod w, an even spread at every moment) or drawing a pod at random for each connection, which is the spread every balancer here has (kube-proxy's iptables draws, this project hashes per socket or flow): now and then two of the four workers meet at one nginx while another idles; the two baselines show what that costs. Every mode's load generator runs in a cgroup of its own (only the connect-time agents attach to theirs), so the modes differ by their programs only. While one mode runs, the other modes' agents are stopped (SIGSTOP); before each run the mode's own agent first finishes the periodic work that came due while it was stopped (the bench waits until it has been idle for 0.3 s), so that such work falls into a run only when it comes due during one, as often as on a node. The programs' own cost (socket, tc/XDP columns) comes from one more run per lb mode with the kernel's run-time accounting of BPF programs on (`BPF_ENABLE_STATS`, which itself adds two clock reads per program run, so the rate runs are made without it). The tc programs stay on the connect-time sandbox's veths too: its flows' packets pass them (a conntrack and a frontend miss at ingress, which marks them untracked, so egress does no lookup), and the counters show no program rewrote any."
     );
     md
 }
