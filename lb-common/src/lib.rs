@@ -63,8 +63,12 @@ pub const MAP_SOCK_KILL: &str = "LB_SOCK_KILL";
 /// Per-socket storage of the connected sockets the socket programs translated
 /// ([`SockConn`]).
 pub const MAP_SOCK_CONN: &str = "LB_SOCK_CONN";
+/// One bit per hash of a frontend address ([`frontend_filter_bit`]): set for every
+/// address `LB_FRONTENDS` has a key of, so a packet to any other address (pod to pod,
+/// a connect-time flow's) skips the frontend hash lookup with one array load.
+pub const MAP_FE_FILTER: &str = "LB_FE_FILTER";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 18] = [
+pub const MAP_NAMES: [&str; 19] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -83,6 +87,7 @@ pub const MAP_NAMES: [&str; 18] = [
     MAP_SOCK_CONFIG,
     MAP_SOCK_KILL,
     MAP_SOCK_CONN,
+    MAP_FE_FILTER,
 ];
 
 /// The layout of the pinned maps: bump it whenever the meaning or the size of an
@@ -170,6 +175,27 @@ pub const DEFAULT_MAX_SOCK_REV: u32 = 262_144;
 /// Entries of `LB_SOCK_KILL`: (frontend, backend) pairs in one pass of the agent's
 /// iterator.
 pub const SOCK_KILL_BATCH: u32 = 4_096;
+
+/// Words (`u64`) of `LB_FE_FILTER`: 262,144 bits, 32 KiB. At 10,000 Services (their
+/// ClusterIPs, and the node's addresses for NodePorts) about 4 % of the bits are set,
+/// so about one packet in 25 to another address still makes the frontend lookup (and
+/// misses); the map is small enough to stay in cache.
+pub const FRONTEND_FILTER_WORDS: u32 = 4_096;
+
+/// Where `addr` is in `LB_FE_FILTER`: (word index, bit mask). The words of the address
+/// folded into one (an IPv4-mapped address: its IPv4 address and a constant), then
+/// murmur3's 32-bit finaliser, the low 18 bits of which pick the bit.
+#[inline(always)]
+pub fn frontend_filter_bit(addr: &Addr) -> (u32, u64) {
+    let mut h = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    let bit = h % (FRONTEND_FILTER_WORDS * 64);
+    (bit / 64, 1u64 << (bit % 64))
+}
 
 /// A Service frontend: its address (ClusterIP, node address of a NodePort, external or
 /// LoadBalancer IP) + port + protocol, and the view it is seen from. Key of

@@ -15,13 +15,21 @@ use lb_common::{
     SockConn, SockKey, SockValue, SourceRange, TraceConfig, TraceEvent, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS,
     DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOCK_REV, DEFAULT_MAX_SOURCE_RANGES, EVENTS_RING_BYTES,
-    SOCK_KILL_BATCH,
+    FRONTEND_FILTER_WORDS, SOCK_KILL_BATCH,
 };
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
 #[btf_map]
 pub static LB_FRONTENDS: HashMap<FrontendKey, Frontend, { DEFAULT_MAX_FRONTENDS as usize }> =
     HashMap::new();
+
+/// A bit per hash of every frontend address (`lb_common::frontend_filter_bit`), written
+/// by the agent: set before a frontend of the address is added, cleared after the last
+/// is removed. A packet or socket call to an address whose bit is clear is to no
+/// frontend, without the hash lookup (a bit set by another address costs that lookup,
+/// which misses, as before).
+#[btf_map]
+pub static LB_FE_FILTER: Array<u64, { FRONTEND_FILTER_WORDS as usize }> = Array::new();
 
 /// (service id, slot 1..=count) -> backend id: the ready backends of each frontend.
 #[btf_map]

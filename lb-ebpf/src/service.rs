@@ -1,12 +1,14 @@
 //! Service lookup, the source-range check, and backend selection.
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
-    Addr, AffinityKey, AffinityValue, Backend, Frontend, FrontendKey, SlotKey, SourceRange,
-    FRONTEND_F_HOST_ONLY, SCOPE_OUTSIDE,
+    frontend_filter_bit, Addr, AffinityKey, AffinityValue, Backend, Frontend, FrontendKey, SlotKey,
+    SourceRange, FRONTEND_F_HOST_ONLY, SCOPE_OUTSIDE,
 };
 
 use crate::{
-    maps::{LB_AFFINITY, LB_BACKENDS, LB_FRONTENDS, LB_MAGLEV, LB_SLOTS, LB_SRC_RANGES},
+    maps::{
+        LB_AFFINITY, LB_BACKENDS, LB_FE_FILTER, LB_FRONTENDS, LB_MAGLEV, LB_SLOTS, LB_SRC_RANGES,
+    },
     parse::Packet,
 };
 
@@ -51,6 +53,9 @@ const SOURCE_RANGE_BITS: u32 = 32 + 128;
 /// only (127.0.0.1:NodePort; no such packet crosses an interface the programs are on).
 #[inline(always)]
 pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
+    if !may_be_frontend(&pkt.dst) {
+        return None;
+    }
     let key = FrontendKey {
         addr: pkt.dst,
         port: pkt.dport,
@@ -61,6 +66,14 @@ pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
     unsafe { LB_FRONTENDS.get(&key) }
         .copied()
         .filter(|f| f.flags & FRONTEND_F_HOST_ONLY == 0)
+}
+
+/// Whether `addr` may be a frontend's: its bit in `LB_FE_FILTER` is set. A clear bit
+/// means no frontend has the address, and the hash lookup is not made.
+#[inline(always)]
+pub fn may_be_frontend(addr: &Addr) -> bool {
+    let (word, mask) = frontend_filter_bit(addr);
+    LB_FE_FILTER.get(word).is_some_and(|w| *w & mask != 0)
 }
 
 /// loadBalancerSourceRanges: whether the packet's source lies in one of the frontend's

@@ -202,8 +202,12 @@ pub fn forward(ctx: &SockAddrContext, fam: Fam, call: Call) -> i32 {
     if proto == 0 || (call == Call::Sendmsg && proto != PROTO_UDP) {
         return ALLOW;
     }
+    let addr = user_addr(ctx, fam);
+    if !service::may_be_frontend(&addr) {
+        return ALLOW;
+    }
     let key = FrontendKey {
-        addr: user_addr(ctx, fam),
+        addr,
         port: user_port(ctx),
         proto,
         scope: SCOPE_OUTSIDE,

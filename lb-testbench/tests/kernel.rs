@@ -10,12 +10,12 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::MaglevCell;
+use lb_common::{frontend_filter_bit, MaglevCell};
 use lb_testbench::{packet::*, sandbox::run_in};
 use lb_userspace::{
     config,
     dataplane::{
-        plan::{frontend_addr, MapState, NO_BACKEND},
+        plan::{frontend_addr, map_addr, MapState, NO_BACKEND},
         Dataplane, Drift, Maps,
     },
     loader::{remove_pins, Datapath, LoadOptions},
@@ -972,6 +972,53 @@ fn a_drift_check_reads_the_maglev_tables_a_slice_at_a_time_and_finds_a_changed_c
     maps.backends.set(id, NO_BACKEND, 0).unwrap();
     let d = k.plane.check_drift().unwrap().expect("the deleted backend");
     assert_eq!((d.backends, d.entries()), (1, 1), "{d:?}");
+}
+
+/// `LB_FE_FILTER`: the programs look a frontend up only where the address's bit is set.
+/// Cleared behind the agent's back, the frontend is not found (its packets pass as
+/// to any address); the drift check finds the word, and the next sync writes it again.
+/// A Service removed takes its address's bit with it.
+#[test]
+fn a_frontend_is_looked_up_only_where_its_filter_bit_is_set() {
+    let cfg = config_with(&[(B1, true)]);
+    let mut k = Kernel::new(&cfg);
+    let syn = |port| Spec::tcp(CLIENT, port, VIP, 80, SYN).build();
+    let to_b1 = |port| Spec::tcp(CLIENT, port, B1, 8080, SYN).build();
+    assert_eq!(k.run(&syn(40010)), (TC_ACT_OK, to_b1(40010)));
+
+    let (word, mask) = frontend_filter_bit(&map_addr(&VIP.parse().unwrap()));
+    let mut maps = Maps::from_pins(&k.pin_dir).unwrap();
+    let w = maps.fe_filter.get(&word, 0).unwrap();
+    assert_ne!(w & mask, 0, "the writer set the ClusterIP's bit");
+    maps.fe_filter.set(word, w & !mask, 0).unwrap();
+    let passed = k.counter("passed");
+    assert_eq!(k.run(&syn(40011)), (TC_ACT_OK, syn(40011)), "not looked up");
+    assert_eq!(k.counter("passed"), passed + 1);
+    assert_eq!(k.counter("new_flow"), 1);
+
+    let d = k.plane.check_drift().unwrap().expect("the cleared bit");
+    assert_eq!((d.filter, d.entries()), (1, 1), "{d:?}");
+    k.sync(&cfg);
+    assert_eq!(
+        k.run(&syn(40011)),
+        (TC_ACT_OK, to_b1(40011)),
+        "written again"
+    );
+
+    // The Service replaced by another at another address: the old bit goes (nothing
+    // else here shares its word), the new one is set.
+    let other = "10.96.7.7";
+    k.sync(&cfg.replace(VIP, other));
+    let filter = maps.frontend_filter().unwrap();
+    assert_eq!(filter[word as usize] & mask, 0);
+    let (w2, m2) = frontend_filter_bit(&map_addr(&other.parse().unwrap()));
+    assert_ne!(filter[w2 as usize] & m2, 0);
+    assert_eq!(
+        filter.iter().map(|w| w.count_ones()).sum::<u32>(),
+        1,
+        "one address, one bit"
+    );
+    assert_eq!(k.run(&syn(40012)), (TC_ACT_OK, syn(40012)));
 }
 
 /// Every frontend's slots 1..=count exist and name a backend that exists: a new
@@ -3036,7 +3083,7 @@ fn traced_decisions_write_their_events_and_nothing_is_written_untraced() {
     let mut k = one_backend();
     let state = Maps::from_pins(&k.pin_dir).unwrap().read_state().unwrap();
     let key = |port: u16| lb_common::FrontendKey {
-        addr: lb_userspace::dataplane::plan::map_addr(&VIP.parse().unwrap()),
+        addr: map_addr(&VIP.parse().unwrap()),
         port: port.to_be(),
         proto: lb_common::PROTO_TCP,
         scope: lb_common::SCOPE_OUTSIDE,

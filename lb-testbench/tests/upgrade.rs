@@ -156,7 +156,8 @@ fn an_agent_migrates_the_maps_of_the_previous_layout_and_keeps_their_flows() {
     // Layout 1, as an agent from before Maglev left it: the maps of a synced datapath
     // with a flow in conntrack (written by the real writer and program), with the
     // frontends in 16-byte values, 27 counters (before `trace_lost`), and neither the
-    // Maglev table, nor `lb trace`'s maps, nor a layout record.
+    // Maglev table, nor `lb trace`'s maps, nor a layout record, nor the frontend filter
+    // (which the load fills from the frontends, or new flows would miss them below).
     let syn = Spec::tcp(CLIENT, 40100, VIP, 80, SYN);
     let chosen = pinned_with_a_flow(dir, &syn);
     assert_eq!(frontends(dir).len(), 2, "web:80 and web:81");

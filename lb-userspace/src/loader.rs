@@ -327,8 +327,12 @@ impl Datapath {
             .collect();
         let upgrade = crate::upgrade::Upgrade::prepare(&opts.pin_dir)?;
         upgrade.set_aside()?;
-        let loaded = Self::load_pinned(opts, &pins, object).and_then(|loaded| {
+        let loaded = Self::load_pinned(opts, &pins, object).and_then(|mut loaded| {
             upgrade.finish()?;
+            let words = loaded.1.fill_frontend_filter()?;
+            if words > 0 {
+                info!(words, "frontend filter filled from the pinned frontends");
+            }
             Ok(loaded)
         });
         if loaded.is_err() {

@@ -12,13 +12,14 @@ use aya::maps::{
 };
 use lb_common::{
     counter, Backend, CtKey, CtValue, Frontend, FrontendKey, MaglevCell, NodeConfig, Slot, SlotKey,
-    SnatPeer, SourceRange, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRONTENDS, MAP_MAGLEV,
-    MAP_NODE, MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES, SOURCE_RANGE_ALLOW,
+    SnatPeer, SourceRange, FRONTEND_FILTER_WORDS, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS,
+    MAP_FE_FILTER, MAP_FRONTENDS, MAP_MAGLEV, MAP_NODE, MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES,
+    SOURCE_RANGE_ALLOW,
 };
 
 use super::{
     batch,
-    plan::{MapState, Op, RangeKey, NO_BACKEND},
+    plan::{filter, MapState, Op, RangeKey, NO_BACKEND},
 };
 use crate::{Error, Result};
 
@@ -38,14 +39,18 @@ pub struct Maps {
     pub snat: HashMap<MapData, CtKey, SnatPeer>,
     /// Every frontend's Maglev table, a region of cells each.
     pub maglev: Array<MapData, MaglevCell>,
+    /// The frontend addresses' filter: a bit per hash of each (`FRONTEND_FILTER_WORDS`
+    /// words).
+    pub fe_filter: Array<MapData, u64>,
     /// Duplicated fds of the service maps, for batch updates.
-    batch_fds: [OwnedFd; 4],
+    batch_fds: [OwnedFd; 5],
 }
 
 const FRONTENDS: usize = 0;
 const SLOTS: usize = 1;
 const BACKENDS: usize = 2;
 const MAGLEV: usize = 3;
+const FE_FILTER: usize = 4;
 
 fn dup_fd(name: &str, map: &Map) -> Result<OwnedFd> {
     let data = match map {
@@ -79,6 +84,7 @@ impl Maps {
             take(MAP_SOURCE_RANGES)?,
             take(MAP_SNAT)?,
             take(MAP_MAGLEV)?,
+            take(MAP_FE_FILTER)?,
         ])
     }
 
@@ -109,15 +115,17 @@ impl Maps {
             open(MAP_SOURCE_RANGES)?,
             open(MAP_SNAT)?,
             open(MAP_MAGLEV)?,
+            open(MAP_FE_FILTER)?,
         ])
     }
 
-    fn from_maps([f, s, b, c, n, node, ranges, snat, maglev]: [Map; 9]) -> Result<Self> {
+    fn from_maps([f, s, b, c, n, node, ranges, snat, maglev, filter]: [Map; 10]) -> Result<Self> {
         let batch_fds = [
             dup_fd(MAP_FRONTENDS, &f)?,
             dup_fd(MAP_SLOTS, &s)?,
             dup_fd(MAP_BACKENDS, &b)?,
             dup_fd(MAP_MAGLEV, &maglev)?,
+            dup_fd(MAP_FE_FILTER, &filter)?,
         ];
         Ok(Self {
             batch_fds,
@@ -130,7 +138,58 @@ impl Maps {
             source_ranges: LpmTrie::try_from(ranges).map_err(|e| map_err(MAP_SOURCE_RANGES, e))?,
             snat: HashMap::try_from(snat).map_err(|e| map_err(MAP_SNAT, e))?,
             maglev: Array::try_from(maglev).map_err(|e| map_err(MAP_MAGLEV, e))?,
+            fe_filter: Array::try_from(filter).map_err(|e| map_err(MAP_FE_FILTER, e))?,
         })
+    }
+
+    /// `LB_FE_FILTER`'s words, all of them.
+    pub fn frontend_filter(&self) -> Result<Vec<u64>> {
+        match batch::lookup_range(&self.batch_fds[FE_FILTER], 0, FRONTEND_FILTER_WORDS) {
+            Ok(words) => Ok(words),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (0..FRONTEND_FILTER_WORDS)
+                .map(|i| {
+                    self.fe_filter
+                        .get(&i, 0)
+                        .map_err(|e| map_err(MAP_FE_FILTER, e))
+                })
+                .collect(),
+            Err(e) => Err(map_err(MAP_FE_FILTER, e)),
+        }
+    }
+
+    /// Every entry of `LB_FRONTENDS`: in batches, or one at a time before Linux 5.6.
+    fn read_frontends(&self) -> Result<Vec<(FrontendKey, Frontend)>> {
+        match batch::lookup_all_hash(&self.batch_fds[FRONTENDS]) {
+            Ok(all) => Ok(all),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
+                .frontends
+                .iter()
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| map_err(MAP_FRONTENDS, e)),
+            Err(e) => Err(map_err(MAP_FRONTENDS, e)),
+        }
+    }
+
+    /// Makes `LB_FE_FILTER` agree with the frontends `LB_FRONTENDS` holds (the words
+    /// that differ written): at load, before any program is attached, so a program of
+    /// this build never misses a pinned frontend (pins made before the filter existed,
+    /// or migrated, get an empty one from the load). The writer keeps it so afterwards.
+    /// Returns how many words it wrote.
+    pub fn fill_frontend_filter(&mut self) -> Result<usize> {
+        let frontends = self.read_frontends()?;
+        let want = filter::of_addrs(frontends.iter().map(|(k, _)| &k.addr));
+        let changed = filter::changed(&self.frontend_filter()?, &want);
+        for &(i, word) in &changed {
+            self.set_frontend_filter_word(i, word)?;
+        }
+        Ok(changed.len())
+    }
+
+    /// Writes word `index` of `LB_FE_FILTER`.
+    pub fn set_frontend_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
+        self.fe_filter
+            .set(index, word, 0)
+            .map_err(|e| map_err(MAP_FE_FILTER, format!("word {index}: {e}")))
     }
 
     /// Cells `base..base + size` of `LB_MAGLEV`.
@@ -195,16 +254,7 @@ impl Maps {
         backends_below: Option<u32>,
         mut known: impl FnMut(u32, u32) -> Option<Arc<[MaglevCell]>>,
     ) -> Result<MapState> {
-        let frontends: Vec<(FrontendKey, Frontend)> =
-            match batch::lookup_all_hash(&self.batch_fds[FRONTENDS]) {
-                Ok(all) => all,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
-                    .frontends
-                    .iter()
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| map_err(MAP_FRONTENDS, e))?,
-                Err(e) => return Err(map_err(MAP_FRONTENDS, e)),
-            };
+        let frontends = self.read_frontends()?;
         let slots: Vec<(SlotKey, u32)> =
             match batch::lookup_all_hash::<SlotKey, Slot>(&self.batch_fds[SLOTS]) {
                 Ok(all) => all.into_iter().map(|(k, v)| (k, v.backend_id)).collect(),

@@ -46,11 +46,19 @@ pub struct Drift {
     pub tables: usize,
     /// `LB_NODE` differs.
     pub node: bool,
+    /// Words of `LB_FE_FILTER` that differ.
+    pub filter: usize,
 }
 
 impl Drift {
     pub fn entries(&self) -> usize {
-        self.frontends + self.slots + self.backends + self.ranges + self.tables + self.node as usize
+        self.frontends
+            + self.slots
+            + self.backends
+            + self.ranges
+            + self.tables
+            + self.node as usize
+            + self.filter
     }
 }
 
@@ -91,6 +99,8 @@ pub struct Dataplane {
     refs: Option<Refs>,
     /// `LB_NODE` as last read or written.
     node: NodeConfig,
+    /// `LB_FE_FILTER` as last read or written (`plan::filter`).
+    filter: plan::filter::Words,
     /// Where the next drift check's slice of Maglev tables starts (a table base).
     table_cursor: u32,
     /// Cells of Maglev tables one drift check reads (`DRIFT_CHECK_CELLS`).
@@ -125,11 +135,13 @@ impl Dataplane {
     pub fn new(maps: Maps) -> Result<Self> {
         let mirror = maps.read_state()?;
         let node = maps.node_config()?;
+        let filter = maps.frontend_filter()?;
         Ok(Self {
             maps,
             mirror,
             refs: None,
             node,
+            filter,
             table_cursor: 0,
             check_cells: DRIFT_CHECK_CELLS,
         })
@@ -183,8 +195,9 @@ impl Dataplane {
             })?;
         self.table_cursor = next;
         let node = self.maps.node_config()?;
+        let filter = self.maps.frontend_filter()?;
         let (have, want) = (read.content(), self.mirror.content());
-        if have == want && node == self.node {
+        if have == want && node == self.node && filter == self.filter {
             return Ok(None);
         }
         let unit = |v: &[plan::RangeKey]| v.iter().map(|k| (*k, ())).collect::<Vec<_>>();
@@ -195,9 +208,11 @@ impl Dataplane {
             ranges: differing(&unit(&have.ranges), &unit(&want.ranges)),
             tables: differing(&have.tables, &want.tables),
             node: node != self.node,
+            filter: plan::filter::changed(&filter, &self.filter).len(),
         };
         self.mirror = read;
         self.node = node;
+        self.filter = filter;
         self.refs = None;
         Ok(Some(drift))
     }
@@ -260,11 +275,18 @@ impl Dataplane {
     /// a slot (or the backend it names) could not be written, the count stops before it,
     /// so no new connection is hashed to a slot that is not there; and a frontend whose
     /// Maglev table could not be written (or whose count was cut) is written without one.
+    ///
+    /// The frontend filter brackets the plan (`plan::filter`): the bits of the frontends
+    /// it adds are set first, those of the frontends it removed cleared last. A word
+    /// that could not be written is an error like a failed op: the next sync writes it
+    /// again (until then, a frontend whose bit is missing is not found by new flows).
     fn apply(&mut self, mut ops: Vec<Op>) -> SyncReport {
         let mut report = SyncReport {
             ops: ops.len(),
             ..Default::default()
         };
+        let before = plan::filter::before(&self.mirror, &ops);
+        self.write_filter(&before, &mut report.errors);
         // The UDP backends in the slots of each frontend the ops touch, before.
         let mut touched: Vec<u32> = ops
             .iter()
@@ -331,6 +353,8 @@ impl Dataplane {
             }
             i = end;
         }
+        let after = plan::filter::of(&self.mirror);
+        self.write_filter(&after, &mut report.errors);
         for (sid, before) in udp_before {
             let after = self.udp_slot_ids(sid);
             report.udp_gone.extend(
@@ -341,6 +365,16 @@ impl Dataplane {
             );
         }
         report
+    }
+
+    /// Writes the words of `want` that `LB_FE_FILTER` does not hold.
+    fn write_filter(&mut self, want: &[u64], errors: &mut Vec<String>) {
+        for (i, word) in plan::filter::changed(&self.filter, want) {
+            match self.maps.set_frontend_filter_word(i, word) {
+                Ok(()) => self.filter[i as usize] = word,
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
     }
 
     /// The UDP backends in the slots of frontend `service_id`.

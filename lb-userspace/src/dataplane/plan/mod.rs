@@ -4,7 +4,9 @@
 //! - `ids`: backend and service id allocation;
 //! - `mirror`: what the maps hold, and the ops that change them;
 //! - `diff`: the plans, full (`plan`) and by delta (`plan_delta`), and the backend
-//!   reference counts (`Refs`) that tell when a backend is no longer needed.
+//!   reference counts (`Refs`) that tell when a backend is no longer needed;
+//! - `filter`: the frontend addresses' filter (`LB_FE_FILTER`), derived from the
+//!   frontends and written around each plan (set before it, cleared after).
 //!
 //! Ordering rules, so a packet racing with an update never reads a half-made entry:
 //! 1. new backends are written before any slot points at them;
@@ -18,6 +20,7 @@
 //! Plans come grouped by op kind (`Op::rank`), which keeps these rules and lets the
 //! writer send each group in batches.
 mod diff;
+pub mod filter;
 mod ids;
 pub mod maglev;
 mod mirror;
