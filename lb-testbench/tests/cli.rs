@@ -14,7 +14,7 @@ use std::{
 use lb_testbench::agent::lb_binary;
 use lb_userspace::{
     config,
-    dataplane::{plan::map_addr, Dataplane},
+    dataplane::{plan::map_addr, Dataplane, Maps},
     loader::{self, Datapath, LoadOptions},
     model::desired_state,
 };
@@ -281,6 +281,63 @@ fn into_closed_pipe(args: &[&str]) -> (std::process::ExitStatus, String) {
         .read_to_string(&mut err)
         .unwrap();
     (child.wait().unwrap(), err)
+}
+
+/// A frontend whose address lost its bit in `LB_FE_FILTER` (the programs would not
+/// look it up): `lb show` says so, in the table and in the JSON.
+#[test]
+fn lb_show_warns_of_a_frontend_missing_from_the_filter() {
+    let pins = Pins::new();
+    let _datapath = loaded(&pins);
+    let in_filter = |v: &Value| -> Vec<(String, bool)> {
+        v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["frontend"].as_str().unwrap().to_string(),
+                    r["in_filter"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let before = in_filter(&show_json(&pins, &["services"]));
+    assert!(
+        before.len() > 3 && before.iter().all(|(_, b)| *b),
+        "{before:?}"
+    );
+
+    let mut maps = Maps::from_pins(&pins.0).unwrap();
+    let (word, mask) = lb_common::frontend_filter_bit(&map_addr(&"10.96.0.10".parse().unwrap()));
+    let w = maps.fe_filter.get(&word, 0).unwrap();
+    maps.fe_filter.set(word, w & !mask, 0).unwrap();
+
+    let after = in_filter(&show_json(&pins, &["services"]));
+    let missing: Vec<&str> = after
+        .iter()
+        .filter(|(_, b)| !b)
+        .map(|(f, _)| f.as_str())
+        .collect();
+    assert!(!missing.is_empty(), "{after:?}");
+    assert!(
+        missing.iter().all(|f| f.starts_with("10.96.0.10:")),
+        "only web's ClusterIP lost its bit: {missing:?}"
+    );
+    let (ok, table, err) = lb(&[
+        "show",
+        "services",
+        "--agent",
+        "",
+        "--pin-dir",
+        pins.0.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        table.contains("warning: 10.96.0.10:80/TCP: its address has no bit in LB_FE_FILTER"),
+        "{table}"
+    );
+    assert_eq!(table.matches("warning:").count(), missing.len(), "{table}");
 }
 
 #[test]

@@ -274,6 +274,9 @@ pub struct FrontendRow {
     pub maglev_cells: u32,
     /// The backends new connections go to, in slot order.
     pub backends: Vec<BackendRef>,
+    /// Whether its address has its bit in `LB_FE_FILTER`; false: the programs do not
+    /// look it up, so no client reaches it (the agent's next drift check repairs it).
+    pub in_filter: bool,
     #[serde(skip)]
     ip: IpAddr,
 }
@@ -399,7 +402,7 @@ pub fn read(
         None
     };
     if let Some(st) = &st {
-        let mut frontends = frontend_rows(st);
+        let mut frontends = frontend_rows(st, &maps.frontend_filter()?);
         if let Some(view) = &view {
             merge(&mut frontends, view);
         }
@@ -430,7 +433,7 @@ pub fn read(
     Ok(report)
 }
 
-fn frontend_rows(st: &MapState) -> Vec<FrontendRow> {
+fn frontend_rows(st: &MapState, filter: &[u64]) -> Vec<FrontendRow> {
     let mut fes: Vec<_> = st.frontends.iter().collect();
     fes.sort_by_key(|(k, _)| frontend_addr(k));
     fes.into_iter()
@@ -476,6 +479,10 @@ fn frontend_rows(st: &MapState) -> Vec<FrontendRow> {
                 affinity_timeout_s: f.affinity_timeout_s,
                 maglev_cells: f.table_size,
                 backends,
+                in_filter: {
+                    let (w, mask) = lb_common::frontend_filter_bit(&k.addr);
+                    filter.get(w as usize).is_some_and(|w| w & mask != 0)
+                },
                 ip: fa.ip,
             }
         })
@@ -742,6 +749,13 @@ fn table(r: &Report, filter: &Filter) -> String {
             "(active: in the frontend's slots, new connections go to it; maglev: cells of its table; names and conditions: {})",
             r.agent
         );
+        for f in rows.iter().filter(|f| !f.in_filter) {
+            let _ = writeln!(
+                out,
+                "warning: {}: its address has no bit in LB_FE_FILTER, so the programs do not look it up and no client reaches it (the agent's next drift check writes it again)",
+                f.frontend
+            );
+        }
         let _ = writeln!(out);
     }
     if let Some(rows) = &r.backends {
