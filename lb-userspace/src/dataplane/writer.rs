@@ -453,6 +453,7 @@ impl Loop {
                     source_ranges = d.ranges,
                     maglev_tables = d.tables,
                     node = d.node,
+                    frontend_filter_words = d.filter,
                     "map entries changed behind the agent's back; rewriting them"
                 );
                 self.drift = Some(d);
