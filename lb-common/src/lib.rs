@@ -182,17 +182,24 @@ pub const SOCK_KILL_BATCH: u32 = 4_096;
 /// misses); the map is small enough to stay in cache.
 pub const FRONTEND_FILTER_WORDS: u32 = 4_096;
 
-/// Where `addr` is in `LB_FE_FILTER`: (word index, bit mask). The words of the address
-/// folded into one (an IPv4-mapped address: its IPv4 address and a constant), then
-/// murmur3's 32-bit finaliser, the low 18 bits of which pick the bit.
+/// murmur3's 32-bit finaliser: every input bit spreads over the output (the datapath's
+/// flow hash and the frontend filter's bit).
 #[inline(always)]
-pub fn frontend_filter_bit(addr: &Addr) -> (u32, u64) {
-    let mut h = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+pub fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^= h >> 16;
+    h
+}
+
+/// Where `addr` is in `LB_FE_FILTER`: (word index, bit mask). The words of the address
+/// folded into one (an IPv4-mapped address: its IPv4 address and a constant), then
+/// [`fmix32`], the low 18 bits of which pick the bit.
+#[inline(always)]
+pub fn frontend_filter_bit(addr: &Addr) -> (u32, u64) {
+    let h = fmix32(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]);
     let bit = h % (FRONTEND_FILTER_WORDS * 64);
     (bit / 64, 1u64 << (bit % 64))
 }

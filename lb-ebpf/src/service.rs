@@ -1,8 +1,8 @@
 //! Service lookup, the source-range check, and backend selection.
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
-    frontend_filter_bit, Addr, AffinityKey, AffinityValue, Backend, Frontend, FrontendKey, SlotKey,
-    SourceRange, FRONTEND_F_HOST_ONLY, SCOPE_OUTSIDE,
+    fmix32, frontend_filter_bit, Addr, AffinityKey, AffinityValue, Backend, Frontend, FrontendKey,
+    SlotKey, SourceRange, FRONTEND_F_HOST_ONLY, SCOPE_OUTSIDE,
 };
 
 use crate::{
@@ -116,16 +116,12 @@ fn fold_addr(a: &Addr) -> u32 {
 /// murmur3's 32-bit finaliser over the 5-tuple: cheap, and spreads client ports well.
 #[inline(always)]
 pub fn flow_hash<T: Tuple>(pkt: &T) -> u32 {
-    let mut h = fold_addr(pkt.src())
-        ^ fold_addr(pkt.dst()).rotate_left(16)
-        ^ (((pkt.sport() as u32) << 16) | pkt.dport() as u32)
-        ^ ((pkt.proto() as u32) << 8);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
+    fmix32(
+        fold_addr(pkt.src())
+            ^ fold_addr(pkt.dst()).rotate_left(16)
+            ^ (((pkt.sport() as u32) << 16) | pkt.dport() as u32)
+            ^ ((pkt.proto() as u32) << 8),
+    )
 }
 
 /// The one place a backend is chosen for a new flow. Returns the backend id and the

@@ -479,10 +479,7 @@ fn frontend_rows(st: &MapState, filter: &[u64]) -> Vec<FrontendRow> {
                 affinity_timeout_s: f.affinity_timeout_s,
                 maglev_cells: f.table_size,
                 backends,
-                in_filter: {
-                    let (w, mask) = lb_common::frontend_filter_bit(&k.addr);
-                    filter.get(w as usize).is_some_and(|w| w & mask != 0)
-                },
+                in_filter: crate::dataplane::plan::filter::has(filter, &k.addr),
                 ip: fa.ip,
             }
         })

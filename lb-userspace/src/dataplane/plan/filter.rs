@@ -38,6 +38,12 @@ pub fn before(state: &MapState, ops: &[Op]) -> Words {
     of_addrs(state.frontends.keys().map(|k| &k.addr).chain(put))
 }
 
+/// Whether `addr`'s bit is set in `words`.
+pub fn has(words: &[u64], addr: &Addr) -> bool {
+    let (w, mask) = frontend_filter_bit(addr);
+    words.get(w as usize).is_some_and(|w| w & mask != 0)
+}
+
 /// The words of `want` that differ from `have`: (index, word).
 pub fn changed(have: &[u64], want: &[u64]) -> Vec<(u32, u64)> {
     want.iter()
@@ -63,11 +69,6 @@ mod tests {
             proto: PROTO_TCP,
             scope: SCOPE_OUTSIDE,
         }
-    }
-
-    fn has(words: &[u64], addr: &Addr) -> bool {
-        let (w, mask) = frontend_filter_bit(addr);
-        words[w as usize] & mask != 0
     }
 
     fn fv(service_id: u32) -> Frontend {
