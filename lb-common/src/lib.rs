@@ -67,8 +67,12 @@ pub const MAP_SOCK_CONN: &str = "LB_SOCK_CONN";
 /// address `LB_FRONTENDS` has a key of, so a packet to any other address (pod to pod,
 /// a connect-time flow's) skips the frontend hash lookup with one array load.
 pub const MAP_FE_FILTER: &str = "LB_FE_FILTER";
+/// One bit per hash of every conntrack key ([`ct_filter_bit`]), set by the programs
+/// before they insert the entry, and a switch ([`CT_FILTER_SWITCH`]): while it is on, a
+/// packet whose 5-tuple's bit is clear has no entry, without the conntrack lookup.
+pub const MAP_CT_FILTER: &str = "LB_CT_FILTER";
 /// Every map, in the order above.
-pub const MAP_NAMES: [&str; 19] = [
+pub const MAP_NAMES: [&str; 20] = [
     MAP_FRONTENDS,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -88,6 +92,7 @@ pub const MAP_NAMES: [&str; 19] = [
     MAP_SOCK_KILL,
     MAP_SOCK_CONN,
     MAP_FE_FILTER,
+    MAP_CT_FILTER,
 ];
 
 /// The layout of the pinned maps: bump it whenever the meaning or the size of an
@@ -182,6 +187,23 @@ pub const SOCK_KILL_BATCH: u32 = 4_096;
 /// misses); the map is small enough to stay in cache.
 pub const FRONTEND_FILTER_WORDS: u32 = 4_096;
 
+/// Words (`u64`) of `LB_CT_FILTER`'s bits: 1,048,576 bits, 128 KiB (small enough to
+/// stay in a core's L2 cache). With n conntrack entries about n bits are set, so a
+/// packet of no tracked flow still makes the lookup (and misses) with a chance of about
+/// n / 1,048,576: 1 % at 10,000 entries, 39 % with the default table (524,288) full.
+/// Bits of entries that went stay set until the collector rebuilds the filter.
+pub const CT_FILTER_WORDS: u32 = 16_384;
+/// The index of `LB_CT_FILTER`'s switch, after the bits: [`CT_FILTER_ON`] while the
+/// bits cover every entry (the programs trust a clear bit), anything else while the
+/// agent (re)builds them (the programs then look every packet up, as without a filter).
+pub const CT_FILTER_SWITCH: u32 = CT_FILTER_WORDS;
+/// The switch's value that turns the filter on.
+pub const CT_FILTER_ON: u64 = 1;
+/// `BPF_F_MMAPABLE`: `LB_CT_FILTER` is mapped into the agent's memory, which sets bits
+/// with atomic ORs beside the programs' (a map update would overwrite a word whole and
+/// could drop a bit a program set meanwhile).
+pub const CT_FILTER_MAP_FLAGS: usize = 1 << 10;
+
 /// murmur3's 32-bit finaliser: every input bit spreads over the output (the datapath's
 /// flow hash and the frontend filter's bit).
 #[inline(always)]
@@ -199,8 +221,42 @@ pub fn fmix32(mut h: u32) -> u32 {
 /// [`fmix32`], the low 18 bits of which pick the bit.
 #[inline(always)]
 pub fn frontend_filter_bit(addr: &Addr) -> (u32, u64) {
-    let h = fmix32(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]);
+    let h = fmix32(fold_addr(addr));
     let bit = h % (FRONTEND_FILTER_WORDS * 64);
+    (bit / 64, 1u64 << (bit % 64))
+}
+
+/// The four words of an address folded into one (an IPv4-mapped address gives its IPv4
+/// address and a constant).
+#[inline(always)]
+pub fn fold_addr(a: &Addr) -> u32 {
+    a[0] ^ a[1] ^ a[2] ^ a[3]
+}
+
+/// The hash of a 5-tuple as it arrives (ports in network byte order): the flow hash
+/// the datapath picks backends and SNAT ports by, and the conntrack filter's bit.
+#[inline(always)]
+pub fn tuple_hash(src: &Addr, dst: &Addr, sport: u16, dport: u16, proto: u8) -> u32 {
+    fmix32(
+        fold_addr(src)
+            ^ fold_addr(dst).rotate_left(16)
+            ^ (((sport as u32) << 16) | dport as u32)
+            ^ ((proto as u32) << 8),
+    )
+}
+
+/// Where `key` is in `LB_CT_FILTER`: (word index, bit mask), the low 20 bits of its
+/// [`tuple_hash`].
+#[inline(always)]
+pub fn ct_filter_bit(key: &CtKey) -> (u32, u64) {
+    let h = tuple_hash(
+        &key.src_addr,
+        &key.dst_addr,
+        key.src_port,
+        key.dst_port,
+        key.proto,
+    );
+    let bit = h % (CT_FILTER_WORDS * 64);
     (bit / 64, 1u64 << (bit % 64))
 }
 

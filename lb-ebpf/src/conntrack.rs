@@ -6,13 +6,14 @@
 //! value says which (`dir`). Keys and values hold 16-byte addresses for both families
 //! (IPv4 mapped), so this file never asks which family a packet is.
 use lb_common::{
-    counter, Addr, Backend, CtKey, CtValue, Frontend, SnatPeer, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_NEW, FRONTEND_F_KINDS, PROTO_UDP,
+    counter, ct_filter_bit, Addr, Backend, CtKey, CtValue, Frontend, SnatPeer, CT_DIR_FORWARD,
+    CT_DIR_REPLY, CT_FILTER_ON, CT_FILTER_SWITCH, CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT,
+    CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, FRONTEND_F_KINDS,
+    PROTO_UDP,
 };
 
 use crate::{
-    maps::{LB_CONNTRACK, LB_NODE, LB_SNAT, LB_SNAT_SCRATCH},
+    maps::{LB_CONNTRACK, LB_CT_FILTER, LB_NODE, LB_SNAT, LB_SNAT_SCRATCH},
     parse::{Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     service::flow_hash,
 };
@@ -46,9 +47,55 @@ pub fn key(pkt: &Packet) -> CtKey {
     }
 }
 
+/// The entry of `key`, if it has one. Most packets of a node have none (pod to pod, a
+/// connect-time flow's): the filter tells them without the hash lookup.
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
+    if !may_be_tracked(key) {
+        return None;
+    }
     LB_CONNTRACK.get_ptr_mut(key)
+}
+
+/// False only when `LB_CT_FILTER` is on and `key`'s bit is clear: then no entry has the
+/// key, since every entry's bit is set before it is inserted, and the agent turns the
+/// filter off while it clears stale bits.
+#[inline(always)]
+fn may_be_tracked(key: &CtKey) -> bool {
+    if LB_CT_FILTER.get(CT_FILTER_SWITCH).copied() != Some(CT_FILTER_ON) {
+        return true;
+    }
+    let (word, mask) = ct_filter_bit(key);
+    LB_CT_FILTER.get(word).is_none_or(|w| w & mask != 0)
+}
+
+/// Sets `key`'s bit in `LB_CT_FILTER`; called before each insert into `LB_CONNTRACK`.
+/// An atomic OR: another CPU (or the agent) may set a bit of the same word at once.
+#[inline(always)]
+fn mark(key: &CtKey) {
+    let (word, mask) = ct_filter_bit(key);
+    if let Some(w) = LB_CT_FILTER.get_ptr_mut(word) {
+        // `lock *(u64 *)(w + 0) |= mask`: BPF_ATOMIC | BPF_OR (Linux 5.12), which
+        // `AtomicU64::fetch_or` does not reach on this target (core has no RMW atomics
+        // for BPF).
+        // SAFETY: a pointer into the map's value, valid while the program runs, aligned
+        // for a u64; every other writer uses atomic operations too.
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({w} + 0) |= {mask}",
+                w = in(reg) w,
+                mask = in(reg) mask,
+                options(nostack),
+            )
+        };
+    }
+}
+
+/// Inserts an entry, its filter bit first.
+#[inline(always)]
+fn insert(key: &CtKey, value: &CtValue, flags: u64) -> Result<(), i32> {
+    mark(key);
+    LB_CONNTRACK.insert(key, value, flags)
 }
 
 /// A pure SYN (no ACK) opens a new connection: if it meets a closing or closed entry
@@ -142,9 +189,7 @@ pub fn create(
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    LB_CONNTRACK
-        .insert(&reply, &reply_value, 0)
-        .map_err(|_| ())?;
+    insert(&reply, &reply_value, 0).map_err(|_| ())?;
     let forward_value = CtValue {
         last_seen_ns: now,
         created_ns: now,
@@ -158,9 +203,7 @@ pub fn create(
         dir: CT_DIR_FORWARD,
         _pad: [0; 2],
     };
-    LB_CONNTRACK
-        .insert(&key(pkt), &forward_value, 0)
-        .map_err(|_| ())
+    insert(&key(pkt), &forward_value, 0).map_err(|_| ())
 }
 
 /// Re-creates the reply entry of a live forward entry if the LRU evicted it.
@@ -192,7 +235,7 @@ pub fn ensure_reply(pkt: &Packet, fwd: &CtValue, now: u64) {
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let _ = LB_CONNTRACK.insert(&reply, &value, 0);
+    let _ = insert(&reply, &value, 0);
 }
 
 /// The other side of a SNAT flow's translation (`LB_SNAT`), under the key of a packet
@@ -313,10 +356,7 @@ pub fn create_snat(
             proto: pkt.proto,
             _pad: [0; 3],
         };
-        if LB_CONNTRACK
-            .insert(&sc.key, &sc.value, insert_flags)
-            .is_ok()
-        {
+        if insert(&sc.key, &sc.value, insert_flags).is_ok() {
             port = p;
             break;
         }
@@ -342,8 +382,6 @@ pub fn create_snat(
     LB_SNAT
         .insert(&sc.key, &sc.peer, 0)
         .map_err(|_| counter::DROP_CT_FULL)?;
-    LB_CONNTRACK
-        .insert(&sc.key, &sc.value, 0)
-        .map_err(|_| counter::DROP_CT_FULL)?;
+    insert(&sc.key, &sc.value, 0).map_err(|_| counter::DROP_CT_FULL)?;
     Ok(&sc.peer)
 }

@@ -9,6 +9,8 @@
 //! `parse`, `nat`, `refuse` and `route` look at the address family.
 #![no_std]
 #![no_main]
+// `asm!` for the one atomic OR core does not offer here (`conntrack::mark`).
+#![feature(asm_experimental_arch)]
 #![expect(
     clippy::needless_borrows_for_generic_args,
     reason = "map keys and values go by reference (STYLE.md): by value they are copied onto the 512-byte stack"

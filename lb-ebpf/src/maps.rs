@@ -12,10 +12,10 @@ use aya_ebpf::{
 use lb_common::{
     counter, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Frontend,
     FrontendKey, LayoutRecord, MaglevCell, NodeConfig, Slot, SlotKey, SnatPeer, SockConfig,
-    SockConn, SockKey, SockValue, SourceRange, TraceConfig, TraceEvent, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS,
-    DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOCK_REV, DEFAULT_MAX_SOURCE_RANGES, EVENTS_RING_BYTES,
-    FRONTEND_FILTER_WORDS, SOCK_KILL_BATCH,
+    SockConn, SockKey, SockValue, SourceRange, TraceConfig, TraceEvent, CT_FILTER_MAP_FLAGS,
+    CT_FILTER_WORDS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS,
+    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_MAGLEV_CELLS, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOCK_REV,
+    DEFAULT_MAX_SOURCE_RANGES, EVENTS_RING_BYTES, FRONTEND_FILTER_WORDS, SOCK_KILL_BATCH,
 };
 
 /// Service frontends: (IP, port, protocol) -> service id and ready-backend count.
@@ -52,6 +52,16 @@ pub static LB_BACKENDS: Array<Backend, { DEFAULT_MAX_BACKENDS as usize + 1 }> = 
 #[btf_map]
 pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_MAX_CONNTRACK as usize }> =
     LruHashMap::new();
+
+/// A bit per hash of every conntrack key (`lb_common::ct_filter_bit`), then the switch
+/// (`CT_FILTER_SWITCH`). The programs set a key's bit (an atomic OR) before they insert
+/// its entry; while the agent keeps the switch on, a packet whose bit is clear has no
+/// entry and skips the lookup (`conntrack::lookup`). Bits of entries that went stay
+/// set until the agent rebuilds the filter (`lb_userspace::dataplane::ct_filter`).
+/// Mappable: the agent sets bits with atomic ORs too.
+#[btf_map]
+pub static LB_CT_FILTER: Array<u64, { CT_FILTER_WORDS as usize + 1 }, CT_FILTER_MAP_FLAGS> =
+    Array::new();
 
 /// Fragmented datagrams whose first fragment was translated: (src, dst, IP id, proto) as
 /// the fragments arrive -> the address to give the later ones (which have no ports to

@@ -1,8 +1,8 @@
 //! Service lookup, the source-range check, and backend selection.
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
-    fmix32, frontend_filter_bit, Addr, AffinityKey, AffinityValue, Backend, Frontend, FrontendKey,
-    SlotKey, SourceRange, FRONTEND_F_HOST_ONLY, SCOPE_OUTSIDE,
+    frontend_filter_bit, tuple_hash, Addr, AffinityKey, AffinityValue, Backend, Frontend,
+    FrontendKey, SlotKey, SourceRange, FRONTEND_F_HOST_ONLY, SCOPE_OUTSIDE,
 };
 
 use crate::{
@@ -106,22 +106,11 @@ pub fn lookup_backend(backend_id: u32) -> Option<Backend> {
         .filter(|b| b.addr != [0; 4])
 }
 
-/// The four words of an address folded into one (an IPv4-mapped address gives its IPv4
-/// address and a constant).
-#[inline(always)]
-fn fold_addr(a: &Addr) -> u32 {
-    a[0] ^ a[1] ^ a[2] ^ a[3]
-}
-
-/// murmur3's 32-bit finaliser over the 5-tuple: cheap, and spreads client ports well.
+/// murmur3's 32-bit finaliser over the 5-tuple: cheap, and spreads client ports well
+/// (`lb_common::tuple_hash`, which the conntrack filter's bit is taken from too).
 #[inline(always)]
 pub fn flow_hash<T: Tuple>(pkt: &T) -> u32 {
-    fmix32(
-        fold_addr(pkt.src())
-            ^ fold_addr(pkt.dst()).rotate_left(16)
-            ^ (((pkt.sport() as u32) << 16) | pkt.dport() as u32)
-            ^ ((pkt.proto() as u32) << 8),
-    )
+    tuple_hash(pkt.src(), pkt.dst(), pkt.sport(), pkt.dport(), pkt.proto())
 }
 
 /// The one place a backend is chosen for a new flow. Returns the backend id and the

@@ -340,6 +340,65 @@ fn lb_show_warns_of_a_frontend_missing_from_the_filter() {
     assert_eq!(table.matches("warning:").count(), missing.len(), "{table}");
 }
 
+/// `lb show conntrack` prints the conntrack filter's switch and fill, and warns of an
+/// entry whose key has no bit while it is on (the programs would not find it): the
+/// load leaves it off, a rebuild turns it on with the hand-made entry's bit, and a bit
+/// cleared behind the programs' back is named.
+#[test]
+fn lb_show_prints_the_conntrack_filter_and_warns_of_an_entry_missing_from_it() {
+    let pins = Pins::new();
+    let _datapath = loaded(&pins);
+    let view = |v: &Value| {
+        (
+            v["conntrack_filter"]["on"].as_bool().unwrap(),
+            v["conntrack_filter"]["bits_set"].as_u64().unwrap(),
+            v["conntrack"][0]["in_filter"].as_bool().unwrap(),
+        )
+    };
+    // Loaded, not built (the agent's collector builds it after attaching).
+    assert_eq!(view(&show_json(&pins, &["conntrack"])), (false, 0, false));
+    let table = |pins: &Pins| {
+        let (ok, out, err) = lb(&[
+            "show",
+            "conntrack",
+            "--agent",
+            "",
+            "--pin-dir",
+            pins.0.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    let off = table(&pins);
+    assert!(
+        off.contains("(conntrack filter: off, every packet looked up, 0 of 1048576 bits set)"),
+        "{off}"
+    );
+    assert!(!off.contains("warning:"), "{off}");
+
+    let maps = Maps::from_pins(&pins.0).unwrap();
+    let gc = maps.gc_maps().unwrap();
+    gc.ct_filter.rebuild(&gc.conntrack).unwrap();
+    assert_eq!(view(&show_json(&pins, &["conntrack"])), (true, 1, true));
+    let on = table(&pins);
+    assert!(
+        on.contains("(conntrack filter: on, 1 of 1048576 bits set)"),
+        "{on}"
+    );
+    assert!(!on.contains("warning:"), "{on}");
+
+    let (key, _) = maps.conntrack_entries().unwrap()[0];
+    gc.ct_filter.clear_bit(&key);
+    assert_eq!(view(&show_json(&pins, &["conntrack"])), (true, 0, false));
+    let lost = table(&pins);
+    assert!(
+        lost.contains(
+            "warning: forward 10.244.0.99:40000 -> 10.96.0.10:80: its key has no bit in LB_CT_FILTER"
+        ),
+        "{lost}"
+    );
+}
+
 #[test]
 fn output_into_a_closed_pipe_ends_quietly() {
     let examples = examples();

@@ -1032,6 +1032,85 @@ async fn agent_binary_serves_health_metrics_and_restarts_on_pinned_maps() {
     assert!(!pins.0.exists(), "{} should be gone", pins.0.display());
 }
 
+/// The agent's collector builds the conntrack filter once the agent has attached (the
+/// load leaves it off), and rebuilds it when a pass finds an entry without its bit (made
+/// behind the programs' back, here by the test): then the bit is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_collector_builds_the_conntrack_filter_and_rebuilds_it_for_an_entry_without_its_bit() {
+    let api = FakeApi::start().await;
+    api.apply(node(NODE));
+    let pins = Pins::new();
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "lbt-k8s-ctf-kubeconfig-{}.yaml",
+        std::process::id()
+    ));
+    api.write_kubeconfig(&kubeconfig);
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _rm = Rm(kubeconfig.clone());
+    let port = free_port();
+    let mut agent = Proc(
+        agent_command(
+            Some(&kubeconfig),
+            &pins,
+            port,
+            &["--ct-gc-interval-ms", "200"],
+        )
+        .spawn()
+        .expect("starting lb agent"),
+    );
+    wait_http(port, "/readyz", 200).await;
+    let until = |want: &'static [(&'static str, f64)]| async move {
+        let t0 = Instant::now();
+        loop {
+            let text = wait_http(port, "/metrics", 200).await;
+            if want.iter().all(|(n, v)| metric(&text, n) == Some(*v)) {
+                return text;
+            }
+            assert!(t0.elapsed() < WAIT, "{want:?} never in:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    until(&[
+        ("lb_conntrack_filter_on", 1.0),
+        ("lb_conntrack_filter_rebuilds_total", 1.0),
+        ("lb_conntrack_filter_bits", 0.0),
+    ])
+    .await;
+
+    let maps = Maps::from_pins(&pins.0).unwrap();
+    let key = lb_common::CtKey {
+        src_addr: lb_userspace::dataplane::plan::map_addr(&"10.244.9.9".parse().unwrap()),
+        dst_addr: lb_userspace::dataplane::plan::map_addr(&WEB.parse().unwrap()),
+        src_port: 1000u16.to_be(),
+        dst_port: 80u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    {
+        let mut maps = Maps::from_pins(&pins.0).unwrap();
+        // SAFETY: CtValue is plain data; zeroes are a valid (new, forward) entry; seen
+        // now, so the collector keeps it (a SYN waiting: 60 s).
+        let mut value: lb_common::CtValue = unsafe { std::mem::zeroed() };
+        value.last_seen_ns = lb_userspace::dataplane::gc::monotonic_now_ns();
+        maps.conntrack.insert(key, value, 0).unwrap();
+    }
+    until(&[
+        ("lb_conntrack_filter_on", 1.0),
+        ("lb_conntrack_filter_rebuilds_total", 2.0),
+        ("lb_conntrack_filter_bits", 1.0),
+    ])
+    .await;
+    let words = maps.ct_filter().unwrap().snapshot();
+    let (w, mask) = lb_common::ct_filter_bit(&key);
+    assert_ne!(words[w as usize] & mask, 0, "the hand-made entry's bit");
+    assert!(sigterm_and_wait(&mut agent).success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_ports_follow_the_node_addresses_and_the_external_traffic_policy() {
     use lb_common::{FRONTEND_F_LOCAL, FRONTEND_F_NODEPORT};

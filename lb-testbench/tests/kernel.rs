@@ -10,11 +10,12 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{frontend_filter_bit, MaglevCell};
+use lb_common::{ct_filter_bit, frontend_filter_bit, CtKey, MaglevCell, PROTO_TCP};
 use lb_testbench::{packet::*, sandbox::run_in};
 use lb_userspace::{
     config,
     dataplane::{
+        ct_filter::bits_set,
         plan::{filter::has, frontend_addr, map_addr, MapState, NO_BACKEND},
         Dataplane, Drift, Maps,
     },
@@ -96,6 +97,12 @@ impl Kernel {
         opts.pin_dir = pin_dir.clone();
         let pins = Pins(pin_dir.clone());
         let (datapath, maps) = Datapath::load(&opts).expect("load the eBPF object");
+        // As the agent's collector does once the programs are attached: every test runs
+        // with the conntrack filter on, so an entry inserted without its bit fails the
+        // test of its flow.
+        let gc = maps.gc_maps().unwrap();
+        assert!(!gc.ct_filter.is_on(), "the load leaves the filter off");
+        gc.ct_filter.rebuild(&gc.conntrack).unwrap();
         let plane = Dataplane::new(maps).unwrap();
         Kernel {
             datapath,
@@ -1022,6 +1029,83 @@ fn a_frontend_is_looked_up_only_where_its_filter_bit_is_set() {
         "one address, one bit"
     );
     assert_eq!(k.run(&syn(40012)), (TC_ACT_OK, syn(40012)));
+}
+
+/// `LB_CT_FILTER`: a new flow's entries get their bits before they are inserted; a
+/// packet whose bit is clear is not looked up while the switch is on (a reply then
+/// passes untranslated, as a packet of no flow), and is with the switch off; a rebuild
+/// sets the bits of the entries there are and drops those of entries gone.
+#[test]
+fn a_flow_is_looked_up_only_where_its_filter_bit_is_set() {
+    let mut k = one_backend();
+    let filter = k.plane.maps.ct_filter().unwrap();
+    assert!(filter.is_on());
+    assert_eq!(bits_set(&filter.snapshot()), 0, "no flow yet");
+
+    k.run(&Spec::tcp(CLIENT, 40001, VIP, 80, SYN).build());
+    let key = |src: &str, sport: u16, dst: &str, dport: u16| CtKey {
+        src_addr: map_addr(&src.parse().unwrap()),
+        dst_addr: map_addr(&dst.parse().unwrap()),
+        src_port: sport.to_be(),
+        dst_port: dport.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let forward = key(CLIENT, 40001, VIP, 80);
+    let reply = key(B1, 8080, CLIENT, 40001);
+    let snap = filter.snapshot();
+    for k in [&forward, &reply] {
+        let (w, mask) = ct_filter_bit(k);
+        assert_ne!(snap[w as usize] & mask, 0, "{k:?}'s bit");
+    }
+    assert_eq!(bits_set(&snap), 2, "two entries, two bits");
+
+    let synack = Spec::tcp(B1, 8080, CLIENT, 40001, SYN | ACK);
+    let translated = rewritten(&synack, None, Some((VIP, 80)));
+    assert_eq!(k.reply(&synack.build()), (TC_ACT_OK, translated.clone()));
+
+    // The reply's bit cleared behind the programs' back: its entry is not looked up.
+    filter.clear_bit(&reply);
+    let passed = k.counter("egress_passed");
+    assert_eq!(
+        k.run_egress(&synack.build()),
+        (TC_ACT_OK, synack.build()),
+        "not looked up"
+    );
+    assert_eq!(k.counter("egress_passed"), passed + 1);
+    // The switch off: everything is looked up again.
+    filter.turn_off();
+    assert_eq!(
+        k.run_egress(&synack.build()),
+        (TC_ACT_OK, translated.clone())
+    );
+
+    // A rebuild sets the bits of both entries again, and turns the filter on.
+    let gc = k.plane.maps.gc_maps().unwrap();
+    let r = filter.rebuild(&gc.conntrack).unwrap();
+    assert_eq!((r.before, r.after, r.entries), (1, 2, 2), "{r:?}");
+    assert!(filter.is_on());
+    assert_eq!(k.run_egress(&synack.build()), (TC_ACT_OK, translated));
+
+    // The flow's entries gone (as the collector or the LRU takes them): their bits stay
+    // until the next rebuild, which leaves none.
+    for key in [&forward, &reply] {
+        k.plane.maps.conntrack.remove(key).unwrap();
+    }
+    assert_eq!(bits_set(&filter.snapshot()), 2, "stale bits");
+    let r = filter.rebuild(&gc.conntrack).unwrap();
+    assert_eq!((r.before, r.after, r.entries), (2, 0, 0), "{r:?}");
+    // A new flow from the same port is a new flow: its bits are set again.
+    let (_, out) = k.run(&Spec::tcp(CLIENT, 40001, VIP, 80, SYN).build());
+    assert_eq!(
+        out,
+        rewritten(
+            &Spec::tcp(CLIENT, 40001, VIP, 80, SYN),
+            Some((B1, 8080)),
+            None
+        )
+    );
+    assert_eq!(bits_set(&filter.snapshot()), 2);
 }
 
 /// Every frontend's slots 1..=count exist and name a backend that exists: a new
@@ -2226,7 +2310,7 @@ fn maps_pinned_with_another_layout_are_refused_and_left_alone() {
     assert!(
         err.contains(&old.display().to_string())
             && err.contains("key 16 bytes")
-            && err.contains(&format!("key {}", size_of::<lb_common::CtKey>()))
+            && err.contains(&format!("key {}", size_of::<CtKey>()))
             && err.contains("rm -r"),
         "{err}"
     );
@@ -3042,7 +3126,7 @@ fn trace_event(
         frontend: addr(frontend),
         client_port: cport.to_be(),
         frontend_port: fport.to_be(),
-        proto: lb_common::PROTO_TCP,
+        proto: PROTO_TCP,
         tcp_flags,
         hook: lb_common::TRACE_HOOK_TC,
         flags: 0,
@@ -3088,7 +3172,7 @@ fn traced_decisions_write_their_events_and_nothing_is_written_untraced() {
     let key = |port: u16| lb_common::FrontendKey {
         addr: map_addr(&VIP.parse().unwrap()),
         port: port.to_be(),
-        proto: lb_common::PROTO_TCP,
+        proto: PROTO_TCP,
         scope: lb_common::SCOPE_OUTSIDE,
     };
     let web = state.frontends[&key(80)].service_id;

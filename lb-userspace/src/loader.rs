@@ -333,6 +333,11 @@ impl Datapath {
             if words > 0 {
                 info!(words, "frontend filter filled from the pinned frontends");
             }
+            // Programs of an earlier build may still be attached, and insert entries
+            // without their bits: the programs look every packet up until the
+            // collector builds the filter, once this build's are attached
+            // (`dataplane::ct_filter`).
+            loaded.1.ct_filter()?.turn_off();
             Ok(loaded)
         });
         if loaded.is_err() {

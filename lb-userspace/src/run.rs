@@ -136,7 +136,7 @@ pub fn start_gc(
     opts: &gc::GcOptions,
     sockets: Option<crate::sockets::SockKiller>,
 ) -> Result<(
-    std::sync::mpsc::Sender<gc::Purge>,
+    std::sync::mpsc::Sender<gc::GcWork>,
     std::sync::Arc<gc::GcStats>,
 )> {
     let maps = plane.maps.gc_maps()?;
@@ -161,8 +161,14 @@ pub fn start_gc(
 }
 
 /// First attachment, once the maps hold the state: removes link pins of interfaces that
-/// are gone, then attaches to every matching interface.
-pub fn start_attaching(datapath: &mut Datapath, interfaces: &Interfaces) {
+/// are gone, then attaches to every matching interface, and tells the collector (which
+/// may then build the conntrack filter: no program of an earlier build is left where
+/// this agent attaches).
+pub fn start_attaching(
+    datapath: &mut Datapath,
+    interfaces: &Interfaces,
+    gc: &std::sync::mpsc::Sender<gc::GcWork>,
+) {
     datapath.prune_stale_link_pins();
     interfaces.sync(datapath);
     let names: Vec<String> = crate::loader::interfaces()
@@ -183,6 +189,7 @@ pub fn start_attaching(datapath: &mut Datapath, interfaces: &Interfaces) {
         external = ?datapath.attached(Hook::External).collect::<Vec<_>>(),
         "running"
     );
+    let _ = gc.send(gc::GcWork::Attached);
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -237,6 +244,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let sockets = datapath.attach_sockets(&opts.sockets)?;
     let localhost_nodeports = sockets.is_some() && opts.sockets.localhost_nodeports;
     let (purges, _gc_stats) = start_gc(&plane, &opts.conntrack, sockets.and_then(|s| s.killer))?;
+    let gc = purges.clone();
     let writer = Writer::spawn(
         plane,
         WriterOptions {
@@ -252,7 +260,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.send(Update::Replace(cfg));
     // Maps first, then attach: a new interface never sees a half-filled service table.
     let _ = status.wait_for(|s| s.syncs > 0).await;
-    start_attaching(&mut datapath, &interfaces);
+    start_attaching(&mut datapath, &interfaces, &gc);
 
     let mut tick = tokio::time::interval(opts.poll);
     let shutdown = shutdown_signal()?;

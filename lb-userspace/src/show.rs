@@ -311,6 +311,18 @@ pub struct ConntrackRow {
     pub idle_s: f64,
     /// Seconds since the entry was made.
     pub age_s: f64,
+    /// Whether its key's bit is set in `LB_CT_FILTER`; false while the filter is on:
+    /// the programs do not look the entry up (only a bug or a hand-made entry does this).
+    pub in_filter: bool,
+}
+
+/// `LB_CT_FILTER` (`dataplane::ct_filter`): whether the programs trust it, and its fill.
+#[derive(Debug, Serialize)]
+pub struct CtFilterView {
+    /// Off from an agent's load until its collector builds it (after attaching).
+    pub on: bool,
+    pub bits_set: u64,
+    pub bits: u64,
 }
 
 /// Everything asked for, ready to print either way.
@@ -325,6 +337,8 @@ pub struct Report {
     pub backends: Option<Vec<BackendRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<Vec<ConntrackRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conntrack_filter: Option<CtFilterView>,
     /// Per-CPU sums of the datapath's decision counters (never filtered: they are not
     /// per Service).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -411,12 +425,20 @@ pub fn read(
         }
         if all || what == What::Conntrack {
             let entries = maps.conntrack_entries()?;
+            let ct_filter = maps.ct_filter()?;
+            let words = ct_filter.snapshot();
             report.conntrack = Some(conntrack_rows(
                 entries,
                 &frontends,
                 filter,
                 monotonic_now_ns(),
+                &words,
             ));
+            report.conntrack_filter = Some(CtFilterView {
+                on: ct_filter.is_on(),
+                bits_set: crate::dataplane::ct_filter::bits_set(&words),
+                bits: crate::dataplane::ct_filter::CT_FILTER_BITS,
+            });
         }
         if all || what == What::Services {
             report.services = Some(
@@ -627,6 +649,7 @@ fn conntrack_rows(
     frontends: &[FrontendRow],
     filter: &Filter,
     now_ns: u64,
+    ct_filter: &[u64],
 ) -> Vec<ConntrackRow> {
     entries.sort_by_key(|(k, v)| (v.dir, k.src_addr, k.src_port, k.dst_addr, k.dst_port));
     let ids: Option<Vec<u32>> = filter.service.as_ref().map(|m| {
@@ -677,6 +700,10 @@ fn conntrack_rows(
                 snat: v.flags & CT_F_SNAT != 0,
                 idle_s: Duration::from_nanos(now_ns.saturating_sub(v.last_seen_ns)).as_secs_f64(),
                 age_s: Duration::from_nanos(now_ns.saturating_sub(v.created_ns)).as_secs_f64(),
+                in_filter: {
+                    let (w, mask) = lb_common::ct_filter_bit(&k);
+                    ct_filter.get(w as usize).is_some_and(|w| w & mask != 0)
+                },
             })
         })
         .collect()
@@ -808,6 +835,28 @@ fn table(r: &Report, filter: &Filter) -> String {
                 fmt_idle(c.age_s),
                 fmt_idle(c.idle_s)
             );
+        }
+        if let Some(f) = &r.conntrack_filter {
+            let _ = writeln!(
+                out,
+                "(conntrack filter: {}, {} of {} bits set)",
+                if f.on {
+                    "on"
+                } else {
+                    "off, every packet looked up"
+                },
+                f.bits_set,
+                f.bits
+            );
+            if f.on {
+                for c in rows.iter().filter(|c| !c.in_filter) {
+                    let _ = writeln!(
+                        out,
+                        "warning: {} {} -> {}: its key has no bit in LB_CT_FILTER, so the programs do not find it (the agent's collector finds it at its next pass and rebuilds the filter)",
+                        c.direction, c.source, c.destination
+                    );
+                }
+            }
         }
         let _ = writeln!(out);
     }

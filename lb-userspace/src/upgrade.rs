@@ -25,9 +25,9 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
 use lb_common::{
     counter, Frontend, FrontendKey, LayoutRecord, LAYOUT_VERSION, MAP_AFFINITY, MAP_BACKENDS,
-    MAP_CONNTRACK, MAP_COUNTERS, MAP_EVENTS, MAP_FE_FILTER, MAP_FRAGS, MAP_FRONTENDS, MAP_LAYOUT,
-    MAP_MAGLEV, MAP_NAMES, MAP_NODE, MAP_SLOTS, MAP_SNAT, MAP_SOCK_CONFIG, MAP_SOCK_CONN,
-    MAP_SOCK_KILL, MAP_SOCK_REV, MAP_SOURCE_RANGES, MAP_TRACE,
+    MAP_CONNTRACK, MAP_COUNTERS, MAP_CT_FILTER, MAP_EVENTS, MAP_FE_FILTER, MAP_FRAGS,
+    MAP_FRONTENDS, MAP_LAYOUT, MAP_MAGLEV, MAP_NAMES, MAP_NODE, MAP_SLOTS, MAP_SNAT,
+    MAP_SOCK_CONFIG, MAP_SOCK_CONN, MAP_SOCK_KILL, MAP_SOCK_REV, MAP_SOURCE_RANGES, MAP_TRACE,
 };
 use tracing::{info, warn};
 
@@ -114,6 +114,9 @@ const LAYOUTS: &[(u32, &[MapRow])] = &[
             // The frontend addresses' filter (a new map, no bump: created empty, and
             // filled from the pinned frontends by the load, `Maps::fill_frontend_filter`).
             (MAP_FE_FILTER, 4, 8, 4_096),
+            // The conntrack filter (a new map, no bump: created with its switch off,
+            // which makes the programs look every packet up until the agent builds it).
+            (MAP_CT_FILTER, 4, 8, 16_385),
         ],
     ),
 ];
@@ -612,6 +615,7 @@ mod tests {
             MAP_SOCK_KILL => l(size_of::<u64>(), size_of::<u32>(), 0),
             MAP_SOCK_CONN => l(size_of::<i32>(), size_of::<SockConn>(), 0),
             MAP_FE_FILTER => l(size_of::<u32>(), size_of::<u64>(), FRONTEND_FILTER_WORDS),
+            MAP_CT_FILTER => l(size_of::<u32>(), size_of::<u64>(), CT_FILTER_WORDS + 1),
             _ => panic!("{name}: a map of this build without its layout here"),
         }
     }
@@ -656,6 +660,7 @@ mod tests {
                     MAP_SOCK_KILL,
                     MAP_SOCK_CONN,
                     MAP_FE_FILTER,
+                    MAP_CT_FILTER,
                 ]
                 .contains(n)
             })

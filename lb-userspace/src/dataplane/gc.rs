@@ -10,6 +10,10 @@
 //!   deletes) and its counters;
 //! - [`spawn`]: the thread (`lb run` and `lb agent`).
 //!
+//! It keeps the conntrack filter too (`ct_filter`): it builds it once the agent has
+//! attached the programs of this build ([`GcWork::Attached`]), and rebuilds it after a
+//! pass that leaves more stale bits than live ones.
+//!
 //! A flow's state comes from both of its entries (each records its own direction):
 //! TCP, a RST either way or a FIN both ways: closed; a FIN one way: closing; an ACK or a
 //! reply seen: established; otherwise a SYN waiting. UDP: replied (a stream) or not. Each
@@ -31,7 +35,10 @@ use lb_common::{
 };
 use tracing::{debug, info, warn};
 
-use super::batch;
+use super::{
+    batch,
+    ct_filter::{self, CtFilter},
+};
 
 /// How long a flow lives after its last packet, by state. Defaults: kube-proxy's for an
 /// established TCP connection (`--conntrack-tcp-timeout-established` 24 h) and the
@@ -200,6 +207,17 @@ pub struct Plan {
 /// frontend's ready set.
 pub type Purge = Vec<(u32, u32)>;
 
+/// What the collector's thread is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GcWork {
+    /// UDP flows to purge, at once (the writer's).
+    Purge(Purge),
+    /// The programs of this build are attached where the agent attaches: no program of
+    /// an earlier build inserts entries without their filter bits any more, so the
+    /// conntrack filter may be built.
+    Attached,
+}
+
 /// What else runs on a purge (`Gc::on_purge`), with its pairs.
 pub type OnPurge = Box<dyn FnMut(&[(u32, u32)]) + Send>;
 
@@ -279,10 +297,11 @@ pub fn plan(
     p
 }
 
-/// The two maps the collector works on, on handles of their own.
+/// The maps the collector works on, on handles of their own.
 pub struct GcMaps {
     pub conntrack: OwnedFd,
     pub snat: OwnedFd,
+    pub ct_filter: CtFilter,
 }
 
 /// The collector's counters (read by `/metrics`, never waiting for it).
@@ -301,6 +320,11 @@ pub struct GcStats {
     pub live: [AtomicU64; 6],
     /// How long the last pass took, in microseconds.
     pub last_pass_us: AtomicU64,
+    /// The conntrack filter: bits set at the last pass, whether it is on (1) or off (0),
+    /// and how many times it was rebuilt.
+    pub ct_filter_bits: AtomicU64,
+    pub ct_filter_on: AtomicU64,
+    pub ct_filter_rebuilds: AtomicU64,
 }
 
 /// The datapath's clock (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC, coarse).
@@ -332,6 +356,13 @@ pub struct PassReport {
     pub deleted: usize,
     pub half_flows: usize,
     pub took: Duration,
+    /// The conntrack filter's bits after the pass: set, and set by the entries left.
+    pub filter_bits: u64,
+    pub filter_live_bits: u64,
+    /// Entries left whose bit is clear while the filter is on: made behind the
+    /// programs' back (the programs set a bit before they insert its entry), and not
+    /// found by them until the filter is rebuilt.
+    pub filter_missing: usize,
 }
 
 impl Gc {
@@ -402,6 +433,24 @@ impl Gc {
         }
         s.last_pass_us
             .store(took.as_micros() as u64, Ordering::Relaxed);
+        // The filter read after the entries: each entry's bit was set before it was
+        // inserted, so before it was read.
+        let on = self.filter_on();
+        let words = self.maps.ct_filter.snapshot();
+        let gone: std::collections::HashSet<&CtKey> = delete.iter().collect();
+        let left: Vec<&CtKey> = entries
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| !gone.contains(k))
+            .collect();
+        let filter_live_bits = ct_filter::bits_set(&ct_filter::words(left.iter().copied()));
+        let filter_missing = if on {
+            ct_filter::missing(&words, left.iter().copied())
+        } else {
+            0
+        };
+        let filter_bits = ct_filter::bits_set(&words);
+        self.note_filter(filter_bits);
         Ok(PassReport {
             entries: entries.len(),
             flows: plan.flows,
@@ -410,7 +459,33 @@ impl Gc {
             deleted,
             half_flows: plan.half_flows,
             took,
+            filter_bits,
+            filter_live_bits,
+            filter_missing,
         })
+    }
+
+    /// Whether the programs trust the conntrack filter.
+    pub fn filter_on(&self) -> bool {
+        self.maps.ct_filter.is_on()
+    }
+
+    /// Rebuilds the conntrack filter from the entries there are now, and turns it on
+    /// (`ct_filter`). Call only once the programs of this build are attached.
+    pub fn rebuild_filter(&self) -> std::io::Result<ct_filter::Rebuilt> {
+        let r = self.maps.ct_filter.rebuild(&self.maps.conntrack)?;
+        self.stats
+            .ct_filter_rebuilds
+            .fetch_add(1, Ordering::Relaxed);
+        self.note_filter(r.after);
+        Ok(r)
+    }
+
+    fn note_filter(&self, bits: u64) {
+        let s = &self.stats;
+        s.ct_filter_bits.store(bits, Ordering::Relaxed);
+        s.ct_filter_on
+            .store(self.filter_on() as u64, Ordering::Relaxed);
     }
 }
 
@@ -465,27 +540,34 @@ fn delete_keys(fd: &OwnedFd, keys: &[CtKey]) -> usize {
 
 /// Runs passes every `interval`, and at once when the writer sends a purge, until the
 /// sender side is dropped. Logs a pass that expired or purged anything, and warns (once a
-/// minute at most) when the table is 90 % full.
+/// minute at most) when the table is 90 % full. Builds the conntrack filter once told
+/// the programs are attached (and again after a rebuild that failed, at the next pass),
+/// then rebuilds it when a pass leaves it mostly stale.
 pub fn spawn(
     mut gc: Gc,
     interval: Duration,
     max_entries: u32,
-    purges: mpsc::Receiver<Purge>,
+    work: mpsc::Receiver<GcWork>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("lb-ct-gc".into())
         .spawn(move || {
             let mut last_warn: Option<Instant> = None;
             let mut next = Instant::now() + interval;
+            let mut attached = false;
             loop {
                 let wait = next.saturating_duration_since(Instant::now());
                 let mut purge = Vec::new();
-                match purges.recv_timeout(wait) {
-                    Ok(p) => {
-                        purge.extend(p);
+                let mut take = |w: GcWork| match w {
+                    GcWork::Purge(p) => purge.extend(p),
+                    GcWork::Attached => attached = true,
+                };
+                match work.recv_timeout(wait) {
+                    Ok(w) => {
+                        take(w);
                         // Whatever else is queued goes in the same pass.
-                        while let Ok(p) = purges.try_recv() {
-                            purge.extend(p);
+                        while let Ok(w) = work.try_recv() {
+                            take(w);
                         }
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => next = Instant::now() + interval,
@@ -497,7 +579,8 @@ pub fn spawn(
                         f(&purge);
                     }
                 }
-                match pass {
+                let mut stale = None;
+                match &pass {
                     Ok(r) => {
                         if r.expired + r.purged > 0 {
                             info!(
@@ -520,10 +603,41 @@ pub fn spawn(
                                  them back, counted ct_recreated); raise --max-conntrack"
                             );
                         }
+                        if r.filter_missing > 0 {
+                            warn!(
+                                entries = r.filter_missing,
+                                "conntrack entries without their bit in LB_CT_FILTER (made \
+                                 behind the programs' back?): the programs do not find them; \
+                                 rebuilding the filter"
+                            );
+                        }
+                        stale = Some(
+                            r.filter_missing > 0
+                                || ct_filter::needs_rebuild(r.filter_bits, r.filter_live_bits),
+                        );
                     }
                     Err(e) => {
                         gc.stats.errors.fetch_add(1, Ordering::Relaxed);
                         warn!("conntrack GC pass failed: {e}");
+                    }
+                }
+                if attached && (!gc.filter_on() || stale == Some(true)) {
+                    match gc.rebuild_filter() {
+                        Ok(r) => info!(
+                            entries = r.entries,
+                            bits_before = r.before,
+                            bits_after = r.after,
+                            grace_us = r.grace.as_micros() as u64,
+                            took_us = r.took.as_micros() as u64,
+                            "conntrack filter built"
+                        ),
+                        Err(e) => {
+                            gc.stats.errors.fetch_add(1, Ordering::Relaxed);
+                            warn!(
+                                "building the conntrack filter failed (the programs look \
+                                 every packet up meanwhile; tried again at the next pass): {e}"
+                            );
+                        }
                     }
                 }
             }

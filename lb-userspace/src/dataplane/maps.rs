@@ -13,12 +13,13 @@ use aya::maps::{
 use lb_common::{
     counter, Backend, CtKey, CtValue, Frontend, FrontendKey, MaglevCell, NodeConfig, Slot, SlotKey,
     SnatPeer, SourceRange, FRONTEND_FILTER_WORDS, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS,
-    MAP_FE_FILTER, MAP_FRONTENDS, MAP_MAGLEV, MAP_NODE, MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES,
-    SOURCE_RANGE_ALLOW,
+    MAP_CT_FILTER, MAP_FE_FILTER, MAP_FRONTENDS, MAP_MAGLEV, MAP_NODE, MAP_SLOTS, MAP_SNAT,
+    MAP_SOURCE_RANGES, SOURCE_RANGE_ALLOW,
 };
 
 use super::{
     batch,
+    ct_filter::CtFilter,
     plan::{filter, MapState, Op, RangeKey, NO_BACKEND},
 };
 use crate::{Error, Result};
@@ -42,6 +43,10 @@ pub struct Maps {
     /// The frontend addresses' filter: a bit per hash of each (`FRONTEND_FILTER_WORDS`
     /// words).
     pub fe_filter: Array<MapData, u64>,
+    /// The conntrack filter (`ct_filter`), mapped where it is used. The map itself, not
+    /// a duplicate of its fd: the programs of a fresh load are loaded after the maps are
+    /// taken, and refer to the maps by their first fds.
+    ct_filter_map: MapData,
     /// Duplicated fds of the service maps, for batch updates.
     batch_fds: [OwnedFd; 5],
 }
@@ -85,6 +90,7 @@ impl Maps {
             take(MAP_SNAT)?,
             take(MAP_MAGLEV)?,
             take(MAP_FE_FILTER)?,
+            take(MAP_CT_FILTER)?,
         ])
     }
 
@@ -116,10 +122,13 @@ impl Maps {
             open(MAP_SNAT)?,
             open(MAP_MAGLEV)?,
             open(MAP_FE_FILTER)?,
+            open(MAP_CT_FILTER)?,
         ])
     }
 
-    fn from_maps([f, s, b, c, n, node, ranges, snat, maglev, filter]: [Map; 10]) -> Result<Self> {
+    fn from_maps(
+        [f, s, b, c, n, node, ranges, snat, maglev, filter, ct_filter]: [Map; 11],
+    ) -> Result<Self> {
         let batch_fds = [
             dup_fd(MAP_FRONTENDS, &f)?,
             dup_fd(MAP_SLOTS, &s)?,
@@ -129,6 +138,10 @@ impl Maps {
         ];
         Ok(Self {
             batch_fds,
+            ct_filter_map: match ct_filter {
+                Map::Array(d) => d,
+                _ => return Err(map_err(MAP_CT_FILTER, "not an array")),
+            },
             frontends: HashMap::try_from(f).map_err(|e| map_err(MAP_FRONTENDS, e))?,
             slots: HashMap::try_from(s).map_err(|e| map_err(MAP_SLOTS, e))?,
             backends: Array::try_from(b).map_err(|e| map_err(MAP_BACKENDS, e))?,
@@ -183,6 +196,11 @@ impl Maps {
             self.set_frontend_filter_word(i, word)?;
         }
         Ok(changed.len())
+    }
+
+    /// The conntrack filter, mapped into this process.
+    pub fn ct_filter(&self) -> Result<CtFilter> {
+        CtFilter::map(self.ct_filter_map.fd().as_fd()).map_err(|e| map_err(MAP_CT_FILTER, e))
     }
 
     /// Writes word `index` of `LB_FE_FILTER`.
@@ -453,8 +471,8 @@ impl Maps {
         Ok(Conntrack { fd, max_entries })
     }
 
-    /// Handles of their own on conntrack and the SNAT peers, for the conntrack garbage
-    /// collector's thread (`gc`).
+    /// Handles of their own on conntrack, the SNAT peers and the conntrack filter, for
+    /// the conntrack garbage collector's thread (`gc`), which rebuilds the filter too.
     pub fn gc_maps(&self) -> Result<super::gc::GcMaps> {
         let dup = |name: &str, data: &MapData| {
             data.fd()
@@ -465,6 +483,7 @@ impl Maps {
         Ok(super::gc::GcMaps {
             conntrack: dup(MAP_CONNTRACK, self.conntrack.map())?,
             snat: dup(MAP_SNAT, self.snat.map())?,
+            ct_filter: self.ct_filter()?,
         })
     }
 

@@ -5,9 +5,12 @@
 //!
 //! - `maps`: handles on the kernel maps (open, read, write one op or a batch);
 //! - `batch`: the batch syscalls aya does not wrap;
+//! - `ct_filter`: the conntrack filter in front of `LB_CONNTRACK` (its rebuild);
+//! - `gc`: conntrack's collector (expiry, purges, and the filter's rebuilds);
 //! - `plan`: the diff (pure);
 //! - `writer`: the thread that owns the model and this writer, fed by a source.
 pub mod batch;
+pub mod ct_filter;
 pub mod gc;
 mod maps;
 pub mod plan;

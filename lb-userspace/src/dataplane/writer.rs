@@ -127,7 +127,7 @@ pub struct WriterOptions {
     pub health_checks: Option<crate::healthcheck::HealthChecks>,
     /// Where the UDP backends that left a frontend's ready set go, so the conntrack
     /// collector purges their flows at once (`gc`).
-    pub purges: Option<Sender<super::gc::Purge>>,
+    pub purges: Option<Sender<super::gc::GcWork>>,
     /// How often the maps are read back and compared with the mirror, so entries
     /// changed behind the agent's back (bpftool, another process) are repaired; `None`:
     /// never.
@@ -484,7 +484,7 @@ impl Loop {
         let took = t0.elapsed();
         if !report.udp_gone.is_empty() {
             if let Some(tx) = &self.opts.purges {
-                let _ = tx.send(report.udp_gone.clone());
+                let _ = tx.send(super::gc::GcWork::Purge(report.udp_gone.clone()));
             }
         }
         self.failed = !report.errors.is_empty();

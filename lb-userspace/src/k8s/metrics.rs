@@ -22,7 +22,7 @@ use crate::dataplane::{
 
 /// The families read from the maps (and the conntrack collector's counters) at scrape
 /// time, not in the registry's own metrics, with their type.
-pub const DATAPLANE_FAMILIES: [(&str, &str); 10] = [
+pub const DATAPLANE_FAMILIES: [(&str, &str); 13] = [
     ("lb_dataplane_packets", "counter"),
     ("lb_conntrack_entries", "gauge"),
     ("lb_conntrack_max_entries", "gauge"),
@@ -33,6 +33,9 @@ pub const DATAPLANE_FAMILIES: [(&str, &str); 10] = [
     ("lb_conntrack_gc_deleted_entries", "counter"),
     ("lb_conntrack_gc_errors", "counter"),
     ("lb_conntrack_gc_pass_seconds", "gauge"),
+    ("lb_conntrack_filter_on", "gauge"),
+    ("lb_conntrack_filter_bits", "gauge"),
+    ("lb_conntrack_filter_rebuilds", "counter"),
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -432,7 +435,25 @@ impl Collector for GcCollector {
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(s.last_pass_us.load(Relaxed) as f64 / 1e6).encode(e)
+        ConstGauge::new(s.last_pass_us.load(Relaxed) as f64 / 1e6).encode(e)?;
+        gauge(
+            &mut encoder,
+            10,
+            "1 while the programs trust the conntrack filter (LB_CT_FILTER: packets of no flow skip the conntrack lookup); 0 from the load until the collector builds it",
+            s.ct_filter_on.load(Relaxed) as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            11,
+            "Bits set in the conntrack filter at the collector's last pass (of 1,048,576; stale ones until a rebuild)",
+            s.ct_filter_bits.load(Relaxed) as i64,
+        )?;
+        counter(
+            &mut encoder,
+            12,
+            "Times the collector built the conntrack filter (after attaching; when stale bits outnumbered live ones; after finding an entry without its bit)",
+            s.ct_filter_rebuilds.load(Relaxed),
+        )
     }
 }
 

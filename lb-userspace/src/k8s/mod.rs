@@ -221,6 +221,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let localhost_nodeports = sockets.is_some() && opts.sockets.localhost_nodeports;
     let (purges, gc_stats) =
         crate::run::start_gc(&plane, &opts.conntrack, sockets.and_then(|s| s.killer))?;
+    let gc = purges.clone();
     let metrics = Metrics::default();
     let checks = crate::healthcheck::HealthChecks::default();
     let proxy_health = proxyhealth::ProxyHealth::new(opts.healthz_timeout);
@@ -282,7 +283,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     tokio::pin!(shutdown);
     let mut attaching = reused_state;
     if attaching {
-        start_attaching(&mut datapath, &interfaces);
+        start_attaching(&mut datapath, &interfaces, &gc);
     }
     let mut tick = tokio::time::interval(opts.poll);
     let result = loop {
@@ -295,7 +296,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             },
             _ = health.first_sync(), if !attaching => {
                 attaching = true;
-                start_attaching(&mut datapath, &interfaces);
+                start_attaching(&mut datapath, &interfaces, &gc);
             }
             _ = tick.tick(), if attaching => {
                 interfaces.sync(&mut datapath);
