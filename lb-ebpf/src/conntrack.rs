@@ -5,6 +5,10 @@
 //! Both are keyed by a packet's 5-tuple as it arrives, so one lookup finds either; the
 //! value says which (`dir`). Keys and values hold 16-byte addresses for both families
 //! (IPv4 mapped), so this file never asks which family a packet is.
+//!
+//! In front of the map, `LB_CT_FILTER`: every insert sets its key's bit first
+//! (`insert`), so while the agent keeps the filter's switch on, a packet whose bit is
+//! clear has no entry and is not looked up (`lookup`).
 use lb_common::{
     counter, ct_filter_bit, Addr, Backend, CtKey, CtValue, Frontend, SnatPeer, CT_DIR_FORWARD,
     CT_DIR_REPLY, CT_FILTER_ON, CT_FILTER_SWITCH, CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT,

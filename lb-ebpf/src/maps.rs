@@ -53,7 +53,8 @@ pub static LB_BACKENDS: Array<Backend, { DEFAULT_MAX_BACKENDS as usize + 1 }> = 
 pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_MAX_CONNTRACK as usize }> =
     LruHashMap::new();
 
-/// A bit per hash of every conntrack key (`lb_common::ct_filter_bit`), then the switch
+/// A bit per hash of every conntrack key's addresses and protocol
+/// (`lb_common::ct_filter_bit`), then the switch
 /// (`CT_FILTER_SWITCH`). The programs set a key's bit (an atomic OR) before they insert
 /// its entry; while the agent keeps the switch on, a packet whose bit is clear has no
 /// entry and skips the lookup (`conntrack::lookup`). Bits of entries that went stay

@@ -3,15 +3,15 @@
 //! programs) turned into what an agent of layout 1 left: `LB_FRONTENDS` with 16-byte
 //! values holding the same frontends (without their tables), `LB_COUNTERS` of 27
 //! counters (before `trace_lost`) holding the same counts, and no `LB_MAGLEV`,
-//! `LB_TRACE`, `LB_EVENTS`, `LB_LAYOUT` or `LB_FE_FILTER` (layout 1 had none). Every other map is as
+//! `LB_TRACE`, `LB_EVENTS`, `LB_LAYOUT`, `LB_FE_FILTER` or `LB_CT_FILTER` (layout 1 had none). Every other map is as
 //! layout 1 had it already. Programs attached to the maps keep theirs (a map lives while
 //! a program holds it): the pins change, not what runs.
 use std::{path::Path, process::Command};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    Frontend, FrontendKey, MAP_COUNTERS, MAP_EVENTS, MAP_FE_FILTER, MAP_FRONTENDS, MAP_LAYOUT,
-    MAP_MAGLEV, MAP_TRACE,
+    Frontend, FrontendKey, MAP_COUNTERS, MAP_CT_FILTER, MAP_EVENTS, MAP_FE_FILTER, MAP_FRONTENDS,
+    MAP_LAYOUT, MAP_MAGLEV, MAP_TRACE,
 };
 use lb_userspace::upgrade::v1;
 
@@ -109,7 +109,14 @@ pub fn downgrade(pin_dir: &Path) -> Result<Vec<(FrontendKey, Frontend)>> {
     for (i, v) in values.into_iter().enumerate() {
         old.set(i as u32, v, 0).map_err(err)?;
     }
-    for name in [MAP_MAGLEV, MAP_TRACE, MAP_EVENTS, MAP_LAYOUT, MAP_FE_FILTER] {
+    for name in [
+        MAP_MAGLEV,
+        MAP_TRACE,
+        MAP_EVENTS,
+        MAP_LAYOUT,
+        MAP_FE_FILTER,
+        MAP_CT_FILTER,
+    ] {
         std::fs::remove_file(pin_dir.join(name)).map_err(err)?;
     }
     Ok(before)
