@@ -904,19 +904,9 @@ async fn agent_binary_serves_health_metrics_and_restarts_on_pinned_maps() {
     let api = FakeApi::start().await;
     api.apply(node(NODE));
     let pins = Pins::new();
-    let kubeconfig =
-        std::env::temp_dir().join(format!("lbt-k8s-kubeconfig-{}.yaml", std::process::id()));
-    api.write_kubeconfig(&kubeconfig);
-    struct Rm(PathBuf);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _rm = Rm(kubeconfig.clone());
-
+    let kubeconfig = Kubeconfig::new(&api.url());
     let port = free_port();
-    let mut agent = spawn_agent(&kubeconfig, &pins, port, true);
+    let mut agent = spawn_agent(&kubeconfig.0, &pins, port, true);
     assert_eq!(wait_http(port, "/healthz", 200).await, "ok\n");
     wait_http(port, "/readyz", 200).await;
     // Every labelled series exists at zero from the first scrape, before its first event.
@@ -1016,7 +1006,7 @@ async fn agent_binary_serves_health_metrics_and_restarts_on_pinned_maps() {
         2,
         "pins kept"
     );
-    let mut agent = spawn_agent(&kubeconfig, &pins, port, false);
+    let mut agent = spawn_agent(&kubeconfig.0, &pins, port, false);
     let text = {
         wait_http(port, "/readyz", 200).await;
         wait_http(port, "/metrics", 200).await
@@ -1040,22 +1030,11 @@ async fn the_collector_builds_the_conntrack_filter_and_rebuilds_it_for_an_entry_
     let api = FakeApi::start().await;
     api.apply(node(NODE));
     let pins = Pins::new();
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "lbt-k8s-ctf-kubeconfig-{}.yaml",
-        std::process::id()
-    ));
-    api.write_kubeconfig(&kubeconfig);
-    struct Rm(PathBuf);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _rm = Rm(kubeconfig.clone());
+    let kubeconfig = Kubeconfig::new(&api.url());
     let port = free_port();
     let mut agent = Proc(
         agent_command(
-            Some(&kubeconfig),
+            Some(&kubeconfig.0),
             &pins,
             port,
             &["--ct-gc-interval-ms", "200"],
