@@ -16,7 +16,11 @@
 //! deletions that happened while the watch was down included.
 use std::{
     collections::BTreeSet,
-    sync::mpsc::{self, Receiver, RecvTimeoutError, Sender},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError, Sender},
+        Arc,
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -110,6 +114,9 @@ pub struct SyncStats<'a> {
     pub without_table: usize,
     /// Trigger times of the slice changes this sync wrote (only when it succeeded).
     pub triggers: &'a [jiff::Timestamp],
+    /// Updates the writer had received when it synced (all of them in this sync),
+    /// counted as `Updates::sent` counts them.
+    pub updates: u64,
 }
 
 pub type OnSync = Box<dyn FnMut(&SyncStats<'_>) + Send>;
@@ -155,6 +162,8 @@ impl Default for WriterOptions {
 /// The handle on the writer thread.
 pub struct Writer {
     tx: Sender<Msg>,
+    /// Updates sent (`Updates::sent`).
+    sent: Arc<AtomicU64>,
     status: watch::Receiver<Status>,
     thread: Option<JoinHandle<Dataplane>>,
 }
@@ -196,13 +205,24 @@ impl Queries {
 
 /// A cheap, cloneable sender of updates.
 #[derive(Clone)]
-pub struct Updates(Sender<Msg>);
+pub struct Updates(Sender<Msg>, Arc<AtomicU64>);
 
 impl Updates {
     /// Queues an update; false if the writer is gone.
     pub fn send(&self, u: Update) -> bool {
-        self.0.send(Msg::Update(u)).is_ok()
+        send_update(&self.0, &self.1, u)
     }
+
+    /// Updates sent to the writer so far (by every sender): the number of the last one,
+    /// which a sync covers once `SyncStats::updates` reaches it.
+    pub fn sent(&self) -> u64 {
+        self.1.load(Ordering::SeqCst)
+    }
+}
+
+fn send_update(tx: &Sender<Msg>, sent: &AtomicU64, u: Update) -> bool {
+    sent.fetch_add(1, Ordering::SeqCst);
+    tx.send(Msg::Update(u)).is_ok()
 }
 
 impl Writer {
@@ -227,19 +247,21 @@ impl Writer {
                     without_table: 0,
                     next_resync,
                     drift: None,
+                    received: 0,
                 };
                 w.run(rx);
                 w.plane
             })?;
         Ok(Self {
             tx,
+            sent: Arc::default(),
             status,
             thread: Some(thread),
         })
     }
 
     pub fn updates(&self) -> Updates {
-        Updates(self.tx.clone())
+        Updates(self.tx.clone(), self.sent.clone())
     }
 
     pub fn queries(&self) -> Queries {
@@ -247,7 +269,7 @@ impl Writer {
     }
 
     pub fn send(&self, u: Update) -> bool {
-        self.tx.send(Msg::Update(u)).is_ok()
+        send_update(&self.tx, &self.sent, u)
     }
 
     pub fn status(&self) -> watch::Receiver<Status> {
@@ -294,6 +316,8 @@ struct Loop {
     /// Entries the last drift check found changed behind the agent's back (reported
     /// with the repairing sync).
     drift: Option<super::Drift>,
+    /// Updates received so far (`SyncStats::updates`).
+    received: u64,
 }
 
 fn slot(kind: Kind) -> Option<usize> {
@@ -377,6 +401,7 @@ impl Loop {
             }
             Msg::Update(u) => u,
         };
+        self.received += 1;
         match u {
             Update::Service(s) => {
                 self.seen(Kind::Service, s.key());
@@ -509,6 +534,7 @@ impl Loop {
             maglev_max_cells: self.plane.state().table_space().capacity(),
             without_table: self.plane.state().frontends_without_table(),
             triggers: &triggers,
+            updates: self.received,
         };
         if stats.without_table != self.without_table {
             if stats.without_table > 0 {

@@ -228,7 +228,7 @@ impl Controller {
                             return Err(Error::Load("the dataplane writer stopped".into()));
                         }
                         if let Some(h) = &self.opts.health {
-                            h.queued();
+                            h.queued(self.updates.sent());
                         }
                     }
                 }

@@ -231,7 +231,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         Box::new(move |s: &crate::dataplane::writer::SyncStats<'_>| {
             metrics(s);
             if s.errors.is_empty() {
-                health.updated();
+                health.updated(s.updates);
             }
         })
     };

@@ -42,10 +42,21 @@ struct Tracked {
     /// Set by the first successful sync; changes are counted from then on.
     initialized: bool,
     last_updated: Option<jiff::Timestamp>,
-    /// When the oldest change not yet written arrived.
-    oldest_pending: Option<Instant>,
+    /// The changes not yet written, by number (`Updates::sent`): groups of (first
+    /// number, when it was queued), a group for the changes of each 10 ms at most, so
+    /// the oldest pending change's time is known to within that (taken as the group's
+    /// first: never younger than it is).
+    pending: std::collections::VecDeque<(u64, Instant)>,
+    /// The last change queued, and the last one a successful sync covered.
+    last_queued: u64,
+    covered: u64,
     node_eligible: bool,
 }
+
+/// Changes queued within this time of a group's first share its time.
+const GROUP: Duration = Duration::from_millis(10);
+/// Groups kept at most (a later change then shares the last group's, older, time).
+const MAX_GROUPS: usize = 4096;
 
 /// The proxy's health, shared by the controller (queued changes, this node), the
 /// writer's sync callback (updated) and the HTTP server.
@@ -91,7 +102,9 @@ impl ProxyHealth {
             state: Arc::new(Mutex::new(Tracked {
                 initialized: false,
                 last_updated: None,
-                oldest_pending: None,
+                pending: Default::default(),
+                last_queued: 0,
+                covered: 0,
                 // Eligible while starting, until the node says otherwise (kube-proxy).
                 node_eligible: true,
             })),
@@ -102,20 +115,43 @@ impl ProxyHealth {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A change was handed to the writer.
-    pub fn queued(&self) {
+    /// Change number `seq` was handed to the writer (`Updates::sent` after its send).
+    pub fn queued(&self, seq: u64) {
         let mut s = self.lock();
-        if s.initialized && s.oldest_pending.is_none() {
-            s.oldest_pending = Some(Instant::now());
+        s.last_queued = s.last_queued.max(seq);
+        // Before the first sync (the initial lists) changes are not counted; a change a
+        // sync already covered (the writer was quicker than this call) is not pending.
+        if !s.initialized || seq <= s.covered {
+            return;
+        }
+        let now = Instant::now();
+        let grouped = s
+            .pending
+            .back()
+            .is_some_and(|&(_, t)| now.saturating_duration_since(t) < GROUP);
+        if s.pending.is_empty() || (!grouped && s.pending.len() < MAX_GROUPS) {
+            s.pending.push_back((seq, now));
         }
     }
 
-    /// A sync wrote every change queued before it without an error.
-    pub fn updated(&self) {
+    /// A sync wrote every change up to number `covered` (the writer's count of the
+    /// updates it had received, `SyncStats::updates`) without an error. Changes queued
+    /// after it began stay pending: a sync that covered only part of a burst must not
+    /// make the rest look written.
+    pub fn updated(&self, covered: u64) {
         let mut s = self.lock();
         s.initialized = true;
-        s.oldest_pending = None;
+        s.covered = s.covered.max(covered);
         s.last_updated = Some(jiff::Timestamp::now());
+        let covered = s.covered;
+        if covered >= s.last_queued {
+            s.pending.clear();
+            return;
+        }
+        // A group is written when the next one starts at or before covered + 1.
+        while s.pending.len() > 1 && s.pending[1].0 <= covered + 1 {
+            s.pending.pop_front();
+        }
     }
 
     /// This node as last seen (`None`: deleted from the API).
@@ -125,8 +161,9 @@ impl ProxyHealth {
 
     fn healthy_at(&self, now: Instant) -> bool {
         let s = self.lock();
-        s.oldest_pending
-            .is_none_or(|since| now.saturating_duration_since(since) < self.timeout)
+        s.pending
+            .front()
+            .is_none_or(|&(_, since)| now.saturating_duration_since(since) < self.timeout)
     }
 
     /// The answer to `/healthz` (`livez == false`) or `/livez`, now.
@@ -202,18 +239,53 @@ mod tests {
     fn healthy_while_starting_and_until_a_change_waits_past_the_timeout() {
         let h = ProxyHealth::new(Duration::from_millis(50));
         // Changes of the initial lists are not counted.
-        h.queued();
+        h.queued(1);
         assert!(h.healthy_at(Instant::now() + Duration::from_secs(1)));
-        h.updated();
-        h.queued();
+        h.updated(1);
+        h.queued(2);
         let t0 = Instant::now();
         assert!(h.healthy_at(t0));
         assert!(!h.healthy_at(t0 + Duration::from_millis(60)));
         // A later change does not move the oldest one.
-        h.queued();
+        h.queued(3);
         assert!(!h.healthy_at(t0 + Duration::from_millis(60)));
-        h.updated();
+        h.updated(3);
         assert!(h.healthy_at(t0 + Duration::from_secs(10)));
+    }
+
+    /// A sync that began before the last changes of a burst were sent covers only the
+    /// first ones: the rest stay pending (and time out) until a sync covers them. A
+    /// change the writer covered before its queued() call is not pending.
+    #[test]
+    fn a_sync_that_covered_part_of_a_burst_leaves_the_rest_pending() {
+        let h = ProxyHealth::new(Duration::from_millis(50));
+        h.updated(0);
+        let t0 = Instant::now();
+        for seq in 1..=300 {
+            h.queued(seq);
+        }
+        h.updated(255);
+        assert!(
+            !h.healthy_at(t0 + Duration::from_millis(60)),
+            "changes 256-300 wait"
+        );
+        h.updated(299);
+        assert!(!h.healthy_at(t0 + Duration::from_millis(60)));
+        h.updated(300);
+        assert!(h.healthy_at(t0 + Duration::from_secs(10)));
+        // The writer was quicker than the queued() call.
+        h.updated(301);
+        h.queued(301);
+        assert!(h.healthy_at(Instant::now() + Duration::from_secs(10)));
+        // Groups: a change 20 ms after the last is a group of its own; a sync that
+        // covers the first group leaves the second's (younger) time.
+        h.queued(302);
+        std::thread::sleep(Duration::from_millis(20));
+        h.queued(303);
+        let t1 = Instant::now();
+        h.updated(302);
+        assert!(h.healthy_at(t1 + Duration::from_millis(40)));
+        assert!(!h.healthy_at(t1 + Duration::from_millis(60)));
     }
 
     #[test]
