@@ -661,8 +661,12 @@ impl Datapath {
         added
     }
 
-    /// Removes link pins of interfaces that no longer exist (left by an agent that died).
-    pub fn prune_stale_link_pins(&self) {
+    /// Removes the link pins an earlier agent left that this one will not take over:
+    /// of interfaces that no longer exist (left by an agent that died), and of
+    /// interfaces `wanted` (this agent's `--interfaces` / `--external-interfaces`) no
+    /// longer names for the hook, whose links (an earlier build's program, which no
+    /// agent would update again) detach with their pins.
+    pub fn prune_stale_link_pins(&self, wanted: impl Fn(Hook, &str) -> bool) {
         let present: BTreeMap<String, u32> = interfaces().into_iter().collect();
         for hook in Hook::ALL {
             let Ok(dir) = fs::read_dir(self.pin_dir.join(hook.links_dir())) else {
@@ -670,12 +674,15 @@ impl Datapath {
             };
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let live = name
-                    .rsplit_once('@')
-                    .and_then(|(n, i)| Some((n.to_string(), i.parse::<u32>().ok()?)))
-                    .is_some_and(|(n, i)| present.get(&n) == Some(&i));
-                if !live {
-                    let _ = fs::remove_file(entry.path());
+                match stale_link_pin(&name, hook, &present, &wanted) {
+                    None => {}
+                    Some(Stale::Gone) => {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                    Some(Stale::Unwanted(ifname)) => {
+                        info!(%ifname, ?hook, "detached: the interface is no longer one this agent attaches to");
+                        let _ = fs::remove_file(entry.path());
+                    }
                 }
             }
         }
@@ -699,6 +706,36 @@ impl Datapath {
         remove_pins(&self.pin_dir)?;
         info!(pin_dir = %self.pin_dir.display(), "detached and unpinned");
         Ok(())
+    }
+}
+
+/// Why a link pin (`<interface>@<ifindex>`) is not taken over.
+#[derive(Debug, PartialEq, Eq)]
+enum Stale {
+    /// No interface of that name and index (or a name that is no pin of ours).
+    Gone,
+    /// The interface is there, but not one to attach `hook` to.
+    Unwanted(String),
+}
+
+fn stale_link_pin(
+    pin: &str,
+    hook: Hook,
+    present: &BTreeMap<String, u32>,
+    wanted: impl Fn(Hook, &str) -> bool,
+) -> Option<Stale> {
+    let Some((name, index)) = pin
+        .rsplit_once('@')
+        .and_then(|(n, i)| Some((n, i.parse::<u32>().ok()?)))
+    else {
+        return Some(Stale::Gone);
+    };
+    if present.get(name) != Some(&index) {
+        Some(Stale::Gone)
+    } else if !wanted(hook, name) {
+        Some(Stale::Unwanted(name.to_string()))
+    } else {
+        None
     }
 }
 
@@ -729,6 +766,37 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::Load(format!("removing {}: {e}", dir.display()))),
+    }
+}
+
+#[cfg(test)]
+mod stale_tests {
+    use super::*;
+
+    #[test]
+    fn a_link_pin_is_taken_over_only_for_a_present_interface_still_wanted() {
+        let present: BTreeMap<String, u32> =
+            [("lxc-a".to_string(), 7), ("lxc-b".to_string(), 8)].into();
+        let wanted = |_: Hook, n: &str| n == "lxc-a";
+        assert_eq!(stale_link_pin("lxc-a@7", Hook::Pod, &present, wanted), None);
+        // Another interface now has the name (or the index changed): gone.
+        assert_eq!(
+            stale_link_pin("lxc-a@9", Hook::Pod, &present, wanted),
+            Some(Stale::Gone)
+        );
+        assert_eq!(
+            stale_link_pin("lxc-c@3", Hook::Pod, &present, wanted),
+            Some(Stale::Gone)
+        );
+        assert_eq!(
+            stale_link_pin("junk", Hook::Pod, &present, wanted),
+            Some(Stale::Gone)
+        );
+        // There, but no longer matched by this agent's flags.
+        assert_eq!(
+            stale_link_pin("lxc-b@8", Hook::PodEgress, &present, wanted),
+            Some(Stale::Unwanted("lxc-b".into()))
+        );
     }
 }
 

@@ -66,6 +66,20 @@ mod tests {
             [("--interfaces", "lxc*"), ("--external-interfaces", "ens*")]
         );
     }
+
+    #[test]
+    fn each_hook_is_wanted_where_its_flag_matches() {
+        let i = Interfaces::new(&["lxc*".into()], &["eth0".into()]).unwrap();
+        for hook in Hook::POD {
+            assert!(i.wants(hook, "lxc-a"));
+            assert!(!i.wants(hook, "eth0"));
+            assert!(!i.wants(hook, "veth1"));
+        }
+        for hook in Hook::EXTERNAL {
+            assert!(i.wants(hook, "eth0"));
+            assert!(!i.wants(hook, "lxc-a"));
+        }
+    }
 }
 
 /// Which interfaces get which program: the pods' host-side veths get the tc program,
@@ -93,6 +107,17 @@ impl Interfaces {
             )));
         }
         Ok(Self { pods, external })
+    }
+
+    /// Whether `hook` is attached to the interface `name`: the pods' hooks where
+    /// `--interfaces` matches, the external ones where `--external-interfaces` does.
+    pub fn wants(&self, hook: Hook, name: &str) -> bool {
+        let globs = if Hook::POD.contains(&hook) {
+            &self.pods
+        } else {
+            &self.external
+        };
+        globs.iter().any(|p| p.matches(name))
     }
 
     /// The globs that match none of `names`, with their flag.
@@ -169,7 +194,7 @@ pub fn start_attaching(
     interfaces: &Interfaces,
     gc: &std::sync::mpsc::Sender<gc::GcWork>,
 ) {
-    datapath.prune_stale_link_pins();
+    datapath.prune_stale_link_pins(|hook, name| interfaces.wants(hook, name));
     interfaces.sync(datapath);
     let names: Vec<String> = crate::loader::interfaces()
         .into_iter()
