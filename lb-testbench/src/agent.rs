@@ -96,7 +96,20 @@ pub fn spawn_agent(
     config: &Path,
     extra: &[&str],
 ) -> Result<u32> {
-    let mut cmd = agent_command(sb, node, lb, "run", extra)?;
+    spawn_agent_on(sb, node, lb, config, sb.interface_glob(), extra)
+}
+
+/// [`spawn_agent`] with `--interfaces interfaces` instead of the sandbox's glob of
+/// every pod's veth.
+pub fn spawn_agent_on(
+    sb: &Sandbox,
+    node: usize,
+    lb: &Path,
+    config: &Path,
+    interfaces: &str,
+    extra: &[&str],
+) -> Result<u32> {
+    let mut cmd = agent_command(sb, node, lb, "run", interfaces, extra)?;
     cmd.arg("--config").arg(config).args(extra);
     sb.spawn(cmd, &agent_log(sb, node))
 }
@@ -112,7 +125,7 @@ pub fn spawn_k8s_agent(
     extra: &[&str],
 ) -> Result<u32> {
     let name = node_info(sb, node)?.name.clone();
-    let mut cmd = agent_command(sb, node, lb, "agent", extra)?;
+    let mut cmd = agent_command(sb, node, lb, "agent", sb.interface_glob(), extra)?;
     cmd.arg("--kubeconfig")
         .arg(kubeconfig)
         .args(["--node-name", &name, "--listen", "127.0.0.1:19100"])
@@ -128,6 +141,7 @@ fn agent_command(
     node: usize,
     lb: &Path,
     subcommand: &str,
+    interfaces: &str,
     extra: &[&str],
 ) -> Result<Command> {
     let n = node_info(sb, node)?;
@@ -137,7 +151,7 @@ fn agent_command(
         "--netns",
         &n.netns,
         "--interfaces",
-        sb.interface_glob(),
+        interfaces,
         "--external-interfaces",
         sb.external_interface(),
     ])

@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_testbench::{
-    agent::{lb_binary, spawn_agent, wait_agent_ready},
+    agent::{lb_binary, spawn_agent, spawn_agent_on, wait_agent_ready},
     sandbox::{hostport, run_in, Sandbox},
 };
 use lb_userspace::dataplane::Maps;
@@ -431,6 +431,72 @@ fn an_agent_restart_with_pins_kept_does_not_interrupt_a_tcp_stream() {
     let log = env.agent_log();
     assert!(log.contains("re-using pinned maps"), "{log}");
     assert!(env.curl(WEB).is_ok());
+    env.sb.stop(again, libc::SIGTERM).unwrap();
+}
+
+/// An agent started again (pins kept) with `--interfaces` no longer naming the client's
+/// veth detaches from it: its link pin goes, so the earlier agent's program leaves the
+/// veth (the client's packets to a ClusterIP are no longer translated), while the
+/// backends' veths, still named, keep theirs.
+#[test]
+fn an_agent_started_again_with_narrower_globs_detaches_from_what_they_no_longer_name() {
+    let env = Env::new(&all_ready(), &["--keep-pinned"]);
+    assert!(env.curl(WEB).is_ok());
+    let client_if = env.sb.pod("client").host_if.clone();
+    let pins = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(env.sb.pin_dir().join(dir))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let of_client = |names: Vec<String>| {
+        names
+            .iter()
+            .filter(|n| n.starts_with(&format!("{client_if}@")))
+            .count()
+    };
+    assert_eq!(of_client(pins("links")), 1, "{:?}", pins("links"));
+    assert_eq!(of_client(pins("egress-links")), 1);
+    let status = env
+        .sb
+        .stop(env.agent, libc::SIGTERM)
+        .unwrap()
+        .expect("agent exited");
+    assert!(status.success(), "{}", env.agent_log());
+    let backends: Vec<String> = BACKENDS
+        .iter()
+        .map(|b| env.sb.pod(b).host_if.clone())
+        .collect();
+    let again = spawn_agent_on(
+        &env.sb,
+        0,
+        &lb_binary().unwrap(),
+        &env.config,
+        &backends.join(","),
+        &[],
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), "the new agent to run", || {
+        env.agent_log()
+            .contains("conntrack filter built")
+            .then_some(())
+    });
+    assert_eq!(of_client(pins("links")), 0, "{:?}", pins("links"));
+    assert_eq!(of_client(pins("egress-links")), 0);
+    assert_eq!(pins("links").len(), BACKENDS.len(), "{:?}", pins("links"));
+    assert!(
+        env.agent_log()
+            .contains("detached: the interface is no longer one this agent attaches to"),
+        "{}",
+        env.agent_log()
+    );
+    assert!(
+        env.curl(WEB).is_err(),
+        "the client's veth has no program any more"
+    );
     env.sb.stop(again, libc::SIGTERM).unwrap();
 }
 
