@@ -119,6 +119,20 @@ fn lb(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `lb show <what>` as a table, without an agent; it must succeed.
+fn show_table(pins: &Pins, what: &str) -> String {
+    let (ok, out, err) = lb(&[
+        "show",
+        what,
+        "--agent",
+        "",
+        "--pin-dir",
+        pins.0.to_str().unwrap(),
+    ]);
+    assert!(ok, "lb show {what}: {err}");
+    out
+}
+
 fn show_json(pins: &Pins, args: &[&str]) -> Value {
     let pin_dir = pins.0.to_str().unwrap();
     let mut all = vec!["show"];
@@ -240,15 +254,7 @@ fn lb_show_prints_every_table_as_json_and_filters_it() {
         "{by_address}"
     );
     // The table says it too.
-    let (ok, table, _) = lb(&[
-        "show",
-        "conntrack",
-        "--agent",
-        "",
-        "--pin-dir",
-        pins.0.to_str().unwrap(),
-    ]);
-    assert!(ok);
+    let table = show_table(&pins, "conntrack");
     let line = table.lines().find(|l| l.contains("10.244.0.99")).unwrap();
     assert!(line.ends_with(" 5s") || line.ends_with(" 6s"), "{line}");
 
@@ -324,15 +330,7 @@ fn lb_show_warns_of_a_frontend_missing_from_the_filter() {
         missing.iter().all(|f| f.starts_with("10.96.0.10:")),
         "only web's ClusterIP lost its bit: {missing:?}"
     );
-    let (ok, table, err) = lb(&[
-        "show",
-        "services",
-        "--agent",
-        "",
-        "--pin-dir",
-        pins.0.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    let table = show_table(&pins, "services");
     assert!(
         table.contains("warning: 10.96.0.10:80/TCP: its address has no bit in LB_FE_FILTER"),
         "{table}"
@@ -357,19 +355,7 @@ fn lb_show_prints_the_conntrack_filter_and_warns_of_an_entry_missing_from_it() {
     };
     // Loaded, not built (the agent's collector builds it after attaching).
     assert_eq!(view(&show_json(&pins, &["conntrack"])), (false, 0, false));
-    let table = |pins: &Pins| {
-        let (ok, out, err) = lb(&[
-            "show",
-            "conntrack",
-            "--agent",
-            "",
-            "--pin-dir",
-            pins.0.to_str().unwrap(),
-        ]);
-        assert!(ok, "{err}");
-        out
-    };
-    let off = table(&pins);
+    let off = show_table(&pins, "conntrack");
     assert!(
         off.contains("(conntrack filter: off, every packet looked up, 0 of 1048576 bits set)"),
         "{off}"
@@ -380,7 +366,7 @@ fn lb_show_prints_the_conntrack_filter_and_warns_of_an_entry_missing_from_it() {
     let gc = maps.gc_maps().unwrap();
     gc.ct_filter.rebuild(&gc.conntrack).unwrap();
     assert_eq!(view(&show_json(&pins, &["conntrack"])), (true, 1, true));
-    let on = table(&pins);
+    let on = show_table(&pins, "conntrack");
     assert!(
         on.contains("(conntrack filter: on, 1 of 1048576 bits set)"),
         "{on}"
@@ -390,7 +376,7 @@ fn lb_show_prints_the_conntrack_filter_and_warns_of_an_entry_missing_from_it() {
     let (key, _) = maps.conntrack_entries().unwrap()[0];
     gc.ct_filter.clear_bit(&key);
     assert_eq!(view(&show_json(&pins, &["conntrack"])), (true, 0, false));
-    let lost = table(&pins);
+    let lost = show_table(&pins, "conntrack");
     assert!(
         lost.contains(
             "warning: forward 10.244.0.99:40000 -> 10.96.0.10:80: its key has no bit in LB_CT_FILTER"

@@ -114,6 +114,16 @@ impl Env {
         Env { sb, config, agent }
     }
 
+    /// Stops the agent with SIGTERM; it must exit cleanly.
+    fn stop_agent(&self) {
+        let status = self
+            .sb
+            .stop(self.agent, libc::SIGTERM)
+            .unwrap()
+            .expect("agent exited");
+        assert!(status.success(), "{}", self.agent_log());
+    }
+
     fn client(&self) -> String {
         self.sb.pod("client").netns.clone()
     }
@@ -401,12 +411,7 @@ fn an_agent_restart_with_pins_kept_does_not_interrupt_a_tcp_stream() {
     let env = Env::new(&all_ready(), &["--keep-pinned"]);
     let pid = env.start_iperf3(IPERF, 5, "iperf-client.json");
     std::thread::sleep(Duration::from_millis(1000));
-    let status = env
-        .sb
-        .stop(env.agent, libc::SIGTERM)
-        .unwrap()
-        .expect("agent exited");
-    assert!(status.success(), "{}", env.agent_log());
+    env.stop_agent();
     assert!(
         env.sb.pin_dir().join("LB_CONNTRACK").exists(),
         "maps stay pinned"
@@ -460,12 +465,7 @@ fn an_agent_started_again_with_narrower_globs_detaches_from_what_they_no_longer_
     };
     assert_eq!(of_client(pins("links")), 1, "{:?}", pins("links"));
     assert_eq!(of_client(pins("egress-links")), 1);
-    let status = env
-        .sb
-        .stop(env.agent, libc::SIGTERM)
-        .unwrap()
-        .expect("agent exited");
-    assert!(status.success(), "{}", env.agent_log());
+    env.stop_agent();
     let backends: Vec<String> = BACKENDS
         .iter()
         .map(|b| env.sb.pod(b).host_if.clone())
@@ -620,12 +620,7 @@ fn an_upgrade_from_the_previous_map_layout_does_not_interrupt_a_tcp_stream() {
     let env = Env::new(&all_ready(), &["--keep-pinned"]);
     let pid = env.start_iperf3(IPERF, 5, "iperf-client.json");
     std::thread::sleep(Duration::from_millis(1000));
-    let status = env
-        .sb
-        .stop(env.agent, libc::SIGTERM)
-        .unwrap()
-        .expect("agent exited");
-    assert!(status.success(), "{}", env.agent_log());
+    env.stop_agent();
     let before = lb_testbench::layout1::downgrade(env.sb.pin_dir()).unwrap();
     assert_eq!(before.len(), FRONTENDS);
     let again = spawn_agent(
@@ -733,8 +728,7 @@ fn a_malformed_file_is_rejected_and_the_running_state_stays() {
 fn exit_without_keep_pinned_detaches_and_unpins_everything() {
     let env = Env::new(&all_ready(), &[]);
     assert!(env.curl(WEB).is_ok());
-    let status = env.sb.stop(env.agent, libc::SIGTERM).unwrap().unwrap();
-    assert!(status.success(), "{}", env.agent_log());
+    env.stop_agent();
     assert!(!env.sb.pin_dir().exists(), "pins removed");
     // The kernel releases a link once its last reference (fd or pin) is gone, which
     // may take an RCU grace period: poll briefly.

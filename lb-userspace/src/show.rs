@@ -700,10 +700,7 @@ fn conntrack_rows(
                 snat: v.flags & CT_F_SNAT != 0,
                 idle_s: Duration::from_nanos(now_ns.saturating_sub(v.last_seen_ns)).as_secs_f64(),
                 age_s: Duration::from_nanos(now_ns.saturating_sub(v.created_ns)).as_secs_f64(),
-                in_filter: {
-                    let (w, mask) = lb_common::ct_filter_bit(&k);
-                    ct_filter.get(w as usize).is_some_and(|w| w & mask != 0)
-                },
+                in_filter: crate::dataplane::ct_filter::has(ct_filter, &k),
             })
         })
         .collect()

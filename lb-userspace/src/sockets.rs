@@ -38,7 +38,7 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use crate::{Error, Result};
+use crate::{dataplane::batch::sys_bpf, Error, Result};
 
 /// Folder (under the pin folder) of the socket programs' cgroup links.
 pub const SOCK_LINKS_DIR: &str = "sock-links";
@@ -311,18 +311,6 @@ fn has_cap_sys_admin() -> bool {
             u64::from_str_radix(&hex, 16).ok()
         })
         .is_some_and(|caps| caps & (1 << 21) != 0)
-}
-
-/// The bpf(2) syscall.
-fn sys_bpf<T>(cmd: libc::c_int, attr: &T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid bpf_attr prefix for `cmd`, of its own size; the kernel
-    // checks that the rest it knows of is zero.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
 }
 
 const BPF_PROG_LOAD: libc::c_int = 5;

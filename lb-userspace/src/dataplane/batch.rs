@@ -1,6 +1,7 @@
 //! BPF_MAP_LOOKUP_BATCH / UPDATE_BATCH / DELETE_BATCH (Linux 5.6+): many entries per
-//! syscall.
-//! aya 0.14 has no wrapper for them, so this is the one raw `bpf(2)` call in the project.
+//! syscall. aya 0.14 has no wrapper for them; nor for the other commands the project
+//! makes itself ([`sys_bpf`]: the socket programs' loads and links, the conntrack
+//! filter's grace periods).
 use std::{
     io,
     mem::size_of,
@@ -24,6 +25,34 @@ struct BatchAttr {
     elem_flags: u64,
     flags: u64,
 }
+
+/// The bpf(2) syscall with an attribute `T` (a `bpf_attr` prefix for `cmd`): its
+/// return value (a new fd, for the commands that make one).
+pub(crate) fn sys_bpf<T>(cmd: libc::c_int, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid bpf_attr prefix for `cmd`, of its own size, whose
+    // pointers (if any) outlive the call; the kernel checks that the rest it knows of is
+    // zero.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// The element member of `union bpf_attr` (BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM):
+/// the map, and pointers to a key and a value of its sizes.
+#[repr(C)]
+pub(crate) struct ElemAttr {
+    pub map_fd: u32,
+    pub _pad: u32,
+    pub key: u64,
+    pub value: u64,
+    pub flags: u64,
+}
+
+pub(crate) const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
+pub(crate) const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 
 /// Entries per syscall: large enough to amortise it, small enough to keep each call short.
 pub const CHUNK: usize = 4096;

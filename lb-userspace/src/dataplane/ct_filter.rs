@@ -34,7 +34,7 @@ use std::{
 
 use lb_common::{ct_filter_bit, CtKey, CtValue, CT_FILTER_ON, CT_FILTER_SWITCH, CT_FILTER_WORDS};
 
-use super::batch;
+use super::batch::{self, sys_bpf, ElemAttr, BPF_MAP_UPDATE_ELEM};
 
 /// The words of a filter holding `keys`' bits (pure).
 pub fn words<'a>(keys: impl IntoIterator<Item = &'a CtKey>) -> Vec<u64> {
@@ -46,14 +46,15 @@ pub fn words<'a>(keys: impl IntoIterator<Item = &'a CtKey>) -> Vec<u64> {
     w
 }
 
+/// Whether `key`'s bit is set in `words` (pure).
+pub fn has(words: &[u64], key: &CtKey) -> bool {
+    let (i, mask) = ct_filter_bit(key);
+    words.get(i as usize).is_some_and(|w| w & mask != 0)
+}
+
 /// How many of `keys` have their bit clear in `words` (pure).
 pub fn missing<'a>(words: &[u64], keys: impl IntoIterator<Item = &'a CtKey>) -> usize {
-    keys.into_iter()
-        .filter(|k| {
-            let (i, mask) = ct_filter_bit(k);
-            words.get(i as usize).is_none_or(|w| w & mask == 0)
-        })
-        .count()
+    keys.into_iter().filter(|k| !has(words, k)).count()
 }
 
 /// Bits set in `words`.
@@ -216,7 +217,6 @@ pub struct Grace {
 }
 
 const BPF_MAP_CREATE: libc::c_int = 0;
-const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
 
@@ -228,26 +228,6 @@ struct CreateAttr {
     max_entries: u32,
     map_flags: u32,
     inner_map_fd: u32,
-}
-
-#[repr(C)]
-struct UpdateAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-fn sys_bpf<T>(cmd: libc::c_int, attr: &T) -> io::Result<libc::c_long> {
-    // SAFETY: a BPF command with an attribute of the size given, whose pointers (if
-    // any) outlive the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
 }
 
 fn create_map(map_type: u32, inner_map_fd: u32) -> io::Result<OwnedFd> {
@@ -281,7 +261,7 @@ impl Grace {
         let value = self.inner.as_raw_fd() as u32;
         sys_bpf(
             BPF_MAP_UPDATE_ELEM,
-            &UpdateAttr {
+            &ElemAttr {
                 map_fd: self.outer.as_raw_fd() as u32,
                 _pad: 0,
                 key: &key as *const u32 as u64,

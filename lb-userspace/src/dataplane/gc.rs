@@ -492,27 +492,19 @@ impl Gc {
 /// One entry, if the map has it.
 fn lookup<K: aya::Pod, V: aya::Pod>(fd: &OwnedFd, key: &K) -> Option<V> {
     use std::os::fd::AsRawFd;
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
     // SAFETY: `Pod` types are valid for any bit pattern.
     let mut value: V = unsafe { std::mem::zeroed() };
-    let attr = Attr {
+    let attr = batch::ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,
         key: key as *const K as u64,
         value: &mut value as *mut V as u64,
         flags: 0,
     };
-    // SAFETY: BPF_MAP_LOOKUP_ELEM (1) with a valid attribute whose pointers outlive the
-    // call and point at a key and a value of the map's sizes.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 1, &attr as *const Attr, size_of::<Attr>()) };
-    (rc == 0).then_some(value)
+    // The pointers outlive the call and point at a key and a value of the map's sizes.
+    batch::sys_bpf(batch::BPF_MAP_LOOKUP_ELEM, &attr)
+        .ok()
+        .map(|_| value)
 }
 
 /// Deletes `keys` in batches; a key that is already gone (the LRU evicted it meanwhile)
@@ -579,7 +571,7 @@ pub fn spawn(
                         f(&purge);
                     }
                 }
-                let mut stale = None;
+                let mut stale = false;
                 match &pass {
                     Ok(r) => {
                         if r.expired + r.purged > 0 {
@@ -611,17 +603,15 @@ pub fn spawn(
                                  rebuilding the filter"
                             );
                         }
-                        stale = Some(
-                            r.filter_missing > 0
-                                || ct_filter::needs_rebuild(r.filter_bits, r.filter_live_bits),
-                        );
+                        stale = r.filter_missing > 0
+                            || ct_filter::needs_rebuild(r.filter_bits, r.filter_live_bits);
                     }
                     Err(e) => {
                         gc.stats.errors.fetch_add(1, Ordering::Relaxed);
                         warn!("conntrack GC pass failed: {e}");
                     }
                 }
-                if attached && (!gc.filter_on() || stale == Some(true)) {
+                if attached && (!gc.filter_on() || stale) {
                     match gc.rebuild_filter() {
                         Ok(r) => info!(
                             entries = r.entries,
