@@ -445,6 +445,19 @@ fn gc_cost(plane: &Dataplane) -> Result<(usize, f64, f64)> {
     let maps = plane.maps.gc_maps()?;
     let max = plane.maps.conntrack_handle()?.max_entries() as usize;
     let now = monotonic_now_ns();
+    // Established flows expire after 60 s here, and the idle half was last seen 120 s
+    // ago: the default timeout (a day) would ask the monotonic clock, which starts at
+    // boot, for more than a fresh machine has.
+    let timeouts = Timeouts {
+        tcp_established: Duration::from_secs(60),
+        ..Timeouts::default()
+    };
+    let idle_ns = 120 * 1_000_000_000;
+    if now < idle_ns {
+        return Err(Error::Sandbox(
+            "conntrack collector: the machine has been up less than 120 s".into(),
+        ));
+    }
     let flows = max / 2;
     let fill = |old_every: usize| -> Result<()> {
         let mut keys = Vec::with_capacity(flows * 2);
@@ -462,7 +475,7 @@ fn gc_cost(plane: &Dataplane) -> Result<(usize, f64, f64)> {
             );
             let sport = ((i & 0xff) as u16 + 1024).to_be();
             let seen = if old_every > 0 && i % old_every == 0 {
-                now.saturating_sub(200_000 * 1_000_000_000)
+                now - idle_ns
             } else {
                 now
             };
@@ -504,7 +517,7 @@ fn gc_cost(plane: &Dataplane) -> Result<(usize, f64, f64)> {
         }
         Ok(())
     };
-    let gc = Gc::new(plane.maps.gc_maps()?, Timeouts::default());
+    let gc = Gc::new(plane.maps.gc_maps()?, timeouts);
     fill(0)?;
     let keep = gc.pass(&[]).map_err(|e| Error::Sandbox(e.to_string()))?;
     fill(2)?;
@@ -641,6 +654,7 @@ fn library_path(scale: usize, opts: &Opts, r: &mut ControlResult) -> Result<()> 
                 rep.errors
             )));
         }
+        super::conntrack_filter_on(&plane.maps)?;
         r.packet = packet_costs(&mut datapath)?;
         r.gc = Some(gc_cost(&plane)?);
         if let Some((n, keep, expire)) = r.gc {

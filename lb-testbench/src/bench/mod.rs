@@ -154,6 +154,17 @@ pub fn run(opts: &Opts) -> Result<()> {
     run_all(opts)
 }
 
+/// Turns the conntrack filter on for a datapath the bench loaded itself (no agent), as
+/// the agent's collector does once the programs are attached: the load leaves it off,
+/// and with it off every packet does the conntrack lookup, which a node does not.
+pub(crate) fn conntrack_filter_on(maps: &lb_userspace::dataplane::Maps) -> Result<()> {
+    let gc = maps.gc_maps()?;
+    gc.ct_filter
+        .rebuild(&gc.conntrack)
+        .map_err(|e| Error::Sandbox(format!("building the conntrack filter: {e}")))?;
+    Ok(())
+}
+
 fn trace_cost_only(opts: &Opts) -> Result<()> {
     let t = tracecost::run_all(opts)?;
     let machine = report::Machine::describe(opts);

@@ -549,7 +549,7 @@ impl Report {
                     o.push('\n');
                 }
             }
-            o.push_str("\nPer packet: BPF_PROG_TEST_RUN on each loaded program (tc: the pods' veths; XDP: the node's external interfaces) over maps holding the services above; ");
+            o.push_str("\nPer packet: BPF_PROG_TEST_RUN on each loaded program (tc: the pods' veths; XDP: the node's external interfaces) over maps holding the services above, with the conntrack filter on (as the agent's collector turns it on once the programs are attached); ");
             o.push_str("the kernel's own timing. The kernel repeats a run on the same buffer, so a packet the program rewrites ");
             o.push_str("would be measured as its rewritten self from the second run on. \"Repeated (ping-pong)\": two Services whose ");
             o.push_str("backends are each other's ClusterIP, so every repeat is again a real established-flow (or reply) translation; ");

@@ -169,6 +169,7 @@ fn load(name: &'static str, object: &[u8], i: usize) -> Result<Build> {
     };
     let (datapath, maps) = Datapath::load_object(&opts, object)
         .map_err(|e| Error::Sandbox(format!("trace cost, {name}: {e}")))?;
+    super::conntrack_filter_on(&maps)?;
     let mut plane = Dataplane::new(maps).map_err(|e| Error::Sandbox(e.to_string()))?;
     let c = config();
     let rep = plane.sync(&desired_state(&c.services, &c.endpoint_slices, &c.node));
