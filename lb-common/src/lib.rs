@@ -735,6 +735,12 @@ pub const SOCK_CFG_F_PODS: u32 = 1 << 0;
 /// a pod's connected UDP socket is translated at connect() too. Without it, a pod's
 /// connected UDP takes the tc path, whose flows move when their backend leaves.
 pub const SOCK_CFG_F_DESTROY: u32 = 1 << 1;
+/// `SockConfig::flags`: the pods' veths carry no tc program (connect-time balancing
+/// covers every pod flow, `lb_userspace::podpath`), so a pod's socket to a frontend with
+/// loadBalancerSourceRanges, which the packet path would check, is refused (EPERM)
+/// rather than left to a path that is not there. Cleared once the agent has attached
+/// the pods' programs, which it does as soon as such a frontend exists.
+pub const SOCK_CFG_F_NO_POD_PATH: u32 = 1 << 2;
 
 /// Indexes of the per-CPU `LB_COUNTERS` array.
 pub mod counter {
@@ -845,7 +851,8 @@ pub mod counter {
     pub const SOCK_DESTROYED: u32 = 33;
     /// Socket programs: a connect() or send of the node's own to a LoadBalancer IP with
     /// loadBalancerSourceRanges that hold none of the node's address of its family was
-    /// refused (EPERM), as kube-proxy drops it.
+    /// refused (EPERM), as kube-proxy drops it; or a pod's to such a frontend while the
+    /// pods' veths had no program to check the ranges (`SOCK_CFG_F_NO_POD_PATH`).
     pub const SOCK_REFUSED_SOURCE_RANGE: u32 = 34;
     /// Number of counters (size of `LB_COUNTERS`).
     pub const COUNT: u32 = 35;

@@ -17,7 +17,8 @@ use aya_ebpf::{
 use lb_common::{
     counter, ipv4_mapped, is_ipv4_mapped, Addr, Frontend, FrontendKey, SockConn, SockKey,
     SockValue, FRONTEND_F_HOST_ONLY, FRONTEND_F_LOCAL, FRONTEND_F_SOURCE_RANGES, PROTO_TCP,
-    PROTO_UDP, SCOPE_INSIDE, SCOPE_OUTSIDE, SOCK_CFG_F_DESTROY, SOCK_CFG_F_PODS,
+    PROTO_UDP, SCOPE_INSIDE, SCOPE_OUTSIDE, SOCK_CFG_F_DESTROY, SOCK_CFG_F_NO_POD_PATH,
+    SOCK_CFG_F_PODS,
 };
 
 use crate::{
@@ -234,6 +235,12 @@ pub fn forward(ctx: &SockAddrContext, fam: Fam, call: Call) -> i32 {
             || (pod_connected_udp && cfg.flags & SOCK_CFG_F_DESTROY == 0)
             || frontend.flags & FRONTEND_F_SOURCE_RANGES != 0)
     {
+        if cfg.flags & SOCK_CFG_F_NO_POD_PATH != 0 {
+            // No packet path on the pods' veths (yet): refused, as a source the ranges
+            // may not hold is, until the agent has attached it.
+            count(counter::SOCK_REFUSED_SOURCE_RANGE);
+            return REFUSE;
+        }
         count(counter::SOCK_LEFT_TO_PACKET_PATH);
         return ALLOW;
     }

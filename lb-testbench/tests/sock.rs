@@ -110,6 +110,9 @@ struct Env {
     agent: u32,
     /// The frontends the agent writes.
     frontends: usize,
+    /// The pod interfaces the agent attaches to at start (none with `--pods-in-cgroup`:
+    /// connect-time balancing covers every pod flow).
+    pod_links: usize,
 }
 
 impl Env {
@@ -144,13 +147,25 @@ impl Env {
             config,
             agent,
             frontends,
+            pod_links: if agent_args.contains(&"--pods-in-cgroup") {
+                0
+            } else {
+                5
+            },
         };
         env.wait_ready();
         env
     }
 
     fn wait_ready(&self) {
-        wait_agent_ready(&self.sb, 0, self.frontends, 5, Duration::from_secs(30)).unwrap();
+        wait_agent_ready(
+            &self.sb,
+            0,
+            self.frontends,
+            self.pod_links,
+            Duration::from_secs(30),
+        )
+        .unwrap();
         wait_until(
             Duration::from_secs(10),
             "the socket programs' links",
@@ -747,6 +762,177 @@ endpointSlices:
     endpoints:
 {eps}"
     )
+}
+
+/// Whether the socket programs' switch `SOCK_CFG_F_NO_POD_PATH` is on.
+fn no_pod_path(env: &Env) -> bool {
+    let map =
+        aya::maps::MapData::from_pin(env.sb.pin_dir.join(lb_common::MAP_SOCK_CONFIG)).unwrap();
+    let arr: aya::maps::Array<_, lb_common::SockConfig> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(map)).unwrap();
+    arr.get(&0, 0).unwrap().flags & lb_common::SOCK_CFG_F_NO_POD_PATH != 0
+}
+
+/// The pods' link pins (tc ingress and egress).
+fn pod_link_pins(env: &Env) -> usize {
+    ["links", "egress-links"]
+        .iter()
+        .map(|d| {
+            std::fs::read_dir(env.sb.pin_dir.join(d))
+                .map(|e| e.count())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// With every pod's clients in the socket programs' cgroup (`--pods-in-cgroup`, what
+/// the cgroup v2 root is on a node) the pods' veths carry no program: their flows are
+/// translated at connect time, and the replies of outside clients' flows where they
+/// leave the node. A frontend with loadBalancerSourceRanges brings the programs back
+/// (the packet path checks the ranges); once it is gone and its flows have left
+/// conntrack, they go again.
+#[test]
+fn with_every_pod_in_the_cgroup_the_pods_veths_carry_no_program_until_a_frontend_needs_the_packet_path(
+) {
+    let env = Env::new(
+        &BACKENDS,
+        &[
+            "--pods-in-cgroup",
+            "--ct-gc-interval-ms",
+            "200",
+            "--ct-timeout-tcp-closing-s",
+            "1",
+            "--ct-timeout-tcp-closed-s",
+            "1",
+        ],
+    );
+    let client = env.sb.pod("client").netns.clone();
+    assert_eq!(pod_link_pins(&env), 0, "{}", env.sb.log("agent.log"));
+    // (A pod's socket to a frontend with source ranges would be refused, not left to a
+    // packet path that is not there.)
+    assert!(no_pod_path(&env));
+    let passed0 = env.counter("passed") + env.counter("egress_passed");
+    for mode in ["tcp", "udp", "udp-connected"] {
+        let to = if mode == "tcp" {
+            format!("{WEB}:80")
+        } else {
+            format!("{WEB}:53")
+        };
+        let line = env
+            .client(&client, true, mode, &to)
+            .unwrap_or_else(|e| panic!("{mode} from the pod: {e}"));
+        let (_, from, reply) = fields(&line);
+        assert_eq!(from, to, "{line}");
+        assert!(BACKENDS.contains(&reply.as_str()), "{line}");
+    }
+    // No program saw their packets (with programs on the veths, tc ingress counts each
+    // of these 20-odd packets `passed`).
+    let seen = env.counter("passed") + env.counter("egress_passed") - passed0;
+    assert!(seen < 5, "{seen} packets went through a program");
+    // From outside, the NodePort: XDP translates it on the node's eth0, and tc egress
+    // there gives the reply the node's address back; nothing on the pod's veth.
+    let body = env
+        .sb
+        .http_get(&env.sb.outside, &format!("http://{NODE_IP}:30080/"))
+        .unwrap_or_else(|e| panic!("NodePort from outside: curl {e}"));
+    assert!(BACKENDS.contains(&body.trim()), "{body}");
+    assert_eq!(pod_link_pins(&env), 0);
+
+    // A LoadBalancer IP with source ranges (holding the pods' addresses): the pods get
+    // the programs, and the pod's connection to it takes the packet path.
+    std::fs::write(&env.config, source_ranges_config("10.244.0.0/16")).unwrap();
+    wait_until(Duration::from_secs(10), "the pods' programs", || {
+        (pod_link_pins(&env) == 10).then_some(())
+    });
+    // Cleared once the programs are attached.
+    wait_until(Duration::from_secs(5), "the switch cleared", || {
+        (!no_pod_path(&env)).then_some(())
+    });
+    let to = format!("{LB_IP}:80");
+    let left0 = env.counter("sock_left_to_packet_path");
+    let new0 = env.counter("new_flow");
+    let line = env
+        .client(&client, true, "tcp", &to)
+        .unwrap_or_else(|e| panic!("the pod to the LoadBalancer IP: {e}"));
+    let (peer, _, reply) = fields(&line);
+    assert_eq!(peer, to, "{line}");
+    assert!(BACKENDS.contains(&reply.as_str()), "{line}");
+    assert_eq!(env.counter("sock_left_to_packet_path") - left0, 1);
+    assert_eq!(env.counter("new_flow") - new0, 1);
+
+    // The ranges gone: the programs stay while that flow's entries are in conntrack,
+    // then go.
+    std::fs::write(&env.config, config_text(&BACKENDS)).unwrap();
+    wait_until(Duration::from_secs(20), "the pods' programs to go", || {
+        (pod_link_pins(&env) == 0).then_some(())
+    });
+    assert!(no_pod_path(&env));
+    let log = env.sb.log("agent.log");
+    assert!(log.contains("why=SourceRanges"), "{log}");
+    assert!(log.contains("why=EarlierFlows"), "{log}");
+    let line = env
+        .client(&client, true, "tcp", &format!("{WEB}:80"))
+        .unwrap();
+    assert_eq!(fields(&line).0, format!("{WEB}:80"), "{line}");
+}
+
+/// An agent that finds the pods' programs an earlier agent attached (here one whose
+/// cgroup did not hold every pod) keeps them while a flow that agent translated on the
+/// packet path is in conntrack, then removes them.
+#[test]
+fn the_pods_programs_of_an_earlier_agent_stay_while_its_packet_path_flows_last() {
+    let mut env = Env::new(&BACKENDS, &["--keep-pinned"]);
+    assert_eq!(pod_link_pins(&env), 10);
+    // A pod outside the cgroup: the tc path, a UDP flow in conntrack.
+    let other = env.sb.pod("other").netns.clone();
+    let line = env
+        .client(&other, false, "udp", &format!("{WEB}:53"))
+        .unwrap();
+    assert!(BACKENDS.contains(&fields(&line).2.as_str()), "{line}");
+    env.sb.stop(env.agent, libc::SIGTERM).unwrap();
+    // The next agent: every pod in its cgroup, UDP flows idle 3 s expire (answered
+    // or not).
+    let args = [
+        "--cgroup",
+        env.cg.path_str(),
+        "--pods-in-cgroup",
+        "--keep-pinned",
+        "--ct-gc-interval-ms",
+        "200",
+        "--ct-timeout-udp-s",
+        "3",
+        "--ct-timeout-udp-stream-s",
+        "3",
+    ];
+    env.agent = spawn_agent(&env.sb, 0, &lb_binary().unwrap(), &env.config, &args).unwrap();
+    wait_until(Duration::from_secs(30), "the new agent's decision", || {
+        env.sb
+            .log("agent.log")
+            .contains("why=EarlierFlows")
+            .then_some(())
+    });
+    assert_eq!(
+        pod_link_pins(&env),
+        10,
+        "removed under a flow that needs them"
+    );
+    let t = Instant::now();
+    wait_until(Duration::from_secs(20), "the pods' programs to go", || {
+        (pod_link_pins(&env) == 0).then_some(())
+    });
+    eprintln!("removed {:?} after the decision", t.elapsed());
+    wait_until(Duration::from_secs(5), "the agent to say so", || {
+        env.sb
+            .log("agent.log")
+            .contains("carry no program")
+            .then_some(())
+    });
+    // The pod in the cgroup still reaches the Service, at connect time.
+    let client = env.sb.pod("client").netns.clone();
+    let line = env
+        .client(&client, true, "tcp", &format!("{WEB}:80"))
+        .unwrap();
+    assert_eq!(fields(&line).0, format!("{WEB}:80"), "{line}");
 }
 
 /// loadBalancerSourceRanges for the node's own connections (kube-proxy checks the

@@ -16,6 +16,7 @@ pub mod k8s;
 pub mod loader;
 pub mod model;
 pub mod netns;
+pub mod podpath;
 pub mod run;
 pub mod show;
 pub mod sockets;

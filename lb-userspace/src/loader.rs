@@ -661,6 +661,24 @@ impl Datapath {
         added
     }
 
+    /// Whether link pins of `hook` exist (this agent's or an earlier one's).
+    pub fn has_link_pins(&self, hook: Hook) -> bool {
+        fs::read_dir(self.pin_dir.join(hook.links_dir())).is_ok_and(|mut d| d.any(|e| e.is_ok()))
+    }
+
+    /// Detaches the program of `hook` from every interface: its link pins go (an earlier
+    /// agent's too), and its held links.
+    pub fn detach_all(&mut self, hook: Hook) {
+        if let Ok(dir) = fs::read_dir(self.pin_dir.join(hook.links_dir())) {
+            for entry in dir.flatten() {
+                let _ = fs::remove_file(entry.path());
+                info!(link = %entry.file_name().to_string_lossy(), ?hook, "detached");
+            }
+        }
+        self.attached.retain(|(h, _), _| *h != hook);
+        self.held.retain(|(h, _), _| *h != hook);
+    }
+
     /// Removes the link pins an earlier agent left that this one will not take over:
     /// of interfaces that no longer exist (left by an agent that died), and of
     /// interfaces `wanted` (this agent's `--interfaces` / `--external-interfaces`) no

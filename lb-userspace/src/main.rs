@@ -86,6 +86,11 @@ struct DatapathArgs {
     /// are attached; a pod's 127.0.0.1 stays its own.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     localhost_nodeports: bool,
+    /// Every pod's processes that connect to Services run under --cgroup (true of the
+    /// default, the cgroup2 root, without this flag). Where the socket programs then
+    /// translate every pod flow, the pods' veths go without the tc programs.
+    #[arg(long)]
+    pods_in_cgroup: bool,
     #[command(flatten)]
     maps: MapArgs,
     #[command(flatten)]
@@ -98,6 +103,7 @@ impl DatapathArgs {
             cgroup: lb_userspace::sockets::cgroup_arg(self.cgroup.as_deref())?,
             connect_time: self.connect_time_balancing,
             localhost_nodeports: self.localhost_nodeports,
+            pods_in_cgroup: self.pods_in_cgroup,
         })
     }
 }

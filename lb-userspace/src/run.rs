@@ -15,6 +15,7 @@ use crate::{
         Dataplane,
     },
     loader::{Datapath, Hook, LoadOptions},
+    podpath::PodPath,
     Error, Result,
 };
 
@@ -132,10 +133,13 @@ impl Interfaces {
             .collect()
     }
 
-    /// Attaches to new interfaces and forgets vanished ones, for every hook.
-    pub fn sync(&self, datapath: &mut Datapath) {
-        for hook in Hook::POD {
-            datapath.sync_interfaces(hook, &self.pods);
+    /// Attaches to new interfaces and forgets vanished ones, for every hook (the pods'
+    /// only with `pods`: `podpath` decides).
+    pub fn sync(&self, datapath: &mut Datapath, pods: bool) {
+        if pods {
+            for hook in Hook::POD {
+                datapath.sync_interfaces(hook, &self.pods);
+            }
         }
         if !self.external.is_empty() {
             for hook in Hook::EXTERNAL {
@@ -192,10 +196,12 @@ pub fn start_gc(
 pub fn start_attaching(
     datapath: &mut Datapath,
     interfaces: &Interfaces,
+    pods: &mut PodPath,
+    source_ranges: bool,
     gc: &std::sync::mpsc::Sender<gc::GcWork>,
 ) {
     datapath.prune_stale_link_pins(|hook, name| interfaces.wants(hook, name));
-    interfaces.sync(datapath);
+    pods.sync(datapath, interfaces, source_ranges);
     let names: Vec<String> = crate::loader::interfaces()
         .into_iter()
         .map(|(n, _)| n)
@@ -268,7 +274,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (mut datapath, plane) = load_datapath(&opts.load)?;
     let sockets = datapath.attach_sockets(&opts.sockets)?;
     let localhost_nodeports = sockets.is_some() && opts.sockets.localhost_nodeports;
-    let (purges, _gc_stats) = start_gc(&plane, &opts.conntrack, sockets.and_then(|s| s.killer))?;
+    let covers_pods = sockets.as_ref().map(|s| s.covers_pods);
+    let (purges, gc_stats) = start_gc(&plane, &opts.conntrack, sockets.and_then(|s| s.killer))?;
+    let mut pods = PodPath::new(
+        &opts.load.pin_dir,
+        covers_pods,
+        &interfaces,
+        &datapath,
+        gc_stats,
+    );
     let gc = purges.clone();
     let writer = Writer::spawn(
         plane,
@@ -285,7 +299,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.send(Update::Replace(cfg));
     // Maps first, then attach: a new interface never sees a half-filled service table.
     let _ = status.wait_for(|s| s.syncs > 0).await;
-    start_attaching(&mut datapath, &interfaces, &gc);
+    let source_ranges = |s: &tokio::sync::watch::Receiver<crate::dataplane::writer::Status>| {
+        s.borrow().source_range_frontends > 0
+    };
+    start_attaching(
+        &mut datapath,
+        &interfaces,
+        &mut pods,
+        source_ranges(&status),
+        &gc,
+    );
 
     let mut tick = tokio::time::interval(opts.poll);
     let shutdown = shutdown_signal()?;
@@ -295,7 +318,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = tick.tick() => {
                 let now = stat(&opts.config).ok();
                 if now.is_some() && now == last_stat {
-                    interfaces.sync(&mut datapath);
+                    pods.sync(&mut datapath, &interfaces, source_ranges(&status));
                     continue;
                 }
                 last_stat = now;
@@ -315,7 +338,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     Ok(_) => {}
                     Err(e) => warn!("{e}; keeping the running state"),
                 }
-                interfaces.sync(&mut datapath);
+                pods.sync(&mut datapath, &interfaces, source_ranges(&status));
             }
             _ = &mut shutdown => break,
         }

@@ -63,6 +63,9 @@ pub struct SockOptions {
     pub connect_time: ConnectTime,
     /// Serve NodePorts on 127.0.0.1 to the node's own sockets (`--localhost-nodeports`).
     pub localhost_nodeports: bool,
+    /// Every pod's processes that connect to Services run under `cgroup`
+    /// (`--pods-in-cgroup`); true of the cgroup v2 root without saying.
+    pub pods_in_cgroup: bool,
 }
 
 impl Default for SockOptions {
@@ -72,6 +75,7 @@ impl Default for SockOptions {
             cgroup: None,
             connect_time: ConnectTime::Auto,
             localhost_nodeports: true,
+            pods_in_cgroup: false,
         }
     }
 }
@@ -111,6 +115,11 @@ pub struct Sockets {
     pub cgroup: PathBuf,
     /// `None`: this kernel cannot destroy sockets (before 6.5).
     pub killer: Option<SockKiller>,
+    /// The programs translate every pod flow at connect time: pods' sockets
+    /// (`SOCK_CFG_F_PODS`), their connected UDP too (`SOCK_CFG_F_DESTROY`), and every
+    /// pod's clients run under the cgroup (its root, or `--pods-in-cgroup`). Only then
+    /// may the pods' veths go without the tc programs (`podpath`).
+    pub covers_pods: bool,
 }
 
 /// What `bpf_get_netns_cookie` gives for this thread's network namespace
@@ -158,7 +167,7 @@ pub fn setup(ebpf: &mut aya::Ebpf, pin_dir: &Path, opts: &SockOptions) -> Result
         info!("--cgroup none: host-network clients are not translated (no socket programs)");
         return Ok(None);
     };
-    match try_setup(ebpf, pin_dir, &cgroup, opts.connect_time) {
+    match try_setup(ebpf, pin_dir, &cgroup, opts) {
         Ok(s) => Ok(Some(s)),
         Err(e) => {
             // Nothing half attached: all eight programs or none.
@@ -179,8 +188,9 @@ fn try_setup(
     ebpf: &mut aya::Ebpf,
     pin_dir: &Path,
     cgroup: &Path,
-    mode: ConnectTime,
+    opts: &SockOptions,
 ) -> Result<Sockets> {
+    let mode = opts.connect_time;
     let dir = File::open(cgroup)
         .map_err(|e| Error::Attach(format!("--cgroup {}: {e}", cgroup.display())))?;
     let ino = dir
@@ -283,10 +293,26 @@ fn try_setup(
         destroy = killer.is_some(),
         "socket programs attached: connect-time balancing"
     );
+    let every_pod = opts.pods_in_cgroup || is_cgroup2_root(cgroup);
     Ok(Sockets {
         cgroup: cgroup.to_path_buf(),
         killer,
+        covers_pods: covers_pods(flags, every_pod),
     })
+}
+
+/// Whether `dir` is the root of a cgroup v2 hierarchy, which every process of the host
+/// is under: it has `cgroup.procs` but not `cgroup.events`, which every other cgroup
+/// has (also a container's cgroup namespace root, a cgroup like any other: the
+/// DaemonSet's bind mount of the host's root passes, the container's own view not).
+pub fn is_cgroup2_root(dir: &Path) -> bool {
+    dir.join("cgroup.procs").exists() && !dir.join("cgroup.events").exists()
+}
+
+/// Whether the socket programs with `flags` translate every pod flow, given whether
+/// every pod's clients run under their cgroup.
+pub fn covers_pods(flags: u32, every_pod: bool) -> bool {
+    every_pod && flags & SOCK_CFG_F_PODS != 0 && flags & SOCK_CFG_F_DESTROY != 0
 }
 
 /// Removes the socket programs' pins (their links detach with them).
@@ -733,6 +759,31 @@ mod tests {
         );
         assert_eq!(cgroup_arg(Some("none")).unwrap(), None);
         assert_eq!(cgroup_arg(Some("/x")).unwrap(), Some(PathBuf::from("/x")));
+    }
+
+    #[test]
+    fn a_cgroup_without_cgroup_events_is_the_root() {
+        let dir = std::env::temp_dir().join(format!("lb-cgroot-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        assert!(!is_cgroup2_root(&dir), "not a cgroup at all");
+        fs::write(dir.join("cgroup.procs"), "").unwrap();
+        assert!(is_cgroup2_root(&dir));
+        fs::write(dir.join("cgroup.events"), "populated 1\n").unwrap();
+        assert!(!is_cgroup2_root(&dir));
+        fs::remove_dir_all(&dir).unwrap();
+        if let Some(root) = cgroup2_mount() {
+            assert!(is_cgroup2_root(&root), "{}", root.display());
+        }
+    }
+
+    #[test]
+    fn pods_are_covered_only_with_pods_destroy_and_every_pod_under_the_cgroup() {
+        let both = SOCK_CFG_F_PODS | SOCK_CFG_F_DESTROY;
+        assert!(covers_pods(both, true));
+        assert!(!covers_pods(both, false));
+        assert!(!covers_pods(SOCK_CFG_F_PODS, true));
+        assert!(!covers_pods(SOCK_CFG_F_DESTROY, true));
     }
 
     #[test]

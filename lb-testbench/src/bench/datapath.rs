@@ -295,8 +295,9 @@ pub fn start_agent_with(
     )
 }
 
-/// [`start_agent_with`], with the socket programs on `cgroup` (a cgroup the bench made;
-/// `None`: `--cgroup none`).
+/// [`start_agent_with`], with the socket programs on `cgroup` (a cgroup the bench made,
+/// which holds every pod client of the bench: `--pods-in-cgroup`; `None`: `--cgroup
+/// none`).
 #[expect(
     clippy::too_many_arguments,
     reason = "the agent's knobs, each named at the call"
@@ -317,6 +318,11 @@ pub fn start_agent_on(
     let mut cmd = Command::new(lb);
     cmd.args(["run", "--netns", &sb.node, "--interfaces", interfaces]);
     cmd.args(["--cgroup", cgroup.unwrap_or("none")]);
+    if cgroup.is_some() {
+        // The bench's cgroup stands for a node's cgroup v2 root: the clients of its
+        // pods (the load generator) run under it.
+        cmd.arg("--pods-in-cgroup");
+    }
     if let Some(external) = external {
         cmd.args(["--external-interfaces", external]);
     }

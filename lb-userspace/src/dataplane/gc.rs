@@ -325,6 +325,11 @@ pub struct GcStats {
     pub ct_filter_bits: AtomicU64,
     pub ct_filter_on: AtomicU64,
     pub ct_filter_rebuilds: AtomicU64,
+    /// At the last pass: when it read the table (`monotonic_now_ns`), and the creation
+    /// time of the oldest entry it left (`u64::MAX`: none). `podpath` detaches the pods'
+    /// programs only once no entry older than their last need is left.
+    pub last_pass_at_ns: AtomicU64,
+    pub oldest_created_ns: AtomicU64,
 }
 
 /// The datapath's clock (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC, coarse).
@@ -385,6 +390,7 @@ impl Gc {
     /// since the read), delete.
     pub fn pass(&self, purge: &[(u32, u32)]) -> std::io::Result<PassReport> {
         let t0 = Instant::now();
+        let read_at = monotonic_now_ns();
         let entries: Vec<(CtKey, CtValue)> = batch::lookup_all_hash(&self.maps.conntrack)?;
         let snat: HashMap<CtKey, SnatPeer> =
             batch::lookup_all_hash::<CtKey, SnatPeer>(&self.maps.snat)?
@@ -438,6 +444,14 @@ impl Gc {
         let on = self.filter_on();
         let words = self.maps.ct_filter.snapshot();
         let gone: std::collections::HashSet<&CtKey> = delete.iter().collect();
+        let oldest = entries
+            .iter()
+            .filter(|(k, _)| !gone.contains(k))
+            .map(|(_, v)| v.created_ns)
+            .min()
+            .unwrap_or(u64::MAX);
+        s.oldest_created_ns.store(oldest, Ordering::Relaxed);
+        s.last_pass_at_ns.store(read_at, Ordering::Relaxed);
         let left: Vec<&CtKey> = entries
             .iter()
             .map(|(k, _)| k)

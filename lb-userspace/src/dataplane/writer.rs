@@ -92,6 +92,9 @@ pub struct Status {
     pub syncs: u64,
     /// Map operations the last sync's kernel refused.
     pub last_errors: usize,
+    /// Frontends with loadBalancerSourceRanges in the maps (as of the last sync, or the
+    /// maps the writer started on).
+    pub source_range_frontends: usize,
 }
 
 /// What one sync did, for whoever keeps metrics.
@@ -228,7 +231,10 @@ fn send_update(tx: &Sender<Msg>, sent: &AtomicU64, u: Update) -> bool {
 impl Writer {
     pub fn spawn(plane: Dataplane, opts: WriterOptions, on_sync: OnSync) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let (status_tx, status) = watch::channel(Status::default());
+        let (status_tx, status) = watch::channel(Status {
+            source_range_frontends: source_range_frontends(&plane),
+            ..Status::default()
+        });
         let thread = std::thread::Builder::new()
             .name("lb-writer".into())
             .spawn(move || {
@@ -564,9 +570,21 @@ impl Loop {
         if report.ops > RETURN_MEMORY_AFTER_OPS {
             return_freed_memory();
         }
+        let source_ranges = source_range_frontends(&self.plane);
         self.status.send_modify(|s| {
             s.syncs += 1;
             s.last_errors = report.errors.len();
+            s.source_range_frontends = source_ranges;
         });
     }
+}
+
+/// Frontends with loadBalancerSourceRanges in `plane`'s maps.
+fn source_range_frontends(plane: &Dataplane) -> usize {
+    plane
+        .state()
+        .frontends
+        .values()
+        .filter(|f| f.flags & lb_common::FRONTEND_F_SOURCE_RANGES != 0)
+        .count()
 }

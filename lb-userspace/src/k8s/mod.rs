@@ -219,8 +219,16 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let conntrack = plane.maps.conntrack_handle()?;
     let sockets = datapath.attach_sockets(&opts.sockets)?;
     let localhost_nodeports = sockets.is_some() && opts.sockets.localhost_nodeports;
+    let covers_pods = sockets.as_ref().map(|s| s.covers_pods);
     let (purges, gc_stats) =
         crate::run::start_gc(&plane, &opts.conntrack, sockets.and_then(|s| s.killer))?;
+    let mut pods = crate::podpath::PodPath::new(
+        &opts.load.pin_dir,
+        covers_pods,
+        &interfaces,
+        &datapath,
+        gc_stats.clone(),
+    );
     let gc = purges.clone();
     let metrics = Metrics::default();
     let checks = crate::healthcheck::HealthChecks::default();
@@ -249,6 +257,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     .map_err(|e| Error::Load(format!("starting the writer thread: {e}")))?;
     let _health_checks = crate::healthcheck::HealthServer::start(checks, opts.health_check_address);
     let health = Health::new(writer.status());
+    let status = writer.status();
+    let source_ranges = || status.borrow().source_range_frontends > 0;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -283,7 +293,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     tokio::pin!(shutdown);
     let mut attaching = reused_state;
     if attaching {
-        start_attaching(&mut datapath, &interfaces, &gc);
+        start_attaching(&mut datapath, &interfaces, &mut pods, source_ranges(), &gc);
     }
     let mut tick = tokio::time::interval(opts.poll);
     let result = loop {
@@ -296,10 +306,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             },
             _ = health.first_sync(), if !attaching => {
                 attaching = true;
-                start_attaching(&mut datapath, &interfaces, &gc);
+                start_attaching(&mut datapath, &interfaces, &mut pods, source_ranges(), &gc);
             }
             _ = tick.tick(), if attaching => {
-                interfaces.sync(&mut datapath);
+                pods.sync(&mut datapath, &interfaces, source_ranges());
             }
         }
     };
