@@ -196,6 +196,24 @@ impl Env {
         );
     }
 
+    /// From `netns` (in the test's cgroup or not), WEB over TCP, UDP and connected UDP:
+    /// each reply from the Service's address, answered by a backend.
+    fn reach_web_each_way(&self, netns: &str, in_cgroup: bool, who: &str) {
+        for mode in ["tcp", "udp", "udp-connected"] {
+            let to = if mode == "tcp" {
+                format!("{WEB}:80")
+            } else {
+                format!("{WEB}:53")
+            };
+            let line = self
+                .client(netns, in_cgroup, mode, &to)
+                .unwrap_or_else(|e| panic!("{mode} from {who}: {e}"));
+            let (_, from, reply) = fields(&line);
+            assert_eq!(from, to, "{line}");
+            assert!(BACKENDS.contains(&reply.as_str()), "{line}");
+        }
+    }
+
     /// The socket programs' link pins.
     fn sock_links(&self) -> usize {
         let dir = self.sb.pin_dir.join("sock-links");
@@ -355,19 +373,7 @@ fn a_pod_in_the_cgroup_balances_at_connect_time_while_a_pod_outside_takes_the_tc
         env.counter("passed"),
         env.counter("egress_passed"),
     );
-    for mode in ["tcp", "udp", "udp-connected"] {
-        let to = if mode == "tcp" {
-            format!("{WEB}:80")
-        } else {
-            format!("{WEB}:53")
-        };
-        let line = env
-            .client(&client, true, mode, &to)
-            .unwrap_or_else(|e| panic!("{mode} from the pod in the cgroup: {e}"));
-        let (_, from, reply) = fields(&line);
-        assert_eq!(from, to, "{line}");
-        assert!(BACKENDS.contains(&reply.as_str()), "{line}");
-    }
+    env.reach_web_each_way(&client, true, "the pod in the cgroup");
     // Translated at connect time: no packet of these flows was rewritten by a program.
     assert_eq!(env.counter("sock_connect_translated") - sock0, 2);
     assert_eq!(env.counter("new_flow"), new0, "the tc path saw a new flow");
@@ -389,19 +395,7 @@ fn a_pod_in_the_cgroup_balances_at_connect_time_while_a_pod_outside_takes_the_tc
         "egress looked up {egress} of {passed} packets"
     );
     // The pod outside the cgroup: the tc program's path, as before.
-    for mode in ["tcp", "udp", "udp-connected"] {
-        let to = if mode == "tcp" {
-            format!("{WEB}:80")
-        } else {
-            format!("{WEB}:53")
-        };
-        let line = env
-            .client(&other, false, mode, &to)
-            .unwrap_or_else(|e| panic!("{mode} from the pod outside the cgroup: {e}"));
-        let (_, from, reply) = fields(&line);
-        assert_eq!(from, to, "{line}");
-        assert!(BACKENDS.contains(&reply.as_str()), "{line}");
-    }
+    env.reach_web_each_way(&other, false, "the pod outside the cgroup");
     assert_eq!(env.counter("new_flow") - new0, 3, "the tc path's new flows");
     assert_eq!(env.counter("sock_connect_translated") - sock0, 2);
 }
@@ -812,19 +806,7 @@ fn with_every_pod_in_the_cgroup_the_pods_veths_carry_no_program_until_a_frontend
     // packet path that is not there.)
     assert!(no_pod_path(&env));
     let passed0 = env.counter("passed") + env.counter("egress_passed");
-    for mode in ["tcp", "udp", "udp-connected"] {
-        let to = if mode == "tcp" {
-            format!("{WEB}:80")
-        } else {
-            format!("{WEB}:53")
-        };
-        let line = env
-            .client(&client, true, mode, &to)
-            .unwrap_or_else(|e| panic!("{mode} from the pod: {e}"));
-        let (_, from, reply) = fields(&line);
-        assert_eq!(from, to, "{line}");
-        assert!(BACKENDS.contains(&reply.as_str()), "{line}");
-    }
+    env.reach_web_each_way(&client, true, "the pod");
     // No program saw their packets (with programs on the veths, tc ingress counts each
     // of these 20-odd packets `passed`).
     let seen = env.counter("passed") + env.counter("egress_passed") - passed0;

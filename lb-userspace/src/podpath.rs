@@ -34,7 +34,6 @@ use tracing::{info, warn};
 use crate::{
     dataplane::gc::{monotonic_now_ns, GcStats},
     loader::{Datapath, Hook},
-    run::Interfaces,
 };
 
 /// Why the pods' veths carry the programs (or `None`: they do not).
@@ -96,15 +95,16 @@ pub struct PodPath {
 impl PodPath {
     /// Before the first attachment: the pods have programs if an earlier agent left
     /// their link pins.
-    /// `covers_pods`: `Sockets::covers_pods`, `None` without socket programs.
+    /// `covers_pods`: `Sockets::covers_pods`, `None` without socket programs;
+    /// `external`: the agent has external interfaces (`--external-interfaces`).
     pub fn new(
         pin_dir: &Path,
         covers_pods: Option<bool>,
-        interfaces: &Interfaces,
+        external: bool,
         datapath: &Datapath,
         gc: Arc<GcStats>,
     ) -> Self {
-        let covered = covers_pods == Some(true) && !interfaces.external.is_empty();
+        let covered = covers_pods == Some(true) && external;
         let config = covers_pods.and_then(|_| {
             MapData::from_pin(pin_dir.join(MAP_SOCK_CONFIG))
                 .map_err(|e| warn!("{MAP_SOCK_CONFIG}: {e}"))
@@ -122,10 +122,16 @@ impl PodPath {
         }
     }
 
-    /// Attaches to new interfaces and forgets vanished ones (`Interfaces::sync`), the
-    /// pods' hooks only while they are needed: attached when they become so, removed
-    /// once they are not. `source_ranges`: a frontend has loadBalancerSourceRanges.
-    pub fn sync(&mut self, datapath: &mut Datapath, interfaces: &Interfaces, source_ranges: bool) {
+    /// Attaches to new interfaces and forgets vanished ones through `sync_interfaces`
+    /// (`run::Interfaces::sync`, told whether the pods' hooks are wanted), the pods'
+    /// hooks only while they are needed: attached when they become so, removed once
+    /// they are not. `source_ranges`: a frontend has loadBalancerSourceRanges.
+    pub fn sync(
+        &mut self,
+        datapath: &mut Datapath,
+        source_ranges: bool,
+        sync_interfaces: impl FnOnce(&mut Datapath, bool),
+    ) {
         let now = monotonic_now_ns();
         let needed = !self.covered || source_ranges;
         if needed {
@@ -148,7 +154,7 @@ impl PodPath {
             }
             self.attached = false;
         }
-        interfaces.sync(datapath, why.is_some());
+        sync_interfaces(datapath, why.is_some());
         if why.is_some() {
             // (An interface whose attachment failed is retried at the next poll.)
             self.attached = true;

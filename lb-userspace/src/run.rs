@@ -201,7 +201,7 @@ pub fn start_attaching(
     gc: &std::sync::mpsc::Sender<gc::GcWork>,
 ) {
     datapath.prune_stale_link_pins(|hook, name| interfaces.wants(hook, name));
-    pods.sync(datapath, interfaces, source_ranges);
+    pods.sync(datapath, source_ranges, |d, p| interfaces.sync(d, p));
     let names: Vec<String> = crate::loader::interfaces()
         .into_iter()
         .map(|(n, _)| n)
@@ -279,7 +279,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut pods = PodPath::new(
         &opts.load.pin_dir,
         covers_pods,
-        &interfaces,
+        !interfaces.external.is_empty(),
         &datapath,
         gc_stats,
     );
@@ -318,7 +318,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = tick.tick() => {
                 let now = stat(&opts.config).ok();
                 if now.is_some() && now == last_stat {
-                    pods.sync(&mut datapath, &interfaces, source_ranges(&status));
+                    pods.sync(&mut datapath, source_ranges(&status), |d, p| {
+                        interfaces.sync(d, p)
+                    });
                     continue;
                 }
                 last_stat = now;
@@ -338,7 +340,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     Ok(_) => {}
                     Err(e) => warn!("{e}; keeping the running state"),
                 }
-                pods.sync(&mut datapath, &interfaces, source_ranges(&status));
+                pods.sync(&mut datapath, source_ranges(&status), |d, p| {
+                        interfaces.sync(d, p)
+                    });
             }
             _ = &mut shutdown => break,
         }

@@ -225,7 +225,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let mut pods = crate::podpath::PodPath::new(
         &opts.load.pin_dir,
         covers_pods,
-        &interfaces,
+        !interfaces.external.is_empty(),
         &datapath,
         gc_stats.clone(),
     );
@@ -309,7 +309,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 start_attaching(&mut datapath, &interfaces, &mut pods, source_ranges(), &gc);
             }
             _ = tick.tick(), if attaching => {
-                pods.sync(&mut datapath, &interfaces, source_ranges());
+                pods.sync(&mut datapath, source_ranges(), |d, p| interfaces.sync(d, p));
             }
         }
     };
