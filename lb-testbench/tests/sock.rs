@@ -15,7 +15,7 @@ use lb_testbench::{
     cgroup::TestCgroup,
     sandbox::{Sandbox, NODE_IP, NODE_IP6},
 };
-use lb_userspace::dataplane::Maps;
+use lb_userspace::dataplane::{plan::map_addr, Maps};
 
 const WEB: &str = "10.96.0.10";
 const WEB6: &str = "fd00:10:96::a";
@@ -819,6 +819,30 @@ fn with_every_pod_in_the_cgroup_the_pods_veths_carry_no_program_until_a_frontend
         .unwrap_or_else(|e| panic!("NodePort from outside: curl {e}"));
     assert!(BACKENDS.contains(&body.trim()), "{body}");
     assert_eq!(pod_link_pins(&env), 0);
+
+    // The switch at work: the ClusterIP's entry given the source-range flag behind the
+    // agent's back (its mirror, so its decision, does not see it). The pod's connect()
+    // is refused at once (EPERM), not left to a packet path that is not there.
+    let mut maps = Maps::from_pins(&env.sb.pin_dir).unwrap();
+    let key = lb_common::FrontendKey {
+        addr: map_addr(&WEB.parse().unwrap()),
+        port: 80u16.to_be(),
+        proto: 6,
+        scope: lb_common::SCOPE_OUTSIDE,
+    };
+    let web = maps.frontends.get(&key, 0).unwrap();
+    let ranged = lb_common::Frontend {
+        flags: web.flags | lb_common::FRONTEND_F_SOURCE_RANGES,
+        ..web
+    };
+    maps.frontends.insert(key, ranged, 0).unwrap();
+    let refused0 = env.counter("sock_refused_source_range");
+    let e = env
+        .client(&client, true, "tcp", &format!("{WEB}:80"))
+        .unwrap_err();
+    maps.frontends.insert(key, web, 0).unwrap();
+    assert!(e.contains("os error 1)"), "refused with EPERM: {e}");
+    assert_eq!(env.counter("sock_refused_source_range") - refused0, 1);
 
     // A LoadBalancer IP with source ranges (holding the pods' addresses): the pods get
     // the programs, and the pod's connection to it takes the packet path.
