@@ -10,9 +10,9 @@
 //! benchmark).
 //!
 //! What still needs them:
-//! - a frontend with loadBalancerSourceRanges: the socket programs leave a pod's socket
-//!   to it to the packet path, which checks the ranges against the pod's address (not
-//!   known at connect()). While the pods' veths have no programs, the socket programs
+//! - a frontend with loadBalancerSourceRanges (the writer's `Status::source_ranges`):
+//!   the socket programs leave a pod's socket to it to the packet path, which checks
+//!   the ranges against the pod's address (not known at connect()). While the pods' veths have no programs, the socket programs
 //!   refuse such a socket instead (`SOCK_CFG_F_NO_POD_PATH`), so the short time until
 //!   the next poll attaches them fails closed;
 //! - the flows an earlier agent (or this one, while a source-range frontend existed)

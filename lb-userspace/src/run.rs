@@ -4,14 +4,17 @@
 //! including ones created later.
 use std::{path::PathBuf, time::Duration};
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
 use tracing::{error, info, warn};
 
 use crate::{
     config,
     dataplane::{
         gc,
-        writer::{Update, Writer, WriterOptions},
+        writer::{Status, Update, Writer, WriterOptions},
         Dataplane,
     },
     loader::{Datapath, Hook, LoadOptions},
@@ -197,11 +200,11 @@ pub fn start_attaching(
     datapath: &mut Datapath,
     interfaces: &Interfaces,
     pods: &mut PodPath,
-    source_ranges: bool,
+    status: &watch::Receiver<Status>,
     gc: &std::sync::mpsc::Sender<gc::GcWork>,
 ) {
     datapath.prune_stale_link_pins(|hook, name| interfaces.wants(hook, name));
-    pods.sync(datapath, source_ranges, |d, p| interfaces.sync(d, p));
+    sync_interfaces(datapath, interfaces, pods, status);
     let names: Vec<String> = crate::loader::interfaces()
         .into_iter()
         .map(|(n, _)| n)
@@ -221,6 +224,19 @@ pub fn start_attaching(
         "running"
     );
     let _ = gc.send(gc::GcWork::Attached);
+}
+
+/// Attaches to new interfaces and forgets vanished ones, the pods' hooks as `pods`
+/// decides (`podpath`), told by the writer's `status` whether the maps hold source
+/// ranges.
+pub fn sync_interfaces(
+    datapath: &mut Datapath,
+    interfaces: &Interfaces,
+    pods: &mut PodPath,
+    status: &watch::Receiver<Status>,
+) {
+    let source_ranges = status.borrow().source_ranges;
+    pods.sync(datapath, source_ranges, |d, p| interfaces.sync(d, p));
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -299,16 +315,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.send(Update::Replace(cfg));
     // Maps first, then attach: a new interface never sees a half-filled service table.
     let _ = status.wait_for(|s| s.syncs > 0).await;
-    let source_ranges = |s: &tokio::sync::watch::Receiver<crate::dataplane::writer::Status>| {
-        s.borrow().source_range_frontends > 0
-    };
-    start_attaching(
-        &mut datapath,
-        &interfaces,
-        &mut pods,
-        source_ranges(&status),
-        &gc,
-    );
+    start_attaching(&mut datapath, &interfaces, &mut pods, &status, &gc);
 
     let mut tick = tokio::time::interval(opts.poll);
     let shutdown = shutdown_signal()?;
@@ -318,9 +325,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = tick.tick() => {
                 let now = stat(&opts.config).ok();
                 if now.is_some() && now == last_stat {
-                    pods.sync(&mut datapath, source_ranges(&status), |d, p| {
-                        interfaces.sync(d, p)
-                    });
+                    sync_interfaces(&mut datapath, &interfaces, &mut pods, &status);
                     continue;
                 }
                 last_stat = now;
@@ -340,9 +345,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     Ok(_) => {}
                     Err(e) => warn!("{e}; keeping the running state"),
                 }
-                pods.sync(&mut datapath, source_ranges(&status), |d, p| {
-                        interfaces.sync(d, p)
-                    });
+                sync_interfaces(&mut datapath, &interfaces, &mut pods, &status);
             }
             _ = &mut shutdown => break,
         }

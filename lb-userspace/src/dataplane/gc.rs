@@ -444,22 +444,16 @@ impl Gc {
         let on = self.filter_on();
         let words = self.maps.ct_filter.snapshot();
         let gone: std::collections::HashSet<&CtKey> = delete.iter().collect();
-        let oldest = entries
-            .iter()
-            .filter(|(k, _)| !gone.contains(k))
-            .map(|(_, v)| v.created_ns)
-            .min()
-            .unwrap_or(u64::MAX);
-        s.oldest_created_ns.store(oldest, Ordering::Relaxed);
+        let left: Vec<&(CtKey, CtValue)> =
+            entries.iter().filter(|(k, _)| !gone.contains(k)).collect();
+        let oldest = left.iter().map(|(_, v)| v.created_ns).min();
+        s.oldest_created_ns
+            .store(oldest.unwrap_or(u64::MAX), Ordering::Relaxed);
         s.last_pass_at_ns.store(read_at, Ordering::Relaxed);
-        let left: Vec<&CtKey> = entries
-            .iter()
-            .map(|(k, _)| k)
-            .filter(|k| !gone.contains(k))
-            .collect();
-        let filter_live_bits = ct_filter::bits_set(&ct_filter::words(left.iter().copied()));
+        let left_keys = || left.iter().map(|(k, _)| k);
+        let filter_live_bits = ct_filter::bits_set(&ct_filter::words(left_keys()));
         let filter_missing = if on {
-            ct_filter::missing(&words, left.iter().copied())
+            ct_filter::missing(&words, left_keys())
         } else {
             0
         };

@@ -92,9 +92,9 @@ pub struct Status {
     pub syncs: u64,
     /// Map operations the last sync's kernel refused.
     pub last_errors: usize,
-    /// Frontends with loadBalancerSourceRanges in the maps (as of the last sync, or the
-    /// maps the writer started on).
-    pub source_range_frontends: usize,
+    /// The maps hold loadBalancerSourceRanges (as of the last sync, or the maps the
+    /// writer started on): written before the frontends they are of, removed after.
+    pub source_ranges: bool,
 }
 
 /// What one sync did, for whoever keeps metrics.
@@ -232,7 +232,7 @@ impl Writer {
     pub fn spawn(plane: Dataplane, opts: WriterOptions, on_sync: OnSync) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let (status_tx, status) = watch::channel(Status {
-            source_range_frontends: source_range_frontends(&plane),
+            source_ranges: has_source_ranges(&plane),
             ..Status::default()
         });
         let thread = std::thread::Builder::new()
@@ -570,21 +570,16 @@ impl Loop {
         if report.ops > RETURN_MEMORY_AFTER_OPS {
             return_freed_memory();
         }
-        let source_ranges = source_range_frontends(&self.plane);
+        let source_ranges = has_source_ranges(&self.plane);
         self.status.send_modify(|s| {
             s.syncs += 1;
             s.last_errors = report.errors.len();
-            s.source_range_frontends = source_ranges;
+            s.source_ranges = source_ranges;
         });
     }
 }
 
-/// Frontends with loadBalancerSourceRanges in `plane`'s maps.
-fn source_range_frontends(plane: &Dataplane) -> usize {
-    plane
-        .state()
-        .frontends
-        .values()
-        .filter(|f| f.flags & lb_common::FRONTEND_F_SOURCE_RANGES != 0)
-        .count()
+/// Whether `plane`'s maps hold source ranges (`LB_SRC_RANGES`).
+fn has_source_ranges(plane: &Dataplane) -> bool {
+    plane.state().ranges().next().is_some()
 }

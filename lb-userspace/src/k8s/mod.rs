@@ -25,7 +25,7 @@ pub use self::{
 use crate::{
     dataplane::writer::{Kind, Writer, WriterOptions},
     loader::LoadOptions,
-    run::{load_datapath, shutdown_signal, start_attaching, Interfaces},
+    run::{load_datapath, shutdown_signal, start_attaching, sync_interfaces, Interfaces},
     Error, Result,
 };
 
@@ -258,7 +258,6 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let _health_checks = crate::healthcheck::HealthServer::start(checks, opts.health_check_address);
     let health = Health::new(writer.status());
     let status = writer.status();
-    let source_ranges = || status.borrow().source_range_frontends > 0;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -293,7 +292,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     tokio::pin!(shutdown);
     let mut attaching = reused_state;
     if attaching {
-        start_attaching(&mut datapath, &interfaces, &mut pods, source_ranges(), &gc);
+        start_attaching(&mut datapath, &interfaces, &mut pods, &status, &gc);
     }
     let mut tick = tokio::time::interval(opts.poll);
     let result = loop {
@@ -306,10 +305,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             },
             _ = health.first_sync(), if !attaching => {
                 attaching = true;
-                start_attaching(&mut datapath, &interfaces, &mut pods, source_ranges(), &gc);
+                start_attaching(&mut datapath, &interfaces, &mut pods, &status, &gc);
             }
             _ = tick.tick(), if attaching => {
-                pods.sync(&mut datapath, source_ranges(), |d, p| interfaces.sync(d, p));
+                sync_interfaces(&mut datapath, &interfaces, &mut pods, &status);
             }
         }
     };
